@@ -1,0 +1,181 @@
+# -*- test-case-name: tests.test_udp -*-
+"""
+The UDP control socket shared by the lobby, the relay and the device agent.
+
+L{ControlProtocol} receives every datagram and sorts it by its first byte
+(RFC 7983): STUN Binding requests (0..3) get a STUN answer; p2pnat frames
+(0x0C) are parsed, their key looked up, their MAC and timestamp checked,
+and only then given to the daemon's handler.  Anything else, and anything
+malformed, forged, replayed or too large, is dropped: counted in the
+metrics by reason and logged, with the log rate-limited so that a flood
+cannot fill the disk.  No exception from a handler escapes into the
+reactor.
+
+Replies obey one rule: a reply to a datagram is never larger than the
+datagram (no amplification); STUN answers, which the STUN standard makes
+larger than a bare request, are rate-limited per source address instead.
+"""
+
+from collections import OrderedDict
+
+from twisted.internet.protocol import DatagramProtocol
+
+from p2pnat import stun, wire
+from p2pnat.logs import Logger
+
+
+class TokenBucket:
+    """
+    Per-key token buckets (C{rate} per second, up to C{burst}), remembering
+    at most C{max_keys} keys (least recently used forgotten first).
+    """
+
+    def __init__(self, clock, rate, burst, max_keys=65536):
+        self._clock = clock
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets = OrderedDict()
+
+    def allow(self, key):
+        now = self._clock.seconds()
+        tokens, then = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        ok = tokens >= 1
+        if ok:
+            tokens -= 1
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return ok
+
+
+class DropLog:
+    """
+    Logs dropped datagrams: the first C{burst} per reason in each
+    C{interval} seconds one by one, then how many more were dropped.
+    """
+
+    def __init__(self, log, clock, interval=60.0, burst=10):
+        self.log = log
+        self._clock = clock
+        self.interval = interval
+        self.burst = burst
+        self._window = {}  # reason -> (window start, count)
+
+    def __call__(self, reason, addr, detail=""):
+        now = self._clock.seconds()
+        start, count = self._window.get(reason, (now, 0))
+        if now - start >= self.interval:
+            if count > self.burst:
+                self.log.warn("dropped {n} more datagrams ({reason}) in the last {secs:.0f}s",
+                              n=count - self.burst, reason=reason, secs=now - start)
+            start, count = now, 0
+        count += 1
+        self._window[reason] = (start, count)
+        if count <= self.burst:
+            self.log.info("dropped datagram from {addr}: {reason} {detail}", addr=_fmt(addr),
+                          reason=reason, detail=detail)
+
+
+def _fmt(addr):
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ControlProtocol(DatagramProtocol):
+    """
+    One UDP control socket.
+
+    @param handler: object with ``key_for(key_id, type) -> bytes | None``
+        and ``handle(frame, message, addr, proto) -> Message | None`` (a reply
+        to seal under the same key and key ID), and optionally
+        ``replay_exempt(frame) -> bool``.
+    @param replay: the L{wire.ReplayGuard}, shared by all sockets of a daemon.
+    @param stun_rate: STUN answers per second per source IP (0 turns STUN off).
+    """
+
+    def __init__(self, handler, clock, metrics, replay, *, name="udp", stun_rate=20.0,
+                 log=None):
+        self.handler = handler
+        self.clock = clock
+        self.metrics = metrics
+        self.replay = replay
+        self.name = name
+        self.log = log or Logger(namespace=f"p2pnat.{name}")
+        self.drop_log = DropLog(self.log, clock)
+        self.stun_limit = TokenBucket(clock, stun_rate, max(1.0, stun_rate * 2)) if stun_rate else None
+        self.stamper = wire.Stamper(clock)
+
+    def drop(self, reason, addr, detail=""):
+        self.metrics.dropped.labels(reason).inc()
+        self.drop_log(reason, addr, detail)
+
+    def datagramReceived(self, data, addr):
+        try:
+            self._received(data, addr)
+        except Exception:
+            self.metrics.dropped.labels("internal-error").inc()
+            self.log.failure("error handling datagram from {addr}", addr=_fmt(addr))
+
+    def _received(self, data, addr):
+        if len(data) > wire.MAX_DATAGRAM:
+            self.metrics.packets_in.labels("invalid").inc()
+            return self.drop("oversized", addr, f"{len(data)} bytes")
+        if not data:
+            self.metrics.packets_in.labels("invalid").inc()
+            return self.drop("empty", addr)
+        first = data[0]
+        if first < 4:
+            return self._stun(data, addr)
+        if first != wire.MARKER:
+            self.metrics.packets_in.labels("invalid").inc()
+            return self.drop("unknown-protocol", addr, f"first byte 0x{first:02x}")
+        try:
+            frame = wire.parse(data)
+        except wire.WireError as e:
+            self.metrics.packets_in.labels("invalid").inc()
+            return self.drop(e.reason, addr, str(e))
+        kind = wire.MESSAGES[frame.type].__name__
+        self.metrics.packets_in.labels(kind).inc()
+        key = self.handler.key_for(frame.key_id, frame.type)
+        if key is None:
+            return self.drop("unknown-key", addr, f"{kind} for {frame.key_id}")
+        try:
+            message = frame.open(key)
+        except wire.WireError as e:
+            return self.drop(e.reason, addr, f"{kind} for {frame.key_id}")
+        exempt = wire.MESSAGES[frame.type].FRESH_EXEMPT
+        why = self.replay.check(frame.key_id, frame.timestamp, exempt)
+        if why:
+            return self.drop(why, addr, f"{kind} for {frame.key_id}")
+        reply = self.handler.handle(frame, message, addr, self)
+        if reply is not None:
+            self.reply(reply, frame, key, addr, len(data))
+
+    def reply(self, message, frame, key, addr, limit):
+        """Seal and send C{message} unless it would be larger than C{limit}."""
+        out = wire.seal(message, frame.key_id, key, self.stamper())
+        if len(out) > limit:
+            return self.drop("would-amplify", addr,
+                             f"{type(message).__name__} {len(out)} > {limit} bytes")
+        self.send(out, addr, type(message).__name__)
+
+    def send(self, data, addr, kind):
+        """Send C{data} (already encoded) and count it."""
+        self.metrics.packets_out.labels(kind).inc()
+        self.transport.write(data, addr)
+
+    def _stun(self, data, addr):
+        self.metrics.packets_in.labels("stun").inc()
+        if self.stun_limit is None:
+            return self.drop("stun-disabled", addr)
+        try:
+            answer = stun.answer_binding(data, addr)
+        except stun.StunError as e:
+            return self.drop(f"stun-{e.reason}", addr)
+        if answer is None:
+            return
+        if not self.stun_limit.allow(addr[0]):
+            return self.drop("stun-rate-limited", addr)
+        self.send(answer, addr, "stun")
