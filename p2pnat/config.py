@@ -60,13 +60,13 @@ def _type_name(kind):
             list: "a list"}[kind]
 
 
-def coerce(setting, value, where):
+def coerce(setting, value, where, from_cli=False):
     """
-    Check C{value} (from TOML, or a string from the command line) against
-    C{setting} and return it in the setting's type.
+    Check C{value} (from TOML, or with C{from_cli} a string from the command
+    line) against C{setting} and return it in the setting's type.
     """
     kind = setting.kind
-    if isinstance(value, str) and kind is not str:
+    if from_cli and isinstance(value, str) and kind is not str:
         # From the command line.
         try:
             if kind is bool:
@@ -140,11 +140,13 @@ def load(path, schema, overrides=None):
             if name not in by_name:
                 raise ConfigError(f"{path}: {name}: unknown key")
             values[name] = coerce(by_name[name], value, path)
+    from_cli = set()
     for name, value in (overrides or {}).items():
         if value is None:
             continue
-        values[name] = coerce(by_name[name], value, f"--{by_name[name].option}")
-    return Config(values, path=path, base=base)
+        values[name] = coerce(by_name[name], value, f"--{by_name[name].option}", True)
+        from_cli.add(name)
+    return Config(values, path=path, base=base, from_cli=from_cli)
 
 
 @dataclass
@@ -154,21 +156,27 @@ class Config:
 
     @ivar path: the file it came from, or None.
     @ivar base: the directory relative paths in it are resolved against.
+    @ivar from_cli: names of the settings given on the command line.
     """
 
     values: dict
     path: str | None = None
     base: str = field(default_factory=os.getcwd)
+    from_cli: set = field(default_factory=set)
 
     def __getitem__(self, name):
         return self.values[name]
 
     def path_of(self, name):
-        """A path setting, resolved relative to the config file's directory."""
+        """
+        A path setting, resolved relative to the config file's directory
+        (or to the working directory when given on the command line).
+        """
         value = self.values[name]
         if not value:
             return value
-        return os.path.normpath(os.path.join(self.base, os.path.expanduser(value)))
+        base = os.getcwd() if name in self.from_cli else self.base
+        return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
 
 # Checks shared by the daemons' schemas.

@@ -93,10 +93,11 @@ class ControlProtocol(DatagramProtocol):
         ``replay_exempt(frame) -> bool``.
     @param replay: the L{wire.ReplayGuard}, shared by all sockets of a daemon.
     @param stun_rate: STUN answers per second per source IP (0 turns STUN off).
+    @param stamper: the daemon's L{wire.Stamper} for replies.
     """
 
     def __init__(self, handler, clock, metrics, replay, *, name="udp", stun_rate=20.0,
-                 log=None):
+                 log=None, stamper=None):
         self.handler = handler
         self.clock = clock
         self.metrics = metrics
@@ -105,7 +106,9 @@ class ControlProtocol(DatagramProtocol):
         self.log = log or Logger(namespace=f"p2pnat.{name}")
         self.drop_log = DropLog(self.log, clock)
         self.stun_limit = TokenBucket(clock, stun_rate, max(1.0, stun_rate * 2)) if stun_rate else None
-        self.stamper = wire.Stamper(clock)
+        # Shared by all sockets of a daemon: timestamps under one key must
+        # keep increasing whichever socket sends them.
+        self.stamper = stamper or wire.Stamper(clock)
 
     def drop(self, reason, addr, detail=""):
         self.metrics.dropped.labels(reason).inc()

@@ -149,6 +149,7 @@ class Pong(Message):
     """
 
     TYPE = 0x02
+    FRESH_EXEMPT = True  # bound to our own request by the echo
     echo: int = 0
     observed: tuple = ("0.0.0.0", 0)
     server_time: int = 0
@@ -198,6 +199,7 @@ class Period(Message):
     """
 
     TYPE = 0x11
+    FRESH_EXEMPT = True  # bound to our own request by the echo
     period: int = 300
     notify_b_max: int = 25
     server_time: int = 0
@@ -224,7 +226,8 @@ class Notify(Message):
 
     TYPE = None
     local: tuple = ("0.0.0.0", 0)
-    padding: int = 8
+    # Enough for the NotifyAck (observed address up to IPv6) to be no larger.
+    padding: int = 24
 
     def encode_body(self):
         return pack_addr(*self.local) + bytes(self.padding)
@@ -448,8 +451,9 @@ def unseal(data, key_for):
 class ReplayGuard:
     """
     Accepts a frame's timestamp once: it must be newer than the last one
-    accepted for its key and (unless exempt) within C{window} seconds of
-    the local clock.
+    accepted for its key and within C{window} seconds of the local clock.
+    Frames of exempt types (a request for our clock, answers bound to our
+    own requests by an echo) are not checked here.
 
     Memory is bounded: at most C{max_keys} keys are remembered; the least
     recently used one is forgotten first.  A forgotten key's old frames are
@@ -467,13 +471,17 @@ class ReplayGuard:
         @return: None if acceptable (and remembered), else the reason:
             ``replay`` or ``stale``.
         """
+        if fresh_exempt:
+            # Sent before the sender knew our clock; its answer is bound to
+            # the request by an echo instead.  Not recorded, so that a
+            # sender's clock correction cannot make its next frames look old.
+            return None
         last = self._last.get(key_id)
         if last is not None and timestamp <= last:
             return "replay"
-        if not fresh_exempt:
-            now = int(self._clock.seconds() * 1_000_000)
-            if abs(timestamp - now) > self.window_us:
-                return "stale"
+        now = int(self._clock.seconds() * 1_000_000)
+        if abs(timestamp - now) > self.window_us:
+            return "stale"
         if last is not None:
             del self._last[key_id]  # re-insert: dicts keep insertion order, so LRU
         elif len(self._last) >= self.max_keys:
@@ -509,3 +517,8 @@ class Stamper:
         """
         mid = (sent_local + received_local) / 2
         self.offset = server_time_us / 1_000_000 - mid
+        now = int((self._clock.seconds() + self.offset) * 1_000_000)
+        if self._last > now + 1_000_000:
+            # Stamps made before we knew the offset ran ahead of the
+            # receiver's clock; small steps back stay monotonic instead.
+            self._last = now - 1

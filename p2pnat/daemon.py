@@ -1,0 +1,125 @@
+# -*- test-case-name: tests.test_daemon -*-
+"""
+What the three twistd plugins share: command-line options generated from a
+config schema, and the services every daemon has (metrics, JSON log file).
+"""
+
+import os
+import sys
+
+from twisted.application import service
+from twisted.python import usage
+
+from p2pnat import config as _config
+from p2pnat import logs
+
+
+def find_default_config(filename):
+    """
+    Where a daemon looks for its config when ``--config`` is not given:
+    ``/etc/p2pnat/FILENAME`` if it exists, else none (built-in defaults).
+    """
+    path = os.path.join("/etc/p2pnat", filename)
+    return path if os.path.exists(path) else None
+
+
+def make_options(daemon, schema, config_filename, synopsis_extra=""):
+    """
+    Build a L{usage.Options} class for a daemon: ``--config FILE`` plus one
+    ``--section-key`` option per setting.  After parsing, ``options.config``
+    is the checked L{p2pnat.config.Config}.
+
+    A configuration error is printed as one line naming the file and the
+    key, and twistd exits with status 1: never a traceback, never the whole
+    usage text in front of it.
+    """
+    params = [["config", "c", None,
+               f"TOML config file (default: /etc/p2pnat/{config_filename} if it exists)"]]
+    for s in schema:
+        if s.kind is bool:
+            params.append([s.option, None, None, f"{s.help} (true/false; default: {s.default})"])
+        else:
+            default = ",".join(map(str, s.default)) if isinstance(s.default, list) else s.default
+            params.append([s.option, None, None, f"{s.help} (default: {default!r})"])
+
+    class Options(usage.Options):
+        optParameters = params
+        synopsis = f"[options]{synopsis_extra}"
+        longdesc = (f"Run the p2pnat {daemon}. Settings come from the TOML config file and can"
+                    f" be overridden by the options below (see etc/{config_filename}).")
+
+        def postOptions(self):
+            path = self["config"] or find_default_config(config_filename)
+            overrides = {s.name: self[s.option] for s in schema}
+            try:
+                self.config = _config.load(path, schema, overrides)
+                self.check(self.config)
+            except _config.ConfigError as e:
+                sys.stderr.write(f"twistd {daemon}: {e}\n")
+                raise SystemExit(1)
+
+        def check(self, config):
+            """Cross-setting checks; raise ConfigError."""
+
+    return Options
+
+
+def common_services(config, metrics, reactor, parent):
+    """
+    Set up what every daemon has: the log level, the optional JSON log
+    file and the optional metrics endpoint (added to C{parent}).
+    """
+    logs.set_level(config["log.level"])
+    if config["log.json"]:
+        json_path = config.path_of("log.json")
+        observer = logs.add_json_file(json_path)
+
+        class _JSONLog(service.Service):
+            def stopService(self):
+                from twisted.logger import globalLogPublisher
+                globalLogPublisher.removeObserver(observer)
+                return service.Service.stopService(self)
+
+        _JSONLog().setServiceParent(parent)
+    if config["metrics.listen"]:
+        metrics.service(config["metrics.listen"], reactor).setServiceParent(parent)
+
+
+class UDPService(service.Service):
+    """
+    Listens with C{protocol} on one UDP address while running.
+
+    Twisted has no datagram endpoints, so this does for UDP what
+    StreamServerEndpointService does for TCP.  C{port} is the listening
+    port once started (useful with port 0).
+    """
+
+    def __init__(self, reactor, host, portnum, protocol):
+        self.reactor = reactor
+        self.host = host
+        self.portnum = portnum
+        self.protocol = protocol
+        self.port = None
+
+    def privilegedStartService(self):
+        # Bind before dropping privileges, like TCP servers do; errors
+        # (address in use) surface as a clean startup failure.
+        self.port = self.reactor.listenUDP(self.portnum, self.protocol, interface=self.host)
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        if self.port is None:
+            self.port = self.reactor.listenUDP(self.portnum, self.protocol, interface=self.host)
+        service.Service.startService(self)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+    @property
+    def address(self):
+        """(host, port) actually bound."""
+        a = self.port.getHost()
+        return a.host, a.port

@@ -1,0 +1,66 @@
+# -*- test-case-name: tests.test_relay_notify -*-
+"""
+The relay's UDP side: devices ask for the access-check period and send
+notify A and notify B; the relay answers and later sends connect requests
+from the same socket.
+"""
+
+from p2pnat import wire
+from p2pnat.logs import Logger
+
+_DEVICE_TYPES = frozenset({wire.Ping.TYPE, wire.PeriodRequest.TYPE, wire.NotifyA.TYPE,
+                           wire.NotifyB.TYPE})
+
+
+class NotifyHandler:
+    """
+    Handles authenticated datagrams from devices (see L{p2pnat.udp}).
+
+    @param table: the L{p2pnat.relay.devices.DeviceTable}.
+    @param notify_b_max: the longest notify-B interval we advise, seconds.
+    """
+
+    log = Logger(namespace="p2pnat.relay.notify")
+
+    def __init__(self, table, clock, metrics, notify_b_max=25):
+        self.table = table
+        self.clock = clock
+        self.metrics = metrics
+        self.notify_b_max = notify_b_max
+
+    def key_for(self, key_id, mtype):
+        if mtype not in _DEVICE_TYPES:
+            return None
+        return self.table.key_for(key_id)
+
+    def handle(self, frame, message, addr, proto):
+        now = self.clock.seconds()
+        device_id = frame.key_id
+        if isinstance(message, wire.NotifyA):
+            d = self.table.get(device_id)
+            was = d.addr, d.last_access
+            self.table.notify_a(device_id, addr, message.local, proto, now)
+            if was[0] != addr or was[1] is None or now - was[1] > self.table.period:
+                self.log.info("device {device_id} online at {addr}", device_id=device_id,
+                              addr=_fmt(addr))
+            return wire.NotifyAck(frame.timestamp, addr, 0)
+        if isinstance(message, wire.NotifyB):
+            if self.table.notify_b(device_id, addr, message.local, proto):
+                self.log.info("device {device_id} mapping now {addr}", device_id=device_id,
+                              addr=_fmt(addr))
+            d = self.table.get(device_id)
+            flags = 0
+            if d.last_access is None or now - d.last_access > self.table.period / 2:
+                flags |= wire.NEED_NOTIFY_A
+            return wire.NotifyAck(frame.timestamp, addr, flags)
+        if isinstance(message, wire.PeriodRequest):
+            return wire.Period(self.table.period, self.notify_b_max, int(now * 1e6),
+                               frame.timestamp)
+        if isinstance(message, wire.Ping):
+            return wire.Pong(frame.timestamp, addr, int(now * 1e6))
+        return None
+
+
+def _fmt(addr):
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
