@@ -1,0 +1,227 @@
+# -*- test-case-name: tests.test_relay_tunnel -*-
+"""
+The relay's end of device tunnels (see L{p2pnat.tunnel}).
+
+A device connects over TLS with its client certificate; the TLS layer has
+already checked the certificate against the relay's CA.  Here the relay
+checks that the certificate is the one registered for a device that is
+not revoked, reads the hello, claims the session, and then carries streams
+between a terminal connection and the device.
+"""
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
+
+from p2pnat import pki, tunnel
+from p2pnat.logs import Logger, redact
+
+
+@implementer(IPushProducer)
+class _Gate:
+    """
+    Pauses and resumes a transport's reading on behalf of a peer whose
+    write buffer filled: the back-pressure between the two sides of a
+    stream.  Survives the peer changing (streams come and go on a tunnel).
+    """
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def pauseProducing(self):
+        self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        self.transport.resumeProducing()
+
+    def stopProducing(self):
+        pass
+
+
+class RelayTunnel(Protocol):
+    """
+    One device's TLS connection to the relay.
+
+    States: ``hello`` (waiting for the hello), ``idle`` (no stream),
+    ``stream`` (carrying one terminal connection), ``closed``.
+    """
+
+    log = Logger(namespace="p2pnat.relay.tunnel")
+
+    def __init__(self, relay):
+        self.relay = relay
+        self.state = "hello"
+        self.device_id = None
+        self.terminal = None
+        self._buf = b""
+        self._sent_end = self._got_end = False
+        self._idle_timer = None
+        self._hello_timer = None
+        self.decoder = tunnel.FrameDecoder(self._open, self._data, self._end)
+
+    def connectionMade(self):
+        self.gate = _Gate(self.transport)
+        self._hello_timer = self.relay.clock.callLater(self.relay.hello_timeout, self._hello_late)
+
+    def _hello_late(self):
+        self._hello_timer = None
+        self.log.info("tunnel from {peer}: no hello in time", peer=self._peer())
+        self.transport.abortConnection()
+
+    def _peer(self):
+        p = self.transport.getPeer()
+        return f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
+
+    def dataReceived(self, data):
+        try:
+            if self.state == "hello":
+                self._buf += data
+                if len(self._buf) < tunnel.HELLO.size:
+                    return
+                data, self._buf = self._buf[tunnel.HELLO.size:], self._buf[:tunnel.HELLO.size]
+                if not self._hello(self._buf):
+                    return
+                self._buf = b""
+                if not data:
+                    return
+            self.decoder.feed(data)
+        except tunnel.TunnelError as e:
+            self.log.warn("tunnel of {device_id}: {error}; closing", device_id=self.device_id,
+                          error=e)
+            self.transport.abortConnection()
+
+    def _refuse(self, code, why, **kw):
+        self.log.warn("tunnel from {peer} refused: " + why, peer=self._peer(), **kw)
+        self.relay.metrics.sessions.labels("tunnel-refused").inc()
+        self.transport.write(bytes([code]))
+        self.transport.loseConnection()
+        self.state = "closed"
+        return False
+
+    def _hello(self, data):
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        self._hello_timer = None
+        try:
+            session_id, nonce = tunnel.parse_hello(data)
+        except tunnel.TunnelError:
+            return self._refuse(1, "malformed hello")
+        cert = self.transport.getPeerCertificate()
+        if cert is None:
+            return self._refuse(5, "no client certificate")
+        device_id = pki.device_id_of(cert)
+        record = self.relay.registry_record(device_id) if device_id else None
+        if record is None or record.revoked:
+            return self._refuse(5, "certificate of unknown or revoked device {device_id}",
+                                device_id=device_id)
+        if not record.accepts(pki.fingerprint(cert)):
+            return self._refuse(5, "certificate of {device_id} is not the registered one",
+                                device_id=device_id)
+        session, error = self.relay.sessions.claim(session_id, device_id, nonce)
+        if session is None:
+            return self._refuse(error, "{device_id}: {why} (session {sid})",
+                                device_id=device_id, why=tunnel.HELLO_ERRORS[error],
+                                sid=redact(session_id))
+        self.device_id = device_id
+        self.transport.write(bytes([tunnel.HELLO_OK]))
+        self.state = "idle"
+        self.relay.tunnel_opened(self)
+        self.log.debug("tunnel of {device_id} bound to session {sid}", device_id=device_id,
+                       sid=redact(session_id))
+        session.ready.callback(self)
+        return True
+
+    # -- streams ------------------------------------------------------------
+
+    def start_stream(self, terminal, service=""):
+        """Carry C{terminal}'s connection on this idle tunnel."""
+        assert self.state == "idle", self.state
+        self._cancel_idle()
+        self.state = "stream"
+        self.terminal = terminal
+        self._sent_end = self._got_end = False
+        self.transport.write(tunnel.frame(tunnel.OPEN, service.encode("ascii")))
+        # Each side stops reading when the other cannot keep up.
+        self.transport.registerProducer(terminal.gate, True)
+        terminal.transport.registerProducer(self.gate, True)
+
+    def send_data(self, data):
+        if self.state == "stream" and not self._sent_end:
+            self.transport.writeSequence([tunnel.data_header(len(data)), data])
+
+    def send_end(self):
+        """The terminal's side of the stream closed."""
+        if self.state != "stream" or self._sent_end:
+            return
+        self._sent_end = True
+        self.transport.write(tunnel.frame(tunnel.END))
+        self._maybe_done()
+
+    def _open(self, service):
+        raise tunnel.TunnelError("device sent OPEN")
+
+    def _data(self, data):
+        if self.state == "stream" and not self._got_end:
+            self.terminal.transport.write(data)
+        elif self.state != "stream":
+            raise tunnel.TunnelError("data outside a stream")
+
+    def _end(self):
+        if self.state != "stream" or self._got_end:
+            raise tunnel.TunnelError("END outside a stream")
+        self._got_end = True
+        terminal = self.terminal
+        if not self._sent_end:
+            # The device's service closed: close the terminal after what
+            # was written, and acknowledge.
+            self._sent_end = True
+            self.transport.write(tunnel.frame(tunnel.END))
+        self._maybe_done()
+        terminal.tunnel_ended()
+
+    def _maybe_done(self):
+        if not (self._sent_end and self._got_end):
+            return
+        terminal, self.terminal = self.terminal, None
+        self.transport.unregisterProducer()
+        if terminal is not None and terminal.transport is not None:
+            try:
+                terminal.transport.unregisterProducer()
+            except RuntimeError:
+                pass
+        self.gate.resumeProducing()
+        self.state = "idle"
+        self.relay.tunnel_idle(self)
+        self._idle_timer = self.relay.clock.callLater(self.relay.idle_timeout, self._idle_late)
+
+    def _cancel_idle(self):
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
+    def _idle_late(self):
+        self._idle_timer = None
+        if self.state == "idle":
+            self.transport.loseConnection()
+
+    def close(self):
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        self._cancel_idle()
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        was, self.state = self.state, "closed"
+        if self.device_id is not None:
+            self.relay.tunnel_closed(self)
+        if was == "stream" and self.terminal is not None:
+            terminal, self.terminal = self.terminal, None
+            terminal.tunnel_lost()
+
+
+class RelayTunnelFactory(Factory):
+    def __init__(self, relay):
+        self.relay = relay
+
+    def buildProtocol(self, addr):
+        return RelayTunnel(self.relay)
