@@ -318,11 +318,15 @@ class CodecTests(SynchronousTestCase):
     def test_demux(self):
         K = stun.Kind
         table = {0: K.STUN, 3: K.STUN, 4: K.UNKNOWN, 16: K.ZRTP, 19: K.ZRTP, 20: K.DTLS, 63: K.DTLS,
-                 64: K.TURN_CHANNEL, 79: K.TURN_CHANNEL, 80: K.QUIC, 127: K.QUIC, 128: K.RTP,
+                 64: K.QUIC, 79: K.QUIC, 80: K.QUIC, 127: K.QUIC, 128: K.RTP,
                  191: K.RTP, 192: K.QUIC, 255: K.QUIC}
         for first, kind in table.items():
             self.assertEqual(stun.demux(bytes([first, 0, 0])), kind, first)
             self.assertEqual(stun.is_stun(first), kind is K.STUN)
+            turn = K.TURN_CHANNEL if 64 <= first <= 79 else kind
+            self.assertEqual(stun.demux(bytes([first]), turn_channels=True), turn, first)
+        for first in range(256):
+            self.assertEqual(stun.is_stun(first), first < 4)
         self.assertEqual(stun.demux(b""), K.UNKNOWN)
         for vector in VECTORS:
             self.assertTrue(stun.is_stun(vector[0]))
@@ -451,12 +455,14 @@ class FuzzTests(SynchronousTestCase):
 
     if given is not None:
 
-        @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=400, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
         @given(st.binary(max_size=200))
         def test_hypothesis_bytes(self, data):
             _exercise(data)
 
-        @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=400, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
         @given(
             st.lists(st.tuples(st.integers(0, 0xFFFF), st.binary(max_size=40)), max_size=6),
             st.sampled_from([0x0001, 0x0011, 0x0101, 0x0111]),
