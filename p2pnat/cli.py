@@ -14,6 +14,7 @@ import sys
 # Command groups, by module; each module has add_parser(subparsers).
 _GROUPS = [
     "p2pnat.lab.cli",
+    "p2pnat.provision",
 ]
 
 
