@@ -57,4 +57,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m p2pnat.cli` this module is __main__, whose
+    # CommandError is not the one the command groups raise: use the real one.
+    from p2pnat.cli import main as _main
+
+    sys.exit(_main())

@@ -4,6 +4,7 @@ What the three twistd plugins share: command-line options generated from a
 config schema, and the services every daemon has (metrics, JSON log file).
 """
 
+import contextlib
 import os
 import sys
 
@@ -62,6 +63,22 @@ def make_options(daemon, schema, config_filename, synopsis_extra=""):
             """Cross-setting checks; raise ConfigError."""
 
     return Options
+
+
+@contextlib.contextmanager
+def startup_errors(daemon):
+    """
+    Turn the errors a user can fix (config, key files, state directory)
+    raised while building a daemon into one line and exit status 1.
+    """
+    from p2pnat.pki import PKIError
+    from p2pnat.registry import RegistryError
+
+    try:
+        yield
+    except (_config.ConfigError, PKIError, RegistryError) as e:
+        sys.stderr.write(f"twistd {daemon}: {e}\n")
+        raise SystemExit(1)
 
 
 def common_services(config, metrics, reactor, parent):
@@ -123,3 +140,62 @@ class UDPService(service.Service):
         """(host, port) actually bound."""
         a = self.port.getHost()
         return a.host, a.port
+
+
+class EndpointListener(service.Service):
+    """
+    Listens with C{factory} on a server endpoint string while running;
+    C{port} is the listening port once started (useful with port 0).
+    Unlike StreamServerEndpointService, it exposes the port and fails
+    startup loudly if the endpoint cannot listen.
+    """
+
+    def __init__(self, reactor, description, factory):
+        from twisted.internet.endpoints import serverFromString
+
+        self.endpoint = serverFromString(reactor, description)
+        self.description = description
+        self.factory = factory
+        self.port = None
+        self.listening = None
+
+    def privilegedStartService(self):
+        self.listening = self.endpoint.listen(self.factory)
+        failed = []
+        self.listening.addCallbacks(self._listening, failed.append)
+        if failed:
+            # TCP endpoints listen at once: say so now, not in a stray Deferred.
+            self.listening = None
+            failed[0].raiseException()
+        service.Service.privilegedStartService(self)
+
+    def _listening(self, port):
+        self.port = port
+        return port
+
+    def startService(self):
+        if self.listening is None:
+            self.privilegedStartService()
+        service.Service.startService(self)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self.listening is not None:
+            d, self.listening = self.listening, None
+            d.addCallback(lambda port: port.stopListening())
+            return d
+
+    @property
+    def address(self):
+        a = self.port.getHost()
+        return a.host, a.port
+
+
+def endpoint_port(description):
+    """The port number of a ``tcp:PORT:…``/``tcp:port=PORT`` endpoint, else 0."""
+    for part in description.split(":")[1:]:
+        if part.isdigit():
+            return int(part)
+        if part.startswith("port=") and part[5:].isdigit():
+            return int(part[5:])
+    return 0

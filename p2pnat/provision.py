@@ -191,6 +191,28 @@ def _state_dir(parser):
 
 # -- relay -------------------------------------------------------------------
 
+def init_relay_state(state, hostname, *, udp=None, tunnel_port=None, replace=False):
+    """
+    Create a relay state directory's CA, relay certificate for C{hostname}
+    and registry (the work of ``p2pnat relay init``; the relay daemon also
+    calls it on a first start).
+
+    @return: ``(ca_cert, relay_cert, active devices already registered)``.
+    """
+    _pki(pki.make_private_dir, state)
+    ca_cert, ca_key = pki.create_ca(f"p2pnat CA for {hostname}")
+    relay_cert, relay_key = pki.issue_server_cert(ca_cert, ca_key, hostname)
+    path = lambda name: os.path.join(state, name)  # noqa: E731
+    _pki(pki.write_secret, path(CA_KEY), pki.key_pem(ca_key), replace=replace)
+    _pki(pki.write_public, path(CA_CERT), pki.cert_pem(ca_cert), replace=replace)
+    _pki(pki.write_secret, path(RELAY_KEY), pki.key_pem(relay_key), replace=replace)
+    _pki(pki.write_public, path(RELAY_CERT), pki.cert_pem(relay_cert), replace=replace)
+    _write_deployment(state, hostname, udp, tunnel_port, replace=True)
+    with _open_registry(state, create=True) as reg:
+        old_devices = len(reg.devices())
+    return ca_cert, relay_cert, old_devices
+
+
 def relay_init(args, out=None):
     out = out or sys.stdout
     state = args.state_dir
@@ -206,20 +228,9 @@ def relay_init(args, out=None):
         raise CommandError(
             f"{existing[0]} already exists; --force replaces the CA and relay certificate"
             " (every device must then be provisioned again)")
-    _pki(pki.make_private_dir, state)
-
-    ca_cert, ca_key = pki.create_ca(f"p2pnat CA for {hostname}")
-    relay_cert, relay_key = pki.issue_server_cert(ca_cert, ca_key, hostname)
-    replace = args.force
-    path = lambda name: os.path.join(state, name)  # noqa: E731
-    _pki(pki.write_secret, path(CA_KEY), pki.key_pem(ca_key), replace=replace)
-    _pki(pki.write_public, path(CA_CERT), pki.cert_pem(ca_cert), replace=replace)
-    _pki(pki.write_secret, path(RELAY_KEY), pki.key_pem(relay_key), replace=replace)
-    _pki(pki.write_public, path(RELAY_CERT), pki.cert_pem(relay_cert), replace=replace)
-    _write_deployment(state, hostname, udp, args.tunnel_port, replace=True)
-    had_registry = os.path.exists(path(REGISTRY))
-    with _open_registry(state, create=True) as reg:
-        old_devices = len(reg.devices())
+    had_registry = os.path.exists(os.path.join(state, REGISTRY))
+    ca_cert, relay_cert, old_devices = init_relay_state(
+        state, hostname, udp=udp, tunnel_port=args.tunnel_port, replace=args.force)
 
     names = ", ".join(str(v.value) for v in relay_cert.extensions.get_extension_for_class(
         x509.SubjectAlternativeName).value)

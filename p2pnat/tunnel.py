@@ -50,6 +50,18 @@ class TunnelError(ValueError):
     """A protocol violation on a tunnel; the connection must be closed."""
 
 
+def nodelay(transport):
+    """
+    Turn Nagle's algorithm off on a (possibly TLS-wrapped) TCP transport: a
+    proxy that writes a frame header and its payload, or a small answer,
+    must not wait for the peer's delayed ACK (40 ms stalls otherwise).
+    """
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError):
+        pass
+
+
 def hello(session_id, nonce):
     return HELLO.pack(MAGIC, VERSION, session_id, nonce)
 

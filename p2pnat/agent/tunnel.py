@@ -26,6 +26,7 @@ class _Local(Protocol):
 
     def connectionMade(self):
         self.gate = _Gate(self.transport)
+        tunnel.nodelay(self.transport)
         self.tun.local_connected(self)
 
     def dataReceived(self, data):
@@ -56,6 +57,7 @@ class AgentTunnel(Protocol):
 
     def connectionMade(self):
         self.gate = _Gate(self.transport)
+        tunnel.nodelay(self.transport)
         self.transport.write(tunnel.hello(self.session_id, self.nonce))
 
     def dataReceived(self, data):
@@ -85,7 +87,7 @@ class AgentTunnel(Protocol):
         if self.state != "idle":
             raise tunnel.TunnelError("OPEN while a stream is running")
         self._cancel_idle()
-        address = self.agent.services.get(service)
+        address = self.agent.local_services.get(service)
         self._sent_end = self._got_end = False
         self.service = service
         if address is None:

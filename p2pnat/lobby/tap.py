@@ -8,7 +8,7 @@ from twisted.application.internet import TimerService
 
 from p2pnat import config as C
 from p2pnat import wire
-from p2pnat.daemon import UDPService, common_services, make_options
+from p2pnat.daemon import UDPService, common_services, make_options, startup_errors
 from p2pnat.logs import Logger
 from p2pnat.metrics import Metrics
 from p2pnat.udp import ControlProtocol
@@ -126,4 +126,5 @@ class LobbyService(service.MultiService):
 def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    return LobbyService(config.config, reactor)
+    with startup_errors("lobby"):
+        return LobbyService(config.config, reactor)

@@ -7,7 +7,10 @@ tunnels, and sends connect requests from the socket each device's notifies
 arrive at.
 """
 
+import hashlib
+
 from twisted.internet.defer import fail, succeed
+from twisted.internet.threads import deferToThreadPool
 
 from p2pnat import wire
 from p2pnat.logs import Logger, redact
@@ -49,6 +52,7 @@ class Relay:
         self.hello_timeout = 10.0
         self.tunnels = {}  # device ID -> set of live tunnels
         self.idle = {}  # device ID -> list of idle tunnels, most recent last
+        self._cred_cache = {}  # hash of (device, stored hash, credential) -> expiry
 
     # -- what the terminal side asks -------------------------------------------
 
@@ -57,7 +61,38 @@ class Relay:
         return d.record if d is not None else None
 
     def check_credential(self, device_id, given):
-        return self.registry.check_credential(device_id, given)
+        """
+        Whether C{given} is the device's access credential.  The hash
+        check (scrypt, slow on purpose) runs in the reactor's thread pool;
+        a success is remembered for a minute so that a CLI presenting the
+        credential on every connection does not pay it each time.
+
+        @return: Deferred firing with a bool.
+        """
+        from p2pnat.registry import verify_credential
+
+        record = self.registry_record(device_id)
+        stored = record.access_credential_hash if record is not None else None
+        if not stored:
+            return succeed(False)
+        key = hashlib.sha256(f"{device_id}\0{stored}\0{given}".encode()).digest()
+        now = self.clock.seconds()
+        if self._cred_cache.get(key, 0) > now:
+            return succeed(True)
+        pool = getattr(self.clock, "getThreadPool", None)
+        if pool is None:  # a test clock: check inline
+            d = succeed(verify_credential(stored, given))
+        else:
+            d = deferToThreadPool(self.clock, pool(), verify_credential, stored, given)
+
+        def remember(ok):
+            if ok:
+                if len(self._cred_cache) > 1024:
+                    self._cred_cache.clear()
+                self._cred_cache[key] = now + 60
+            return ok
+
+        return d.addCallback(remember)
 
     def device_url(self, device_id, secure):
         port = self.https_port if secure else self.http_port

@@ -3,12 +3,19 @@
 ``twistd relay``: the relay of the relay method (SPEC.md Part 1).
 """
 
+import os
+
 from twisted.application import service
 from twisted.application.internet import TimerService
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from p2pnat import config as C
-from p2pnat import wire
-from p2pnat.daemon import UDPService, common_services, make_options
+from p2pnat import pki, wire
+from p2pnat.daemon import (
+    EndpointListener, UDPService, common_services, endpoint_port, make_options, startup_errors)
+from p2pnat.relay.core import Relay
+from p2pnat.relay.terminal import TerminalFactory, Tokens
+from p2pnat.relay.tunnel import RelayTunnelFactory
 from p2pnat.logs import Logger
 from p2pnat.metrics import Metrics
 from p2pnat.relay.devices import DeviceState, DeviceTable
@@ -29,6 +36,30 @@ SCHEMA = [
               "UDP addresses for notifies and STUN, ip:port", C.udp_addresses, item=str),
     C.Setting("udp.stun_rate", float, 20.0,
               "STUN answers per second per source address (0: STUN off)"),
+    C.Setting("terminal.https", str, "tcp:8443",
+              "endpoint for terminals over HTTPS (TLS with the relay's certificate);"
+              ' "" turns it off', C.endpoint_or_empty),
+    C.Setting("terminal.http", str, "",
+              'endpoint for terminals over plain HTTP ("" = off); for a TLS-terminating'
+              " proxy in front, or tests", C.endpoint_or_empty),
+    C.Setting("terminal.public_https_port", int, 0,
+              "port in https:// links the relay gives out (0: the port of terminal.https)",
+              C.port_number),
+    C.Setting("terminal.public_http_port", int, 0,
+              "port in http:// links the relay gives out (0: the port of terminal.http)",
+              C.port_number),
+    C.Setting("tunnel.listen", str, "tcp:7443",
+              "endpoint devices open their TLS tunnels to", C.endpoint_or_empty),
+    C.Setting("tunnel.public_host", str, "",
+              "host told to devices in connect requests (\"\": the relay address they know)"),
+    C.Setting("tunnel.public_port", int, 0,
+              "port told to devices in connect requests (0: the port of tunnel.listen)",
+              C.port_number),
+    C.Setting("tunnel.idle_timeout", float, 60.0,
+              "seconds an idle tunnel is kept for the device's later requests", C.positive),
+    C.Setting("session.timeout", float, 10.0,
+              "seconds to wait for a device's tunnel after its connect request (then 504)",
+              C.positive),
     C.Setting("relay.sync_interval", float, 1.0,
               "seconds between writes of notify A times to the store and checks for"
               " registry changes (devices added or removed)", C.positive),
@@ -42,7 +73,7 @@ class Options(make_options("relay", SCHEMA, "relay.toml")):
 class RelayService(service.MultiService):
     """
     The relay: its device table kept in step with the registry, its UDP
-    notify sockets.
+    notify sockets, its terminal (HTTPS/HTTP) and tunnel (TLS) listeners.
     """
 
     log = Logger(namespace="p2pnat.relay")
@@ -54,15 +85,27 @@ class RelayService(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.metrics = Metrics("relay")
+        self.hostname = config["relay.hostname"]
         self.state_dir = config.path_of("relay.state_dir")
+        ensure_state(self.state_dir, self.hostname)
         self.registry = Registry.open_state_dir(self.state_dir)
         self.table = DeviceTable(config["relay.access_check_period"])
         self._data_version = None
-        self.reload()
         self.replay = wire.ReplayGuard(reactor)
         self.stamper = wire.Stamper(reactor)
         self.handler = NotifyHandler(self.table, reactor, self.metrics,
                                      config["relay.notify_b_interval"])
+        https, http = config["terminal.https"], config["terminal.http"]
+        self.relay = Relay(
+            reactor, self.metrics, self.table, self.registry,
+            Tokens(terminal_secret(self.state_dir), reactor), hostname=self.hostname,
+            tunnel_port=config["tunnel.public_port"] or endpoint_port(config["tunnel.listen"]),
+            tunnel_host=config["tunnel.public_host"],
+            https_port=config["terminal.public_https_port"] or endpoint_port(https),
+            http_port=config["terminal.public_http_port"] or endpoint_port(http),
+            session_timeout=config["session.timeout"],
+            idle_timeout=config["tunnel.idle_timeout"])
+        self.reload()
         self.udp = []
         for item in config["udp.listen"]:
             host, port = C.parse_hostport(item)
@@ -72,30 +115,67 @@ class RelayService(service.MultiService):
             udp = UDPService(reactor, host, port, proto)
             udp.setServiceParent(self)
             self.udp.append(udp)
+        self.tls = server_tls(self.state_dir)
+        self.tunnel_listener = self.terminal_https = self.terminal_http = None
+        if config["tunnel.listen"]:
+            self.tunnel_listener = EndpointListener(
+                reactor, config["tunnel.listen"],
+                TLSMemoryBIOFactory(self.tls.tunnel, False, RelayTunnelFactory(self.relay)))
+            self.tunnel_listener.setServiceParent(self)
+        if https:
+            self.terminal_https = EndpointListener(
+                reactor, https,
+                TLSMemoryBIOFactory(self.tls.terminal, False, TerminalFactory(self.relay, True)))
+            self.terminal_https.setServiceParent(self)
+        if http:
+            self.terminal_http = EndpointListener(reactor, http,
+                                                  TerminalFactory(self.relay, False))
+            self.terminal_http.setServiceParent(self)
         sync = TimerService(config["relay.sync_interval"], self.sync)
         sync.clock = reactor
         sync.setServiceParent(self)
         common_services(config, self.metrics, reactor, self)
 
+    def startService(self):
+        super().startService()
+        # With port 0 (tests), learn the ports actually bound.
+        if self.tunnel_listener is not None and not self.relay.tunnel_port:
+            self.relay.tunnel_port = self.tunnel_listener.address[1]
+        if self.terminal_https is not None and not self.relay.https_port:
+            self.relay.https_port = self.terminal_https.address[1]
+        if self.terminal_http is not None and not self.relay.http_port:
+            self.relay.http_port = self.terminal_http.address[1]
+        self.log.info(
+            "relay {hostname}: {n} devices registered; notifies on {udp}; terminals on"
+            " {terminals}; tunnels on port {tunnel}", hostname=self.hostname, n=len(self.table),
+            udp=", ".join(f"{h}:{p}" for h, p in (u.address for u in self.udp)),
+            terminals=", ".join(f"{kind} port {port}" for kind, port in
+                                (("https", self.relay.https_port), ("http", self.relay.http_port))
+                                if port),
+            tunnel=self.relay.tunnel_port)
+
     def reload(self):
         """Bring the device table in step with the registry."""
-        records = {r.id: r for r in self.registry.devices(include_revoked=True)}
+        records = self.registry.load_all()
         for device_id in [d.id for d in self.table if d.id not in records]:
             self.table.remove(device_id)
+            self.relay.device_revoked(device_id)
         for r in records.values():
             old = self.table.get(r.id)
-            if old is not None and old.revoked == bool(r.revoked) and old.mac_key == r.mac_key:
+            if old is not None and old.record == r:
                 continue
-            if r.revoked and old is not None and not old.revoked:
-                self.log.info("device {device_id} revoked", device_id=r.id)
-                self.device_revoked(r.id)
+            if old is not None and not old.revoked and (r.revoked or old.mac_key != r.mac_key
+                                                        or old.record.cert_fingerprint
+                                                        != r.cert_fingerprint):
+                self.log.info("device {device_id} revoked or re-provisioned; closing its"
+                              " tunnels", device_id=r.id)
+                self.relay.device_revoked(r.id)
             addr = (r.addr_host, r.addr_port) if r.addr_host else None
             self.table.put(DeviceState(r.id, r.mac_key, bool(r.revoked), r.last_access, addr,
                                        r.access_mode, r))
+            if r.revoked:
+                self.replay.forget(r.id)
         self._data_version = self.registry.data_version()
-
-    def device_revoked(self, device_id):
-        """Hook: end whatever a revoked device still has open."""
 
     def sync(self):
         """
@@ -122,7 +202,66 @@ class RelayService(service.MultiService):
         return d
 
 
+def ensure_state(state_dir, hostname):
+    """
+    Make a relay state directory usable: if it has no CA yet, create one
+    and a certificate for C{hostname} (what `p2pnat relay init` does), so
+    that a first start needs no manual step.
+    """
+    ca = os.path.join(state_dir, pki.CA_CERT_FILE)
+    if os.path.exists(ca):
+        return
+    from p2pnat.provision import init_relay_state
+
+    RelayService.log.info("no CA in {state_dir}: creating one, and a certificate for"
+                          " {hostname}", state_dir=state_dir, hostname=hostname)
+    try:
+        init_relay_state(state_dir, hostname)
+    except Exception as e:
+        raise C.ConfigError(f"relay.state_dir: cannot initialise {state_dir}: {e}")
+
+
+def terminal_secret(state_dir):
+    """The key signing terminals' login cookies, made on first use (0600)."""
+    path = os.path.join(state_dir, "terminal.secret")
+    if os.path.exists(path):
+        return bytes.fromhex(pki.read_secret(path).decode().strip())
+    secret = os.urandom(32)
+    pki.write_secret(path, secret.hex().encode() + b"\n")
+    return secret
+
+
+class _TLS:
+    def __init__(self, terminal, tunnel):
+        self.terminal = terminal
+        self.tunnel = tunnel
+
+
+def server_tls(state_dir):
+    """
+    TLS contexts of the relay: terminals get the relay's certificate with
+    ALPN http/1.1 (browsers then keep one origin per connection); tunnels
+    must present a client certificate issued by the deployment's CA.
+    """
+    from OpenSSL import crypto
+    from twisted.internet.ssl import Certificate, CertificateOptions
+
+    def read(name, secret=False):
+        path = os.path.join(state_dir, name)
+        return pki.read_secret(path) if secret else open(path, "rb").read()
+
+    key = crypto.load_privatekey(crypto.FILETYPE_PEM, read(pki.RELAY_KEY_FILE, True))
+    cert = crypto.load_certificate(crypto.FILETYPE_PEM, read(pki.RELAY_CERT_FILE))
+    ca = Certificate.loadPEM(read(pki.CA_CERT_FILE)).original
+    terminal = CertificateOptions(privateKey=key, certificate=cert,
+                                  acceptableProtocols=[b"http/1.1"])
+    tunnel = CertificateOptions(privateKey=key, certificate=cert, verify=True, caCerts=[ca],
+                                requireCertificate=True)
+    return _TLS(terminal, tunnel)
+
+
 def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    return RelayService(config.config, reactor)
+    with startup_errors("relay"):
+        return RelayService(config.config, reactor)

@@ -22,9 +22,10 @@ import html
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, quote, urlsplit
 
+from twisted.internet.defer import succeed
 from twisted.internet.protocol import Factory, Protocol
 
-from p2pnat import wire
+from p2pnat import tunnel, wire
 from p2pnat.logs import Logger
 from p2pnat.relay.devices import Refusal
 from p2pnat.relay.tunnel import _Gate
@@ -154,8 +155,8 @@ class Tokens:
 class Terminal(Protocol):
     """
     One terminal connection.  States: ``head`` (reading the first request
-    head), ``body`` (reading a login form), ``waiting`` (for the device's
-    tunnel), ``stream``, ``done``.
+    head), ``body`` (reading a login form), ``auth`` (checking a
+    credential), ``waiting`` (for the device's tunnel), ``stream``, ``done``.
     """
 
     log = Logger(namespace="p2pnat.relay.terminal")
@@ -174,6 +175,7 @@ class Terminal(Protocol):
 
     def connectionMade(self):
         self.gate = _Gate(self.transport)
+        tunnel.nodelay(self.transport)
         self._head_timer = self.relay.clock.callLater(self.relay.head_timeout, self._head_late)
 
     def _head_late(self):
@@ -206,7 +208,7 @@ class Terminal(Protocol):
         elif self.state == "body":
             self._buf += data
             self._login_body()
-        elif self.state == "waiting":
+        elif self.state in ("waiting", "auth"):
             self._buf += data
             if len(self._buf) > MAX_PENDING:
                 self.transport.pauseProducing()
@@ -275,13 +277,29 @@ class Terminal(Protocol):
         if found.access_mode == "relay":
             if not tcp and urlsplit(self.request.target).path == LOGIN_PATH:
                 return self._login_start()
-            if not self._authorized(found):
-                if tcp:
-                    return self.reply(401, "Credential required",
-                                      "This device needs its access credential.",
-                                      ['WWW-Authenticate: Basic realm="p2pnat"'])
-                return self._login_form(401, "")
+            self._cancel_head_timer()
+            self.state = "auth"
+            d = self._authorize(found)
+            d.addCallback(self._auth_done)
+            d.addErrback(self._auth_failed)
+            return
         self._open()
+
+    def _auth_done(self, ok):
+        if self.state != "auth":
+            return
+        if ok:
+            return self._open()
+        if self.tcp:
+            return self.reply(401, "Credential required",
+                              "This device needs its access credential.",
+                              ['WWW-Authenticate: Basic realm="p2pnat"'])
+        self._login_form(401, "")
+
+    def _auth_failed(self, failure):
+        self.log.failure("credential check failed", failure)
+        if self.state == "auth":
+            self.reply(502, "Relay error", "The relay could not check the credential.")
 
     # -- access credential (devices whose access mode is "relay") ---------------
 
@@ -289,13 +307,21 @@ class Terminal(Protocol):
         record = self.relay.registry_record(device.id)
         return record.access_credential_hash if record is not None else None
 
-    def _authorized(self, device):
+    def _authorize(self, device):
+        """
+        Whether the terminal proved it knows the device's credential: a
+        login cookie, or the credential itself in an Authorization (or,
+        for CONNECT, Proxy-Authorization) header, Basic or Bearer.
+
+        @return: Deferred firing with a bool (checking a credential is slow
+            on purpose and runs off the reactor thread).
+        """
         req = self.request
         cred_hash = self._credential_hash(device)
         if not cred_hash:
-            return False
+            return succeed(False)
         if self.relay.tokens.check(req.cookie(COOKIE), device.id, cred_hash):
-            return True
+            return succeed(True)
         auth = req.headers.get("authorization") or req.headers.get("proxy-authorization") or ""
         scheme, _, value = auth.partition(" ")
         given = None
@@ -306,12 +332,16 @@ class Terminal(Protocol):
                 given = None
         elif scheme.lower() == "bearer":
             given = value.strip()
-        if given and self.relay.check_credential(device.id, given):
-            return True
-        if given:
-            self.log.warn("terminal {peer}: wrong credential for {device_id}", peer=self._peer(),
-                          device_id=device.id)
-        return False
+        if not given:
+            return succeed(False)
+
+        def checked(ok):
+            if not ok:
+                self.log.warn("terminal {peer}: wrong credential for {device_id}",
+                              peer=self._peer(), device_id=device.id)
+            return ok
+
+        return self.relay.check_credential(device.id, given).addCallback(checked)
 
     def _login_form(self, status, error):
         target = urlsplit(self.request.target)
@@ -350,7 +380,17 @@ class Terminal(Protocol):
         if not nxt.startswith("/") or nxt.startswith("//"):
             nxt = "/"
         device = self.relay.devices.get(self.device_id)
-        if device is None or not self.relay.check_credential(self.device_id, given):
+        if device is None:
+            return self.reply(404, "Device unavailable", "No such device.")
+        self.state = "auth"
+        d = self.relay.check_credential(self.device_id, given)
+        d.addCallback(self._login_checked, device, nxt)
+        d.addErrback(self._auth_failed)
+
+    def _login_checked(self, ok, device, nxt):
+        if self.state != "auth":
+            return
+        if not ok:
             self.log.warn("terminal {peer}: wrong credential for {device_id}", peer=self._peer(),
                           device_id=self.device_id)
             return self._login_form(403, "Wrong credential.")

@@ -61,6 +61,7 @@ class RelayTunnel(Protocol):
 
     def connectionMade(self):
         self.gate = _Gate(self.transport)
+        tunnel.nodelay(self.transport)
         self._hello_timer = self.relay.clock.callLater(self.relay.hello_timeout, self._hello_late)
 
     def _hello_late(self):
