@@ -96,6 +96,8 @@ class ControlProtocol(DatagramProtocol):
     @param stamper: the daemon's L{wire.Stamper} for replies.
     """
 
+    noisy = False  # the port itself logs what it listens on
+
     def __init__(self, handler, clock, metrics, replay, *, name="udp", stun_rate=20.0,
                  log=None, stamper=None):
         self.handler = handler

@@ -36,6 +36,18 @@ class _Local(Protocol):
         self.tun.local_lost(self)
 
 
+class _OneShot(Factory):
+    """Like endpoints.connectProtocol's factory, without a log line per connection."""
+
+    noisy = False
+
+    def __init__(self, proto):
+        self.proto = proto
+
+    def buildProtocol(self, addr):
+        return self.proto
+
+
 class AgentTunnel(Protocol):
     """
     States: ``hello`` (waiting for the relay's status), ``idle``,
@@ -98,7 +110,7 @@ class AgentTunnel(Protocol):
         self.state = "connecting"
         # Nothing is read from the relay until the local service is there.
         self.transport.pauseProducing()
-        d = endpoints.connectProtocol(self.agent.local_endpoint(address), _Local(self))
+        d = self.agent.local_endpoint(address).connect(_OneShot(_Local(self)))
         d.addErrback(self._local_failed, address)
 
     def _local_failed(self, failure, address):
@@ -196,6 +208,8 @@ class AgentTunnel(Protocol):
 
 
 class AgentTunnelFactory(Factory):
+    noisy = False
+
     def __init__(self, agent, session_id, nonce):
         self.agent = agent
         self.session_id = session_id

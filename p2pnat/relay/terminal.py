@@ -458,6 +458,8 @@ class Terminal(Protocol):
 
 
 class TerminalFactory(Factory):
+    noisy = False
+
     def __init__(self, relay, secure):
         self.relay = relay
         self.secure = secure

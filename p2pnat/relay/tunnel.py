@@ -221,6 +221,8 @@ class RelayTunnel(Protocol):
 
 
 class RelayTunnelFactory(Factory):
+    noisy = False
+
     def __init__(self, relay):
         self.relay = relay
 
