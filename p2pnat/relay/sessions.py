@@ -79,6 +79,8 @@ class SessionTable:
         self._by_device[device_id] = self._by_device.get(device_id, 0) + 1
         s._timer = self.clock.callLater(self.timeout, self._expire, session_id)
 
+        start = self.clock.seconds()
+
         def retransmit(i):
             s._retx = None
             if session_id not in self._sessions:
@@ -86,7 +88,8 @@ class SessionTable:
             send(s)
             s.sent += 1
             if i < len(RETRANSMIT) and RETRANSMIT[i] < self.timeout:
-                delay = RETRANSMIT[i] - (RETRANSMIT[i - 1] if i else 0)
+                # Against the start, so that late timer calls do not add up.
+                delay = max(0.0, start + RETRANSMIT[i] - self.clock.seconds())
                 s._retx = self.clock.callLater(delay, retransmit, i + 1)
 
         retransmit(0)
