@@ -41,6 +41,10 @@ class SessionTimeout(Exception):
     """The device's tunnel did not arrive before the deadline."""
 
 
+class DeviceRevoked(Exception):
+    """The device was revoked while a terminal waited for it."""
+
+
 class SessionTable:
     """
     Pending sessions by ID, at most C{limit} at once and at most
@@ -124,7 +128,7 @@ class SessionTable:
         """End every pending session of a device (it was revoked)."""
         for s in [s for s in self._sessions.values() if s.device_id == device_id]:
             self._remove(s)
-            s.ready.errback(SessionTimeout("device revoked"))
+            s.ready.errback(DeviceRevoked(device_id))
 
     def _remove(self, s):
         del self._sessions[s.id]

@@ -428,8 +428,11 @@ class Terminal(Protocol):
     def _tunnel_failed(self, failure):
         if self.state != "waiting":
             return
-        from p2pnat.relay.sessions import SessionTimeout
+        from p2pnat.relay.devices import REVOKED
+        from p2pnat.relay.sessions import DeviceRevoked, SessionTimeout
 
+        if failure.check(DeviceRevoked):
+            return self.refuse(REVOKED)
         if failure.check(SessionTimeout):
             self.log.info("terminal {peer}: no tunnel from {device_id}: {why}", peer=self._peer(),
                           device_id=self.device_id, why=failure.getErrorMessage())

@@ -91,8 +91,8 @@ class RelayTunnel(Protocol):
                           error=e)
             self.transport.abortConnection()
 
-    def _refuse(self, code, why, **kw):
-        self.log.warn("tunnel from {peer} refused: " + why, peer=self._peer(), **kw)
+    def _refuse(self, code, fmt, **kw):
+        self.log.warn("tunnel from {peer} refused: " + fmt, peer=self._peer(), **kw)
         self.relay.metrics.sessions.labels("tunnel-refused").inc()
         self.transport.write(bytes([code]))
         self.transport.loseConnection()
