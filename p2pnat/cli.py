@@ -15,6 +15,7 @@ import sys
 _GROUPS = [
     "p2pnat.lab.cli",
     "p2pnat.provision",
+    "p2pnat.forward",
 ]
 
 

@@ -62,6 +62,19 @@ def nodelay(transport):
         pass
 
 
+def close_after_writes(transport):
+    """
+    Close C{transport} once what was written is sent.  A producer still
+    registered on a TLS transport would hold the close back for ever, so
+    it is unregistered first.
+    """
+    try:
+        transport.unregisterProducer()
+    except (AttributeError, RuntimeError):
+        pass
+    transport.loseConnection()
+
+
 def hello(session_id, nonce):
     return HELLO.pack(MAGIC, VERSION, session_id, nonce)
 

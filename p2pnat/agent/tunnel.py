@@ -152,7 +152,7 @@ class AgentTunnel(Protocol):
             raise tunnel.TunnelError("END outside a stream")
         self._got_end = True
         if self.local is not None:
-            self.local.transport.loseConnection()
+            tunnel.close_after_writes(self.local.transport)
         elif self.state == "stream":
             self._finish_local()
 
@@ -163,7 +163,7 @@ class AgentTunnel(Protocol):
             self.transport.writeSequence([tunnel.data_header(len(data)), data])
 
     def local_lost(self, local):
-        if local is self.local:
+        if local is self.local and self.state != "closed":
             self.local = None
             try:
                 self.transport.unregisterProducer()
@@ -202,8 +202,9 @@ class AgentTunnel(Protocol):
     def connectionLost(self, reason):
         self._cancel_idle()
         self.state = "closed"
-        if self.local is not None:
-            self.local.transport.loseConnection()
+        local, self.local = self.local, None
+        if local is not None:
+            tunnel.close_after_writes(local.transport)
         self.agent.tunnel_closed(self)
 
 

@@ -50,6 +50,7 @@ class Relay:
         self.max_idle = max_idle_per_device
         self.head_timeout = 30.0
         self.hello_timeout = 10.0
+        self.terminals = set()  # open terminal connections
         self.tunnels = {}  # device ID -> set of live tunnels
         self.idle = {}  # device ID -> list of idle tunnels, most recent last
         self._cred_cache = {}  # hash of (device, stored hash, credential) -> expiry
@@ -171,6 +172,15 @@ class Relay:
             idle.remove(tunnel)
             if not idle:
                 del self.idle[tunnel.device_id]
+
+    def close_all(self):
+        """Shutting down: drop every terminal and tunnel connection."""
+        for t in list(self.terminals):
+            t.transport.abortConnection()
+        for live in list(self.tunnels.values()):
+            for t in list(live):
+                t.close()
+        self.idle.clear()
 
     def device_revoked(self, device_id):
         """End everything a revoked device has open, at once."""

@@ -197,6 +197,7 @@ class RelayService(service.MultiService):
 
     def stopService(self):
         d = super().stopService()
+        self.relay.close_all()
         self.sync()
         self.registry.close()
         return d

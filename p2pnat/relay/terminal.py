@@ -176,6 +176,7 @@ class Terminal(Protocol):
     def connectionMade(self):
         self.gate = _Gate(self.transport)
         tunnel.nodelay(self.transport)
+        self.relay.terminals.add(self)
         self._head_timer = self.relay.clock.callLater(self.relay.head_timeout, self._head_late)
 
     def _head_late(self):
@@ -444,15 +445,16 @@ class Terminal(Protocol):
     def tunnel_ended(self):
         """The device's side closed: close ours once written."""
         self.state = "done"
-        self.transport.loseConnection()
+        tunnel.close_after_writes(self.transport)
 
     def tunnel_lost(self):
         """The tunnel died under the stream."""
         self.state = "done"
-        self.transport.loseConnection()
+        tunnel.close_after_writes(self.transport)
 
     def connectionLost(self, reason):
         self._cancel_head_timer()
+        self.relay.terminals.discard(self)
         state, self.state = self.state, "done"
         if state == "stream" and self.tunnel is not None:
             self.tunnel.send_end()
