@@ -11,7 +11,8 @@ from p2pnat import wire
 from p2pnat.daemon import UDPService, common_services, make_options, startup_errors
 from p2pnat.logs import Logger
 from p2pnat.metrics import Metrics
-from p2pnat.udp import ControlProtocol
+from p2pnat.p2p.lobby import Lobby
+from p2pnat.udp import ControlProtocol, link_siblings
 
 SCHEMA = [
     C.Setting("lobby.state_dir", str, "/var/lib/p2pnat/lobby",
@@ -21,6 +22,15 @@ SCHEMA = [
               " NAT's behaviour); all answer STUN", C.udp_addresses, item=str),
     C.Setting("udp.stun_rate", float, 20.0,
               "STUN answers per second per source address (0: STUN off)"),
+    C.Setting("lobby.keepalive", int, 20,
+              "seconds between clients' keepalives (presence ends after three missed)",
+              C.positive),
+    C.Setting("lobby.relay_rate", int, 512 * 1024,
+              "bytes per second the lobby relays for one session that cannot go direct",
+              C.positive),
+    C.Setting("lobby.request_rate", float, 5.0,
+              "connect requests per second one client may make (burst: twice that)",
+              C.positive),
     C.Setting("lobby.sync_interval", float, 1.0,
               "seconds between checks for registry changes (clients added or removed)",
               C.positive),
@@ -55,29 +65,6 @@ class ClientKeys:
         return self.keys.get(client_id)
 
 
-class LobbyHandler:
-    """
-    Handles authenticated datagrams from lobby clients (see L{p2pnat.udp}).
-    """
-
-    log = Logger(namespace="p2pnat.lobby")
-    _FROM_CLIENTS = frozenset({wire.Ping.TYPE})
-
-    def __init__(self, keys, clock):
-        self.keys = keys
-        self.clock = clock
-
-    def key_for(self, key_id, mtype):
-        if mtype not in self._FROM_CLIENTS:
-            return None
-        return self.keys.get(key_id)
-
-    def handle(self, frame, message, addr, proto):
-        if isinstance(message, wire.Ping):
-            return wire.Pong(frame.timestamp, addr, int(self.clock.seconds() * 1e6))
-        return None
-
-
 class LobbyService(service.MultiService):
     """
     The lobby: one UDP socket per configured address, a shared handler.
@@ -94,7 +81,9 @@ class LobbyService(service.MultiService):
         self.metrics = Metrics("lobby")
         self.registry = Registry.open_state_dir(config.path_of("lobby.state_dir"))
         self.keys = ClientKeys(self.registry)
-        self.handler = LobbyHandler(self.keys, reactor)
+        self.handler = self.lobby = Lobby(
+            self.keys.get, reactor, self.metrics, keepalive=config["lobby.keepalive"],
+            relay_rate=config["lobby.relay_rate"], request_rate=config["lobby.request_rate"])
         replay = wire.ReplayGuard(reactor)
         stamper = wire.Stamper(reactor)
         self.udp = []
@@ -112,10 +101,21 @@ class LobbyService(service.MultiService):
         common_services(config, self.metrics, reactor, self)
 
     def sync(self):
+        """
+        Pick up clients added or removed, and expire presence, requests and
+        sessions.  A failure is logged; the next round tries again.
+        """
         try:
             self.keys.sync()
+            self.lobby.expire()
         except Exception:
-            self.log.failure("lobby registry reload failed; retrying next round")
+            self.log.failure("lobby housekeeping failed; retrying next round")
+
+    def startService(self):
+        super().startService()
+        # Now that every socket is bound: answer RFC 5780 CHANGE-REQUESTs
+        # from the socket with the other port or IP.
+        link_siblings([udp.protocol for udp in self.udp])
 
     def stopService(self):
         d = super().stopService()
