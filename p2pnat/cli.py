@@ -13,6 +13,7 @@ import sys
 
 # Command groups, by module; each module has add_parser(subparsers).
 _GROUPS = [
+    "p2pnat.demo.cli",
     "p2pnat.lab.cli",
     "p2pnat.provision",
     "p2pnat.forward",
