@@ -182,6 +182,21 @@ class Relay:
                 t.close()
         self.idle.clear()
 
+    def device_moved(self, device_id):
+        """
+        The device's notifies come from a new address: its idle tunnels
+        went through the old mapping, which the NAT (or a renumbered
+        router) may have dropped without a word, and a stream opened on
+        such a tunnel would hang.  Close them; the next request sends a
+        connect request to the new address instead.
+        """
+        idle = self.idle.pop(device_id, ())
+        if idle:
+            self.log.info("device {device_id} moved; closing its {n} idle tunnels",
+                          device_id=device_id, n=len(idle))
+        for t in idle:
+            t.close()
+
     def device_revoked(self, device_id):
         """End everything a revoked device has open, at once."""
         self.sessions.cancel_device(device_id)

@@ -18,15 +18,18 @@ class NotifyHandler:
 
     @param table: the L{p2pnat.relay.devices.DeviceTable}.
     @param notify_b_max: the longest notify-B interval we advise, seconds.
+    @param on_moved: called with a device ID when its notifies come from a
+        new address (its NAT mapping or public address changed).
     """
 
     log = Logger(namespace="p2pnat.relay.notify")
 
-    def __init__(self, table, clock, metrics, notify_b_max=25):
+    def __init__(self, table, clock, metrics, notify_b_max=25, on_moved=None):
         self.table = table
         self.clock = clock
         self.metrics = metrics
         self.notify_b_max = notify_b_max
+        self.on_moved = on_moved or (lambda device_id: None)
 
     def key_for(self, key_id, mtype):
         if mtype not in _DEVICE_TYPES:
@@ -43,11 +46,16 @@ class NotifyHandler:
             if was[0] != addr or was[1] is None or now - was[1] > self.table.period:
                 self.log.info("device {device_id} online at {addr}", device_id=device_id,
                               addr=_fmt(addr))
+            if was[0] is not None and was[0] != addr:
+                self.on_moved(device_id)
             return wire.NotifyAck(frame.timestamp, addr, 0)
         if isinstance(message, wire.NotifyB):
+            old = self.table.get(device_id).addr
             if self.table.notify_b(device_id, addr, message.local, proto):
                 self.log.info("device {device_id} mapping now {addr}", device_id=device_id,
                               addr=_fmt(addr))
+                if old is not None and old != addr:
+                    self.on_moved(device_id)
             d = self.table.get(device_id)
             flags = 0
             if d.last_access is None or now - d.last_access > self.table.period / 2:

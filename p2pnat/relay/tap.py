@@ -94,7 +94,8 @@ class RelayService(service.MultiService):
         self.replay = wire.ReplayGuard(reactor)
         self.stamper = wire.Stamper(reactor)
         self.handler = NotifyHandler(self.table, reactor, self.metrics,
-                                     config["relay.notify_b_interval"])
+                                     config["relay.notify_b_interval"],
+                                     on_moved=lambda device_id: self.relay.device_moved(device_id))
         https, http = config["terminal.https"], config["terminal.http"]
         self.relay = Relay(
             reactor, self.metrics, self.table, self.registry,
