@@ -669,6 +669,7 @@ def answer_binding(
     response_origin: tuple[str, int] | None = None,
     other_address: tuple[str, int] | None = None,
     software: str | None = None,
+    honour_change: bool = False,
 ) -> bytes | None:
     """
     The answer a Binding server sends back to ``source`` (``(host, port)``,
@@ -697,6 +698,9 @@ def answer_binding(
       a client learns the test is unsupported instead of reading a reply
       from our one address as a NAT filtering result, and a silent drop
       cannot be mistaken for filtering either.
+      With ``honour_change`` the caller promises to send the answer from
+      the address the flags ask for (a sibling socket, see
+      :mod:`p2pnat.udp`): the request is then answered normally.
     - PADDING in the request (RFC 5780 path MTU probing) is echoed with the
       same length, so the answer tracks the request's size.
     - Other unknown comprehension-required attributes: error 420 listing them
@@ -716,7 +720,7 @@ def answer_binding(
         if t < 0x8000 and t not in _SERVER_UNDERSTOOD and t not in unknown:
             unknown.append(t)
     change = msg.get(Attr.CHANGE_REQUEST)
-    if change is not None and any(decode_change_request(change)):
+    if change is not None and any(decode_change_request(change)) and not honour_change:
         if Attr.CHANGE_REQUEST not in unknown:
             unknown.append(Attr.CHANGE_REQUEST)
     if unknown:

@@ -14,8 +14,14 @@ reactor.
 Replies obey one rule: a reply to a datagram is never larger than the
 datagram (no amplification); STUN answers, which the STUN standard makes
 larger than a bare request, are rate-limited per source address instead.
+
+A daemon with several sockets (the lobby) links them with
+L{link_siblings}; a STUN Binding request whose CHANGE-REQUEST asks for
+another port and/or IP is then answered from the sibling socket that has
+it (RFC 5780), so that a client can learn how its NAT filters.
 """
 
+import ipaddress
 from collections import OrderedDict
 
 from twisted.internet.protocol import DatagramProtocol
@@ -78,6 +84,35 @@ class DropLog:
                           reason=reason, detail=detail)
 
 
+def link_siblings(protocols):
+    """
+    Make the listening L{ControlProtocol}s C{protocols} (the sockets of
+    one daemon) siblings of each other: each one's C{siblings} becomes the
+    same mapping from local C{(host, port)} to protocol.  Call it once all
+    of them are bound (their transports give the addresses, so port 0
+    works).  Return the mapping.
+    """
+    siblings = {}
+    for proto in protocols:
+        a = proto.transport.getHost()
+        siblings[(a.host, a.port)] = proto
+    for proto in siblings.values():
+        proto.siblings = siblings
+    return siblings
+
+
+def _family(host):
+    return 6 if ":" in host else 4
+
+
+def _concrete(host):
+    """False for a wildcard address: what it sends from is the kernel's choice."""
+    try:
+        return not ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def _fmt(addr):
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -111,6 +146,9 @@ class ControlProtocol(DatagramProtocol):
         # Shared by all sockets of a daemon: timestamps under one key must
         # keep increasing whichever socket sends them.
         self.stamper = stamper or wire.Stamper(clock)
+        #: Sibling sockets by local (host, port), this one included; see
+        #: L{link_siblings}.
+        self.siblings = {}
 
     def drop(self, reason, addr, detail=""):
         self.metrics.dropped.labels(reason).inc()
@@ -176,11 +214,58 @@ class ControlProtocol(DatagramProtocol):
         if self.stun_limit is None:
             return self.drop("stun-disabled", addr)
         try:
-            answer = stun.answer_binding(data, addr)
+            change = stun.parse_message(data).get(stun.Attr.CHANGE_REQUEST)
+            sender, origin, other = self, None, None
+            if change is not None:
+                sender, origin, other = self._rfc5780(*stun.decode_change_request(change))
+            # Without a sibling to answer from, answer_binding refuses the
+            # change with 420 (from this socket).
+            answer = stun.answer_binding(data, addr, response_origin=origin, other_address=other,
+                                         honour_change=sender is not None)
         except stun.StunError as e:
             return self.drop(f"stun-{e.reason}", addr)
         if answer is None:
             return
         if not self.stun_limit.allow(addr[0]):
             return self.drop("stun-rate-limited", addr)
-        self.send(answer, addr, "stun")
+        (sender or self).send(answer, addr, "stun")
+
+    def _rfc5780(self, change_ip, change_port):
+        """
+        For a request with CHANGE-REQUEST: C{(sender, response_origin,
+        other_address)}.  C{sender} is the sibling with the other IP and/or
+        port asked for (this socket when no flag is set), or None when there
+        is no such sibling.  C{response_origin} is the sender's address and
+        C{other_address} the sibling with both another IP and another port
+        (RFC 5780's alternate address), each None when unknown: a wildcard
+        socket cannot say which address its answer leaves from, and cannot
+        change IP.
+        """
+        me = next((a for a, p in self.siblings.items() if p is self), None)
+        if me is None:
+            return (None if change_ip or change_port else self), None, None
+        host, port = me
+        live = {a for a, p in self.siblings.items()
+                if p.transport is not None and _family(a[0]) == _family(host)}
+        concrete = _concrete(host)
+        other = min(((h, q) for h, q in live if h != host and q != port and concrete
+                     and _concrete(h)), default=None)
+
+        def pick():
+            if not change_ip and not change_port:
+                return me
+            if change_ip and change_port:
+                return other
+            found = sorted(a for a in live
+                           if (a[0] != host) == change_ip and (a[1] != port) == change_port
+                           and (not change_ip or (concrete and _concrete(a[0]))))
+            # Prefer the alternate address's IP (or port), as RFC 5780 pairs them.
+            i = 0 if change_ip else 1
+            preferred = [a for a in found if other is not None and a[i] == other[i]]
+            return (preferred or found or [None])[0]
+
+        target = pick()
+        if target is None:
+            return None, None, None
+        origin = target if _concrete(target[0]) else None
+        return self.siblings[target], origin, other
