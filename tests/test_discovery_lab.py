@@ -11,6 +11,7 @@ otherwise, and fails instead when the environment variable ``CI`` is set.
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -70,9 +71,11 @@ class DiscoveryLabTestCase(SynchronousTestCase):
         state = tempfile.mkdtemp(prefix="p2pnat-lobby-")
         self.addCleanup(shutil.rmtree, state, True)
         listen = [f"{ip}:{port}" for ip in srv.ips for port in PORTS]
-        proc = srv.popen(procs.twistd("lobby", "--udp-listen", ",".join(listen),
-                                      "--lobby-state-dir", state),
-                         env=procs.env(), cwd=procs.REPO)
+        # twistd's run() itself (``-m twisted.scripts.twistd`` would do nothing).
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+                "--pidfile=", "--logfile=-", "lobby", "--udp-listen", ",".join(listen),
+                "--lobby-state-dir", state]
+        proc = srv.popen(argv, env=procs.env(), cwd=procs.REPO)
         deadline = time.monotonic() + 15
         while proc.stdout().count("ControlProtocol starting on") < len(listen):
             self.assertIsNone(proc.poll(), proc.describe())
