@@ -24,8 +24,10 @@ def twistd(daemon, *args):
     file, logging to standard output; run it with C{cwd=REPO} (twistd finds
     our plugins in ./twisted/plugins) and C{env=env()}.
     """
-    return [sys.executable, "-m", "twisted.scripts.twistd", "-n", "--pidfile=", "--logfile=-",
-            daemon, *args]
+    # Not `-m twisted.scripts.twistd`: that module has no __main__ block,
+    # so it would import, do nothing and exit 0.
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "--logfile=-", daemon, *args]
 
 
 def p2pnat(*args):
