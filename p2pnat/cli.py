@@ -17,6 +17,7 @@ _GROUPS = [
     "p2pnat.lab.cli",
     "p2pnat.provision",
     "p2pnat.forward",
+    "p2pnat.p2p.cli",
 ]
 
 

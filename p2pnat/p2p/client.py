@@ -290,6 +290,8 @@ class _Side:
         proto, addr = result
         path = self.client._path_for(self.session.peer)
         path.use_direct(proto, addr, self.session)
+        path.strategy = self.strategy
+        path.probes = self.punch.sent if self.punch is not None else 0
         for payload in self.session.early:
             path.on_datagram(payload)
         self.session.early = []
@@ -300,6 +302,7 @@ class _Side:
 
     def _relay(self, failure):
         failure.trap(PunchFailed)
+        self.strategy = f"relay (after {self.strategy})"
         self.log.info("no direct path to {peer} ({why}); relaying through the lobby",
                       peer=self.session.peer, why=failure.getErrorMessage())
         return _RelayBind(self.client, self.session, self.fresh).start()
@@ -330,6 +333,8 @@ class _Attempt(_Side):
 
     def _request(self):
         self._call = None
+        if self.fresh.transport is None:
+            return
         self._tries += 1
         c = self.client
         c._send_lobby(self.fresh, M.ConnectRequest(self.request_id, self.peer,
@@ -425,7 +430,7 @@ class _Answer(_Side):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        if self.acked or self._tries >= 8:
+        if self.acked or self._tries >= 8 or self.fresh.transport is None:
             return
         self._tries += 1
         c = self.client
@@ -502,6 +507,7 @@ class _RelayBind:
                     self._call.cancel()
                 path = self.client._path_for(self.session.peer)
                 path.use_relay(proto, self.client.lobby, self.session)
+                path.strategy = "relay"
                 self.done.callback(path)
             return None
         if frame.key_id == self.session.peer_key_id and isinstance(message, M.Data):

@@ -35,6 +35,8 @@ class Path:
         self._keepalive = None
         self.received = 0
         self.sent = 0
+        self.strategy = None  # how the path was made, for reports
+        self.probes = 0
 
     # -- set up by the client -----------------------------------------------------
 
