@@ -16,7 +16,11 @@ it closes).  From then on both sides send frames::
 - ``OPEN`` (relay → device): start a stream to the named local service
   (payload: the service name, empty for the default one);
 - ``DATA``: stream bytes (payload up to 16 MiB - 1, usually one read);
-- ``END``: this side's end of the stream is closed; close yours.
+- ``END``: this side's end of the stream is closed; close yours;
+- ``OPENED`` (device → relay): the device got the OPEN.  The relay waits
+  for it on a reused idle tunnel: a tunnel that went dead while idle (the
+  device's address changed) is then noticed within a second or two, and
+  the terminal's bytes, kept until then, go to a new tunnel instead.
 
 One stream runs at a time.  A stream is over when each side has sent and
 received ``END``; the tunnel is then idle and the relay may ``OPEN`` the
@@ -40,7 +44,7 @@ HELLO_ERRORS = {
     5: "device not allowed",
 }
 
-OPEN, DATA, END = 1, 2, 3
+OPEN, DATA, END, OPENED = 1, 2, 3, 4
 _HEAD = struct.Struct("!I")
 MAX_FRAME = (1 << 24) - 1
 MAX_CONTROL = 255
@@ -113,10 +117,11 @@ class FrameDecoder:
         oversized control frame.
     """
 
-    def __init__(self, on_open, on_data, on_end):
+    def __init__(self, on_open, on_data, on_end, on_opened=None):
         self.on_open = on_open
         self.on_data = on_data
         self.on_end = on_end
+        self.on_opened = on_opened
         self._head = b""
         self._type = None
         self._left = 0
@@ -135,7 +140,7 @@ class FrameDecoder:
                 (word,) = _HEAD.unpack(self._head)
                 self._head = b""
                 self._type, self._left = word >> 24, word & 0xFFFFFF
-                if self._type not in (OPEN, DATA, END):
+                if self._type not in (OPEN, DATA, END, OPENED):
                     raise TunnelError(f"unknown frame type {self._type}")
                 if self._type != DATA and self._left > MAX_CONTROL:
                     raise TunnelError("control frame too large")
@@ -165,4 +170,8 @@ class FrameDecoder:
                 raise TunnelError("service name not ascii")
         elif ftype == END:
             self.on_end()
+        elif ftype == OPENED:
+            if self.on_opened is None:
+                raise TunnelError("unexpected OPENED")
+            self.on_opened()
         # An empty DATA frame carries nothing.

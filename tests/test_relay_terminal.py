@@ -210,6 +210,45 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual(t2.state, "stream")
         self.assertEqual(len(w.socket.sent), sent)
 
+    def idle_tunnel(self):
+        w = self.w
+        t = w.terminal(self.head)
+        tun = w.tunnel("cam", session=t.session)
+        tun.dataReceived(tunnel.frame(tunnel.OPENED) + tunnel.frame(tunnel.END))
+        self.assertEqual(tun.state, "idle")
+        return tun
+
+    def test_reused_tunnel_confirmed(self):
+        w = self.w
+        tun = self.idle_tunnel()
+        sent = len(w.socket.sent)
+        t = w.terminal(self.head)
+        self.assertIs(t.tunnel, tun)
+        tun.dataReceived(tunnel.frame(tunnel.OPENED))
+        w.clock.advance(5)
+        self.assertEqual((t.state, len(w.socket.sent)), ("stream", sent))
+
+    def test_dead_idle_tunnel_retried(self):
+        """
+        A reused tunnel that never confirms the OPEN was dead: the terminal's
+        bytes go to a new tunnel, got with a new connect request.
+        """
+        w = self.w
+        tun = self.idle_tunnel()
+        sent = len(w.socket.sent)
+        t = w.terminal(self.head)
+        t.dataReceived(b"body")
+        w.clock.advance(2.1)
+        self.assertTrue(tun.transport.aborted)
+        self.assertEqual(t.state, "waiting")
+        self.assertEqual(len(w.socket.sent), sent + 1)
+        new = w.tunnel("cam", session=t.session)
+        frames = []
+        tunnel.FrameDecoder(lambda s: frames.append(("open", s)),
+                            lambda d: frames.append(("data", d)),
+                            lambda: frames.append("end")).feed(new.transport.value()[1:])
+        self.assertEqual(b"".join(d for kind, d in frames if kind == "data"), self.head + b"body")
+
     def test_terminal_closes_first(self):
         w = self.w
         t = w.terminal(self.head)

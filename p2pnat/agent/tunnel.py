@@ -99,6 +99,7 @@ class AgentTunnel(Protocol):
         if self.state != "idle":
             raise tunnel.TunnelError("OPEN while a stream is running")
         self._cancel_idle()
+        self.transport.write(tunnel.frame(tunnel.OPENED))
         address = self.agent.local_services.get(service)
         self._sent_end = self._got_end = False
         self.service = service

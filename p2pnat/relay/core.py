@@ -49,6 +49,8 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle_per_device
         self.head_timeout = 30.0
+        #: seconds a reused idle tunnel has to confirm an OPEN
+        self.open_timeout = 2.0
         self.hello_timeout = 10.0
         self.terminals = set()  # open terminal connections
         self.tunnels = {}  # device ID -> set of live tunnels
@@ -102,7 +104,7 @@ class Relay:
         suffix = "" if port in (default, 0) else f":{port}"
         return f"{scheme}://{device_id}.{self.hostname}{suffix}/"
 
-    def get_tunnel(self, device_id, terminal):
+    def get_tunnel(self, device_id, terminal, reuse=True):
         """
         A tunnel to C{device_id} for C{terminal}: an idle one at once, else
         a new session whose connect request is sent (and retransmitted)
@@ -111,13 +113,14 @@ class Relay:
         @return: Deferred firing with a L{p2pnat.relay.tunnel.RelayTunnel}
             in state ``idle``.
         """
-        idle = self.idle.get(device_id)
+        idle = self.idle.get(device_id) if reuse else None
         while idle:
             t = idle.pop()
             if not idle:
                 del self.idle[device_id]
             if t.state == "idle":
                 self.metrics.sessions.labels("reused").inc()
+                t.reused = True
                 return succeed(t)
         session = self.sessions.create(device_id, self._send_connect)
         if session is None:

@@ -418,8 +418,10 @@ class Terminal(Protocol):
             return
         self.tunnel = tunnel
         self.state = "stream"
-        tunnel.start_stream(self, self.service)
-        if self.tcp:
+        tunnel.start_stream(self, self.service, reused=getattr(tunnel, "reused", False))
+        tunnel.reused = False
+        if self.tcp and not getattr(self, "tcp_answered", False):
+            self.tcp_answered = True
             self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         pending, self._buf = bytes(self._buf), None
         if pending:
@@ -447,10 +449,25 @@ class Terminal(Protocol):
         self.state = "done"
         tunnel.close_after_writes(self.transport)
 
-    def tunnel_lost(self):
-        """The tunnel died under the stream."""
+    def tunnel_lost(self, abort=False):
+        """The tunnel died under the stream (C{abort}: the device was revoked)."""
         self.state = "done"
-        tunnel.close_after_writes(self.transport)
+        if abort:
+            self.transport.abortConnection()
+        else:
+            tunnel.close_after_writes(self.transport)
+
+    def retry(self, pending):
+        """
+        The reused tunnel this stream went to was dead: send what it was
+        given again, on a new tunnel.
+        """
+        self.tunnel = None
+        self.state = "waiting"
+        self._buf = bytearray(pending)
+        self.tcp_answered = getattr(self, "tcp_answered", False)
+        d = self.relay.get_tunnel(self.device_id, self, reuse=False)
+        d.addCallbacks(self._tunnel_ready, self._tunnel_failed)
 
     def connectionLost(self, reason):
         self._cancel_head_timer()

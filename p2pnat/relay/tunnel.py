@@ -57,7 +57,9 @@ class RelayTunnel(Protocol):
         self._sent_end = self._got_end = False
         self._idle_timer = None
         self._hello_timer = None
-        self.decoder = tunnel.FrameDecoder(self._open, self._data, self._end)
+        self.decoder = tunnel.FrameDecoder(self._open, self._data, self._end, self._opened)
+        self._unconfirmed = None  # bytes sent since an unconfirmed OPEN
+        self._open_timer = None
 
     def connectionMade(self):
         self.gate = _Gate(self.transport)
@@ -134,21 +136,54 @@ class RelayTunnel(Protocol):
 
     # -- streams ------------------------------------------------------------
 
-    def start_stream(self, terminal, service=""):
-        """Carry C{terminal}'s connection on this idle tunnel."""
+    def start_stream(self, terminal, service="", reused=False):
+        """
+        Carry C{terminal}'s connection on this idle tunnel.  On a C{reused}
+        tunnel, what is sent is kept until the device confirms the OPEN.
+        """
         assert self.state == "idle", self.state
         self._cancel_idle()
         self.state = "stream"
         self.terminal = terminal
         self._sent_end = self._got_end = False
         self.transport.write(tunnel.frame(tunnel.OPEN, service.encode("ascii")))
+        if reused:
+            self._unconfirmed = []
+            self._open_timer = self.relay.clock.callLater(self.relay.open_timeout,
+                                                          self._open_late)
         # Each side stops reading when the other cannot keep up.
         self.transport.registerProducer(terminal.gate, True)
         terminal.transport.registerProducer(self.gate, True)
 
     def send_data(self, data):
         if self.state == "stream" and not self._sent_end:
+            if self._unconfirmed is not None:
+                self._unconfirmed.append(data)
             self.transport.writeSequence([tunnel.data_header(len(data)), data])
+
+    def _opened(self):
+        if self._open_timer is not None and self._open_timer.active():
+            self._open_timer.cancel()
+        self._open_timer = None
+        self._unconfirmed = None
+
+    def _open_late(self):
+        """The device never confirmed the OPEN: this idle tunnel was dead."""
+        self._open_timer = None
+        terminal, self.terminal = self.terminal, None
+        pending, self._unconfirmed = b"".join(self._unconfirmed or []), None
+        self.log.info("idle tunnel of {device_id} did not answer; retrying on a new one",
+                      device_id=self.device_id)
+        self.transport.unregisterProducer()
+        if terminal is not None and terminal.transport is not None:
+            try:
+                terminal.transport.unregisterProducer()
+            except RuntimeError:
+                pass
+        self.state = "closed"
+        self.transport.abortConnection()
+        if terminal is not None:
+            terminal.retry(pending)
 
     def send_end(self):
         """The terminal's side of the stream closed."""
@@ -206,7 +241,11 @@ class RelayTunnel(Protocol):
             self.transport.loseConnection()
 
     def close(self):
+        """Drop the tunnel at once (revocation), and its terminal with it."""
+        self.revoked = True
         self.transport.abortConnection()
+
+    revoked = False
 
     def connectionLost(self, reason):
         self._cancel_idle()
@@ -215,9 +254,11 @@ class RelayTunnel(Protocol):
         was, self.state = self.state, "closed"
         if self.device_id is not None:
             self.relay.tunnel_closed(self)
+        if self._open_timer is not None and self._open_timer.active():
+            self._open_timer.cancel()
         if was == "stream" and self.terminal is not None:
             terminal, self.terminal = self.terminal, None
-            terminal.tunnel_lost()
+            terminal.tunnel_lost(abort=self.revoked)
 
 
 class RelayTunnelFactory(Factory):
