@@ -26,7 +26,14 @@ CLIENT_SCHEMA = [
     C.Setting("client.id", str, "", "this client's ID, as given to `p2pnat client add`"),
     C.Setting("client.lobby", str, "", "the lobby's UDP address host:port", C.hostport),
     C.Setting("client.mac_key_file", str, "mac.key", "the client's MAC key (hex, mode 0600)"),
-    C.Setting("client.interface", str, "0.0.0.0", "local address for our UDP sockets"),
+    C.Setting("client.interface", str, "",
+              "local address for our UDP sockets (default: the one that routes to the lobby)"),
+    C.Setting("client.discovery", list, [],
+              "lobby addresses for NAT discovery, host:port (default: the lobby's address and"
+              " the next port)", item=str),
+    C.Setting("client.low_ttl", int, 0,
+              "TTL of first probes where the plan wants low-TTL ones: the hop count to our"
+              " outermost NAT, plus one (0: off)"),
 ]
 
 
@@ -127,7 +134,9 @@ def _run(args, connect):
     @defer.inlineCallbacks
     def main():
         t0 = time.monotonic()
-        nat = yield discover_nat(reactor, lobby, config["client.interface"], args)
+        servers = [C.parse_hostport(a) for a in config["client.discovery"]] or [
+            lobby, (lobby[0], lobby[1] + 1)]
+        nat = yield discover_nat(reactor, servers, config["client.interface"] or None, args)
         out.event("nat", f"NAT: {nat.mapping} mapping, {nat.allocation} ports"
                          f" (step {nat.step}, {nat.rate:g}/s)", mapping=nat.mapping,
                   filtering=nat.filtering, allocation=nat.allocation, step=nat.step,
@@ -142,8 +151,9 @@ def _run(args, connect):
             attach(path, forward)
 
         client = LobbyClient(config["client.id"], key, lobby, reactor,
-                             interface=config["client.interface"], nat=nat, accept=accept,
-                             on_path=on_path, connect_timeout=args.timeout)
+                             interface=config["client.interface"] or None, nat=nat,
+                             accept=accept, on_path=on_path, connect_timeout=args.timeout,
+                             low_ttl=config["client.low_ttl"])
         reactor.addSystemEventTrigger("before", "shutdown", client.stop)
         login = client.start()
         timer = reactor.callLater(args.timeout, lambda: login.called or login.errback(
@@ -162,7 +172,7 @@ def _run(args, connect):
         strategy = path.strategy
         out.event("path", f"[connected to {args.peer}: {path.mode}, {time.monotonic() - t1:.3f}s]",
                   peer=args.peer, mode=path.mode, seconds=round(time.monotonic() - t1, 4),
-                  total=round(time.monotonic() - t0, 4), strategy=strategy, probes=path.probes)
+                  total=round(time.monotonic() - t0, 4), strategy=strategy, probes=path.probes, rounds=path.rounds)
         listen = getattr(args, "forward_udp_listen", None)
         if listen:
             _udp_listen_to(reactor, path, C.parse_hostport(listen), out)

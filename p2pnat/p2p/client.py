@@ -76,14 +76,19 @@ class LobbyClient:
     _FROM_LOBBY = frozenset({M.Welcome.TYPE, M.Invite.TYPE, M.Introduce.TYPE, M.AnswerAck.TYPE,
                              M.Refusal.TYPE, wire.Pong.TYPE})
 
-    def __init__(self, client_id, key, lobby, reactor, *, interface="0.0.0.0", nat=None,
+    def __init__(self, client_id, key, lobby, reactor, *, interface=None, nat=None,
                  accept=None, on_path=None, punch_deadline=None, connect_timeout=12.0,
-                 upgrade_interval=20.0):
+                 upgrade_interval=20.0, low_ttl=0):
         self.id = client_id
         self.key = key
         self.lobby = lobby
         self.reactor = self.clock = reactor
+        if not interface:
+            from p2pnat.p2p.discovery import source_address
+
+            interface = source_address(lobby)
         self.interface = interface
+        self.low_ttl = low_ttl
         self.nat = nat or M.NatInfo()
         self.accept = accept or (lambda peer: True)
         self.on_path = on_path or (lambda path: None)
@@ -275,14 +280,14 @@ class _Side:
 
     def _punch(self, role, peer_observed, peer_local, peer_nat):
         c = self.client
-        actions, strategy = actions_for(role, c.nat, peer_nat, peer_observed, peer_local,
-                                        c.public)
-        self.strategy = strategy
-        deadline = c.punch_deadline or (6.0 if strategy == "birthday" else 3.0)
-        self.log.info("punching {peer} ({role}): {strategy}", peer=self.session.peer, role=role,
-                      strategy=strategy)
+        actions, plan, deadline = actions_for(role, c.nat, peer_nat, peer_observed, peer_local,
+                                              c.public, c.low_ttl)
+        self.strategy = plan.strategy
+        deadline = c.punch_deadline or deadline
+        self.log.info("punching {peer} ({role}): {strategy}: {reason}", peer=self.session.peer,
+                      role=role, strategy=plan.strategy, reason=plan.reason)
         if actions.idle:
-            return defer.fail(PunchFailed(f"strategy {strategy}: nothing direct can work"))
+            return defer.fail(PunchFailed(f"{plan.strategy}: {plan.reason}"))
         self.punch = Punch(self.session, actions, self.fresh, c._listen, c.clock, deadline)
         return self.punch.start()
 
@@ -309,27 +314,48 @@ class _Side:
 
 
 class _Attempt(_Side):
-    """A's side of one connect: the request from a fresh port, then the punch."""
+    """
+    A's side of one connect: rounds of (a request from a fresh port, the
+    lobby's introduction, the punch) until a direct path, or until the
+    time left is only enough for the relay.  Each round starts from fresh
+    observations, as the seed repeats its steps 4-5.
+    """
+
+    #: Seconds kept at the end for the relay fallback.
+    RELAY_RESERVE = 3.0
 
     def __init__(self, client, peer, timeout, path=None):
         self.client = client
         self.peer = peer
         self.timeout = timeout
         self.upgrade_of = path
-        self.request_id = client.new_request_id()
         self.result = defer.Deferred()
+        self.rounds = 0
+        self.probes = 0
         self._call = None
-        self._tries = 0
         self.session = None
         self.punch = None
+        self.fresh = None
+        self.request_id = None
 
     def start(self):
         c = self.client
+        self.started = c.clock.seconds()
+        self._deadline = c.clock.callLater(self.timeout, self._expired)
+        self._round()
+        return self.result
+
+    def _round(self):
+        c = self.client
+        if self.request_id is not None:
+            c._unregister(self.request_id)
+        self.rounds += 1
+        self.session = self.punch = None
+        self.request_id = c.new_request_id()
         self.fresh = c._listen(c)
+        self._tries = 0
         c._register(self.request_id, self)
         self._request()
-        self._deadline = c.clock.callLater(self.timeout, self._expired)
-        return self.result
 
     def _request(self):
         self._call = None
@@ -342,7 +368,7 @@ class _Attempt(_Side):
         self._call = c.clock.callLater(min(0.5 * self._tries, 2.0), self._request)
 
     def lobby_answer(self, m, proto):
-        if self.session is not None or self.result.called:
+        if self.session is not None or self.result.called or proto is not self.fresh:
             return
         if self._call is not None and self._call.active():
             self._call.cancel()
@@ -357,18 +383,41 @@ class _Attempt(_Side):
         self.session = Session(c, m.session_id, key, "a", self.peer)
         d = self._punch("a", m.observed, m.local, m.nat)
         d.addCallback(self._direct)
-        if self.upgrade_of is None:
-            d.addErrback(self._relay)
+        d.addErrback(self._punch_failed)
         d.addBoth(self._finish)
 
+    def _punch_failed(self, failure):
+        failure.trap(PunchFailed)
+        if self.punch is not None:
+            self.probes += self.punch.sent
+        c = self.client
+        left = self.timeout - (c.clock.seconds() - self.started)
+        if self.punch is not None and left > self.RELAY_RESERVE + 0.5:
+            self.log.info("round {n} to {peer} missed ({why}); another round",
+                          n=self.rounds, peer=self.peer, why=failure.getErrorMessage())
+            if self.fresh.transport is not None:
+                self.fresh.transport.stopListening()
+            self._round()
+            return _AGAIN
+        if self.upgrade_of is not None:
+            return failure
+        return self._relay(failure)
+
+    def _direct(self, result):
+        path = _Side._direct(self, result)
+        path.rounds = self.rounds
+        path.probes = self.probes + (self.punch.sent if self.punch is not None else 0)
+        return path
+
     def _finish(self, result):
+        if result is _AGAIN or self.result.called:
+            return
         self.client._unregister(self.request_id)
         if self._deadline.active():
             self._deadline.cancel()
-        if self.result.called:
-            return
         if isinstance(result, Path):
             if result.mode == "relayed":
+                result.rounds = self.rounds
                 _schedule_upgrade(self.client, result)
             self.result.callback(result)
         else:
@@ -378,7 +427,7 @@ class _Attempt(_Side):
         self.client._unregister(self.request_id)
         if self._deadline.active():
             self._deadline.cancel()
-        if self.fresh.transport is not None:
+        if self.fresh is not None and self.fresh.transport is not None:
             self.fresh.transport.stopListening()
         if not self.result.called:
             self.result.errback(exc)
@@ -393,6 +442,10 @@ class _Attempt(_Side):
 
     def cancel(self):
         self._expired()
+
+
+#: A failed round that started another: nothing to report yet.
+_AGAIN = object()
 
 
 class _Answer(_Side):

@@ -20,11 +20,14 @@ def parse_nat(text):
 
 
 @defer.inlineCallbacks
-def discover_nat(reactor, lobby, interface, args):
-    """The NAT of this host: given with --nat, else measured against the lobby."""
+def discover_nat(reactor, servers, interface, args):
+    """
+    The NAT of this host: given with --nat, else measured against the
+    lobby's addresses C{servers}.
+    """
     if getattr(args, "nat", None):
         return parse_nat(args.nat)
     from p2pnat.p2p import discovery
 
-    behaviour = yield discovery.discover(reactor, lobby, interface=interface)
-    return discovery.to_nat_info(behaviour)
+    found = yield discovery.discover(reactor, servers, interface=interface)
+    return discovery.to_nat_info(found)

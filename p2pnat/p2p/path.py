@@ -37,6 +37,7 @@ class Path:
         self.sent = 0
         self.strategy = None  # how the path was made, for reports
         self.probes = 0
+        self.rounds = 0
 
     # -- set up by the client -----------------------------------------------------
 
