@@ -108,7 +108,12 @@ def _run(args, connect):
         if forward_to is not None:
             _udp_forward_to(reactor, path, forward_to)
         elif args.echo:
-            path.on_datagram = path.send
+            def echo(data):
+                out.event("data", f"{path.peer}> (echoed {len(data)} bytes)", peer=path.peer,
+                          echoed=len(data))
+                path.send(data)
+
+            path.on_datagram = echo
         else:
             path.on_datagram = lambda data: out.event(
                 "data", f"{path.peer}> {data.decode('utf-8', 'replace')}", peer=path.peer,

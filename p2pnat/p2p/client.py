@@ -298,7 +298,7 @@ class _Side:
         path.strategy = self.strategy
         path.probes = self.punch.sent if self.punch is not None else 0
         for payload in self.session.early:
-            path.on_datagram(payload)
+            path.deliver(payload)
         self.session.early = []
         if self.fresh is not proto and self.fresh.transport is not None and \
                 path.relayed is None:
@@ -561,6 +561,9 @@ class _RelayBind:
                 path = self.client._path_for(self.session.peer)
                 path.use_relay(proto, self.client.lobby, self.session)
                 path.strategy = "relay"
+                for payload in self.session.early:
+                    path.deliver(payload)
+                self.session.early = []
                 self.done.callback(path)
             return None
         if frame.key_id == self.session.peer_key_id and isinstance(message, M.Data):

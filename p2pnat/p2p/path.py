@@ -15,7 +15,9 @@ class Path:
     One peer-to-peer path.
 
     @ivar mode: ``"direct"``, ``"relayed"`` or ``"closed"``.
-    @ivar on_datagram: called with each payload received.
+    @ivar on_datagram: called with each payload received; payloads that
+        arrive before it is set (the peer may send the moment its side is
+        up) are kept, up to L{BACKLOG}, and handed over when it is.
     @ivar on_mode: called with the new mode when it changes (``direct``
         after an upgrade, ``closed``).
     """
@@ -28,7 +30,8 @@ class Path:
         self.peer = peer
         self.mode = "connecting"
         self.keepalive_interval = keepalive
-        self.on_datagram = lambda payload: None
+        self._on_datagram = None
+        self._backlog = []
         self.on_mode = lambda mode: None
         self.direct = None  # (proto, addr, session)
         self.relayed = None  # (proto, lobby addr, session)
@@ -38,6 +41,26 @@ class Path:
         self.strategy = None  # how the path was made, for reports
         self.probes = 0
         self.rounds = 0
+
+    BACKLOG = 64
+
+    @property
+    def on_datagram(self):
+        return self._on_datagram
+
+    @on_datagram.setter
+    def on_datagram(self, callback):
+        self._on_datagram = callback
+        backlog, self._backlog = self._backlog, []
+        for payload in backlog:
+            callback(payload)
+
+    def deliver(self, payload):
+        """Hand a received payload to the application (or keep it until there is one)."""
+        if self._on_datagram is not None:
+            self._on_datagram(payload)
+        elif len(self._backlog) < self.BACKLOG:
+            self._backlog.append(payload)
 
     # -- set up by the client -----------------------------------------------------
 
@@ -123,7 +146,7 @@ class Path:
     def _received(self, message, proto, addr):
         if isinstance(message, M.Data):
             self.received += 1
-            self.on_datagram(message.payload)
+            self.deliver(message.payload)
         elif isinstance(message, M.PathClose):
             self.log.info("path to {peer} closed by the peer", peer=self.peer)
             self._closed()

@@ -115,8 +115,12 @@ class Punch:
             self._send(proto, M.Probe(self._round, index), dest)
         if ttl:
             _set_ttl(proto, 0)
-        self._calls.append(self.clock.callLater(self.actions.interval, self._probe, index, proto,
-                                                dests))
+        # The first repetitions come quickly (the peer may have learnt of the
+        # session a moment after our first probe), then every interval.
+        repeat = getattr(proto, "_punch_repeats", 0)
+        proto._punch_repeats = repeat + 1
+        delay = min(self.actions.interval, 0.05 * 2 ** repeat)
+        self._calls.append(self.clock.callLater(delay, self._probe, index, proto, dests))
 
     def _spray(self):
         if self.result is not None:
@@ -151,15 +155,18 @@ class Punch:
     def handle(self, frame, message, addr, proto):
         if frame.key_id != self.session.peer_key_id:
             return self.session.client.lobby_message(frame, message, addr, proto)
+        # Acknowledge and keep data before declaring success: success runs
+        # the application, which may send at once.
         if isinstance(message, M.Probe):
+            if self.result is None or self.result == (proto, addr):
+                # Sent under our own key ID, not echoed under the prober's.
+                self._send(proto, M.ProbeAck(message.round, message.index, addr), addr)
             self._success(proto, addr)
-            # Sent under our own key ID, not echoed under the prober's.
-            self._send(proto, M.ProbeAck(message.round, message.index, addr), addr)
-            return None
-        if isinstance(message, (M.ProbeAck, M.Data, M.PathKeepalive)):
-            self._success(proto, addr)
-            if isinstance(message, M.Data):
+        elif isinstance(message, (M.ProbeAck, M.Data, M.PathKeepalive)):
+            if isinstance(message, M.Data) and (self.result is None
+                                                or self.result == (proto, addr)):
                 self.session.early.append(message.payload)
+            self._success(proto, addr)
         return None
 
     def _success(self, proto, addr):
