@@ -178,7 +178,7 @@ class Keepalive(Message):
     """Client to lobby: keep my presence (and the NAT mapping).  Answered by L{Welcome}."""
 
     TYPE = 0x22
-    padding: int = 32
+    padding: int = 40  # a Welcome with an IPv6 address must not be larger
 
     def encode_body(self):
         return bytes(self.padding)
