@@ -167,6 +167,19 @@ class Config:
     def __getitem__(self, name):
         return self.values[name]
 
+    def where(self, name):
+        """
+        Where setting C{name} came from, for error messages: the config
+        file, or the command-line option.
+        """
+        if name in self.from_cli:
+            return f"--{name.replace('.', '-').replace('_', '-')}"
+        return self.path or "defaults"
+
+    def error(self, name, message):
+        """A L{ConfigError} naming where C{name} came from, and C{name}."""
+        return ConfigError(f"{self.where(name)}: {name}: {message}")
+
     def path_of(self, name):
         """
         A path setting, resolved relative to the config file's directory
@@ -184,6 +197,11 @@ class Config:
 def positive(value):
     if value <= 0:
         raise ValueError(f"must be positive, got {value!r}")
+
+
+def non_negative(value):
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
 
 
 def port_number(value):

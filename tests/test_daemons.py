@@ -694,7 +694,3 @@ class BadConfigTests(DaemonTestCase):
             ("lobby", ["--config", lobby_toml], [lobby_toml, "lobby.state_dir"]),
         ])
 
-    test_state_dir_unusable.todo = (
-        "one line and status 1 already, but the relay's line names the key and not the file,"
-        " and the lobby's names neither (p2pnat/relay/tap.py ensure_state,"
-        " p2pnat/lobby/tap.py Registry.open_state_dir)")

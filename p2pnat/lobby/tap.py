@@ -21,7 +21,7 @@ SCHEMA = [
               "UDP addresses, one socket each (several ports let clients discover their"
               " NAT's behaviour); all answer STUN", C.udp_addresses, item=str),
     C.Setting("udp.stun_rate", float, 20.0,
-              "STUN answers per second per source address (0: STUN off)"),
+              "STUN answers per second per source address (0: STUN off)", C.non_negative),
     C.Setting("lobby.keepalive", int, 20,
               "seconds between clients' keepalives (presence ends after three missed)",
               C.positive),
@@ -79,7 +79,11 @@ class LobbyService(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.metrics = Metrics("lobby")
-        self.registry = Registry.open_state_dir(config.path_of("lobby.state_dir"))
+        state_dir = config.path_of("lobby.state_dir")
+        try:
+            self.registry = Registry.open_state_dir(state_dir)
+        except Exception as e:
+            raise config.error("lobby.state_dir", f"cannot use {state_dir}: {e}")
         self.keys = ClientKeys(self.registry)
         self.handler = self.lobby = Lobby(
             self.keys.get, reactor, self.metrics, keepalive=config["lobby.keepalive"],

@@ -35,7 +35,7 @@ SCHEMA = [
     C.Setting("udp.listen", list, ["0.0.0.0:7478"],
               "UDP addresses for notifies and STUN, ip:port", C.udp_addresses, item=str),
     C.Setting("udp.stun_rate", float, 20.0,
-              "STUN answers per second per source address (0: STUN off)"),
+              "STUN answers per second per source address (0: STUN off)", C.non_negative),
     C.Setting("terminal.https", str, "tcp:8443",
               "endpoint for terminals over HTTPS (TLS with the relay's certificate);"
               ' "" turns it off', C.endpoint_or_empty),
@@ -87,8 +87,11 @@ class RelayService(service.MultiService):
         self.metrics = Metrics("relay")
         self.hostname = config["relay.hostname"]
         self.state_dir = config.path_of("relay.state_dir")
-        ensure_state(self.state_dir, self.hostname)
-        self.registry = Registry.open_state_dir(self.state_dir)
+        try:
+            ensure_state(self.state_dir, self.hostname)
+            self.registry = Registry.open_state_dir(self.state_dir)
+        except Exception as e:
+            raise config.error("relay.state_dir", f"cannot use {self.state_dir}: {e}")
         self.table = DeviceTable(config["relay.access_check_period"])
         self._data_version = None
         self.replay = wire.ReplayGuard(reactor)
@@ -217,10 +220,7 @@ def ensure_state(state_dir, hostname):
 
     RelayService.log.info("no CA in {state_dir}: creating one, and a certificate for"
                           " {hostname}", state_dir=state_dir, hostname=hostname)
-    try:
-        init_relay_state(state_dir, hostname)
-    except Exception as e:
-        raise C.ConfigError(f"relay.state_dir: cannot initialise {state_dir}: {e}")
+    init_relay_state(state_dir, hostname)
 
 
 def terminal_secret(state_dir):
