@@ -41,6 +41,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests import labfixtures as F
 
+procs_p2pnat = F.procs.p2pnat
+
 #: The agents' notify-B interval here: recovery is measured against it.
 B_INTERVAL = 2.0
 #: The UDP echo server on the relay's host (loss check).
@@ -157,6 +159,15 @@ class SharedLabTestCase(SynchronousTestCase):
         return proc.stdout()[start:]
 
 
+def vm_bytes(pid, field):
+    """A memory figure of process ``pid`` from /proc (VmRSS, VmHWM …), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for process {pid}")
+
+
 # -- NAT kinds -----------------------------------------------------------------
 
 
@@ -238,6 +249,50 @@ class NatKindTests(SharedLabTestCase):
         self.assertTrue(2 <= lost <= 60, f"{lost} of 400 echoes lost")
         measured(f"{lost} of 400 UDP echoes lost")
         self.through("lossy")
+
+    def test_large_download_bounded_memory(self):
+        """
+        A 256 MB body streams from the device behind a cone NAT to the
+        terminal while the relay's memory stays put: each side of the relay
+        is the other's push producer (back-pressure, no unbounded buffer).
+        """
+        size = 256 * 1024 * 1024
+        huge = os.path.join(self.rl.docroot, "huge.bin")
+        with open(huge, "wb") as f:
+            f.truncate(size)  # sparse: zeros, read fast by the device's web server
+        self.addCleanup(os.unlink, huge)
+        pid = self.rl.relay.pid
+        before = vm_bytes(pid, "VmRSS")
+        f = self.rl.fetch(self.terminal, "cone", "/huge.bin", max_time=180)
+        self.assertEqual((f.exit, f.status), (0, 200), f.describe())
+        self.assertEqual(os.path.getsize(f.path), size)
+        os.unlink(f.path)
+        peak = vm_bytes(pid, "VmHWM")
+        grown = max(0, peak - before)
+        measured(f"256 MB in {f.seconds:.2f}s ({size / f.seconds / 1e6:.0f} MB/s); relay RSS"
+                 f" {before / 1e6:.0f} MB before, peak {peak / 1e6:.0f} MB")
+        self.assertLess(grown, 48 * 1024 * 1024,
+                        f"the relay's memory grew by {grown / 1e6:.0f} MB for a 256 MB body")
+
+    def test_tcp_forward(self):
+        """
+        ``p2pnat forward`` on the terminal carries a raw TCP stream through
+        the relay to the device's service behind its sequential NAT (an
+        HTTP/1.0 exchange here, byte for byte, as SSH would be).
+        """
+        port = 2222
+        fwd = self.terminal.popen(
+            procs_p2pnat("forward", "seq", "--relay", f"{self.rl.relay_ip}:{F.HTTPS_PORT}",
+                         "--relay-hostname", F.RELAY_HOSTNAME, "--ca", self.rl.ca,
+                         "--listen", f"127.0.0.1:{port}"), cwd=F.procs.REPO, env=F.procs.env())
+        self.addCleanup(fwd.stop)
+        F.wait_for_log(fwd, f"forwarding 127.0.0.1:{port}", timeout=20)
+        out = os.path.join(self.rl.workdir, "forwarded.bin")
+        done = self.terminal.run(["curl", "-sS", "--max-time", "60", "-o", out, "-w",
+                                  "%{http_code}", f"http://127.0.0.1:{port}/big.bin"], timeout=75)
+        self.assertEqual((done.returncode, done.stdout), (0, "200"), done.stderr)
+        self.assertEqual(F.sha256_file(out), self.big_sha256)
+        os.unlink(out)
 
     def test_parallel_sessions(self):
         """
