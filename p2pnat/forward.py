@@ -20,7 +20,7 @@ from p2pnat import config as C
 from p2pnat.cli import CommandError
 from p2pnat.logs import Logger
 from p2pnat.relay.tunnel import _Gate
-from p2pnat.tunnel import close_after_writes, nodelay
+from p2pnat.tunnel import OneShotFactory, close_after_writes, nodelay
 
 MAX_ANSWER = 16 * 1024
 
@@ -78,7 +78,7 @@ class _Local(Protocol):
         nodelay(self.transport)
         self.gate = _Gate(self.transport)
         self.transport.pauseProducing()  # until the relay said yes
-        d = self.fwd.relay_endpoint().connect(_OneShot(_RelaySide(self, self.fwd.request)))
+        d = self.fwd.relay_endpoint().connect(OneShotFactory(_RelaySide(self, self.fwd.request)))
         d.addErrback(self._cannot)
 
     def _cannot(self, failure):
@@ -105,16 +105,6 @@ class _Local(Protocol):
     def connectionLost(self, reason):
         if self.relay is not None:
             close_after_writes(self.relay.transport)
-
-
-class _OneShot(Factory):
-    noisy = False
-
-    def __init__(self, proto):
-        self.proto = proto
-
-    def buildProtocol(self, addr):
-        return self.proto
 
 
 class Forwarder(Factory):

@@ -31,6 +31,8 @@ as they arrive, so a large body never has to sit in memory whole.
 
 import struct
 
+from twisted.internet.protocol import Factory
+
 MAGIC = b"P2PT"
 VERSION = 1
 HELLO = struct.Struct("!4sB16s16s")
@@ -77,6 +79,44 @@ def close_after_writes(transport):
     except (AttributeError, RuntimeError):
         pass
     transport.loseConnection()
+
+
+class OneShotFactory(Factory):
+    """
+    Builds the one protocol instance given, for an outgoing connection
+    (like endpoints.connectProtocol's, without a log line per connection).
+    """
+
+    noisy = False
+
+    def __init__(self, proto):
+        self.proto = proto
+
+    def buildProtocol(self, addr):
+        return self.proto
+
+
+class IdleTimeout:
+    """
+    Mixin of both ends of a tunnel: an idle tunnel (state ``idle``) is
+    closed after C{timeout} seconds without a stream.
+    """
+
+    _idle_timer = None
+
+    def _start_idle(self, clock, timeout):
+        self._cancel_idle()
+        self._idle_timer = clock.callLater(timeout, self._idle_late)
+
+    def _cancel_idle(self):
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
+    def _idle_late(self):
+        self._idle_timer = None
+        if self.state == "idle":
+            self.transport.loseConnection()
 
 
 def hello(session_id, nonce):

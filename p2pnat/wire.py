@@ -121,15 +121,14 @@ def _pad_check(body, size, name):
 
 
 @dataclass
-class Ping(Message):
+class Padded(Message):
     """
-    Liveness and clock probe.  ``padding`` makes the request at least as
-    large as the L{Pong} it asks for, so that answering never amplifies.
+    A request whose body is only zero padding: enough of it that the
+    answer it asks for is never larger (no amplification).  Subclasses set
+    the default ``padding``.
     """
 
-    TYPE = 0x01
-    FRESH_EXEMPT = True
-    padding: int = 8 + ADDR_V6_SIZE + 8
+    padding: int = 0
 
     def encode_body(self):
         return bytes(self.padding)
@@ -137,8 +136,17 @@ class Ping(Message):
     @classmethod
     def decode_body(cls, body):
         if any(body):
-            raise WireError("bad-body", "ping padding must be zero")
+            raise WireError("bad-body", f"{cls.__name__} padding must be zero")
         return cls(padding=len(body))
+
+
+@dataclass
+class Ping(Padded):
+    """Liveness and clock probe, padded to the size of the L{Pong} it asks for."""
+
+    TYPE = 0x01
+    FRESH_EXEMPT = True
+    padding: int = 8 + ADDR_V6_SIZE + 8
 
 
 @dataclass
@@ -170,7 +178,7 @@ class Pong(Message):
 
 
 @dataclass
-class PeriodRequest(Message):
+class PeriodRequest(Padded):
     """
     Device to relay: what is the maximum access-check period?  Padded so
     the L{Period} answer is never larger.
@@ -179,15 +187,6 @@ class PeriodRequest(Message):
     TYPE = 0x10
     FRESH_EXEMPT = True
     padding: int = 24
-
-    def encode_body(self):
-        return bytes(self.padding)
-
-    @classmethod
-    def decode_body(cls, body):
-        if any(body):
-            raise WireError("bad-body", "padding must be zero")
-        return cls(padding=len(body))
 
 
 @dataclass

@@ -13,7 +13,8 @@ from twisted.internet import endpoints
 from p2pnat import config as C
 from p2pnat import wire
 from p2pnat.agent.notifier import Notifier
-from p2pnat.agent.tunnel import AgentTunnel, _OneShot
+from p2pnat.agent.tunnel import AgentTunnel
+from p2pnat.tunnel import OneShotFactory
 from p2pnat.daemon import UDPService, common_services, make_options, startup_errors
 from p2pnat.logs import Logger
 from p2pnat.metrics import Metrics
@@ -198,7 +199,7 @@ class AgentService(service.MultiService):
                                                  timeout=10))
         tun = AgentTunnel(self, request.session_id, request.nonce)
         self.tunnels.add(tun)
-        d = endpoint.connect(_OneShot(tun))
+        d = endpoint.connect(OneShotFactory(tun))
 
         def failed(failure):
             self.tunnels.discard(tun)

@@ -5,7 +5,6 @@ connection to the relay, opened for a verified connect request, carrying
 streams to the device's local service.
 """
 
-from twisted.internet import endpoints
 from twisted.internet.protocol import Factory, Protocol
 
 from p2pnat import tunnel
@@ -36,19 +35,7 @@ class _Local(Protocol):
         self.tun.local_lost(self)
 
 
-class _OneShot(Factory):
-    """Like endpoints.connectProtocol's factory, without a log line per connection."""
-
-    noisy = False
-
-    def __init__(self, proto):
-        self.proto = proto
-
-    def buildProtocol(self, addr):
-        return self.proto
-
-
-class AgentTunnel(Protocol):
+class AgentTunnel(tunnel.IdleTimeout, Protocol):
     """
     States: ``hello`` (waiting for the relay's status), ``idle``,
     ``connecting`` (to the local service), ``stream``, ``closed``.
@@ -64,7 +51,6 @@ class AgentTunnel(Protocol):
         self.local = None
         self._pending = []
         self._sent_end = self._got_end = False
-        self._idle_timer = None
         self.decoder = tunnel.FrameDecoder(self._open, self._data, self._end)
 
     def connectionMade(self):
@@ -111,7 +97,7 @@ class AgentTunnel(Protocol):
         self.state = "connecting"
         # Nothing is read from the relay until the local service is there.
         self.transport.pauseProducing()
-        d = self.agent.local_endpoint(address).connect(_OneShot(_Local(self)))
+        d = self.agent.local_endpoint(address).connect(tunnel.OneShotFactory(_Local(self)))
         d.addErrback(self._local_failed, address)
 
     def _local_failed(self, failure, address):
@@ -187,18 +173,7 @@ class AgentTunnel(Protocol):
     # -- idle ---------------------------------------------------------------------
 
     def _start_idle(self):
-        self._cancel_idle()
-        self._idle_timer = self.agent.clock.callLater(self.agent.idle_timeout, self._idle_late)
-
-    def _cancel_idle(self):
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
-
-    def _idle_late(self):
-        self._idle_timer = None
-        if self.state == "idle":
-            self.transport.loseConnection()
+        tunnel.IdleTimeout._start_idle(self, self.agent.clock, self.agent.idle_timeout)
 
     def connectionLost(self, reason):
         self._cancel_idle()

@@ -25,7 +25,6 @@ from p2pnat.p2p import messages as M
 from p2pnat.p2p.path import Path
 from p2pnat.p2p.punch import Punch, PunchFailed, new_socket
 from p2pnat.p2p.strategy import actions_for
-from p2pnat.udp import ControlProtocol
 
 
 class Refused(Exception):

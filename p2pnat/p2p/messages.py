@@ -174,19 +174,11 @@ class Welcome(Message):
 
 @register
 @dataclass
-class Keepalive(Message):
+class Keepalive(wire.Padded):
     """Client to lobby: keep my presence (and the NAT mapping).  Answered by L{Welcome}."""
 
     TYPE = 0x22
     padding: int = 40  # a Welcome with an IPv6 address must not be larger
-
-    def encode_body(self):
-        return bytes(self.padding)
-
-    @classmethod
-    def decode_body(cls, body):
-        _check_zero(body)
-        return cls(len(body))
 
 
 @register
@@ -365,7 +357,7 @@ class Refusal(Message):
 
 @register
 @dataclass
-class RelayBind(Message):
+class RelayBind(wire.Padded):
     """
     A peer to the lobby, key ID ``SESSION.ROLE``: relay this session's
     datagrams to me at this (observed) address.  Answered by
@@ -374,14 +366,6 @@ class RelayBind(Message):
 
     TYPE = 0x2A
     padding: int = 8
-
-    def encode_body(self):
-        return bytes(self.padding)
-
-    @classmethod
-    def decode_body(cls, body):
-        _check_zero(body)
-        return cls(len(body))
 
 
 @register

@@ -255,24 +255,32 @@ class Terminal(Protocol):
                               "/connect?ID=DEVICE.")
         return self.reply(404, "Not found", "No such page on the relay.")
 
-    def _connect_redirect(self, device_id):
-        """The seed's flow: /connect?ID=DEVICE, answered by a redirect."""
+    def _reachable(self, device_id):
+        """
+        The device if a terminal may reach it now; otherwise answer at once
+        (not a device ID, unknown, revoked, stale) and return None.
+        """
         self.device_id = device_id
         if not wire.valid_key_id(device_id):
-            return self.reply(404, "Device unavailable", "That is not a device ID.")
+            self.reply(404, "Device unavailable", "That is not a device ID.")
+            return None
         found = self.relay.devices.reachable(device_id, self.relay.clock.seconds())
         if isinstance(found, Refusal):
-            return self.refuse(found)
+            self.refuse(found)
+            return None
+        return found
+
+    def _connect_redirect(self, device_id):
+        """The seed's flow: /connect?ID=DEVICE, answered by a redirect."""
+        if self._reachable(device_id) is None:
+            return
         location = self.relay.device_url(device_id, self.secure)
         self.reply(302, "Redirecting", f"Go to {location}", [f"Location: {location}"])
 
     def _device(self, device_id, service, tcp):
-        self.device_id = device_id
-        if not wire.valid_key_id(device_id):
-            return self.reply(404, "Device unavailable", "That is not a device ID.")
-        found = self.relay.devices.reachable(device_id, self.relay.clock.seconds())
-        if isinstance(found, Refusal):
-            return self.refuse(found)
+        found = self._reachable(device_id)
+        if found is None:
+            return
         self.service = service
         self.tcp = tcp
         if found.access_mode == "relay":

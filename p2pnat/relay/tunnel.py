@@ -38,7 +38,7 @@ class _Gate:
         pass
 
 
-class RelayTunnel(Protocol):
+class RelayTunnel(tunnel.IdleTimeout, Protocol):
     """
     One device's TLS connection to the relay.
 
@@ -55,7 +55,6 @@ class RelayTunnel(Protocol):
         self.terminal = None
         self._buf = b""
         self._sent_end = self._got_end = False
-        self._idle_timer = None
         self._hello_timer = None
         self.decoder = tunnel.FrameDecoder(self._open, self._data, self._end, self._opened)
         self._unconfirmed = None  # bytes sent since an unconfirmed OPEN
@@ -170,16 +169,10 @@ class RelayTunnel(Protocol):
     def _open_late(self):
         """The device never confirmed the OPEN: this idle tunnel was dead."""
         self._open_timer = None
-        terminal, self.terminal = self.terminal, None
         pending, self._unconfirmed = b"".join(self._unconfirmed or []), None
         self.log.info("idle tunnel of {device_id} did not answer; retrying on a new one",
                       device_id=self.device_id)
-        self.transport.unregisterProducer()
-        if terminal is not None and terminal.transport is not None:
-            try:
-                terminal.transport.unregisterProducer()
-            except RuntimeError:
-                pass
+        terminal = self._detach()
         self.state = "closed"
         self.transport.abortConnection()
         if terminal is not None:
@@ -215,9 +208,8 @@ class RelayTunnel(Protocol):
         self._maybe_done()
         terminal.tunnel_ended()
 
-    def _maybe_done(self):
-        if not (self._sent_end and self._got_end):
-            return
+    def _detach(self):
+        """End the back-pressure pairing with the stream's terminal; return it."""
         terminal, self.terminal = self.terminal, None
         self.transport.unregisterProducer()
         if terminal is not None and terminal.transport is not None:
@@ -225,20 +217,16 @@ class RelayTunnel(Protocol):
                 terminal.transport.unregisterProducer()
             except RuntimeError:
                 pass
+        return terminal
+
+    def _maybe_done(self):
+        if not (self._sent_end and self._got_end):
+            return
+        self._detach()
         self.gate.resumeProducing()
         self.state = "idle"
         self.relay.tunnel_idle(self)
-        self._idle_timer = self.relay.clock.callLater(self.relay.idle_timeout, self._idle_late)
-
-    def _cancel_idle(self):
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
-
-    def _idle_late(self):
-        self._idle_timer = None
-        if self.state == "idle":
-            self.transport.loseConnection()
+        self._start_idle(self.relay.clock, self.relay.idle_timeout)
 
     def close(self):
         """Drop the tunnel at once (revocation), and its terminal with it."""
