@@ -224,17 +224,35 @@ def children_cpu_seconds():
 
 
 def machine_cpu():
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    """The first line of /proc/stat: jiffies by kind (user, system, softirq, steal...)."""
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
+    return dict(zip(names, values), total=sum(values))
+
+
+def machine_split(before, after):
+    """
+    How the machine's CPUs were used between two L{machine_cpu} readings,
+    in cores: C{busy} (everything but idle), C{procs} (user and system time
+    of processes), C{irq} (interrupts and softirqs: much of the loopback
+    network work is counted there, not in any process) and C{steal}.
+    """
+    d = {k: after[k] - before[k] for k in after}
+    cores = os.cpu_count() / d["total"] if d["total"] else float("nan")
+    return {"busy": (d["total"] - d["idle"] - d["iowait"]) * cores,
+            "procs": (d["user"] + d["nice"] + d["system"]) * cores,
+            "irq": (d["irq"] + d["softirq"]) * cores, "steal": d["steal"] * cores}
 
 
 def machine_busy(before, after):
     """How busy the machine's CPUs were between two L{machine_cpu} readings, in cores."""
-    busy, total = after[0] - before[0], after[1] - before[1]
-    return os.cpu_count() * busy / total if total else float("nan")
+    return machine_split(before, after)["busy"]
+
+
+def load_average():
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
 
 
 def status_kb(pid, key):

@@ -138,6 +138,7 @@ def _run(args, curl_bin, socat, work, P):
     busy = {m: [] for m in MODES}
     load = {m: [] for m in MODES}
     other = {m: [] for m in MODES}
+    irq = {m: [] for m in MODES}
     for r in range(args.rounds):
         order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
         for mode in order:
@@ -153,12 +154,14 @@ def _run(args, curl_bin, socat, work, P):
             finally:
                 peak = sampler.stop()
             elapsed = time.monotonic() - t0
-            busy[mode].append(S.machine_busy(machine, S.machine_cpu()))
+            split = S.machine_split(machine, S.machine_cpu())
+            busy[mode].append(split["busy"])
+            irq[mode].append(split["irq"] + split["steal"])
             load_cpu = (S.children_cpu_seconds() + sum(S.tree_cpu_seconds(p.pid) for p in helpers)
                         - load0)
             ours = load_cpu + sum(S.cpu_seconds(pid) - before[k] for k, pid in pids.items())
             load[mode].append(100 * load_cpu / elapsed)
-            other[mode].append(busy[mode][-1] - ours / elapsed)
+            other[mode].append(split["procs"] - ours / elapsed)
             if mode in peaks:
                 for k, pid in pids.items():
                     peaks[mode][k].append(peak[pid])
@@ -180,16 +183,19 @@ def _run(args, curl_bin, socat, work, P):
         else:
             row += ["-", "-", "-", "-"]
         row += [f"{med(load[mode]):.0f}%", f"{med(busy[mode]):.2f}/{os.cpu_count()}",
-                f"{med(other[mode]):.2f}"]
+                f"{med(irq[mode]):.2f}", f"{med(other[mode]):.2f}"]
         rows.append(row)
     print()
     print(f"curl -o /dev/null of a {args.size_mb} MiB file (MB = 10^6 bytes);"
           f" medians of {args.rounds} rounds; RSS idle: relay"
           f" {idle_rss['relay'] / 1024:.0f} MB, agent {idle_rss['agent'] / 1024:.0f} MB")
     S.table(["mode", "MB/s", "range", "vs socat", "relay peak RSS", "agent peak RSS",
-             "relay CPU", "agent CPU", "curl+nginx+socat CPU", "machine busy", "others"], rows)
-    print("CPU columns in % of one core; machine busy: cores in use by every process;"
-          " others: cores used by processes not of this bench (the machine is shared)")
+             "relay CPU", "agent CPU", "curl+nginx+socat CPU", "machine busy", "irq+steal",
+             "others"], rows)
+    print("CPU columns in % of one core; machine busy: cores in use (all of it); irq+steal:"
+          " cores spent in interrupts and softirqs (loopback network work is counted there)"
+          " or stolen by the hypervisor; others: cores used by processes not of this bench"
+          " (the machine is shared)")
     print()
     for mode in RELAYED:
         ratio = med(speeds[mode]) / socat_speed

@@ -116,6 +116,10 @@ class ColdLab:
         self.term.run([tc, "qdisc", "del", "dev", "lo", "root"])
         return True
 
+    def cpu(self):
+        """CPU seconds of the lab's daemons (relay, agent, nginx)."""
+        return sum(S.tree_cpu_seconds(p.pid) for p in (self.relay, self.agent, self.nginx))
+
     def metrics(self):
         done = self.relay_node.run(["curl", "-s", f"http://127.0.0.1:{METRICS_PORT}/metrics"])
         return S.parse_metrics(done.stdout) if done.returncode == 0 and done.stdout else None
@@ -147,6 +151,9 @@ class ColdLab:
 def run_condition(cl, delay_ms, rounds, pause):
     """Rounds at one delay; returns (figures per round, RTTs, session counters)."""
     lines = []
+    machine = S.machine_cpu()
+    ours0 = cl.cpu() + S.children_cpu_seconds()
+    t0 = time.monotonic()
     if delay_ms:
         for node in (cl.device, cl.term):
             p = node.popen(node.python(DELAYLINE, "--delay-ms", delay_ms,
@@ -168,6 +175,9 @@ def run_condition(cl, delay_ms, rounds, pause):
         for p in lines:
             p.stop()
     counts = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
+    split = S.machine_split(machine, S.machine_cpu())
+    ours = (cl.cpu() + S.children_cpu_seconds() - ours0) / (time.monotonic() - t0)
+    counts["machine"] = (split["busy"], split["procs"] - ours)
     return results, rtt_dev, rtt_term, counts
 
 
@@ -203,7 +213,8 @@ def main():
         for d in delays:
             results, rtt_dev, rtt_term, counts = run_condition(cl, d, args.rounds, args.pause)
             S.say(f"  delay {d:g} ms: device RTT {rtt_dev:.3f} ms, terminal RTT"
-                  f" {rtt_term:.3f} ms; relay sessions {counts}")
+                  f" {rtt_term:.3f} ms; relay sessions"
+                  f" {({k: v for k, v in counts.items() if k != 'machine'})}")
             if counts.get("reused", 0) or counts.get("connect-request", 0) < args.rounds:
                 S.say("  WARNING: not every round was cold (an idle tunnel was reused)")
             table.append((d, results, rtt_dev, rtt_term, counts))
@@ -226,7 +237,9 @@ def _report(args, table):
         print(f"delay line {d:g} ms{' (none)' if not d else ''}: device-relay RTT"
               f" {rtt_dev:.3f} ms, terminal-relay RTT {rtt_term:.3f} ms (ping);"
               f" {len(results)} cold rounds, {counts.get('connect-request', 0):.0f} connect"
-              f" requests, {counts.get('reused', 0):.0f} reused tunnels")
+              f" requests, {counts.get('reused', 0):.0f} reused tunnels; machine busy"
+              f" {counts['machine'][0]:.2f}/{os.cpu_count()} cores, of which"
+              f" {counts['machine'][1]:.2f} by processes not of this bench")
         rows = []
         for key, label in keys:
             v = [r[key] for r in results]

@@ -154,6 +154,7 @@ def _run(args, wrk, work, P):
     busy = {m: [] for m in modes}
     load = {m: [] for m in modes}
     other = {m: [] for m in modes}
+    irq = {m: [] for m in modes}
 
     def nginx_cpu():
         return sum(S.tree_cpu_seconds(p.pid) for p in nginxes)
@@ -166,12 +167,14 @@ def _run(args, wrk, work, P):
             machine = S.machine_cpu()
             load0 = S.children_cpu_seconds() + nginx_cpu()
             res = run_wrk(wrk, url, host, args.connections, args.threads, args.duration)
-            busy[mode].append(S.machine_busy(machine, S.machine_cpu()))
+            split = S.machine_split(machine, S.machine_cpu())
+            busy[mode].append(split["busy"])
             after = (S.cpu_seconds(rp.relay.pid), S.cpu_seconds(rp.agent.pid))
             load_cpu = S.children_cpu_seconds() + nginx_cpu() - load0
             ours = load_cpu + sum(a - b for a, b in zip(after, before))
             load[mode].append(100 * load_cpu / args.duration)
-            other[mode].append(busy[mode][-1] - ours / args.duration)
+            other[mode].append(split["procs"] - ours / args.duration)
+            irq[mode].append(split["irq"] + split["steal"])
             if mode in cpu:
                 cpu[mode]["relay"].append(100 * (after[0] - before[0]) / args.duration)
                 cpu[mode]["agent"].append(100 * (after[1] - before[1]) / args.duration)
@@ -184,7 +187,7 @@ def _run(args, wrk, work, P):
         S.say(f"  round {r + 1}/{args.rounds}: " + ", ".join(
             f"{m} {loaded[m][-1]['rps']:.0f}/s" for m in modes))
     sessions = rp.sessions()
-    _report(args, modes, loaded, idle, cpu, errors, sessions, busy, load, other)
+    _report(args, modes, loaded, idle, cpu, errors, sessions, busy, load, other, irq)
 
 
 def _start_tls_nginx(P, work, root, port, state):
@@ -213,7 +216,7 @@ def _fmt_ms(v):
     return "-" if v is None or v != v else f"{v:.3f} ms"
 
 
-def _report(args, modes, loaded, idle, cpu, errors, sessions, busy, load, other):
+def _report(args, modes, loaded, idle, cpu, errors, sessions, busy, load, other, irq):
     med = S.median
     base = med([x["rps"] for x in loaded["direct"]])
     base_p50_idle = [x["p50"] for x in idle["direct"]]
@@ -236,7 +239,7 @@ def _report(args, modes, loaded, idle, cpu, errors, sessions, busy, load, other)
         else:
             row += ["-", "-"]
         row += [f"{med(load[mode]):.0f}%", f"{med(busy[mode]):.2f}/{os.cpu_count()}",
-                f"{med(other[mode]):.2f}"]
+                f"{med(irq[mode]):.2f}", f"{med(other[mode]):.2f}"]
         rows.append(row)
     print()
     print(f"wrk -c {args.connections} -t {args.threads} -d {args.duration:g}s (loaded) and"
@@ -244,12 +247,13 @@ def _report(args, modes, loaded, idle, cpu, errors, sessions, busy, load, other)
           " rounds")
     S.table(["mode", "req/s", "range", "vs direct", "p50 loaded", "p99 loaded", "p50 1-conn",
              "p99 1-conn", "added p50", "relay CPU", "agent CPU", "wrk+nginx CPU",
-             "machine busy", "others"], rows)
+             "machine busy", "irq+steal", "others"], rows)
     print(f"relay sessions: {', '.join(f'{k} {v:.0f}' for k, v in sorted(sessions.items()))}"
           " (each wrk connection is one tunnel).")
-    print("CPU columns are for the loaded run, in % of one core; machine busy: cores in use by"
-          " every process; others: cores used by processes not of this bench (the machine"
-          " is shared)")
+    print("CPU columns are for the loaded run, in % of one core; machine busy: cores in use"
+          " (all of it); irq+steal: cores spent in interrupts and softirqs (loopback network"
+          " work is counted there) or stolen by the hypervisor; others: cores used by"
+          " processes not of this bench (the machine is shared)")
     bad = {m: n for m, n in errors.items() if n}
     if bad:
         print(f"WARNING: errors or non-2xx responses: {bad}")

@@ -111,7 +111,8 @@ def snapshot(relay, metrics_port, udp_port, sims):
     drops, queue = udp_drops(udp_port)
     sim = [last_status(p) for p in sims]
     user, system = S.cpu_split(relay.pid)
-    return {"t": time.monotonic(), "cpu": user + system, "user": user, "system": system,
+    return {"t": time.monotonic(), "machine": S.machine_cpu(), "cpu": user + system,
+            "user": user, "system": system,
             "sim_cpu": sum(S.cpu_seconds(p.pid) for p in sims),
             "received": S.metric_sum(m, "p2pnat_udp_received_total"),
             "received_a": m.get('p2pnat_udp_received_total{kind="NotifyA"}', 0),
@@ -241,6 +242,8 @@ def _report(args, n, a, b, rss0, rss_loaded, rss, peak, hwm, idle_cpu, load_s, g
     secs = b["t"] - a["t"]
     cpu = 100 * (b["cpu"] - a["cpu"]) / secs
     user, system = (100 * (b[k] - a[k]) / secs for k in ("user", "system"))
+    split = S.machine_split(a["machine"], b["machine"])
+    others = split["procs"] - (b["cpu"] - a["cpu"] + b["sim_cpu"] - a["sim_cpu"]) / secs
     sim_cpu = 100 * (b["sim_cpu"] - a["sim_cpu"]) / secs
     sent = b["sim_sent"] - a["sim_sent"]
     received = b["received"] - a["received"]
@@ -280,6 +283,8 @@ def _report(args, n, a, b, rss0, rss_loaded, rss, peak, hwm, idle_cpu, load_s, g
         ["simulator CPU / send errors / worst lag",
          f"{sim_cpu:.0f}% / {b['sim_errors'] - a['sim_errors']} / {b['sim_lag']:.0f} ms",
          "", ""],
+        ["machine busy / used by others", f"{split['busy']:.2f} / {others:.2f} of"
+         f" {os.cpu_count()} cores", "", ""],
     ]
     S.table(["", "measured", "target", ""], rows)
     if got_a < n:
