@@ -22,6 +22,7 @@ import collections
 import fcntl
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -39,8 +40,11 @@ DEV = "dly0"
 MAX_QUEUE = 20000
 
 
+IP = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin") or "ip"
+
+
 def ip(*args):
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)
+    subprocess.run([IP, *args], check=True, capture_output=True, text=True, timeout=10)
 
 
 def main():
@@ -60,7 +64,7 @@ def main():
 
     # The source address locally generated packets get: the one of the
     # current default route (else the kernel might pick none for dly0).
-    route = subprocess.run(["ip", "-4", "route", "get", "198.18.0.1"], capture_output=True,
+    route = subprocess.run([IP, "-4", "route", "get", "198.18.0.1"], capture_output=True,
                            text=True, timeout=10).stdout.split()
     src = route[route.index("src") + 1] if "src" in route else None
     ip("link", "set", DEV, "up")
@@ -106,7 +110,7 @@ def main():
     finally:
         for argv in (("rule", "del", "pref", "200"), ("rule", "del", "pref", "100"),
                      ("route", "flush", "table", TABLE)):
-            subprocess.run(["ip", *argv], capture_output=True, timeout=10)
+            subprocess.run([IP, *argv], capture_output=True, timeout=10)
         print(f"delayline: {sent} packets delayed, {dropped} dropped", flush=True)
 
 

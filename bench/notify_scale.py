@@ -259,7 +259,7 @@ def _report(args, n, a, b, rss0, rss_loaded, rss, peak, hwm, idle_cpu, load_s, g
           f" window {secs:.1f}s after {args.warmup:g}s of warm-up; {args.sim_procs}"
           " simulator process(es)")
     rows = [
-        ["relay CPU, notify B load", f"{cpu:.1f}%", "< 50% of one core",
+        ["relay CPU under the notify load", f"{cpu:.1f}%", "< 50% of one core",
          "met" if cpu < 50 else "MISSED"],
         ["  of which user / system", f"{user:.1f}% / {system:.1f}%", "", ""],
         ["relay CPU, no traffic", "-" if idle_cpu is None else f"{idle_cpu:.1f}%", "", ""],
