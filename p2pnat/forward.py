@@ -20,7 +20,7 @@ from p2pnat import config as C
 from p2pnat.cli import CommandError
 from p2pnat.logs import Logger
 from p2pnat.relay.tunnel import _Gate
-from p2pnat.tunnel import OneShotFactory, close_after_writes, nodelay
+from p2pnat.tunnel import OneShotFactory, client_endpoint, close_after_writes, nodelay
 
 MAX_ANSWER = 16 * 1024
 
@@ -134,8 +134,7 @@ class Forwarder(Factory):
         self.request = ("\r\n".join(lines) + "\r\n\r\n").encode()
 
     def relay_endpoint(self):
-        ep = endpoints.HostnameEndpoint(self.reactor, self.relay_host, self.relay_port,
-                                        timeout=10)
+        ep = client_endpoint(self.reactor, self.relay_host, self.relay_port)
         return endpoints.wrapClientTLS(self.tls, ep) if self.tls is not None else ep
 
     def buildProtocol(self, addr):

@@ -41,6 +41,25 @@ class Metrics:
         self.active_sessions = Gauge("p2pnat_sessions_active", "sessions in progress",
                                      registry=r)
         self.online = Gauge("p2pnat_online", "devices or clients online", registry=r)
+        self._children = {}
+
+    # Cached label children: labels(...) costs more than the increment.
+
+    def received(self, kind):
+        self._child(self.packets_in, kind).inc()
+
+    def sent(self, kind):
+        self._child(self.packets_out, kind).inc()
+
+    def drop(self, reason):
+        self._child(self.dropped, reason).inc()
+
+    def _child(self, metric, label):
+        cache = self._children.setdefault(id(metric), {})
+        child = cache.get(label)
+        if child is None:
+            child = cache[label] = metric.labels(label)
+        return child
 
     def value(self, name, **labels):
         """The current value of a sample, for tests and the CLI."""

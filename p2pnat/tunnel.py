@@ -81,6 +81,40 @@ def close_after_writes(transport):
     transport.loseConnection()
 
 
+def client_endpoint(reactor, host, port, timeout=10):
+    """
+    A TCP client endpoint: a plain TCP4/TCP6 one for an IP literal (no
+    trip through the resolver's thread pool: ~0.4 ms per connection), a
+    HostnameEndpoint for a name.
+    """
+    import ipaddress
+
+    from twisted.internet import endpoints
+
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    cls = endpoints.TCP4ClientEndpoint if version == 4 else endpoints.TCP6ClientEndpoint
+    return cls(reactor, host, port, timeout=timeout)
+
+
+def bigger_reads(transport, size=256 * 1024):
+    """
+    Read up to C{size} bytes per system call on the TCP connection under
+    C{transport} (TLS-wrapped or not): fewer reads, frames and writes per
+    megabyte on a proxy's data path.
+    """
+    t = transport
+    for _ in range(3):
+        if hasattr(t, "bufferSize") and hasattr(t, "socket"):
+            t.bufferSize = size
+            return
+        t = getattr(t, "transport", None)
+        if t is None:
+            return
+
+
 class OneShotFactory(Factory):
     """
     Builds the one protocol instance given, for an outgoing connection
@@ -188,11 +222,11 @@ class FrameDecoder:
                     self._dispatch()
                 continue
             take = min(self._left, n - pos)
-            chunk = view[pos:pos + take]
+            chunk = data if take == n else view[pos:pos + take]
             pos += take
             self._left -= take
             if self._type == DATA:
-                self.on_data(bytes(chunk))
+                self.on_data(chunk if chunk is data else bytes(chunk))
                 if self._left == 0:
                     self._type = None
             else:

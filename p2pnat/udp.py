@@ -151,36 +151,36 @@ class ControlProtocol(DatagramProtocol):
         self.siblings = {}
 
     def drop(self, reason, addr, detail=""):
-        self.metrics.dropped.labels(reason).inc()
+        self.metrics.drop(reason)
         self.drop_log(reason, addr, detail)
 
     def datagramReceived(self, data, addr):
         try:
             self._received(data, addr)
         except Exception:
-            self.metrics.dropped.labels("internal-error").inc()
+            self.metrics.drop("internal-error")
             self.log.failure("error handling datagram from {addr}", addr=_fmt(addr))
 
     def _received(self, data, addr):
         if len(data) > wire.MAX_DATAGRAM:
-            self.metrics.packets_in.labels("invalid").inc()
+            self.metrics.received("invalid")
             return self.drop("oversized", addr, f"{len(data)} bytes")
         if not data:
-            self.metrics.packets_in.labels("invalid").inc()
+            self.metrics.received("invalid")
             return self.drop("empty", addr)
         first = data[0]
         if first < 4:
             return self._stun(data, addr)
         if first != wire.MARKER:
-            self.metrics.packets_in.labels("invalid").inc()
+            self.metrics.received("invalid")
             return self.drop("unknown-protocol", addr, f"first byte 0x{first:02x}")
         try:
             frame = wire.parse(data)
         except wire.WireError as e:
-            self.metrics.packets_in.labels("invalid").inc()
+            self.metrics.received("invalid")
             return self.drop(e.reason, addr, str(e))
         kind = wire.MESSAGES[frame.type].__name__
-        self.metrics.packets_in.labels(kind).inc()
+        self.metrics.received(kind)
         key = self.handler.key_for(frame.key_id, frame.type)
         if key is None:
             return self.drop("unknown-key", addr, f"{kind} for {frame.key_id}")
@@ -206,11 +206,11 @@ class ControlProtocol(DatagramProtocol):
 
     def send(self, data, addr, kind):
         """Send C{data} (already encoded) and count it."""
-        self.metrics.packets_out.labels(kind).inc()
+        self.metrics.sent(kind)
         self.transport.write(data, addr)
 
     def _stun(self, data, addr):
-        self.metrics.packets_in.labels("stun").inc()
+        self.metrics.received("stun")
         if self.stun_limit is None:
             return self.drop("stun-disabled", addr)
         try:

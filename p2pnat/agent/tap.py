@@ -14,7 +14,7 @@ from p2pnat import config as C
 from p2pnat import wire
 from p2pnat.agent.notifier import Notifier
 from p2pnat.agent.tunnel import AgentTunnel
-from p2pnat.tunnel import OneShotFactory
+from p2pnat.tunnel import OneShotFactory, client_endpoint
 from p2pnat.daemon import UDPService, common_services, make_options, startup_errors
 from p2pnat.logs import Logger
 from p2pnat.metrics import Metrics
@@ -195,8 +195,7 @@ class AgentService(service.MultiService):
             return
         host = request.tunnel_host or self.notifier.relay_addr[0]
         endpoint = endpoints.wrapClientTLS(
-            self.tls, endpoints.HostnameEndpoint(self.reactor, host, request.tunnel_port,
-                                                 timeout=10))
+            self.tls, client_endpoint(self.reactor, host, request.tunnel_port))
         tun = AgentTunnel(self, request.session_id, request.nonce)
         self.tunnels.add(tun)
         d = endpoint.connect(OneShotFactory(tun))
@@ -209,7 +208,7 @@ class AgentService(service.MultiService):
         d.addErrback(failed)
 
     def local_endpoint(self, address):
-        return endpoints.HostnameEndpoint(self.reactor, address[0], address[1], timeout=10)
+        return client_endpoint(self.reactor, address[0], address[1])
 
     def tunnel_opened(self, tun):
         self.metrics.sessions.labels("tunnel").inc()
