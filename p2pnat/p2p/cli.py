@@ -158,6 +158,7 @@ def _run(args, connect):
         client = LobbyClient(config["client.id"], key, lobby, reactor,
                              interface=config["client.interface"] or None, nat=nat,
                              accept=accept, on_path=on_path, connect_timeout=args.timeout,
+                             upgrade_interval=args.upgrade_interval,
                              low_ttl=config["client.low_ttl"])
         reactor.addSystemEventTrigger("before", "shutdown", client.stop)
         login = client.start()
@@ -254,6 +255,9 @@ def _common(p):
                                  " e.g. endpoint-independent/preserving")
     p.add_argument("--exit-after", type=float, default=0, help="stop after this many seconds")
     p.add_argument("--echo", action="store_true", help="send every datagram back")
+    p.add_argument("--upgrade-interval", type=float, default=20.0,
+                   help="seconds before a relayed path tries again for a direct one (doubled"
+                        " after each miss)")
 
 
 def add_parser(subparsers):

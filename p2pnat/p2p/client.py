@@ -417,6 +417,7 @@ class _Attempt(_Side):
         if isinstance(result, Path):
             if result.mode == "relayed":
                 result.rounds = self.rounds
+                result.probes = self.probes  # every round's (the relay sends none)
                 _schedule_upgrade(self.client, result)
             self.result.callback(result)
         else:
@@ -473,9 +474,12 @@ class _Answer(_Side):
         # The seed: B sends its probe right after answering.
         d = self._punch("b", m.observed, m.local, m.nat)
         d.addCallback(self._direct)
-        existing = c.paths.get(m.peer)
-        if existing is None or existing.mode in ("closed", "connecting"):
-            d.addErrback(self._relay)
+        # Always offer the relay, even with a path to this peer already up:
+        # that path may be stale (the peer crashed, or its PathClose was
+        # lost) and the peer is connecting afresh.  When the peer is only
+        # trying to upgrade a relayed path, it does not bind, and this bind
+        # gives up on its own.
+        d.addErrback(self._relay)
         d.addCallbacks(self._opened, self._failed)
 
     def resend(self):

@@ -144,6 +144,15 @@ class Path:
     # -- from the sockets --------------------------------------------------------------
 
     def _received(self, message, proto, addr):
+        if (isinstance(message, (M.Data, M.PathKeepalive)) and self.direct is not None
+                and proto is self.direct[0] and addr != self.direct[1]):
+            # The peer's NAT gave its path socket a new mapping: follow it
+            # (authenticated), before the payload is delivered, so that an
+            # answer sent at once goes there.  Only on path traffic: a probe
+            # may come from another of the peer's punch sockets, closed since
+            # (it answered its first success), and following that lost the
+            # replies (NAT lab, birthday punches).
+            self.direct = (proto, addr, self.direct[2])
         if isinstance(message, M.Data):
             self.received += 1
             self.deliver(message.payload)
@@ -153,9 +162,6 @@ class Path:
         elif isinstance(message, M.Probe):
             # The peer is still punching (it did not see our ack): answer.
             self._send_to(proto, addr, M.ProbeAck(message.round, message.index, addr))
-        if self.direct is not None and proto is self.direct[0] and addr != self.direct[1]:
-            # The peer's NAT gave it a new mapping: follow it (authenticated).
-            self.direct = (proto, addr, self.direct[2])
         return None
 
 

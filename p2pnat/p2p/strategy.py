@@ -19,8 +19,16 @@ from p2pnat.p2p.punch import Actions
 #: some scheduling, generously.
 PREDICTION_DELAY = 0.5
 #: How many of the one-packet side's next sequential ports the window
-#: aims at, to absorb an allocation or two by other traffic on that side.
-SPREAD = 3
+#: aims at.  It must stay 1 (the seed: n packets to Q+d+1): on a symmetric
+#: NAT every (socket, destination) is a new mapping, so n sockets probing k
+#: targets make k*n mappings interleaved by target, and the one packet,
+#: aimed n allocations ahead, meets a mapping towards its own source port
+#: only when (n - m) % k happens to pick that target; with k = 3 a window
+#: of 5, 6, 8, 9, 11 ... missed in every round when nothing else took a
+#: port (NAT lab, both sides sequential).  An allocation by other traffic
+#: on the one-packet side between its answer and its packet is left to the
+#: next round.
+SPREAD = 1
 #: Seconds a round of each strategy runs before a new one (or the relay).
 ROUND = {"direct": 2.0, "simultaneous-open": 2.0, "predict": 1.5}
 
