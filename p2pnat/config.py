@@ -20,6 +20,7 @@ exits non-zero instead of a traceback.
 
 import ipaddress
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -277,3 +278,30 @@ COMMON = [
             "endpoint serving Prometheus metrics at /metrics, e.g. tcp:9100:interface=127.0.0.1;"
             " empty turns it off", endpoint_or_empty),
 ]
+
+
+KEY_LEN = 32  # as p2pnat.wire.KEY_LEN (config does not import the wire format)
+
+
+def read_mac_key(config, name):
+    """
+    Read a MAC key file (hex): it must exist, be readable by its owner only
+    and hold L{KEY_LEN} bytes.
+
+    @raise ConfigError: naming the file and the setting.
+    """
+    path = config.path_of(name)
+    where = f"{config.where(name)}: {name}"
+    try:
+        st = os.stat(path)
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"{where}: {path} is readable by others; chmod 600 it")
+        with open(path) as f:
+            key = bytes.fromhex(f.read().strip())
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {path}: {e.strerror}")
+    except ValueError:
+        raise ConfigError(f"{where}: {path} does not hold a hex key")
+    if len(key) != KEY_LEN:
+        raise ConfigError(f"{where}: {path} holds {len(key)} bytes, expected {KEY_LEN}")
+    return key

@@ -14,10 +14,8 @@
 """
 
 import json
-import os
 import sys
 import time
-import tomllib
 
 from p2pnat import config as C
 from p2pnat.cli import CommandError
@@ -44,10 +42,8 @@ def load_client(path):
         raise CommandError(str(e))
     if not config["client.id"] or not config["client.lobby"]:
         raise CommandError(f"{path}: client.id and client.lobby are required")
-    from p2pnat.agent.tap import read_mac_key
-
     try:
-        key = read_mac_key(config, "client.mac_key_file")
+        key = C.read_mac_key(config, "client.mac_key_file")
     except C.ConfigError as e:
         raise CommandError(str(e))
     return config, key

@@ -309,7 +309,7 @@ class _Side:
         self.strategy = f"relay (after {self.strategy})"
         self.log.info("no direct path to {peer} ({why}); relaying through the lobby",
                       peer=self.session.peer, why=failure.getErrorMessage())
-        return _RelayBind(self.client, self.session, self.fresh).start()
+        return _RelayBind(self.client, self.session, self.fresh, self.strategy).start()
 
 
 class _Attempt(_Side):
@@ -526,10 +526,11 @@ class _Answer(_Side):
 class _RelayBind:
     """Ask the lobby to relay the session; fire with the relayed L{Path}."""
 
-    def __init__(self, client, session, proto):
+    def __init__(self, client, session, proto, strategy="relay"):
         self.client = client
         self.session = session
         self.proto = proto
+        self.strategy = strategy
         self.done = defer.Deferred()
         self._tries = 0
         self._call = None
@@ -563,7 +564,7 @@ class _RelayBind:
                     self._call.cancel()
                 path = self.client._path_for(self.session.peer)
                 path.use_relay(proto, self.client.lobby, self.session)
-                path.strategy = "relay"
+                path.strategy = self.strategy
                 for payload in self.session.early:
                     path.deliver(payload)
                 self.session.early = []

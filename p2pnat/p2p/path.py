@@ -75,6 +75,12 @@ class Path:
     def use_relay(self, proto, lobby_addr, session):
         self.relayed = (proto, lobby_addr, session)
         proto.handler = _PathHandler(self, session)
+        if self.direct is not None and self.direct[2] is not session:
+            # The peer connected afresh (it restarted, or our path to it went
+            # stale): the old direct route leads nowhere any more.
+            old, self.direct = self.direct, None
+            if old[0] is not proto and old[0].transport is not None:
+                old[0].transport.stopListening()
         if self.direct is None:
             self._set_mode("relayed")
             self._schedule_keepalive()
