@@ -62,8 +62,8 @@ def need(*tools):
     if missing:
         raise BenchError(
             f"needs {', '.join(missing)}, not found: sudo apt-get install {' '.join(missing)}"
-            " (or sudo scripts/install-system-packages, which installs what"
-            " scripts/system-packages.txt lists)")
+            " (or sudo scripts/install-system-packages bench/packages.txt, which installs"
+            " what the benchmarks need)")
     return paths if len(paths) > 1 else paths[0]
 
 
