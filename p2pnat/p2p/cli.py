@@ -180,11 +180,28 @@ def _run(args, connect):
             _udp_listen_to(reactor, path, C.parse_hostport(listen), out)
         else:
             attach(path)
+            answered = defer.Deferred()
+            if args.send and not args.stay:
+                # Leave once each message had an answer, or after --wait.
+                wanted = len(args.send)
+                show = path.on_datagram
+
+                def count(data):
+                    show(data)
+                    count.n += 1
+                    if count.n >= wanted and not answered.called:
+                        answered.callback(None)
+
+                count.n = 0
+                path.on_datagram = count
             for text in args.send or []:
                 path.send(text.encode())
             if args.send and not args.stay:
-                # Wait for answers for a moment, then leave.
-                yield _sleep(reactor, args.wait)
+                timer = reactor.callLater(args.wait, lambda: answered.called or
+                                          answered.callback(None))
+                yield answered
+                if timer.active():
+                    timer.cancel()
                 path.close()
                 stop()
                 return
@@ -270,8 +287,9 @@ def add_parser(subparsers):
     _common(c)
     c.add_argument("peer", help="the peer's client ID")
     c.add_argument("--send", action="append", help="send this text (repeatable), then leave")
-    c.add_argument("--wait", type=float, default=1.0, help="with --send: seconds to wait for"
-                                                           " answers")
+    c.add_argument("--wait", type=float, default=3.0,
+                   help="with --send: leave once each message had an answer, or after this many"
+                        " seconds")
     c.add_argument("--stay", action="store_true", help="do not leave after --send or EOF")
     c.add_argument("--no-stdin", action="store_true", help="do not read lines to send")
     c.add_argument("--forward-udp-listen", metavar="HOST:PORT",

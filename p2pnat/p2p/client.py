@@ -306,7 +306,8 @@ class _Side:
 
     def _relay(self, failure):
         failure.trap(PunchFailed)
-        self.strategy = f"relay (after {self.strategy})"
+        if self.strategy != "relay":
+            self.strategy = f"relay (after {self.strategy})"
         self.log.info("no direct path to {peer} ({why}); relaying through the lobby",
                       peer=self.session.peer, why=failure.getErrorMessage())
         return _RelayBind(self.client, self.session, self.fresh, self.strategy).start()
