@@ -185,6 +185,20 @@ class IntroductionTests(_Pair, SynchronousTestCase):
         self.assertIn(M.Refusal(29, 4), [m for f, m, a in self.a2.got])
 
 
+class SessionCapTests(_Pair, SynchronousTestCase):
+    world_options = {"max_sessions": 3}
+
+    def test_oldest_session_evicted_at_the_cap(self):
+        ids = []
+        for rid in range(1, 6):
+            self.w.clock.advance(1)  # stay under the request rate limit
+            self.request(rid=rid)
+            self.b2.send(M.Answer(rid, True))
+            ids.append(self.a2.last(M.Introduce).session_id)
+        self.assertEqual(list(self.w.lobby.sessions), ids[2:])
+        self.assertEqual(self.w.metrics.value("p2pnat_sessions_total", outcome="evicted"), 2)
+
+
 class RelayTests(_Pair, SynchronousTestCase):
     world_options = {"relay_rate": 10_000}
 

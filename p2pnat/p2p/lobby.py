@@ -219,8 +219,12 @@ class Lobby:
         if p.answer is None:
             p.answer = (m.accepted, addr, m.local, m.nat)
             if m.accepted:
-                if len(self.sessions) >= self.max_sessions:
-                    self.expire()
+                while len(self.sessions) >= self.max_sessions:
+                    # At the cap, the oldest session makes room (dicts keep
+                    # creation order): O(1), where a full expiry scan per
+                    # answer made the lobby fall over at 100 000 sessions.
+                    del self.sessions[next(iter(self.sessions))]
+                    self.metrics.sessions.labels("evicted").inc()
                 self.sessions[p.session_id] = Session(
                     p.session_id, p.session_key, p.a, p.b, now,
                     ByteBudget(self.clock, self.relay_rate))
