@@ -297,7 +297,21 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual(pending.state, "waiting")
         w.relay.device_revoked("cam")
         self.assertTrue(tun.transport.aborted)
+        self.assertTrue(t.transport.aborted)  # the streaming terminal is cut too
         self.assertEqual(status(pending.transport), 403)
+        self.assertFalse(pending.transport.aborted)  # the 403 page gets out
+
+    def test_revocation_cuts_a_finished_stream_still_draining(self):
+        w = self.w
+        t = w.terminal(self.head)
+        tun = w.tunnel("cam", session=t.session)
+        # The device sent everything and closed: the terminal is detached
+        # from the (now idle) tunnel but its last bytes may still be queued.
+        tun.dataReceived(tunnel.frame(tunnel.OPENED) + tunnel.frame(tunnel.DATA, b"x" * 100)
+                         + tunnel.frame(tunnel.END))
+        self.assertIsNone(tun.terminal)
+        w.relay.device_revoked("cam")
+        self.assertTrue(t.transport.aborted)
 
 
 class CredentialTests(SynchronousTestCase):

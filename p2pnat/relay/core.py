@@ -201,8 +201,16 @@ class Relay:
             t.close()
 
     def device_revoked(self, device_id):
-        """End everything a revoked device has open, at once."""
+        """
+        End everything a revoked device has open, at once: terminals still
+        waiting get 403; tunnels are dropped; and so is every terminal
+        connection that carried the device's data, even one whose stream
+        the device already finished (its last bytes may still be queued).
+        """
         self.sessions.cancel_device(device_id)
         for t in list(self.tunnels.get(device_id, ())):
             t.close()
         self.idle.pop(device_id, None)
+        for t in list(self.terminals):
+            if t.device_id == device_id and t.streamed and t.transport is not None:
+                t.transport.abortConnection()

@@ -170,7 +170,7 @@ class Terminal(Protocol):
         self.session = None
         self.request = None
         self.device_id = None
-        self._got_response = False
+        self.streamed = False  # carried a device's stream (revocation cuts it)
         self._head_timer = None
 
     def connectionMade(self):
@@ -427,6 +427,7 @@ class Terminal(Protocol):
             return
         self.tunnel = tunnel
         self.state = "stream"
+        self.streamed = True
         tunnel.start_stream(self, self.service, reused=getattr(tunnel, "reused", False))
         tunnel.reused = False
         if self.tcp and not getattr(self, "tcp_answered", False):
