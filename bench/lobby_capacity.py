@@ -396,8 +396,9 @@ def report(out, args):
                   f"{100 * r['lobby_cpu']:.0f} %", str(r.get("latency_ms_median", "-"))]
                  for r in cap])
         print(f"(session cap: Lobby max_sessions = {MAX_SESSIONS}, session_ttl 600 s)")
-    drops = {k: v for k, v in out["final_metrics"].items() if k.startswith("p2pnat_udp_dropped")}
-    print(f"lobby drop counters at the end: {drops or 'none'}")
+    drops = {k.split('"')[1]: int(v) for k, v in out["final_metrics"].items()
+             if k.startswith("p2pnat_udp_dropped_total{")}
+    print(f"lobby drops at the end (p2pnat_udp_dropped_total by reason): {drops or 'none'}")
 
 
 if __name__ == "__main__":

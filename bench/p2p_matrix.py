@@ -238,7 +238,9 @@ class MatrixLab:
                  "  counter peer { }\n"
                  "  chain output {\n"
                  "    type filter hook output priority filter; policy accept;\n"
-                 f"    ip daddr != {{ {', '.join(servers)} }} meta l4proto udp counter name peer\n"
+                 # Not the delay line's re-sent copies (bench/delayline.py marks them 0x64).
+                 f"    meta mark != 0x64 ip daddr != {{ {', '.join(servers)} }} meta l4proto udp"
+                 " counter name peer\n"
                  "  }\n}\n")
         for ep in self.endpoints:
             done = ep.host.run([S.which("nft"), "-f", "-"], input=rules, timeout=15)
@@ -506,6 +508,11 @@ def run_phase(ml, name, trial_fn, store, args, trials):
         S.say(f"  {name} [{i}/{len(pairs)}] {pair.label:<22} {ok}/{len(results)} ok,"
               f" {direct} direct, median {fmt_s(S.median(times))} s"
               f"  ({time.monotonic() - t_start:.0f} s)")
+        failed = [r for r in results if not r["ok"]]
+        if failed and not args.verbose:
+            # One line on why (a crash shows its exception; -v prints the whole output).
+            why = (failed[0].get("error") or failed[0].get("stderr") or "").strip()
+            S.say(f"    {len(failed)} failed; first: {why.splitlines()[-1][:200] if why else '?'}")
         if args.verbose:
             for r in results:
                 if not r["ok"]:
