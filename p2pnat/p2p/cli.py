@@ -167,6 +167,16 @@ def _run(args, connect):
         out.event("login", f"logged in as {client.id}, public address"
                            f" {client.public[0]}:{client.public[1]}", id=client.id,
                   public=list(client.public))
+        if client.nat.mapping == "unknown" and not args.nat:
+            # Discovery got no answer (the lobby was not up yet, say): it is
+            # up now, and planning for an unknown NAT means planning for the
+            # worst, so measure again.
+            again = yield discover_nat(reactor, servers, config["client.interface"] or None,
+                                       args)
+            client.nat = again
+            out.event("nat", f"NAT (measured again): {again.mapping} mapping, {again.allocation}"
+                             f" ports", mapping=again.mapping, filtering=again.filtering,
+                      allocation=again.allocation, step=again.step, rate=again.rate)
         if not connect:
             return
         t1 = time.monotonic()
