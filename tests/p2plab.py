@@ -111,6 +111,7 @@ class Trial:
     sent: int = 1
     #: A's discovery did not find what its router is (see EXPECTED_NAT).
     discovery_miss: bool = False
+    echo_retry: bool = False  # connected, no echo: run again (tests.test_p2p_lab)
 
     @property
     def path(self):
