@@ -9,7 +9,13 @@ the relay is one tunnel) to:
 - ``direct``       nginx itself (the baseline);
 - ``direct-tls``   nginx with TLS (the relay's certificate): what TLS alone costs;
 - ``relay-http``   the relay's plain HTTP terminal port;
-- ``relay-https``  the relay's HTTPS terminal port.
+- ``relay-https``  the relay's HTTPS terminal port;
+- ``nginx-2hop``   a reference, not p2pnat: the relay path's shape built
+  from nginx (one worker each, like the relay and the agent), i.e. a plain
+  HTTP proxy talking TLS to a second proxy in front of the same nginx, with
+  keep-alive upstreams.  It shows what two proxy hops cost on this machine
+  with a mature C proxy: when the two hops and wrk share two cores, even it
+  cannot reach 50 % of direct.
 
 Each round runs every mode once, in a rotating order (the machine is shared
 and noisy), first loaded (``-c 16 -t 2``) for requests/s and latency under
@@ -36,8 +42,41 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _support as S  # noqa: E402
 
-MODES = ["direct", "direct-tls", "relay-http", "relay-https"]
+MODES = ["direct", "direct-tls", "relay-http", "relay-https", "nginx-2hop"]
 RELAYED = ["relay-http", "relay-https"]
+
+# The reference two-hop chain: "front" (plain HTTP in, TLS out to "back")
+# and "back" (TLS in, plain HTTP out to the device's nginx), one process each.
+NGINX_HOP = {
+    "front": """\
+    upstream next {{ server 127.0.0.1:{back}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{front};
+        location / {{
+            proxy_pass https://next;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_verify off;
+            proxy_ssl_session_reuse on;
+        }}
+    }}
+}}
+""",
+    "back": """\
+    upstream next {{ server 127.0.0.1:{origin}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{back} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.3;
+        location / {{
+            proxy_pass http://next;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""}
 
 NGINX_TLS = """\
     server {{
@@ -134,9 +173,16 @@ def _run(args, wrk, work, P):
         "direct-tls": (f"https://127.0.0.1:{nginx_tls_port}/", S.HOSTNAME),
         "relay-http": (f"http://127.0.0.1:{rp.http_port}/", f"{S.DEVICE}.{S.HOSTNAME}"),
         "relay-https": (f"https://127.0.0.1:{rp.https_port}/", f"{S.DEVICE}.{S.HOSTNAME}"),
+        "nginx-2hop": None,
     }
     if tls_nginx is None:
         del urls["direct-tls"]
+    front = _start_nginx_hops(P, work, root, nginx_port, rp.state)
+    if front is None:
+        del urls["nginx-2hop"]
+    else:
+        nginxes.extend(front[1])
+        urls["nginx-2hop"] = (f"http://127.0.0.1:{front[0]}/", f"127.0.0.1:{front[0]}")
     modes = [m for m in MODES if m in urls]
 
     S.say(f"http_load: {args.size}-byte file, wrk -c {args.connections} -t {args.threads}"
@@ -212,6 +258,36 @@ def _start_tls_nginx(P, work, root, port, state):
     return p
 
 
+def _start_nginx_hops(P, work, root, origin, state):
+    """
+    The reference chain: two nginx processes of one worker each (front and
+    back), TLS between them.  Returns (front port, processes), or None.
+    """
+    front, back = S.free_port(), S.free_port()
+    procs = []
+    for name in ("back", "front"):
+        d = os.path.join(work, f"nginx-{name}")
+        os.makedirs(d)
+        conf = S.NGINX_CONF.format(script="http_load.py", root=root, dir=d, port=S.free_port(),
+                                   workers=1, user="user root;" if os.geteuid() == 0 else "")
+        conf = conf.rstrip().rstrip("}") + NGINX_HOP[name].format(
+            front=front, back=back, origin=origin, cert=os.path.join(state, "relay.crt"),
+            key=os.path.join(state, "relay.key"))
+        path = os.path.join(d, "nginx.conf")
+        with open(path, "w") as f:
+            f.write(conf)
+        p = P.start(f"nginx-{name}", [S.which("nginx"), "-e", os.path.join(d, "error.log"),
+                                      "-p", d, "-c", path])
+        procs.append(p)
+        try:
+            S.wait_until(lambda: S.port_open(back if name == "back" else front), 15,
+                         f"nginx ({name} hop) listening", p)
+        except S.BenchError as e:
+            S.say(f"note: no nginx-2hop mode: {e}")
+            return None
+    return front, procs
+
+
 def _fmt_ms(v):
     return "-" if v is None or v != v else f"{v:.3f} ms"
 
@@ -258,6 +334,12 @@ def _report(args, modes, loaded, idle, cpu, errors, sessions, busy, load, other,
     if bad:
         print(f"WARNING: errors or non-2xx responses: {bad}")
     print()
+    if "nginx-2hop" in loaded:
+        ref = med([x["rps"] for x in loaded["nginx-2hop"]])
+        print("reference nginx-2hop (two nginx proxy hops, TLS between them):"
+              f" {100 * ref / base:.0f}% of direct; relay-http is"
+              f" {100 * med([x['rps'] for x in loaded['relay-http']]) / ref:.0f}% of it,"
+              f" relay-https {100 * med([x['rps'] for x in loaded['relay-https']]) / ref:.0f}%")
     for mode in RELAYED:
         rps = med([x["rps"] for x in loaded[mode]])
         ratio = rps / base

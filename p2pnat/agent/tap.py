@@ -8,10 +8,9 @@ import os
 import stat
 
 from twisted.application import service
-from twisted.internet import endpoints
 
 from p2pnat import config as C
-from p2pnat import wire
+from p2pnat import fastio, wire
 from p2pnat.agent.notifier import Notifier
 from p2pnat.agent.tunnel import AgentTunnel
 from p2pnat.tunnel import OneShotFactory, client_endpoint
@@ -174,7 +173,7 @@ class AgentService(service.MultiService):
                           n=len(self.tunnels))
             return
         host = request.tunnel_host or self.notifier.relay_addr[0]
-        endpoint = endpoints.wrapClientTLS(
+        endpoint = fastio.wrap_client(
             self.tls, client_endpoint(self.reactor, host, request.tunnel_port))
         tun = AgentTunnel(self, request.session_id, request.nonce)
         self.tunnels.add(tun)

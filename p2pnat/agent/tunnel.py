@@ -25,8 +25,7 @@ class _Local(Protocol):
 
     def connectionMade(self):
         self.gate = _Gate(self.transport)
-        tunnel.nodelay(self.transport)
-        tunnel.bigger_reads(self.transport)
+        tunnel.tune(self.transport)
         self.tun.local_connected(self)
 
     def dataReceived(self, data):
@@ -56,8 +55,7 @@ class AgentTunnel(tunnel.IdleTimeout, Protocol):
 
     def connectionMade(self):
         self.gate = _Gate(self.transport)
-        tunnel.nodelay(self.transport)
-        tunnel.bigger_reads(self.transport)
+        tunnel.tune(self.transport)
         self.transport.write(tunnel.hello(self.session_id, self.nonce))
 
     def dataReceived(self, data):

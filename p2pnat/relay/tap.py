@@ -7,10 +7,9 @@ import os
 
 from twisted.application import service
 from twisted.application.internet import TimerService
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from p2pnat import config as C
-from p2pnat import pki, wire
+from p2pnat import fastio, pki, wire
 from p2pnat.daemon import (
     EndpointListener, UDPService, common_services, endpoint_port, make_options, startup_errors)
 from p2pnat.relay.core import Relay
@@ -124,12 +123,12 @@ class RelayService(service.MultiService):
         if config["tunnel.listen"]:
             self.tunnel_listener = EndpointListener(
                 reactor, config["tunnel.listen"],
-                TLSMemoryBIOFactory(self.tls.tunnel, False, RelayTunnelFactory(self.relay)))
+                fastio.TLSFactory(self.tls.tunnel, False, RelayTunnelFactory(self.relay)))
             self.tunnel_listener.setServiceParent(self)
         if https:
             self.terminal_https = EndpointListener(
                 reactor, https,
-                TLSMemoryBIOFactory(self.tls.terminal, False, TerminalFactory(self.relay, True)))
+                fastio.TLSFactory(self.tls.terminal, False, TerminalFactory(self.relay, True)))
             self.terminal_https.setServiceParent(self)
         if http:
             self.terminal_http = EndpointListener(reactor, http,

@@ -175,8 +175,7 @@ class Terminal(Protocol):
 
     def connectionMade(self):
         self.gate = _Gate(self.transport)
-        tunnel.nodelay(self.transport)
-        tunnel.bigger_reads(self.transport)
+        tunnel.tune(self.transport)
         self.relay.terminals.add(self)
         self._head_timer = self.relay.clock.callLater(self.relay.head_timeout, self._head_late)
 

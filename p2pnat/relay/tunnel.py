@@ -62,8 +62,7 @@ class RelayTunnel(tunnel.IdleTimeout, Protocol):
 
     def connectionMade(self):
         self.gate = _Gate(self.transport)
-        tunnel.nodelay(self.transport)
-        tunnel.bigger_reads(self.transport)
+        tunnel.tune(self.transport)
         self._hello_timer = self.relay.clock.callLater(self.relay.hello_timeout, self._hello_late)
 
     def _hello_late(self):
