@@ -58,6 +58,7 @@ NGINX_HOP = {
             proxy_set_header Connection "";
             proxy_ssl_verify off;
             proxy_ssl_session_reuse on;
+            proxy_ssl_protocols TLSv1.3;
         }}
     }}
 }}
