@@ -39,11 +39,12 @@ class _PKI:
                               *pki.issue_device_cert(other_ca, other_key, "dev1"))
         self.ca = crypto.load_certificate(crypto.FILETYPE_PEM, pki.cert_pem(self.ca_cert))
 
-    def server_options(self, mutual=True):
+    def server_options(self, mutual=True, tickets=False):
         key, cert = self.server
         if mutual:
             return ssl.CertificateOptions(privateKey=key, certificate=cert, verify=True,
-                                          caCerts=[self.ca], requireCertificate=True)
+                                          caCerts=[self.ca], requireCertificate=True,
+                                          enableSessionTickets=tickets)
         return ssl.CertificateOptions(privateKey=key, certificate=cert,
                                       acceptableProtocols=[b"http/1.1"])
 
@@ -150,17 +151,17 @@ class OneShot(Factory):
 class TLSTests(TestCase):
     timeout = 60
 
-    def listen(self, factory, server_fast=True, mutual=True):
-        options = certs().server_options(mutual)
+    def listen(self, factory, server_fast=True, mutual=True, tickets=False):
+        options = certs().server_options(mutual, tickets)
         cls = fastio.TLSFactory if server_fast else TLSMemoryBIOFactory
         port = reactor.listenTCP(0, cls(options, False, factory), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
-    def connect(self, port, proto, client_fast=True, **kw):
+    def connect(self, port, proto, client_fast=True, sessions=None, options=None, **kw):
         ep = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-        options = certs().client_options(**kw)
-        ep = fastio.wrap_client(options, ep) if client_fast else \
+        options = options or certs().client_options(**kw)
+        ep = fastio.wrap_client(options, ep, sessions) if client_fast else \
             endpoints.wrapClientTLS(options, ep)
         d = ep.connect(OneShot(proto))
 
@@ -206,6 +207,51 @@ class TLSTests(TestCase):
     def test_large_transfer_with_back_pressure(self):
         """8 MiB each way, written at once: buffered, paused, and all delivered intact."""
         return self.roundtrip(True, True, 8 * 1024 * 1024)
+
+    @defer.inlineCallbacks
+    def test_session_resumed_and_peer_certificate_kept(self):
+        """
+        With a SessionCache the next connection resumes the last session (a
+        TLS 1.3 ticket): no certificate is sent again, yet the server still
+        reads the device's certificate from the session, which is what the
+        relay checks against its registry after every handshake.
+        """
+        from OpenSSL._util import lib
+
+        server = EchoFactory()
+        port = self.listen(server, tickets=True)
+        cache = fastio.SessionCache()
+        options = certs().client_options()
+        reused = []
+        for i in range(3):
+            proto = Collector(b"ping %d" % i)
+            yield self.connect(port, proto, sessions=cache, options=options)
+            got = yield proto.done
+            self.assertEqual(got, b"ping %d" % i)
+            reused.append(lib.SSL_session_reused(proto.transport._tls._ssl))
+            peer = server.made[i].transport.getPeerCertificate()
+            self.assertEqual(pki.device_id_of(peer), "dev1")
+            self.assertIsNotNone(cache.session)
+            proto.transport.loseConnection()
+            yield proto.lost
+        self.assertEqual(reused, [0, 1, 1])
+
+    @defer.inlineCallbacks
+    def test_no_resumption_without_tickets(self):
+        """A server that issues no tickets gets full handshakes, and they work."""
+        from OpenSSL._util import lib
+
+        server = EchoFactory()
+        port = self.listen(server, tickets=False)
+        cache = fastio.SessionCache()
+        options = certs().client_options()
+        for i in range(2):
+            proto = Collector(b"ping")
+            yield self.connect(port, proto, sessions=cache, options=options)
+            yield proto.done
+            self.assertEqual(lib.SSL_session_reused(proto.transport._tls._ssl), 0)
+            proto.transport.loseConnection()
+            yield proto.lost
 
     @defer.inlineCallbacks
     def test_alpn(self):

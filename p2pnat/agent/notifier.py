@@ -221,10 +221,12 @@ class Notifier:
             self.log.warn("ignored a repeated connect request for session {sid}",
                           sid=redact(message.session_id))
             return
-        self.log.info("connect request for session {sid}: tunnel to {host}:{port}",
-                      sid=redact(message.session_id), host=message.tunnel_host or addr[0],
-                      port=message.tunnel_port)
         self.on_connect(message, addr)
+        # Logged on the reactor's next turn, after the tunnel's connect():
+        # the log line is not on the terminal's clock.
+        self.clock.callLater(0, self.log.info, "connect request for session {sid}: tunnel to"
+                             " {host}:{port}", sid=redact(message.session_id),
+                             host=message.tunnel_host or addr[0], port=message.tunnel_port)
 
 
 def _fmt(addr):

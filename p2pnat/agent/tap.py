@@ -123,6 +123,8 @@ class AgentService(service.MultiService):
         self.clock = reactor
         self.local_services = services if services is not None else services_of(config)
         self.tls = tls if tls is not None else client_tls_options(config)
+        # The relay's last TLS session, resumed by the next tunnel.
+        self.tls_sessions = fastio.SessionCache()
         self.idle_timeout = config["agent.idle_timeout"]
         self.max_tunnels = config["agent.max_tunnels"]
         self.tunnels = set()
@@ -174,7 +176,8 @@ class AgentService(service.MultiService):
             return
         host = request.tunnel_host or self.notifier.relay_addr[0]
         endpoint = fastio.wrap_client(
-            self.tls, client_endpoint(self.reactor, host, request.tunnel_port))
+            self.tls, client_endpoint(self.reactor, host, request.tunnel_port),
+            self.tls_sessions)
         tun = AgentTunnel(self, request.session_id, request.nonce)
         self.tunnels.add(tun)
         d = endpoint.connect(OneShotFactory(tun))

@@ -232,6 +232,10 @@ def terminal_secret(state_dir):
     return secret
 
 
+#: Seconds a tunnel's TLS session ticket can be resumed.
+TICKET_LIFETIME = 3600
+
+
 class _TLS:
     def __init__(self, terminal, tunnel):
         self.terminal = terminal
@@ -256,8 +260,13 @@ def server_tls(state_dir):
     ca = Certificate.loadPEM(read(pki.CA_CERT_FILE)).original
     terminal = CertificateOptions(privateKey=key, certificate=cert,
                                   acceptableProtocols=[b"http/1.1"])
+    # Session tickets let an agent resume (p2pnat.fastio.SessionCache): its
+    # next tunnel's handshake skips certificates and signatures.  The
+    # ticket keeps the device's certificate, which RelayTunnel checks
+    # against the registry after every handshake, resumed or not.
     tunnel = CertificateOptions(privateKey=key, certificate=cert, verify=True, caCerts=[ca],
-                                requireCertificate=True)
+                                requireCertificate=True, enableSessionTickets=True)
+    tunnel.getContext().set_timeout(TICKET_LIFETIME)
     return _TLS(terminal, tunnel)
 
 
