@@ -97,6 +97,31 @@ class NotifyExchangeTests(SynchronousTestCase):
         self.assertEqual(h.table.get("dev-1").last_access, first)
         self.assertEqual(h.table.take_pending(), {})
 
+    def test_notify_b_answered_only_when_the_device_must_act(self):
+        """
+        A notify B that changes nothing gets no answer (the device's own
+        packet keeps its NAT mapping); one that shows a new mapping, or
+        comes when the relay needs a notify A, gets a NotifyAck.
+        """
+        h = Harness(self, period=300, b_interval=20)
+        h.notifier.start(h.agent)
+        acks = len(h.sent(wire.NotifyAck))
+        h.advance(60)  # three notify B, nothing new
+        self.assertEqual(len(h.sent(wire.NotifyB)), 3)
+        self.assertEqual(len(h.sent(wire.NotifyAck)), acks)
+        h.net.nat[DEVICE_LAN] = ("203.0.113.5", 62000)
+        h.advance(20)
+        self.assertEqual(len(h.sent(wire.NotifyAck)), acks + 1)
+        self.assertEqual(h.notifier.public_addr, ("203.0.113.5", 62000))
+        h.advance(25)  # t = 105: the scheduled notify A (t = 100) is answered
+        h.table.get("dev-1").last_access = None  # the relay needs a notify A
+        acks = len(h.sent(wire.NotifyAck))
+        sent_a = len(h.sent(wire.NotifyA))
+        h.advance(20)  # the notify B at t = 120
+        self.assertEqual(len(h.sent(wire.NotifyAck)), acks + 2)  # B's ack, then A's
+        self.assertEqual(len(h.sent(wire.NotifyA)), sent_a + 1)
+        self.assertIsNotNone(h.table.get("dev-1").last_access)
+
     def test_new_mapping_taken_from_notify_b(self):
         h = Harness(self, b_interval=20)
         h.notifier.start(h.agent)
