@@ -20,6 +20,11 @@ module removes:
   read, all its records decrypted and delivered as one C{dataReceived},
   every C{write} encrypted and sent at once.
 
+Two TLS 1.3 features ride on it: session resumption for clients
+(L{SessionCache}), and for servers (C{half_rtt}) a window between a
+resumed ClientHello and the client's Finished in which the protocol may
+already write (0.5-RTT data; see C{_TLS._tls_half_step}).
+
 Both work by giving the TCP transport (C{twisted.internet.tcp.Server} or
 C{Client}) a subclass with these methods, as Twisted's own C{startTLS} once
 did.  A transport that is not a plain TCP connection (an in-memory test
@@ -29,6 +34,8 @@ transport, a UNIX socket...) gets Twisted's stock behaviour instead.
 import errno
 
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 from twisted.internet import interfaces, main, tcp
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -37,6 +44,8 @@ from zope.interface import implementer
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR)
 _BIO_CHUNK = 64 * 1024  # ciphertext read from the memory BIO per call
 _RECORD = 32 * 1024  # plaintext asked of SSL_read per call (one record is <= 16 KiB)
+# SSL_read_early_data's results (ssl.h).
+_READ_EARLY_DATA_ERROR, _READ_EARLY_DATA_FINISH = 0, 2
 
 
 def _as_bytes(data):
@@ -115,6 +124,9 @@ class _TLS(_WriteThrough):
     _tls_closed = False
     _tls_batching = False
     _tls_session_kept = False
+    _tls_half = False  # server: may answer a resumed ClientHello with 0.5-RTT data
+    _tls_half_open = False  # ... and is in that window now (until the client's Finished)
+    tls_alpn_offer = ()  # server: the ALPN names the ClientHello offered
 
     def _tls_start(self, connection, app):
         self._tls = connection
@@ -212,6 +224,8 @@ class _TLS(_WriteThrough):
         @return: False when it failed (the reason is kept for
             connectionLost), else True.
         """
+        if self._tls_half:
+            return self._tls_half_step()
         try:
             self._tls.do_handshake()
         except SSL.WantReadError:
@@ -223,6 +237,7 @@ class _TLS(_WriteThrough):
                 self._tls_reason = Failure(e)
             return False
         self._tls_handshaking = False
+        self._tls_half_open = False
         if self._tls_reason is not None or self.disconnected:
             return True
         listener = interfaces.IHandshakeListener(self.protocol, None)
@@ -235,6 +250,57 @@ class _TLS(_WriteThrough):
             self.loseConnection()
         self._tls_out()
         return True
+
+    def _tls_half_step(self):
+        """
+        Server, first step: process the ClientHello through
+        C{SSL_read_early_data} (which accepts no early data: the context
+        allows none), so that the server may write before the client's
+        Finished.  That window is opened to the protocol (C{tlsResumed})
+        only when the ClientHello resumed a session: its PSK binder proves
+        the client's key, and the session holds the client's certificate.
+        After a full handshake the client is unauthenticated until its
+        Finished, and nothing is written early.
+        """
+        self._tls_half = False
+        ssl = self._tls._ssl
+        buf = _ffi.new("char[]", 1)
+        got = _ffi.new("size_t *")
+        result = _lib.SSL_read_early_data(ssl, buf, 1, got)
+        if result == _READ_EARLY_DATA_ERROR:
+            if _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ:
+                self._tls_half = True  # the ClientHello is not all here yet
+                self._tls_out()
+                return True
+            try:
+                self._tls.do_handshake()  # raises the error the usual way
+            except SSL.Error as e:
+                self._tls_flush()
+                self._tls_reason = self._tls_reason or Failure(e)
+                return False
+            return True
+        if result != _READ_EARLY_DATA_FINISH:
+            self._tls_reason = Failure(SSL.Error("early data offered, none accepted"))
+            return False
+        if _lib.SSL_session_reused(ssl):
+            hook = getattr(self.protocol, "tlsResumed", None)
+            if hook is not None:
+                self._tls_half_open = True
+                hook(self.tls_alpn_offer)
+        self._tls_out()
+        return True
+
+    def _tls_write_half(self, data):
+        """0.5-RTT data: written before the client's Finished."""
+        written = _ffi.new("size_t *")
+        view = memoryview(data)
+        while view:
+            if not _lib.SSL_write_early_data(self._tls._ssl, _ffi.from_buffer(view), len(view),
+                                             written):
+                self._tls_early.append(bytes(view))  # sent after the handshake instead
+                break
+            view = view[written[0]:]
+        self._tls_out()
 
     # -- writing ----------------------------------------------------------------
 
@@ -268,6 +334,8 @@ class _TLS(_WriteThrough):
         if not data or not self.connected or self._tls_closed or self._writeDisconnected:
             return
         if self._tls_handshaking:
+            if self._tls_half_open and not self._tls_early:
+                return self._tls_write_half(data)
             self._tls_early.append(data)
             if self.producer is not None and self.streamingProducer and \
                     sum(map(len, self._tls_early)) > self.bufferSize:
@@ -336,7 +404,10 @@ class _Starter:
         sessions = self.factory.sessions
         if sessions is not None and sessions.session is not None:
             connection.set_session(sessions.session)
+            if self.factory.alpn:
+                connection.set_alpn_protos(self.factory.alpn)
         transport._tls_start(connection, self.app)
+        transport._tls_half = self.factory.half_rtt
         self.app.makeConnection(transport)
         if transport._tls_handshaking and transport.connected and self.factory.is_client:
             # A client speaks first: the ClientHello.
@@ -363,16 +434,40 @@ class TLSFactory(TLSMemoryBIOFactory):
 
     noisy = False
 
-    def __init__(self, options, is_client, wrapped, clock=None, sessions=None):
+    def __init__(self, options, is_client, wrapped, clock=None, sessions=None, alpn=None,
+                 half_rtt=False):
         super().__init__(options, is_client, wrapped, clock)
         self.is_client = is_client
         self.sessions = sessions if is_client else None
+        self.alpn = alpn if is_client else None  # offered when resuming a session
+        self.half_rtt = half_rtt and not is_client
+        if self.half_rtt:
+            _record_alpn_offers(options.getContext())
 
     def buildProtocol(self, addr):
         app = self.wrappedFactory.buildProtocol(addr)
         if app is None:
             return None
         return _Starter(self, app)
+
+
+def _record_alpn_offers(context):
+    """
+    Keep, on the transport, the ALPN names each ClientHello offers (for
+    C{tlsResumed}), and select the first one offered: the server accepts
+    whatever its client names (the protocol decides what it means).
+    """
+    if getattr(context, "_p2pnat_alpn", False):
+        return
+
+    def select(connection, offered):
+        transport = connection.get_app_data()
+        if isinstance(transport, _TLS):
+            transport.tls_alpn_offer = tuple(offered)
+        return offered[0] if offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+    context.set_alpn_select_callback(select)
+    context._p2pnat_alpn = True
 
 
 class SessionCache:
@@ -388,22 +483,25 @@ class SessionCache:
     session = None
 
 
-def wrap_client(options, endpoint, sessions=None):
+def wrap_client(options, endpoint, sessions=None, alpn=None):
     """
     Like C{endpoints.wrapClientTLS}, with the lean data path; with a
-    L{SessionCache}, connections resume the last session.
+    L{SessionCache}, connections resume the last session, and then offer
+    the ALPN names C{alpn}.
     """
-    return _ClientEndpoint(options, endpoint, sessions)
+    return _ClientEndpoint(options, endpoint, sessions, alpn)
 
 
 @implementer(interfaces.IStreamClientEndpoint)
 class _ClientEndpoint:
-    def __init__(self, options, endpoint, sessions=None):
+    def __init__(self, options, endpoint, sessions=None, alpn=None):
         self.options = options
         self.endpoint = endpoint
         self.sessions = sessions
+        self.alpn = alpn
 
     def connect(self, factory):
-        tls_factory = TLSFactory(self.options, True, factory, sessions=self.sessions)
+        tls_factory = TLSFactory(self.options, True, factory, sessions=self.sessions,
+                                 alpn=self.alpn)
         return self.endpoint.connect(tls_factory).addCallback(
             lambda proto: proto.app if isinstance(proto, _Starter) else proto)

@@ -165,6 +165,26 @@ class IdleTimeout:
             self.transport.loseConnection()
 
 
+#: ALPN name prefix by which a resuming device names, in its ClientHello,
+#: the session its tunnel is for (p2pt1.<32 hex digits>).
+ALPN_PREFIX = b"p2pt1."
+
+
+def alpn_for(session_id):
+    return ALPN_PREFIX + session_id.hex().encode()
+
+
+def session_from_alpn(offered):
+    """The session ID named in a ClientHello's ALPN list, or None."""
+    for name in offered or ():
+        if name.startswith(ALPN_PREFIX) and len(name) == len(ALPN_PREFIX) + 32:
+            try:
+                return bytes.fromhex(name[len(ALPN_PREFIX):].decode("ascii"))
+            except (ValueError, UnicodeDecodeError):
+                return None
+    return None
+
+
 def hello(session_id, nonce):
     return HELLO.pack(MAGIC, VERSION, session_id, nonce)
 

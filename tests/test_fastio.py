@@ -237,6 +237,45 @@ class TLSTests(TestCase):
         self.assertEqual(reused, [0, 1, 1])
 
     @defer.inlineCallbacks
+    def test_half_rtt_only_after_a_resumed_client_hello(self):
+        """
+        A half_rtt server tells its protocol (tlsResumed, with the ALPN
+        names offered) between a resumed ClientHello and the client's
+        Finished, and what the protocol writes then reaches the client with
+        the server's handshake flight.  After a full handshake the client is
+        not yet authenticated, and the protocol is not told.
+        """
+        resumed = []
+
+        class Early(Echo):
+            def tlsResumed(self, offered):
+                self.factory.window = self.transport._tls_handshaking  # before the Finished
+                resumed.append((offered, self.transport.getPeerCertificate()))
+                self.transport.write(b"early:")
+
+        server = EchoFactory()
+        server.protocol = Early
+        options = certs().server_options(True, True)
+        port = reactor.listenTCP(0, fastio.TLSFactory(options, False, server, half_rtt=True),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        cache = fastio.SessionCache()
+        client_options = certs().client_options()
+        got = []
+        for i in range(3):
+            proto = Collector(b"x%d" % i, expect=(2 if i == 0 else 8))
+            ep = fastio.wrap_client(client_options, endpoints.TCP4ClientEndpoint(
+                reactor, "127.0.0.1", port.getHost().port), cache, alpn=[b"p2pt1.test"])
+            yield ep.connect(OneShot(proto))
+            got.append((yield proto.done))
+            proto.transport.loseConnection()
+            yield proto.lost
+        self.assertEqual(got, [b"x0", b"early:x1", b"early:x2"])
+        self.assertEqual([offered for offered, cert in resumed], [(b"p2pt1.test",)] * 2)
+        self.assertEqual([pki.device_id_of(cert) for offered, cert in resumed], ["dev1"] * 2)
+        self.assertTrue(server.window)
+
+    @defer.inlineCallbacks
     def test_no_resumption_without_tickets(self):
         """A server that issues no tickets gets full handshakes, and they work."""
         from OpenSSL._util import lib

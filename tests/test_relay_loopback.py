@@ -154,6 +154,29 @@ class LoopbackTests(TestCase):
                                                   outcome="connect-request"), sent)
 
     @defer.inlineCallbacks
+    def test_resumed_tunnel_carries_the_request_in_its_handshake(self):
+        """
+        The agent's second tunnel resumes its TLS session and names its
+        session in ALPN: the relay binds it before the device's Finished and
+        sends the request with its handshake flight; the page is whole.
+        """
+        first = yield self.fetch(b"cam.relay.test")
+        self.assertTrue(first.endswith(self.body[-1000:]))
+        self.assertEqual(self.relay.metrics.value("p2pnat_sessions_total",
+                                                  outcome="tunnel-half-rtt"), 0)
+        for tunnels in list(self.relay.relay.idle.values()):
+            for t in tunnels:
+                t.transport.loseConnection()
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(self.relay.relay.idle, {})
+        second = yield self.fetch(b"cam.relay.test")
+        head, _, body = second.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.0 200"), head)
+        self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(self.body).digest())
+        self.assertEqual(self.relay.metrics.value("p2pnat_sessions_total",
+                                                  outcome="tunnel-half-rtt"), 1)
+
+    @defer.inlineCallbacks
     def test_parallel(self):
         results = yield defer.gatherResults([self.fetch(b"cam.relay.test") for _ in range(6)])
         for r in results:

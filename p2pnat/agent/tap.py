@@ -14,6 +14,7 @@ from p2pnat import fastio, wire
 from p2pnat.agent.notifier import Notifier
 from p2pnat.agent.tunnel import AgentTunnel
 from p2pnat.tunnel import OneShotFactory, client_endpoint
+from p2pnat.tunnel import alpn_for as tunnel_alpn
 from p2pnat.daemon import UDPService, common_services, make_options, startup_errors
 from p2pnat.logs import Logger
 from p2pnat.metrics import Metrics
@@ -177,7 +178,7 @@ class AgentService(service.MultiService):
         host = request.tunnel_host or self.notifier.relay_addr[0]
         endpoint = fastio.wrap_client(
             self.tls, client_endpoint(self.reactor, host, request.tunnel_port),
-            self.tls_sessions)
+            self.tls_sessions, alpn=[tunnel_alpn(request.session_id)])
         tun = AgentTunnel(self, request.session_id, request.nonce)
         self.tunnels.add(tun)
         d = endpoint.connect(OneShotFactory(tun))

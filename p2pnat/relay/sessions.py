@@ -118,6 +118,21 @@ class SessionTable:
         self._remove(s)
         return s, None
 
+    def claim_early(self, session_id, device_id):
+        """
+        Bind a tunnel to its session before its hello, on a resumed TLS
+        handshake that proved the device (see RelayTunnel.tlsResumed): the
+        session must exist and belong to C{device_id}; the caller checks
+        the nonce when the hello comes.
+
+        @return: the session (now gone from the table), or None.
+        """
+        s = self._sessions.get(session_id)
+        if s is None or s.device_id != device_id:
+            return None
+        self._remove(s)
+        return s
+
     def cancel(self, session_id):
         """The terminal went away: forget the session."""
         s = self._sessions.get(session_id)

@@ -123,7 +123,8 @@ class RelayService(service.MultiService):
         if config["tunnel.listen"]:
             self.tunnel_listener = EndpointListener(
                 reactor, config["tunnel.listen"],
-                fastio.TLSFactory(self.tls.tunnel, False, RelayTunnelFactory(self.relay)))
+                fastio.TLSFactory(self.tls.tunnel, False, RelayTunnelFactory(self.relay),
+                                  half_rtt=True))
             self.tunnel_listener.setServiceParent(self)
         if https:
             self.terminal_https = EndpointListener(

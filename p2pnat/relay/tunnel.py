@@ -9,6 +9,8 @@ not revoked, reads the hello, claims the session, and then carries streams
 between a terminal connection and the device.
 """
 
+import hmac
+
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
@@ -58,6 +60,7 @@ class RelayTunnel(tunnel.IdleTimeout, Protocol):
         self._hello_timer = None
         self.decoder = tunnel.FrameDecoder(self._open, self._data, self._end, self._opened)
         self._unconfirmed = None  # bytes sent since an unconfirmed OPEN
+        self._early = None  # the session bound by a resumed handshake, until its hello
         self._open_timer = None
 
     def connectionMade(self):
@@ -76,7 +79,16 @@ class RelayTunnel(tunnel.IdleTimeout, Protocol):
 
     def dataReceived(self, data):
         try:
-            if self.state == "hello":
+            if self._early is not None:
+                self._buf += data
+                if len(self._buf) < tunnel.HELLO.size:
+                    return
+                data, hello = self._buf[tunnel.HELLO.size:], self._buf[:tunnel.HELLO.size]
+                self._buf = b""
+                self._confirm_early(hello)
+                if not data:
+                    return
+            elif self.state == "hello":
                 self._buf += data
                 if len(self._buf) < tunnel.HELLO.size:
                     return
@@ -100,6 +112,26 @@ class RelayTunnel(tunnel.IdleTimeout, Protocol):
         self.state = "closed"
         return False
 
+    def _device(self):
+        """
+        The device this tunnel's client certificate names, if the registry
+        knows it under this certificate and has not revoked it.
+
+        @return: ``(device_id, None)`` or ``(None, (code, log format, kw))``.
+        """
+        cert = self.transport.getPeerCertificate()
+        if cert is None:
+            return None, (5, "no client certificate", {})
+        device_id = pki.device_id_of(cert)
+        record = self.relay.registry_record(device_id) if device_id else None
+        if record is None or record.revoked:
+            return None, (5, "certificate of unknown or revoked device {device_id}",
+                          {"device_id": device_id})
+        if not record.accepts(pki.fingerprint(cert)):
+            return None, (5, "certificate of {device_id} is not the registered one",
+                          {"device_id": device_id})
+        return device_id, None
+
     def _hello(self, data):
         if self._hello_timer is not None and self._hello_timer.active():
             self._hello_timer.cancel()
@@ -108,30 +140,62 @@ class RelayTunnel(tunnel.IdleTimeout, Protocol):
             session_id, nonce = tunnel.parse_hello(data)
         except tunnel.TunnelError:
             return self._refuse(1, "malformed hello")
-        cert = self.transport.getPeerCertificate()
-        if cert is None:
-            return self._refuse(5, "no client certificate")
-        device_id = pki.device_id_of(cert)
-        record = self.relay.registry_record(device_id) if device_id else None
-        if record is None or record.revoked:
-            return self._refuse(5, "certificate of unknown or revoked device {device_id}",
-                                device_id=device_id)
-        if not record.accepts(pki.fingerprint(cert)):
-            return self._refuse(5, "certificate of {device_id} is not the registered one",
-                                device_id=device_id)
+        device_id, refusal = self._device()
+        if refusal is not None:
+            code, fmt, kw = refusal
+            return self._refuse(code, fmt, **kw)
         session, error = self.relay.sessions.claim(session_id, device_id, nonce)
         if session is None:
             return self._refuse(error, "{device_id}: {why} (session {sid})",
                                 device_id=device_id, why=tunnel.HELLO_ERRORS[error],
                                 sid=redact(session_id))
+        self._bind(device_id, session)
+        return True
+
+    def _bind(self, device_id, session):
         self.device_id = device_id
         self.transport.write(bytes([tunnel.HELLO_OK]))
         self.state = "idle"
         self.relay.tunnel_opened(self)
         self.log.debug("tunnel of {device_id} bound to session {sid}", device_id=device_id,
-                       sid=redact(session_id))
+                       sid=redact(session.id))
         session.ready.callback(self)
-        return True
+
+    def tlsResumed(self, offered):
+        """
+        Called by p2pnat.fastio between the device's ClientHello and its
+        Finished, when the ClientHello resumed a TLS session (its PSK binder
+        proves the device's key; the session holds the device's
+        certificate).  If the device named its session in ALPN
+        (L{tunnel.alpn_for}), bind to it now: the hello status, OPEN and the
+        terminal's first bytes leave with the relay's handshake flight
+        (0.5-RTT data, readable only by the holder of the device's key
+        share), one round trip earlier.  The hello, which still follows the
+        device's Finished, must then name the same session and nonce.
+        """
+        session_id = tunnel.session_from_alpn(offered)
+        if session_id is None or self.state != "hello":
+            return
+        device_id, refusal = self._device()
+        if refusal is not None:
+            return  # the hello will be refused the usual way
+        session = self.relay.sessions.claim_early(session_id, device_id)
+        if session is None:
+            return
+        self._early = session
+        self.relay.metrics.sessions.labels("tunnel-half-rtt").inc()
+        self._bind(device_id, session)
+
+    def _confirm_early(self, data):
+        """The hello after an early binding: it must name the same session."""
+        session, self._early = self._early, None
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        self._hello_timer = None
+        session_id, nonce = tunnel.parse_hello(data)
+        if session_id != session.id or not hmac.compare_digest(nonce, session.nonce):
+            raise tunnel.TunnelError("the hello names another session than the one the"
+                                     " resumed handshake bound")
 
     # -- streams ------------------------------------------------------------
 
