@@ -84,15 +84,21 @@ class _WriteThrough:
         self.write(b"".join(iovec))
 
 
-_plain_classes = {}
-_tls_classes = {}
+_subclasses = {}  # (mixin, TCP transport class) -> their subclass
 
 
-def _subclass(cache, mixin, cls):
-    sub = cache.get(cls)
+def _subclass(mixin, cls):
+    sub = _subclasses.get((mixin, cls))
     if sub is None:
-        sub = cache[cls] = type(f"{mixin.__name__.strip('_')}{cls.__name__}", (mixin, cls), {})
+        sub = _subclasses[mixin, cls] = type(f"{mixin.__name__.strip('_')}{cls.__name__}",
+                                             (mixin, cls), {})
     return sub
+
+
+def _plain_tcp(transport):
+    """Whether C{transport} is a TCP connection this module has not changed yet."""
+    return isinstance(transport, tcp.Connection) and hasattr(transport, "socket") \
+        and not isinstance(transport, _WriteThrough)
 
 
 def write_through(transport):
@@ -100,14 +106,13 @@ def write_through(transport):
     Make C{transport}, a plain TCP connection, send what it is given at once
     (see the module docstring).  Anything else is left as it is.
 
-    @return: whether the transport was changed.
+    @return: whether the transport sends at once now.
     """
-    cls = type(transport)
-    if cls in _plain_classes.values() or cls in _tls_classes.values():
+    if isinstance(transport, _WriteThrough):
         return True
-    if not isinstance(transport, tcp.Connection) or not hasattr(transport, "socket"):
+    if not _plain_tcp(transport):
         return False
-    transport.__class__ = _subclass(_plain_classes, _WriteThrough, cls)
+    transport.__class__ = _subclass(_WriteThrough, type(transport))
     return True
 
 
@@ -272,13 +277,7 @@ class _TLS(_WriteThrough):
                 self._tls_half = True  # the ClientHello is not all here yet
                 self._tls_out()
                 return True
-            try:
-                self._tls.do_handshake()  # raises the error the usual way
-            except SSL.Error as e:
-                self._tls_flush()
-                self._tls_reason = self._tls_reason or Failure(e)
-                return False
-            return True
+            return self._tls_handshake()  # meets the error and reports it the usual way
         if result != _READ_EARLY_DATA_FINISH:
             self._tls_reason = Failure(SSL.Error("early data offered, none accepted"))
             return False
@@ -386,9 +385,7 @@ class _Starter:
         self.app = app
 
     def makeConnection(self, transport):
-        cls = type(transport)
-        if not isinstance(transport, tcp.Connection) or not hasattr(transport, "socket") \
-                or cls in _tls_classes.values() or cls in _plain_classes.values():
+        if not _plain_tcp(transport):
             # Not a plain TCP connection: Twisted's TLS wrapper.
             proto = TLSMemoryBIOProtocol(self.factory, self.app)
             if getattr(transport, "protocol", None) is self:
@@ -396,7 +393,7 @@ class _Starter:
             proto.makeConnection(transport)
             self.app = proto
             return
-        transport.__class__ = _subclass(_tls_classes, _TLS, cls)
+        transport.__class__ = _subclass(_TLS, type(transport))
         # Twisted's connection creators read the TLS factory (ALPN) off the
         # object they are given.
         transport.factory = self.factory

@@ -73,6 +73,11 @@ class RelayTunnel(tunnel.IdleTimeout, Protocol):
         self.log.info("tunnel from {peer}: no hello in time", peer=self._peer())
         self.transport.abortConnection()
 
+    def _cancel_hello_timer(self):
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        self._hello_timer = None
+
     def _peer(self):
         p = self.transport.getPeer()
         return f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
@@ -133,9 +138,7 @@ class RelayTunnel(tunnel.IdleTimeout, Protocol):
         return device_id, None
 
     def _hello(self, data):
-        if self._hello_timer is not None and self._hello_timer.active():
-            self._hello_timer.cancel()
-        self._hello_timer = None
+        self._cancel_hello_timer()
         try:
             session_id, nonce = tunnel.parse_hello(data)
         except tunnel.TunnelError:
@@ -189,9 +192,7 @@ class RelayTunnel(tunnel.IdleTimeout, Protocol):
     def _confirm_early(self, data):
         """The hello after an early binding: it must name the same session."""
         session, self._early = self._early, None
-        if self._hello_timer is not None and self._hello_timer.active():
-            self._hello_timer.cancel()
-        self._hello_timer = None
+        self._cancel_hello_timer()
         session_id, nonce = tunnel.parse_hello(data)
         if session_id != session.id or not hmac.compare_digest(nonce, session.nonce):
             raise tunnel.TunnelError("the hello names another session than the one the"
@@ -301,8 +302,7 @@ class RelayTunnel(tunnel.IdleTimeout, Protocol):
 
     def connectionLost(self, reason):
         self._cancel_idle()
-        if self._hello_timer is not None and self._hello_timer.active():
-            self._hello_timer.cancel()
+        self._cancel_hello_timer()
         was, self.state = self.state, "closed"
         if self.device_id is not None:
             self.relay.tunnel_closed(self)
