@@ -417,14 +417,15 @@ http {{
         listen 127.0.0.1:{port};
         root {root};
     }}
-}}
+{extra}}}
 """
 
 
-def nginx_argv(work, root, port, workers=1, script="bench", name="nginx"):
+def nginx_argv(work, root, port, workers=1, script="bench", name="nginx", extra=""):
     """
     Write an nginx config serving C{root} on 127.0.0.1:C{port} under
     C{work}/C{name} and return the argv running it in the foreground.
+    C{extra}: more of the http block (server and upstream blocks).
     """
     nginx = need("nginx")
     d = os.path.join(work, name)
@@ -435,14 +436,20 @@ def nginx_argv(work, root, port, workers=1, script="bench", name="nginx"):
     user = "user root;" if os.geteuid() == 0 else ""
     with open(conf, "w") as f:
         f.write(NGINX_CONF.format(script=script, root=root, dir=d, port=port, workers=workers,
-                                  user=user))
+                                  user=user, extra=extra))
     return [nginx, "-e", os.path.join(d, "error.log"), "-p", d, "-c", conf]
 
 
-def start_nginx(processes, work, root, port, workers=1, script="bench"):
-    """nginx (Debian's) serving C{root} on 127.0.0.1:C{port}; returns the L{Proc}."""
-    p = processes.start("nginx", nginx_argv(work, root, port, workers, script))
-    wait_until(lambda: port_open(port), 15, "nginx listening", p)
+def start_nginx(processes, work, root, port, workers=1, script="bench", name="nginx", extra="",
+                ready_port=None):
+    """
+    nginx (Debian's) serving C{root} on 127.0.0.1:C{port}, plus C{extra}
+    (see L{nginx_argv}); returns the L{Proc} once C{ready_port} (default
+    C{port}) accepts connections.
+    """
+    p = processes.start(name, nginx_argv(work, root, port, workers, script, name, extra))
+    ready = ready_port or port
+    wait_until(lambda: port_open(ready), 15, f"{name} listening", p)
     return p
 
 

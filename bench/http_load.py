@@ -61,7 +61,6 @@ NGINX_HOP = {
             proxy_ssl_protocols TLSv1.3;
         }}
     }}
-}}
 """,
     "back": """\
     upstream next {{ server 127.0.0.1:{origin}; keepalive 64; }}
@@ -76,7 +75,6 @@ NGINX_HOP = {
             proxy_set_header Connection "";
         }}
     }}
-}}
 """}
 
 NGINX_TLS = """\
@@ -87,7 +85,6 @@ NGINX_TLS = """\
         ssl_protocols TLSv1.2 TLSv1.3;
         root {root};
     }}
-}}
 """
 
 
@@ -239,24 +236,14 @@ def _run(args, wrk, work, P):
 
 def _start_tls_nginx(P, work, root, port, state):
     """A second nginx, with TLS (the relay's certificate), or None if it cannot start."""
-    d = os.path.join(work, "nginx-tls")
-    os.makedirs(d)
-    conf = S.NGINX_CONF.format(script="http_load.py", root=root, dir=d, port=S.free_port(),
-                               workers=1, user="user root;" if os.geteuid() == 0 else "")
-    conf = conf.rstrip().rstrip("}") + NGINX_TLS.format(
-        port=port, cert=os.path.join(state, "relay.crt"), key=os.path.join(state, "relay.key"),
-        root=root)
-    path = os.path.join(d, "nginx.conf")
-    with open(path, "w") as f:
-        f.write(conf)
-    p = P.start("nginx-tls", [S.which("nginx"), "-e", os.path.join(d, "error.log"), "-p", d,
-                              "-c", path])
+    extra = NGINX_TLS.format(port=port, cert=os.path.join(state, "relay.crt"),
+                             key=os.path.join(state, "relay.key"), root=root)
     try:
-        S.wait_until(lambda: S.port_open(port), 15, "nginx (TLS) listening", p)
+        return S.start_nginx(P, work, root, S.free_port(), script="http_load.py",
+                             name="nginx-tls", extra=extra, ready_port=port)
     except S.BenchError as e:
         S.say(f"note: no direct-tls mode: {e}")
         return None
-    return p
 
 
 def _start_nginx_hops(P, work, root, origin, state):
@@ -264,29 +251,20 @@ def _start_nginx_hops(P, work, root, origin, state):
     The reference chain: two nginx processes of one worker each (front and
     back), TLS between them.  Returns (front port, processes), or None.
     """
-    front, back = S.free_port(), S.free_port()
+    ports = {"front": S.free_port(), "back": S.free_port()}
     procs = []
     for name in ("back", "front"):
-        d = os.path.join(work, f"nginx-{name}")
-        os.makedirs(d)
-        conf = S.NGINX_CONF.format(script="http_load.py", root=root, dir=d, port=S.free_port(),
-                                   workers=1, user="user root;" if os.geteuid() == 0 else "")
-        conf = conf.rstrip().rstrip("}") + NGINX_HOP[name].format(
-            front=front, back=back, origin=origin, cert=os.path.join(state, "relay.crt"),
-            key=os.path.join(state, "relay.key"))
-        path = os.path.join(d, "nginx.conf")
-        with open(path, "w") as f:
-            f.write(conf)
-        p = P.start(f"nginx-{name}", [S.which("nginx"), "-e", os.path.join(d, "error.log"),
-                                      "-p", d, "-c", path])
-        procs.append(p)
+        extra = NGINX_HOP[name].format(
+            front=ports["front"], back=ports["back"], origin=origin,
+            cert=os.path.join(state, "relay.crt"), key=os.path.join(state, "relay.key"))
         try:
-            S.wait_until(lambda: S.port_open(back if name == "back" else front), 15,
-                         f"nginx ({name} hop) listening", p)
+            procs.append(S.start_nginx(P, work, root, S.free_port(), script="http_load.py",
+                                       name=f"nginx-{name}", extra=extra,
+                                       ready_port=ports[name]))
         except S.BenchError as e:
             S.say(f"note: no nginx-2hop mode: {e}")
             return None
-    return front, procs
+    return ports["front"], procs
 
 
 def _fmt_ms(v):
