@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from tests import procs  # noqa: E402  (needs REPO on the path)
+from tests.support import procs  # noqa: E402  (needs REPO on the path)
 
 HOSTNAME = "relay.localhost"
 DEVICE = "cam1"

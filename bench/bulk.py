@@ -17,7 +17,7 @@ figures are medians.  While each relayed transfer runs, the relay's and the
 agent's RSS is sampled every 20 ms: the peak shows whether memory stays
 bounded (back-pressure) or grows with the file.
 
-Target (SPEC Part 1 relay path): relayed >= 50 % of socat's MB/s.
+Target (the relay path): relayed >= 50 % of socat's MB/s.
 
     sudo .venv/bin/python bench/bulk.py                 # or /tmp/venv/bin/python
     bench/bulk.py --size-mb 256 --rounds 2              # quicker

@@ -23,7 +23,7 @@ load, then with one connection (``-c 1 -t 1``) for the latency a request
 sees on an idle path: "added latency" is that p50 minus direct's p50 in the
 same round.  Figures are medians over the rounds.
 
-Targets (SPEC Part 1 relay path): relayed >= 50 % of direct requests/s;
+Targets (the relay path): relayed >= 50 % of direct requests/s;
 p50 added latency <= 1 ms.
 
     sudo .venv/bin/python bench/http_load.py            # or /tmp/venv/bin/python

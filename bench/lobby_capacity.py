@@ -4,7 +4,7 @@ introductions per second it answers, its CPU, its memory per client, and
 what it drops.
 
 - Clients: ``--clients N`` (default 50 000) registered with
-  p2pnat.registry.Registry.add_client (IDs ``lc000000``..., MAC keys
+  p2pnat.deployment.registry.Registry.add_client (IDs ``lc000000``..., MAC keys
   derived from a random seed), one call each, before the measured lobby
   starts.
 - The lobby: ``twistd lobby`` from this tree on 127.0.0.1 (two ports, as
@@ -12,7 +12,7 @@ what it drops.
   phases run (the default 20 s would end a client's presence after 60 s
   without a keepalive), metrics on ``--metrics-listen tcp:PORT``.
 - The load: bench/lobby_load.py, one process with a pool of UDP sockets on
-  127.0.0.1, every frame sealed with p2pnat.wire.seal under the client's key.
+  127.0.0.1, every frame sealed with p2pnat.protocol.wire.seal under the client's key.
   Open loop: each step offers a fixed rate for ``--step-seconds`` and counts
   the answers (Welcome for Login and Keepalive; the Introduce reaching A for
   an introduction: A's ConnectRequest, the lobby's Invite to B, B's Answer,
@@ -55,12 +55,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _support as S  # noqa: E402
 
 LOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lobby_load.py")
-MAX_SESSIONS = 100_000  # p2pnat.p2p.lobby.Lobby's default
+MAX_SESSIONS = 100_000  # p2pnat.lobby.server.Lobby's default
 
 
 def register(state, clients, seed):
     """Register the simulated clients through Registry.add_client; seconds taken."""
-    from p2pnat.registry import Registry
+    from p2pnat.deployment.registry import Registry
 
     sys.path.insert(0, os.path.dirname(LOAD))
     from lobby_load import client_id, client_key

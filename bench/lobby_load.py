@@ -1,7 +1,7 @@
 """
 Load generator for bench/lobby_capacity.py: many lobby clients in one
-process, every frame sealed with p2pnat.wire.seal under the client's key
-and the message classes of p2pnat.p2p.messages.
+process, every frame sealed with p2pnat.protocol.wire.seal under the client's key
+and the message classes of p2pnat.protocol.p2p.
 
 Client ``i`` (of ``--clients N``) is ``lc%06d`` with MAC key
 HMAC-SHA256(seed, str(i)) (lobby_capacity.py registers the same).  Sockets
@@ -46,8 +46,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from p2pnat import wire  # noqa: E402
-from p2pnat.p2p import messages as M  # noqa: E402
+from p2pnat.protocol import wire  # noqa: E402
+from p2pnat.protocol import p2p as M  # noqa: E402
 
 #: After a step's last send, replies are still counted until none came for
 #: DRAIN_QUIET seconds (at most DRAIN_MAX): a lobby that lags is not

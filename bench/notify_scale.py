@@ -4,12 +4,12 @@ notify B every 25 s (4 000 packets/s): the relay's CPU and memory per
 device, and how many notifies it lost.
 
 - The devices are registered straight into the relay's SQLite registry
-  (p2pnat.registry.Registry makes the schema; one batch INSERT adds the
+  (p2pnat.deployment.registry.Registry makes the schema; one batch INSERT adds the
   rows): IDs ``sim000000``..., MAC keys derived from a random seed, fake
   certificate fingerprints (no tunnel is opened).
 - bench/notify_sim.py simulates them from a pool of UDP sockets on
   127.0.0.2...: one notify A each, then notify B on schedule, every packet
-  sealed with p2pnat.wire.seal under the device's key and a fresh timestamp.
+  sealed with p2pnat.protocol.wire.seal under the device's key and a fresh timestamp.
 - CPU: utime + stime of the relay from /proc/PID/stat over a window of
   ``--window`` seconds (default 40) in the notify-B phase; also over a
   window with no traffic at all (what 100 000 idle entries cost).
@@ -19,7 +19,7 @@ device, and how many notifies it lost.
   ``p2pnat_udp_dropped_total`` by reason) against what the simulator sent,
   and the kernel's drop counter of the relay's socket (/proc/net/udp).
 
-Targets (SPEC Part 1 relay path): < 50 % of one core; < 2 KB per device.
+Targets (the relay path): < 50 % of one core; < 2 KB per device.
 
     sudo .venv/bin/python bench/notify_scale.py         # or /tmp/venv/bin/python
     bench/notify_scale.py --devices 20000 --window 30   # smaller
@@ -49,7 +49,7 @@ SIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notify_sim.py")
 
 def register(state, devices, seed):
     """Add C{devices} simulated devices to the registry of C{state}, in one transaction."""
-    from p2pnat.registry import SCHEMA_VERSION, Registry
+    from p2pnat.deployment.registry import SCHEMA_VERSION, Registry
 
     sys.path.insert(0, os.path.dirname(SIM))
     from notify_sim import device_id, device_key

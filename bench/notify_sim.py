@@ -1,6 +1,6 @@
 """
 Simulated devices for bench/notify_scale.py: many devices' notifies from
-one process, properly sealed (p2pnat.wire.seal with each device's key, a
+one process, properly sealed (p2pnat.protocol.wire.seal with each device's key, a
 fresh increasing timestamp per packet).
 
 Device ``i`` (of ``--devices N``) is ``sim%06d`` with MAC key
@@ -32,8 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from p2pnat import wire  # noqa: E402
-
+from p2pnat.protocol import wire  # noqa: E402
 
 #: Seconds between status lines (the benchmark reads the counters from them).
 STATUS_EVERY = 0.25

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_agent_notifier -*-
+# -*- test-case-name: tests.unit.test_relay_notify -*-
 """
 The device agent's UDP side: learn the access-check period, keep the NAT
 mapping open with notify B, refresh the last access with notify A, and
@@ -7,8 +7,8 @@ accept only genuine connect requests.
 
 from twisted.internet.task import LoopingCall
 
-from p2pnat import wire
-from p2pnat.logs import Logger, redact
+from p2pnat.daemon.logs import Logger, redact
+from p2pnat.protocol import wire
 
 
 class RelayClock:
@@ -54,7 +54,7 @@ class SeenSessions:
 class Notifier:
     """
     The agent's relay-facing protocol logic (used as the handler of a
-    L{p2pnat.udp.ControlProtocol}).
+    L{p2pnat.net.udp.ControlProtocol}).
 
     Timers: until the relay has told its period, a period request is
     retried with backoff; then notify B goes out every C{b_interval}

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_agent_tap -*-
+# -*- test-case-name: tests.unit.test_taps -*-
 """
 ``twistd device-agent``: keeps a device reachable through its relay.
 """
@@ -9,16 +9,17 @@ import stat
 
 from twisted.application import service
 
-from p2pnat import config as C
-from p2pnat import fastio, wire
 from p2pnat.agent.notifier import Notifier
 from p2pnat.agent.tunnel import AgentTunnel
-from p2pnat.tunnel import OneShotFactory, client_endpoint
-from p2pnat.tunnel import alpn_for as tunnel_alpn
-from p2pnat.daemon import UDPService, common_services, make_options, startup_errors
-from p2pnat.logs import Logger
-from p2pnat.metrics import Metrics
-from p2pnat.udp import ControlProtocol
+from p2pnat.daemon import config as C
+from p2pnat.daemon.logs import Logger
+from p2pnat.daemon.metrics import Metrics
+from p2pnat.daemon.services import UDPService, common_services, make_options, startup_errors
+from p2pnat.net import fastio
+from p2pnat.net.streams import OneShotFactory, client_endpoint
+from p2pnat.net.udp import ControlProtocol
+from p2pnat.protocol import wire
+from p2pnat.protocol.tunnel import alpn_for as tunnel_alpn
 
 SCHEMA = [
     C.Setting("agent.device_id", str, "", "this device's ID, as registered with the relay"),

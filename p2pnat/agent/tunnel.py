@@ -1,15 +1,15 @@
-# -*- test-case-name: tests.test_agent_tunnel -*-
+# -*- test-case-name: tests.unit.test_relay_loopback -*-
 """
-The device agent's end of a tunnel (see L{p2pnat.tunnel}): a TLS
+The device agent's end of a tunnel (see L{p2pnat.protocol.tunnel}): a TLS
 connection to the relay, opened for a verified connect request, carrying
 streams to the device's local service.
 """
 
 from twisted.internet.protocol import Factory, Protocol
 
-from p2pnat import tunnel
-from p2pnat.logs import Logger, redact
-from p2pnat.relay.tunnel import _Gate
+from p2pnat.daemon.logs import Logger, redact
+from p2pnat.net import streams
+from p2pnat.protocol import tunnel
 
 _BAD_GATEWAY_BODY = b"The device's local web server is not answering.\r\n"
 _BAD_GATEWAY = (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -24,8 +24,8 @@ class _Local(Protocol):
         self.tun = tun
 
     def connectionMade(self):
-        self.gate = _Gate(self.transport)
-        tunnel.tune(self.transport)
+        self.gate = streams.Gate(self.transport)
+        streams.tune(self.transport)
         self.tun.local_connected(self)
 
     def dataReceived(self, data):
@@ -35,7 +35,7 @@ class _Local(Protocol):
         self.tun.local_lost(self)
 
 
-class AgentTunnel(tunnel.IdleTimeout, Protocol):
+class AgentTunnel(streams.IdleTimeout, Protocol):
     """
     States: ``hello`` (waiting for the relay's status), ``idle``,
     ``connecting`` (to the local service), ``stream``, ``closed``.
@@ -54,8 +54,8 @@ class AgentTunnel(tunnel.IdleTimeout, Protocol):
         self.decoder = tunnel.FrameDecoder(self._open, self._data, self._end)
 
     def connectionMade(self):
-        self.gate = _Gate(self.transport)
-        tunnel.tune(self.transport)
+        self.gate = streams.Gate(self.transport)
+        streams.tune(self.transport)
         self.transport.write(tunnel.hello(self.session_id, self.nonce))
 
     def dataReceived(self, data):
@@ -97,7 +97,7 @@ class AgentTunnel(tunnel.IdleTimeout, Protocol):
         self.state = "connecting"
         # Nothing is read from the relay until the local service is there.
         self.transport.pauseProducing()
-        d = self.agent.local_endpoint(address).connect(tunnel.OneShotFactory(_Local(self)))
+        d = self.agent.local_endpoint(address).connect(streams.OneShotFactory(_Local(self)))
         d.addErrback(self._local_failed, address)
 
     def _local_failed(self, failure, address):
@@ -139,7 +139,7 @@ class AgentTunnel(tunnel.IdleTimeout, Protocol):
             raise tunnel.TunnelError("END outside a stream")
         self._got_end = True
         if self.local is not None:
-            tunnel.close_after_writes(self.local.transport)
+            streams.close_after_writes(self.local.transport)
         elif self.state == "stream":
             self._finish_local()
 
@@ -173,14 +173,14 @@ class AgentTunnel(tunnel.IdleTimeout, Protocol):
     # -- idle ---------------------------------------------------------------------
 
     def _start_idle(self):
-        tunnel.IdleTimeout._start_idle(self, self.agent.clock, self.agent.idle_timeout)
+        streams.IdleTimeout._start_idle(self, self.agent.clock, self.agent.idle_timeout)
 
     def connectionLost(self, reason):
         self._cancel_idle()
         self.state = "closed"
         local, self.local = self.local, None
         if local is not None:
-            tunnel.close_after_writes(local.transport)
+            streams.close_after_writes(local.transport)
         self.agent.tunnel_closed(self)
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_lab -*-
+# -*- test-case-name: tests.lab.test_lab -*-
 """
 The NAT lab's exceptions.
 """

@@ -1,10 +1,10 @@
-# -*- test-case-name: tests.test_lab -*-
+# -*- test-case-name: tests.lab.test_lab -*-
 """
 nftables rulesets for the NAT lab, as text.
 
 Pure functions: they only build the text that :mod:`p2pnat.lab.topology`
 loads with ``nft -f -`` inside a router's namespace, so every recipe can be
-checked without root.  The recipes are the ones of the SPEC ("The NAT lab").
+checked without root.
 """
 
 import ipaddress

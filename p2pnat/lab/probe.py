@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_lab -*-
+# -*- test-case-name: tests.lab.test_lab -*-
 """
 A tiny UDP probe for the NAT lab: ``python -m p2pnat.lab.probe COMMAND ...``.
 

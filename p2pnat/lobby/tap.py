@@ -1,18 +1,18 @@
-# -*- test-case-name: tests.test_lobby_tap -*-
+# -*- test-case-name: tests.unit.test_taps -*-
 """
-``twistd lobby``: introduces peers for hole punching (SPEC.md Part 2).
+``twistd lobby``: introduces peers for hole punching.
 """
 
 from twisted.application import service
 from twisted.application.internet import TimerService
 
-from p2pnat import config as C
-from p2pnat import wire
-from p2pnat.daemon import UDPService, common_services, make_options, startup_errors
-from p2pnat.logs import Logger
-from p2pnat.metrics import Metrics
-from p2pnat.p2p.lobby import Lobby
-from p2pnat.udp import ControlProtocol, link_siblings
+from p2pnat.daemon import config as C
+from p2pnat.daemon.logs import Logger
+from p2pnat.daemon.metrics import Metrics
+from p2pnat.daemon.services import UDPService, common_services, make_options, startup_errors
+from p2pnat.lobby.server import Lobby
+from p2pnat.net.udp import ControlProtocol, link_siblings
+from p2pnat.protocol import wire
 
 SCHEMA = [
     C.Setting("lobby.state_dir", str, "/var/lib/p2pnat/lobby",
@@ -74,7 +74,7 @@ class LobbyService(service.MultiService):
 
     def __init__(self, config, reactor):
         super().__init__()
-        from p2pnat.registry import Registry
+        from p2pnat.deployment.registry import Registry
 
         self.config = config
         self.reactor = reactor

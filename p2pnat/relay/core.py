@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay_core -*-
+# -*- test-case-name: tests.unit.test_relay_terminal -*-
 """
 The relay's core: what the terminal side and the tunnel side share.
 
@@ -12,8 +12,8 @@ import hashlib
 from twisted.internet.defer import fail, succeed
 from twisted.internet.threads import deferToThreadPool
 
-from p2pnat import wire
-from p2pnat.logs import Logger, redact
+from p2pnat.daemon.logs import Logger, redact
+from p2pnat.protocol import wire
 from p2pnat.relay.sessions import SessionTable, SessionTimeout
 
 
@@ -24,7 +24,7 @@ class TooBusy(SessionTimeout):
 class Relay:
     """
     @param devices: the L{p2pnat.relay.devices.DeviceTable}.
-    @param registry: the L{p2pnat.registry.Registry} (credential checks).
+    @param registry: the L{p2pnat.deployment.registry.Registry} (credential checks).
     @param tokens: the L{p2pnat.relay.terminal.Tokens} for login cookies.
     @param tunnel_host: host name told to devices in connect requests
         (empty: the one they already use for the relay).
@@ -72,7 +72,7 @@ class Relay:
 
         @return: Deferred firing with a bool.
         """
-        from p2pnat.registry import verify_credential
+        from p2pnat.deployment.registry import verify_credential
 
         record = self.registry_record(device_id)
         stored = record.access_credential_hash if record is not None else None

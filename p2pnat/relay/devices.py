@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay_devices -*-
+# -*- test-case-name: tests.unit.test_relay_notify -*-
 """
 The relay's table of devices: one entry per device with its MAC key, the
 NAT mapping its notifies arrive from, and its last access time.

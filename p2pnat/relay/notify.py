@@ -1,12 +1,12 @@
-# -*- test-case-name: tests.test_relay_notify -*-
+# -*- test-case-name: tests.unit.test_relay_notify -*-
 """
 The relay's UDP side: devices ask for the access-check period and send
 notify A and notify B; the relay answers and later sends connect requests
 from the same socket.
 """
 
-from p2pnat import wire
-from p2pnat.logs import Logger
+from p2pnat.daemon.logs import Logger
+from p2pnat.protocol import wire
 
 _DEVICE_TYPES = frozenset({wire.Ping.TYPE, wire.PeriodRequest.TYPE, wire.NotifyA.TYPE,
                            wire.NotifyB.TYPE})
@@ -14,7 +14,7 @@ _DEVICE_TYPES = frozenset({wire.Ping.TYPE, wire.PeriodRequest.TYPE, wire.NotifyA
 
 class NotifyHandler:
     """
-    Handles authenticated datagrams from devices (see L{p2pnat.udp}).
+    Handles authenticated datagrams from devices (see L{p2pnat.net.udp}).
 
     @param table: the L{p2pnat.relay.devices.DeviceTable}.
     @param notify_b_max: the longest notify-B interval we advise, seconds.

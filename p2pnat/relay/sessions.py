@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay_sessions -*-
+# -*- test-case-name: tests.unit.test_relay_sessions -*-
 """
 The relay's pending sessions: a terminal is waiting for a device's tunnel.
 
@@ -106,7 +106,7 @@ class SessionTable:
         (single use), a wrong device or nonce leaves it waiting.
 
         @return: ``(session, None)`` or ``(None, error code)`` with the codes
-            of L{p2pnat.tunnel.HELLO_ERRORS}.
+            of L{p2pnat.protocol.tunnel.HELLO_ERRORS}.
         """
         s = self._sessions.get(session_id)
         if s is None:

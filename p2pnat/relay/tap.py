@@ -1,6 +1,6 @@
-# -*- test-case-name: tests.test_relay_tap -*-
+# -*- test-case-name: tests.unit.test_taps -*-
 """
-``twistd relay``: the relay of the relay method (SPEC.md Part 1).
+``twistd relay``: the relay of the relay method.
 """
 
 import os
@@ -8,18 +8,26 @@ import os
 from twisted.application import service
 from twisted.application.internet import TimerService
 
-from p2pnat import config as C
-from p2pnat import fastio, pki, wire
-from p2pnat.daemon import (
-    EndpointListener, UDPService, common_services, endpoint_port, make_options, startup_errors)
+from p2pnat.daemon import config as C
+from p2pnat.daemon.logs import Logger
+from p2pnat.daemon.metrics import Metrics
+from p2pnat.daemon.services import (
+    EndpointListener,
+    UDPService,
+    common_services,
+    endpoint_port,
+    make_options,
+    startup_errors,
+)
+from p2pnat.deployment import pki
+from p2pnat.net import fastio
+from p2pnat.net.udp import ControlProtocol
+from p2pnat.protocol import wire
 from p2pnat.relay.core import Relay
-from p2pnat.relay.terminal import TerminalFactory, Tokens
-from p2pnat.relay.tunnel import RelayTunnelFactory
-from p2pnat.logs import Logger
-from p2pnat.metrics import Metrics
 from p2pnat.relay.devices import DeviceState, DeviceTable
 from p2pnat.relay.notify import NotifyHandler
-from p2pnat.udp import ControlProtocol
+from p2pnat.relay.terminal import TerminalFactory, Tokens
+from p2pnat.relay.tunnel import RelayTunnelFactory
 
 SCHEMA = [
     C.Setting("relay.hostname", str, "relay.localhost",
@@ -79,7 +87,7 @@ class RelayService(service.MultiService):
 
     def __init__(self, config, reactor):
         super().__init__()
-        from p2pnat.registry import Registry
+        from p2pnat.deployment.registry import Registry
 
         self.config = config
         self.reactor = reactor
@@ -216,7 +224,7 @@ def ensure_state(state_dir, hostname):
     ca = os.path.join(state_dir, pki.CA_CERT_FILE)
     if os.path.exists(ca):
         return
-    from p2pnat.provision import init_relay_state
+    from p2pnat.deployment.provision import init_relay_state
 
     RelayService.log.info("no CA in {state_dir}: creating one, and a certificate for"
                           " {hostname}", state_dir=state_dir, hostname=hostname)
@@ -261,7 +269,7 @@ def server_tls(state_dir):
     ca = Certificate.loadPEM(read(pki.CA_CERT_FILE)).original
     terminal = CertificateOptions(privateKey=key, certificate=cert,
                                   acceptableProtocols=[b"http/1.1"])
-    # Session tickets let an agent resume (p2pnat.fastio.SessionCache): its
+    # Session tickets let an agent resume (p2pnat.net.fastio.SessionCache): its
     # next tunnel's handshake skips certificates and signatures.  The
     # ticket keeps the device's certificate, which RelayTunnel checks
     # against the registry after every handshake, resumed or not.

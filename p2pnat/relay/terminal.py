@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay_terminal -*-
+# -*- test-case-name: tests.unit.test_relay_terminal -*-
 """
 The relay's terminal side: browsers and the ``p2pnat`` CLI connect here.
 
@@ -25,10 +25,10 @@ from urllib.parse import parse_qs, quote, urlsplit
 from twisted.internet.defer import succeed
 from twisted.internet.protocol import Factory, Protocol
 
-from p2pnat import tunnel, wire
-from p2pnat.logs import Logger
+from p2pnat.daemon.logs import Logger
+from p2pnat.net import streams
+from p2pnat.protocol import wire
 from p2pnat.relay.devices import Refusal
-from p2pnat.relay.tunnel import _Gate
 
 MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
@@ -174,8 +174,8 @@ class Terminal(Protocol):
         self._head_timer = None
 
     def connectionMade(self):
-        self.gate = _Gate(self.transport)
-        tunnel.tune(self.transport)
+        self.gate = streams.Gate(self.transport)
+        streams.tune(self.transport)
         self.relay.terminals.add(self)
         self._head_timer = self.relay.clock.callLater(self.relay.head_timeout, self._head_late)
 
@@ -456,7 +456,7 @@ class Terminal(Protocol):
     def tunnel_ended(self):
         """The device's side closed: close ours once written."""
         self.state = "done"
-        tunnel.close_after_writes(self.transport)
+        streams.close_after_writes(self.transport)
 
     def tunnel_lost(self, abort=False):
         """The tunnel died under the stream (C{abort}: the device was revoked)."""
@@ -464,7 +464,7 @@ class Terminal(Protocol):
         if abort:
             self.transport.abortConnection()
         else:
-            tunnel.close_after_writes(self.transport)
+            streams.close_after_writes(self.transport)
 
     def retry(self, pending):
         """

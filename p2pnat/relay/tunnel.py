@@ -1,6 +1,6 @@
-# -*- test-case-name: tests.test_relay_tunnel -*-
+# -*- test-case-name: tests.unit.test_relay_tunnel_early,tests.unit.test_relay_loopback -*-
 """
-The relay's end of device tunnels (see L{p2pnat.tunnel}).
+The relay's end of device tunnels (see L{p2pnat.protocol.tunnel}).
 
 A device connects over TLS with its client certificate; the TLS layer has
 already checked the certificate against the relay's CA.  Here the relay
@@ -11,36 +11,15 @@ between a terminal connection and the device.
 
 import hmac
 
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from zope.interface import implementer
 
-from p2pnat import pki, tunnel
-from p2pnat.logs import Logger, redact
-
-
-@implementer(IPushProducer)
-class _Gate:
-    """
-    Pauses and resumes a transport's reading on behalf of a peer whose
-    write buffer filled: the back-pressure between the two sides of a
-    stream.  Survives the peer changing (streams come and go on a tunnel).
-    """
-
-    def __init__(self, transport):
-        self.transport = transport
-
-    def pauseProducing(self):
-        self.transport.pauseProducing()
-
-    def resumeProducing(self):
-        self.transport.resumeProducing()
-
-    def stopProducing(self):
-        pass
+from p2pnat.daemon.logs import Logger, redact
+from p2pnat.deployment import pki
+from p2pnat.net import streams
+from p2pnat.protocol import tunnel
 
 
-class RelayTunnel(tunnel.IdleTimeout, Protocol):
+class RelayTunnel(streams.IdleTimeout, Protocol):
     """
     One device's TLS connection to the relay.
 
@@ -64,8 +43,8 @@ class RelayTunnel(tunnel.IdleTimeout, Protocol):
         self._open_timer = None
 
     def connectionMade(self):
-        self.gate = _Gate(self.transport)
-        tunnel.tune(self.transport)
+        self.gate = streams.Gate(self.transport)
+        streams.tune(self.transport)
         self._hello_timer = self.relay.clock.callLater(self.relay.hello_timeout, self._hello_late)
 
     def _hello_late(self):
@@ -166,7 +145,7 @@ class RelayTunnel(tunnel.IdleTimeout, Protocol):
 
     def tlsResumed(self, offered):
         """
-        Called by p2pnat.fastio between the device's ClientHello and its
+        Called by p2pnat.net.fastio between the device's ClientHello and its
         Finished, when the ClientHello resumed a TLS session (its PSK binder
         proves the device's key; the session holds the device's
         certificate).  If the device named its session in ALPN

@@ -1,0 +1,312 @@
+# -*- test-case-name: tests.lab.test_p2p_lab -*-
+"""
+``p2pnat peer``: the P2P path from the command line.
+
+- ``p2pnat peer wait --config client.toml`` logs in and accepts peers: a
+  chat (lines typed are sent, datagrams received are printed), an echo
+  (``--echo``) or a UDP port forward (``--forward-udp HOST:PORT``: each
+  peer's datagrams go to that local service, its answers back).
+- ``p2pnat peer connect PEER --config client.toml`` connects to a peer:
+  a chat, or with ``--forward-udp-listen HOST:PORT`` a local UDP port whose
+  datagrams go to the peer's service (WireGuard, a game server …).
+
+``--json`` prints one JSON object per event (for scripts and tests).
+"""
+
+import json
+import sys
+import time
+
+from p2pnat.cli import CommandError
+from p2pnat.daemon import config as C
+
+CLIENT_SCHEMA = [
+    C.Setting("client.id", str, "", "this client's ID, as given to `p2pnat client add`"),
+    C.Setting("client.lobby", str, "", "the lobby's UDP address host:port", C.hostport),
+    C.Setting("client.mac_key_file", str, "mac.key", "the client's MAC key (hex, mode 0600)"),
+    C.Setting("client.interface", str, "",
+              "local address for our UDP sockets (default: the one that routes to the lobby)"),
+    C.Setting("client.discovery", list, [],
+              "lobby addresses for NAT discovery, host:port (default: the lobby's address and"
+              " the next port)", item=str),
+    C.Setting("client.low_ttl", int, 0,
+              "TTL of first probes where the plan wants low-TTL ones: the hop count to our"
+              " outermost NAT, plus one (0: off)"),
+]
+
+
+def load_client(path):
+    try:
+        config = C.load(path, CLIENT_SCHEMA)
+    except C.ConfigError as e:
+        raise CommandError(str(e))
+    if not config["client.id"] or not config["client.lobby"]:
+        raise CommandError(f"{path}: client.id and client.lobby are required")
+    try:
+        key = C.read_mac_key(config, "client.mac_key_file")
+    except C.ConfigError as e:
+        raise CommandError(str(e))
+    return config, key
+
+
+class Output:
+    def __init__(self, as_json):
+        self.as_json = as_json
+        self.t0 = time.monotonic()
+
+    def event(self, _name, _text, **fields):
+        if self.as_json:
+            fields.update(event=_name, t=round(time.monotonic() - self.t0, 4))
+            print(json.dumps(fields), flush=True)
+        else:
+            print(_text, flush=True)
+
+
+def _run(args, connect):
+    from twisted.internet import defer, reactor, stdio
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+    from twisted.protocols.basic import LineReceiver
+
+    from p2pnat.peer.client import LobbyClient
+    from p2pnat.peer.discovery_glue import discover_nat
+
+    config, key = load_client(args.config)
+    host, port = C.parse_hostport(config["client.lobby"])
+    lobby = (host, port)
+    out = Output(args.json)
+    level = LogLevel.info if args.verbose else LogLevel.warn
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(
+        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(level)])],
+        redirectStandardIO=False)
+    status = {"code": 0}
+
+    def stop():
+        if reactor.running and not status.get("stopping"):
+            status["stopping"] = True
+            reactor.stop()
+
+    def fail(failure):
+        out.event("error", f"error: {failure.getErrorMessage()}", error=failure.getErrorMessage())
+        status["code"] = 1
+        stop()
+
+    def attach(path, forward_to=None):
+        path.opened_at = time.monotonic()
+
+        def on_mode(mode):
+            out.event("mode", f"[{path.peer}: {mode}]", peer=path.peer, mode=mode)
+            if mode == "closed" and connect:
+                stop()
+
+        path.on_mode = on_mode
+        if forward_to is not None:
+            _udp_forward_to(reactor, path, forward_to)
+        elif args.echo:
+            def echo(data):
+                out.event("data", f"{path.peer}> (echoed {len(data)} bytes)", peer=path.peer,
+                          echoed=len(data))
+                path.send(data)
+
+            path.on_datagram = echo
+        else:
+            path.on_datagram = lambda data: out.event(
+                "data", f"{path.peer}> {data.decode('utf-8', 'replace')}", peer=path.peer,
+                text=data.decode("utf-8", "replace"))
+        chat_paths.append(path)
+
+    chat_paths = []
+
+    class Chat(LineReceiver):
+        delimiter = b"\n"
+
+        def lineReceived(self, line):
+            for p in chat_paths:
+                if p.mode != "closed":
+                    p.send(line.rstrip(b"\r")[:1000])
+
+        def connectionLost(self, reason):
+            if connect and not args.stay:
+                for p in chat_paths:
+                    p.close()
+                reactor.callLater(0.2, stop)
+
+    @defer.inlineCallbacks
+    def main():
+        t0 = time.monotonic()
+        servers = [C.parse_hostport(a) for a in config["client.discovery"]] or [
+            lobby, (lobby[0], lobby[1] + 1)]
+        nat = yield discover_nat(reactor, servers, config["client.interface"] or None, args)
+        out.event("nat", f"NAT: {nat.mapping} mapping, {nat.allocation} ports"
+                         f" (step {nat.step}, {nat.rate:g}/s)", mapping=nat.mapping,
+                  filtering=nat.filtering, allocation=nat.allocation, step=nat.step,
+                  rate=nat.rate)
+        accept = (lambda peer: peer in args.accept) if getattr(args, "accept", None) else None
+
+        def on_path(path):
+            out.event("path", f"[{path.peer} connected: {path.mode}]", peer=path.peer,
+                      mode=path.mode, incoming=True)
+            forward = C.parse_hostport(args.forward_udp) if getattr(args, "forward_udp",
+                                                                      None) else None
+            attach(path, forward)
+
+        client = LobbyClient(config["client.id"], key, lobby, reactor,
+                             interface=config["client.interface"] or None, nat=nat,
+                             accept=accept, on_path=on_path, connect_timeout=args.timeout,
+                             upgrade_interval=args.upgrade_interval,
+                             low_ttl=config["client.low_ttl"])
+        reactor.addSystemEventTrigger("before", "shutdown", client.stop)
+        login = client.start()
+        timer = reactor.callLater(args.timeout, lambda: login.called or login.errback(
+            CommandError(f"the lobby at {lobby[0]}:{lobby[1]} did not answer in"
+                         f" {args.timeout:g}s")))
+        yield login
+        if timer.active():
+            timer.cancel()
+        out.event("login", f"logged in as {client.id}, public address"
+                           f" {client.public[0]}:{client.public[1]}", id=client.id,
+                  public=list(client.public))
+        if client.nat.mapping == "unknown" and not args.nat:
+            # Discovery got no answer (the lobby was not up yet, say): it is
+            # up now, and planning for an unknown NAT means planning for the
+            # worst, so measure again.
+            again = yield discover_nat(reactor, servers, config["client.interface"] or None,
+                                       args)
+            client.nat = again
+            out.event("nat", f"NAT (measured again): {again.mapping} mapping, {again.allocation}"
+                             f" ports", mapping=again.mapping, filtering=again.filtering,
+                      allocation=again.allocation, step=again.step, rate=again.rate)
+        if not connect:
+            return
+        t1 = time.monotonic()
+        path = yield client.connect(args.peer)
+        strategy = path.strategy
+        out.event("path", f"[connected to {args.peer}: {path.mode}, {time.monotonic() - t1:.3f}s]",
+                  peer=args.peer, mode=path.mode, seconds=round(time.monotonic() - t1, 4),
+                  total=round(time.monotonic() - t0, 4), strategy=strategy, probes=path.probes, rounds=path.rounds)
+        listen = getattr(args, "forward_udp_listen", None)
+        if listen:
+            _udp_listen_to(reactor, path, C.parse_hostport(listen), out)
+        else:
+            attach(path)
+            answered = defer.Deferred()
+            if args.send and not args.stay:
+                # Leave once each message had an answer, or after --wait.
+                wanted = len(args.send)
+                show = path.on_datagram
+
+                def count(data):
+                    show(data)
+                    count.n += 1
+                    if count.n >= wanted and not answered.called:
+                        answered.callback(None)
+
+                count.n = 0
+                path.on_datagram = count
+            for text in args.send or []:
+                path.send(text.encode())
+            if args.send and not args.stay:
+                timer = reactor.callLater(args.wait, lambda: answered.called or
+                                          answered.callback(None))
+                yield answered
+                if timer.active():
+                    timer.cancel()
+                path.close()
+                stop()
+                return
+            if not args.no_stdin:
+                stdio.StandardIO(Chat())
+
+    def start():
+        main().addErrback(fail)
+
+    reactor.callWhenRunning(start)
+    if args.exit_after:
+        reactor.callLater(args.exit_after, stop)
+    reactor.run()
+    return status["code"]
+
+
+def _sleep(reactor, seconds):
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+def _udp_forward_to(reactor, path, target):
+    """Peer's datagrams go to the local service C{target}; its answers go back."""
+    from twisted.internet.protocol import DatagramProtocol
+
+    class Out(DatagramProtocol):
+        def datagramReceived(self, data, addr):
+            if addr == target and path.mode != "closed":
+                path.send(data)
+
+    proto = Out()
+    port = reactor.listenUDP(0, proto, interface="127.0.0.1" if target[0].startswith("127.")
+                             else "0.0.0.0")
+    path.on_datagram = lambda data: port.write(data, target)
+
+
+def _udp_listen_to(reactor, path, listen, out):
+    """Datagrams to the local port C{listen} go to the peer; answers come back."""
+    from twisted.internet.protocol import DatagramProtocol
+
+    class In(DatagramProtocol):
+        last = None
+
+        def datagramReceived(self, data, addr):
+            self.last = addr
+            if path.mode != "closed":
+                path.send(data)
+
+    proto = In()
+    port = reactor.listenUDP(listen[1], proto, interface=listen[0])
+    path.on_datagram = lambda data: proto.last and port.write(data, proto.last)
+    h = port.getHost()
+    out.event("forward", f"forwarding UDP {h.host}:{h.port} to {path.peer}", host=h.host,
+              port=h.port)
+
+
+def _common(p):
+    p.add_argument("--config", required=True, help="client.toml from `p2pnat client add`")
+    p.add_argument("--json", action="store_true", help="one JSON object per event")
+    p.add_argument("--verbose", "-v", action="store_true", help="log what happens on stderr")
+    p.add_argument("--timeout", type=float, default=12.0, help="seconds to get a path")
+    p.add_argument("--nat", help="skip discovery and assume this NAT: MAPPING/ALLOCATION[/STEP]"
+                                 " e.g. endpoint-independent/preserving")
+    p.add_argument("--exit-after", type=float, default=0, help="stop after this many seconds")
+    p.add_argument("--echo", action="store_true", help="send every datagram back")
+    p.add_argument("--upgrade-interval", type=float, default=20.0,
+                   help="seconds before a relayed path tries again for a direct one (doubled"
+                        " after each miss)")
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("peer", help="P2P paths through the lobby: wait, connect, chat,"
+                                           " forward UDP")
+    sub = p.add_subparsers(dest="peer_command", metavar="COMMAND")
+    w = sub.add_parser("wait", help="log in and accept peers")
+    _common(w)
+    w.add_argument("--accept", action="append", help="accept only this peer (repeatable)")
+    w.add_argument("--forward-udp", metavar="HOST:PORT",
+                   help="forward each peer's datagrams to this local UDP service")
+    w.set_defaults(func=lambda args: _run(args, connect=False))
+    c = sub.add_parser("connect", help="connect to a peer and chat")
+    _common(c)
+    c.add_argument("peer", help="the peer's client ID")
+    c.add_argument("--send", action="append", help="send this text (repeatable), then leave")
+    c.add_argument("--wait", type=float, default=3.0,
+                   help="with --send: leave once each message had an answer, or after this many"
+                        " seconds")
+    c.add_argument("--stay", action="store_true", help="do not leave after --send or EOF")
+    c.add_argument("--no-stdin", action="store_true", help="do not read lines to send")
+    c.add_argument("--forward-udp-listen", metavar="HOST:PORT",
+                   help="forward datagrams sent to this local UDP port to the peer")
+    c.set_defaults(func=lambda args: _run(args, connect=True))
+    p.set_defaults(func=lambda args: p.print_help() or 2)

@@ -1,0 +1,3 @@
+"""
+What the three twistd plugins share: configuration, options, services, logs, metrics.
+"""

@@ -1,0 +1,214 @@
+# -*- test-case-name: tests.unit.test_taps,tests.process.test_daemons -*-
+"""
+What the three twistd plugins share: command-line options generated from a
+config schema, and the services every daemon has (metrics, JSON log file).
+"""
+
+import contextlib
+import os
+import socket
+import sys
+
+from twisted.application import service
+from twisted.python import usage
+
+from p2pnat.daemon import config as _config
+from p2pnat.daemon import logs
+
+
+def find_default_config(filename):
+    """
+    Where a daemon looks for its config when ``--config`` is not given:
+    ``/etc/p2pnat/FILENAME`` if it exists, else none (built-in defaults).
+    """
+    path = os.path.join("/etc/p2pnat", filename)
+    return path if os.path.exists(path) else None
+
+
+def make_options(daemon, schema, config_filename, synopsis_extra=""):
+    """
+    Build a L{usage.Options} class for a daemon: ``--config FILE`` plus one
+    ``--section-key`` option per setting.  After parsing, ``options.config``
+    is the checked L{p2pnat.daemon.config.Config}.
+
+    A configuration error is printed as one line naming the file and the
+    key, and twistd exits with status 1: never a traceback, never the whole
+    usage text in front of it.
+    """
+    params = [["config", "c", None,
+               f"TOML config file (default: /etc/p2pnat/{config_filename} if it exists)"]]
+    for s in schema:
+        if s.kind is bool:
+            params.append([s.option, None, None, f"{s.help} (true/false; default: {s.default})"])
+        else:
+            default = ",".join(map(str, s.default)) if isinstance(s.default, list) else s.default
+            params.append([s.option, None, None, f"{s.help} (default: {default!r})"])
+
+    class Options(usage.Options):
+        optParameters = params
+        synopsis = f"[options]{synopsis_extra}"
+        longdesc = (f"Run the p2pnat {daemon}. Settings come from the TOML config file and can"
+                    f" be overridden by the options below (see etc/{config_filename}).")
+
+        def postOptions(self):
+            path = self["config"] or find_default_config(config_filename)
+            overrides = {s.name: self[s.option] for s in schema}
+            try:
+                self.config = _config.load(path, schema, overrides)
+                self.check(self.config)
+            except _config.ConfigError as e:
+                sys.stderr.write(f"twistd {daemon}: {e}\n")
+                raise SystemExit(1)
+
+        def check(self, config):
+            """Cross-setting checks; raise ConfigError."""
+
+    return Options
+
+
+@contextlib.contextmanager
+def startup_errors(daemon):
+    """
+    Turn the errors a user can fix (config, key files, state directory)
+    raised while building a daemon into one line and exit status 1.
+    """
+    from p2pnat.deployment.pki import PKIError
+    from p2pnat.deployment.registry import RegistryError
+
+    try:
+        yield
+    except (_config.ConfigError, PKIError, RegistryError) as e:
+        sys.stderr.write(f"twistd {daemon}: {e}\n")
+        raise SystemExit(1)
+
+
+def common_services(config, metrics, reactor, parent):
+    """
+    Set up what every daemon has: the log level, the optional JSON log
+    file and the optional metrics endpoint (added to C{parent}).
+    """
+    logs.set_level(config["log.level"])
+    if config["log.json"]:
+        json_path = config.path_of("log.json")
+        observer = logs.add_json_file(json_path)
+
+        class _JSONLog(service.Service):
+            def stopService(self):
+                from twisted.logger import globalLogPublisher
+                globalLogPublisher.removeObserver(observer)
+                return service.Service.stopService(self)
+
+        _JSONLog().setServiceParent(parent)
+    if config["metrics.listen"]:
+        metrics.service(config["metrics.listen"], reactor).setServiceParent(parent)
+
+
+class UDPService(service.Service):
+    """
+    Listens with C{protocol} on one UDP address while running.
+
+    Twisted has no datagram endpoints, so this does for UDP what
+    StreamServerEndpointService does for TCP.  C{port} is the listening
+    port once started (useful with port 0).
+    """
+
+    def __init__(self, reactor, host, portnum, protocol):
+        self.reactor = reactor
+        self.host = host
+        self.portnum = portnum
+        self.protocol = protocol
+        self.port = None
+
+    #: Receive buffer asked for: bursts of notifies must wait in the kernel,
+    #: not be dropped there, while the reactor is busy (the default ~200 KB
+    #: is 50-100 ms at 4 000 packets/s).  The kernel caps it at rmem_max.
+    receive_buffer = 4 * 1024 * 1024
+
+    def _listen(self):
+        self.port = self.reactor.listenUDP(self.portnum, self.protocol, interface=self.host)
+        try:
+            self.port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+        except (AttributeError, OSError):
+            pass  # a fake reactor in tests, or a platform that refuses
+
+    def privilegedStartService(self):
+        # Bind before dropping privileges, like TCP servers do; errors
+        # (address in use) surface as a clean startup failure.
+        self._listen()
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        if self.port is None:
+            self._listen()
+        service.Service.startService(self)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+    @property
+    def address(self):
+        """(host, port) actually bound."""
+        a = self.port.getHost()
+        return a.host, a.port
+
+
+class EndpointListener(service.Service):
+    """
+    Listens with C{factory} on a server endpoint string while running;
+    C{port} is the listening port once started (useful with port 0).
+    Unlike StreamServerEndpointService, it exposes the port and fails
+    startup loudly if the endpoint cannot listen.
+    """
+
+    def __init__(self, reactor, description, factory):
+        from twisted.internet.endpoints import serverFromString
+
+        self.endpoint = serverFromString(reactor, description)
+        self.description = description
+        self.factory = factory
+        self.port = None
+        self.listening = None
+
+    def privilegedStartService(self):
+        self.listening = self.endpoint.listen(self.factory)
+        failed = []
+        self.listening.addCallbacks(self._listening, failed.append)
+        if failed:
+            # TCP endpoints listen at once: say so now, not in a stray Deferred.
+            self.listening = None
+            failed[0].raiseException()
+        service.Service.privilegedStartService(self)
+
+    def _listening(self, port):
+        self.port = port
+        return port
+
+    def startService(self):
+        if self.listening is None:
+            self.privilegedStartService()
+        service.Service.startService(self)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self.listening is not None:
+            d, self.listening = self.listening, None
+            d.addCallback(lambda port: port.stopListening())
+            return d
+
+    @property
+    def address(self):
+        a = self.port.getHost()
+        return a.host, a.port
+
+
+def endpoint_port(description):
+    """The port number of a ``tcp:PORT:…``/``tcp:port=PORT`` endpoint, else 0."""
+    for part in description.split(":")[1:]:
+        if part.isdigit():
+            return int(part)
+        if part.startswith("port=") and part[5:].isdigit():
+            return int(part[5:])
+    return 0

@@ -1,0 +1,3 @@
+"""
+Twisted glue shared by the daemons and the peer: UDP control sockets, TCP/TLS streams.
+"""

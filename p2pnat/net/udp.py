@@ -1,0 +1,271 @@
+# -*- test-case-name: tests.unit.test_udp_rfc5780,tests.unit.test_relay_notify -*-
+"""
+The UDP control socket shared by the lobby, the relay and the device agent.
+
+L{ControlProtocol} receives every datagram and sorts it by its first byte
+(RFC 7983): STUN Binding requests (0..3) get a STUN answer; p2pnat frames
+(0x0C) are parsed, their key looked up, their MAC and timestamp checked,
+and only then given to the daemon's handler.  Anything else, and anything
+malformed, forged, replayed or too large, is dropped: counted in the
+metrics by reason and logged, with the log rate-limited so that a flood
+cannot fill the disk.  No exception from a handler escapes into the
+reactor.
+
+Replies obey one rule: a reply to a datagram is never larger than the
+datagram (no amplification); STUN answers, which the STUN standard makes
+larger than a bare request, are rate-limited per source address instead.
+
+A daemon with several sockets (the lobby) links them with
+L{link_siblings}; a STUN Binding request whose CHANGE-REQUEST asks for
+another port and/or IP is then answered from the sibling socket that has
+it (RFC 5780), so that a client can learn how its NAT filters.
+"""
+
+import ipaddress
+from collections import OrderedDict
+
+from twisted.internet.protocol import DatagramProtocol
+
+from p2pnat.daemon.logs import Logger
+from p2pnat.protocol import stun, wire
+
+
+class TokenBucket:
+    """
+    Per-key token buckets (C{rate} per second, up to C{burst}), remembering
+    at most C{max_keys} keys (least recently used forgotten first).
+    """
+
+    def __init__(self, clock, rate, burst, max_keys=65536):
+        self._clock = clock
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets = OrderedDict()
+
+    def allow(self, key):
+        now = self._clock.seconds()
+        tokens, then = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        ok = tokens >= 1
+        if ok:
+            tokens -= 1
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return ok
+
+
+class DropLog:
+    """
+    Logs dropped datagrams: the first C{burst} per reason in each
+    C{interval} seconds one by one, then how many more were dropped.
+    """
+
+    def __init__(self, log, clock, interval=60.0, burst=10):
+        self.log = log
+        self._clock = clock
+        self.interval = interval
+        self.burst = burst
+        self._window = {}  # reason -> (window start, count)
+
+    def __call__(self, reason, addr, detail=""):
+        now = self._clock.seconds()
+        start, count = self._window.get(reason, (now, 0))
+        if now - start >= self.interval:
+            if count > self.burst:
+                self.log.warn("dropped {n} more datagrams ({reason}) in the last {secs:.0f}s",
+                              n=count - self.burst, reason=reason, secs=now - start)
+            start, count = now, 0
+        count += 1
+        self._window[reason] = (start, count)
+        if count <= self.burst:
+            self.log.info("dropped datagram from {addr}: {reason} {detail}", addr=_fmt(addr),
+                          reason=reason, detail=detail)
+
+
+def link_siblings(protocols):
+    """
+    Make the listening L{ControlProtocol}s C{protocols} (the sockets of
+    one daemon) siblings of each other: each one's C{siblings} becomes the
+    same mapping from local C{(host, port)} to protocol.  Call it once all
+    of them are bound (their transports give the addresses, so port 0
+    works).  Return the mapping.
+    """
+    siblings = {}
+    for proto in protocols:
+        a = proto.transport.getHost()
+        siblings[(a.host, a.port)] = proto
+    for proto in siblings.values():
+        proto.siblings = siblings
+    return siblings
+
+
+def _family(host):
+    return 6 if ":" in host else 4
+
+
+def _concrete(host):
+    """False for a wildcard address: what it sends from is the kernel's choice."""
+    try:
+        return not ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _fmt(addr):
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ControlProtocol(DatagramProtocol):
+    """
+    One UDP control socket.
+
+    @param handler: object with ``key_for(key_id, type) -> bytes | None``
+        and ``handle(frame, message, addr, proto) -> Message | None`` (a reply
+        to seal under the same key and key ID), and optionally
+        ``replay_exempt(frame) -> bool``.
+    @param replay: the L{wire.ReplayGuard}, shared by all sockets of a daemon.
+    @param stun_rate: STUN answers per second per source IP (0 turns STUN off).
+    @param stamper: the daemon's L{wire.Stamper} for replies.
+    """
+
+    noisy = False  # the port itself logs what it listens on
+
+    def __init__(self, handler, clock, metrics, replay, *, name="udp", stun_rate=20.0,
+                 log=None, stamper=None):
+        self.handler = handler
+        self.clock = clock
+        self.metrics = metrics
+        self.replay = replay
+        self.name = name
+        self.log = log or Logger(namespace=f"p2pnat.{name}")
+        self.drop_log = DropLog(self.log, clock)
+        self.stun_limit = TokenBucket(clock, stun_rate, max(1.0, stun_rate * 2)) if stun_rate else None
+        # Shared by all sockets of a daemon: timestamps under one key must
+        # keep increasing whichever socket sends them.
+        self.stamper = stamper or wire.Stamper(clock)
+        #: Sibling sockets by local (host, port), this one included; see
+        #: L{link_siblings}.
+        self.siblings = {}
+
+    def drop(self, reason, addr, detail=""):
+        self.metrics.drop(reason)
+        self.drop_log(reason, addr, detail)
+
+    def datagramReceived(self, data, addr):
+        try:
+            self._received(data, addr)
+        except Exception:
+            self.metrics.drop("internal-error")
+            self.log.failure("error handling datagram from {addr}", addr=_fmt(addr))
+
+    def _received(self, data, addr):
+        if len(data) > wire.MAX_DATAGRAM:
+            self.metrics.received("invalid")
+            return self.drop("oversized", addr, f"{len(data)} bytes")
+        if not data:
+            self.metrics.received("invalid")
+            return self.drop("empty", addr)
+        first = data[0]
+        if first < 4:
+            return self._stun(data, addr)
+        if first != wire.MARKER:
+            self.metrics.received("invalid")
+            return self.drop("unknown-protocol", addr, f"first byte 0x{first:02x}")
+        try:
+            frame = wire.parse(data)
+        except wire.WireError as e:
+            self.metrics.received("invalid")
+            return self.drop(e.reason, addr, str(e))
+        kind = wire.MESSAGES[frame.type].__name__
+        self.metrics.received(kind)
+        key = self.handler.key_for(frame.key_id, frame.type)
+        if key is None:
+            return self.drop("unknown-key", addr, f"{kind} for {frame.key_id}")
+        try:
+            message = frame.open(key)
+        except wire.WireError as e:
+            return self.drop(e.reason, addr, f"{kind} for {frame.key_id}")
+        exempt = wire.MESSAGES[frame.type].FRESH_EXEMPT
+        why = self.replay.check(frame.key_id, frame.timestamp, exempt)
+        if why:
+            return self.drop(why, addr, f"{kind} for {frame.key_id}")
+        reply = self.handler.handle(frame, message, addr, self)
+        if reply is not None:
+            self.reply(reply, frame, key, addr, len(data))
+
+    def reply(self, message, frame, key, addr, limit):
+        """Seal and send C{message} unless it would be larger than C{limit}."""
+        out = wire.seal(message, frame.key_id, key, self.stamper())
+        if len(out) > limit:
+            return self.drop("would-amplify", addr,
+                             f"{type(message).__name__} {len(out)} > {limit} bytes")
+        self.send(out, addr, type(message).__name__)
+
+    def send(self, data, addr, kind):
+        """Send C{data} (already encoded) and count it."""
+        self.metrics.sent(kind)
+        self.transport.write(data, addr)
+
+    def _stun(self, data, addr):
+        self.metrics.received("stun")
+        if self.stun_limit is None:
+            return self.drop("stun-disabled", addr)
+        try:
+            change = stun.parse_message(data).get(stun.Attr.CHANGE_REQUEST)
+            sender, origin, other = self, None, None
+            if change is not None:
+                sender, origin, other = self._rfc5780(*stun.decode_change_request(change))
+            # Without a sibling to answer from, answer_binding refuses the
+            # change with 420 (from this socket).
+            answer = stun.answer_binding(data, addr, response_origin=origin, other_address=other,
+                                         honour_change=sender is not None)
+        except stun.StunError as e:
+            return self.drop(f"stun-{e.reason}", addr)
+        if answer is None:
+            return
+        if not self.stun_limit.allow(addr[0]):
+            return self.drop("stun-rate-limited", addr)
+        (sender or self).send(answer, addr, "stun")
+
+    def _rfc5780(self, change_ip, change_port):
+        """
+        For a request with CHANGE-REQUEST: C{(sender, response_origin,
+        other_address)}.  C{sender} is the sibling with the other IP and/or
+        port asked for (this socket when no flag is set), or None when there
+        is no such sibling.  C{response_origin} is the sender's address and
+        C{other_address} the sibling with both another IP and another port
+        (RFC 5780's alternate address), each None when unknown: a wildcard
+        socket cannot say which address its answer leaves from, and cannot
+        change IP.
+        """
+        me = next((a for a, p in self.siblings.items() if p is self), None)
+        if me is None:
+            return (None if change_ip or change_port else self), None, None
+        host, port = me
+        live = {a for a, p in self.siblings.items()
+                if p.transport is not None and _family(a[0]) == _family(host)}
+        concrete = _concrete(host)
+        other = min(((h, q) for h, q in live if h != host and q != port and concrete
+                     and _concrete(h)), default=None)
+
+        def pick():
+            if not change_ip and not change_port:
+                return me
+            if change_ip and change_port:
+                return other
+            found = sorted(a for a in live
+                           if (a[0] != host) == change_ip and (a[1] != port) == change_port
+                           and (not change_ip or (concrete and _concrete(a[0]))))
+            # Prefer the alternate address's IP (or port), as RFC 5780 pairs them.
+            i = 0 if change_ip else 1
+            preferred = [a for a in found if other is not None and a[i] == other[i]]
+            return (preferred or found or [None])[0]
+
+        target = pick()
+        if target is None:
+            return None, None, None
+        origin = target if _concrete(target[0]) else None
+        return self.siblings[target], origin, other

@@ -1,0 +1,595 @@
+# -*- test-case-name: tests.lab.test_p2p_lab -*-
+"""
+The P2P client library: log in to the lobby, keep presence, accept or
+refuse introductions, and connect to a peer through the exchange of
+the P2P path, ending with a L{Path} (direct, or relayed by the lobby and
+upgraded when a later punch succeeds).
+
+    client = LobbyClient("alice", key, ("198.18.1.1", 3478), reactor, nat=behaviour)
+    yield client.start()
+    path = yield client.connect("bob")
+    path.on_datagram = print
+    path.send(b"hello")
+"""
+
+import os
+import struct
+
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+
+from p2pnat.daemon.logs import Logger
+from p2pnat.daemon.metrics import Metrics
+from p2pnat.peer.path import Path
+from p2pnat.peer.punch import Punch, PunchFailed, new_socket
+from p2pnat.protocol import p2p as M
+from p2pnat.protocol import wire
+from p2pnat.protocol.strategy import actions_for
+
+
+class Refused(Exception):
+    """The lobby or the peer refused the connection."""
+
+
+class _LobbyClock:
+    """The lobby's clock as we estimate it (for freshness checks)."""
+
+    def __init__(self, clock, stamper):
+        self._clock = clock
+        self._stamper = stamper
+
+    def seconds(self):
+        return self._clock.seconds() + self._stamper.offset
+
+
+class Session:
+    """A session the lobby introduced: its ID, key and our role in it."""
+
+    def __init__(self, client, session_id, key, role, peer):
+        self.client = client
+        self.id = session_id
+        self.key = key
+        self.role = role
+        self.peer = peer
+        self.my_key_id = M.session_key_id(session_id, role)
+        self.peer_key_id = M.session_key_id(session_id, "b" if role == "a" else "a")
+        self.stamper = wire.Stamper(client.clock, client.stamper.offset)
+        self.early = []  # payloads that arrived during the punch
+        self._rounds = 0
+
+    def next_round(self):
+        self._rounds += 1
+        return self._rounds
+
+
+class LobbyClient:
+    """
+    @param lobby: the lobby's (ip, port).
+    @param nat: this host's L{M.NatInfo} (from discovery); unknown if None.
+    @param accept: C{accept(peer_id) -> bool}, asked for each introduction.
+    @param on_path: called with each L{Path} another peer opened to us.
+    """
+
+    log = Logger(namespace="p2pnat.client")
+
+    _FROM_LOBBY = frozenset({M.Welcome.TYPE, M.Invite.TYPE, M.Introduce.TYPE, M.AnswerAck.TYPE,
+                             M.Refusal.TYPE, wire.Pong.TYPE})
+
+    def __init__(self, client_id, key, lobby, reactor, *, interface=None, nat=None,
+                 accept=None, on_path=None, punch_deadline=None, connect_timeout=12.0,
+                 upgrade_interval=20.0, low_ttl=0):
+        self.id = client_id
+        self.key = key
+        self.lobby = lobby
+        self.reactor = self.clock = reactor
+        if not interface:
+            from p2pnat.peer.discovery import source_address
+
+            interface = source_address(lobby)
+        self.interface = interface
+        self.low_ttl = low_ttl
+        self.nat = nat or M.NatInfo()
+        self.accept = accept or (lambda peer: True)
+        self.on_path = on_path or (lambda path: None)
+        self.punch_deadline = punch_deadline
+        self.connect_timeout = connect_timeout
+        self.upgrade_interval = upgrade_interval
+        self.metrics = Metrics("client")
+        self.stamper = wire.Stamper(reactor)
+        self.replay = wire.ReplayGuard(_LobbyClock(reactor, self.stamper))
+        self.public = None  # our address as the lobby sees it
+        self.keepalive = 20
+        self.paths = {}  # peer -> Path
+        self._logged_in = defer.Deferred()
+        self._login_sent = {}
+        self._login_call = None
+        self._login_retry = 0.5
+        self._keepalive_loop = None
+        self._requests = {}  # request id -> handler of lobby answers
+        self._invites = {}  # (peer, request id) -> fresh proto of our answer
+        self.proto = None
+
+    # -- sockets --------------------------------------------------------------------
+
+    def _listen(self, handler):
+        return new_socket(self.reactor, self.interface, handler, self.clock, self.metrics,
+                          self.replay)
+
+    def _seal(self, message):
+        return wire.seal(message, self.id, self.key, self.stamper())
+
+    def _send_lobby(self, proto, message, stamp=None):
+        data = wire.seal(message, self.id, self.key, stamp or self.stamper())
+        try:
+            proto.send(data, self.lobby, type(message).__name__)
+        except OSError as e:
+            self.log.warn("cannot reach the lobby: {error}", error=e)
+
+    def _local(self, proto):
+        host = proto.transport.getHost()
+        return (host.host if host.host not in ("0.0.0.0", "::") else "0.0.0.0", host.port)
+
+    # -- login and presence ----------------------------------------------------------
+
+    def start(self):
+        """Log in; the Deferred fires once the lobby welcomed us."""
+        self.proto = self._listen(self)
+        self._login()
+        return self._logged_in
+
+    def _login(self):
+        self._login_call = None
+        stamp = self.stamper()
+        self._login_sent[stamp] = self.clock.seconds()
+        while len(self._login_sent) > 8:
+            del self._login_sent[next(iter(self._login_sent))]
+        self._send_lobby(self.proto, M.Login(self._local(self.proto), self.nat), stamp)
+        self._login_call = self.clock.callLater(self._login_retry, self._login)
+        self._login_retry = min(self._login_retry * 2, 10.0)
+
+    def stop(self):
+        """Log out, close every path and socket."""
+        for path in list(self.paths.values()):
+            path.close()
+        if self.proto is not None and self.proto.transport is not None:
+            self._send_lobby(self.proto, M.Logout())
+            self.proto.transport.stopListening()
+        for call in (self._login_call,):
+            if call is not None and call.active():
+                call.cancel()
+        if self._keepalive_loop is not None and self._keepalive_loop.running:
+            self._keepalive_loop.stop()
+        for r in list(self._requests.values()):
+            r.cancel()
+
+    def _keepalive(self):
+        try:
+            stamp = self.stamper()
+            self._login_sent[stamp] = self.clock.seconds()
+            while len(self._login_sent) > 8:
+                del self._login_sent[next(iter(self._login_sent))]
+            self._send_lobby(self.proto, M.Keepalive(), stamp)
+        except Exception:
+            self.log.failure("keepalive failed")
+
+    def lobby_key_for(self, key_id, mtype):
+        if key_id == self.id and mtype in self._FROM_LOBBY:
+            return self.key
+        return None
+
+    key_for = lobby_key_for
+
+    def handle(self, frame, message, addr, proto):
+        return self.lobby_message(frame, message, addr, proto)
+
+    def lobby_message(self, frame, message, addr, proto):
+        if addr != self.lobby:
+            return None  # lobby messages come from the lobby only
+        if isinstance(message, M.Welcome):
+            self._welcome(message)
+        elif isinstance(message, M.Invite):
+            self._invited(message, proto)
+        elif isinstance(message, (M.Introduce, M.AnswerAck, M.Refusal)):
+            if isinstance(message, M.Refusal) and message.request_id == 0:
+                self.log.info("the lobby forgot us; logging in again")
+                self._login_retry = 0.5
+                if self._login_call is None:
+                    self._login()
+                return None
+            handler = self._requests.get(message.request_id)
+            if handler is not None:
+                handler.lobby_answer(message, proto)
+        return None
+
+    def _welcome(self, m):
+        sent = self._login_sent.pop(m.echo, None)
+        if sent is None:
+            return
+        self.stamper.sync(sent, self.clock.seconds(), m.server_time)
+        if self.public != m.observed:
+            self.log.info("logged in to the lobby as {id}; public address {addr}", id=self.id,
+                          addr=m.observed)
+        self.public = m.observed
+        if self._login_call is not None and self._login_call.active():
+            self._login_call.cancel()
+        self._login_call = None
+        self._login_retry = 0.5
+        if m.keepalive != self.keepalive or self._keepalive_loop is None:
+            self.keepalive = max(1, m.keepalive)
+            if self._keepalive_loop is not None and self._keepalive_loop.running:
+                self._keepalive_loop.stop()
+            self._keepalive_loop = LoopingCall(self._keepalive)
+            self._keepalive_loop.clock = self.clock
+            self._keepalive_loop.start(self.keepalive, now=False)
+        if not self._logged_in.called:
+            self._logged_in.callback(self)
+
+    # -- connecting (we are A) ---------------------------------------------------------
+
+    def connect(self, peer, timeout=None):
+        """
+        Open a path to C{peer}.  Fires with a L{Path} (``direct`` or
+        ``relayed``); fails with L{Refused}.
+        """
+        attempt = _Attempt(self, peer, timeout or self.connect_timeout)
+        return attempt.start()
+
+    def _register(self, request_id, handler):
+        self._requests[request_id] = handler
+
+    def _unregister(self, request_id):
+        self._requests.pop(request_id, None)
+
+    def new_request_id(self):
+        rid = 0
+        while rid == 0 or rid in self._requests:
+            rid = struct.unpack("!Q", os.urandom(8))[0]
+        return rid
+
+    # -- being connected to (we are B) --------------------------------------------------
+
+    def _invited(self, m, proto):
+        if (m.peer, m.request_id) in self._invites:
+            # The lobby sent the invitation again: our answer was lost.
+            self._invites[(m.peer, m.request_id)].resend()
+            return
+        accepted = bool(self.accept(m.peer))
+        self.log.info("{peer} asks to connect: {verdict}", peer=m.peer,
+                      verdict="accepted" if accepted else "refused")
+        answer = _Answer(self, m, accepted)
+        self._invites[(m.peer, m.request_id)] = answer
+        answer.start()
+
+    def path_closed(self, path):
+        if self.paths.get(path.peer) is path:
+            del self.paths[path.peer]
+
+    def _path_for(self, peer):
+        path = self.paths.get(peer)
+        if path is None or path.mode == "closed":
+            path = Path(self, peer)
+            self.paths[peer] = path
+        return path
+
+
+class _Side:
+    """What A's attempt and B's answer share: punching, then relay fallback."""
+
+    log = Logger(namespace="p2pnat.client")
+
+    def _punch(self, role, peer_observed, peer_local, peer_nat):
+        c = self.client
+        actions, plan, deadline = actions_for(role, c.nat, peer_nat, peer_observed, peer_local,
+                                              c.public, c.low_ttl)
+        self.strategy = plan.strategy
+        deadline = c.punch_deadline or deadline
+        self.log.info("punching {peer} ({role}): {strategy}: {reason}", peer=self.session.peer,
+                      role=role, strategy=plan.strategy, reason=plan.reason)
+        if actions.idle:
+            return defer.fail(PunchFailed(f"{plan.strategy}: {plan.reason}"))
+        self.punch = Punch(self.session, actions, self.fresh, c._listen, c.clock, deadline)
+        return self.punch.start()
+
+    def _direct(self, result):
+        proto, addr = result
+        path = self.client._path_for(self.session.peer)
+        path.use_direct(proto, addr, self.session)
+        path.strategy = self.strategy
+        path.probes = self.punch.sent if self.punch is not None else 0
+        for payload in self.session.early:
+            path.deliver(payload)
+        self.session.early = []
+        if self.fresh is not proto and self.fresh.transport is not None and \
+                path.relayed is None:
+            self.fresh.transport.stopListening()
+        return path
+
+    def _relay(self, failure):
+        failure.trap(PunchFailed)
+        if self.strategy != "relay":
+            self.strategy = f"relay (after {self.strategy})"
+        self.log.info("no direct path to {peer} ({why}); relaying through the lobby",
+                      peer=self.session.peer, why=failure.getErrorMessage())
+        return _RelayBind(self.client, self.session, self.fresh, self.strategy).start()
+
+
+class _Attempt(_Side):
+    """
+    A's side of one connect: rounds of (a request from a fresh port, the
+    lobby's introduction, the punch) until a direct path, or until the
+    time left is only enough for the relay.  Each round starts from fresh
+    observations, as the seed repeats its steps 4-5.
+    """
+
+    #: Seconds kept at the end for the relay fallback.
+    RELAY_RESERVE = 3.0
+
+    def __init__(self, client, peer, timeout, path=None):
+        self.client = client
+        self.peer = peer
+        self.timeout = timeout
+        self.upgrade_of = path
+        self.result = defer.Deferred()
+        self.rounds = 0
+        self.probes = 0
+        self._call = None
+        self.session = None
+        self.punch = None
+        self.fresh = None
+        self.request_id = None
+
+    def start(self):
+        c = self.client
+        self.started = c.clock.seconds()
+        self._deadline = c.clock.callLater(self.timeout, self._expired)
+        self._round()
+        return self.result
+
+    def _round(self):
+        c = self.client
+        if self.request_id is not None:
+            c._unregister(self.request_id)
+        self.rounds += 1
+        self.session = self.punch = None
+        self.request_id = c.new_request_id()
+        self.fresh = c._listen(c)
+        self._tries = 0
+        c._register(self.request_id, self)
+        self._request()
+
+    def _request(self):
+        self._call = None
+        if self.fresh.transport is None:
+            return
+        self._tries += 1
+        c = self.client
+        c._send_lobby(self.fresh, M.ConnectRequest(self.request_id, self.peer,
+                                                   c._local(self.fresh), c.nat))
+        self._call = c.clock.callLater(min(0.5 * self._tries, 2.0), self._request)
+
+    def lobby_answer(self, m, proto):
+        if self.session is not None or self.result.called or proto is not self.fresh:
+            return
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        if isinstance(m, M.Refusal):
+            return self._fail(Refused(M.REFUSALS.get(m.code, f"code {m.code}")))
+        if not isinstance(m, M.Introduce):
+            return
+        if not m.accepted:
+            return self._fail(Refused(f"{self.peer} refused"))
+        c = self.client
+        key = M.open_session_key(c.key, m.session_id, m.sealed_key)
+        self.session = Session(c, m.session_id, key, "a", self.peer)
+        d = self._punch("a", m.observed, m.local, m.nat)
+        d.addCallback(self._direct)
+        d.addErrback(self._punch_failed)
+        d.addBoth(self._finish)
+
+    def _punch_failed(self, failure):
+        failure.trap(PunchFailed)
+        if self.punch is not None:
+            self.probes += self.punch.sent
+        c = self.client
+        left = self.timeout - (c.clock.seconds() - self.started)
+        if self.punch is not None and left > self.RELAY_RESERVE + 0.5:
+            self.log.info("round {n} to {peer} missed ({why}); another round",
+                          n=self.rounds, peer=self.peer, why=failure.getErrorMessage())
+            if self.fresh.transport is not None:
+                self.fresh.transport.stopListening()
+            self._round()
+            return _AGAIN
+        if self.upgrade_of is not None:
+            return failure
+        return self._relay(failure)
+
+    def _direct(self, result):
+        path = _Side._direct(self, result)
+        path.rounds = self.rounds
+        path.probes = self.probes + (self.punch.sent if self.punch is not None else 0)
+        return path
+
+    def _finish(self, result):
+        if result is _AGAIN or self.result.called:
+            return
+        self.client._unregister(self.request_id)
+        if self._deadline.active():
+            self._deadline.cancel()
+        if isinstance(result, Path):
+            if result.mode == "relayed":
+                result.rounds = self.rounds
+                result.probes = self.probes  # every round's (the relay sends none)
+                _schedule_upgrade(self.client, result)
+            self.result.callback(result)
+        else:
+            self.result.errback(result)
+
+    def _fail(self, exc):
+        self.client._unregister(self.request_id)
+        if self._deadline.active():
+            self._deadline.cancel()
+        if self.fresh is not None and self.fresh.transport is not None:
+            self.fresh.transport.stopListening()
+        if not self.result.called:
+            self.result.errback(exc)
+
+    def _expired(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        if self.punch is not None:
+            self.punch.cancel()
+        if self.session is None:
+            self._fail(Refused("the lobby did not answer in time"))
+
+    def cancel(self):
+        self._expired()
+
+
+#: A failed round that started another: nothing to report yet.
+_AGAIN = object()
+
+
+class _Answer(_Side):
+    """B's side: the answer from a fresh port, then at once the punch."""
+
+    def __init__(self, client, invite, accepted):
+        self.client = client
+        self.invite = invite
+        self.accepted = accepted
+        self.acked = False
+        self._call = None
+        self._tries = 0
+        self.punch = None
+        self.session = None
+
+    def start(self):
+        c = self.client
+        self.fresh = c._listen(c)
+        c._register(self.invite.request_id, self)
+        self.resend()
+        if not self.accepted:
+            return
+        m = self.invite
+        key = M.open_session_key(c.key, m.session_id, m.sealed_key)
+        self.session = Session(c, m.session_id, key, "b", m.peer)
+        # The seed: B sends its probe right after answering.
+        d = self._punch("b", m.observed, m.local, m.nat)
+        d.addCallback(self._direct)
+        # Always offer the relay, even with a path to this peer already up:
+        # that path may be stale (the peer crashed, or its PathClose was
+        # lost) and the peer is connecting afresh.  When the peer is only
+        # trying to upgrade a relayed path, it does not bind, and this bind
+        # gives up on its own.
+        d.addErrback(self._relay)
+        d.addCallbacks(self._opened, self._failed)
+
+    def resend(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if self.acked or self._tries >= 8 or self.fresh.transport is None:
+            return
+        self._tries += 1
+        c = self.client
+        c._send_lobby(self.fresh, M.Answer(self.invite.request_id, self.accepted,
+                                           c._local(self.fresh), c.nat))
+        self._call = c.clock.callLater(0.3 * self._tries, self.resend)
+
+    def lobby_answer(self, m, proto):
+        if isinstance(m, M.AnswerAck):
+            self.acked = True
+            if self._call is not None and self._call.active():
+                self._call.cancel()
+            if not self.accepted:
+                self._done()
+
+    def _opened(self, path):
+        self._done()
+        self.client.on_path(path)
+
+    def _failed(self, failure):
+        self._done()
+        self.log.info("incoming path from {peer} failed: {why}", peer=self.invite.peer,
+                      why=failure.getErrorMessage())
+
+    def _done(self):
+        self.client._unregister(self.invite.request_id)
+        if not self.accepted and self.fresh.transport is not None:
+            self.fresh.transport.stopListening()
+
+    def cancel(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        if self.punch is not None:
+            self.punch.cancel()
+
+
+class _RelayBind:
+    """Ask the lobby to relay the session; fire with the relayed L{Path}."""
+
+    def __init__(self, client, session, proto, strategy="relay"):
+        self.client = client
+        self.session = session
+        self.proto = proto
+        self.strategy = strategy
+        self.done = defer.Deferred()
+        self._tries = 0
+        self._call = None
+
+    def start(self):
+        self.proto.handler = self
+        self._bind()
+        return self.done
+
+    def _bind(self):
+        self._call = None
+        if self._tries >= 40:
+            return self.done.errback(Refused("the lobby does not relay this session"))
+        self._tries += 1
+        s = self.session
+        data = wire.seal(M.RelayBind(), s.my_key_id, s.key, s.stamper())
+        self.proto.send(data, self.client.lobby, "RelayBind")
+        self._call = self.client.clock.callLater(0.25, self._bind)
+
+    def key_for(self, key_id, mtype):
+        if key_id == self.session.my_key_id and mtype == M.RelayBound.TYPE:
+            return self.session.key
+        if key_id == self.session.peer_key_id:
+            return self.session.key
+        return self.client.lobby_key_for(key_id, mtype)
+
+    def handle(self, frame, message, addr, proto):
+        if isinstance(message, M.RelayBound) and addr == self.client.lobby:
+            if message.ready and not self.done.called:
+                if self._call is not None and self._call.active():
+                    self._call.cancel()
+                path = self.client._path_for(self.session.peer)
+                path.use_relay(proto, self.client.lobby, self.session)
+                path.strategy = self.strategy
+                for payload in self.session.early:
+                    path.deliver(payload)
+                self.session.early = []
+                self.done.callback(path)
+            return None
+        if frame.key_id == self.session.peer_key_id and isinstance(message, M.Data):
+            self.session.early.append(message.payload)
+        return None
+
+
+def _schedule_upgrade(client, path, delay=None):
+    """While a path is relayed, try again for a direct one now and then."""
+    delay = delay or client.upgrade_interval
+
+    def attempt():
+        if path.mode != "relayed" or client.paths.get(path.peer) is not path:
+            return
+        a = _Attempt(client, path.peer, client.connect_timeout, path=path)
+        d = a.start()
+
+        def again(result):
+            if path.mode == "relayed":
+                _schedule_upgrade(client, path, min(delay * 2, 300))
+
+        d.addBoth(again)
+
+    client.clock.callLater(delay, attempt)

@@ -1,0 +1,195 @@
+# -*- test-case-name: tests.lab.test_p2p_lab -*-
+"""
+A path between two peers, for applications: send and receive datagrams,
+direct when a punch succeeded, relayed by the lobby otherwise, upgraded
+from relayed to direct when a later punch succeeds.
+"""
+
+from p2pnat.daemon.logs import Logger
+from p2pnat.protocol import p2p as M
+from p2pnat.protocol import wire
+
+
+class Path:
+    """
+    One peer-to-peer path.
+
+    @ivar mode: ``"direct"``, ``"relayed"`` or ``"closed"``.
+    @ivar on_datagram: called with each payload received; payloads that
+        arrive before it is set (the peer may send the moment its side is
+        up) are kept, up to L{BACKLOG}, and handed over when it is.
+    @ivar on_mode: called with the new mode when it changes (``direct``
+        after an upgrade, ``closed``).
+    """
+
+    log = Logger(namespace="p2pnat.path")
+
+    def __init__(self, client, peer, keepalive=15.0):
+        self.client = client
+        self.clock = client.clock
+        self.peer = peer
+        self.mode = "connecting"
+        self.keepalive_interval = keepalive
+        self._on_datagram = None
+        self._backlog = []
+        self.on_mode = lambda mode: None
+        self.direct = None  # (proto, addr, session)
+        self.relayed = None  # (proto, lobby addr, session)
+        self._keepalive = None
+        self.received = 0
+        self.sent = 0
+        self.strategy = None  # how the path was made, for reports
+        self.probes = 0
+        self.rounds = 0
+
+    BACKLOG = 64
+
+    @property
+    def on_datagram(self):
+        return self._on_datagram
+
+    @on_datagram.setter
+    def on_datagram(self, callback):
+        self._on_datagram = callback
+        backlog, self._backlog = self._backlog, []
+        for payload in backlog:
+            callback(payload)
+
+    def deliver(self, payload):
+        """Hand a received payload to the application (or keep it until there is one)."""
+        if self._on_datagram is not None:
+            self._on_datagram(payload)
+        elif len(self._backlog) < self.BACKLOG:
+            self._backlog.append(payload)
+
+    # -- set up by the client -----------------------------------------------------
+
+    def use_direct(self, proto, addr, session):
+        old, self.direct = self.direct, (proto, addr, session)
+        proto.handler = _PathHandler(self, session)
+        if old is not None and old[0] is not proto:
+            old[0].transport.stopListening()
+        self._set_mode("direct")
+        self._schedule_keepalive()
+
+    def use_relay(self, proto, lobby_addr, session):
+        self.relayed = (proto, lobby_addr, session)
+        proto.handler = _PathHandler(self, session)
+        if self.direct is not None and self.direct[2] is not session:
+            # The peer connected afresh (it restarted, or our path to it went
+            # stale): the old direct route leads nowhere any more.
+            old, self.direct = self.direct, None
+            if old[0] is not proto and old[0].transport is not None:
+                old[0].transport.stopListening()
+        if self.direct is None:
+            self._set_mode("relayed")
+            self._schedule_keepalive()
+
+    def _set_mode(self, mode):
+        if mode != self.mode:
+            self.log.info("path to {peer}: {mode}", peer=self.peer, mode=mode)
+            self.mode = mode
+            self.on_mode(mode)
+
+    # -- for applications -----------------------------------------------------------
+
+    def send(self, payload):
+        """Send one datagram (at most L{M.MAX_PAYLOAD} bytes) to the peer."""
+        if len(payload) > M.MAX_PAYLOAD:
+            raise ValueError(f"payload larger than {M.MAX_PAYLOAD} bytes")
+        self._send(M.Data(payload))
+        self.sent += 1
+
+    def _send(self, message):
+        route = self.direct or self.relayed
+        if route is None or self.mode == "closed":
+            raise ConnectionError("path closed")
+        proto, addr, session = route
+        data = wire.seal(message, session.my_key_id, session.key, session.stamper())
+        proto.send(data, addr, type(message).__name__)
+
+    def _send_to(self, proto, addr, message):
+        session = self.direct[2] if self.direct else self.relayed[2]
+        data = wire.seal(message, session.my_key_id, session.key, session.stamper())
+        proto.send(data, addr, type(message).__name__)
+
+    def close(self):
+        """Tell the peer, stop timers, release the sockets."""
+        if self.mode == "closed":
+            return
+        try:
+            self._send(M.PathClose())
+        except (ConnectionError, OSError):
+            pass
+        self._closed()
+
+    def _closed(self):
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+        for route in (self.direct, self.relayed):
+            if route is not None and route[0].transport is not None:
+                route[0].transport.stopListening()
+        self.client.path_closed(self)
+        self._set_mode("closed")
+
+    def _schedule_keepalive(self):
+        if self._keepalive is not None and self._keepalive.active():
+            return
+        self._keepalive = self.clock.callLater(self.keepalive_interval, self._tick)
+
+    def _tick(self):
+        self._keepalive = None
+        if self.mode == "closed":
+            return
+        try:
+            self._send(M.PathKeepalive())
+        except Exception:
+            self.log.failure("path keepalive failed")
+        self._schedule_keepalive()
+
+    # -- from the sockets --------------------------------------------------------------
+
+    def _received(self, message, proto, addr):
+        if (isinstance(message, (M.Data, M.PathKeepalive)) and self.direct is not None
+                and proto is self.direct[0] and addr != self.direct[1]):
+            # The peer's NAT gave its path socket a new mapping: follow it
+            # (authenticated), before the payload is delivered, so that an
+            # answer sent at once goes there.  Only on path traffic: a probe
+            # may come from another of the peer's punch sockets, closed since
+            # (it answered its first success), and following that lost the
+            # replies (NAT lab, birthday punches).
+            self.direct = (proto, addr, self.direct[2])
+        if isinstance(message, M.Data):
+            self.received += 1
+            self.deliver(message.payload)
+        elif isinstance(message, M.PathClose):
+            self.log.info("path to {peer} closed by the peer", peer=self.peer)
+            self._closed()
+        elif isinstance(message, M.Probe):
+            # The peer is still punching (it did not see our ack): answer.
+            self._send_to(proto, addr, M.ProbeAck(message.round, message.index, addr))
+        return None
+
+
+class _PathHandler:
+    """ControlProtocol handler of a path's socket: only the peer's traffic."""
+
+    _TYPES = frozenset({M.Data.TYPE, M.PathKeepalive.TYPE, M.PathClose.TYPE, M.Probe.TYPE,
+                        M.ProbeAck.TYPE, M.RelayBound.TYPE})
+
+    def __init__(self, path, session):
+        self.path = path
+        self.session = session
+
+    def key_for(self, key_id, mtype):
+        if mtype == M.RelayBound.TYPE:
+            # The lobby answers a RelayBind under the key it was sent with.
+            return self.session.key if key_id == self.session.my_key_id else None
+        if mtype in self._TYPES and key_id == self.session.peer_key_id:
+            return self.session.key
+        return None
+
+    def handle(self, frame, message, addr, proto):
+        if isinstance(message, M.RelayBound):
+            return None
+        return self.path._received(message, proto, addr)

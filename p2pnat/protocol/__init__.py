@@ -1,0 +1,3 @@
+"""
+Wire formats and planning: pure logic, no Twisted, no sockets, no clock.
+"""

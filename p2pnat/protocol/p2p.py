@@ -1,0 +1,472 @@
+# -*- test-case-name: tests.unit.test_p2p_messages -*-
+"""
+Wire messages of the P2P path (types 0x20-0x3F of the p2pnat frame; see
+``docs/protocol.rst``).
+
+Lobby messages are authenticated with the client's key (key ID: the
+client ID).  Punch probes and path traffic are authenticated with the
+session key the lobby hands to both peers; their key ID is
+``SESSION.a`` or ``SESSION.b`` (the session ID in hex and the sender's
+role), so that each direction has its own replay window.
+
+The session key travels to each peer encrypted with a pad derived from
+that peer's own key (HMAC-SHA256 as a PRF over the session ID), and the
+whole message is MAC'd: only the two peers and the lobby know it.
+"""
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+
+from p2pnat.protocol import wire
+from p2pnat.protocol.wire import Message, WireError, pack_addr, register, unpack_addr
+
+#: Request IDs, session IDs.
+SESSION_ID_LEN = 16
+
+
+def seal_session_key(client_key, session_id, session_key):
+    """Encrypt a 32-byte session key for the client owning C{client_key}."""
+    pad = hmac.new(client_key, b"p2pnat session key\0" + session_id, hashlib.sha256).digest()
+    return bytes(a ^ b for a, b in zip(session_key, pad))
+
+
+open_session_key = seal_session_key  # XOR with the same pad
+
+
+def session_key_id(session_id, role):
+    """The key ID of path traffic sent by C{role} ('a' or 'b')."""
+    return f"{session_id.hex()}.{role}"
+
+
+def parse_session_key_id(key_id):
+    """``(session_id, role)`` of a path key ID, or None."""
+    sid, _, role = key_id.partition(".")
+    if role not in ("a", "b") or len(sid) != 2 * SESSION_ID_LEN:
+        return None
+    try:
+        return bytes.fromhex(sid), role
+    except ValueError:
+        return None
+
+
+# -- NAT information, as clients report it -------------------------------------
+
+MAPPINGS = ("unknown", "none", "endpoint-independent", "address-dependent",
+            "address-and-port-dependent")
+ALLOCATIONS = ("unknown", "preserving", "sequential", "random")
+_NAT = struct.Struct("!BBBhH")
+
+
+@dataclass(frozen=True)
+class NatInfo:
+    """
+    What a client learnt of its NAT (see L{p2pnat.protocol.nat}), as carried
+    on the wire: mapping and filtering behaviour, port allocation and its
+    step, and the rate (ports per second) other traffic consumes.
+    """
+
+    mapping: str = "unknown"
+    filtering: str = "unknown"
+    allocation: str = "unknown"
+    step: int = 0
+    rate: float = 0.0
+
+    def encode(self):
+        return _NAT.pack(MAPPINGS.index(self.mapping), MAPPINGS.index(self.filtering),
+                         ALLOCATIONS.index(self.allocation), self.step,
+                         min(65535, int(round(self.rate * 10))))
+
+    @classmethod
+    def decode(cls, data, offset=0):
+        if len(data) < offset + _NAT.size:
+            raise WireError("bad-body", "nat info truncated")
+        m, f, a, step, rate = _NAT.unpack_from(data, offset)
+        try:
+            return cls(MAPPINGS[m], MAPPINGS[f], ALLOCATIONS[a], step, rate / 10), \
+                offset + _NAT.size
+        except IndexError:
+            raise WireError("bad-body", "nat info values")
+
+
+def _check_zero(data, what="padding"):
+    if any(data):
+        raise WireError("bad-body", f"{what} must be zero")
+
+
+def _id(data, offset):
+    if len(data) < offset + 1:
+        raise WireError("bad-body", "id truncated")
+    n = data[offset]
+    end = offset + 1 + n
+    if len(data) < end:
+        raise WireError("bad-body", "id truncated")
+    try:
+        text = data[offset + 1:end].decode("ascii")
+    except UnicodeDecodeError:
+        raise WireError("bad-body", "id not ascii")
+    if not wire.valid_key_id(text):
+        raise WireError("bad-body", "bad id")
+    return text, end
+
+
+def _pack_id(text):
+    raw = text.encode("ascii")
+    return bytes([len(raw)]) + raw
+
+
+# -- lobby ---------------------------------------------------------------------
+
+@register
+@dataclass
+class Login(Message):
+    """Client to lobby: I am here (and this is my NAT).  Answered by L{Welcome}."""
+
+    TYPE = 0x20
+    FRESH_EXEMPT = True  # asks for the lobby's clock; the answer echoes it
+    local: tuple = ("0.0.0.0", 0)
+    nat: NatInfo = NatInfo()
+    padding: int = 32
+
+    def encode_body(self):
+        return pack_addr(*self.local) + self.nat.encode() + bytes(self.padding)
+
+    @classmethod
+    def decode_body(cls, body):
+        local, end = unpack_addr(body)
+        nat, end = NatInfo.decode(body, end)
+        _check_zero(body[end:])
+        return cls(local, nat, len(body) - end)
+
+
+@register
+@dataclass
+class Welcome(Message):
+    """
+    Lobby to client: logged in (or presence refreshed).  Echoes the
+    request's timestamp; tells the observed address, the lobby's clock and
+    the keepalive interval to keep presence.
+    """
+
+    TYPE = 0x21
+    FRESH_EXEMPT = True  # bound to our request by the echo
+    echo: int = 0
+    observed: tuple = ("0.0.0.0", 0)
+    server_time: int = 0
+    keepalive: int = 20
+
+    def encode_body(self):
+        return struct.pack("!Q", self.echo) + pack_addr(*self.observed) + struct.pack(
+            "!QH", self.server_time, self.keepalive)
+
+    @classmethod
+    def decode_body(cls, body):
+        if len(body) < 8:
+            raise WireError("bad-body", "welcome truncated")
+        (echo,) = struct.unpack_from("!Q", body)
+        observed, end = unpack_addr(body, 8)
+        if len(body) != end + 10:
+            raise WireError("bad-body", "welcome length")
+        server_time, keepalive = struct.unpack_from("!QH", body, end)
+        return cls(echo, observed, server_time, keepalive)
+
+
+@register
+@dataclass
+class Keepalive(wire.Padded):
+    """Client to lobby: keep my presence (and the NAT mapping).  Answered by L{Welcome}."""
+
+    TYPE = 0x22
+    padding: int = 40  # a Welcome with an IPv6 address must not be larger
+
+
+@register
+@dataclass
+class Logout(Message):
+    """Client to lobby: I am leaving.  Not answered."""
+
+    TYPE = 0x23
+
+
+@register
+@dataclass
+class ConnectRequest(Message):
+    """
+    A to lobby, sent from a fresh local port (the lobby observes the fresh
+    mapping P+b): introduce me to C{peer}.  C{local} is this socket's own
+    address (for peers on the same LAN).
+    """
+
+    TYPE = 0x24
+    request_id: int = 0
+    peer: str = ""
+    local: tuple = ("0.0.0.0", 0)
+    nat: NatInfo = NatInfo()
+    padding: int = 0
+
+    def encode_body(self):
+        return (struct.pack("!Q", self.request_id) + _pack_id(self.peer)
+                + pack_addr(*self.local) + self.nat.encode() + bytes(self.padding))
+
+    @classmethod
+    def decode_body(cls, body):
+        if len(body) < 8:
+            raise WireError("bad-body", "connect truncated")
+        (rid,) = struct.unpack_from("!Q", body)
+        peer, end = _id(body, 8)
+        local, end = unpack_addr(body, end)
+        nat, end = NatInfo.decode(body, end)
+        _check_zero(body[end:])
+        return cls(rid, peer, local, nat, len(body) - end)
+
+
+@dataclass
+class _Introduction(Message):
+    """
+    Lobby to a peer: the other side's ID, observed fresh address, local
+    address and NAT, and the session (ID and encrypted key).
+    """
+
+    TYPE = None
+    request_id: int = 0
+    peer: str = ""
+    observed: tuple = ("0.0.0.0", 0)
+    local: tuple = ("0.0.0.0", 0)
+    nat: NatInfo = NatInfo()
+    session_id: bytes = bytes(SESSION_ID_LEN)
+    sealed_key: bytes = bytes(32)
+    accepted: bool = True
+
+    def encode_body(self):
+        return (struct.pack("!QB", self.request_id, int(self.accepted)) + _pack_id(self.peer)
+                + pack_addr(*self.observed) + pack_addr(*self.local) + self.nat.encode()
+                + self.session_id + self.sealed_key)
+
+    @classmethod
+    def decode_body(cls, body):
+        if len(body) < 9:
+            raise WireError("bad-body", "introduction truncated")
+        rid, accepted = struct.unpack_from("!QB", body)
+        peer, end = _id(body, 9)
+        observed, end = unpack_addr(body, end)
+        local, end = unpack_addr(body, end)
+        nat, end = NatInfo.decode(body, end)
+        if len(body) != end + SESSION_ID_LEN + 32:
+            raise WireError("bad-body", "introduction length")
+        sid = bytes(body[end:end + SESSION_ID_LEN])
+        key = bytes(body[end + SESSION_ID_LEN:])
+        return cls(rid, peer, observed, local, nat, sid, key, bool(accepted))
+
+
+@register
+@dataclass
+class Invite(_Introduction):
+    """Lobby to B (at B's presence address): A asks to connect; here is A."""
+
+    TYPE = 0x25
+
+
+@register
+@dataclass
+class Answer(Message):
+    """
+    B to lobby, from a fresh local port (the lobby observes Q+d): accept or
+    refuse the request.  Retransmitted until the lobby's L{AnswerAck}.
+    """
+
+    TYPE = 0x26
+    request_id: int = 0
+    accepted: bool = False
+    local: tuple = ("0.0.0.0", 0)
+    nat: NatInfo = NatInfo()
+    padding: int = 16
+
+    def encode_body(self):
+        return (struct.pack("!QB", self.request_id, int(self.accepted))
+                + pack_addr(*self.local) + self.nat.encode() + bytes(self.padding))
+
+    @classmethod
+    def decode_body(cls, body):
+        if len(body) < 9:
+            raise WireError("bad-body", "answer truncated")
+        rid, accepted = struct.unpack_from("!QB", body)
+        local, end = unpack_addr(body, 9)
+        nat, end = NatInfo.decode(body, end)
+        _check_zero(body[end:])
+        return cls(rid, bool(accepted), local, nat, len(body) - end)
+
+
+@register
+@dataclass
+class Introduce(_Introduction):
+    """
+    Lobby to A (to A's fresh mapping, the source of its request): B's
+    answer, B's observed fresh address Q+d, and the session.
+    """
+
+    TYPE = 0x27
+
+
+@register
+@dataclass
+class AnswerAck(Message):
+    """Lobby to B: your answer arrived (from this observed address)."""
+
+    TYPE = 0x28
+    request_id: int = 0
+    observed: tuple = ("0.0.0.0", 0)
+
+    def encode_body(self):
+        return struct.pack("!Q", self.request_id) + pack_addr(*self.observed)
+
+    @classmethod
+    def decode_body(cls, body):
+        if len(body) < 8:
+            raise WireError("bad-body", "answer ack truncated")
+        (rid,) = struct.unpack_from("!Q", body)
+        observed, end = unpack_addr(body, 8)
+        if end != len(body):
+            raise WireError("bad-body", "answer ack length")
+        return cls(rid, observed)
+
+
+#: Reasons of a L{Refusal}.
+REFUSALS = {1: "no such client", 2: "peer offline", 3: "refused by the peer",
+            4: "too many requests", 5: "not logged in"}
+
+
+@register
+@dataclass
+class Refusal(Message):
+    """Lobby to a client: your request C{request_id} failed (C{code} in L{REFUSALS})."""
+
+    TYPE = 0x29
+    request_id: int = 0
+    code: int = 0
+
+    def encode_body(self):
+        return struct.pack("!QB", self.request_id, self.code)
+
+    @classmethod
+    def decode_body(cls, body):
+        if len(body) != 9:
+            raise WireError("bad-body", "refusal length")
+        return cls(*struct.unpack("!QB", body))
+
+
+@register
+@dataclass
+class RelayBind(wire.Padded):
+    """
+    A peer to the lobby, key ID ``SESSION.ROLE``: relay this session's
+    datagrams to me at this (observed) address.  Answered by
+    L{RelayBound}.
+    """
+
+    TYPE = 0x2A
+    padding: int = 8
+
+
+@register
+@dataclass
+class RelayBound(Message):
+    """Lobby to a peer: relaying; C{ready} once both peers are bound."""
+
+    TYPE = 0x2B
+    ready: bool = False
+
+    def encode_body(self):
+        return bytes([int(self.ready)])
+
+    @classmethod
+    def decode_body(cls, body):
+        if len(body) != 1:
+            raise WireError("bad-body", "relay bound length")
+        return cls(bool(body[0]))
+
+
+# -- path ---------------------------------------------------------------------
+
+@register
+@dataclass
+class Probe(Message):
+    """
+    A punch probe, peer to peer (key ID ``SESSION.ROLE``).  Answered by a
+    L{ProbeAck} from the socket it reached.
+    """
+
+    TYPE = 0x30
+    round: int = 0
+    index: int = 0
+    padding: int = 24
+
+    def encode_body(self):
+        return struct.pack("!HH", self.round, self.index) + bytes(self.padding)
+
+    @classmethod
+    def decode_body(cls, body):
+        if len(body) < 4:
+            raise WireError("bad-body", "probe truncated")
+        _check_zero(body[4:])
+        return cls(*struct.unpack_from("!HH", body), padding=len(body) - 4)
+
+
+@register
+@dataclass
+class ProbeAck(Message):
+    """Answer to a L{Probe}: its round and index, and its source as seen here."""
+
+    TYPE = 0x31
+    round: int = 0
+    index: int = 0
+    observed: tuple = ("0.0.0.0", 0)
+
+    def encode_body(self):
+        return struct.pack("!HH", self.round, self.index) + pack_addr(*self.observed)
+
+    @classmethod
+    def decode_body(cls, body):
+        if len(body) < 4:
+            raise WireError("bad-body", "probe ack truncated")
+        rnd, index = struct.unpack_from("!HH", body)
+        observed, end = unpack_addr(body, 4)
+        if end != len(body):
+            raise WireError("bad-body", "probe ack length")
+        return cls(rnd, index, observed)
+
+
+@register
+@dataclass
+class Data(Message):
+    """An application datagram on a path (direct, or relayed by the lobby)."""
+
+    TYPE = 0x32
+    payload: bytes = b""
+
+    def encode_body(self):
+        return self.payload
+
+    @classmethod
+    def decode_body(cls, body):
+        return cls(bytes(body))
+
+
+@register
+@dataclass
+class PathKeepalive(Message):
+    """Keeps a direct path's NAT mappings open; answered by nothing."""
+
+    TYPE = 0x33
+
+
+@register
+@dataclass
+class PathClose(Message):
+    """The sender closed the path."""
+
+    TYPE = 0x34
+
+
+#: Largest application payload in one L{Data} frame.
+MAX_PAYLOAD = wire.MAX_DATAGRAM - wire.MIN_FRAME - 2 * wire.MAX_KEY_ID

@@ -1,0 +1,530 @@
+# -*- test-case-name: tests.unit.test_wire -*-
+"""
+The p2pnat UDP control wire format, version 1.
+
+Every control datagram (notify, connect request, lobby messages, punch
+probes) has the same frame; see ``docs/protocol.rst`` for the byte layout
+and the message catalogue.  In short::
+
+    marker(1)=0x0C version(1)=1 type(1) flags(1) timestamp_us(8)
+    key_id_len(1) key_id(key_id_len) body_len(2) body(body_len) mac(16)
+
+The first byte 0x0C lies in the range RFC 7983 leaves unassigned (4..15),
+so the same socket can tell our frames from STUN (0..3), DTLS (20..63) and
+QUIC (64..127, 192..255).
+
+The MAC is HMAC-SHA256 truncated to 16 bytes, keyed with the 32-byte key
+named by ``key_id`` (a device ID, a lobby client ID or a punch session ID),
+over every byte before it.  The timestamp is microseconds on the receiver's
+clock as the sender estimates it; a receiver accepts a frame only if its
+timestamp is newer than the last one seen for that key and within a window
+of its own clock (:class:`ReplayGuard`).
+
+This module is pure: bytes in, objects out, no sockets and no clocks of its
+own.  Malformed input raises :class:`WireError` whose ``reason`` is a short
+token used as a log and metrics label.
+"""
+
+import hashlib
+import hmac
+import re
+import socket
+import struct
+from dataclasses import dataclass
+
+MARKER = 0x0C
+VERSION = 1
+MAC_LEN = 16
+KEY_LEN = 32
+MAX_KEY_ID = 64
+#: The largest datagram we send or accept: fits the IPv6 minimum MTU with
+#: room for IP and UDP headers.
+MAX_DATAGRAM = 1200
+
+_HEAD = struct.Struct("!BBBBQB")  # marker, version, type, flags, timestamp, key_id_len
+_BODY_LEN = struct.Struct("!H")
+MIN_FRAME = _HEAD.size + 1 + _BODY_LEN.size + MAC_LEN
+
+
+class WireError(ValueError):
+    """
+    A datagram that is not a valid frame.
+
+    @ivar reason: short label: ``truncated``, ``oversized``, ``bad-marker``,
+        ``bad-version``, ``bad-type``, ``bad-length``, ``bad-key-id``,
+        ``bad-mac``, ``bad-body``.
+    """
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# -- addresses ---------------------------------------------------------------
+
+def pack_addr(host, port):
+    """
+    Encode an IP address and port as family(1) port(2) ip(4 or 16).
+    """
+    try:
+        return _V4.pack(4, port) + socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        pass
+    try:
+        return _V4.pack(6, port) + socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        raise WireError("bad-body", f"not an IP address: {host!r}")
+
+
+_V4 = struct.Struct("!BH")
+ADDR_V6_SIZE = 3 + 16
+
+
+def unpack_addr(data, offset=0):
+    """
+    Decode an address written by L{pack_addr}; return ``((host, port), end)``.
+    """
+    if len(data) < offset + 3:
+        raise WireError("bad-body", "address truncated")
+    family, port = _V4.unpack_from(data, offset)
+    size = {4: 4, 6: 16}.get(family)
+    if size is None:
+        raise WireError("bad-body", f"address family {family}")
+    end = offset + 3 + size
+    if len(data) < end:
+        raise WireError("bad-body", "address truncated")
+    # inet_ntop: the same text the kernel (and so Twisted) gives addresses.
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    return (socket.inet_ntop(af, bytes(data[offset + 3:end])), port), end
+
+
+# -- message catalogue -------------------------------------------------------
+
+class Message:
+    """
+    Base class of every message type.
+
+    Subclasses set ``TYPE`` (the type byte) and implement ``encode_body``
+    and the classmethod ``decode_body``.  ``FRESH_EXEMPT`` marks the one
+    kind of request that may come from a sender whose clock is not yet
+    aligned with ours (it asks for our time).
+    """
+
+    TYPE = None
+    FRESH_EXEMPT = False
+
+    def encode_body(self):
+        return b""
+
+    @classmethod
+    def decode_body(cls, body):
+        if body:
+            raise WireError("bad-body", f"{cls.__name__} takes no body")
+        return cls()
+
+
+def _pad_check(body, size, name):
+    if len(body) < size:
+        raise WireError("bad-body", f"{name} body too short")
+
+
+@dataclass
+class Padded(Message):
+    """
+    A request whose body is only zero padding: enough of it that the
+    answer it asks for is never larger (no amplification).  Subclasses set
+    the default ``padding``.
+    """
+
+    padding: int = 0
+
+    def encode_body(self):
+        return bytes(self.padding)
+
+    @classmethod
+    def decode_body(cls, body):
+        if any(body):
+            raise WireError("bad-body", f"{cls.__name__} padding must be zero")
+        return cls(padding=len(body))
+
+
+@dataclass
+class Ping(Padded):
+    """Liveness and clock probe, padded to the size of the L{Pong} it asks for."""
+
+    TYPE = 0x01
+    FRESH_EXEMPT = True
+    padding: int = 8 + ADDR_V6_SIZE + 8
+
+
+@dataclass
+class Pong(Message):
+    """
+    Answer to L{Ping}: echoes its timestamp, tells the observed source
+    address (as STUN would) and the responder's clock.
+    """
+
+    TYPE = 0x02
+    FRESH_EXEMPT = True  # bound to our own request by the echo
+    echo: int = 0
+    observed: tuple = ("0.0.0.0", 0)
+    server_time: int = 0
+
+    def encode_body(self):
+        return struct.pack("!Q", self.echo) + pack_addr(*self.observed) + struct.pack(
+            "!Q", self.server_time)
+
+    @classmethod
+    def decode_body(cls, body):
+        _pad_check(body, 8, "pong")
+        (echo,) = struct.unpack_from("!Q", body)
+        observed, end = unpack_addr(body, 8)
+        if len(body) != end + 8:
+            raise WireError("bad-body", "pong length")
+        (server_time,) = struct.unpack_from("!Q", body, end)
+        return cls(echo, observed, server_time)
+
+
+@dataclass
+class PeriodRequest(Padded):
+    """
+    Device to relay: what is the maximum access-check period?  Padded so
+    the L{Period} answer is never larger.
+    """
+
+    TYPE = 0x10
+    FRESH_EXEMPT = True
+    padding: int = 24
+
+
+@dataclass
+class Period(Message):
+    """
+    Relay to device: the access-check period (seconds), the longest notify-B
+    interval the relay advises (seconds), the relay's clock (microseconds)
+    and the timestamp of the request it answers.
+    """
+
+    TYPE = 0x11
+    FRESH_EXEMPT = True  # bound to our own request by the echo
+    period: int = 300
+    notify_b_max: int = 25
+    server_time: int = 0
+    echo: int = 0
+    _S = struct.Struct("!IIQQ")
+
+    def encode_body(self):
+        return self._S.pack(self.period, self.notify_b_max, self.server_time, self.echo)
+
+    @classmethod
+    def decode_body(cls, body):
+        if len(body) != cls._S.size:
+            raise WireError("bad-body", "period length")
+        return cls(*cls._S.unpack(body))
+
+
+@dataclass
+class Notify(Message):
+    """
+    Device to relay.  Kind A (``TYPE`` 0x12) records the source address and
+    the last access time; kind B (0x13) only keeps the NAT mapping open.
+    ``local`` is the device's own socket address (for same-LAN detection).
+    """
+
+    TYPE = None
+    local: tuple = ("0.0.0.0", 0)
+    # Enough for the NotifyAck (observed address up to IPv6) to be no larger.
+    padding: int = 24
+
+    def encode_body(self):
+        return pack_addr(*self.local) + bytes(self.padding)
+
+    @classmethod
+    def decode_body(cls, body):
+        local, end = unpack_addr(body)
+        if any(body[end:]):
+            raise WireError("bad-body", "padding must be zero")
+        return cls(local=local, padding=len(body) - end)
+
+
+@dataclass
+class NotifyA(Notify):
+    TYPE = 0x12
+
+
+@dataclass
+class NotifyB(Notify):
+    TYPE = 0x13
+
+
+#: NotifyAck flag: the relay has no recent notify A for this device.
+NEED_NOTIFY_A = 0x01
+
+
+@dataclass
+class NotifyAck(Message):
+    """
+    Relay to device, answering a notify: echoes its timestamp and tells the
+    observed (public) address; ``flags`` may ask for a notify A.
+    """
+
+    TYPE = 0x14
+    echo: int = 0
+    observed: tuple = ("0.0.0.0", 0)
+    flags: int = 0
+
+    def encode_body(self):
+        return struct.pack("!QB", self.echo, self.flags) + pack_addr(*self.observed)
+
+    @classmethod
+    def decode_body(cls, body):
+        _pad_check(body, 9, "notify ack")
+        echo, flags = struct.unpack_from("!QB", body)
+        observed, end = unpack_addr(body, 9)
+        if end != len(body):
+            raise WireError("bad-body", "notify ack length")
+        return cls(echo, observed, flags)
+
+
+@dataclass
+class ConnectRequest(Message):
+    """
+    Relay to device: open a TLS connection to ``tunnel`` (host, port) and
+    present ``session_id`` and ``nonce`` on it.
+    """
+
+    TYPE = 0x15
+    session_id: bytes = bytes(16)
+    nonce: bytes = bytes(16)
+    tunnel_port: int = 0
+    tunnel_host: str = ""
+
+    def encode_body(self):
+        host = self.tunnel_host.encode("idna")
+        if len(self.session_id) != 16 or len(self.nonce) != 16 or len(host) > 253:
+            raise WireError("bad-body", "connect request fields")
+        return self.session_id + self.nonce + struct.pack("!HB", self.tunnel_port, len(host)) + host
+
+    @classmethod
+    def decode_body(cls, body):
+        if len(body) < 35:
+            raise WireError("bad-body", "connect request truncated")
+        port, hlen = struct.unpack_from("!HB", body, 32)
+        if len(body) != 35 + hlen:
+            raise WireError("bad-body", "connect request length")
+        try:
+            host = body[35:].decode("ascii")
+        except UnicodeDecodeError:
+            raise WireError("bad-body", "tunnel host not ascii")
+        return cls(bytes(body[:16]), bytes(body[16:32]), port, host)
+
+
+MESSAGES = {cls.TYPE: cls for cls in (Ping, Pong, PeriodRequest, Period, NotifyA, NotifyB,
+                                      NotifyAck, ConnectRequest)}
+
+
+def register(cls):
+    """
+    Add a message class to the catalogue (used by the lobby and punch
+    modules for their own types); returns it, so it works as a decorator.
+    """
+    if cls.TYPE in MESSAGES and MESSAGES[cls.TYPE] is not cls:
+        raise ValueError(f"type 0x{cls.TYPE:02x} already taken by {MESSAGES[cls.TYPE].__name__}")
+    MESSAGES[cls.TYPE] = cls
+    return cls
+
+
+# -- frames --------------------------------------------------------------------
+
+@dataclass
+class Frame:
+    """
+    A parsed but not yet authenticated datagram.
+    """
+
+    type: int
+    flags: int
+    timestamp: int
+    key_id: str
+    body: bytes
+    signed: bytes
+    mac: bytes
+
+    def open(self, key):
+        """
+        Check the MAC with C{key} and decode the body.
+
+        @return: the L{Message}.
+        @raise WireError: ``bad-mac`` or ``bad-body``.
+        """
+        if not hmac.compare_digest(mac(key, self.signed), self.mac):
+            raise WireError("bad-mac")
+        cls = MESSAGES[self.type]
+        return cls.decode_body(self.body)
+
+
+def mac(key, data):
+    """HMAC-SHA256 of C{data} under C{key}, truncated to L{MAC_LEN} bytes."""
+    return hmac.new(key, data, hashlib.sha256).digest()[:MAC_LEN]
+
+
+_KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def valid_key_id(key_id):
+    """
+    Key IDs (device IDs, client IDs, session IDs) are 1..64 characters of
+    ``[A-Za-z0-9._-]`` and start with a letter or digit.
+    """
+    return _KEY_ID.match(key_id) is not None
+
+
+def parse(data):
+    """
+    Parse the frame of C{data} without checking its MAC.
+
+    @raise WireError: if the bytes are not a well-formed frame.
+    """
+    n = len(data)
+    if n > MAX_DATAGRAM:
+        raise WireError("oversized", f"{n} bytes")
+    if n < MIN_FRAME:
+        raise WireError("truncated", f"{n} bytes")
+    marker, version, mtype, flags, timestamp, klen = _HEAD.unpack_from(data)
+    if marker != MARKER:
+        raise WireError("bad-marker")
+    if version != VERSION:
+        raise WireError("bad-version", str(version))
+    if mtype not in MESSAGES:
+        raise WireError("bad-type", f"0x{mtype:02x}")
+    if not 1 <= klen <= MAX_KEY_ID:
+        raise WireError("bad-key-id", "length")
+    off = _HEAD.size
+    if n < off + klen + _BODY_LEN.size + MAC_LEN:
+        raise WireError("truncated")
+    try:
+        key_id = bytes(data[off:off + klen]).decode("ascii")
+    except UnicodeDecodeError:
+        raise WireError("bad-key-id", "not ascii")
+    if not valid_key_id(key_id):
+        raise WireError("bad-key-id", "characters")
+    off += klen
+    (blen,) = _BODY_LEN.unpack_from(data, off)
+    off += _BODY_LEN.size
+    if off + blen + MAC_LEN != n:
+        raise WireError("bad-length", f"body {blen} in {n} bytes")
+    return Frame(mtype, flags, timestamp, key_id, bytes(data[off:off + blen]),
+                 bytes(data[:off + blen]), bytes(data[off + blen:]))
+
+
+def seal(message, key_id, key, timestamp, flags=0):
+    """
+    Encode C{message} as a frame authenticated with C{key}.
+
+    @raise WireError: if the result would exceed L{MAX_DATAGRAM}.
+    """
+    kid = key_id.encode("ascii")
+    if not valid_key_id(key_id):
+        raise WireError("bad-key-id", key_id)
+    body = message.encode_body()
+    head = _HEAD.pack(MARKER, VERSION, message.TYPE, flags, timestamp, len(kid)) + kid
+    signed = head + _BODY_LEN.pack(len(body)) + body
+    out = signed + mac(key, signed)
+    if len(out) > MAX_DATAGRAM:
+        raise WireError("oversized", f"{len(out)} bytes")
+    return out
+
+
+def unseal(data, key_for):
+    """
+    Parse and authenticate C{data}; C{key_for(key_id, type)} returns the key
+    or None.  Convenience for tests and clients; daemons use L{parse} and
+    L{Frame.open} so that they can count each step.
+
+    @return: ``(frame, message)``.
+    @raise WireError: ``unknown-key`` when there is no key, or as L{parse}
+        and L{Frame.open}.
+    """
+    frame = parse(data)
+    key = key_for(frame.key_id, frame.type)
+    if key is None:
+        raise WireError("unknown-key", frame.key_id)
+    return frame, frame.open(key)
+
+
+# -- replay protection ---------------------------------------------------------
+
+class ReplayGuard:
+    """
+    Accepts a frame's timestamp once: it must be newer than the last one
+    accepted for its key and within C{window} seconds of the local clock.
+    Frames of exempt types (a request for our clock, answers bound to our
+    own requests by an echo) are not checked here.
+
+    Memory is bounded: at most C{max_keys} keys are remembered; the least
+    recently used one is forgotten first.  A forgotten key's old frames are
+    still refused by the window.
+    """
+
+    def __init__(self, clock, window=60.0, max_keys=1_000_000):
+        self._clock = clock
+        self.window_us = int(window * 1_000_000)
+        self.max_keys = max_keys
+        self._last = {}
+
+    def check(self, key_id, timestamp, fresh_exempt=False):
+        """
+        @return: None if acceptable (and remembered), else the reason:
+            ``replay`` or ``stale``.
+        """
+        if fresh_exempt:
+            # Sent before the sender knew our clock; its answer is bound to
+            # the request by an echo instead.  Not recorded, so that a
+            # sender's clock correction cannot make its next frames look old.
+            return None
+        last = self._last.get(key_id)
+        if last is not None and timestamp <= last:
+            return "replay"
+        now = int(self._clock.seconds() * 1_000_000)
+        if abs(timestamp - now) > self.window_us:
+            return "stale"
+        if last is not None:
+            del self._last[key_id]  # re-insert: dicts keep insertion order, so LRU
+        elif len(self._last) >= self.max_keys:
+            del self._last[next(iter(self._last))]
+        self._last[key_id] = timestamp
+        return None
+
+    def forget(self, key_id):
+        self._last.pop(key_id, None)
+
+
+class Stamper:
+    """
+    Makes strictly increasing timestamps for one sender, on the receiver's
+    clock as far as we know it (C{offset} seconds are added to ours; set
+    it from a L{Pong} or L{Period}).
+    """
+
+    def __init__(self, clock, offset=0.0):
+        self._clock = clock
+        self.offset = offset
+        self._last = 0
+
+    def __call__(self):
+        now = int((self._clock.seconds() + self.offset) * 1_000_000)
+        self._last = max(now, self._last + 1)
+        return self._last
+
+    def sync(self, sent_local, received_local, server_time_us):
+        """
+        Set the offset from one request/response exchange: the server's
+        clock read at mid-flight.
+        """
+        mid = (sent_local + received_local) / 2
+        self.offset = server_time_us / 1_000_000 - mid
+        now = int((self._clock.seconds() + self.offset) * 1_000_000)
+        if self._last > now + 1_000_000:
+            # Stamps made before we knew the offset ran ahead of the
+            # receiver's clock; small steps back stay monotonic instead.
+            self._last = now - 1

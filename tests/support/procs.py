@@ -1,0 +1,35 @@
+"""
+Running p2pnat daemons and commands as processes, from this source tree,
+for tests and benchmarks (a lab process runs inside a namespace, so it
+cannot share the test's reactor).
+"""
+
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def env():
+    """Environment for a child: this tree first on the path, unbuffered."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = REPO + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def twistd(daemon, *args):
+    """
+    argv running ``twistd -n DAEMON ARGS`` in the foreground with no pid
+    file, logging to standard output; run it with C{cwd=REPO} (twistd finds
+    our plugins in ./twisted/plugins) and C{env=env()}.
+    """
+    # Not `-m twisted.scripts.twistd`: that module has no __main__ block,
+    # so it would import, do nothing and exit 0.
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "--logfile=-", daemon, *args]
+
+
+def p2pnat(*args):
+    """argv running the ``p2pnat`` command."""
+    return [sys.executable, "-m", "p2pnat.cli", *args]

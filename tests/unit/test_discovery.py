@@ -1,0 +1,455 @@
+"""
+NAT behaviour discovery (:mod:`p2pnat.peer.discovery`) on a L{Clock}: the
+client against a real lobby's sockets (L{ControlProtocol}s linked as
+siblings), through simulated NATs of every kind, with loss and background
+traffic; and once over loopback with real sockets.
+"""
+
+import itertools
+import json
+import random
+import sys
+
+from twisted.internet import defer, reactor, utils
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock, LoopingCall
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from p2pnat.daemon.metrics import Metrics
+from p2pnat.net.udp import ControlProtocol, link_siblings
+from p2pnat.peer import discovery
+from p2pnat.protocol import stun, wire
+from p2pnat.protocol.nat import AD, APD, EI, NONE, UNKNOWN
+from tests.support import procs
+
+A1, A2 = "198.18.1.1", "198.18.1.2"
+FOUR = [(A1, 3478), (A1, 3479), (A2, 3478), (A2, 3479)]
+# The order a client gives them: primary, other IP, both other, other port.
+FOUR_ORDER = [(A1, 3478), (A2, 3478), (A2, 3479), (A1, 3479)]
+TWO = [(A1, 3478), (A1, 3479)]
+HOST = "10.0.1.2"
+WAN = "198.18.2.1"
+PUBLIC_HOST = "198.18.3.1"
+
+
+class SimNat:
+    """
+    A NAT: ``mapping`` and ``filtering`` as in RFC 4787, ``allocation``
+    preserving (the local port when free), sequential (``base``, ``base +
+    step``, ...) or random.  :meth:`take` lets other traffic take ports.
+    """
+
+    def __init__(self, public_ip, mapping=EI, filtering=APD, allocation="preserving", step=1,
+                 base=20000, seed=1):
+        self.ip = public_ip
+        self.mapping, self.filtering, self.allocation = mapping, filtering, allocation
+        self.step = step
+        self.next = base
+        self.random = random.Random(seed)
+        self.by_key = {}  # mapping key -> public port
+        self.owner = {}  # public port -> private address
+        self.sent_to = {}  # public port -> destinations sent to
+
+    def _key(self, src, dst):
+        return {EI: (src,), AD: (src, dst[0]), APD: (src, dst)}[self.mapping]
+
+    def _allocate(self, src):
+        if self.allocation == "preserving" and src[1] not in self.owner:
+            return src[1]
+        if self.allocation == "random":
+            while True:
+                port = self.random.randint(1024, 65535)
+                if port not in self.owner:
+                    return port
+        port, self.next = self.next, self.next + self.step
+        return port
+
+    def take(self, n=1):
+        """Other traffic takes n new ports."""
+        for _ in range(n):
+            self.owner[self._allocate(("10.0.1.99", 0))] = ("10.0.1.99", 0)
+
+    def outbound(self, src, dst):
+        key = self._key(src, dst)
+        port = self.by_key.get(key)
+        if port is None:
+            port = self._allocate(src)
+            self.by_key[key] = port
+            self.owner[port] = src
+        self.sent_to.setdefault(port, set()).add(dst)
+        return self.ip, port
+
+    def inbound(self, port, src):
+        private = self.owner.get(port)
+        if private is None or private[0] == "10.0.1.99":
+            return None
+        seen = self.sent_to[port]
+        allowed = {EI: True, AD: any(d[0] == src[0] for d in seen), APD: src in seen}
+        return private if allowed[self.filtering] else None
+
+
+class SimPort:
+    """A bound UDP socket of the simulated network (transport and listening port)."""
+
+    def __init__(self, net, proto, addr):
+        self.net, self.proto, self.addr = net, proto, addr
+
+    def write(self, data, addr):
+        self.net.send(self.addr, tuple(addr), data)
+
+    def getHost(self):
+        return IPv4Address("UDP", *self.addr)
+
+    def stopListening(self):
+        self.net.ports.pop(self.addr, None)
+        self.proto.doStop()
+        return defer.succeed(None)
+
+
+class SimNet:
+    """
+    Datagrams delivered after ``latency`` seconds on a clock; hosts behind
+    a L{SimNat} by private IP; ``lose(src, dst, data)`` drops on the wire
+    (after the sender's NAT).
+    """
+
+    def __init__(self, clock, latency=0.002):
+        self.clock = clock
+        self.latency = latency
+        self.ports = {}
+        self.nats = {}  # private IP -> SimNat
+        self.lose = lambda src, dst, data: False
+        self.delivered = 0
+        self._ephemeral = itertools.count(41000, 13)
+
+    def listen(self, ip, proto, port=0):
+        addr = (ip, port or next(self._ephemeral))
+        p = SimPort(self, proto, addr)
+        self.ports[addr] = p
+        proto.makeConnection(p)
+        return p
+
+    def send(self, src, dst, data):
+        nat = self.nats.get(src[0])
+        if nat is not None:
+            src = nat.outbound(src, dst)
+        if self.lose(src, dst, data):
+            return
+        self.clock.callLater(self.latency, self._deliver, src, dst, data)
+
+    def _deliver(self, src, dst, data):
+        for nat in self.nats.values():
+            if dst[0] == nat.ip:
+                dst = nat.inbound(dst[1], src)
+                if dst is None:
+                    return
+                break
+        port = self.ports.get(dst)
+        if port is not None:
+            self.delivered += 1
+            port.proto.datagramReceived(data, src)
+
+
+class NoHandler:
+    def key_for(self, key_id, mtype):
+        return None
+
+
+class Harness:
+    def __init__(self, testcase, nat=None, lobby=FOUR, link=True, latency=0.002):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.net = SimNet(self.clock, latency)
+        self.metrics = Metrics("lobby")
+        replay = wire.ReplayGuard(self.clock)
+        self.lobby = [ControlProtocol(NoHandler(), self.clock, self.metrics, replay,
+                                      name="lobby.udp") for _ in lobby]
+        for proto, (ip, port) in zip(self.lobby, lobby):
+            self.net.listen(ip, proto, port)
+        if link:
+            link_siblings(self.lobby)
+        self.nat = nat
+        self.host = PUBLIC_HOST if nat is None else HOST
+        if nat is not None:
+            self.net.nats[HOST] = nat
+        testcase.addCleanup(self.check_clean, testcase)
+
+    def run(self, servers=None, step=0.001, limit=5.0, **options):
+        servers = servers or (FOUR_ORDER if len(self.lobby) == 4 else TWO)
+        d = discovery.Discovery(servers, self.clock,
+                                lambda proto: self.net.listen(self.host, proto), **options).run()
+        results = []
+        d.addBoth(results.append)
+        start = self.clock.seconds()
+        while not results and self.clock.seconds() - start < limit:
+            self.clock.advance(step)
+        assert results, "discovery did not finish"
+        if isinstance(results[0], Exception) or hasattr(results[0], "raiseException"):
+            results[0].raiseException()
+        return results[0]
+
+    def check_clean(self, testcase):
+        # Every discovery socket closed; no timer of ours left behind.
+        testcase.assertEqual([a for a in self.net.ports if a[0] == self.host], [])
+        testcase.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+def summary(b):
+    return b.mapping, b.filtering, b.allocation, b.step
+
+
+class KindsTests(SynchronousTestCase):
+    """Each NAT kind, against a lobby with two IPs and with one."""
+
+    CASES = [
+        # name, NAT, four addresses, two addresses
+        ("public", lambda: None, (NONE, NONE, "preserving", 0), (NONE, AD, "preserving", 0)),
+        ("cone", lambda: SimNat(WAN), (EI, APD, "preserving", 0), (EI, APD, "preserving", 0)),
+        ("full cone", lambda: SimNat(WAN, filtering=EI), (EI, EI, "preserving", 0),
+         (EI, AD, "preserving", 0)),
+        ("restricted cone", lambda: SimNat(WAN, filtering=AD), (EI, AD, "preserving", 0),
+         (EI, AD, "preserving", 0)),
+        ("sequential", lambda: SimNat(WAN, APD, APD, "sequential"),
+         (APD, APD, "sequential", 1), (APD, APD, "sequential", 1)),
+        ("sequential step 3", lambda: SimNat(WAN, APD, APD, "sequential", step=3),
+         (APD, APD, "sequential", 3), (APD, APD, "sequential", 3)),
+        ("address-dependent sequential", lambda: SimNat(WAN, AD, AD, "sequential"),
+         (AD, AD, "sequential", 1), (EI, AD, "sequential", 1)),
+        ("cone allocating sequentially", lambda: SimNat(WAN, EI, APD, "sequential"),
+         (EI, APD, "sequential", 1), (EI, APD, "sequential", 1)),
+        ("random", lambda: SimNat(WAN, APD, APD, "random"), (APD, APD, "random", 0),
+         (APD, APD, "random", 0)),
+    ]
+
+    def test_four_addresses(self):
+        for name, make, want, _ in self.CASES:
+            h = Harness(self, make())
+            result = h.run()
+            self.assertEqual(summary(result.behaviour), want, name)
+            public = (PUBLIC_HOST if h.nat is None else WAN)
+            self.assertEqual(result.behaviour.public[0], public, name)
+            if want[2] == "sequential":
+                self.assertEqual(result.behaviour.rate, 0.0, name)
+
+    def test_two_ports(self):
+        for name, make, _, want in self.CASES:
+            h = Harness(self, make(), lobby=TWO)
+            self.assertEqual(summary(h.run().behaviour), want, name)
+
+    def test_timing(self):
+        """
+        A run lasts the pause plus a few round trips, or until the last
+        filtered change request gives up; it sends about 25 requests.
+        """
+        for nat, low, high in ((None, 0.5, 0.56), (SimNat(WAN), 0.6, 0.65)):
+            h = Harness(self, nat)
+            result = h.run()
+            self.assertTrue(low <= result.elapsed <= high, result.elapsed)
+            self.assertLessEqual(result.sent, 40)
+        h = Harness(self, SimNat(WAN))
+        result = h.run(pause=0.2, sockets=2)
+        self.assertTrue(0.6 <= result.elapsed <= 0.65, result.elapsed)
+        self.assertEqual(len([p for p in result.observations.probes if p.socket > 0
+                              and not p.change]), 5)
+
+
+class ConditionsTests(SynchronousTestCase):
+    def test_background_rate(self):
+        """Ports taken by other traffic during the run give the rate."""
+        for rate in (10, 20, 40):
+            nat = SimNat(WAN, APD, APD, "sequential")
+            h = Harness(self, nat)
+            background = LoopingCall(nat.take)
+            background.clock = h.clock
+            background.start(1.0 / rate, now=False)
+            b = h.run().behaviour
+            background.stop()
+            self.assertEqual((b.allocation, b.step), ("sequential", 1), rate)
+            self.assertTrue(rate * 0.8 <= b.rate <= rate * 1.2, (rate, b.rate))
+
+    def test_loss_retransmitted(self):
+        """Each request's first copy lost: the retransmissions carry the run."""
+        for make, want in ((lambda: SimNat(WAN), (EI, APD, "preserving", 0)),
+                           (lambda: SimNat(WAN, APD, APD, "sequential"),
+                            (APD, APD, "sequential", 1)),
+                           (lambda: None, (NONE, NONE, "preserving", 0))):
+            h = Harness(self, make())
+            seen = set()
+
+            def lose(src, dst, data, seen=seen):
+                if data[0] != 0 or data[:2] != b"\x00\x01":  # answers pass
+                    return False
+                first = data not in seen
+                seen.add(data)
+                return first
+
+            h.net.lose = lose
+            result = h.run()
+            self.assertEqual(summary(result.behaviour), want)
+            # Each step waits for a retransmission: longer, within the deadline.
+            self.assertTrue(1.0 < result.elapsed <= 2.0, result.elapsed)
+
+    def test_lobby_unreachable(self):
+        """No answer at all: unknown, given up after one request's retries."""
+        h = Harness(self, SimNat(WAN))
+        h.net.lose = lambda src, dst, data: True
+        result = h.run()
+        self.assertEqual(summary(result.behaviour), (UNKNOWN, UNKNOWN, UNKNOWN, 0))
+        self.assertEqual(result.behaviour.notes, ("no answer from the lobby",))
+        self.assertEqual(result.sent, 3)
+        self.assertAlmostEqual(result.elapsed, discovery.GIVE_UP, places=2)
+
+    def test_deadline(self):
+        """
+        Over a slow path (0.3 s each way) the run stops starting requests
+        in time to end by its deadline.
+        """
+        h = Harness(self, SimNat(WAN), latency=0.3)
+        result = h.run(deadline=2.0, schedule=(0.0, 0.7), give_up=0.65)
+        self.assertLessEqual(result.elapsed, 2.0 + 1e-6)
+        # Too slow for every step, but the main socket's two answers arrived.
+        self.assertEqual(result.behaviour.mapping, EI)
+
+    def test_lobby_without_rfc5780(self):
+        """Sockets not linked as siblings answer change requests with 420."""
+        h = Harness(self, SimNat(WAN), link=False)
+        b = h.run().behaviour
+        self.assertEqual(summary(b), (EI, UNKNOWN, "preserving", 0))
+        self.assertIn("the lobby cannot answer from another address: filtering not tested",
+                      b.notes)
+
+    def test_answers_from_other_addresses_recorded(self):
+        h = Harness(self, SimNat(WAN, filtering=EI))
+        obs = h.run().observations
+        changed = {p.change: p.answered_from for p in obs.probes if p.change}
+        self.assertEqual(changed, {"ip+port": (A2, 3479), "port": (A1, 3479), "ip": (A2, 3478)})
+
+
+class StunSocketTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.net = SimNet(self.clock)
+        self.sock = discovery.StunSocket(self.clock, 3)
+        self.net.listen(HOST, self.sock, 5000)
+        self.server = []
+        self.net.ports[(A1, 3478)] = SimPort(self.net, self, (A1, 3478))
+
+    def datagramReceived(self, data, addr):  # the "server"
+        self.server.append((data, addr))
+
+    def test_answer_matched(self):
+        d = self.sock.query((A1, 3478))
+        self.clock.advance(0.01)
+        [(request, addr)] = self.server
+        tid = stun.parse_message(request).transaction_id
+        # Junk, a wrong transaction and a malformed answer are ignored.
+        for junk in (b"", b"\x0c" * 40, stun.binding_request()[1], request[:30]):
+            self.sock.datagramReceived(junk, (A1, 3478))
+        self.assertNoResult(d)
+        self.sock.datagramReceived(stun.answer_binding(request, ("198.18.2.9", 7)), (A2, 3479))
+        probe = self.successResultOf(d)
+        self.assertEqual(
+            (probe.socket, probe.local, probe.server, probe.mapped, probe.answered_from),
+            (3, (HOST, 5000), (A1, 3478), ("198.18.2.9", 7), (A2, 3479)))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(tid), 12)
+
+    def test_refused(self):
+        d = self.sock.query((A1, 3478), "port")
+        self.clock.advance(0.01)
+        [(request, _)] = self.server
+        self.sock.datagramReceived(stun.answer_binding(request, (HOST, 5000)), (A1, 3478))
+        probe = self.successResultOf(d)
+        self.assertEqual((probe.change, probe.refused, probe.mapped), ("port", True, None))
+
+    def advance(self, seconds):
+        # In small steps: what is sent during a step arrives in a later one.
+        for _ in range(round(seconds / 0.001)):
+            self.clock.advance(0.001)
+
+    def test_retransmissions_then_give_up(self):
+        d = self.sock.query((A1, 3478), "ip+port")
+        self.advance(0.05)
+        self.assertEqual(len(self.server), 1)
+        self.advance(0.1)
+        self.assertEqual(len(self.server), 2)
+        self.advance(0.2)
+        self.assertEqual(len(self.server), 3)
+        self.assertNoResult(d)
+        self.advance(0.25)
+        probe = self.successResultOf(d)
+        self.assertEqual((probe.mapped, probe.refused), (None, False))
+        self.assertEqual(len({data for data, _ in self.server}), 1)  # one transaction
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_close_gives_up(self):
+        d = self.sock.query((A1, 3478))
+        self.sock.close()
+        self.assertIsNone(self.successResultOf(d).mapped)
+        self.clock.advance(0.01)  # the request in flight
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LoopbackTests(TestCase):
+    """Real sockets on loopback: a lobby on 127.0.0.1 and 127.0.0.2."""
+
+    def lobby(self):
+        clock = reactor
+        metrics = Metrics("lobby")
+        replay = wire.ReplayGuard(clock)
+        protos, addresses = [], []
+        first = None
+        for ip in ("127.0.0.1", "127.0.0.2"):
+            for i in range(2):
+                proto = ControlProtocol(NoHandler(), clock, metrics, replay, name="lobby.udp",
+                                        stun_rate=1000)
+                port = reactor.listenUDP(first[i] if first and ip != "127.0.0.1" else 0, proto,
+                                         interface=ip)
+                self.addCleanup(port.stopListening)
+                protos.append(proto)
+                addresses.append((ip, port.getHost().port))
+            first = [a[1] for a in addresses[:2]]
+        link_siblings(protos)
+        # primary, other IP, both other, other port
+        return [addresses[0], addresses[2], addresses[3], addresses[1]]
+
+    @defer.inlineCallbacks
+    def test_discover(self):
+        servers = self.lobby()
+        result = yield discovery.discover(reactor, servers, interface="127.0.0.1")
+        b = result.behaviour
+        self.assertEqual(summary(b), (NONE, NONE, "preserving", 0), b)
+        self.assertEqual(b.public, b.local)
+        self.assertLess(result.elapsed, 1.0)
+        info = discovery.to_nat_info(result)
+        self.assertEqual((info.mapping, info.filtering, info.allocation, info.step, info.rate),
+                         (NONE, NONE, "preserving", 0, 0.0))
+        self.assertEqual(discovery.to_nat_info(b), info)
+
+    @defer.inlineCallbacks
+    def test_runner(self):
+        servers = self.lobby()
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "p2pnat.peer.discovery", "--observations",
+                             *[f"{ip}:{port}" for ip, port in servers]],
+            env=procs.env(), path=procs.REPO)
+        self.assertEqual(code, 0, err)
+        d = json.loads(out.decode().strip().splitlines()[-1])
+        self.assertEqual((d["mapping"], d["filtering"], d["allocation"]),
+                         (NONE, NONE, "preserving"))
+        self.assertEqual(d["public"], d["local"])
+        self.assertEqual(len(d["observations"]["servers"]), 4)
+        self.assertLess(d["elapsed"], 1.0)
+
+    @defer.inlineCallbacks
+    def test_runner_no_lobby(self):
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "p2pnat.peer.discovery", "127.0.0.1:9"],
+            env=procs.env(), path=procs.REPO)
+        self.assertEqual(code, 1, err)
+        self.assertEqual(json.loads(out.decode())["mapping"], UNKNOWN)
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "p2pnat.peer.discovery", "nowhere"],
+            env=procs.env(), path=procs.REPO)
+        self.assertEqual(code, 2)
+        self.assertIn("expected HOST:PORT", err.decode())

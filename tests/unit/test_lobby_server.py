@@ -1,0 +1,257 @@
+"""
+The lobby's logic (L{p2pnat.lobby.server}) on a L{Clock} with in-memory UDP:
+presence, the introduction exchange of the P2P path (docs/protocol.rst), session keys,
+refusals, retransmissions and the authenticated, rate-limited relay.
+"""
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pnat.daemon.metrics import Metrics
+from p2pnat.lobby.server import Lobby
+from p2pnat.net.udp import ControlProtocol
+from p2pnat.protocol import p2p as M
+from p2pnat.protocol import wire
+from tests.support.udp import FakeNetwork
+
+LOBBY = ("198.18.1.1", 3478)
+KEYS = {"alice": bytes([1]) * 32, "bob": bytes([2]) * 32, "carol": bytes([3]) * 32}
+
+
+class Peer:
+    """A client's socket on the fake network, collecting what it receives."""
+
+    def __init__(self, world, name, addr):
+        self.world = world
+        self.name = name
+        self.addr = addr
+        self.stamper = wire.Stamper(world.clock)
+        self.got = []
+        world.net.endpoints[addr] = self
+
+    def datagramReceived(self, data, addr):
+        frame = wire.parse(data)
+        key = self.world.session_keys.get(frame.key_id) or KEYS.get(frame.key_id)
+        self.got.append((frame, frame.open(key), addr))
+
+    def send(self, message, key_id=None, key=None, to=LOBBY):
+        data = wire.seal(message, key_id or self.name, key or KEYS[self.name], self.stamper())
+        self.world.net.send(data, self.addr, to)
+        return data
+
+    def last(self, cls):
+        found = [m for f, m, a in self.got if isinstance(m, cls)]
+        return found[-1] if found else None
+
+
+class World:
+    def __init__(self, testcase, **options):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.net = FakeNetwork()
+        self.metrics = Metrics("lobby")
+        self.lobby = Lobby(KEYS.get, self.clock, self.metrics, keepalive=20, **options)
+        self.proto = self.net.attach(
+            ControlProtocol(self.lobby, self.clock, self.metrics, wire.ReplayGuard(self.clock),
+                            stamper=wire.Stamper(self.clock)), *LOBBY)
+        self.session_keys = {}
+
+    def login(self, name, addr):
+        p = Peer(self, name, addr)
+        p.send(M.Login(addr, M.NatInfo("endpoint-independent")))
+        return p
+
+    def dropped(self, reason):
+        return self.metrics.value("p2pnat_udp_dropped_total", reason=reason)
+
+
+class PresenceTests(SynchronousTestCase):
+    def test_login_welcome(self):
+        w = World(self)
+        a = w.login("alice", ("203.0.113.1", 5000))
+        welcome = a.last(M.Welcome)
+        self.assertEqual((welcome.observed, welcome.keepalive), (("203.0.113.1", 5000), 20))
+        self.assertIn("alice", w.lobby.presence)
+        self.assertEqual(w.metrics.value("p2pnat_online"), 1)
+
+    def test_unknown_client_and_forged_login(self):
+        w = World(self)
+        p = Peer(w, "mallory", ("203.0.113.9", 1))
+        p.send(M.Login(), key_id="mallory", key=bytes(32))
+        p.send(M.Login(), key_id="alice", key=bytes(32))
+        self.assertEqual(p.got, [])
+        self.assertEqual(w.dropped("unknown-key"), 1)
+        self.assertEqual(w.dropped("bad-mac"), 1)
+
+    def test_expiry_and_keepalive(self):
+        w = World(self)
+        a = w.login("alice", ("203.0.113.1", 5000))
+        w.clock.advance(50)
+        a.send(M.Keepalive())
+        w.clock.advance(50)
+        w.lobby.expire()
+        self.assertIn("alice", w.lobby.presence)
+        w.clock.advance(61)
+        w.lobby.expire()
+        self.assertNotIn("alice", w.lobby.presence)
+        # A keepalive from a forgotten client asks it to log in again.
+        a.send(M.Keepalive())
+        self.assertEqual(a.last(M.Refusal), M.Refusal(0, 5))
+
+    def test_logout(self):
+        w = World(self)
+        a = w.login("alice", ("203.0.113.1", 5000))
+        a.send(M.Logout())
+        self.assertNotIn("alice", w.lobby.presence)
+
+
+class _Pair:
+    """Alice and Bob logged in, with the fresh ports of an exchange."""
+
+    world_options = {}
+
+    def setUp(self):
+        self.w = World(self, **self.world_options)
+        self.a = self.w.login("alice", ("203.0.113.1", 5000))
+        self.b = self.w.login("bob", ("198.51.100.2", 6000))
+        # The fresh ports of the exchange.
+        self.a2 = Peer(self.w, "alice", ("203.0.113.1", 5001))
+        self.b2 = Peer(self.w, "bob", ("198.51.100.2", 6001))
+
+    def request(self, peer="bob", rid=7):
+        return self.a2.send(M.ConnectRequest(rid, peer, ("10.0.0.1", 40001),
+                                             M.NatInfo("address-and-port-dependent", "unknown",
+                                                       "sequential", 1, 3.5)))
+
+
+
+class IntroductionTests(_Pair, SynchronousTestCase):
+    def test_exchange(self):
+        self.request()
+        invite = self.b.last(M.Invite)
+        self.assertEqual((invite.request_id, invite.peer, invite.observed, invite.local),
+                         (7, "alice", ("203.0.113.1", 5001), ("10.0.0.1", 40001)))
+        self.assertEqual((invite.nat.allocation, invite.nat.step, invite.nat.rate),
+                         ("sequential", 1, 3.5))
+        self.b2.send(M.Answer(7, True, ("10.9.0.2", 50001), M.NatInfo("endpoint-independent")))
+        self.assertEqual(self.b2.last(M.AnswerAck), M.AnswerAck(7, ("198.51.100.2", 6001)))
+        intro = self.a2.last(M.Introduce)
+        self.assertTrue(intro.accepted)
+        self.assertEqual((intro.peer, intro.observed, intro.local),
+                         ("bob", ("198.51.100.2", 6001), ("10.9.0.2", 50001)))
+        # Both peers get the same session key, each sealed for itself.
+        ka = M.open_session_key(KEYS["alice"], intro.session_id, intro.sealed_key)
+        kb = M.open_session_key(KEYS["bob"], invite.session_id, invite.sealed_key)
+        self.assertEqual(ka, kb)
+        self.assertEqual(intro.session_id, invite.session_id)
+        self.assertNotEqual(intro.sealed_key, invite.sealed_key)
+        self.assertNotIn(ka, intro.encode_body() + invite.encode_body())
+
+    def test_refusals(self):
+        self.request(peer="nobody", rid=1)
+        self.assertEqual(self.a2.last(M.Refusal), M.Refusal(1, 1))
+        self.request(peer="carol", rid=2)  # registered, not logged in
+        self.assertEqual(self.a2.last(M.Refusal), M.Refusal(2, 2))
+        self.request(peer="alice", rid=3)
+        self.assertEqual(self.a2.last(M.Refusal), M.Refusal(3, 2))
+        Peer(self.w, "carol", ("192.0.2.7", 1)).send(M.ConnectRequest(4, "bob"))
+        self.assertEqual(self.w.lobby.pending.get(("carol", 4)), None)
+
+    def test_peer_refuses(self):
+        self.request()
+        self.b2.send(M.Answer(7, False))
+        intro = self.a2.last(M.Introduce)
+        self.assertFalse(intro.accepted)
+        self.assertEqual(intro.sealed_key, bytes(32))
+        self.assertEqual(self.w.lobby.sessions, {})
+
+    def test_retransmissions(self):
+        self.request()
+        self.request()  # A's request again: B is invited again, same session
+        invites = [m for f, m, a in self.b.got if isinstance(m, M.Invite)]
+        self.assertEqual(len(invites), 2)
+        self.assertEqual(invites[0].session_id, invites[1].session_id)
+        self.b2.send(M.Answer(7, True))
+        self.b2.send(M.Answer(7, True))  # B's answer again: acked and introduced again
+        self.assertEqual(len([m for f, m, a in self.a2.got if isinstance(m, M.Introduce)]), 2)
+        self.request()  # A did not get the Introduce: sent again
+        self.assertEqual(len([m for f, m, a in self.a2.got if isinstance(m, M.Introduce)]), 3)
+        self.assertEqual(len(self.w.lobby.sessions), 1)
+
+    def test_request_rate_limited(self):
+        for rid in range(1, 30):
+            self.request(rid=rid)
+        self.assertIn(M.Refusal(29, 4), [m for f, m, a in self.a2.got])
+
+
+class SessionCapTests(_Pair, SynchronousTestCase):
+    world_options = {"max_sessions": 3}
+
+    def test_oldest_session_evicted_at_the_cap(self):
+        ids = []
+        for rid in range(1, 6):
+            self.w.clock.advance(1)  # stay under the request rate limit
+            self.request(rid=rid)
+            self.b2.send(M.Answer(rid, True))
+            ids.append(self.a2.last(M.Introduce).session_id)
+        self.assertEqual(list(self.w.lobby.sessions), ids[2:])
+        self.assertEqual(self.w.metrics.value("p2pnat_sessions_total", outcome="evicted"), 2)
+
+
+class RelayTests(_Pair, SynchronousTestCase):
+    world_options = {"relay_rate": 10_000}
+
+    def setUp(self):
+        _Pair.setUp(self)
+        w = self.w
+        self.request()
+        self.b2.send(M.Answer(7, True))
+        intro = self.a2.last(M.Introduce)
+        self.sid = intro.session_id
+        self.key = M.open_session_key(KEYS["alice"], self.sid, intro.sealed_key)
+        self.ka, self.kb = M.session_key_id(self.sid, "a"), M.session_key_id(self.sid, "b")
+        w.session_keys = {self.ka: self.key, self.kb: self.key}
+
+    def bind(self, peer, kid):
+        peer.send(M.RelayBind(), key_id=kid, key=self.key)
+        return peer.last(M.RelayBound)
+
+    def test_relay(self):
+        self.assertEqual(self.bind(self.a2, self.ka), M.RelayBound(False))
+        self.assertEqual(self.bind(self.b2, self.kb), M.RelayBound(True))
+        sent = self.a2.send(M.Data(b"hello"), key_id=self.ka, key=self.key)
+        frame, msg, addr = self.b2.got[-1]
+        self.assertEqual((msg, addr), (M.Data(b"hello"), LOBBY))
+        # Forwarded as it is: the MAC is the sender's, checked by the receiver.
+        self.assertEqual(frame.signed + frame.mac, sent)
+
+    def test_relay_refuses_strangers_and_replays(self):
+        self.bind(self.a2, self.ka)
+        self.bind(self.b2, self.kb)
+        before = len(self.b2.got)
+        # Wrong key, a client key, an unknown session, from another address.
+        self.a2.send(M.Data(b"x"), key_id=self.ka, key=bytes(32))
+        self.a2.send(M.Data(b"x"), key_id="alice", key=KEYS["alice"])
+        self.a2.send(M.Data(b"x"), key_id=M.session_key_id(bytes(16), "a"), key=self.key)
+        self.w.clock.advance(0.001)  # newer than alice's frames: not a replay
+        Peer(self.w, "x", ("192.0.2.66", 9)).send(M.Data(b"x"), key_id=self.ka, key=self.key)
+        self.assertEqual(len(self.b2.got), before)
+        self.assertEqual(self.w.dropped("relay-unbound"), 1)
+        self.w.clock.advance(0.001)
+        data = self.a2.send(M.Data(b"once"), key_id=self.ka, key=self.key)
+        self.w.net.send(data, self.a2.addr, LOBBY)
+        self.assertEqual(len(self.b2.got), before + 1)
+        self.assertEqual(self.w.dropped("replay"), 1)
+
+    def test_rate_limit(self):
+        self.bind(self.a2, self.ka)
+        self.bind(self.b2, self.kb)
+        before = len(self.b2.got)
+        for _ in range(40):
+            self.a2.send(M.Data(bytes(500)), key_id=self.ka, key=self.key)
+        passed = len(self.b2.got) - before
+        self.assertTrue(10 <= passed <= 20, passed)
+        self.assertGreater(self.w.dropped("relay-rate-limited"), 0)
+        self.w.clock.advance(1)
+        self.a2.send(M.Data(bytes(500)), key_id=self.ka, key=self.key)
+        self.assertEqual(len(self.b2.got) - before, passed + 1)

@@ -1,0 +1,230 @@
+"""
+The relay path in one process on loopback, with the real reactor: a relay,
+a device agent and the device's local services, joined by real UDP, TLS
+and TCP (the NAT lab tests run the same path across kernel NATs).
+"""
+
+import hashlib
+import os
+
+from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.trial.unittest import TestCase
+
+from p2pnat.agent.tap import SCHEMA as AGENT_SCHEMA
+from p2pnat.agent.tap import AgentService, read_mac_key
+from p2pnat.cli import main as cli
+from p2pnat.cli.forward import Forwarder
+from p2pnat.daemon import config as C
+from p2pnat.relay.tap import SCHEMA as RELAY_SCHEMA
+from p2pnat.relay.tap import RelayService
+
+
+class Echo(protocol.Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+class Collect(protocol.Protocol):
+    """Sends C{data}, collects everything until the peer closes."""
+
+    def __init__(self, data=b"", close_after=None):
+        self.data = data
+        self.got = bytearray()
+        self.done = defer.Deferred()
+        self.close_after = close_after
+
+    def connectionMade(self):
+        if self.data:
+            self.transport.write(self.data)
+
+    def dataReceived(self, data):
+        self.got += data
+        if self.close_after is not None and len(self.got) >= self.close_after:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.done.callback(bytes(self.got))
+
+
+class HTTPOnce(protocol.Protocol):
+    """A minimal HTTP/1.0 server: answers one request with a body and closes."""
+
+    def __init__(self, body):
+        self.body = body
+        self.buf = b""
+
+    def dataReceived(self, data):
+        self.buf += data
+        if b"\r\n\r\n" in self.buf:
+            self.transport.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(self.body)
+                                 + self.body)
+            self.transport.loseConnection()
+
+
+@defer.inlineCallbacks
+def closed(forwarder):
+    """Wait until the forwarder's connections to the relay are closed."""
+    for _ in range(100):
+        if not forwarder.active:
+            return
+        yield task.deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError("forwarder connections still open")
+
+
+class LoopbackTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        state = os.path.join(self.dir, "state")
+        self.body = os.urandom(3_000_000)
+        self.web = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(lambda: HTTPOnce(self.body)))
+        self.addCleanup(self.web.stopListening)
+        self.echo = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(Echo))
+        self.addCleanup(self.echo.stopListening)
+        self.assertEqual(cli(["relay", "init", "--state-dir", state, "--hostname", "relay.test"]), 0)
+        self.relay = RelayService(C.load(None, RELAY_SCHEMA, {
+            "relay.state_dir": state, "relay.hostname": "relay.test",
+            "udp.listen": "127.0.0.1:0", "tunnel.listen": "tcp:0:interface=127.0.0.1",
+            "terminal.https": "tcp:0:interface=127.0.0.1",
+            "terminal.http": "tcp:0:interface=127.0.0.1"}), reactor)
+        self.relay.startService()
+        self.addCleanup(self.relay.stopService)
+        self.bundles = {}
+        self.agents = {}
+        yield self.start_device("cam")
+
+    @defer.inlineCallbacks
+    def start_device(self, device_id, *extra):
+        out = os.path.join(self.dir, device_id)
+        udp = self.relay.udp[0].address
+        web = self.web.getHost().port
+        self.assertEqual(cli(["device", "add", device_id, "--state-dir",
+                              self.relay.state_dir, "--relay", f"127.0.0.1:{udp[1]}",
+                              "--service", f"127.0.0.1:{web}", "--out", out, *extra]), 0)
+        config = C.load(os.path.join(out, "agent.toml"), AGENT_SCHEMA, {
+            "udp.listen": "127.0.0.1:0",
+            "agent.extra_services": f"echo=127.0.0.1:{self.echo.getHost().port}"})
+        agent = AgentService(config, read_mac_key(config, "agent.mac_key_file"), reactor)
+        # The registry change reaches the relay at its next sync.
+        self.relay.sync()
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        self.agents[device_id] = agent
+        self.bundles[device_id] = out
+        for _ in range(100):
+            d = self.relay.table.get(device_id)
+            if d is not None and d.last_access is not None:
+                return
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"{device_id} never came online")
+
+    def terminal_tls(self):
+        with open(os.path.join(self.relay.state_dir, "ca.crt")) as f:
+            ca = Certificate.loadPEM(f.read())
+        return optionsForClientTLS("cam.relay.test", trustRoot=ca)
+
+    @defer.inlineCallbacks
+    def fetch(self, host, secure=True, extra=b""):
+        port = (self.relay.terminal_https if secure else self.relay.terminal_http).address[1]
+        ep = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        if secure:
+            ep = endpoints.wrapClientTLS(self.terminal_tls(), ep)
+        c = Collect(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n" + extra + b"\r\n")
+        yield endpoints.connectProtocol(ep, c)
+        data = yield c.done
+        return data
+
+    @defer.inlineCallbacks
+    def test_https_page_and_reuse(self):
+        first = yield self.fetch(b"cam.relay.test")
+        head, _, body = first.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.0 200"), head)
+        self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(self.body).digest())
+        sent = self.relay.metrics.value("p2pnat_sessions_total", outcome="connect-request")
+        # Sequential requests reuse the idle tunnel: no new connect request.
+        for _ in range(3):
+            again = yield self.fetch(b"cam.relay.test", secure=False)
+            self.assertTrue(again.endswith(self.body[-1000:]))
+        self.assertEqual(self.relay.metrics.value("p2pnat_sessions_total",
+                                                  outcome="connect-request"), sent)
+
+    @defer.inlineCallbacks
+    def test_resumed_tunnel_carries_the_request_in_its_handshake(self):
+        """
+        The agent's second tunnel resumes its TLS session and names its
+        session in ALPN: the relay binds it before the device's Finished and
+        sends the request with its handshake flight; the page is whole.
+        """
+        first = yield self.fetch(b"cam.relay.test")
+        self.assertTrue(first.endswith(self.body[-1000:]))
+        self.assertEqual(self.relay.metrics.value("p2pnat_sessions_total",
+                                                  outcome="tunnel-half-rtt"), 0)
+        for tunnels in list(self.relay.relay.idle.values()):
+            for t in tunnels:
+                t.transport.loseConnection()
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(self.relay.relay.idle, {})
+        second = yield self.fetch(b"cam.relay.test")
+        head, _, body = second.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.0 200"), head)
+        self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(self.body).digest())
+        self.assertEqual(self.relay.metrics.value("p2pnat_sessions_total",
+                                                  outcome="tunnel-half-rtt"), 1)
+
+    @defer.inlineCallbacks
+    def test_parallel(self):
+        results = yield defer.gatherResults([self.fetch(b"cam.relay.test") for _ in range(6)])
+        for r in results:
+            self.assertTrue(r.endswith(self.body[-1000:]))
+        self.assertGreaterEqual(len(self.relay.relay.tunnels.get("cam", ())) +
+                                len(self.relay.relay.idle.get("cam", [])), 1)
+
+    @defer.inlineCallbacks
+    def test_forward_tcp(self):
+        fwd = Forwarder(reactor, "127.0.0.1", self.relay.terminal_https.address[1], "cam",
+                        "echo", None, self.terminal_tls())
+        port = reactor.listenTCP(0, fwd, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        payload = os.urandom(2_000_000)
+        c = Collect(payload, close_after=len(payload))
+        yield endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), c)
+        got = yield c.done
+        self.assertEqual(got, payload)
+        yield closed(fwd)
+
+    @defer.inlineCallbacks
+    def test_revoke_closes_tunnels(self):
+        yield self.fetch(b"cam.relay.test")
+        self.assertTrue(self.relay.relay.idle.get("cam"))
+        self.assertEqual(cli(["device", "remove", "cam", "--state-dir", self.relay.state_dir]), 0)
+        self.relay.sync()
+        self.assertEqual(self.relay.relay.idle.get("cam"), None)
+        refused = yield self.fetch(b"cam.relay.test")
+        self.assertTrue(refused.startswith(b"HTTP/1.1 403"), refused[:100])
+
+    @defer.inlineCallbacks
+    def test_credential_for_forward(self):
+        cred = os.path.join(self.dir, "cred")
+        with open(cred, "w") as f:
+            f.write("s3cret\n")
+        yield self.start_device("safe", "--access", "relay", "--credential-file", cred)
+        tls = self.terminal_tls()
+        port = self.relay.terminal_https.address[1]
+        results = []
+        for secret in (None, "wrong", "s3cret"):
+            fwd = Forwarder(reactor, "127.0.0.1", port, "safe", "echo", secret, tls)
+            lp = reactor.listenTCP(0, fwd, interface="127.0.0.1")
+            self.addCleanup(lp.stopListening)
+            c = Collect(b"ping", close_after=4)
+            yield endpoints.connectProtocol(
+                endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", lp.getHost().port), c)
+            results.append((yield c.done))
+            yield closed(fwd)
+        self.assertEqual(results, [b"", b"", b"ping"])

@@ -1,0 +1,368 @@
+"""
+The relay's terminal and tunnel sides in memory: routing, refusals,
+credentials, the hello checks and streams, on a L{Clock} with string
+transports.
+"""
+
+import base64
+
+from OpenSSL import crypto
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pnat.daemon.metrics import Metrics
+from p2pnat.deployment import pki
+from p2pnat.deployment.registry import Registry
+from p2pnat.protocol import tunnel, wire
+from p2pnat.relay.core import Relay
+from p2pnat.relay.devices import DeviceState, DeviceTable
+from p2pnat.relay.terminal import BadRequest, Terminal, Tokens, parse_head
+from p2pnat.relay.tunnel import RelayTunnel
+
+KEY = bytes(range(32))
+CA_CERT, CA_KEY = pki.create_ca("test CA")
+OTHER_CA_CERT, OTHER_CA_KEY = pki.create_ca("other CA")
+
+
+def x509(cert):
+    return crypto.load_certificate(crypto.FILETYPE_PEM, pki.cert_pem(cert))
+
+
+class FakeSocket:
+    """Stands for the UDP ControlProtocol a device's notifies reached."""
+
+    def __init__(self, clock):
+        self.stamper = wire.Stamper(clock)
+        self.sent = []
+
+    def send(self, data, addr, kind):
+        self.sent.append((data, addr, kind))
+
+
+class Transport(StringTransport):
+    """A StringTransport that knows it was closed, and a peer certificate."""
+
+    def __init__(self, cert=None):
+        super().__init__(peerAddress=IPv4Address("TCP", "198.51.100.9", 5555))
+        self.cert = cert
+        self.aborted = False
+
+    def getPeerCertificate(self):
+        return self.cert
+
+    def abortConnection(self):
+        self.aborted = True
+        self.loseConnection()
+
+    def setTcpNoDelay(self, on):
+        pass
+
+
+class World:
+    def __init__(self, testcase, period=300):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.registry = Registry(":memory:")
+        testcase.addCleanup(self.registry.close)
+        self.table = DeviceTable(period)
+        self.socket = FakeSocket(self.clock)
+        self.relay = Relay(self.clock, Metrics("relay"), self.table, self.registry,
+                           Tokens(b"s" * 32, self.clock), hostname="relay.test", tunnel_port=7443,
+                           https_port=8443)
+        self.certs = {}
+
+    def add(self, device_id, mode="device", credential=None, online=True, revoked=False):
+        cert, key = pki.issue_device_cert(CA_CERT, CA_KEY, device_id)
+        self.certs[device_id] = cert
+        rec = self.registry.add_device(device_id, KEY, pki.fingerprint(cert), mode, credential)
+        if revoked:
+            self.registry.revoke_device(device_id)
+            rec = self.registry.device(device_id)
+        d = DeviceState(device_id, KEY, revoked, None, None, mode, rec)
+        self.table.put(d)
+        if online:
+            self.table.notify_a(device_id, ("203.0.113.5", 40000), ("192.168.1.2", 1), self.socket,
+                                self.clock.seconds())
+        return d
+
+    def terminal(self, head, secure=True):
+        t = Terminal(self.relay, secure)
+        t.makeConnection(Transport())
+        t.dataReceived(head)
+        return t
+
+    def tunnel(self, device_id=None, cert=None, session=None, nonce=None):
+        tun = RelayTunnel(self.relay)
+        cert = cert if cert is not None else self.certs[device_id]
+        tun.makeConnection(Transport(x509(cert)))
+        if session is not None:
+            tun.dataReceived(tunnel.hello(session.id, nonce or session.nonce))
+        return tun
+
+
+def status(transport):
+    line = transport.value().split(b"\r\n", 1)[0]
+    return int(line.split()[1]) if line else None
+
+
+class ParseTests(SynchronousTestCase):
+    def test_parse(self):
+        r = parse_head(b"GET /a?b=1 HTTP/1.1\r\nHost: Dev.Relay.Test:8443\r\nCookie: x=1; y=2\r\n\r\n")
+        self.assertEqual((r.method, r.target, r.host, r.cookie("y")), ("GET", "/a?b=1",
+                                                                         "dev.relay.test", "2"))
+
+    def test_bad(self):
+        for head in (b"GET /\r\n\r\n", b"get / HTTP/1.1\r\n\r\n", b"GET / HTTP/2\r\n\r\n",
+                     b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n", b"GET / HTTP/1.1\r\nnocolon\r\n\r\n"):
+            self.assertRaises(BadRequest, parse_head, head)
+        many = b"GET / HTTP/1.1\r\n" + b"".join(b"h%d: x\r\n" % i for i in range(101)) + b"\r\n"
+        with self.assertRaises(BadRequest) as cm:
+            parse_head(many)
+        self.assertEqual(cm.exception.status, 431)
+
+
+class RoutingTests(SynchronousTestCase):
+    def setUp(self):
+        self.w = World(self)
+
+    def test_refusals_answered_at_once(self):
+        w = self.w
+        w.add("old")
+        w.add("gone", revoked=True)
+        w.add("never", online=False)
+        w.clock.advance(301)
+        w.add("cam")
+        for host, code in [("nope.relay.test", 404), ("gone.relay.test", 403),
+                           ("never.relay.test", 503), ("old.relay.test", 503),
+                           ("bad_$.relay.test", 404), ("elsewhere.example", 421)]:
+            t = w.terminal(b"GET / HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
+            self.assertEqual(status(t.transport), code, host)
+            self.assertTrue(t.transport.disconnecting, host)
+        self.assertEqual(w.socket.sent, [])
+
+    def test_relay_pages(self):
+        w = self.w
+        w.add("cam")
+        t = w.terminal(b"GET / HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+        self.assertEqual(status(t.transport), 200)
+        t = w.terminal(b"GET /connect?ID=cam HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+        self.assertEqual(status(t.transport), 302)
+        self.assertIn(b"Location: https://cam.relay.test:8443/\r\n", t.transport.value())
+        t = w.terminal(b"GET /connect?ID=nope HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+        self.assertEqual(status(t.transport), 404)
+
+    def test_head_limits(self):
+        t = self.w.terminal(b"GET / HTTP/1.1\r\nX: " + b"a" * 20000)
+        self.assertEqual(status(t.transport), 431)
+        t = self.w.terminal(b"\x16\x03\x01garbage\r\n\r\n")
+        self.assertEqual(status(t.transport), 400)
+
+    def test_slow_head_times_out(self):
+        t = self.w.terminal(b"GET / HTTP/1.1\r\n")
+        self.w.clock.advance(31)
+        self.assertTrue(t.transport.aborted)
+
+    def test_connect_request_from_notify_socket(self):
+        w = self.w
+        w.add("cam")
+        t = w.terminal(b"GET / HTTP/1.1\r\nHost: cam.relay.test\r\n\r\n")
+        self.assertEqual(t.state, "waiting")
+        self.assertEqual(len(w.socket.sent), 1)
+        data, addr, kind = w.socket.sent[0]
+        self.assertEqual((addr, kind), (("203.0.113.5", 40000), "ConnectRequest"))
+        frame, msg = wire.unseal(data, lambda k, t: KEY)
+        self.assertEqual(frame.key_id, "cam")
+        self.assertEqual((msg.session_id, msg.nonce, msg.tunnel_port),
+                         (t.session.id, t.session.nonce, 7443))
+        w.clock.pump([0.05] * 210)
+        self.assertGreater(len(w.socket.sent), 5)
+        self.assertEqual(status(t.transport), 504)
+
+
+class StreamTests(SynchronousTestCase):
+    def setUp(self):
+        self.w = World(self)
+        self.w.add("cam")
+        self.head = b"GET / HTTP/1.1\r\nHost: cam.relay.test\r\n\r\n"
+
+    def test_stream_and_reuse(self):
+        w = self.w
+        t = w.terminal(self.head)
+        t.dataReceived(b"more")
+        tun = w.tunnel("cam", session=t.session)
+        self.assertEqual(tun.transport.value()[:1], bytes([tunnel.HELLO_OK]))
+        frames = []
+        tunnel.FrameDecoder(lambda s: frames.append(("open", s)),
+                            lambda d: frames.append(("data", d)),
+                            lambda: frames.append("end")).feed(tun.transport.value()[1:])
+        self.assertEqual(frames, [("open", ""), ("data", self.head + b"more")])
+        # The device answers and closes its side.
+        tun.dataReceived(tunnel.frame(tunnel.DATA, b"HTTP/1.1 200 OK\r\n\r\nhi")
+                         + tunnel.frame(tunnel.END))
+        self.assertEqual(t.transport.value(), b"HTTP/1.1 200 OK\r\n\r\nhi")
+        self.assertTrue(t.transport.disconnecting)
+        self.assertTrue(tun.transport.value().endswith(tunnel.frame(tunnel.END)))
+        self.assertEqual(tun.state, "idle")
+        # The next terminal gets the idle tunnel at once: no connect request.
+        sent = len(w.socket.sent)
+        t2 = w.terminal(self.head)
+        self.assertEqual(t2.state, "stream")
+        self.assertEqual(len(w.socket.sent), sent)
+
+    def idle_tunnel(self):
+        w = self.w
+        t = w.terminal(self.head)
+        tun = w.tunnel("cam", session=t.session)
+        tun.dataReceived(tunnel.frame(tunnel.OPENED) + tunnel.frame(tunnel.END))
+        self.assertEqual(tun.state, "idle")
+        return tun
+
+    def test_reused_tunnel_confirmed(self):
+        w = self.w
+        tun = self.idle_tunnel()
+        sent = len(w.socket.sent)
+        t = w.terminal(self.head)
+        self.assertIs(t.tunnel, tun)
+        tun.dataReceived(tunnel.frame(tunnel.OPENED))
+        w.clock.advance(5)
+        self.assertEqual((t.state, len(w.socket.sent)), ("stream", sent))
+
+    def test_dead_idle_tunnel_retried(self):
+        """
+        A reused tunnel that never confirms the OPEN was dead: the terminal's
+        bytes go to a new tunnel, got with a new connect request.
+        """
+        w = self.w
+        tun = self.idle_tunnel()
+        sent = len(w.socket.sent)
+        t = w.terminal(self.head)
+        t.dataReceived(b"body")
+        w.clock.advance(2.1)
+        self.assertTrue(tun.transport.aborted)
+        self.assertEqual(t.state, "waiting")
+        self.assertEqual(len(w.socket.sent), sent + 1)
+        new = w.tunnel("cam", session=t.session)
+        frames = []
+        tunnel.FrameDecoder(lambda s: frames.append(("open", s)),
+                            lambda d: frames.append(("data", d)),
+                            lambda: frames.append("end")).feed(new.transport.value()[1:])
+        self.assertEqual(b"".join(d for kind, d in frames if kind == "data"), self.head + b"body")
+
+    def test_terminal_closes_first(self):
+        w = self.w
+        t = w.terminal(self.head)
+        tun = w.tunnel("cam", session=t.session)
+        t.connectionLost(None)
+        self.assertTrue(tun.transport.value().endswith(tunnel.frame(tunnel.END)))
+        self.assertEqual(tun.state, "stream")
+        tun.dataReceived(tunnel.frame(tunnel.END))
+        self.assertEqual(tun.state, "idle")
+        w.clock.advance(61)
+        self.assertTrue(tun.transport.disconnecting)
+
+    def test_hello_refusals(self):
+        w = self.w
+        w.add("other")
+        t = w.terminal(self.head)
+        s = t.session
+        cases = [
+            (dict(device_id="cam", session=s, nonce=b"x" * 16), 4),
+            (dict(device_id="other", session=s), 3),  # the session is cam's
+            (dict(cert=pki.issue_device_cert(OTHER_CA_CERT, OTHER_CA_KEY, "cam")[0],
+                  session=s), 5),  # not the registered certificate
+        ]
+        for kwargs, code in cases:
+            tun = w.tunnel(**kwargs)
+            self.assertEqual(tun.transport.value(), bytes([code]), kwargs)
+            self.assertTrue(tun.transport.disconnecting)
+        # Still claimable by the genuine device after all that.
+        tun = w.tunnel("cam", session=s)
+        self.assertEqual(tun.transport.value()[:1], bytes([tunnel.HELLO_OK]))
+
+    def test_hello_timeout_and_garbage(self):
+        w = self.w
+        tun = w.tunnel("cam")
+        w.clock.advance(11)
+        self.assertTrue(tun.transport.aborted)
+        tun = w.tunnel("cam")
+        tun.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(20))
+        self.assertEqual(tun.transport.value(), bytes([1]))
+
+    def test_revocation_closes_tunnels(self):
+        w = self.w
+        t = w.terminal(self.head)
+        tun = w.tunnel("cam", session=t.session)
+        pending = w.terminal(self.head)  # the tunnel is busy: a second session
+        self.assertEqual(pending.state, "waiting")
+        w.relay.device_revoked("cam")
+        self.assertTrue(tun.transport.aborted)
+        self.assertTrue(t.transport.aborted)  # the streaming terminal is cut too
+        self.assertEqual(status(pending.transport), 403)
+        self.assertFalse(pending.transport.aborted)  # the 403 page gets out
+
+    def test_revocation_cuts_a_finished_stream_still_draining(self):
+        w = self.w
+        t = w.terminal(self.head)
+        tun = w.tunnel("cam", session=t.session)
+        # The device sent everything and closed: the terminal is detached
+        # from the (now idle) tunnel but its last bytes may still be queued.
+        tun.dataReceived(tunnel.frame(tunnel.OPENED) + tunnel.frame(tunnel.DATA, b"x" * 100)
+                         + tunnel.frame(tunnel.END))
+        self.assertIsNone(tun.terminal)
+        w.relay.device_revoked("cam")
+        self.assertTrue(t.transport.aborted)
+
+
+class CredentialTests(SynchronousTestCase):
+    def setUp(self):
+        self.w = World(self)
+        self.w.add("safe", mode="relay", credential="open sesame")
+
+    def head(self, extra=b""):
+        return b"GET /x?y=1 HTTP/1.1\r\nHost: safe.relay.test\r\n" + extra + b"\r\n"
+
+    def basic(self, secret):
+        return b"Authorization: Basic " + base64.b64encode(b":" + secret) + b"\r\n"
+
+    def test_no_credential_login_form(self):
+        t = self.w.terminal(self.head())
+        self.assertEqual(status(t.transport), 401)
+        self.assertIn(b"name='next' value='/x?y=1'", t.transport.value())
+        self.assertEqual(self.w.socket.sent, [])
+
+    def test_wrong_then_right(self):
+        t = self.w.terminal(self.head(self.basic(b"nope")))
+        self.assertEqual(status(t.transport), 401)
+        t = self.w.terminal(self.head(self.basic(b"open sesame")))
+        self.assertEqual(t.state, "waiting")
+        self.assertEqual(len(self.w.socket.sent), 1)
+
+    def test_login_form_sets_cookie(self):
+        body = b"credential=open+sesame&next=%2Fx%3Fy%3D1"
+        t = self.w.terminal(b"POST /.p2pnat/login HTTP/1.1\r\nHost: safe.relay.test\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        out = t.transport.value()
+        self.assertEqual(status(t.transport), 303)
+        self.assertIn(b"Location: /x?y=1\r\n", out)
+        cookie = out.split(b"Set-Cookie: ", 1)[1].split(b";", 1)[0]
+        self.assertIn(b"; HttpOnly; SameSite=Lax; Secure", out)
+        t = self.w.terminal(self.head(b"Cookie: " + cookie + b"\r\n"))
+        self.assertEqual(t.state, "waiting")
+        # A forged or other device's cookie does not pass.
+        t = self.w.terminal(self.head(b"Cookie: p2pnat_auth=9999999999.AAAA\r\n"))
+        self.assertEqual(status(t.transport), 401)
+
+    def test_wrong_login(self):
+        body = b"credential=bad&next=//evil.example/"
+        t = self.w.terminal(b"POST /.p2pnat/login HTTP/1.1\r\nHost: safe.relay.test\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self.assertEqual(status(t.transport), 403)
+        self.assertNotIn(b"Set-Cookie", t.transport.value())
+
+    def test_open_redirect_refused(self):
+        body = b"credential=open+sesame&next=//evil.example/"
+        t = self.w.terminal(b"POST /.p2pnat/login HTTP/1.1\r\nHost: safe.relay.test\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self.assertIn(b"Location: /\r\n", t.transport.value())
