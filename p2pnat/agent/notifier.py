@@ -11,21 +11,6 @@ from p2pnat.daemon.logs import Logger, redact
 from p2pnat.protocol import wire
 
 
-class RelayClock:
-    """
-    The relay's clock as this device estimates it: our reactor time plus
-    the offset learnt from the relay's L{wire.Period}.  Used to check the
-    freshness of what the relay sends us.
-    """
-
-    def __init__(self, clock, stamper):
-        self._clock = clock
-        self._stamper = stamper
-
-    def seconds(self):
-        return self._clock.seconds() + self._stamper.offset
-
-
 class SeenSessions:
     """
     Session IDs of connect requests already acted on, remembered for
@@ -75,7 +60,7 @@ class Notifier:
         self.b_interval_config = b_interval
         self.on_connect = on_connect or (lambda request: None)
         self.stamper = wire.Stamper(clock)
-        self.replay = wire.ReplayGuard(RelayClock(clock, self.stamper))
+        self.replay = wire.ReplayGuard(self.stamper)
         self.seen = SeenSessions(clock)
         self.proto = None
         self.period = None
@@ -204,14 +189,14 @@ class Notifier:
         if first or changed:
             self.log.info(
                 "relay {relay} access-check period {period}s; notify A every {a:.0f}s,"
-                " notify B every {b:.0f}s", relay=_fmt(self.relay_addr), period=self.period,
+                " notify B every {b:.0f}s", relay=wire.format_addr(self.relay_addr), period=self.period,
                 a=self.a_interval, b=self.b_interval)
             self._schedule()
 
     def _got_ack(self, message, addr):
         self.last_ack = self.clock.seconds()
         if message.observed != self.public_addr:
-            self.log.info("public address is {addr}", addr=_fmt(message.observed))
+            self.log.info("public address is {addr}", addr=wire.format_addr(message.observed))
             self.public_addr = message.observed
         if message.flags & wire.NEED_NOTIFY_A:
             self.notify_a()
@@ -228,7 +213,3 @@ class Notifier:
                              " {host}:{port}", sid=redact(message.session_id),
                              host=message.tunnel_host or addr[0], port=message.tunnel_port)
 
-
-def _fmt(addr):
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

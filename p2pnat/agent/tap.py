@@ -53,7 +53,7 @@ class Options(make_options("device-agent", SCHEMA, "device-agent.toml")):
                                 " (the ID given to `p2pnat device add`)")
         if not wire.valid_key_id(config["agent.device_id"]):
             raise C.ConfigError(f"{config.path}: agent.device_id: not a valid device ID")
-        self.mac_key = read_mac_key(config, "agent.mac_key_file")
+        self.mac_key = C.read_mac_key(config, "agent.mac_key_file")
         self.services = services_of(config)
         self.tls = client_tls_options(config)
 
@@ -108,7 +108,7 @@ def client_tls_options(config):
 
 
 #: Kept here too: tests and tools import it from the agent's tap.
-read_mac_key = C.read_mac_key
+
 
 
 class AgentService(service.MultiService):

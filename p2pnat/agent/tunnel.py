@@ -5,7 +5,7 @@ connection to the relay, opened for a verified connect request, carrying
 streams to the device's local service.
 """
 
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 
 from p2pnat.daemon.logs import Logger, redact
 from p2pnat.net import streams
@@ -182,15 +182,3 @@ class AgentTunnel(streams.IdleTimeout, Protocol):
         if local is not None:
             streams.close_after_writes(local.transport)
         self.agent.tunnel_closed(self)
-
-
-class AgentTunnelFactory(Factory):
-    noisy = False
-
-    def __init__(self, agent, session_id, nonce):
-        self.agent = agent
-        self.session_id = session_id
-        self.nonce = nonce
-
-    def buildProtocol(self, addr):
-        return AgentTunnel(self.agent, self.session_id, self.nonce)

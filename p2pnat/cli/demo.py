@@ -244,7 +244,7 @@ class Demo:
             "agent.service": f"{LOOPBACK}:{site_port}",
             "udp.listen": f"{LOOPBACK}:0",
         })
-        mac_key = agent_tap.read_mac_key(agent_config, "agent.mac_key_file")
+        mac_key = C.read_mac_key(agent_config, "agent.mac_key_file")
         self.agent = agent_tap.AgentService(
             agent_config, mac_key, self.reactor, agent_tap.services_of(agent_config),
             agent_tap.client_tls_options(agent_config))

@@ -20,7 +20,6 @@ exits non-zero instead of a traceback.
 
 import ipaddress
 import os
-import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -285,23 +284,16 @@ KEY_LEN = 32  # as p2pnat.protocol.wire.KEY_LEN (config does not import the wire
 
 def read_mac_key(config, name):
     """
-    Read a MAC key file (hex): it must exist, be readable by its owner only
-    and hold L{KEY_LEN} bytes.
+    Read the MAC key file named by setting C{name} (see
+    L{p2pnat.deployment.pki.read_mac_key}: hex, owner-only, L{KEY_LEN}
+    bytes).
 
-    @raise ConfigError: naming the file and the setting.
+    @raise ConfigError: naming the config file, the setting and the problem.
     """
-    path = config.path_of(name)
-    where = f"{config.where(name)}: {name}"
+    from p2pnat.deployment.pki import PKIError
+    from p2pnat.deployment.pki import read_mac_key as read
+
     try:
-        st = os.stat(path)
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"{where}: {path} is readable by others; chmod 600 it")
-        with open(path) as f:
-            key = bytes.fromhex(f.read().strip())
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read {path}: {e.strerror}")
-    except ValueError:
-        raise ConfigError(f"{where}: {path} does not hold a hex key")
-    if len(key) != KEY_LEN:
-        raise ConfigError(f"{where}: {path} holds {len(key)} bytes, expected {KEY_LEN}")
-    return key
+        return read(config.path_of(name))
+    except PKIError as e:
+        raise ConfigError(f"{config.where(name)}: {name}: {e}")

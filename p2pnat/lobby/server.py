@@ -139,7 +139,7 @@ class Lobby:
         cid = frame.key_id
         known = self.presence.get(cid)
         if known is None or known.addr != addr:
-            self.log.info("client {client} logged in from {addr}", client=cid, addr=_fmt(addr))
+            self.log.info("client {client} logged in from {addr}", client=cid, addr=wire.format_addr(addr))
         self.presence[cid] = Presence(cid, addr, proto, m.local, m.nat, now)
         self.metrics.online.set(len(self.presence))
         return M.Welcome(frame.timestamp, addr, int(now * 1e6), self.keepalive)
@@ -149,7 +149,7 @@ class Lobby:
         if p is None:
             return M.Refusal(0, 5)
         if p.addr != addr:
-            self.log.info("client {client} now at {addr}", client=p.id, addr=_fmt(addr))
+            self.log.info("client {client} now at {addr}", client=p.id, addr=wire.format_addr(addr))
         p.addr, p.socket, p.seen = addr, proto, now
         return M.Welcome(frame.timestamp, addr, int(now * 1e6), self.keepalive)
 
@@ -195,7 +195,7 @@ class Lobby:
             self.by_request[(m.peer, m.request_id)] = p
             self.metrics.sessions.labels("requested").inc()
             self.log.info("{a} asks for {b}: A's fresh mapping {addr}", a=a, b=m.peer,
-                          addr=_fmt(addr))
+                          addr=wire.format_addr(addr))
         elif p.a_addr != addr:
             return None  # a retransmission must come from the same fresh mapping
         if p.answer is not None:
@@ -232,7 +232,7 @@ class Lobby:
                 self.metrics.active_sessions.set(len(self.sessions))
             else:
                 self.metrics.sessions.labels("refused").inc()
-            self.log.info("{b} {verb} {a}: B's fresh mapping {addr}", b=b, a=p.a, addr=_fmt(addr),
+            self.log.info("{b} {verb} {a}: B's fresh mapping {addr}", b=b, a=p.a, addr=wire.format_addr(addr),
                           verb="accepts" if m.accepted else "refuses")
         self._introduce(p)
         return M.AnswerAck(m.request_id, addr)
@@ -263,7 +263,7 @@ class Lobby:
             return None
         if s.binds.get(role, (None,))[0] != addr:
             self.log.info("relaying session {sid} for {client} at {addr}", sid=s.id.hex()[:8],
-                          client=s.peers[role], addr=_fmt(addr))
+                          client=s.peers[role], addr=wire.format_addr(addr))
         s.binds[role] = (addr, proto)
         s.used = now
         return M.RelayBound(len(s.binds) == 2)
@@ -306,7 +306,3 @@ class Lobby:
     _on_PathKeepalive = _on_Data
     _on_PathClose = _on_Data
 
-
-def _fmt(addr):
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -80,7 +80,7 @@ class DropLog:
         count += 1
         self._window[reason] = (start, count)
         if count <= self.burst:
-            self.log.info("dropped datagram from {addr}: {reason} {detail}", addr=_fmt(addr),
+            self.log.info("dropped datagram from {addr}: {reason} {detail}", addr=wire.format_addr(addr),
                           reason=reason, detail=detail)
 
 
@@ -112,10 +112,6 @@ def _concrete(host):
     except ValueError:
         return False
 
-
-def _fmt(addr):
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ControlProtocol(DatagramProtocol):
@@ -159,7 +155,7 @@ class ControlProtocol(DatagramProtocol):
             self._received(data, addr)
         except Exception:
             self.metrics.drop("internal-error")
-            self.log.failure("error handling datagram from {addr}", addr=_fmt(addr))
+            self.log.failure("error handling datagram from {addr}", addr=wire.format_addr(addr))
 
     def _received(self, data, addr):
         if len(data) > wire.MAX_DATAGRAM:

@@ -31,17 +31,6 @@ class Refused(Exception):
     """The lobby or the peer refused the connection."""
 
 
-class _LobbyClock:
-    """The lobby's clock as we estimate it (for freshness checks)."""
-
-    def __init__(self, clock, stamper):
-        self._clock = clock
-        self._stamper = stamper
-
-    def seconds(self):
-        return self._clock.seconds() + self._stamper.offset
-
-
 class Session:
     """A session the lobby introduced: its ID, key and our role in it."""
 
@@ -96,7 +85,7 @@ class LobbyClient:
         self.upgrade_interval = upgrade_interval
         self.metrics = Metrics("client")
         self.stamper = wire.Stamper(reactor)
-        self.replay = wire.ReplayGuard(_LobbyClock(reactor, self.stamper))
+        self.replay = wire.ReplayGuard(self.stamper)
         self.public = None  # our address as the lobby sees it
         self.keepalive = 20
         self.paths = {}  # peer -> Path

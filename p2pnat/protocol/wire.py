@@ -511,6 +511,14 @@ class Stamper:
         self.offset = offset
         self._last = 0
 
+    def seconds(self):
+        """
+        The receiver's clock as we estimate it: a clock (for
+        L{ReplayGuard}) that checks the freshness of what the receiver
+        sends back.
+        """
+        return self._clock.seconds() + self.offset
+
     def __call__(self):
         now = int((self._clock.seconds() + self.offset) * 1_000_000)
         self._last = max(now, self._last + 1)
@@ -528,3 +536,9 @@ class Stamper:
             # Stamps made before we knew the offset ran ahead of the
             # receiver's clock; small steps back stay monotonic instead.
             self._last = now - 1
+
+
+def format_addr(addr):
+    """An ``(ip, port)`` address as ``ip:port``, or ``[ip]:port`` for IPv6 (for logs)."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -45,7 +45,7 @@ class NotifyHandler:
             self.table.notify_a(device_id, addr, message.local, proto, now)
             if was[0] != addr or was[1] is None or now - was[1] > self.table.period:
                 self.log.info("device {device_id} online at {addr}", device_id=device_id,
-                              addr=_fmt(addr))
+                              addr=wire.format_addr(addr))
             if was[0] is not None and was[0] != addr:
                 self.on_moved(device_id)
             return wire.NotifyAck(frame.timestamp, addr, 0)
@@ -54,7 +54,7 @@ class NotifyHandler:
             changed = self.table.notify_b(device_id, addr, message.local, proto)
             if changed:
                 self.log.info("device {device_id} mapping now {addr}", device_id=device_id,
-                              addr=_fmt(addr))
+                              addr=wire.format_addr(addr))
                 if old is not None and old != addr:
                     self.on_moved(device_id)
             d = self.table.get(device_id)
@@ -76,7 +76,3 @@ class NotifyHandler:
             return wire.Pong(frame.timestamp, addr, int(now * 1e6))
         return None
 
-
-def _fmt(addr):
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -677,7 +677,7 @@ class BadConfigTests(DaemonTestCase):
         agent_toml = os.path.join(bundle, "agent.toml")
         self.run_all([("device-agent", ["--config", agent_toml],
                        [agent_toml, "agent.mac_key_file", os.path.join(bundle, "mac.key"),
-                        "No such file"])])
+                        "no such file"])])
 
     def test_state_dir_unusable(self):
         """

@@ -12,10 +12,11 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial.unittest import TestCase
 
 from p2pnat.agent.tap import SCHEMA as AGENT_SCHEMA
-from p2pnat.agent.tap import AgentService, read_mac_key
+from p2pnat.agent.tap import AgentService
 from p2pnat.cli import main as cli
 from p2pnat.cli.forward import Forwarder
 from p2pnat.daemon import config as C
+from p2pnat.daemon.config import read_mac_key
 from p2pnat.relay.tap import SCHEMA as RELAY_SCHEMA
 from p2pnat.relay.tap import RelayService
 

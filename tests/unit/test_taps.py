@@ -442,18 +442,20 @@ class AgentTapTests(TapTestCase):
 
         line = error_with("mac.key", mode=0o644)
         self.assertEqual(line, f"twistd device-agent: {toml}: agent.mac_key_file:"
-                               f" {self.in_bundle('mac.key')} is readable by others;"
-                               " chmod 600 it\n")
+                               f" {self.in_bundle('mac.key')}: secret file is accessible by"
+                               " group or others (mode 0644); run: chmod 600"
+                               f" {self.in_bundle('mac.key')}\n")
         line = error_with("mac.key", mode=0o600, text="abcd\n")
         self.assertTrue(line.startswith(f"twistd device-agent: {toml}: agent.mac_key_file: "),
                         line)
         os.unlink(self.in_bundle("mac.key"))
         line = self.config_error("--config", toml)
         self.assertTrue(line.startswith(f"twistd device-agent: {toml}: agent.mac_key_file:"
-                                        f" cannot read {self.in_bundle('mac.key')}"), line)
+                                        f" {self.in_bundle('mac.key')}: no such file"), line)
         line = self.config_error("--config", self.etc())
         self.assertTrue(line.startswith(f"twistd device-agent: {self.etc()}:"
-                                        " agent.mac_key_file: cannot read"), line)
+                                        " agent.mac_key_file:"), line)
+        self.assertIn("mac.key: no such file", line)
 
     def test_missing_device_id(self):
         path = self.write("[agent]\nrelay = \"127.0.0.1:7478\"\n")
