@@ -74,7 +74,7 @@ def _run(args, connect):
     from twisted.protocols.basic import LineReceiver
 
     from p2pnat.peer.client import LobbyClient
-    from p2pnat.peer.discovery_glue import discover_nat
+    from p2pnat.peer.discovery import discover_nat
 
     config, key = load_client(args.config)
     host, port = C.parse_hostport(config["client.lobby"])
@@ -141,7 +141,8 @@ def _run(args, connect):
         t0 = time.monotonic()
         servers = [C.parse_hostport(a) for a in config["client.discovery"]] or [
             lobby, (lobby[0], lobby[1] + 1)]
-        nat = yield discover_nat(reactor, servers, config["client.interface"] or None, args)
+        interface = config["client.interface"] or None
+        nat = yield discover_nat(reactor, servers, interface=interface, given=args.nat)
         out.event("nat", f"NAT: {nat.mapping} mapping, {nat.allocation} ports"
                          f" (step {nat.step}, {nat.rate:g}/s)", mapping=nat.mapping,
                   filtering=nat.filtering, allocation=nat.allocation, step=nat.step,
@@ -156,7 +157,7 @@ def _run(args, connect):
             attach(path, forward)
 
         client = LobbyClient(config["client.id"], key, lobby, reactor,
-                             interface=config["client.interface"] or None, nat=nat,
+                             interface=interface, nat=nat,
                              accept=accept, on_path=on_path, connect_timeout=args.timeout,
                              upgrade_interval=args.upgrade_interval,
                              low_ttl=config["client.low_ttl"])
@@ -175,8 +176,7 @@ def _run(args, connect):
             # Discovery got no answer (the lobby was not up yet, say): it is
             # up now, and planning for an unknown NAT means planning for the
             # worst, so measure again.
-            again = yield discover_nat(reactor, servers, config["client.interface"] or None,
-                                       args)
+            again = yield discover_nat(reactor, servers, interface=interface)
             client.nat = again
             out.event("nat", f"NAT (measured again): {again.mapping} mapping, {again.allocation}"
                              f" ports", mapping=again.mapping, filtering=again.filtering,

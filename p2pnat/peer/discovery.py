@@ -25,6 +25,9 @@ three times).  The sockets are plain Twisted datagram protocols opened by a
 ``listen`` callable, so tests drive a run on a :class:`~twisted.internet.task.Clock`
 with fake transports; ``python -m p2pnat.peer.discovery LOBBY_ADDR...``
 runs one for real and prints the behaviour as JSON.
+
+:func:`discover_nat` is what the P2P client needs of it: the
+:class:`~p2pnat.protocol.p2p.NatInfo` to log in with, measured or given.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from twisted.internet.protocol import DatagramProtocol
 from p2pnat.daemon.logs import Logger
 from p2pnat.protocol import stun
 from p2pnat.protocol.nat import NatBehaviour, Observations, Probe, classify
+from p2pnat.protocol.p2p import ALLOCATIONS, MAPPINGS, NatInfo
 
-__all__ = ["StunSocket", "Discovery", "DiscoveryResult", "discover", "source_address",
-           "to_nat_info", "main"]
+__all__ = ["StunSocket", "Discovery", "DiscoveryResult", "discover", "discover_nat",
+           "parse_nat", "source_address", "to_nat_info", "main"]
 
 #: Seconds after the first send at which a request is sent (again).
 SCHEDULE = (0.0, 0.1, 0.3)
@@ -280,14 +284,50 @@ def discover(reactor, servers, *, interface=None, **options):
     return Discovery(servers, reactor, listen, **options).run()
 
 
+def parse_nat(text):
+    """
+    The NAT given as ``MAPPING/ALLOCATION[/STEP[/RATE]]`` (the ``--nat`` of
+    ``p2pnat peer``), as a :class:`p2pnat.protocol.p2p.NatInfo` with
+    unknown filtering.  A sequential allocation without a step has step 1.
+
+    :raises ValueError: with a message that names the expected form.
+    """
+    form = (f"--nat: expected MAPPING/ALLOCATION[/STEP[/RATE]] with MAPPING in"
+            f" {', '.join(MAPPINGS)} and ALLOCATION in {', '.join(ALLOCATIONS)}")
+    parts = text.split("/")
+    if not 2 <= len(parts) <= 4 or parts[0] not in MAPPINGS or parts[1] not in ALLOCATIONS:
+        raise ValueError(form)
+    try:
+        step = int(parts[2]) if len(parts) > 2 else (1 if parts[1] == "sequential" else 0)
+        rate = float(parts[3]) if len(parts) > 3 else 0.0
+    except ValueError:
+        raise ValueError(f"{form}; STEP a whole number, RATE a number, got {text!r}") from None
+    # The bounds of the wire's NatInfo (a signed 16-bit step, rate in tenths).
+    if not -32768 <= step <= 32767 or not 0 <= rate <= 6553.5:
+        raise ValueError(f"--nat: STEP must be -32768..32767 and RATE 0..6553.5, got {text!r}")
+    return NatInfo(parts[0], "unknown", parts[1], step, rate)
+
+
+def discover_nat(reactor, servers, *, interface=None, given=None, **options):
+    """
+    This host's NAT as the lobby and the peer are told of it: C{given}
+    (``MAPPING/ALLOCATION[/STEP[/RATE]]``, see :func:`parse_nat`) unless it
+    is None, which sends nothing, else measured by :func:`discover` against
+    the lobby addresses C{servers}.  A Deferred firing with a
+    :class:`p2pnat.protocol.p2p.NatInfo`; it fails with ValueError for a
+    malformed C{given}.
+    """
+    if given is not None:
+        return defer.maybeDeferred(parse_nat, given)
+    return discover(reactor, servers, interface=interface, **options).addCallback(to_nat_info)
+
+
 def to_nat_info(found):
     """
     What the lobby and the peer are told of a :class:`DiscoveryResult` (or
     a :class:`NatBehaviour`): the wire's
     :class:`p2pnat.protocol.p2p.NatInfo`.
     """
-    from p2pnat.protocol.p2p import NatInfo
-
     b = getattr(found, "behaviour", found)
     return NatInfo(b.mapping, b.filtering, b.allocation, b.step or 0, b.rate or 0.0)
 

@@ -5,13 +5,10 @@ siblings), through simulated NATs of every kind, with loss and background
 traffic; and once over loopback with real sockets.
 """
 
-import itertools
 import json
-import random
 import sys
 
 from twisted.internet import defer, reactor, utils
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock, LoopingCall
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -20,7 +17,9 @@ from p2pnat.net.udp import ControlProtocol, link_siblings
 from p2pnat.peer import discovery
 from p2pnat.protocol import stun, wire
 from p2pnat.protocol.nat import AD, APD, EI, NONE, UNKNOWN
+from p2pnat.protocol.p2p import NatInfo
 from tests.support import procs
+from tests.support.udp import SimNat, SimNet, SimPort
 
 A1, A2 = "198.18.1.1", "198.18.1.2"
 FOUR = [(A1, 3478), (A1, 3479), (A2, 3478), (A2, 3479)]
@@ -30,124 +29,6 @@ TWO = [(A1, 3478), (A1, 3479)]
 HOST = "10.0.1.2"
 WAN = "198.18.2.1"
 PUBLIC_HOST = "198.18.3.1"
-
-
-class SimNat:
-    """
-    A NAT: ``mapping`` and ``filtering`` as in RFC 4787, ``allocation``
-    preserving (the local port when free), sequential (``base``, ``base +
-    step``, ...) or random.  :meth:`take` lets other traffic take ports.
-    """
-
-    def __init__(self, public_ip, mapping=EI, filtering=APD, allocation="preserving", step=1,
-                 base=20000, seed=1):
-        self.ip = public_ip
-        self.mapping, self.filtering, self.allocation = mapping, filtering, allocation
-        self.step = step
-        self.next = base
-        self.random = random.Random(seed)
-        self.by_key = {}  # mapping key -> public port
-        self.owner = {}  # public port -> private address
-        self.sent_to = {}  # public port -> destinations sent to
-
-    def _key(self, src, dst):
-        return {EI: (src,), AD: (src, dst[0]), APD: (src, dst)}[self.mapping]
-
-    def _allocate(self, src):
-        if self.allocation == "preserving" and src[1] not in self.owner:
-            return src[1]
-        if self.allocation == "random":
-            while True:
-                port = self.random.randint(1024, 65535)
-                if port not in self.owner:
-                    return port
-        port, self.next = self.next, self.next + self.step
-        return port
-
-    def take(self, n=1):
-        """Other traffic takes n new ports."""
-        for _ in range(n):
-            self.owner[self._allocate(("10.0.1.99", 0))] = ("10.0.1.99", 0)
-
-    def outbound(self, src, dst):
-        key = self._key(src, dst)
-        port = self.by_key.get(key)
-        if port is None:
-            port = self._allocate(src)
-            self.by_key[key] = port
-            self.owner[port] = src
-        self.sent_to.setdefault(port, set()).add(dst)
-        return self.ip, port
-
-    def inbound(self, port, src):
-        private = self.owner.get(port)
-        if private is None or private[0] == "10.0.1.99":
-            return None
-        seen = self.sent_to[port]
-        allowed = {EI: True, AD: any(d[0] == src[0] for d in seen), APD: src in seen}
-        return private if allowed[self.filtering] else None
-
-
-class SimPort:
-    """A bound UDP socket of the simulated network (transport and listening port)."""
-
-    def __init__(self, net, proto, addr):
-        self.net, self.proto, self.addr = net, proto, addr
-
-    def write(self, data, addr):
-        self.net.send(self.addr, tuple(addr), data)
-
-    def getHost(self):
-        return IPv4Address("UDP", *self.addr)
-
-    def stopListening(self):
-        self.net.ports.pop(self.addr, None)
-        self.proto.doStop()
-        return defer.succeed(None)
-
-
-class SimNet:
-    """
-    Datagrams delivered after ``latency`` seconds on a clock; hosts behind
-    a L{SimNat} by private IP; ``lose(src, dst, data)`` drops on the wire
-    (after the sender's NAT).
-    """
-
-    def __init__(self, clock, latency=0.002):
-        self.clock = clock
-        self.latency = latency
-        self.ports = {}
-        self.nats = {}  # private IP -> SimNat
-        self.lose = lambda src, dst, data: False
-        self.delivered = 0
-        self._ephemeral = itertools.count(41000, 13)
-
-    def listen(self, ip, proto, port=0):
-        addr = (ip, port or next(self._ephemeral))
-        p = SimPort(self, proto, addr)
-        self.ports[addr] = p
-        proto.makeConnection(p)
-        return p
-
-    def send(self, src, dst, data):
-        nat = self.nats.get(src[0])
-        if nat is not None:
-            src = nat.outbound(src, dst)
-        if self.lose(src, dst, data):
-            return
-        self.clock.callLater(self.latency, self._deliver, src, dst, data)
-
-    def _deliver(self, src, dst, data):
-        for nat in self.nats.values():
-            if dst[0] == nat.ip:
-                dst = nat.inbound(dst[1], src)
-                if dst is None:
-                    return
-                break
-        port = self.ports.get(dst)
-        if port is not None:
-            self.delivered += 1
-            port.proto.datagramReceived(data, src)
 
 
 class NoHandler:
@@ -178,6 +59,10 @@ class Harness:
         servers = servers or (FOUR_ORDER if len(self.lobby) == 4 else TWO)
         d = discovery.Discovery(servers, self.clock,
                                 lambda proto: self.net.listen(self.host, proto), **options).run()
+        return self.wait(d, step, limit)
+
+    def wait(self, d, step=0.001, limit=5.0):
+        """Advance the clock in small steps until C{d} fires; its result."""
         results = []
         d.addBoth(results.append)
         start = self.clock.seconds()
@@ -192,6 +77,7 @@ class Harness:
         # Every discovery socket closed; no timer of ours left behind.
         testcase.assertEqual([a for a in self.net.ports if a[0] == self.host], [])
         testcase.assertEqual(self.clock.getDelayedCalls(), [])
+        testcase.assertEqual(self.net.errors, [])
 
 
 def summary(b):
@@ -323,6 +209,37 @@ class ConditionsTests(SynchronousTestCase):
         obs = h.run().observations
         changed = {p.change: p.answered_from for p in obs.probes if p.change}
         self.assertEqual(changed, {"ip+port": (A2, 3479), "port": (A1, 3479), "ip": (A2, 3478)})
+
+
+class DiscoverNatTests(SynchronousTestCase):
+    """What the P2P client logs in with: the NAT measured, or given with ``--nat``."""
+
+    def test_measured(self):
+        h = Harness(self, SimNat(WAN, APD, APD, "sequential", step=2))
+        info = h.wait(discovery.discover_nat(h.net, FOUR_ORDER, interface=HOST))
+        self.assertEqual(info, NatInfo(APD, APD, "sequential", 2, 0.0))
+
+    def test_given(self):
+        # Nothing is measured: no reactor is needed.
+        for text, want in (
+                ("address-and-port-dependent/sequential/2/3.5",
+                 NatInfo(APD, UNKNOWN, "sequential", 2, 3.5)),
+                ("endpoint-independent/sequential", NatInfo(EI, UNKNOWN, "sequential", 1, 0.0)),
+                ("endpoint-independent/preserving", NatInfo(EI, UNKNOWN, "preserving", 0, 0.0))):
+            d = discovery.discover_nat(None, [], interface="192.0.2.1", given=text)
+            self.assertEqual(self.successResultOf(d), want, text)
+            self.assertEqual(discovery.parse_nat(text), want)
+        self.assertEqual(discovery.parse_nat("none/random/0/6553.5").encode(),
+                         NatInfo(NONE, UNKNOWN, "random", 0, 6553.5).encode())
+
+    def test_given_malformed(self):
+        for text in ("", "cone", "cone/sequential", "endpoint-independent/odd",
+                     "endpoint-independent/sequential/x", "endpoint-independent/random/1/fast",
+                     "endpoint-independent/sequential/1/2/3",
+                     "endpoint-independent/sequential/40000", "endpoint-independent/random/0/-1",
+                     "endpoint-independent/random/0/7000"):
+            f = self.failureResultOf(discovery.discover_nat(None, [], given=text), ValueError)
+            self.assertTrue(f.getErrorMessage().startswith("--nat: "), f.getErrorMessage())
 
 
 class StunSocketTests(SynchronousTestCase):
