@@ -10,6 +10,8 @@ In-memory UDP for tests, on a L{Clock}.
 
 import itertools
 import random
+import socket
+from collections import namedtuple
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -73,6 +75,10 @@ class FakeNetwork:
 
 #: The private address that stands for "other traffic" taking NAT ports.
 OTHER_TRAFFIC = ("10.255.255.99", 0)
+
+
+#: A datagram sent on a L{SimNet}: C{src} is its public source (after the NAT).
+Sent = namedtuple("Sent", "src dst data ttl")
 
 
 class SimNat:
@@ -159,14 +165,24 @@ class SimPort:
         self.net, self.proto, self.addr = net, proto, addr
         self.reading = True
         self.closed = False
+        self.ttl = 64
 
     def write(self, data, addr):
         if self.closed:
             raise AssertionError(f"write on the closed port {self.addr}")
-        self.net.send(self.addr, tuple(addr), data)
+        self.net.send(self.addr, tuple(addr), data, self.ttl)
 
     def getHost(self):
         return IPv4Address("UDP", *self.addr)
+
+    def getHandle(self):
+        """The "socket": only C{setsockopt(IPPROTO_IP, IP_TTL, n)} is understood."""
+        return self
+
+    def setsockopt(self, level, option, value):
+        if (level, option) != (socket.IPPROTO_IP, socket.IP_TTL):
+            raise OSError(92, "option not simulated")
+        self.ttl = value
 
     def stopListening(self):
         if self.closed:
@@ -191,8 +207,8 @@ class SimNet:
     """
     Datagrams delivered after C{latency} seconds on a clock; hosts behind a
     L{SimNat} by private IP (C{nats}); C{lose(src, dst, data)} drops on the
-    wire (after the sender's NAT).  C{sent} records every datagram as
-    C{(public src, dst, data)}.
+    wire (after the sender's NAT).  C{sent} records every datagram sent
+    (a L{Sent}: public source, destination, data, TTL).
 
     With L{listenUDP} and the clock's methods it is a reactor
     (C{IReactorUDP} and C{IReactorTime}) for code that opens its own sockets.
@@ -235,11 +251,11 @@ class SimNet:
             raise ValueError("SimNet sockets need an interface: the host's address")
         return self.listen(interface, protocol, port)
 
-    def send(self, src, dst, data):
+    def send(self, src, dst, data, ttl=64):
         nat = self.nats.get(src[0])
         if nat is not None:
             src = nat.outbound(src, dst)
-        self.sent.append((src, dst, data))
+        self.sent.append(Sent(src, dst, data, ttl))
         if self.lose(src, dst, data):
             return
         self.clock.callLater(self.latency, self._deliver, src, dst, data)
