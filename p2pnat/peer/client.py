@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.lab.test_p2p_lab -*-
+# -*- test-case-name: tests.unit.test_peer_client,tests.lab.test_p2p_lab -*-
 """
 The P2P client library: log in to the lobby, keep presence, accept or
 refuse introductions, and connect to a peer through the exchange of
@@ -14,6 +14,7 @@ upgraded when a later punch succeeds).
 
 import os
 import struct
+import weakref
 
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
@@ -54,12 +55,18 @@ class Session:
 class LobbyClient:
     """
     @param lobby: the lobby's (ip, port).
+    @param reactor: provides C{IReactorUDP} (every socket of the client is
+        opened with its C{listenUDP}) and C{IReactorTime} (every timer).
     @param nat: this host's L{M.NatInfo} (from discovery); unknown if None.
     @param accept: C{accept(peer_id) -> bool}, asked for each introduction.
     @param on_path: called with each L{Path} another peer opened to us.
     """
 
     log = Logger(namespace="p2pnat.client")
+
+    #: Introductions remembered, to answer the lobby's retransmitted Invite
+    #: with the same answer; the oldest are forgotten first.
+    MAX_INVITES = 256
 
     _FROM_LOBBY = frozenset({M.Welcome.TYPE, M.Invite.TYPE, M.Introduce.TYPE, M.AnswerAck.TYPE,
                              M.Refusal.TYPE, wire.Pong.TYPE})
@@ -95,7 +102,10 @@ class LobbyClient:
         self._login_retry = 0.5
         self._keepalive_loop = None
         self._requests = {}  # request id -> handler of lobby answers
-        self._invites = {}  # (peer, request id) -> fresh proto of our answer
+        self._invites = {}  # (peer, request id) -> our answer, the latest MAX_INVITES
+        self._binds = set()  # relay binds in progress
+        self._upgrades = set()  # timers of upgrade attempts
+        self._announced = weakref.WeakSet()  # paths given to on_path
         self.proto = None
 
     # -- sockets --------------------------------------------------------------------
@@ -150,6 +160,12 @@ class LobbyClient:
             self._keepalive_loop.stop()
         for r in list(self._requests.values()):
             r.cancel()
+        for bind in list(self._binds):
+            bind.cancel()
+        for call in list(self._upgrades):
+            if call.active():
+                call.cancel()
+        self._upgrades.clear()
 
     def _keepalive(self):
         try:
@@ -247,6 +263,8 @@ class LobbyClient:
                       verdict="accepted" if accepted else "refused")
         answer = _Answer(self, m, accepted)
         self._invites[(m.peer, m.request_id)] = answer
+        while len(self._invites) > self.MAX_INVITES:
+            del self._invites[next(iter(self._invites))]
         answer.start()
 
     def path_closed(self, path):
@@ -288,9 +306,9 @@ class _Side:
         for payload in self.session.early:
             path.deliver(payload)
         self.session.early = []
-        if self.fresh is not proto and self.fresh.transport is not None and \
-                path.relayed is None:
-            self.fresh.transport.stopListening()
+        if self.fresh is not proto and self.fresh.transport is not None and (
+                path.relayed is None or path.relayed[0] is not self.fresh):
+            self.fresh.transport.stopListening()  # the path does not use it
         return path
 
     def _relay(self, failure):
@@ -404,6 +422,8 @@ class _Attempt(_Side):
         self.client._unregister(self.request_id)
         if self._deadline.active():
             self._deadline.cancel()
+        if not isinstance(result, Path) and self.fresh.transport is not None:
+            self.fresh.transport.stopListening()  # no path uses it
         if isinstance(result, Path):
             if result.mode == "relayed":
                 result.rounds = self.rounds
@@ -476,7 +496,11 @@ class _Answer(_Side):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        if self.acked or self._tries >= 8 or self.fresh.transport is None:
+        if self.acked or self.fresh.transport is None:
+            return
+        if self._tries >= 8:
+            if not self.accepted:
+                self._done()  # the lobby never acknowledged a refusal: give up
             return
         self._tries += 1
         c = self.client
@@ -494,10 +518,16 @@ class _Answer(_Side):
 
     def _opened(self, path):
         self._done()
-        self.client.on_path(path)
+        if path not in self.client._announced:
+            # A Path is announced once: an upgrade to direct, or the peer
+            # connecting afresh, reuses the Path the application holds.
+            self.client._announced.add(path)
+            self.client.on_path(path)
 
     def _failed(self, failure):
         self._done()
+        if self.fresh.transport is not None:
+            self.fresh.transport.stopListening()  # neither punched nor relayed: unused
         self.log.info("incoming path from {peer} failed: {why}", peer=self.invite.peer,
                       why=failure.getErrorMessage())
 
@@ -527,8 +557,21 @@ class _RelayBind:
 
     def start(self):
         self.proto.handler = self
+        self.client._binds.add(self)
+        self.done.addBoth(self._finished)
         self._bind()
         return self.done
+
+    def _finished(self, result):
+        self.client._binds.discard(self)
+        return result
+
+    def cancel(self):
+        """Stop binding (the client stops): fail with L{Refused}."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        if not self.done.called:
+            self.done.errback(Refused("the client stopped"))
 
     def _bind(self):
         self._call = None
@@ -570,6 +613,7 @@ def _schedule_upgrade(client, path, delay=None):
     delay = delay or client.upgrade_interval
 
     def attempt():
+        client._upgrades.discard(call)
         if path.mode != "relayed" or client.paths.get(path.peer) is not path:
             return
         a = _Attempt(client, path.peer, client.connect_timeout, path=path)
@@ -581,4 +625,5 @@ def _schedule_upgrade(client, path, delay=None):
 
         d.addBoth(again)
 
-    client.clock.callLater(delay, attempt)
+    call = client.clock.callLater(delay, attempt)
+    client._upgrades.add(call)

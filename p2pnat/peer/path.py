@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.lab.test_p2p_lab -*-
+# -*- test-case-name: tests.unit.test_peer_path,tests.lab.test_p2p_lab -*-
 """
 A path between two peers, for applications: send and receive datagrams,
 direct when a punch succeeded, relayed by the lobby otherwise, upgraded

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.lab.test_p2p_lab -*-
+# -*- test-case-name: tests.unit.test_peer_punch,tests.lab.test_p2p_lab -*-
 """
 The hole-punch executor: runs one side of a punch plan with real sockets
 and reactor timers, and reports the first authenticated exchange with the
