@@ -73,8 +73,11 @@ class Path:
         self._schedule_keepalive()
 
     def use_relay(self, proto, lobby_addr, session):
-        self.relayed = (proto, lobby_addr, session)
+        old, self.relayed = self.relayed, (proto, lobby_addr, session)
         proto.handler = _PathHandler(self, session)
+        if old is not None and old[0] is not proto and old[0].transport is not None and (
+                self.direct is None or self.direct[0] is not old[0]):
+            old[0].transport.stopListening()  # the relay of a session the peer left
         if self.direct is not None and self.direct[2] is not session:
             # The peer connected afresh (it restarted, or our path to it went
             # stale): the old direct route leads nowhere any more.
