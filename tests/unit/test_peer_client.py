@@ -195,7 +195,8 @@ class ConnectTests(SynchronousTestCase):
         w = World(self)
         alice, bob = w.client("alice"), w.client("bob")
         path = w.connect("alice", "bob")
-        self.assertEqual((path.mode, path.strategy, path.rounds), ("direct", "simultaneous-open", 1))
+        self.assertEqual((path.mode, path.strategy, path.rounds),
+                         ("direct", "simultaneous-open", 1))
         w.advance(0.05)
         [incoming] = w.incoming["bob"]
         self.assertEqual((incoming.peer, incoming.mode), ("alice", "direct"))
