@@ -215,9 +215,20 @@ def _client(row):
     return ClientRecord(row[0], bytes(row[1]), *row[2:])
 
 
+# Table name -> (its columns, the record made of a row).  Table names come
+# only from here, never from input, so they may be put in SQL text.
+_TABLES = {"devices": (_DEVICE_COLUMNS, _device), "clients": (_CLIENT_COLUMNS, _client)}
+
+
 # -- the store ---------------------------------------------------------------
 
-def _check_id(kind, key_id):
+def check_id(kind, key_id):
+    """
+    Check a device or client ID (C{kind} names which, for the message).
+
+    @raise RegistryError: not 1-L{wire.MAX_KEY_ID} characters of A-Z a-z
+        0-9 . _ -, starting with a letter or digit.
+    """
     if not isinstance(key_id, str) or not wire.valid_key_id(key_id):
         raise RegistryError(
             f"invalid {kind} ID {key_id!r}: 1-{wire.MAX_KEY_ID} characters of"
@@ -361,6 +372,26 @@ class Registry:
         """
         return self._db.execute("PRAGMA data_version").fetchone()[0]
 
+    # -- the two tables' common rows: id, ..., revoked
+
+    def _one(self, table, key_id):
+        columns, record = _TABLES[table]
+        row = self._db.execute(f"SELECT {columns} FROM {table} WHERE id = ?",
+                               (key_id,)).fetchone()
+        return None if row is None else record(row)
+
+    def _all(self, table, include_revoked):
+        columns, record = _TABLES[table]
+        where = "" if include_revoked else " WHERE revoked IS NULL"
+        return [record(row) for row in self._db.execute(
+            f"SELECT {columns} FROM {table}{where} ORDER BY id")]
+
+    def _revoke(self, table, key_id, when):
+        when = time.time() if when is None else float(when)
+        cur = self._db.execute(
+            f"UPDATE {table} SET revoked = ? WHERE id = ? AND revoked IS NULL", (when, key_id))
+        return cur.rowcount == 1
+
     # -- devices
 
     def add_device(self, device_id, mac_key, cert_fingerprint, access_mode="device",
@@ -378,7 +409,7 @@ class Registry:
             credential missing for mode ``relay`` or given for ``device``;
             the device exists (and not C{replace}).
         """
-        _check_id("device", device_id)
+        check_id("device", device_id)
         _check_mac_key(mac_key)
         cert_fingerprint = _check_fingerprint(cert_fingerprint)
         if access_mode not in ACCESS_MODES:
@@ -411,15 +442,11 @@ class Registry:
 
     def device(self, device_id):
         """The L{DeviceRecord} of C{device_id} (revoked or not), or None."""
-        row = self._db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE id = ?",
-                               (device_id,)).fetchone()
-        return None if row is None else _device(row)
+        return self._one("devices", device_id)
 
     def devices(self, include_revoked=False):
         """Device records, ordered by ID."""
-        where = "" if include_revoked else " WHERE revoked IS NULL"
-        return [_device(row) for row in self._db.execute(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices{where} ORDER BY id")]
+        return self._all("devices", include_revoked)
 
     def load_all(self):
         """Every device, revoked ones included, as a dict by ID (for a reload)."""
@@ -431,10 +458,7 @@ class Registry:
 
         @return: True if it was active; False if unknown or already revoked.
         """
-        when = time.time() if when is None else float(when)
-        cur = self._db.execute(
-            "UPDATE devices SET revoked = ? WHERE id = ? AND revoked IS NULL", (when, device_id))
-        return cur.rowcount == 1
+        return self._revoke("devices", device_id, when)
 
     def record_access(self, device_id, when, host, port):
         """
@@ -489,7 +513,7 @@ class Registry:
         @raise RegistryError: invalid ID or key; the client exists (and not
             C{replace}).
         """
-        _check_id("client", client_id)
+        check_id("client", client_id)
         _check_mac_key(mac_key)
         created = time.time() if created is None else float(created)
         with self._transaction() as db:
@@ -509,15 +533,11 @@ class Registry:
 
     def client(self, client_id):
         """The L{ClientRecord} of C{client_id} (revoked or not), or None."""
-        row = self._db.execute(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE id = ?",
-                               (client_id,)).fetchone()
-        return None if row is None else _client(row)
+        return self._one("clients", client_id)
 
     def clients(self, include_revoked=False):
         """Client records, ordered by ID."""
-        where = "" if include_revoked else " WHERE revoked IS NULL"
-        return [_client(row) for row in self._db.execute(
-            f"SELECT {_CLIENT_COLUMNS} FROM clients{where} ORDER BY id")]
+        return self._all("clients", include_revoked)
 
     def load_all_clients(self):
         """Every client, revoked ones included, as a dict by ID."""
@@ -529,7 +549,4 @@ class Registry:
 
         @return: True if it was active; False if unknown or already revoked.
         """
-        when = time.time() if when is None else float(when)
-        cur = self._db.execute(
-            "UPDATE clients SET revoked = ? WHERE id = ? AND revoked IS NULL", (when, client_id))
-        return cur.rowcount == 1
+        return self._revoke("clients", client_id, when)
