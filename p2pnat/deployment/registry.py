@@ -374,6 +374,31 @@ class Registry:
 
     # -- the two tables' common rows: id, ..., revoked
 
+    def _insert(self, table, kind, values, replace):
+        """
+        Add a row: C{values} for its first columns (the ID first), NULL for
+        the rest (revocation, history).  With C{replace}, an existing row
+        of that ID is overwritten the same way.
+
+        @return: the new row's record.
+        @raise RegistryError: the ID exists (and not C{replace}).
+        """
+        columns, _ = _TABLES[table]
+        names = [name.strip() for name in columns.split(",")]
+        cells = ", ".join(["?"] * len(values) + ["NULL"] * (len(names) - len(values)))
+        sql = f"INSERT INTO {table} ({columns}) VALUES ({cells})"
+        if replace:
+            sql += " ON CONFLICT (id) DO UPDATE SET " + ", ".join(
+                f"{name} = excluded.{name}" for name in names[1:])
+        with self._transaction() as db:
+            try:
+                db.execute(sql, values)
+            except sqlite3.IntegrityError:
+                if replace:
+                    raise  # not a duplicate: a constraint the checks above missed
+                raise RegistryError(f"{kind} {values[0]!r} already exists")
+        return self._one(table, values[0])
+
     def _one(self, table, key_id):
         columns, record = _TABLES[table]
         row = self._db.execute(f"SELECT {columns} FROM {table} WHERE id = ?",
@@ -421,24 +446,8 @@ class Registry:
             raise RegistryError("an access credential is only used with access mode 'relay'")
         cred_hash = None if credential is None else hash_credential(credential)
         created = time.time() if created is None else float(created)
-        row = (device_id, mac_key, cert_fingerprint, access_mode, cred_hash, created)
-        with self._transaction() as db:
-            if replace:
-                db.execute(
-                    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?,"
-                    " NULL, NULL, NULL, NULL) ON CONFLICT (id) DO UPDATE SET"
-                    " mac_key = excluded.mac_key, cert_fingerprint = excluded.cert_fingerprint,"
-                    " access_mode = excluded.access_mode,"
-                    " access_credential_hash = excluded.access_credential_hash,"
-                    " created = excluded.created, revoked = NULL, last_access = NULL,"
-                    " addr_host = NULL, addr_port = NULL", row)
-            else:
-                try:
-                    db.execute(f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES"
-                               " (?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL)", row)
-                except sqlite3.IntegrityError:
-                    raise RegistryError(f"device {device_id!r} already exists")
-        return self.device(device_id)
+        return self._insert("devices", "device", (
+            device_id, mac_key, cert_fingerprint, access_mode, cred_hash, created), replace)
 
     def device(self, device_id):
         """The L{DeviceRecord} of C{device_id} (revoked or not), or None."""
@@ -516,20 +525,7 @@ class Registry:
         check_id("client", client_id)
         _check_mac_key(mac_key)
         created = time.time() if created is None else float(created)
-        with self._transaction() as db:
-            if replace:
-                db.execute(
-                    f"INSERT INTO clients ({_CLIENT_COLUMNS}) VALUES (?, ?, ?, NULL)"
-                    " ON CONFLICT (id) DO UPDATE SET mac_key = excluded.mac_key,"
-                    " created = excluded.created, revoked = NULL",
-                    (client_id, mac_key, created))
-            else:
-                try:
-                    db.execute(f"INSERT INTO clients ({_CLIENT_COLUMNS}) VALUES (?, ?, ?, NULL)",
-                               (client_id, mac_key, created))
-                except sqlite3.IntegrityError:
-                    raise RegistryError(f"client {client_id!r} already exists")
-        return self.client(client_id)
+        return self._insert("clients", "client", (client_id, mac_key, created), replace)
 
     def client(self, client_id):
         """The L{ClientRecord} of C{client_id} (revoked or not), or None."""
