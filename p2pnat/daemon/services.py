@@ -10,6 +10,7 @@ import socket
 import sys
 
 from twisted.application import service
+from twisted.application.internet import TimerService
 from twisted.python import usage
 
 from p2pnat.daemon import config as _config
@@ -103,7 +104,68 @@ def common_services(config, metrics, reactor, parent):
         metrics.service(config["metrics.listen"], reactor).setServiceParent(parent)
 
 
-class UDPService(service.Service):
+def open_state_registry(config, key, prepare=None):
+    """
+    The registry in the state directory that setting C{key} names (made,
+    with the directory, if missing).  C{prepare(state_dir)} runs first, if
+    given (the relay makes its CA there on a first start).
+
+    @raise p2pnat.daemon.config.ConfigError: naming C{key}, if the
+        directory cannot be used.
+    """
+    from p2pnat.deployment.registry import Registry
+
+    state_dir = config.path_of(key)
+    try:
+        if prepare is not None:
+            prepare(state_dir)
+        return Registry.open_state_dir(state_dir)
+    except Exception as e:
+        raise config.error(key, f"cannot use {state_dir}: {e}")
+
+
+def control_sockets(parent, config, reactor, handler, metrics, replay, stamper, name):
+    """
+    One L{UDPService} per address of setting ``udp.listen``, added to
+    C{parent}, each a L{ControlProtocol} for C{handler}.  They share the
+    daemon's replay guard and stamper, and answer STUN at ``udp.stun_rate``.
+
+    @return: the services, in the order of the setting.
+    """
+    from p2pnat.net.udp import ControlProtocol
+
+    sockets = []
+    for item in config["udp.listen"]:
+        host, port = _config.parse_hostport(item)
+        proto = ControlProtocol(handler, reactor, metrics, replay, name=name,
+                                stun_rate=config["udp.stun_rate"], stamper=stamper)
+        udp = UDPService(reactor, host, port, proto)
+        udp.setServiceParent(parent)
+        sockets.append(udp)
+    return sockets
+
+
+def every(parent, interval, f, reactor):
+    """Call C{f} every C{interval} seconds of C{reactor}'s clock while C{parent} runs."""
+    timer = TimerService(interval, f)
+    timer.clock = reactor
+    timer.setServiceParent(parent)
+    return timer
+
+
+class _Listener(service.Service):
+    """A service that listens on one port while running: C{port}, once it does."""
+
+    port = None
+
+    @property
+    def address(self):
+        """(host, port) actually bound (useful with port 0)."""
+        a = self.port.getHost()
+        return a.host, a.port
+
+
+class UDPService(_Listener):
     """
     Listens with C{protocol} on one UDP address while running.
 
@@ -148,14 +210,8 @@ class UDPService(service.Service):
             port, self.port = self.port, None
             return port.stopListening()
 
-    @property
-    def address(self):
-        """(host, port) actually bound."""
-        a = self.port.getHost()
-        return a.host, a.port
 
-
-class EndpointListener(service.Service):
+class EndpointListener(_Listener):
     """
     Listens with C{factory} on a server endpoint string while running;
     C{port} is the listening port once started (useful with port 0).
@@ -197,11 +253,6 @@ class EndpointListener(service.Service):
             d, self.listening = self.listening, None
             d.addCallback(lambda port: port.stopListening())
             return d
-
-    @property
-    def address(self):
-        a = self.port.getHost()
-        return a.host, a.port
 
 
 def endpoint_port(description):
