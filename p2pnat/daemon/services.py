@@ -154,9 +154,18 @@ def every(parent, interval, f, reactor):
 
 
 class _Listener(service.Service):
-    """A service that listens on one port while running: C{port}, once it does."""
+    """
+    Listens on one port while running: from C{privilegedStartService} (so
+    that it binds before twistd drops privileges, and a port in use is a
+    clean startup failure) or else from C{startService}, until
+    C{stopService}.  C{port} is the listening port once it listens.
+
+    Subclasses say how: C{_listen()} starts listening and returns a handle,
+    which C{_unlisten(handle)} stops (returning a Deferred or None).
+    """
 
     port = None
+    _handle = None
 
     @property
     def address(self):
@@ -164,14 +173,28 @@ class _Listener(service.Service):
         a = self.port.getHost()
         return a.host, a.port
 
+    def privilegedStartService(self):
+        self._handle = self._listen()
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        if self._handle is None:
+            self._handle = self._listen()
+        service.Service.startService(self)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            return self._unlisten(handle)
+
 
 class UDPService(_Listener):
     """
     Listens with C{protocol} on one UDP address while running.
 
     Twisted has no datagram endpoints, so this does for UDP what
-    StreamServerEndpointService does for TCP.  C{port} is the listening
-    port once started (useful with port 0).
+    StreamServerEndpointService does for TCP.
     """
 
     def __init__(self, reactor, host, portnum, protocol):
@@ -179,7 +202,6 @@ class UDPService(_Listener):
         self.host = host
         self.portnum = portnum
         self.protocol = protocol
-        self.port = None
 
     #: Receive buffer asked for: bursts of notifies must wait in the kernel,
     #: not be dropped there, while the reactor is busy (the default ~200 KB
@@ -192,29 +214,16 @@ class UDPService(_Listener):
             self.port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
         except (AttributeError, OSError):
             pass  # a fake reactor in tests, or a platform that refuses
+        return self.port
 
-    def privilegedStartService(self):
-        # Bind before dropping privileges, like TCP servers do; errors
-        # (address in use) surface as a clean startup failure.
-        self._listen()
-        service.Service.privilegedStartService(self)
-
-    def startService(self):
-        if self.port is None:
-            self._listen()
-        service.Service.startService(self)
-
-    def stopService(self):
-        service.Service.stopService(self)
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
+    def _unlisten(self, port):
+        self.port = None
+        return port.stopListening()
 
 
 class EndpointListener(_Listener):
     """
-    Listens with C{factory} on a server endpoint string while running;
-    C{port} is the listening port once started (useful with port 0).
+    Listens with C{factory} on a server endpoint string while running.
     Unlike StreamServerEndpointService, it exposes the port and fails
     startup loudly if the endpoint cannot listen.
     """
@@ -225,34 +234,22 @@ class EndpointListener(_Listener):
         self.endpoint = serverFromString(reactor, description)
         self.description = description
         self.factory = factory
-        self.port = None
-        self.listening = None
 
-    def privilegedStartService(self):
-        self.listening = self.endpoint.listen(self.factory)
+    def _listen(self):
+        listening = self.endpoint.listen(self.factory)
         failed = []
-        self.listening.addCallbacks(self._listening, failed.append)
+        listening.addCallbacks(self._listening, failed.append)
         if failed:
             # TCP endpoints listen at once: say so now, not in a stray Deferred.
-            self.listening = None
             failed[0].raiseException()
-        service.Service.privilegedStartService(self)
+        return listening
 
     def _listening(self, port):
         self.port = port
         return port
 
-    def startService(self):
-        if self.listening is None:
-            self.privilegedStartService()
-        service.Service.startService(self)
-
-    def stopService(self):
-        service.Service.stopService(self)
-        if self.listening is not None:
-            d, self.listening = self.listening, None
-            d.addCallback(lambda port: port.stopListening())
-            return d
+    def _unlisten(self, listening):
+        return listening.addCallback(lambda port: port.stopListening())
 
 
 def endpoint_port(description):
