@@ -15,7 +15,7 @@ import sys
 _GROUPS = [
     "p2pnat.cli.demo",
     "p2pnat.cli.lab",
-    "p2pnat.deployment.provision",
+    "p2pnat.cli.provision",
     "p2pnat.cli.forward",
     "p2pnat.cli.peer",
 ]

@@ -22,8 +22,6 @@ to standard error.  Ctrl-C stops everything and exits with status 0.
 
 import os
 import sys
-from argparse import Namespace
-from io import StringIO
 
 from p2pnat.cli import CommandError
 
@@ -93,50 +91,39 @@ def prepare(state, udp_port, site_port, log):
     from p2pnat.deployment import pki, provision
     from p2pnat.deployment.registry import Registry, RegistryError
 
+    relay = f"{LOOPBACK}:{udp_port or 7478}"
     try:
         pki.make_private_dir(state.path)
-    except pki.PKIError as e:
-        raise CommandError(str(e))
-    if not os.path.exists(state.relay_file(provision.CA_CERT)):
-        log.info("creating the demo's CA and a relay certificate for {hostname} in {dir}",
-                 hostname=HOSTNAME, dir=state.relay)
-        provision.init_relay_state(state.relay, HOSTNAME, udp=f"{LOOPBACK}:{udp_port or 7478}")
-    try:
+        if not os.path.exists(state.relay_file(provision.CA_CERT)):
+            log.info("creating the demo's CA and a relay certificate for {hostname} in {dir}",
+                     hostname=HOSTNAME, dir=state.relay)
+            provision.init_relay_state(state.relay, HOSTNAME, udp=relay)
         relay_cert = pki.load_cert(state.relay_file(provision.RELAY_CERT))
-    except pki.PKIError as e:
-        raise CommandError(str(e))
-    if not pki.covers_hostname(relay_cert, HOSTNAME):
-        raise CommandError(f"{state.relay_file(provision.RELAY_CERT)} is not a certificate for"
-                           f" {HOSTNAME}; use another --dir")
-
-    bundle = [provision.AGENT_CONFIG, provision.DEVICE_KEY, provision.DEVICE_CERT,
-              provision.CA_CERT, provision.MAC_KEY]
-    try:
+        if not pki.covers_hostname(relay_cert, HOSTNAME):
+            raise CommandError(f"{state.relay_file(provision.RELAY_CERT)} is not a certificate"
+                               f" for {HOSTNAME}; use another --dir")
         with Registry.open_state_dir(state.relay) as reg:
             record = reg.device(DEVICE)
-    except RegistryError as e:
+        if record is not None and _bundle_matches(state, record):
+            return
+        for name in provision.DEVICE_BUNDLE:
+            try:
+                os.unlink(state.device_file(name))
+            except FileNotFoundError:
+                pass
+        log.info("provisioning device {device_id}: agent bundle in {dir}", device_id=DEVICE,
+                 dir=state.device)
+        provision.add_device(state.relay, DEVICE, state.device, service=f"{LOOPBACK}:{site_port}",
+                             relay=relay, relay_hostname=HOSTNAME, replace=record is not None)
+    except (pki.PKIError, RegistryError, provision.ProvisionError) as e:
         raise CommandError(str(e))
-    if record is not None and _bundle_matches(state, record, bundle):
-        return
-    for name in bundle:
-        try:
-            os.unlink(state.device_file(name))
-        except FileNotFoundError:
-            pass
-    log.info("provisioning device {device_id}: agent bundle in {dir}", device_id=DEVICE,
-             dir=state.device)
-    args = Namespace(id=DEVICE, state_dir=state.relay, relay=f"{LOOPBACK}:{udp_port or 7478}",
-                     service=f"{LOOPBACK}:{site_port}", out=state.device,
-                     relay_hostname=HOSTNAME, access="device", credential_file=None,
-                     generate_credential=False, years=pki.DEVICE_YEARS,
-                     replace=record is not None)
-    provision.device_add(args, out=StringIO())
 
 
-def _bundle_matches(state, record, bundle):
-    from p2pnat.deployment import pki
+def _bundle_matches(state, record):
+    from p2pnat.deployment import pki, provision
 
-    if not record.active or not all(os.path.exists(state.device_file(n)) for n in bundle):
+    if not record.active or not all(os.path.exists(state.device_file(n))
+                                    for n in provision.DEVICE_BUNDLE):
         return False
     try:
         cert = pki.load_cert(state.device_file(pki.DEVICE_CERT_FILE))

@@ -122,32 +122,29 @@ def _cookie_text(request):
     return f"<code id='cookie'>{html.escape(value)}</code>"
 
 
-class _Static(resource.Resource):
+class _Get(resource.Resource):
+    """
+    A leaf answering GET with C{render(request)}, of C{content_type}.
+    Pages are C{no-store} (they show the current setting); assets are
+    C{no-cache}: kept, but checked again on every use.
+    """
+
     isLeaf = True
 
-    def __init__(self, body, content_type):
+    def __init__(self, render, content_type=b"text/html; charset=utf-8", cache=b"no-store"):
         super().__init__()
-        self.body = body
+        self._render = render
         self.content_type = content_type
+        self.cache = cache
 
     def render_GET(self, request):
         request.setHeader(b"content-type", self.content_type)
-        request.setHeader(b"cache-control", b"no-cache")
-        return self.body
-
-
-class _Page(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, device, render):
-        super().__init__()
-        self.device = device
-        self._render = render
-
-    def render_GET(self, request):
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"cache-control", self.cache)
         return self._render(request)
+
+
+def _static(body, content_type):
+    return _Get(lambda request: body, content_type, b"no-cache")
 
 
 class _Settings(resource.Resource):
@@ -207,12 +204,12 @@ requests that took the same path.</p></section>
     def resource(self):
         """The site's root resource."""
         root = resource.Resource()
-        root.putChild(b"", _Page(self, self.index))
-        root.putChild(b"saved", _Page(self, self.saved))
+        root.putChild(b"", _Get(self.index))
+        root.putChild(b"saved", _Get(self.saved))
         root.putChild(b"settings", _Settings(self))
-        root.putChild(b"style.css", _Static(STYLE, b"text/css; charset=utf-8"))
-        root.putChild(b"app.js", _Static(SCRIPT, b"text/javascript; charset=utf-8"))
-        root.putChild(b"logo.png", _Static(LOGO, b"image/png"))
+        root.putChild(b"style.css", _static(STYLE, b"text/css; charset=utf-8"))
+        root.putChild(b"app.js", _static(SCRIPT, b"text/javascript; charset=utf-8"))
+        root.putChild(b"logo.png", _static(LOGO, b"image/png"))
         return root
 
 

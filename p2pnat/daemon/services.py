@@ -10,6 +10,7 @@ import socket
 import sys
 
 from twisted.application import service
+from twisted.application.internet import TimerService
 from twisted.python import usage
 
 from p2pnat.daemon import config as _config
@@ -103,13 +104,97 @@ def common_services(config, metrics, reactor, parent):
         metrics.service(config["metrics.listen"], reactor).setServiceParent(parent)
 
 
-class UDPService(service.Service):
+def open_state_registry(config, key, prepare=None):
+    """
+    The registry in the state directory that setting C{key} names (made,
+    with the directory, if missing).  C{prepare(state_dir)} runs first, if
+    given (the relay makes its CA there on a first start).
+
+    @raise p2pnat.daemon.config.ConfigError: naming C{key}, if the
+        directory cannot be used.
+    """
+    from p2pnat.deployment.registry import Registry
+
+    state_dir = config.path_of(key)
+    try:
+        if prepare is not None:
+            prepare(state_dir)
+        return Registry.open_state_dir(state_dir)
+    except Exception as e:
+        raise config.error(key, f"cannot use {state_dir}: {e}")
+
+
+def control_sockets(parent, config, reactor, handler, metrics, replay, stamper, name):
+    """
+    One L{UDPService} per address of setting ``udp.listen``, added to
+    C{parent}, each a L{ControlProtocol} for C{handler}.  They share the
+    daemon's replay guard and stamper, and answer STUN at ``udp.stun_rate``.
+
+    @return: the services, in the order of the setting.
+    """
+    from p2pnat.net.udp import ControlProtocol
+
+    sockets = []
+    for item in config["udp.listen"]:
+        host, port = _config.parse_hostport(item)
+        proto = ControlProtocol(handler, reactor, metrics, replay, name=name,
+                                stun_rate=config["udp.stun_rate"], stamper=stamper)
+        udp = UDPService(reactor, host, port, proto)
+        udp.setServiceParent(parent)
+        sockets.append(udp)
+    return sockets
+
+
+def every(parent, interval, f, reactor):
+    """Call C{f} every C{interval} seconds of C{reactor}'s clock while C{parent} runs."""
+    timer = TimerService(interval, f)
+    timer.clock = reactor
+    timer.setServiceParent(parent)
+    return timer
+
+
+class _Listener(service.Service):
+    """
+    Listens on one port while running: from C{privilegedStartService} (so
+    that it binds before twistd drops privileges, and a port in use is a
+    clean startup failure) or else from C{startService}, until
+    C{stopService}.  C{port} is the listening port once it listens.
+
+    Subclasses say how: C{_listen()} starts listening and returns a handle,
+    which C{_unlisten(handle)} stops (returning a Deferred or None).
+    """
+
+    port = None
+    _handle = None
+
+    @property
+    def address(self):
+        """(host, port) actually bound (useful with port 0)."""
+        a = self.port.getHost()
+        return a.host, a.port
+
+    def privilegedStartService(self):
+        self._handle = self._listen()
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        if self._handle is None:
+            self._handle = self._listen()
+        service.Service.startService(self)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            return self._unlisten(handle)
+
+
+class UDPService(_Listener):
     """
     Listens with C{protocol} on one UDP address while running.
 
     Twisted has no datagram endpoints, so this does for UDP what
-    StreamServerEndpointService does for TCP.  C{port} is the listening
-    port once started (useful with port 0).
+    StreamServerEndpointService does for TCP.
     """
 
     def __init__(self, reactor, host, portnum, protocol):
@@ -117,7 +202,6 @@ class UDPService(service.Service):
         self.host = host
         self.portnum = portnum
         self.protocol = protocol
-        self.port = None
 
     #: Receive buffer asked for: bursts of notifies must wait in the kernel,
     #: not be dropped there, while the reactor is busy (the default ~200 KB
@@ -130,35 +214,16 @@ class UDPService(service.Service):
             self.port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
         except (AttributeError, OSError):
             pass  # a fake reactor in tests, or a platform that refuses
+        return self.port
 
-    def privilegedStartService(self):
-        # Bind before dropping privileges, like TCP servers do; errors
-        # (address in use) surface as a clean startup failure.
-        self._listen()
-        service.Service.privilegedStartService(self)
-
-    def startService(self):
-        if self.port is None:
-            self._listen()
-        service.Service.startService(self)
-
-    def stopService(self):
-        service.Service.stopService(self)
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-
-    @property
-    def address(self):
-        """(host, port) actually bound."""
-        a = self.port.getHost()
-        return a.host, a.port
+    def _unlisten(self, port):
+        self.port = None
+        return port.stopListening()
 
 
-class EndpointListener(service.Service):
+class EndpointListener(_Listener):
     """
-    Listens with C{factory} on a server endpoint string while running;
-    C{port} is the listening port once started (useful with port 0).
+    Listens with C{factory} on a server endpoint string while running.
     Unlike StreamServerEndpointService, it exposes the port and fails
     startup loudly if the endpoint cannot listen.
     """
@@ -169,39 +234,22 @@ class EndpointListener(service.Service):
         self.endpoint = serverFromString(reactor, description)
         self.description = description
         self.factory = factory
-        self.port = None
-        self.listening = None
 
-    def privilegedStartService(self):
-        self.listening = self.endpoint.listen(self.factory)
+    def _listen(self):
+        listening = self.endpoint.listen(self.factory)
         failed = []
-        self.listening.addCallbacks(self._listening, failed.append)
+        listening.addCallbacks(self._listening, failed.append)
         if failed:
             # TCP endpoints listen at once: say so now, not in a stray Deferred.
-            self.listening = None
             failed[0].raiseException()
-        service.Service.privilegedStartService(self)
+        return listening
 
     def _listening(self, port):
         self.port = port
         return port
 
-    def startService(self):
-        if self.listening is None:
-            self.privilegedStartService()
-        service.Service.startService(self)
-
-    def stopService(self):
-        service.Service.stopService(self)
-        if self.listening is not None:
-            d, self.listening = self.listening, None
-            d.addCallback(lambda port: port.stopListening())
-            return d
-
-    @property
-    def address(self):
-        a = self.port.getHost()
-        return a.host, a.port
+    def _unlisten(self, listening):
+        return listening.addCallback(lambda port: port.stopListening())
 
 
 def endpoint_port(description):

@@ -1,8 +1,14 @@
 # -*- test-case-name: tests.unit.test_provision -*-
 """
-``p2pnat relay``, ``p2pnat device`` and ``p2pnat client``: set up a
-deployment's CA and relay certificate, and provision devices and lobby
-clients.  Non-interactive, for scripts; failures are one line, status 2.
+Provisioning as library calls: set up a deployment's CA and relay
+certificate, and provision devices and lobby clients.  The ``p2pnat relay``,
+``device`` and ``client`` commands (L{p2pnat.cli.provision}) are one
+caller; the relay daemon (its first start) and ``p2pnat demo`` are others.
+
+Every function takes plain parameters and raises L{ProvisionError} with a
+one-line message fit for a user.  The messages name the settings as the
+``p2pnat`` command spells its options (``--relay``, ``--force``), since
+that is where a person meets them.
 
 A relay state directory (mode 0700)::
 
@@ -13,7 +19,7 @@ A relay state directory (mode 0700)::
     registry.sqlite3  devices and lobby clients (0600; plus -wal/-shm files)
     deployment.toml   hostname, UDP address, tunnel port given to `relay init`
 
-A device bundle (``device add --out``, mode 0700)::
+A device bundle (L{add_device}'s C{out}, mode 0700)::
 
     agent.toml   run with: twistd -n device-agent --config OUT/agent.toml
     device.key   the device's private key (0600)
@@ -21,23 +27,20 @@ A device bundle (``device add --out``, mode 0700)::
     ca.crt       the CA, to check the relay's certificate
     mac.key      the 32-byte MAC key for UDP control frames, hex (0600)
 
-A lobby client bundle (``client add --out``): ``client.toml`` and
-``mac.key``.
+A lobby client bundle (L{add_client}): ``client.toml`` and ``mac.key``.
 
-No command prints a private key or a MAC key.  A generated access
-credential is printed once, by the command that made it.
+Nothing here returns or prints a private key or a MAC key; a generated
+access credential is returned once, by the call that made it.
 """
 
 import datetime
+import functools
 import json
 import os
 import secrets
-import sys
 import tomllib
+from dataclasses import dataclass
 
-from cryptography import x509
-
-from p2pnat.cli import CommandError
 from p2pnat.daemon.config import parse_hostport
 from p2pnat.deployment import pki, registry
 from p2pnat.protocol import wire
@@ -55,50 +58,65 @@ DEVICE_CERT = pki.DEVICE_CERT_FILE
 MAC_KEY = pki.MAC_KEY_FILE
 CLIENT_CONFIG = "client.toml"
 
+#: The files of a device bundle, and of a lobby client bundle.
+DEVICE_BUNDLE = (AGENT_CONFIG, DEVICE_KEY, DEVICE_CERT, CA_CERT, MAC_KEY)
+CLIENT_BUNDLE = (CLIENT_CONFIG, MAC_KEY)
+
+
+class ProvisionError(Exception):
+    """
+    A provisioning failure (bad parameter, missing or unusable state, a
+    duplicate), with a one-line message fit for a user.
+    """
+
+
+def _user_errors(f):
+    # The certificate and registry layers already word their errors for a
+    # user; callers of this module need only catch ProvisionError.
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        try:
+            return f(*args, **kw)
+        except (pki.PKIError, registry.RegistryError) as e:
+            raise ProvisionError(str(e)) from e
+
+    return wrapper
+
 
 # -- helpers -----------------------------------------------------------------
 
-def _toml_str(value):
-    # A JSON string with ASCII escapes is a valid TOML basic string.
-    return json.dumps(value, ensure_ascii=True)
-
-
-def _when(t):
+def format_time(t):
+    """POSIX time C{t} as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC), or None for None."""
     if t is None:
         return None
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
         "%Y-%m-%dT%H:%M:%SZ")
 
 
+def _toml_str(value):
+    # A JSON string with ASCII escapes is a valid TOML basic string.
+    return json.dumps(value, ensure_ascii=True)
+
+
 def _hostport(text, what):
     try:
         host, port = parse_hostport(text)
     except ValueError as e:
-        raise CommandError(f"{what}: {e}")
+        raise ProvisionError(f"{what}: {e}")
     if port == 0:
-        raise CommandError(f"{what}: port 0 in {text!r}")
+        raise ProvisionError(f"{what}: port 0 in {text!r}")
     return host, port
 
 
-def _join_hostport(host, port):
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _check_id(kind, key_id):
-    if not wire.valid_key_id(key_id):
-        raise CommandError(
-            f"invalid {kind} ID {key_id!r}: 1-{wire.MAX_KEY_ID} characters of"
-            " A-Z a-z 0-9 . _ -, starting with a letter or digit")
+def _canonical_hostport(text, what):
+    return wire.format_addr(_hostport(text, what))
 
 
 def _open_registry(state_dir, create=False):
     path = os.path.join(state_dir, REGISTRY)
     if not create and not os.path.exists(path):
-        raise CommandError(f"{path}: no registry; run `p2pnat relay init` first")
-    try:
-        return registry.Registry(path, create=create)
-    except registry.RegistryError as e:
-        raise CommandError(str(e))
+        raise ProvisionError(f"{path}: no registry; run `p2pnat relay init` first")
+    return registry.Registry(path, create=create)
 
 
 def _read_deployment(state_dir):
@@ -109,10 +127,10 @@ def _read_deployment(state_dir):
     except FileNotFoundError:
         return {}
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise CommandError(f"{path}: unreadable: {e}")
+        raise ProvisionError(f"{path}: unreadable: {e}")
 
 
-def _write_deployment(state_dir, hostname, udp, tunnel_port, replace):
+def _write_deployment(state_dir, hostname, udp, tunnel_port):
     lines = [
         "# Written by `p2pnat relay init`: what `p2pnat device add` uses for defaults.",
         "[deployment]",
@@ -124,176 +142,207 @@ def _write_deployment(state_dir, hostname, udp, tunnel_port, replace):
     if tunnel_port is not None:
         lines += ["# The relay's TLS port for device tunnels.", f"tunnel_port = {tunnel_port}"]
     pki.write_public(os.path.join(state_dir, DEPLOYMENT), "\n".join(lines) + "\n",
-                     replace=replace)
+                     replace=True)
 
 
-def _check_absent(paths, hint):
-    for path in paths:
-        if os.path.lexists(path):
-            raise CommandError(f"{path} already exists; {hint}")
+def _load_ca(state_dir):
+    return (pki.load_cert(os.path.join(state_dir, CA_CERT)),
+            pki.load_key(os.path.join(state_dir, CA_KEY)))
 
 
-def _pki(call, *args, **kw):
+def _write_relay_cert(state_dir, cert, key, replace):
+    pki.write_secret(os.path.join(state_dir, RELAY_KEY), pki.key_pem(key), replace=replace)
+    pki.write_public(os.path.join(state_dir, RELAY_CERT), pki.cert_pem(cert), replace=replace)
+
+
+def _refuse_existing(record, kind, key_id, replace, what_replace_does):
+    if record is not None and not replace:
+        state_text = f"revoked {format_time(record.revoked)}" if record.revoked else "active"
+        raise ProvisionError(f"{kind} {key_id} already exists ({state_text});"
+                             f" --replace {what_replace_does}")
+
+
+def _write_bundle(out, names, files, register):
+    """
+    Write C{files} (C{(name, data, secret)}: secret ones 0600, in this
+    order) as new files in directory C{out} (made 0700), then call
+    C{register()}.  None of C{names} (the bundle's files, in the order they
+    are checked) may exist before.  If any step fails, what was written is
+    removed again (and C{out}, if this made it), so that a failure leaves
+    no half bundle behind.
+    """
+    assert sorted(names) == sorted(name for name, _, _ in files)
+    for name in names:
+        if os.path.lexists(os.path.join(out, name)):
+            raise ProvisionError(f"{os.path.join(out, name)} already exists;"
+                                 " choose an empty --out directory")
+    made_dir = not os.path.exists(out)
+    pki.make_private_dir(out)
+    written = []
     try:
-        return call(*args, **kw)
-    except pki.PKIError as e:
-        raise CommandError(str(e))
-
-
-class _Bundle:
-    """
-    Files written into an --out directory; removed again if a later step
-    fails, so that a failed command leaves no half bundle behind.
-    """
-
-    def __init__(self, out):
-        self.out = out
-        self.made_dir = not os.path.exists(out)
-        self.written = []
-
-    def path(self, name):
-        return os.path.join(self.out, name)
-
-    def secret(self, name, data):
-        self.written.append(_pki(pki.write_secret, self.path(name), data))
-
-    def public(self, name, data):
-        self.written.append(_pki(pki.write_public, self.path(name), data))
-
-    def undo(self):
-        for path in self.written:
+        for name, data, secret in files:
+            write = pki.write_secret if secret else pki.write_public
+            written.append(write(os.path.join(out, name), data))
+        register()
+    except BaseException:
+        for path in written:
             try:
                 os.unlink(path)
             except OSError:
                 pass
-        if self.made_dir:
+        if made_dir:
             try:
-                os.rmdir(self.out)
+                os.rmdir(out)
             except OSError:
                 pass
+        raise
 
 
-def _group(subparsers, name, help):
-    parser = subparsers.add_parser(name, help=help, description=help)
-    actions = parser.add_subparsers(dest="action", metavar="ACTION")
-
-    def no_action(args):
-        parser.print_help(sys.stderr)
-        return 2
-
-    parser.set_defaults(func=no_action)
-    return actions
+def _records(state_dir, kind):
+    with _open_registry(state_dir) as reg:
+        return getattr(reg, f"{kind}s")(include_revoked=True)
 
 
-def _state_dir(parser):
-    parser.add_argument("--state-dir", required=True, metavar="DIR",
-                        help="the relay's state directory (CA, certificates, registry)")
+def _revoke(state_dir, kind, key_id):
+    with _open_registry(state_dir) as reg:
+        record = getattr(reg, kind)(key_id)
+        if record is None:
+            raise ProvisionError(f"no {kind} {key_id!r}")
+        getattr(reg, f"revoke_{kind}")(key_id)
+    return record
 
 
-# -- relay -------------------------------------------------------------------
+# -- the relay ---------------------------------------------------------------
 
+@_user_errors
 def init_relay_state(state, hostname, *, udp=None, tunnel_port=None, replace=False):
     """
     Create a relay state directory's CA, relay certificate for C{hostname}
-    and registry (the work of ``p2pnat relay init``; the relay daemon also
-    calls it on a first start).
+    and registry, with no checks of existing files beyond what C{replace}
+    allows (the work of L{init_relay}; the relay daemon also calls it on a
+    first start).
 
     @return: ``(ca_cert, relay_cert, active devices already registered)``.
+    @raise ProvisionError: the directory or a file cannot be written, or a
+        file exists and not C{replace}.
     """
-    _pki(pki.make_private_dir, state)
+    pki.make_private_dir(state)
     ca_cert, ca_key = pki.create_ca(f"p2pnat CA for {hostname}")
     relay_cert, relay_key = pki.issue_server_cert(ca_cert, ca_key, hostname)
-    path = lambda name: os.path.join(state, name)  # noqa: E731
-    _pki(pki.write_secret, path(CA_KEY), pki.key_pem(ca_key), replace=replace)
-    _pki(pki.write_public, path(CA_CERT), pki.cert_pem(ca_cert), replace=replace)
-    _pki(pki.write_secret, path(RELAY_KEY), pki.key_pem(relay_key), replace=replace)
-    _pki(pki.write_public, path(RELAY_CERT), pki.cert_pem(relay_cert), replace=replace)
-    _write_deployment(state, hostname, udp, tunnel_port, replace=True)
+    pki.write_secret(os.path.join(state, CA_KEY), pki.key_pem(ca_key), replace=replace)
+    pki.write_public(os.path.join(state, CA_CERT), pki.cert_pem(ca_cert), replace=replace)
+    _write_relay_cert(state, relay_cert, relay_key, replace)
+    _write_deployment(state, hostname, udp, tunnel_port)
     with _open_registry(state, create=True) as reg:
         old_devices = len(reg.devices())
     return ca_cert, relay_cert, old_devices
 
 
-def relay_init(args, out=None):
-    out = out or sys.stdout
-    state = args.state_dir
-    hostname = _pki(pki.normalize_hostname, args.hostname)
-    udp = None
-    if args.udp is not None:
-        udp = _join_hostport(*_hostport(args.udp, "--udp"))
-    if args.tunnel_port is not None and not 1 <= args.tunnel_port <= 65535:
-        raise CommandError(f"--tunnel-port: not a port number: {args.tunnel_port}")
-    existing = [os.path.join(state, name) for name in (CA_KEY, CA_CERT, RELAY_KEY, RELAY_CERT)
-                if os.path.lexists(os.path.join(state, name))]
-    if existing and not args.force:
-        raise CommandError(
+@dataclass(frozen=True)
+class RelayState:
+    """
+    What L{init_relay} made.
+
+    @ivar udp: the recorded UDP notify address (canonical), or None.
+    @ivar kept_registry: whether a registry was there before (it is kept).
+    @ivar old_devices: active devices in a kept registry, certified by the
+        CA this call replaced.
+    """
+
+    state_dir: str
+    hostname: str
+    udp: str | None
+    tunnel_port: int | None
+    ca_cert: object
+    relay_cert: object
+    kept_registry: bool
+    old_devices: int
+
+
+@_user_errors
+def init_relay(state_dir, hostname, *, udp=None, tunnel_port=None, force=False):
+    """
+    Check the parameters, then L{init_relay_state} (``p2pnat relay init``).
+
+    @param udp: the relay's UDP notify listen address, ``HOST:PORT``
+        (recorded; its port is the default of L{add_device}'s C{relay}).
+    @param tunnel_port: the relay's TLS port for device tunnels (recorded).
+    @param force: replace an existing CA and relay certificate (every device
+        must then be provisioned again); the registry is kept.
+    @raise ProvisionError: a bad hostname, address or port; an existing CA
+        without C{force}.
+    """
+    hostname = pki.normalize_hostname(hostname)
+    if udp is not None:
+        udp = _canonical_hostport(udp, "--udp")
+    if tunnel_port is not None and not 1 <= tunnel_port <= 65535:
+        raise ProvisionError(f"--tunnel-port: not a port number: {tunnel_port}")
+    existing = [os.path.join(state_dir, name) for name in (CA_KEY, CA_CERT, RELAY_KEY, RELAY_CERT)
+                if os.path.lexists(os.path.join(state_dir, name))]
+    if existing and not force:
+        raise ProvisionError(
             f"{existing[0]} already exists; --force replaces the CA and relay certificate"
             " (every device must then be provisioned again)")
-    had_registry = os.path.exists(os.path.join(state, REGISTRY))
+    kept_registry = os.path.exists(os.path.join(state_dir, REGISTRY))
     ca_cert, relay_cert, old_devices = init_relay_state(
-        state, hostname, udp=udp, tunnel_port=args.tunnel_port, replace=args.force)
-
-    names = ", ".join(str(v.value) for v in relay_cert.extensions.get_extension_for_class(
-        x509.SubjectAlternativeName).value)
-    print(f"state directory {os.path.abspath(state)}:", file=out)
-    print(f"  {CA_CERT}  CA certificate, SHA-256 {pki.fingerprint(ca_cert)},"
-          f" valid until {ca_cert.not_valid_after_utc:%Y-%m-%d}", file=out)
-    print(f"  {CA_KEY}  CA private key (0600)", file=out)
-    print(f"  {RELAY_CERT}  relay server certificate for {names},"
-          f" valid until {relay_cert.not_valid_after_utc:%Y-%m-%d}", file=out)
-    print(f"  {RELAY_KEY}  relay private key (0600)", file=out)
-    print(f"  {REGISTRY}  device registry ({'kept' if had_registry else 'new, empty'})",
-          file=out)
-    print(f"  {DEPLOYMENT}  hostname {hostname}"
-          + (f", UDP {udp}" if udp else "")
-          + (f", tunnel port {args.tunnel_port}" if args.tunnel_port else ""), file=out)
-    if had_registry and old_devices:
-        print(f"note: the registry has {old_devices} active device(s) certified by the old CA;"
-              " provision them again with `p2pnat device add ID --replace ...`", file=out)
-    return 0
+        state_dir, hostname, udp=udp, tunnel_port=tunnel_port, replace=force)
+    return RelayState(state_dir, hostname, udp, tunnel_port, ca_cert, relay_cert,
+                      kept_registry, old_devices)
 
 
-def relay_reissue(args, out=None):
-    out = out or sys.stdout
-    state = args.state_dir
-    ca_cert = _pki(pki.load_cert, os.path.join(state, CA_CERT))
-    ca_key = _pki(pki.load_key, os.path.join(state, CA_KEY))
-    deployment = _read_deployment(state)
-    hostname = args.hostname or deployment.get("hostname")
+@_user_errors
+def reissue_relay_cert(state_dir, hostname=None):
+    """
+    Issue a new relay certificate from the existing CA (``p2pnat relay
+    reissue-cert``), for C{hostname} or else the one in ``deployment.toml``
+    (which records a new one).  The relay must be restarted to use it.
+
+    @return: ``(hostname, certificate)``.
+    """
+    ca_cert, ca_key = _load_ca(state_dir)
+    deployment = _read_deployment(state_dir)
+    hostname = hostname or deployment.get("hostname")
     if not hostname:
-        raise CommandError("--hostname is needed (no hostname in deployment.toml)")
-    hostname = _pki(pki.normalize_hostname, hostname)
+        raise ProvisionError("--hostname is needed (no hostname in deployment.toml)")
+    hostname = pki.normalize_hostname(hostname)
     cert, key = pki.issue_server_cert(ca_cert, ca_key, hostname)
-    _pki(pki.write_secret, os.path.join(state, RELAY_KEY), pki.key_pem(key), replace=True)
-    _pki(pki.write_public, os.path.join(state, RELAY_CERT), pki.cert_pem(cert), replace=True)
+    _write_relay_cert(state_dir, cert, key, True)
     if hostname != deployment.get("hostname"):
-        _write_deployment(state, hostname, deployment.get("udp"), deployment.get("tunnel_port"),
-                          replace=True)
-    print(f"{os.path.join(state, RELAY_CERT)}: new relay certificate for {hostname},"
-          f" valid until {cert.not_valid_after_utc:%Y-%m-%d}; restart the relay", file=out)
-    return 0
+        _write_deployment(state_dir, hostname, deployment.get("udp"),
+                          deployment.get("tunnel_port"))
+    return hostname, cert
 
 
 # -- devices -----------------------------------------------------------------
 
-def _credential(args):
-    if args.access == "device":
-        if args.credential_file or args.generate_credential:
-            raise CommandError("an access credential is only used with --access relay")
-        return None, False
-    if args.generate_credential:
-        return secrets.token_urlsafe(18), True
-    if not args.credential_file:
-        raise CommandError("--access relay needs --credential-file F or --generate-credential")
+def read_credential(path):
+    """
+    The access credential in file C{path}: its bytes, less a final newline.
+
+    @raise ProvisionError: unreadable or empty.
+    """
     try:
-        with open(args.credential_file, "rb") as f:
+        with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise CommandError(f"{args.credential_file}: cannot read: {e.strerror}")
+        raise ProvisionError(f"{path}: cannot read: {e.strerror}")
     credential = data.rstrip(b"\r\n")
     if not credential:
-        raise CommandError(f"{args.credential_file}: empty credential")
-    return credential, False
+        raise ProvisionError(f"{path}: empty credential")
+    return credential
+
+
+def _credential(access, credential_file, generate):
+    """``(credential or None, whether generated)`` for a device in mode C{access}."""
+    if access == "device":
+        if credential_file or generate:
+            raise ProvisionError("an access credential is only used with --access relay")
+        return None, False
+    if generate:
+        return secrets.token_urlsafe(18), True
+    if not credential_file:
+        raise ProvisionError("--access relay needs --credential-file F or --generate-credential")
+    return read_credential(credential_file), False
 
 
 def _agent_toml(device_id, relay, relay_hostname, service):
@@ -322,119 +371,118 @@ service = {_toml_str(service)}
 """
 
 
-def device_add(args, out=None):
-    out = out or sys.stdout
-    device_id, state = args.id, args.state_dir
-    _check_id("device", device_id)
-    if not 1 <= args.years <= 5:
-        raise CommandError(f"--years must be 1 to 5, got {args.years}")
-    ca_cert = _pki(pki.load_cert, os.path.join(state, CA_CERT))
-    ca_key = _pki(pki.load_key, os.path.join(state, CA_KEY))
-    deployment = _read_deployment(state)
+@dataclass(frozen=True)
+class DeviceBundle:
+    """
+    What L{add_device} made.
 
-    relay = args.relay
+    @ivar out: the bundle's directory.
+    @ivar cert: the device's new certificate.
+    @ivar replaced: whether the device existed before (re-provisioned).
+    @ivar credential: the generated access credential, or None (none was
+        generated): the only time anything returns it.
+    """
+
+    device_id: str
+    out: str
+    cert: object
+    access: str
+    replaced: bool
+    credential: str | None
+
+    @property
+    def config(self):
+        """The absolute path of the bundle's ``agent.toml``."""
+        return os.path.abspath(os.path.join(self.out, AGENT_CONFIG))
+
+
+def _relay_address(relay, deployment):
+    """The relay's UDP address as the device reaches it, canonical."""
     if relay is None:
         if not deployment.get("hostname") or not deployment.get("udp"):
-            raise CommandError("--relay HOST:PORT is needed (`relay init` was given no --udp)")
-        relay = _join_hostport(deployment["hostname"],
-                               _hostport(deployment["udp"], DEPLOYMENT)[1])
-    relay_host, relay_port = _hostport(relay, "--relay")
-    relay = _join_hostport(relay_host, relay_port)
-    service = _join_hostport(*_hostport(args.service, "--service"))
-    relay_hostname = _pki(pki.normalize_hostname,
-                          args.relay_hostname or deployment.get("hostname") or relay_host)
-    relay_cert_path = os.path.join(state, RELAY_CERT)
-    if os.path.exists(relay_cert_path):
-        relay_cert = _pki(pki.load_cert, relay_cert_path)
-        if not pki.covers_hostname(relay_cert, relay_hostname):
-            raise CommandError(
-                f"relay hostname {relay_hostname} is not in {relay_cert_path}; give"
-                " --relay-hostname, or reissue it with `p2pnat relay reissue-cert`")
-    credential, generated = _credential(args)
+            raise ProvisionError("--relay HOST:PORT is needed (`relay init` was given no --udp)")
+        relay = wire.format_addr((deployment["hostname"],
+                                  _hostport(deployment["udp"], DEPLOYMENT)[1]))
+    return _hostport(relay, "--relay")
 
-    with _open_registry(state) as reg:
+
+@_user_errors
+def add_device(state_dir, device_id, out, *, service, relay=None, relay_hostname=None,
+               access="device", credential_file=None, generate_credential=False,
+               years=pki.DEVICE_YEARS, replace=False):
+    """
+    Register device C{device_id} in the relay state C{state_dir} and write
+    its agent bundle to C{out} (``p2pnat device add``).
+
+    @param service: the device's local web server (or TCP service),
+        ``HOST:PORT``, that the agent forwards terminals to.
+    @param relay: the relay's UDP notify address as the device reaches it,
+        ``HOST:PORT`` (default: the hostname and UDP port recorded by
+        L{init_relay}).
+    @param relay_hostname: the name the agent checks in the relay's
+        certificate (default: the relay's hostname); the relay's
+        certificate must cover it.
+    @param access: ``"device"`` (the device's own web UI handles login) or
+        ``"relay"`` (the relay asks for an access credential, read from
+        C{credential_file} or generated).
+    @param years: certificate lifetime, 1 to 5.
+    @param replace: re-provision an existing or revoked device with new keys.
+    @raise ProvisionError: bad parameters, missing relay state, an existing
+        device (and not C{replace}) or a non-empty C{out}; nothing is
+        registered or left in C{out} then.
+    """
+    registry.check_id("device", device_id)
+    if not 1 <= years <= 5:
+        raise ProvisionError(f"--years must be 1 to 5, got {years}")
+    ca_cert, ca_key = _load_ca(state_dir)
+    deployment = _read_deployment(state_dir)
+    relay_host, relay_port = _relay_address(relay, deployment)
+    relay = wire.format_addr((relay_host, relay_port))
+    service = _canonical_hostport(service, "--service")
+    relay_hostname = pki.normalize_hostname(
+        relay_hostname or deployment.get("hostname") or relay_host)
+    relay_cert_path = os.path.join(state_dir, RELAY_CERT)
+    if os.path.exists(relay_cert_path) and not pki.covers_hostname(
+            pki.load_cert(relay_cert_path), relay_hostname):
+        raise ProvisionError(
+            f"relay hostname {relay_hostname} is not in {relay_cert_path}; give"
+            " --relay-hostname, or reissue it with `p2pnat relay reissue-cert`")
+    credential, generated = _credential(access, credential_file, generate_credential)
+
+    with _open_registry(state_dir) as reg:
         old = reg.device(device_id)
-        if old is not None and not args.replace:
-            state_text = f"revoked {_when(old.revoked)}" if old.revoked else "active"
-            raise CommandError(f"device {device_id} already exists ({state_text});"
-                               " --replace issues it new keys and certificate")
-        bundle = _Bundle(args.out)
-        _check_absent([bundle.path(n) for n in (AGENT_CONFIG, DEVICE_KEY, DEVICE_CERT,
-                                                 CA_CERT, MAC_KEY)],
-                      "choose an empty --out directory")
+        _refuse_existing(old, "device", device_id, replace, "issues it new keys and certificate")
         mac_key = secrets.token_bytes(wire.KEY_LEN)
-        cert, key = pki.issue_device_cert(ca_cert, ca_key, device_id, years=args.years)
-        _pki(pki.make_private_dir, args.out)
-        try:
-            bundle.secret(DEVICE_KEY, pki.key_pem(key))
-            bundle.secret(MAC_KEY, mac_key.hex() + "\n")
-            bundle.public(DEVICE_CERT, pki.cert_pem(cert))
-            bundle.public(CA_CERT, pki.cert_pem(ca_cert))
-            bundle.public(AGENT_CONFIG, _agent_toml(device_id, relay, relay_hostname, service))
-            reg.add_device(device_id, mac_key, pki.fingerprint(cert), args.access, credential,
-                           replace=args.replace)
-        except registry.RegistryError as e:
-            bundle.undo()
-            raise CommandError(str(e))
-        except BaseException:
-            bundle.undo()
-            raise
-
-    config = os.path.abspath(bundle.path(AGENT_CONFIG))
-    print(f"device {device_id}: {'re-provisioned' if old else 'added'},"
-          f" access mode {args.access}", file=out)
-    print(f"  certificate SHA-256 {pki.fingerprint(cert)},"
-          f" valid until {cert.not_valid_after_utc:%Y-%m-%d}", file=out)
-    print(f"  bundle in {os.path.abspath(args.out)}: {AGENT_CONFIG}, {DEVICE_KEY} (0600),"
-          f" {DEVICE_CERT}, {CA_CERT}, {MAC_KEY} (0600)", file=out)
-    print(f"  run on the device: twistd -n device-agent --config {config}", file=out)
-    if generated:
-        print(f"access credential (shown only now; stored hashed): {credential}", file=out)
-    return 0
+        cert, key = pki.issue_device_cert(ca_cert, ca_key, device_id, years=years)
+        _write_bundle(out, DEVICE_BUNDLE, [
+            (DEVICE_KEY, pki.key_pem(key), True),
+            (MAC_KEY, mac_key.hex() + "\n", True),
+            (DEVICE_CERT, pki.cert_pem(cert), False),
+            (CA_CERT, pki.cert_pem(ca_cert), False),
+            (AGENT_CONFIG, _agent_toml(device_id, relay, relay_hostname, service), False),
+        ], lambda: reg.add_device(device_id, mac_key, pki.fingerprint(cert), access,
+                                  credential, replace=replace))
+    return DeviceBundle(device_id, out, cert, access, old is not None,
+                        credential if generated else None)
 
 
-def device_list(args, out=None):
-    out = out or sys.stdout
-    with _open_registry(args.state_dir) as reg:
-        records = reg.devices(include_revoked=True)
-    rows = [{
-        "id": d.id,
-        "access_mode": d.access_mode,
-        "created": _when(d.created),
-        "revoked": _when(d.revoked),
-        "last_access": _when(d.last_access),
-        "last_address": _join_hostport(*d.address) if d.address else None,
-        "cert_fingerprint": d.cert_fingerprint,
-    } for d in records]
-    if args.json:
-        json.dump(rows, out, indent=2)
-        out.write("\n")
-        return 0
-    _table(out, ["ID", "ACCESS", "CREATED", "REVOKED", "LAST ACCESS", "LAST ADDRESS"],
-           [[r["id"], r["access_mode"], r["created"], r["revoked"], r["last_access"],
-             r["last_address"]] for r in rows])
-    return 0
+@_user_errors
+def devices(state_dir):
+    """Every device of the relay state C{state_dir}, revoked ones included, by ID."""
+    return _records(state_dir, "device")
 
 
-def _table(out, head, rows):
-    rows = [[cell if cell is not None else "-" for cell in row] for row in rows]
-    widths = [max(len(str(row[i])) for row in [head] + rows) for i in range(len(head))]
-    for row in [head] + rows:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip(), file=out)
+@_user_errors
+def remove_device(state_dir, device_id):
+    """
+    Revoke a device (``p2pnat device remove``); its row is kept, marked
+    revoked, and a running relay refuses it once it notices.
 
-
-def device_remove(args, out=None):
-    out = out or sys.stdout
-    with _open_registry(args.state_dir) as reg:
-        record = reg.device(args.id)
-        if record is None:
-            raise CommandError(f"no device {args.id!r}")
-        if not reg.revoke_device(args.id):
-            print(f"device {args.id}: already revoked {_when(record.revoked)}", file=out)
-            return 0
-    print(f"device {args.id}: revoked; a running relay refuses it once it notices",
-          file=out)
-    return 0
+    @return: the device's record as it was before: its C{revoked} is None
+        if this call revoked it, else the time it was revoked already.
+    @raise ProvisionError: no such device.
+    """
+    return _revoke(state_dir, "device", device_id)
 
 
 # -- lobby clients -----------------------------------------------------------
@@ -453,140 +501,44 @@ mac_key_file = "{MAC_KEY}"
 """
 
 
-def client_add(args, out=None):
-    out = out or sys.stdout
-    client_id = args.id
-    _check_id("client", client_id)
-    lobby = _join_hostport(*_hostport(args.lobby, "--lobby"))
-    _pki(pki.make_private_dir, args.state_dir)
-    with _open_registry(args.state_dir, create=True) as reg:
+@_user_errors
+def add_client(state_dir, client_id, out, *, lobby, replace=False):
+    """
+    Register lobby client C{client_id} in C{state_dir} (made, with an empty
+    registry, if missing: clients need no CA) and write its bundle to
+    C{out} (``p2pnat client add``).
+
+    @param lobby: the lobby's UDP address, ``HOST:PORT``.
+    @param replace: re-provision an existing or revoked client with a new key.
+    @return: whether the client existed before (re-provisioned).
+    @raise ProvisionError: as for L{add_device}.
+    """
+    registry.check_id("client", client_id)
+    lobby = _canonical_hostport(lobby, "--lobby")
+    pki.make_private_dir(state_dir)
+    with _open_registry(state_dir, create=True) as reg:
         old = reg.client(client_id)
-        if old is not None and not args.replace:
-            state_text = f"revoked {_when(old.revoked)}" if old.revoked else "active"
-            raise CommandError(f"client {client_id} already exists ({state_text});"
-                               " --replace issues it a new key")
-        bundle = _Bundle(args.out)
-        _check_absent([bundle.path(CLIENT_CONFIG), bundle.path(MAC_KEY)],
-                      "choose an empty --out directory")
+        _refuse_existing(old, "client", client_id, replace, "issues it a new key")
         mac_key = secrets.token_bytes(wire.KEY_LEN)
-        _pki(pki.make_private_dir, args.out)
-        try:
-            bundle.secret(MAC_KEY, mac_key.hex() + "\n")
-            bundle.public(CLIENT_CONFIG, _client_toml(client_id, lobby))
-            reg.add_client(client_id, mac_key, replace=args.replace)
-        except registry.RegistryError as e:
-            bundle.undo()
-            raise CommandError(str(e))
-        except BaseException:
-            bundle.undo()
-            raise
-    print(f"client {client_id}: {'re-provisioned' if old else 'added'};"
-          f" {CLIENT_CONFIG} and {MAC_KEY} (0600) in {os.path.abspath(args.out)}", file=out)
-    return 0
+        _write_bundle(out, CLIENT_BUNDLE, [
+            (MAC_KEY, mac_key.hex() + "\n", True),
+            (CLIENT_CONFIG, _client_toml(client_id, lobby), False),
+        ], lambda: reg.add_client(client_id, mac_key, replace=replace))
+    return old is not None
 
 
-def client_list(args, out=None):
-    out = out or sys.stdout
-    with _open_registry(args.state_dir) as reg:
-        records = reg.clients(include_revoked=True)
-    rows = [{"id": c.id, "created": _when(c.created), "revoked": _when(c.revoked)}
-            for c in records]
-    if args.json:
-        json.dump(rows, out, indent=2)
-        out.write("\n")
-        return 0
-    _table(out, ["ID", "CREATED", "REVOKED"],
-           [[r["id"], r["created"], r["revoked"]] for r in rows])
-    return 0
+@_user_errors
+def clients(state_dir):
+    """Every lobby client of C{state_dir}, revoked ones included, by ID."""
+    return _records(state_dir, "client")
 
 
-def client_remove(args, out=None):
-    out = out or sys.stdout
-    with _open_registry(args.state_dir) as reg:
-        record = reg.client(args.id)
-        if record is None:
-            raise CommandError(f"no client {args.id!r}")
-        if not reg.revoke_client(args.id):
-            print(f"client {args.id}: already revoked {_when(record.revoked)}", file=out)
-            return 0
-    print(f"client {args.id}: revoked", file=out)
-    return 0
+@_user_errors
+def remove_client(state_dir, client_id):
+    """
+    Revoke a lobby client (``p2pnat client remove``).
 
-
-# -- registration ------------------------------------------------------------
-
-def add_parser(subparsers):
-    relay = _group(subparsers, "relay", "create the deployment's CA and relay certificate")
-    p = relay.add_parser("init", help="create the CA, the relay certificate and the registry")
-    _state_dir(p)
-    p.add_argument("--hostname", required=True,
-                   help="the relay's public DNS name (or IP address), put in its certificate")
-    p.add_argument("--udp", metavar="HOST:PORT",
-                   help="the relay's UDP notify listen address (recorded; its port is the"
-                        " default for `device add --relay`)")
-    p.add_argument("--tunnel-port", type=int, metavar="N",
-                   help="the relay's TLS port for device tunnels (recorded)")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing CA and relay certificate")
-    p.set_defaults(func=relay_init)
-    p = relay.add_parser("reissue-cert",
-                         help="issue a new relay certificate from the existing CA")
-    _state_dir(p)
-    p.add_argument("--hostname", help="new hostname (default: the one in deployment.toml)")
-    p.set_defaults(func=relay_reissue)
-
-    device = _group(subparsers, "device", "provision, list and revoke devices")
-    p = device.add_parser("add", help="register a device and write its agent bundle")
-    p.add_argument("id", metavar="ID", help="the device ID")
-    _state_dir(p)
-    p.add_argument("--relay", metavar="HOST:PORT",
-                   help="the relay's UDP notify address as the device reaches it"
-                        " (default: the hostname and --udp port given to `relay init`)")
-    p.add_argument("--service", required=True, metavar="HOST:PORT",
-                   help="the device's local web server (or TCP service) to forward to")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="directory for the agent bundle (created 0700)")
-    p.add_argument("--relay-hostname", metavar="NAME",
-                   help="name the agent checks in the relay's certificate"
-                        " (default: the relay's hostname)")
-    p.add_argument("--access", choices=registry.ACCESS_MODES, default="device",
-                   help="who asks the terminal to log in: the device's own web UI (device)"
-                        " or the relay (relay, with an access credential)")
-    cred = p.add_mutually_exclusive_group()
-    cred.add_argument("--credential-file", metavar="F",
-                      help="file holding the access credential for --access relay")
-    cred.add_argument("--generate-credential", action="store_true",
-                      help="generate an access credential and print it once")
-    p.add_argument("--years", type=int, default=pki.DEVICE_YEARS,
-                   help=f"certificate lifetime, 1-5 years (default {pki.DEVICE_YEARS})")
-    p.add_argument("--replace", action="store_true",
-                   help="re-provision an existing or revoked device with new keys")
-    p.set_defaults(func=device_add)
-    p = device.add_parser("list", help="list devices")
-    _state_dir(p)
-    p.add_argument("--json", action="store_true", help="JSON instead of a table")
-    p.set_defaults(func=device_list)
-    p = device.add_parser("remove", help="revoke a device (its row is kept, marked revoked)")
-    p.add_argument("id", metavar="ID")
-    _state_dir(p)
-    p.set_defaults(func=device_remove)
-
-    client = _group(subparsers, "client", "provision, list and revoke lobby clients")
-    p = client.add_parser("add", help="register a lobby client and write its bundle")
-    p.add_argument("id", metavar="ID", help="the client ID")
-    _state_dir(p)
-    p.add_argument("--lobby", required=True, metavar="HOST:PORT",
-                   help="the lobby's UDP address")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="directory for client.toml and mac.key (created 0700)")
-    p.add_argument("--replace", action="store_true",
-                   help="re-provision an existing or revoked client with a new key")
-    p.set_defaults(func=client_add)
-    p = client.add_parser("list", help="list lobby clients")
-    _state_dir(p)
-    p.add_argument("--json", action="store_true", help="JSON instead of a table")
-    p.set_defaults(func=client_list)
-    p = client.add_parser("remove", help="revoke a lobby client")
-    p.add_argument("id", metavar="ID")
-    _state_dir(p)
-    p.set_defaults(func=client_remove)
+    @return: as for L{remove_device}.
+    @raise ProvisionError: no such client.
+    """
+    return _revoke(state_dir, "client", client_id)

@@ -215,9 +215,20 @@ def _client(row):
     return ClientRecord(row[0], bytes(row[1]), *row[2:])
 
 
+# Table name -> (its columns, the record made of a row).  Table names come
+# only from here, never from input, so they may be put in SQL text.
+_TABLES = {"devices": (_DEVICE_COLUMNS, _device), "clients": (_CLIENT_COLUMNS, _client)}
+
+
 # -- the store ---------------------------------------------------------------
 
-def _check_id(kind, key_id):
+def check_id(kind, key_id):
+    """
+    Check a device or client ID (C{kind} names which, for the message).
+
+    @raise RegistryError: not 1-L{wire.MAX_KEY_ID} characters of A-Z a-z
+        0-9 . _ -, starting with a letter or digit.
+    """
     if not isinstance(key_id, str) or not wire.valid_key_id(key_id):
         raise RegistryError(
             f"invalid {kind} ID {key_id!r}: 1-{wire.MAX_KEY_ID} characters of"
@@ -361,6 +372,51 @@ class Registry:
         """
         return self._db.execute("PRAGMA data_version").fetchone()[0]
 
+    # -- the two tables' common rows: id, ..., revoked
+
+    def _insert(self, table, kind, values, replace):
+        """
+        Add a row: C{values} for its first columns (the ID first), NULL for
+        the rest (revocation, history).  With C{replace}, an existing row
+        of that ID is overwritten the same way.
+
+        @return: the new row's record.
+        @raise RegistryError: the ID exists (and not C{replace}).
+        """
+        columns, _ = _TABLES[table]
+        names = [name.strip() for name in columns.split(",")]
+        cells = ", ".join(["?"] * len(values) + ["NULL"] * (len(names) - len(values)))
+        sql = f"INSERT INTO {table} ({columns}) VALUES ({cells})"
+        if replace:
+            sql += " ON CONFLICT (id) DO UPDATE SET " + ", ".join(
+                f"{name} = excluded.{name}" for name in names[1:])
+        with self._transaction() as db:
+            try:
+                db.execute(sql, values)
+            except sqlite3.IntegrityError:
+                if replace:
+                    raise  # not a duplicate: a constraint the checks above missed
+                raise RegistryError(f"{kind} {values[0]!r} already exists")
+        return self._one(table, values[0])
+
+    def _one(self, table, key_id):
+        columns, record = _TABLES[table]
+        row = self._db.execute(f"SELECT {columns} FROM {table} WHERE id = ?",
+                               (key_id,)).fetchone()
+        return None if row is None else record(row)
+
+    def _all(self, table, include_revoked):
+        columns, record = _TABLES[table]
+        where = "" if include_revoked else " WHERE revoked IS NULL"
+        return [record(row) for row in self._db.execute(
+            f"SELECT {columns} FROM {table}{where} ORDER BY id")]
+
+    def _revoke(self, table, key_id, when):
+        when = time.time() if when is None else float(when)
+        cur = self._db.execute(
+            f"UPDATE {table} SET revoked = ? WHERE id = ? AND revoked IS NULL", (when, key_id))
+        return cur.rowcount == 1
+
     # -- devices
 
     def add_device(self, device_id, mac_key, cert_fingerprint, access_mode="device",
@@ -378,7 +434,7 @@ class Registry:
             credential missing for mode ``relay`` or given for ``device``;
             the device exists (and not C{replace}).
         """
-        _check_id("device", device_id)
+        check_id("device", device_id)
         _check_mac_key(mac_key)
         cert_fingerprint = _check_fingerprint(cert_fingerprint)
         if access_mode not in ACCESS_MODES:
@@ -390,36 +446,16 @@ class Registry:
             raise RegistryError("an access credential is only used with access mode 'relay'")
         cred_hash = None if credential is None else hash_credential(credential)
         created = time.time() if created is None else float(created)
-        row = (device_id, mac_key, cert_fingerprint, access_mode, cred_hash, created)
-        with self._transaction() as db:
-            if replace:
-                db.execute(
-                    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?,"
-                    " NULL, NULL, NULL, NULL) ON CONFLICT (id) DO UPDATE SET"
-                    " mac_key = excluded.mac_key, cert_fingerprint = excluded.cert_fingerprint,"
-                    " access_mode = excluded.access_mode,"
-                    " access_credential_hash = excluded.access_credential_hash,"
-                    " created = excluded.created, revoked = NULL, last_access = NULL,"
-                    " addr_host = NULL, addr_port = NULL", row)
-            else:
-                try:
-                    db.execute(f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES"
-                               " (?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL)", row)
-                except sqlite3.IntegrityError:
-                    raise RegistryError(f"device {device_id!r} already exists")
-        return self.device(device_id)
+        return self._insert("devices", "device", (
+            device_id, mac_key, cert_fingerprint, access_mode, cred_hash, created), replace)
 
     def device(self, device_id):
         """The L{DeviceRecord} of C{device_id} (revoked or not), or None."""
-        row = self._db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE id = ?",
-                               (device_id,)).fetchone()
-        return None if row is None else _device(row)
+        return self._one("devices", device_id)
 
     def devices(self, include_revoked=False):
         """Device records, ordered by ID."""
-        where = "" if include_revoked else " WHERE revoked IS NULL"
-        return [_device(row) for row in self._db.execute(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices{where} ORDER BY id")]
+        return self._all("devices", include_revoked)
 
     def load_all(self):
         """Every device, revoked ones included, as a dict by ID (for a reload)."""
@@ -431,10 +467,7 @@ class Registry:
 
         @return: True if it was active; False if unknown or already revoked.
         """
-        when = time.time() if when is None else float(when)
-        cur = self._db.execute(
-            "UPDATE devices SET revoked = ? WHERE id = ? AND revoked IS NULL", (when, device_id))
-        return cur.rowcount == 1
+        return self._revoke("devices", device_id, when)
 
     def record_access(self, device_id, when, host, port):
         """
@@ -489,35 +522,18 @@ class Registry:
         @raise RegistryError: invalid ID or key; the client exists (and not
             C{replace}).
         """
-        _check_id("client", client_id)
+        check_id("client", client_id)
         _check_mac_key(mac_key)
         created = time.time() if created is None else float(created)
-        with self._transaction() as db:
-            if replace:
-                db.execute(
-                    f"INSERT INTO clients ({_CLIENT_COLUMNS}) VALUES (?, ?, ?, NULL)"
-                    " ON CONFLICT (id) DO UPDATE SET mac_key = excluded.mac_key,"
-                    " created = excluded.created, revoked = NULL",
-                    (client_id, mac_key, created))
-            else:
-                try:
-                    db.execute(f"INSERT INTO clients ({_CLIENT_COLUMNS}) VALUES (?, ?, ?, NULL)",
-                               (client_id, mac_key, created))
-                except sqlite3.IntegrityError:
-                    raise RegistryError(f"client {client_id!r} already exists")
-        return self.client(client_id)
+        return self._insert("clients", "client", (client_id, mac_key, created), replace)
 
     def client(self, client_id):
         """The L{ClientRecord} of C{client_id} (revoked or not), or None."""
-        row = self._db.execute(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE id = ?",
-                               (client_id,)).fetchone()
-        return None if row is None else _client(row)
+        return self._one("clients", client_id)
 
     def clients(self, include_revoked=False):
         """Client records, ordered by ID."""
-        where = "" if include_revoked else " WHERE revoked IS NULL"
-        return [_client(row) for row in self._db.execute(
-            f"SELECT {_CLIENT_COLUMNS} FROM clients{where} ORDER BY id")]
+        return self._all("clients", include_revoked)
 
     def load_all_clients(self):
         """Every client, revoked ones included, as a dict by ID."""
@@ -529,7 +545,4 @@ class Registry:
 
         @return: True if it was active; False if unknown or already revoked.
         """
-        when = time.time() if when is None else float(when)
-        cur = self._db.execute(
-            "UPDATE clients SET revoked = ? WHERE id = ? AND revoked IS NULL", (when, client_id))
-        return cur.rowcount == 1
+        return self._revoke("clients", client_id, when)

@@ -2,9 +2,10 @@
 """
 A tiny UDP probe for the NAT lab: ``python -m p2pnat.lab.probe COMMAND ...``.
 
-Pure standard library, so that it starts fast inside a namespace.  Every
-command prints JSON on standard output (one object per line) and every loop
-is bounded by a count or a deadline.
+The standard library and the daemons' address parser only (no Twisted), so
+that it starts fast inside a namespace.  Every command prints JSON on
+standard output (one object per line) and every loop is bounded by a count
+or a deadline.
 
 Commands:
 
@@ -34,6 +35,8 @@ import socket
 import sys
 import time
 
+from p2pnat.daemon.config import parse_hostport
+
 #: Requests are padded to this size so that replies (which carry two
 #: addresses) always fit within their request: no amplification.
 REQUEST_SIZE = 300
@@ -43,19 +46,12 @@ MAX_DATAGRAM = 2048
 def parse_addr(text, default_host=None):
     """
     Parse ``"ip:port"`` (or ``":port"``/``"port"`` when ``default_host`` is
-    given) into an ``(ip, port)`` tuple.
+    given) into an ``(ip, port)`` tuple: the daemons' own parser, so that
+    the lab reads addresses as they do.
+
+    @raise ValueError: with a reason.
     """
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = "", text
-    if not host:
-        if default_host is None:
-            raise ValueError(f"{text!r}: expected IP:PORT")
-        host = default_host
-    port = int(port)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{text!r}: port out of range")
-    return host, port
+    return parse_hostport(text, default_host)
 
 
 def parse_listen(text):
@@ -89,6 +85,28 @@ def _udp_socket(bind=("0.0.0.0", 0)):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(bind)
     return s
+
+
+def _send(sock, data, target):
+    try:
+        sock.sendto(data, target)
+    except OSError:
+        pass  # e.g. an ICMP error from an earlier send: the loops are bounded anyway
+
+
+def _receive(sock, until):
+    """
+    Wait until monotonic time C{until} for one datagram on C{sock}:
+    ``(data, peer)``, or None if none came (or the socket reported an
+    error instead, such as an ICMP unreachable).
+    """
+    readable, _, _ = select.select([sock], [], [], max(until - time.monotonic(), 0.0))
+    if not readable:
+        return None
+    try:
+        return sock.recvfrom(MAX_DATAGRAM)
+    except OSError:
+        return None
 
 
 def serve(listen, duration, verbose=False, stop=None, ready=None):
@@ -202,20 +220,13 @@ def query(steps, local_port=0, bind="0.0.0.0", new_socket=False, timeout=1.0, tr
                 if now >= deadline:
                     break
                 if sent < tries and now >= next_send:
-                    try:
-                        sock.sendto(request, target)
-                    except OSError:
-                        pass  # e.g. an ICMP error from an earlier send
+                    _send(sock, request, target)
                     sent += 1
                     next_send = now + timeout / tries
-                wait = min(deadline, next_send if sent < tries else deadline) - now
-                readable, _, _ = select.select([sock], [], [], max(wait, 0.0))
-                if not readable:
+                got = _receive(sock, min(deadline, next_send if sent < tries else deadline))
+                if got is None:
                     continue
-                try:
-                    data, peer = sock.recvfrom(MAX_DATAGRAM)
-                except OSError:
-                    continue
+                data, peer = got
                 try:
                     reply = json.loads(data)
                 except ValueError:
@@ -243,6 +254,7 @@ def listen(port, bind="0.0.0.0", punch=(), timeout=2.0, max_count=1, interval=0.
     received = []
     try:
         emit({"ready": fmt(sock.getsockname())})
+        hello = b"punch from " + fmt(sock.getsockname()).encode()
         heard = set()
         deadline = time.monotonic() + timeout
         next_punch = time.monotonic()
@@ -253,28 +265,18 @@ def listen(port, bind="0.0.0.0", punch=(), timeout=2.0, max_count=1, interval=0.
             if punch and now >= next_punch:
                 for target in punch:
                     if fmt(target) not in heard:
-                        try:
-                            sock.sendto(b"punch from " + fmt(sock.getsockname()).encode(), target)
-                        except OSError:
-                            pass
+                        _send(sock, hello, target)
                 next_punch = now + interval
-            wait = min(deadline, next_punch) - now if punch else deadline - now
-            readable, _, _ = select.select([sock], [], [], max(wait, 0.0))
-            if not readable:
+            got = _receive(sock, min(deadline, next_punch) if punch else deadline)
+            if got is None:
                 continue
-            try:
-                data, peer = sock.recvfrom(MAX_DATAGRAM)
-            except OSError:
-                continue
+            data, peer = got
             heard.add(fmt(peer))
             received.append({"from": fmt(peer), "data": data[:200].decode("utf-8", "replace")})
         # Give the peers a last packet, so that both sides of a punch hear
         # each other even if this side heard first.
         for target in punch:
-            try:
-                sock.sendto(b"punch from " + fmt(sock.getsockname()).encode(), target)
-            except OSError:
-                pass
+            _send(sock, hello, target)
     finally:
         sock.close()
     return received
@@ -287,10 +289,7 @@ def send(target, local_port=0, bind="0.0.0.0", count=1, data=b"hello", interval=
         for i in range(count):
             if i:
                 time.sleep(interval)
-            try:
-                sock.sendto(data, target)
-            except OSError:
-                pass
+            _send(sock, data, target)
         return fmt(sock.getsockname())
     finally:
         sock.close()
@@ -307,9 +306,7 @@ def flows(target, rate, duration, max_flows):
     while n < max_flows and time.monotonic() - start < duration:
         s = _udp_socket()
         try:
-            s.sendto(b"background flow", target)
-        except OSError:
-            pass
+            _send(s, b"background flow", target)
         finally:
             s.close()
         n += 1

@@ -4,14 +4,20 @@
 """
 
 from twisted.application import service
-from twisted.application.internet import TimerService
 
 from p2pnat.daemon import config as C
 from p2pnat.daemon.logs import Logger
 from p2pnat.daemon.metrics import Metrics
-from p2pnat.daemon.services import UDPService, common_services, make_options, startup_errors
+from p2pnat.daemon.services import (
+    common_services,
+    control_sockets,
+    every,
+    make_options,
+    open_state_registry,
+    startup_errors,
+)
 from p2pnat.lobby.server import Lobby
-from p2pnat.net.udp import ControlProtocol, link_siblings
+from p2pnat.net.udp import link_siblings
 from p2pnat.protocol import wire
 
 SCHEMA = [
@@ -74,34 +80,17 @@ class LobbyService(service.MultiService):
 
     def __init__(self, config, reactor):
         super().__init__()
-        from p2pnat.deployment.registry import Registry
-
         self.config = config
         self.reactor = reactor
         self.metrics = Metrics("lobby")
-        state_dir = config.path_of("lobby.state_dir")
-        try:
-            self.registry = Registry.open_state_dir(state_dir)
-        except Exception as e:
-            raise config.error("lobby.state_dir", f"cannot use {state_dir}: {e}")
+        self.registry = open_state_registry(config, "lobby.state_dir")
         self.keys = ClientKeys(self.registry)
         self.handler = self.lobby = Lobby(
             self.keys.get, reactor, self.metrics, keepalive=config["lobby.keepalive"],
             relay_rate=config["lobby.relay_rate"], request_rate=config["lobby.request_rate"])
-        replay = wire.ReplayGuard(reactor)
-        stamper = wire.Stamper(reactor)
-        self.udp = []
-        for item in config["udp.listen"]:
-            host, port = C.parse_hostport(item)
-            proto = ControlProtocol(self.handler, reactor, self.metrics, replay,
-                                    name="lobby.udp", stun_rate=config["udp.stun_rate"],
-                                    stamper=stamper)
-            udp = UDPService(reactor, host, port, proto)
-            udp.setServiceParent(self)
-            self.udp.append(udp)
-        sync = TimerService(config["lobby.sync_interval"], self.sync)
-        sync.clock = reactor
-        sync.setServiceParent(self)
+        self.udp = control_sockets(self, config, reactor, self.handler, self.metrics,
+                                   wire.ReplayGuard(reactor), wire.Stamper(reactor), "lobby.udp")
+        every(self, config["lobby.sync_interval"], self.sync, reactor)
         common_services(config, self.metrics, reactor, self)
 
     def sync(self):

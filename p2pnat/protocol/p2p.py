@@ -20,7 +20,17 @@ import struct
 from dataclasses import dataclass
 
 from p2pnat.protocol import wire
-from p2pnat.protocol.wire import Message, WireError, pack_addr, register, unpack_addr
+from p2pnat.protocol.wire import (
+    Message,
+    WireError,
+    pack_addr,
+    register,
+    unpack_addr,
+    unpack_head,
+    unpack_head_addr,
+    unpack_tail,
+    zero_padding,
+)
 
 #: Request IDs, session IDs.
 SESSION_ID_LEN = 16
@@ -90,11 +100,6 @@ class NatInfo:
             raise WireError("bad-body", "nat info values")
 
 
-def _check_zero(data, what="padding"):
-    if any(data):
-        raise WireError("bad-body", f"{what} must be zero")
-
-
 def _id(data, offset):
     if len(data) < offset + 1:
         raise WireError("bad-body", "id truncated")
@@ -136,8 +141,7 @@ class Login(Message):
     def decode_body(cls, body):
         local, end = unpack_addr(body)
         nat, end = NatInfo.decode(body, end)
-        _check_zero(body[end:])
-        return cls(local, nat, len(body) - end)
+        return cls(local, nat, zero_padding(body, end, "login"))
 
 
 @register
@@ -162,13 +166,9 @@ class Welcome(Message):
 
     @classmethod
     def decode_body(cls, body):
-        if len(body) < 8:
-            raise WireError("bad-body", "welcome truncated")
-        (echo,) = struct.unpack_from("!Q", body)
-        observed, end = unpack_addr(body, 8)
-        if len(body) != end + 10:
-            raise WireError("bad-body", "welcome length")
-        server_time, keepalive = struct.unpack_from("!QH", body, end)
+        (echo,), end = unpack_head("!Q", body, "welcome")
+        observed, end = unpack_addr(body, end)
+        server_time, keepalive = unpack_tail("!QH", body, end, "welcome")
         return cls(echo, observed, server_time, keepalive)
 
 
@@ -211,14 +211,11 @@ class ConnectRequest(Message):
 
     @classmethod
     def decode_body(cls, body):
-        if len(body) < 8:
-            raise WireError("bad-body", "connect truncated")
-        (rid,) = struct.unpack_from("!Q", body)
-        peer, end = _id(body, 8)
+        (rid,), end = unpack_head("!Q", body, "connect")
+        peer, end = _id(body, end)
         local, end = unpack_addr(body, end)
         nat, end = NatInfo.decode(body, end)
-        _check_zero(body[end:])
-        return cls(rid, peer, local, nat, len(body) - end)
+        return cls(rid, peer, local, nat, zero_padding(body, end, "connect"))
 
 
 @dataclass
@@ -245,17 +242,12 @@ class _Introduction(Message):
 
     @classmethod
     def decode_body(cls, body):
-        if len(body) < 9:
-            raise WireError("bad-body", "introduction truncated")
-        rid, accepted = struct.unpack_from("!QB", body)
-        peer, end = _id(body, 9)
+        (rid, accepted), end = unpack_head("!QB", body, "introduction")
+        peer, end = _id(body, end)
         observed, end = unpack_addr(body, end)
         local, end = unpack_addr(body, end)
         nat, end = NatInfo.decode(body, end)
-        if len(body) != end + SESSION_ID_LEN + 32:
-            raise WireError("bad-body", "introduction length")
-        sid = bytes(body[end:end + SESSION_ID_LEN])
-        key = bytes(body[end + SESSION_ID_LEN:])
+        sid, key = unpack_tail(f"!{SESSION_ID_LEN}s32s", body, end, "introduction")
         return cls(rid, peer, observed, local, nat, sid, key, bool(accepted))
 
 
@@ -288,13 +280,10 @@ class Answer(Message):
 
     @classmethod
     def decode_body(cls, body):
-        if len(body) < 9:
-            raise WireError("bad-body", "answer truncated")
-        rid, accepted = struct.unpack_from("!QB", body)
-        local, end = unpack_addr(body, 9)
+        (rid, accepted), end = unpack_head("!QB", body, "answer")
+        local, end = unpack_addr(body, end)
         nat, end = NatInfo.decode(body, end)
-        _check_zero(body[end:])
-        return cls(rid, bool(accepted), local, nat, len(body) - end)
+        return cls(rid, bool(accepted), local, nat, zero_padding(body, end, "answer"))
 
 
 @register
@@ -322,12 +311,7 @@ class AnswerAck(Message):
 
     @classmethod
     def decode_body(cls, body):
-        if len(body) < 8:
-            raise WireError("bad-body", "answer ack truncated")
-        (rid,) = struct.unpack_from("!Q", body)
-        observed, end = unpack_addr(body, 8)
-        if end != len(body):
-            raise WireError("bad-body", "answer ack length")
+        (rid,), observed = unpack_head_addr("!Q", body, "answer ack")
         return cls(rid, observed)
 
 
@@ -350,9 +334,7 @@ class Refusal(Message):
 
     @classmethod
     def decode_body(cls, body):
-        if len(body) != 9:
-            raise WireError("bad-body", "refusal length")
-        return cls(*struct.unpack("!QB", body))
+        return cls(*unpack_tail("!QB", body, 0, "refusal"))
 
 
 @register
@@ -381,9 +363,8 @@ class RelayBound(Message):
 
     @classmethod
     def decode_body(cls, body):
-        if len(body) != 1:
-            raise WireError("bad-body", "relay bound length")
-        return cls(bool(body[0]))
+        (ready,) = unpack_tail("!B", body, 0, "relay bound")
+        return cls(bool(ready))
 
 
 # -- path ---------------------------------------------------------------------
@@ -406,10 +387,8 @@ class Probe(Message):
 
     @classmethod
     def decode_body(cls, body):
-        if len(body) < 4:
-            raise WireError("bad-body", "probe truncated")
-        _check_zero(body[4:])
-        return cls(*struct.unpack_from("!HH", body), padding=len(body) - 4)
+        (rnd, index), end = unpack_head("!HH", body, "probe")
+        return cls(rnd, index, zero_padding(body, end, "probe"))
 
 
 @register
@@ -427,12 +406,7 @@ class ProbeAck(Message):
 
     @classmethod
     def decode_body(cls, body):
-        if len(body) < 4:
-            raise WireError("bad-body", "probe ack truncated")
-        rnd, index = struct.unpack_from("!HH", body)
-        observed, end = unpack_addr(body, 4)
-        if end != len(body):
-            raise WireError("bad-body", "probe ack length")
+        (rnd, index), observed = unpack_head_addr("!HH", body, "probe ack")
         return cls(rnd, index, observed)
 
 

@@ -123,9 +123,62 @@ class Message:
         return cls()
 
 
-def _pad_check(body, size, name):
+# -- body fields: what every decode_body checks -------------------------------
+
+def unpack_head(fmt, body, name):
+    """
+    The fields of struct format C{fmt} at the start of C{body}, and the
+    offset after them.
+
+    @raise WireError: C{bad-body}, if C{body} is shorter (C{name} says
+        which message).
+    """
+    size = struct.calcsize(fmt)
     if len(body) < size:
-        raise WireError("bad-body", f"{name} body too short")
+        raise WireError("bad-body", f"{name} truncated")
+    return struct.unpack_from(fmt, body), size
+
+
+def expect_end(body, end, name):
+    """
+    Check that C{body} ends at C{end}: a body of fixed fields has no more.
+
+    @raise WireError: C{bad-body}, for a longer or shorter body.
+    """
+    if end != len(body):
+        raise WireError("bad-body", f"{name} length")
+
+
+def unpack_head_addr(fmt, body, name):
+    """
+    The fields of struct format C{fmt} and then one address (L{pack_addr})
+    that ends C{body}: the shape of the answers that tell their asker the
+    address they came from.
+
+    @return: ``(fields, (host, port))``.
+    """
+    fields, end = unpack_head(fmt, body, name)
+    addr, end = unpack_addr(body, end)
+    expect_end(body, end, name)
+    return fields, addr
+
+
+def unpack_tail(fmt, body, offset, name):
+    """The fields of struct format C{fmt} at C{offset}, which must end C{body}."""
+    expect_end(body, offset + struct.calcsize(fmt), name)
+    return struct.unpack_from(fmt, body, offset)
+
+
+def zero_padding(body, end, name):
+    """
+    How many bytes of padding follow C{end}; they must all be zero (so
+    that padding can carry nothing).
+
+    @raise WireError: C{bad-body}, for a non-zero byte.
+    """
+    if any(body[end:]):
+        raise WireError("bad-body", f"{name} padding must be zero")
+    return len(body) - end
 
 
 @dataclass
@@ -143,9 +196,7 @@ class Padded(Message):
 
     @classmethod
     def decode_body(cls, body):
-        if any(body):
-            raise WireError("bad-body", f"{cls.__name__} padding must be zero")
-        return cls(padding=len(body))
+        return cls(padding=zero_padding(body, 0, cls.__name__))
 
 
 @dataclass
@@ -176,12 +227,9 @@ class Pong(Message):
 
     @classmethod
     def decode_body(cls, body):
-        _pad_check(body, 8, "pong")
-        (echo,) = struct.unpack_from("!Q", body)
-        observed, end = unpack_addr(body, 8)
-        if len(body) != end + 8:
-            raise WireError("bad-body", "pong length")
-        (server_time,) = struct.unpack_from("!Q", body, end)
+        (echo,), end = unpack_head("!Q", body, "pong")
+        observed, end = unpack_addr(body, end)
+        (server_time,) = unpack_tail("!Q", body, end, "pong")
         return cls(echo, observed, server_time)
 
 
@@ -242,9 +290,7 @@ class Notify(Message):
     @classmethod
     def decode_body(cls, body):
         local, end = unpack_addr(body)
-        if any(body[end:]):
-            raise WireError("bad-body", "padding must be zero")
-        return cls(local=local, padding=len(body) - end)
+        return cls(local=local, padding=zero_padding(body, end, "notify"))
 
 
 @dataclass
@@ -278,11 +324,7 @@ class NotifyAck(Message):
 
     @classmethod
     def decode_body(cls, body):
-        _pad_check(body, 9, "notify ack")
-        echo, flags = struct.unpack_from("!QB", body)
-        observed, end = unpack_addr(body, 9)
-        if end != len(body):
-            raise WireError("bad-body", "notify ack length")
+        (echo, flags), observed = unpack_head_addr("!QB", body, "notify ack")
         return cls(echo, observed, flags)
 
 

@@ -192,6 +192,13 @@ class SiteTests(SynchronousTestCase):
             self.assertTrue(response.headers.getRawHeaders("content-type")[0].startswith(kind))
             self.assertIn(text, body)
 
+    def test_caching(self):
+        """Pages show the current setting: never stored; assets are revalidated."""
+        for path, cache in (("/", "no-store"), ("/saved", "no-store"), ("/style.css", "no-cache"),
+                            ("/app.js", "no-cache"), ("/logo.png", "no-cache")):
+            response = self.successResultOf(self.treq.get("http://x" + path))
+            self.assertEqual(response.headers.getRawHeaders("cache-control"), [cache], path)
+
     def test_logo_is_a_valid_png(self):
         """The logo decodes: signature, IHDR 64x64 RGBA, CRCs, pixel data size."""
         data = site.LOGO

@@ -1,8 +1,10 @@
 """
-Tests for L{p2pnat.deployment.provision}: the ``relay``, ``device`` and ``client``
-command groups, run through L{p2pnat.cli.main}.
+Tests for L{p2pnat.cli.provision}, the ``relay``, ``device`` and ``client``
+command groups run through L{p2pnat.cli.main}, and for the library under
+them, L{p2pnat.deployment.provision}, called with plain parameters.
 """
 
+import ast
 import io
 import json
 import os
@@ -14,7 +16,8 @@ from OpenSSL import crypto
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat import cli
-from p2pnat.deployment import pki, registry
+from p2pnat.deployment import pki, provision, registry
+from tests.support import procs
 
 AGENT_KEYS = {"device_id", "relay", "relay_hostname", "mac_key_file", "cert_file", "key_file",
               "ca_file", "service"}
@@ -417,3 +420,110 @@ class ClientTests(CommandTestCase):
                          [("alice", True), ("bob", False)])
         self.assertIn("no client", self.fails("client", "remove", "carol",
                                               "--state-dir", self.state))
+
+
+class LibraryTests(SynchronousTestCase):
+    """
+    L{p2pnat.deployment.provision} without the command: plain parameters,
+    results as values, failures as L{provision.ProvisionError}.
+    """
+
+    def setUp(self):
+        self.base = self.mktemp()
+        os.mkdir(self.base)
+        self.state = os.path.join(self.base, "state")
+
+    def path(self, *parts):
+        return os.path.join(self.base, *parts)
+
+    def test_no_command_layer(self):
+        """The deployment package imports neither argparse nor the CLI."""
+        top = os.path.join(procs.REPO, "p2pnat", "deployment")
+        found = []
+        for name in sorted(os.listdir(top)):
+            if name.endswith(".py"):
+                with open(os.path.join(top, name)) as f:
+                    tree = ast.parse(f.read())
+                for node in ast.walk(tree):
+                    names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                             else [node.module] if isinstance(node, ast.ImportFrom) else [])
+                    found += [(name, n) for n in names
+                              if n == "argparse" or n.startswith("p2pnat.cli")]
+        self.assertEqual(found, [])
+
+    def test_init_relay_state_errors(self):
+        """
+        What the relay daemon calls on a first start raises ProvisionError,
+        not the command's CommandError.
+        """
+        open(self.state, "w").close()
+        e = self.assertRaises(provision.ProvisionError, provision.init_relay_state,
+                              self.state, "relay.example.org")
+        self.assertIn("not a directory", str(e))
+        self.assertNotIsInstance(e, cli.CommandError)
+
+    def test_init_relay(self):
+        made = provision.init_relay(self.state, "Relay.Example.org", udp="0.0.0.0:3478")
+        self.assertEqual((made.hostname, made.udp, made.kept_registry, made.old_devices),
+                         ("relay.example.org", "0.0.0.0:3478", False, 0))
+        self.assertTrue(pki.covers_hostname(made.relay_cert, "relay.example.org"))
+        e = self.assertRaises(provision.ProvisionError, provision.init_relay, self.state,
+                              "relay.example.org")
+        self.assertIn("already exists", str(e))
+        again = provision.init_relay(self.state, "relay.example.org", force=True)
+        self.assertTrue(again.kept_registry)
+        self.assertNotEqual(pki.fingerprint(again.ca_cert), pki.fingerprint(made.ca_cert))
+
+    def test_device_lifecycle(self):
+        provision.init_relay(self.state, "relay.example.org", udp="0.0.0.0:3478")
+        bundle = provision.add_device(self.state, "cam-1", self.path("b1"),
+                                      service="127.0.0.1:80", access="relay",
+                                      generate_credential=True)
+        self.assertFalse(bundle.replaced)
+        self.assertEqual(bundle.config, os.path.abspath(self.path("b1", "agent.toml")))
+        self.assertEqual(sorted(os.listdir(self.path("b1"))), sorted(provision.DEVICE_BUNDLE))
+        with registry.Registry.open_state_dir(self.state, create=False) as reg:
+            self.assertTrue(reg.check_credential("cam-1", bundle.credential))
+            self.assertTrue(reg.device("cam-1").accepts(pki.fingerprint(bundle.cert)))
+
+        e = self.assertRaises(provision.ProvisionError, provision.add_device, self.state,
+                              "cam-1", self.path("b2"), service="127.0.0.1:80")
+        self.assertIn("already exists (active)", str(e))
+        self.assertFalse(os.path.exists(self.path("b2")))
+
+        self.assertEqual([d.id for d in provision.devices(self.state)], ["cam-1"])
+        self.assertIsNone(provision.remove_device(self.state, "cam-1").revoked)
+        self.assertIsNotNone(provision.remove_device(self.state, "cam-1").revoked)
+        self.assertRaises(provision.ProvisionError, provision.remove_device, self.state, "x")
+
+        again = provision.add_device(self.state, "cam-1", self.path("b2"),
+                                     service="127.0.0.1:80", replace=True)
+        self.assertTrue(again.replaced)
+        self.assertIsNone(again.credential)
+
+    def test_registry_failure_leaves_no_bundle(self):
+        """A registry refusal after the files are written removes them again."""
+        provision.init_relay(self.state, "relay.example.org", udp="0.0.0.0:3478")
+
+        def refuse(*args, **kw):
+            raise registry.RegistryError("full")
+
+        self.patch(registry.Registry, "add_device", refuse)
+        e = self.assertRaises(provision.ProvisionError, provision.add_device, self.state,
+                              "cam-1", self.path("b1"), service="127.0.0.1:80")
+        self.assertEqual(str(e), "full")
+        self.assertFalse(os.path.exists(self.path("b1")))
+
+    def test_client_lifecycle(self):
+        """Clients need no CA: the state directory and registry are made."""
+        self.assertFalse(provision.add_client(self.state, "alice", self.path("alice"),
+                                              lobby="lobby.example.org:3479"))
+        with open(self.path("alice", "client.toml"), "rb") as f:
+            self.assertEqual(tomllib.load(f)["client"]["lobby"], "lobby.example.org:3479")
+        self.assertTrue(provision.add_client(self.state, "alice", self.path("alice2"),
+                                             lobby="[::1]:3479", replace=True))
+        self.assertEqual([c.id for c in provision.clients(self.state)], ["alice"])
+        self.assertIsNone(provision.remove_client(self.state, "alice").revoked)
+        e = self.assertRaises(provision.ProvisionError, provision.add_client, self.state,
+                              "_bad", self.path("bad"), lobby="lobby.example.org:3479")
+        self.assertIn("invalid client ID", str(e))
