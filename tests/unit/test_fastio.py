@@ -217,8 +217,6 @@ class TLSTests(TestCase):
         reads the device's certificate from the session, which is what the
         relay checks against its registry after every handshake.
         """
-        from OpenSSL._util import lib
-
         server = EchoFactory()
         port = self.listen(server, tickets=True)
         cache = fastio.SessionCache()
@@ -229,13 +227,13 @@ class TLSTests(TestCase):
             yield self.connect(port, proto, sessions=cache, options=options)
             got = yield proto.done
             self.assertEqual(got, b"ping %d" % i)
-            reused.append(lib.SSL_session_reused(proto.transport._tls._ssl))
+            reused.append(fastio._EarlyData.resumed(proto.transport._tls))
             peer = server.made[i].transport.getPeerCertificate()
             self.assertEqual(pki.device_id_of(peer), "dev1")
             self.assertIsNotNone(cache.session)
             proto.transport.loseConnection()
             yield proto.lost
-        self.assertEqual(reused, [0, 1, 1])
+        self.assertEqual(reused, [False, True, True])
 
     @defer.inlineCallbacks
     def test_half_rtt_only_after_a_resumed_client_hello(self):
@@ -279,8 +277,6 @@ class TLSTests(TestCase):
     @defer.inlineCallbacks
     def test_no_resumption_without_tickets(self):
         """A server that issues no tickets gets full handshakes, and they work."""
-        from OpenSSL._util import lib
-
         server = EchoFactory()
         port = self.listen(server, tickets=False)
         cache = fastio.SessionCache()
@@ -289,7 +285,7 @@ class TLSTests(TestCase):
             proto = Collector(b"ping")
             yield self.connect(port, proto, sessions=cache, options=options)
             yield proto.done
-            self.assertEqual(lib.SSL_session_reused(proto.transport._tls._ssl), 0)
+            self.assertFalse(fastio._EarlyData.resumed(proto.transport._tls))
             proto.transport.loseConnection()
             yield proto.lost
 
