@@ -59,6 +59,10 @@ _READ_EARLY_DATA_ERROR, _READ_EARLY_DATA_FINISH = 0, 2
 
 _log = Logger(namespace="p2pnat.net.fastio")
 
+#: The help of the daemons' ``tls.fast_path`` setting.
+SETTING_HELP = ("the lean TCP/TLS data path (p2pnat.net.fastio: TLS session resumption and"
+                " 0.5-RTT tunnels); false: Twisted's stock TLS and transports")
+
 
 # -- what the fast path relies on, checked once per process ----------------------
 
