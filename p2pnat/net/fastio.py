@@ -751,9 +751,14 @@ class TLSFactory(TLSMemoryBIOFactory):
         self.is_client = is_client
         self.sessions = sessions if is_client and self.fast else None
         self.alpn = alpn if is_client else None  # offered when resuming a session
-        self.half_rtt = half_rtt and not is_client and half_rtt_active()
-        if self.half_rtt:
+        half_rtt = half_rtt and not is_client and self.fast
+        if half_rtt:
+            # Also without 0.5-RTT data: clients that resume offer ALPN
+            # names, and Twisted's own selection callback fails the
+            # handshake (an internal error alert) when none of them is one
+            # the options accept.
             _record_alpn_offers(options.getContext())
+        self.half_rtt = half_rtt and half_rtt_active()
 
     def buildProtocol(self, addr):
         if not self.fast:
