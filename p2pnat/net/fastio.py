@@ -657,7 +657,7 @@ class _EarlyData:
     @classmethod
     def resumed(cls, connection):
         """Whether C{connection}'s handshake resumed a session (for tests and logs)."""
-        ffi, lib = cls._binding()
+        lib = cls._binding()[1]
         return bool(lib.SSL_session_reused(connection._ssl))
 
 
@@ -709,9 +709,15 @@ class _Starter:
         connection = _tls_connection(self.factory.options, self.factory.is_client, transport)
         sessions = self.factory.sessions
         if sessions is not None and sessions.session is not None:
-            connection.set_session(sessions.session)
-            if self.factory.alpn:
-                connection.set_alpn_protos(self.factory.alpn)
+            try:
+                connection.set_session(sessions.session)
+            except ValueError:
+                # pyOpenSSL refuses a session made under another context
+                # (the TLS options were made again): a full handshake.
+                sessions.session = None
+            else:
+                if self.factory.alpn:
+                    connection.set_alpn_protos(self.factory.alpn)
         transport._tls_start(connection, self.app)
         transport._tls_half = self.factory.half_rtt
         self.app.makeConnection(transport)

@@ -448,3 +448,28 @@ class FeatureCheckTests(TestCase):
         self.addCleanup(b.close)
         self.assertFalse(fastio.write_through(tcp.Connection(a, Protocol(), reactor)))
         self.assertTrue(fastio.configure(True))
+
+
+class SessionOfAnotherContextTests(TestCase):
+    timeout = 60
+    listen = TLSTests.listen
+    connect = TLSTests.connect
+
+    @defer.inlineCallbacks
+    def test_session_of_other_options_dropped(self):
+        """
+        A cached session made with other TLS options (another context),
+        which pyOpenSSL refuses to resume: the connection does a full
+        handshake instead of failing, and caches its own session.
+        """
+        server = EchoFactory()
+        port = self.listen(server, tickets=True)
+        cache = fastio.SessionCache()
+        for i in range(2):
+            proto = Collector(b"ping %d" % i)
+            yield self.connect(port, proto, sessions=cache, options=certs().client_options())
+            self.assertEqual((yield proto.done), b"ping %d" % i)
+            self.assertFalse(fastio._EarlyData.resumed(proto.transport._tls))
+            proto.transport.loseConnection()
+            yield proto.lost
+        self.assertIsNotNone(cache.session)

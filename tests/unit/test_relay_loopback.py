@@ -13,9 +13,9 @@ import hashlib
 import os
 
 from twisted.internet import abstract, defer, endpoints, protocol, reactor, task
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOProtocol
-from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial.unittest import TestCase
 
 from p2pnat.agent.tap import SCHEMA as AGENT_SCHEMA
