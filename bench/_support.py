@@ -337,11 +337,22 @@ class RelayPath:
     A relay and one device agent on loopback, the agent forwarding to
     C{service_port}: ports are picked free, terminals are reached at
     ``https://cam1.relay.localhost:https_port/`` (resolve to 127.0.0.1) and
-    plain ``http`` on C{http_port}.
+    plain ``http`` on C{http_port}.  With C{fast_path} false both run
+    Twisted's stock TLS (``--tls-fast-path false``); C{name} keeps a second
+    path's files apart.
     """
 
-    def __init__(self, processes, work, service_port, relay_args=(), agent_args=()):
+    def __init__(self, processes, work, service_port, relay_args=(), agent_args=(),
+                 fast_path=True, name=""):
         self.processes = processes
+        if not fast_path:
+            # Twisted's stock TLS and transports on both daemons
+            # (tls.fast_path = false): the baseline for p2pnat.net.fastio.
+            relay_args = ("--tls-fast-path", "false", *relay_args)
+            agent_args = ("--tls-fast-path", "false", *agent_args)
+        if name:
+            work = os.path.join(work, name)
+            os.makedirs(work)
         self.udp_port = free_port(socket.SOCK_DGRAM)
         self.tunnel_port = free_port()
         self.https_port = free_port()
@@ -349,7 +360,7 @@ class RelayPath:
         self.metrics_port = free_port()
         self.state, self.bundle = provision(work, self.udp_port, self.tunnel_port, service_port)
         self.ca = os.path.join(self.state, "ca.crt")
-        self.relay = processes.start("relay", procs.twistd(
+        self.relay = processes.start(f"relay{name and '-' + name}", procs.twistd(
             "relay", "--relay-state-dir", self.state, "--relay-hostname", HOSTNAME,
             "--udp-listen", f"127.0.0.1:{self.udp_port}",
             "--tunnel-listen", f"tcp:{self.tunnel_port}:interface=127.0.0.1",
@@ -359,7 +370,7 @@ class RelayPath:
             "--log-level", "warn", *relay_args), cwd=procs.REPO, env=procs.env())
         wait_until(lambda: port_open(self.http_port) and port_open(self.metrics_port), 30,
                    "relay listening", self.relay)
-        self.agent = processes.start("agent", procs.twistd(
+        self.agent = processes.start(f"agent{name and '-' + name}", procs.twistd(
             "device-agent", "--config", os.path.join(self.bundle, "agent.toml"),
             "--agent-relay", f"127.0.0.1:{self.udp_port}", "--log-level", "warn",
             *agent_args), cwd=procs.REPO, env=procs.env())

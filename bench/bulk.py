@@ -10,7 +10,10 @@ cost) on 127.0.0.1; ``curl -o /dev/null`` downloads it:
 - ``socat``        through ``socat TCP-LISTEN:P,fork,reuseaddr TCP:127.0.0.1:NGINX``
                    (the reference: a relay written in C, no TLS);
 - ``relay-http``   through the relay's plain HTTP terminal port (device leg TLS);
-- ``relay-https``  through the relay's HTTPS terminal port (both legs TLS).
+- ``relay-https``  through the relay's HTTPS terminal port (both legs TLS);
+- ``stock-http``, ``stock-https``: the same through a second relay and agent
+                   with ``--tls-fast-path false`` (Twisted's stock TLS and
+                   transports), to see what p2pnat.net.fastio still buys.
 
 Modes are interleaved round by round (the machine is shared and noisy);
 figures are medians.  While each relayed transfer runs, the relay's and the
@@ -37,8 +40,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _support as S  # noqa: E402
 
-MODES = ["direct", "socat", "relay-http", "relay-https"]
-RELAYED = ["relay-http", "relay-https"]
+MODES = ["direct", "socat", "relay-http", "relay-https", "stock-http", "stock-https"]
+RELAYED = ["relay-http", "relay-https", "stock-http", "stock-https"]
 MB = 1e6
 
 
@@ -118,14 +121,18 @@ def _run(args, curl_bin, socat, work, P):
                                      f"TCP:127.0.0.1:{nginx_port}"]))
     S.wait_until(lambda: S.port_open(socat_port), 10, "socat listening")
     rp = S.RelayPath(P, work, nginx_port)
-    pids = {"relay": rp.relay.pid, "agent": rp.agent.pid}
-    idle_rss = {k: S.status_kb(pid, "VmRSS") for k, pid in pids.items()}
+    stock = S.RelayPath(P, work, nginx_port, fast_path=False, name="stock")
+    paths = {"relay": rp, "stock": stock}
+    idle_rss = {k: S.status_kb(pid, "VmRSS")
+                for k, pid in {"relay": rp.relay.pid, "agent": rp.agent.pid}.items()}
 
     targets = {
         "direct": (f"http://127.0.0.1:{nginx_port}/big.bin", []),
         "socat": (f"http://127.0.0.1:{socat_port}/big.bin", []),
         "relay-http": (rp.url(False, "/big.bin"), rp.curl_args(False)),
         "relay-https": (rp.url(True, "/big.bin"), rp.curl_args(True)),
+        "stock-http": (stock.url(False, "/big.bin"), stock.curl_args(False)),
+        "stock-https": (stock.url(True, "/big.bin"), stock.curl_args(True)),
     }
     S.say(f"bulk: {args.size_mb} MiB file, {args.rounds} rounds, modes interleaved;"
           f" relay RSS idle {idle_rss['relay'] / 1024:.0f} MB,"
@@ -143,6 +150,8 @@ def _run(args, curl_bin, socat, work, P):
         order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
         for mode in order:
             url, extra = targets[mode]
+            path = paths["stock" if mode.startswith("stock") else "relay"]
+            pids = {"relay": path.relay.pid, "agent": path.agent.pid}
             sampler = RSSSampler(list(pids.values()))
             sampler.start()
             before = {k: S.cpu_seconds(pid) for k, pid in pids.items()}
@@ -197,6 +206,10 @@ def _run(args, curl_bin, socat, work, P):
           " or stolen by the hypervisor; others: cores used by processes not of this bench"
           " (the machine is shared)")
     print()
+    for scheme in ("http", "https"):
+        fast, base = med(speeds[f"relay-{scheme}"]), med(speeds[f"stock-{scheme}"])
+        print(f"fast path, {scheme}: {fast:.0f} MB/s against {base:.0f} MB/s with Twisted's"
+              f" stock TLS ({fast / base:.2f}x)")
     for mode in RELAYED:
         ratio = med(speeds[mode]) / socat_speed
         print(f"target {mode}: {100 * ratio:.0f}% of socat (>= 50%):"

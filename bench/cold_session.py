@@ -68,10 +68,13 @@ def ping_rtt(node, target, count=20):
 class ColdLab:
     """The lab: relay, device behind a cone NAT, terminal; daemons running."""
 
-    def __init__(self, work):
+    def __init__(self, work, fast_path=True):
         from p2pnat.lab import Lab
 
         self.work = work
+        # --tls-fast-path false: Twisted's stock TLS on both daemons (no
+        # session resumption, no 0.5-RTT data), the baseline for fastio.
+        self.flags = () if fast_path else ("--tls-fast-path", "false")
         self.lab = Lab()
         try:
             self._build()
@@ -103,11 +106,12 @@ class ColdLab:
             "--tunnel-listen", f"tcp:{TUNNEL_PORT}:interface={ip}",
             "--terminal-https", f"tcp:{HTTPS_PORT}:interface={ip}",
             "--metrics-listen", f"tcp:{METRICS_PORT}:interface=127.0.0.1",
-            "--tunnel-idle-timeout", "0.001"), cwd=S.procs.REPO, env=S.procs.env())
+            "--tunnel-idle-timeout", "0.001", *self.flags), cwd=S.procs.REPO, env=S.procs.env())
         S.wait_until(lambda: self.metrics() is not None, 30, "relay metrics", self.relay)
         self.agent = self.device.popen(S.procs.twistd(
             "device-agent", "--config", os.path.join(self.bundle, "agent.toml"),
-            "--agent-relay", f"{ip}:{UDP_PORT}"), cwd=S.procs.REPO, env=S.procs.env())
+            "--agent-relay", f"{ip}:{UDP_PORT}", *self.flags), cwd=S.procs.REPO,
+            env=S.procs.env())
         S.wait_until(lambda: (self.metrics() or {}).get(
             'p2pnat_udp_received_total{kind="NotifyA"}', 0) > 0, 30,
             "the device's notify A at the relay", self.agent)
@@ -193,6 +197,9 @@ def main():
                     help="comma-separated extra RTTs in ms to model with the delay line"
                          " (0: the lab's own RTT); default 0,20")
     ap.add_argument("--pause", type=float, default=0.3, help="seconds between rounds")
+    ap.add_argument("--fast-path", choices=["on", "off", "both"], default="both",
+                    help="the daemons' tls.fast_path: on, off (Twisted's stock TLS), or both,"
+                         " one lab after the other (default)")
     args = ap.parse_args()
     delays = [float(d) for d in args.delay_ms.split(",") if d.strip()]
     if not 1 <= args.rounds <= 500 or any(not 0 <= d <= 200 for d in delays):
@@ -204,12 +211,18 @@ def main():
     reason = unavailable_reason()
     if reason:
         raise S.BenchError(f"the NAT lab is unavailable: {reason}")
+    for fast_path in {"on": [True], "off": [False], "both": [True, False]}[args.fast_path]:
+        _run_lab(args, delays, fast_path)
+
+
+def _run_lab(args, delays, fast_path):
     work = S.workdir("cold")
     cl = None
     try:
-        cl = ColdLab(work)
+        cl = ColdLab(work, fast_path)
         S.say("cold_session: relay on the internet segment, device behind a cone NAT,"
-              f" terminal public; {args.rounds} cold rounds per delay")
+              f" terminal public; {args.rounds} cold rounds per delay; fast path"
+              f" {'on' if fast_path else 'off (Twisted stock TLS)'}")
         netem = cl.netem()
         S.say("  tc netem: " + ("available (delays still come from bench/delayline.py)" if netem
                                 else "not available in this kernel (no sch_netem); delays come"

@@ -10,6 +10,9 @@ the relay is one tunnel) to:
 - ``direct-tls``   nginx with TLS (the relay's certificate): what TLS alone costs;
 - ``relay-http``   the relay's plain HTTP terminal port;
 - ``relay-https``  the relay's HTTPS terminal port;
+- ``stock-http``, ``stock-https``: the same through a second relay and
+  agent with ``--tls-fast-path false`` (Twisted's stock TLS and
+  transports), to see what p2pnat.net.fastio still buys;
 - ``nginx-2hop``   a reference, not p2pnat: the relay path's shape built
   from nginx (one worker each, like the relay and the agent), i.e. a plain
   HTTP proxy talking TLS to a second proxy in front of the same nginx, with
@@ -42,8 +45,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _support as S  # noqa: E402
 
-MODES = ["direct", "direct-tls", "relay-http", "relay-https", "nginx-2hop"]
-RELAYED = ["relay-http", "relay-https"]
+MODES = ["direct", "direct-tls", "relay-http", "relay-https", "stock-http", "stock-https",
+         "nginx-2hop"]
+RELAYED = ["relay-http", "relay-https", "stock-http", "stock-https"]
 
 # The reference two-hop chain: "front" (plain HTTP in, TLS out to "back")
 # and "back" (TLS in, plain HTTP out to the device's nginx), one process each.
@@ -162,6 +166,7 @@ def _run(args, wrk, work, P):
     nginxes = [S.start_nginx(P, work, root, nginx_port, script="http_load.py")]
     # nginx's TLS server (direct-tls) uses the relay's certificate.
     rp = S.RelayPath(P, work, nginx_port)
+    stock = S.RelayPath(P, work, nginx_port, fast_path=False, name="stock")
     tls_nginx = _start_tls_nginx(P, work, root, nginx_tls_port, rp.state)
     if tls_nginx is not None:
         nginxes.append(tls_nginx)
@@ -171,6 +176,8 @@ def _run(args, wrk, work, P):
         "direct-tls": (f"https://127.0.0.1:{nginx_tls_port}/", S.HOSTNAME),
         "relay-http": (f"http://127.0.0.1:{rp.http_port}/", f"{S.DEVICE}.{S.HOSTNAME}"),
         "relay-https": (f"https://127.0.0.1:{rp.https_port}/", f"{S.DEVICE}.{S.HOSTNAME}"),
+        "stock-http": (f"http://127.0.0.1:{stock.http_port}/", f"{S.DEVICE}.{S.HOSTNAME}"),
+        "stock-https": (f"https://127.0.0.1:{stock.https_port}/", f"{S.DEVICE}.{S.HOSTNAME}"),
         "nginx-2hop": None,
     }
     if tls_nginx is None:
@@ -207,13 +214,14 @@ def _run(args, wrk, work, P):
         order = modes[r % len(modes):] + modes[:r % len(modes)]
         for mode in order:
             url, host = urls[mode]
-            before = (S.cpu_seconds(rp.relay.pid), S.cpu_seconds(rp.agent.pid))
+            path = stock if mode.startswith("stock") else rp
+            before = (S.cpu_seconds(path.relay.pid), S.cpu_seconds(path.agent.pid))
             machine = S.machine_cpu()
             load0 = S.children_cpu_seconds() + nginx_cpu()
             res = run_wrk(wrk, url, host, args.connections, args.threads, args.duration)
             split = S.machine_split(machine, S.machine_cpu())
             busy[mode].append(split["busy"])
-            after = (S.cpu_seconds(rp.relay.pid), S.cpu_seconds(rp.agent.pid))
+            after = (S.cpu_seconds(path.relay.pid), S.cpu_seconds(path.agent.pid))
             load_cpu = S.children_cpu_seconds() + nginx_cpu() - load0
             ours = load_cpu + sum(a - b for a, b in zip(after, before))
             load[mode].append(100 * load_cpu / args.duration)
@@ -319,6 +327,16 @@ def _report(args, modes, loaded, idle, cpu, errors, sessions, busy, load, other,
               f" {100 * ref / base:.0f}% of direct; relay-http is"
               f" {100 * med([x['rps'] for x in loaded['relay-http']]) / ref:.0f}% of it,"
               f" relay-https {100 * med([x['rps'] for x in loaded['relay-https']]) / ref:.0f}%")
+    for scheme in ("http", "https"):
+        fast = med([x["rps"] for x in loaded[f"relay-{scheme}"]])
+        stock = med([x["rps"] for x in loaded[f"stock-{scheme}"]])
+        line = (f"fast path, {scheme}: {fast:,.0f} req/s against {stock:,.0f} with Twisted's"
+                f" stock TLS ({fast / stock:.2f}x)")
+        if idle[f"relay-{scheme}"]:
+            gain = med([s["p50"] - f["p50"] for f, s in
+                        zip(idle[f"relay-{scheme}"], idle[f"stock-{scheme}"])])
+            line += f"; p50 on one connection {gain * 1000:.0f} us lower"
+        print(line)
     for mode in RELAYED:
         rps = med([x["rps"] for x in loaded[mode]])
         ratio = rps / base

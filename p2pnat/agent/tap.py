@@ -43,6 +43,7 @@ SCHEMA = [
     C.Setting("agent.notify_b_interval", float, 20.0,
               "seconds between notify B (keep it below the NAT's UDP timeout)", C.positive),
     C.Setting("udp.listen", str, "0.0.0.0:0", "local UDP address for notifies", C.hostport),
+    C.Setting("tls.fast_path", bool, True, fastio.SETTING_HELP),
 ] + C.COMMON
 
 
@@ -125,6 +126,7 @@ class AgentService(service.MultiService):
         self.clock = reactor
         self.local_services = services if services is not None else services_of(config)
         self.tls = tls if tls is not None else client_tls_options(config)
+        fastio.configure(config["tls.fast_path"])
         # The relay's last TLS session, resumed by the next tunnel.
         self.tls_sessions = fastio.SessionCache()
         self.idle_timeout = config["agent.idle_timeout"]

@@ -70,6 +70,7 @@ SCHEMA = [
     C.Setting("relay.sync_interval", float, 1.0,
               "seconds between writes of notify A times to the store and checks for"
               " registry changes (devices added or removed)", C.positive),
+    C.Setting("tls.fast_path", bool, True, fastio.SETTING_HELP),
 ] + C.COMMON
 
 
@@ -126,6 +127,7 @@ class RelayService(service.MultiService):
             udp = UDPService(reactor, host, port, proto)
             udp.setServiceParent(self)
             self.udp.append(udp)
+        fastio.configure(config["tls.fast_path"])
         self.tls = server_tls(self.state_dir)
         self.tunnel_listener = self.terminal_https = self.terminal_http = None
         if config["tunnel.listen"]:

@@ -8,7 +8,7 @@ import hashlib
 import os
 
 from OpenSSL import crypto
-from twisted.internet import defer, endpoints, error, reactor, ssl
+from twisted.internet import defer, endpoints, error, reactor, ssl, tcp
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -217,8 +217,6 @@ class TLSTests(TestCase):
         reads the device's certificate from the session, which is what the
         relay checks against its registry after every handshake.
         """
-        from OpenSSL._util import lib
-
         server = EchoFactory()
         port = self.listen(server, tickets=True)
         cache = fastio.SessionCache()
@@ -229,13 +227,13 @@ class TLSTests(TestCase):
             yield self.connect(port, proto, sessions=cache, options=options)
             got = yield proto.done
             self.assertEqual(got, b"ping %d" % i)
-            reused.append(lib.SSL_session_reused(proto.transport._tls._ssl))
+            reused.append(fastio._EarlyData.resumed(proto.transport._tls))
             peer = server.made[i].transport.getPeerCertificate()
             self.assertEqual(pki.device_id_of(peer), "dev1")
             self.assertIsNotNone(cache.session)
             proto.transport.loseConnection()
             yield proto.lost
-        self.assertEqual(reused, [0, 1, 1])
+        self.assertEqual(reused, [False, True, True])
 
     @defer.inlineCallbacks
     def test_half_rtt_only_after_a_resumed_client_hello(self):
@@ -279,8 +277,6 @@ class TLSTests(TestCase):
     @defer.inlineCallbacks
     def test_no_resumption_without_tickets(self):
         """A server that issues no tickets gets full handshakes, and they work."""
-        from OpenSSL._util import lib
-
         server = EchoFactory()
         port = self.listen(server, tickets=False)
         cache = fastio.SessionCache()
@@ -289,7 +285,7 @@ class TLSTests(TestCase):
             proto = Collector(b"ping")
             yield self.connect(port, proto, sessions=cache, options=options)
             yield proto.done
-            self.assertEqual(lib.SSL_session_reused(proto.transport._tls._ssl), 0)
+            self.assertFalse(fastio._EarlyData.resumed(proto.transport._tls))
             proto.transport.loseConnection()
             yield proto.lost
 
@@ -393,3 +389,87 @@ class WriteThroughTests(TestCase):
         conn.write(b"bytes")
         self.assertEqual(b.recv(10), b"bytes")
         conn.socket = None  # not registered with the reactor: nothing to clean
+
+
+class FeatureCheckTests(TestCase):
+    """fastio.supported() and the switch: what they check, and what they change."""
+
+    def setUp(self):
+        fastio._reset()
+        self.addCleanup(fastio._reset)
+
+    def probe(self):
+        probe = fastio._probe_connection()
+        self.addCleanup(probe.socket.close)
+        return probe
+
+    def test_available_with_these_libraries(self):
+        """The libraries this suite runs on have all the fast path needs (scripts/test-newest)."""
+        self.assertIsNone(fastio.supported())
+        self.assertIsNone(fastio.early_data_supported())
+        self.assertTrue(fastio.active())
+
+    def test_missing_internal_named(self):
+        probe = self.probe()
+        del probe._tempDataLen
+        self.assertEqual(fastio._check_tcp(probe),
+                         "twisted.internet.tcp.Connection has no _tempDataLen")
+
+    def test_internal_of_another_kind_named(self):
+        probe = self.probe()
+        probe.dataBuffer = []
+        self.assertEqual(fastio._check_tcp(probe),
+                         "twisted.internet.tcp.Connection.dataBuffer is a list, not bytes")
+
+    def test_method_gone(self):
+        probe = self.probe()
+        self.patch(type(probe), "doRead", None)
+        self.assertIn("doRead is not a method", fastio._check_tcp(probe))
+
+    def test_probe_class_unchanged(self):
+        probe = self.probe()
+        self.assertIsNone(fastio._check_tcp(probe))
+        self.assertIs(type(probe), tcp.Connection)
+
+    def test_switched_off(self):
+        """configure(False): stock TLS factories, endpoints and transports."""
+        self.assertFalse(fastio.configure(False))
+        factory = fastio.TLSFactory(certs().server_options(False), False, EchoFactory(),
+                                    half_rtt=True)
+        self.assertFalse(factory.half_rtt)
+        self.assertIsInstance(factory.buildProtocol(None), TLSMemoryBIOProtocol)
+        ep = fastio.wrap_client(certs().client_options(), endpoints.TCP4ClientEndpoint(
+            reactor, "127.0.0.1", 1), fastio.SessionCache())
+        self.assertNotIsInstance(ep, fastio._ClientEndpoint)
+        import socket
+
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        self.assertFalse(fastio.write_through(tcp.Connection(a, Protocol(), reactor)))
+        self.assertTrue(fastio.configure(True))
+
+
+class SessionOfAnotherContextTests(TestCase):
+    timeout = 60
+    listen = TLSTests.listen
+    connect = TLSTests.connect
+
+    @defer.inlineCallbacks
+    def test_session_of_other_options_dropped(self):
+        """
+        A cached session made with other TLS options (another context),
+        which pyOpenSSL refuses to resume: the connection does a full
+        handshake instead of failing, and caches its own session.
+        """
+        server = EchoFactory()
+        port = self.listen(server, tickets=True)
+        cache = fastio.SessionCache()
+        for i in range(2):
+            proto = Collector(b"ping %d" % i)
+            yield self.connect(port, proto, sessions=cache, options=certs().client_options())
+            self.assertEqual((yield proto.done), b"ping %d" % i)
+            self.assertFalse(fastio._EarlyData.resumed(proto.transport._tls))
+            proto.transport.loseConnection()
+            yield proto.lost
+        self.assertIsNotNone(cache.session)

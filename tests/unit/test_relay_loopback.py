@@ -2,13 +2,20 @@
 The relay path in one process on loopback, with the real reactor: a relay,
 a device agent and the device's local services, joined by real UDP, TLS
 and TCP (the NAT lab tests run the same path across kernel NATs).
+
+Every test runs four ways: with the fast data path (p2pnat.net.fastio), with
+it switched off (``tls.fast_path = false``), with a Twisted that lacks one of
+the internals it relies on (it must fall back to stock TLS by itself), and
+with OpenSSL bindings that lack the 0.5-RTT functions.
 """
 
 import hashlib
 import os
 
-from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet import abstract, defer, endpoints, protocol, reactor, task
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import TestCase
 
 from p2pnat.agent.tap import SCHEMA as AGENT_SCHEMA
@@ -17,6 +24,7 @@ from p2pnat.cli import main as cli
 from p2pnat.cli.forward import Forwarder
 from p2pnat.daemon import config as C
 from p2pnat.daemon.config import read_mac_key
+from p2pnat.net import fastio
 from p2pnat.relay.tap import SCHEMA as RELAY_SCHEMA
 from p2pnat.relay.tap import RelayService
 
@@ -63,6 +71,10 @@ class HTTPOnce(protocol.Protocol):
             self.transport.loseConnection()
 
 
+# Read before any test replaces the bindings (NoEarlyDataLoopbackTests).
+_RESUMED = fastio._EarlyData.resumed
+
+
 @defer.inlineCallbacks
 def closed(forwarder):
     """Wait until the forwarder's connections to the relay are closed."""
@@ -74,10 +86,26 @@ def closed(forwarder):
 
 
 class LoopbackTests(TestCase):
+    """The relay path with the fast data path on (the default)."""
+
     timeout = 60
+    fast_path = True  # the daemons' tls.fast_path
+    fast = True  # whether the tunnels are expected to take the fast path
+    half_rtt = True  # whether resumed tunnels are expected to get 0.5-RTT data
+
+    def simulate(self):
+        """Change the libraries before the daemons start (see the subclasses)."""
 
     @defer.inlineCallbacks
     def setUp(self):
+        fastio._reset()
+        self.addCleanup(fastio._reset)
+        self.fastio_events = []
+        observer = (lambda e: self.fastio_events.append(e)
+                    if e.get("log_namespace") == "p2pnat.net.fastio" else None)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.simulate()
         self.dir = self.mktemp()
         os.makedirs(self.dir)
         state = os.path.join(self.dir, "state")
@@ -93,7 +121,8 @@ class LoopbackTests(TestCase):
             "relay.state_dir": state, "relay.hostname": "relay.test",
             "udp.listen": "127.0.0.1:0", "tunnel.listen": "tcp:0:interface=127.0.0.1",
             "terminal.https": "tcp:0:interface=127.0.0.1",
-            "terminal.http": "tcp:0:interface=127.0.0.1"}), reactor)
+            "terminal.http": "tcp:0:interface=127.0.0.1",
+            "tls.fast_path": self.fast_path}), reactor)
         self.relay.startService()
         self.addCleanup(self.relay.stopService)
         self.bundles = {}
@@ -110,7 +139,8 @@ class LoopbackTests(TestCase):
                               "--service", f"127.0.0.1:{web}", "--out", out, *extra]), 0)
         config = C.load(os.path.join(out, "agent.toml"), AGENT_SCHEMA, {
             "udp.listen": "127.0.0.1:0",
-            "agent.extra_services": f"echo=127.0.0.1:{self.echo.getHost().port}"})
+            "agent.extra_services": f"echo=127.0.0.1:{self.echo.getHost().port}",
+            "tls.fast_path": self.fast_path})
         agent = AgentService(config, read_mac_key(config, "agent.mac_key_file"), reactor)
         # The registry change reaches the relay at its next sync.
         self.relay.sync()
@@ -155,17 +185,48 @@ class LoopbackTests(TestCase):
         self.assertEqual(self.relay.metrics.value("p2pnat_sessions_total",
                                                   outcome="connect-request"), sent)
 
+    def tunnel_transports(self):
+        return [t.transport for tunnels in self.relay.relay.idle.values() for t in tunnels]
+
+    @defer.inlineCallbacks
+    def test_tunnel_path_and_startup_line(self):
+        """
+        The tunnels take the expected path (fastio's TLS on the TCP
+        connection, or Twisted's TLSMemoryBIOProtocol), and fastio logged at
+        most one line about it however many connections were made.
+        """
+        for _ in range(2):
+            page = yield self.fetch(b"cam.relay.test")
+            self.assertTrue(page.endswith(self.body[-1000:]))
+        transports = self.tunnel_transports()
+        self.assertTrue(transports)
+        for transport in transports:
+            if self.fast:
+                self.assertIsInstance(transport, fastio._TLS)
+            else:
+                self.assertIsInstance(transport, TLSMemoryBIOProtocol)
+        self.assertEqual(len(self.fastio_events), self.expected_lines)
+        for event in self.fastio_events:
+            self.assertEqual(event["log_level"].name, self.expected_level)
+
+    expected_lines = 0
+    expected_level = None
+
     @defer.inlineCallbacks
     def test_resumed_tunnel_carries_the_request_in_its_handshake(self):
         """
         The agent's second tunnel resumes its TLS session and names its
         session in ALPN: the relay binds it before the device's Finished and
         sends the request with its handshake flight; the page is whole.
+        Without 0.5-RTT data the session is still resumed and the relay
+        binds after the hello; with the fast path off neither happens, and
+        the page is whole all the same.
         """
         first = yield self.fetch(b"cam.relay.test")
         self.assertTrue(first.endswith(self.body[-1000:]))
         self.assertEqual(self.relay.metrics.value("p2pnat_sessions_total",
                                                   outcome="tunnel-half-rtt"), 0)
+        self.assertEqual(self.agents["cam"].tls_sessions.session is not None, self.fast)
         for tunnels in list(self.relay.relay.idle.values()):
             for t in tunnels:
                 t.transport.loseConnection()
@@ -176,7 +237,11 @@ class LoopbackTests(TestCase):
         self.assertTrue(head.startswith(b"HTTP/1.0 200"), head)
         self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(self.body).digest())
         self.assertEqual(self.relay.metrics.value("p2pnat_sessions_total",
-                                                  outcome="tunnel-half-rtt"), 1)
+                                                  outcome="tunnel-half-rtt"),
+                         1 if self.half_rtt else 0)
+        if self.fast:
+            [transport] = self.tunnel_transports()
+            self.assertTrue(_RESUMED(transport._tls))
 
     @defer.inlineCallbacks
     def test_parallel(self):
@@ -229,3 +294,58 @@ class LoopbackTests(TestCase):
             results.append((yield c.done))
             yield closed(fwd)
         self.assertEqual(results, [b"", b"", b"ping"])
+
+
+class StockLoopbackTests(LoopbackTests):
+    """The same with ``tls.fast_path = false``: Twisted's stock TLS and transports."""
+
+    fast_path = False
+    fast = half_rtt = False
+    expected_lines = 1  # "TLS fast path off (tls.fast_path = false)..."
+    expected_level = "info"
+
+
+class UnsupportedLoopbackTests(LoopbackTests):
+    """
+    The same with a Twisted that lacks an internal the fast path reads: the
+    daemons want the fast path, fastio sees it cannot work, says so in one
+    warning and uses stock TLS, and every tunnel still carries its requests.
+    """
+
+    fast = half_rtt = False
+    expected_lines = 1  # "TLS fast path unavailable (...)"
+    expected_level = "warn"
+
+    def simulate(self):
+        # A Twisted that counts queued bytes on the fly instead of keeping
+        # _tempDataLen: its own writes still work, there is no counter to read.
+        self.assertNotIn("_tempDataLen", vars(abstract.FileDescriptor))
+        abstract.FileDescriptor._tempDataLen = property(
+            lambda fd: sum(map(len, fd._tempDataBuffer)), lambda fd, value: None)
+        self.addCleanup(delattr, abstract.FileDescriptor, "_tempDataLen")
+
+    def test_reason(self):
+        self.assertIn("_tempDataLen is a property", fastio.supported())
+
+
+class NoEarlyDataLoopbackTests(LoopbackTests):
+    """
+    The same with OpenSSL bindings that lack SSL_read_early_data and
+    SSL_write_early_data: resumed tunnels still resume (no certificates),
+    and the relay binds them after the device's hello.
+    """
+
+    half_rtt = False
+    expected_lines = 1  # "TLS 0.5-RTT data unavailable (...)"
+    expected_level = "warn"
+
+    def simulate(self):
+        ffi, lib = fastio._EarlyData._binding()
+        lacking = type("Lib", (), {name: getattr(lib, name) for name in
+                                   ("SSL_get_error", "SSL_session_reused",
+                                    "SSL_ERROR_WANT_READ")})
+        self.patch(fastio._EarlyData, "_binding", staticmethod(lambda: (ffi, lacking)))
+
+    def test_reason(self):
+        self.assertIsNone(fastio.supported())
+        self.assertIn("SSL_read_early_data", fastio.early_data_supported())
