@@ -54,7 +54,7 @@ from tests.support.udp import FakeUDPTransport
 
 #: The CI budget: deterministic, and small enough for the whole module to
 #: take well under 30 seconds on a shared 2-core machine.
-CI = settings(max_examples=150, derandomize=True, database=None, deadline=None,
+CI = settings(max_examples=100, derandomize=True, database=None, deadline=None,
               suppress_health_check=list(HealthCheck), print_blob=True)
 
 
@@ -71,7 +71,7 @@ class Target:
     strategy: st.SearchStrategy
     check: object
     examples: tuple = ()
-    budget: int = 150
+    budget: int = 100
 
 
 def ci_test(target):
@@ -147,6 +147,10 @@ def nat_infos():
 
 
 u64 = st.integers(0, 2 ** 64 - 1)
+#: Request IDs: small ones, so that an answer can match its request.
+rids = st.one_of(st.integers(0, 3), u64)
+#: Peers the lobby's tests know, or any ID.
+peers = st.one_of(st.sampled_from(["alice", "bob", "carol"]), key_ids)
 u16 = st.integers(0, 65535)
 pad = st.integers(0, 48)
 b16 = st.binary(min_size=16, max_size=16)
@@ -167,11 +171,11 @@ MESSAGE_STRATEGIES = {
     p2p.Welcome: st.builds(p2p.Welcome, u64, addresses, u64, u16),
     p2p.Keepalive: st.builds(p2p.Keepalive, pad),
     p2p.Logout: st.just(p2p.Logout()),
-    p2p.ConnectRequest: st.builds(p2p.ConnectRequest, u64, key_ids, addresses, nat_infos(), pad),
-    p2p.Invite: st.builds(p2p.Invite, u64, key_ids, addresses, addresses, nat_infos(), b16,
+    p2p.ConnectRequest: st.builds(p2p.ConnectRequest, rids, peers, addresses, nat_infos(), pad),
+    p2p.Invite: st.builds(p2p.Invite, rids, peers, addresses, addresses, nat_infos(), b16,
                           st.binary(min_size=32, max_size=32), st.booleans()),
-    p2p.Answer: st.builds(p2p.Answer, u64, st.booleans(), addresses, nat_infos(), pad),
-    p2p.Introduce: st.builds(p2p.Introduce, u64, key_ids, addresses, addresses, nat_infos(), b16,
+    p2p.Answer: st.builds(p2p.Answer, rids, st.booleans(), addresses, nat_infos(), pad),
+    p2p.Introduce: st.builds(p2p.Introduce, rids, peers, addresses, addresses, nat_infos(), b16,
                              st.binary(min_size=32, max_size=32), st.booleans()),
     p2p.AnswerAck: st.builds(p2p.AnswerAck, u64, addresses),
     p2p.Refusal: st.builds(p2p.Refusal, u64, st.integers(0, 255)),
@@ -283,10 +287,10 @@ session_key_ids = st.one_of(
     st.builds(lambda h, r: h + "." + r, st.text("0123456789abcdefABCDEFgx", min_size=30,
                                                  max_size=34), st.sampled_from("abc")))
 
-WIRE_PARSE = Target("wire_parse", wire_datagrams, check_wire_parse, budget=300)
-WIRE_UNSEAL = Target("wire_unseal", maybe_mutated(valid_frames), check_wire_unseal, budget=400)
+WIRE_PARSE = Target("wire_parse", wire_datagrams, check_wire_parse, budget=200)
+WIRE_UNSEAL = Target("wire_unseal", maybe_mutated(valid_frames), check_wire_unseal, budget=250)
 WIRE_ROUND_TRIP = Target(
-    "wire_round_trip", typed_bodies, check_wire_round_trip, budget=400,
+    "wire_round_trip", typed_bodies, check_wire_round_trip, budget=250,
     examples=(
         # ConnectRequest naming the tunnel host "a..b": decode accepts any
         # ASCII, encode (IDNA) raises UnicodeError on the empty label.
@@ -485,9 +489,9 @@ def _binding_request_with_padding(n):
     return stun.binding_request(bytes(12), padding=n, fingerprint=False)[1]
 
 
-STUN_PARSE = Target("stun_parse", stun_inputs, check_stun_parse, budget=400)
+STUN_PARSE = Target("stun_parse", stun_inputs, check_stun_parse, budget=250)
 STUN_ANSWER = Target(
-    "stun_answer", st.tuples(stun_inputs, sources), check_stun_answer, budget=400,
+    "stun_answer", st.tuples(stun_inputs, sources), check_stun_answer, budget=250,
     examples=(
         # A request at STUN's length limit, nearly all PADDING (larger than
         # UDP carries, but answer_binding takes any bytes): the echoed
@@ -496,7 +500,7 @@ STUN_ANSWER = Target(
         (_binding_request_with_padding(0xFFFC - 4), ("2001:db8::1", 1, 0, 0)),
     ))
 STUN_RESPONSE = Target("stun_response", st.tuples(stun_inputs, st.sampled_from(
-    [bytes(12), bytes(16)])), check_stun_response, budget=300)
+    [bytes(12), bytes(16)])), check_stun_response, budget=200)
 SASLPREP = Target("saslprep", st.text(max_size=20), check_saslprep)
 
 
@@ -636,11 +640,11 @@ alpn_names = st.one_of(
 )
 
 HELLO = Target("hello", hellos, check_hello)
-FRAMES = Target("frames", st.tuples(frames_in, cut_points), check_frames, budget=300)
+FRAMES = Target("frames", st.tuples(frames_in, cut_points), check_frames, budget=200)
 FRAME_GARBAGE = Target("frame_garbage", st.tuples(tunnel_streams, cut_points),
-                       check_frame_garbage, budget=300)
+                       check_frame_garbage, budget=200)
 ALPN = Target(
-    "alpn", st.lists(alpn_names, max_size=4), check_alpn, budget=300,
+    "alpn", st.lists(alpn_names, max_size=4), check_alpn, budget=200,
     examples=(
         # bytes.fromhex skips whitespace: 32 spaces named a 0-byte session.
         [tunnel.ALPN_PREFIX + b" " * 32],
@@ -658,6 +662,20 @@ class TunnelFuzzTests(SynchronousTestCase):
 
 
 # -- UDP sockets of the relay and the lobby, fed arbitrary datagrams ------------------
+
+@dataclass(frozen=True)
+class ToSeal:
+    """
+    A frame the harness seals when it sends it, stamped on the daemon's
+    clock as a live peer would (a fixed timestamp would mostly be refused
+    as a replay or stale, and the handlers behind never reached).
+    """
+
+    type: int
+    key_id: str
+    body: bytes
+    wrong_key: bool = False
+
 
 @dataclass
 class Sent:
@@ -687,6 +705,7 @@ class UdpHarness:
                                      stamper=wire.Stamper(clock))
         self.proto.makeConnection(FakeUDPTransport(None, *self.ADDR))
         self.handler = handler
+        self.peer_stamper = wire.Stamper(clock)
 
     def classify(self, data, source):
         authentic = exempt = False
@@ -706,6 +725,9 @@ class UdpHarness:
         return Sent(data, source, authentic, exempt)
 
     def feed(self, data, source):
+        if isinstance(data, ToSeal):
+            key = OTHER_KEY if data.wrong_key else self.keys[data.key_id]
+            data = frame_bytes(data.type, data.key_id, data.body, key, self.peer_stamper())
         sent = self.classify(data, source)
         written = self.proto.transport.written
         before = len(written)
@@ -729,8 +751,17 @@ class UdpHarness:
                 assert len(out) <= len(data), ("amplified", len(out), len(data))
 
 
+def _to_seal(keys, kinds):
+    """L{ToSeal} frames under the daemon's keys (or a wrong one), bodies of any shape."""
+    return st.builds(
+        lambda kid, tb, wrong: ToSeal(tb[0], kid, tb[1], wrong),
+        st.sampled_from(sorted(keys)),
+        st.one_of(typed_bodies_of(kinds), typed_bodies_of(kinds), typed_bodies),
+        st.integers(0, 9).map(lambda n: n == 0))
+
+
 def _sealed(keys, kinds):
-    """Frames sealed under the daemon's keys (or a wrong one), bodies of any shape."""
+    """Sealed frames with timestamps of any age."""
     key_ids = st.sampled_from(sorted(keys))
     return st.builds(
         lambda kid, tb, ts_offset, wrong: frame_bytes(
@@ -742,14 +773,27 @@ def _sealed(keys, kinds):
         st.integers(0, 9).map(lambda n: n == 0))
 
 
-def udp_rounds(keys, kinds):
-    """Up to 6 datagrams, from a few sources, with some seconds between them."""
-    datagram = st.one_of(maybe_mutated(_sealed(keys, kinds)), stun_inputs,
-                         st.binary(max_size=80), st.just(b""))
-    source = st.sampled_from([("203.0.113.5", 40000), ("203.0.113.5", 40001),
-                              ("2001:db8::5", 40000, 0, 0)])
-    return st.lists(st.tuples(datagram, source, st.sampled_from([0, 0, 0.5, 20])),
-                    min_size=1, max_size=6)
+V4_SOURCES = [("203.0.113.5", 40000), ("203.0.113.5", 40001)]
+#: Twisted gives an IPv6 datagram's source as (host, port, flow info, scope ID).
+V6_SOURCE = ("2001:db8::5", 40000, 0, 0)
+
+
+def udp_rounds(keys, kinds, sources):
+    """Up to 6 datagrams, from C{sources}, with some seconds between them."""
+    # Mostly frames the daemon can open, so that its handlers are reached.
+    kinds_of_datagram = [_to_seal(keys, kinds)] * 10 + [
+        maybe_mutated(_sealed(keys, kinds))] * 2 + [stun_inputs, st.binary(max_size=80),
+                                                    st.just(b"")]
+    datagram = st.integers(0, len(kinds_of_datagram) - 1).flatmap(
+        kinds_of_datagram.__getitem__)
+    return st.lists(st.tuples(datagram, st.sampled_from(sources),
+                              st.sampled_from([0, 0, 0.5, 20])),
+                    min_size=1, max_size=8)
+
+
+def _ping_from_v6(key_id):
+    """A genuine Ping (default padding) from an IPv6 source: its Pong crashed."""
+    return [(ToSeal(wire.Ping.TYPE, key_id, wire.Ping().encode_body()), V6_SOURCE, 0)]
 
 
 RELAY_KEYS = {"dev-1": KEY, "dev-2": bytes(32)}
@@ -795,18 +839,41 @@ def check_lobby_udp(rounds):
 
 _RELAY_KINDS = frozenset({wire.Ping.TYPE, wire.PeriodRequest.TYPE, wire.NotifyA.TYPE,
                           wire.NotifyB.TYPE})
-RELAY_UDP = Target("relay_udp", udp_rounds(RELAY_KEYS, _RELAY_KINDS), check_relay_udp,
-                   budget=200)
-LOBBY_UDP = Target("lobby_udp", udp_rounds(LOBBY_KEYS, frozenset(Lobby._FROM_CLIENTS
-                                                                  | Lobby._FROM_PEERS)),
-                   check_lobby_udp, budget=250)
+_LOBBY_KINDS = frozenset(Lobby._FROM_CLIENTS | Lobby._FROM_PEERS)
+RELAY_UDP = Target("relay_udp", udp_rounds(RELAY_KEYS, _RELAY_KINDS, V4_SOURCES),
+                   check_relay_udp, budget=120)
+LOBBY_UDP = Target("lobby_udp", udp_rounds(LOBBY_KEYS, _LOBBY_KINDS, V4_SOURCES),
+                   check_lobby_udp, budget=150)
+RELAY_UDP6 = Target("relay_udp6", udp_rounds(RELAY_KEYS, _RELAY_KINDS, V4_SOURCES + [V6_SOURCE]),
+                    check_relay_udp, budget=120, examples=(_ping_from_v6("dev-1"),))
+LOBBY_UDP6 = Target("lobby_udp6", udp_rounds(LOBBY_KEYS, _LOBBY_KINDS, V4_SOURCES + [V6_SOURCE]),
+                    check_lobby_udp, budget=150,
+                    examples=(_ping_from_v6("alice"),))
 
 
 class DatagramFuzzTests(SynchronousTestCase):
-    """The relay's and the lobby's UDP sockets: drop what is malformed, never raise."""
+    """
+    The relay's and the lobby's UDP sockets, from IPv4 sources: drop what
+    is malformed, never raise (L{DatagramPendingTests} adds IPv6).
+    """
 
     test_relay_udp = ci_test(RELAY_UDP)
     test_lobby_udp = ci_test(LOBBY_UDP)
+
+
+class DatagramPendingTests(SynchronousTestCase):
+    """
+    Fail on the current code (p2pnat/net/udp.py, relay/notify.py,
+    lobby/server.py; none of them this branch's): Twisted gives an IPv6
+    source as a 4-tuple (host, port, flow info, scope ID) and the handlers
+    put it as it is in Pong, NotifyAck, Welcome, AnswerAck...: wire.pack_addr
+    gets 4 arguments, TypeError, and ControlProtocol drops the datagram as
+    "internal-error" with a traceback in the log.  Every genuine request
+    from an IPv6 device or client goes unanswered.
+    """
+
+    test_relay_udp6 = ci_test(RELAY_UDP6)
+    test_lobby_udp6 = ci_test(LOBBY_UDP6)
 
 
 # -- the relay's terminal side (p2pnat.relay.terminal) --------------------------------
@@ -1029,7 +1096,7 @@ TERMINAL = Target(
     "terminal",
     st.tuples(head_bytes, st.one_of(st.just(b""), st.binary(max_size=40), st.just(
         b"credential=open+sesame&next=/a"))),
-    check_terminal, budget=150,
+    check_terminal, budget=100,
     examples=(
         # The service name is encoded as ASCII inside a Deferred's callback:
         # UnicodeEncodeError, unhandled; the terminal hangs in "stream".
@@ -1038,10 +1105,10 @@ TERMINAL = Target(
         # refuses (control frames are at most 255 bytes): the tunnel dies.
         (b"CONNECT cam:" + b"s" * 300 + b" HTTP/1.1\r\n\r\n", b""),
     ))
-PARSE_HEAD = Target("parse_head", head_bytes, check_parse_head, budget=300)
+PARSE_HEAD = Target("parse_head", head_bytes, check_parse_head, budget=200)
 TOKENS = Target(
     "tokens", st.tuples(token_texts, st.sampled_from(["cam", "safe"])), check_tokens,
-    budget=300,
+    budget=200,
     examples=(
         # compare_digest refuses non-ASCII str: TypeError.
         ("9999999999.\xe9", "cam"),
@@ -1073,4 +1140,4 @@ class TerminalPendingTests(SynchronousTestCase):
 #: Every target, for scripts/fuzz.
 TARGETS = (WIRE_PARSE, WIRE_UNSEAL, WIRE_ROUND_TRIP, SESSION_KEY_ID, STUN_PARSE, STUN_ANSWER,
            STUN_RESPONSE, SASLPREP, HELLO, FRAMES, FRAME_GARBAGE, ALPN, RELAY_UDP, LOBBY_UDP,
-           PARSE_HEAD, TOKENS, TERMINAL)
+           RELAY_UDP6, LOBBY_UDP6, PARSE_HEAD, TOKENS, TERMINAL)
