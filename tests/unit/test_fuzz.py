@@ -24,7 +24,6 @@ import base64
 import binascii
 import gc
 import hashlib
-import hmac
 import ipaddress
 import struct
 from dataclasses import dataclass, replace
@@ -32,9 +31,7 @@ from dataclasses import dataclass, replace
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from OpenSSL import crypto
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -51,6 +48,7 @@ from p2pnat.relay.notify import NotifyHandler
 from p2pnat.relay.terminal import BadRequest, Terminal, Tokens, parse_head
 from p2pnat.relay.tunnel import RelayTunnel
 from tests.support.udp import FakeUDPTransport
+from tests.unit.test_relay_terminal import FakeSocket, Transport
 
 #: The CI budget: deterministic, and small enough for the whole module to
 #: take well under 30 seconds on a shared 2-core machine.
@@ -376,16 +374,23 @@ stun_inputs = st.one_of(maybe_mutated(stun_datagrams()), st.binary(max_size=60),
                         st.binary(max_size=60).map(lambda b: b"\x00\x01" + b))
 
 
+def _stun(call, *args):
+    """C{call(*args)}, or None if it raised StunError (with a reason of stun.REASONS)."""
+    try:
+        return call(*args)
+    except StunError as e:
+        assert e.reason in stun.REASONS, e.reason
+        return None
+
+
 def check_stun_parse(data):
     """
     stun.parse_message raises only StunError (with a reason from
     stun.REASONS); every attribute decoder, the integrity checks and
     SASLprep on what it returns raise only StunError too.
     """
-    try:
-        msg = stun.parse_message(data)
-    except StunError as e:
-        assert e.reason in stun.REASONS, e.reason
+    msg = _stun(stun.parse_message, data)
+    if msg is None:
         return
     assert msg.raw == bytes(data)
     assert len(msg.transaction_id) in (12, 16)
@@ -406,13 +411,8 @@ def check_stun_parse(data):
         Attr.SOFTWARE: stun.decode_text,
     })
     for atype, value in msg.attributes:
-        decode = decoders.get(atype)
-        if decode is None:
-            continue
-        try:
-            decode(value)
-        except StunError as e:
-            assert e.reason in stun.REASONS, e.reason
+        if atype in decoders:
+            _stun(decoders[atype], value)
 
 
 def _mapped(source):
@@ -439,11 +439,7 @@ def check_stun_answer(args):
     the bound the relay's and the lobby's rate limit is sized for.
     """
     data, source = args
-    try:
-        answer = stun.answer_binding(data, source)
-    except StunError as e:
-        assert e.reason in stun.REASONS, e.reason
-        return
+    answer = _stun(stun.answer_binding, data, source)
     if answer is None:
         return
     request = stun.parse_message(data)
@@ -464,10 +460,8 @@ def check_stun_answer(args):
 def check_stun_response(args):
     """stun.parse_binding_response raises only StunError, and reports a real address."""
     data, txid = args
-    try:
-        result = stun.parse_binding_response(data, txid)
-    except StunError as e:
-        assert e.reason in stun.REASONS, e.reason
+    result = _stun(stun.parse_binding_response, data, txid)
+    if result is None:
         return
     for addr in (result.mapped, result.response_origin, result.other_address):
         if addr is not None:
@@ -968,30 +962,6 @@ _CHEAP_HASH = "scrypt$n=2,r=1,p=1${}${}".format(
                                     dklen=32)).decode().rstrip("="))
 
 
-class _Transport(StringTransport):
-    def __init__(self, cert=None):
-        super().__init__(peerAddress=IPv4Address("TCP", "198.51.100.9", 5555))
-        self.cert = cert
-
-    def getPeerCertificate(self):
-        return self.cert
-
-    def abortConnection(self):
-        self.loseConnection()
-
-    def setTcpNoDelay(self, on):
-        pass
-
-
-class _Socket:
-    def __init__(self, clock):
-        self.stamper = wire.Stamper(clock)
-        self.sent = []
-
-    def send(self, data, addr, kind):
-        self.sent.append((data, addr, kind))
-
-
 class TerminalWorld:
     """
     A relay with three devices: C{cam} (online, with an idle tunnel),
@@ -1022,7 +992,7 @@ class TerminalWorld:
         clock = Clock()
         clock.advance(1_700_000_000)
         table = DeviceTable(300)
-        socket = _Socket(clock)
+        socket = FakeSocket(clock)
         for device_id, rec in self.records.items():
             table.put(DeviceState(device_id, KEY, device_id == "gone", None, None,
                                   rec.access_mode, rec))
@@ -1032,10 +1002,10 @@ class TerminalWorld:
                       hostname="relay.test", tunnel_port=7443, https_port=8443)
         # An idle tunnel of cam's, as a previous stream leaves it.
         t = Terminal(relay, True)
-        t.makeConnection(_Transport())
+        t.makeConnection(Transport())
         t.dataReceived(b"GET / HTTP/1.1\r\nHost: cam.relay.test\r\n\r\n")
         tun = RelayTunnel(relay)
-        tun.makeConnection(_Transport(_CERT_X509))
+        tun.makeConnection(Transport(_CERT_X509))
         tun.dataReceived(tunnel.hello(t.session.id, t.session.nonce))
         tun.dataReceived(tunnel.frame(tunnel.OPENED) + tunnel.frame(tunnel.END))
         assert tun.state == "idle", tun.state
@@ -1061,7 +1031,7 @@ def check_terminal(args):
     try:
         relay, clock, tun = TerminalWorld.shared().relay()
         term = Terminal(relay, True)
-        term.makeConnection(_Transport())
+        term.makeConnection(Transport())
         term.dataReceived(data)
         if body:
             term.dataReceived(body)
