@@ -96,6 +96,7 @@ REASONS = frozenset(
         "error-response",  # a well-formed error response (StunErrorResponse)
         "no-mapped-address",  # a success response without any mapped address
         "bad-credentials",  # a password or username SASLprep refuses
+        "oversized",  # a request whose answer would not fit STUN's 16-bit length
     }
 )
 
@@ -676,7 +677,8 @@ def answer_binding(
     extra tuple items such as IPv6 flow info ignored) for the datagram
     ``data``; ``None`` when a valid message needs no answer (indications,
     responses, methods other than Binding); :class:`StunError` when ``data``
-    is malformed (drop it, count ``e.reason``).
+    is malformed, or so large that its answer could not be encoded (drop it,
+    count ``e.reason``).
 
     The answer is kept minimal because it goes to an address nobody has
     verified: only what the request needs, nothing optional unless asked.
@@ -753,6 +755,12 @@ def answer_binding(
         attrs.append((Attr.PADDING, bytes(len(padding))))
     if software is not None:
         attrs.append((Attr.SOFTWARE, software.encode("utf-8")))
+    # Only a request near STUN's 64 KiB limit, larger than a UDP datagram
+    # carries, gets here: the PADDING it asks back plus our addresses would
+    # not fit the length field.
+    size = sum(4 + _pad4(len(v)) for _, v in attrs) + (8 if msg.has_fingerprint else 0)
+    if size > 0xFFFC:
+        raise StunError("oversized", f"the answer would need {size} bytes of attributes")
     reply = Message(Method.BINDING, MessageClass.SUCCESS, msg.transaction_id, attrs)
     return encode_message(reply, fingerprint=msg.has_fingerprint)
 

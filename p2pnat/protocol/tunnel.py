@@ -29,6 +29,7 @@ without a new connect request).  Frame payloads of ``DATA`` are passed on
 as they arrive, so a large body never has to sit in memory whole.
 """
 
+import binascii
 import struct
 
 MAGIC = b"P2PT"
@@ -64,12 +65,17 @@ def alpn_for(session_id):
 
 
 def session_from_alpn(offered):
-    """The session ID named in a ClientHello's ALPN list, or None."""
+    """
+    The session ID (16 bytes) named in a ClientHello's ALPN list, or None:
+    the first name shaped like L{alpn_for}'s decides.
+    """
     for name in offered or ():
         if name.startswith(ALPN_PREFIX) and len(name) == len(ALPN_PREFIX) + 32:
             try:
-                return bytes.fromhex(name[len(ALPN_PREFIX):].decode("ascii"))
-            except (ValueError, UnicodeDecodeError):
+                # unhexlify, not bytes.fromhex: fromhex skips whitespace, so
+                # 32 spaces would name a 0-byte session.
+                return binascii.unhexlify(name[len(ALPN_PREFIX):])
+            except ValueError:  # binascii.Error: not 32 hex digits
                 return None
     return None
 
