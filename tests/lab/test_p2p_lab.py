@@ -326,10 +326,6 @@ class BackgroundMatrixTests(_Matrix):
     same_nat = ()
     title = "P2P matrix with 10 new flows/s of background traffic on each NAT LAN"
 
-    @classmethod
-    def pairs(cls):
-        return [(f"{a} -> {b}", a, b) for a in P.KINDS for b in P.KINDS]
-
 
 @_pair_tests
 class LossMatrixTests(_Matrix):
@@ -341,10 +337,6 @@ class LossMatrixTests(_Matrix):
     min_echoes = 1
     same_nat = ()
     title = "P2P matrix with 2 % loss each way on both WAN links"
-
-    @classmethod
-    def pairs(cls):
-        return [(f"{a} -> {b}", a, b) for a in P.KINDS for b in P.KINDS]
 
 
 # -- protocol: attacks, refusal, upgrade, forwarding ---------------------------------
