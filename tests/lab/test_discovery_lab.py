@@ -6,96 +6,44 @@ router, against the Linux kernel's own NAT.
 
 Needs root, ``ip``, ``nft`` and ``conntrack``: skips with the reason
 otherwise, and fails instead when the environment variable ``CI`` is set.
+Each class has one test and a lab of its own.
 """
 
-import json
-import os
-import shutil
-import sys
-import tempfile
 import time
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
-
 from p2pnat.protocol.nat import APD, EI, NONE, plan
-from tests.support import procs
-
-PORTS = (3478, 3479)
-
-
-def require_lab():
-    from p2pnat.lab import unavailable_reason
-
-    reason = unavailable_reason(("ip", "nft", "conntrack"))
-    if reason:
-        message = f"NAT lab unavailable: {reason}"
-        if os.environ.get("CI"):
-            raise AssertionError(f"{message} (CI is set: the lab tests must run here)")
-        raise SkipTest(message)
+from tests.support.lab import p2p as P
+from tests.support.lab.cases import LabTestCase
+from tests.support.lab.running import finish_python, start_python
 
 
-class DiscoveryLabTestCase(SynchronousTestCase):
+class DiscoveryLabTestCase(LabTestCase):
     """
-    A lab per test, with its report (topology, every process's output)
-    added to a failure message, torn down in cleanup.
+    A lab per class (each has one test) with a lobby server of
+    :attr:`addresses` IPs; a failure's message carries the lab's report.
     """
 
-    def setUp(self):
-        require_lab()
-        from p2pnat.lab import Lab
+    addresses = 2
 
-        self.lab = Lab()
-        self.addCleanup(self.lab.close)
-        method = getattr(self, self._testMethodName)
+    @classmethod
+    def make_env(cls, workdir):
+        return P.P2PLab(workdir, addresses=cls.addresses)
 
-        def with_report():
-            try:
-                return method()
-            except SkipTest:
-                raise
-            except self.failureException as e:
-                raise self.failureException(f"{e}\n{self.lab.report()}") from e
-            except Exception as e:
-                raise self.failureException(f"{type(e).__name__}: {e}\n{self.lab.report()}") from e
-
-        setattr(self, self._testMethodName, with_report)
-
-    def lobby(self, addresses=2):
+    def lobby(self):
         """
-        Start ``twistd lobby`` on a server with ``addresses`` IPs, listening
-        on each IP and both :data:`PORTS`; return the addresses in the order
-        a client gives them (primary, other IP, both other, other port).
+        Start ``twistd lobby`` on each of the server's IPs and both ports;
+        return the addresses in the order a client gives them (primary,
+        other IP, both other, other port).
         """
-        srv = self.lab.add_server("lobby", addresses=addresses)
-        state = tempfile.mkdtemp(prefix="p2pnat-lobby-")
-        self.addCleanup(shutil.rmtree, state, True)
-        listen = [f"{ip}:{port}" for ip in srv.ips for port in PORTS]
-        # twistd's run() itself (``-m twisted.scripts.twistd`` would do nothing).
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                "--pidfile=", "--logfile=-", "lobby", "--udp-listen", ",".join(listen),
-                "--lobby-state-dir", state]
-        proc = srv.popen(argv, env=procs.env(), cwd=procs.REPO)
-        deadline = time.monotonic() + 15
-        while proc.stdout().count("ControlProtocol starting on") < len(listen):
-            self.assertIsNone(proc.poll(), proc.describe())
-            self.assertLess(time.monotonic(), deadline, proc.describe())
-            time.sleep(0.05)
-        a1, p1, p2 = srv.ips[0], PORTS[0], PORTS[1]
-        if addresses == 1:
-            return [f"{a1}:{p1}", f"{a1}:{p2}"]
-        a2 = srv.ips[1]
+        self.env.start_lobby(timeout=15)
+        ips, (p1, p2) = self.env.server.ips, P.LOBBY_PORTS
+        if len(ips) == 1:
+            return [f"{ips[0]}:{p1}", f"{ips[0]}:{p2}"]
+        a1, a2 = ips
         return [f"{a1}:{p1}", f"{a2}:{p1}", f"{a2}:{p2}", f"{a1}:{p2}"]
 
     def start_discovery(self, host, servers, *args):
-        return host.popen(host.python("-m", "p2pnat.peer.discovery", "--observations", *args,
-                                      *servers), env=procs.env(), cwd=procs.REPO)
-
-    def result(self, proc, timeout=20):
-        proc.wait(timeout)
-        lines = proc.stdout().strip().splitlines()
-        self.assertEqual(proc.poll(), 0, proc.describe())
-        self.assertTrue(lines, proc.describe())
-        return json.loads(lines[-1])
+        return start_python(host, "p2pnat.peer.discovery", "--observations", *args, *servers)
 
 
 def ip_of(addr):
@@ -113,7 +61,7 @@ class KindsTests(DiscoveryLabTestCase):
         discovery (all at once).  What each run classifies is what the
         router's nftables recipe does.
         """
-        servers = self.lobby(addresses=2)
+        servers = self.lobby()
         lab = self.lab
         routers = {
             "public": lab.add_router("rpub", kind="public"),
@@ -127,7 +75,7 @@ class KindsTests(DiscoveryLabTestCase):
         hosts = {kind: lab.add_host(f"h{router.name[1:]}", behind=router)
                  for kind, router in routers.items()}
         procs_ = {kind: self.start_discovery(h, servers) for kind, h in hosts.items()}
-        got = {kind: self.result(p) for kind, p in procs_.items()}
+        got = {kind: finish_python(p) for kind, p in procs_.items()}
 
         def check(kind, mapping, filtering, allocation, step, public_ip):
             r = got[kind]
@@ -163,18 +111,20 @@ class KindsTests(DiscoveryLabTestCase):
 
 
 class OneAddressTests(DiscoveryLabTestCase):
+    addresses = 1
+
     def test_two_ports_on_one_ip(self):
         """
         The lobby's default shape (one IP, two ports): change-port works,
         change-IP is refused, and the notes say what could not be told.
         """
-        servers = self.lobby(addresses=1)
+        servers = self.lobby()
         cone = self.lab.add_router("rcone", kind="cone")
         seq = self.lab.add_router("rseq", kind="symmetric-sequential")
         hc = self.lab.add_host("hcone", behind=cone)
         hs = self.lab.add_host("hseq", behind=seq)
-        rc, rs = self.result(self.start_discovery(hc, servers)), \
-            self.result(self.start_discovery(hs, servers))
+        rc, rs = finish_python(self.start_discovery(hc, servers)), \
+            finish_python(self.start_discovery(hs, servers))
         self.assertEqual((rc["mapping"], rc["filtering"], rc["allocation"]),
                          (EI, APD, "preserving"))
         self.assertTrue(any("address-dependent mapping would look" in n for n in rc["notes"]), rc)
@@ -190,15 +140,15 @@ class RateTests(DiscoveryLabTestCase):
         A background host behind the sequential router opens 20 new flows
         a second: the measured rate is about that.
         """
-        servers = self.lobby(addresses=2)
+        servers = self.lobby()
         r = self.lab.add_router("rseq", kind="symmetric-sequential")
         h = self.lab.add_host("h", behind=r)
-        srv = self.lab.nodes["lobby"]
+        srv = self.env.server
         bg = self.lab.add_background("bg", behind=r, target=srv, rate=20)
         time.sleep(1.0)  # the background's start-up
         rates = []
         for _ in range(2):
-            res = self.result(self.start_discovery(h, servers, "--pause=0.5"))
+            res = finish_python(self.start_discovery(h, servers, "--pause=0.5"))
             self.assertEqual((res["allocation"], res["step"]), ("sequential", 1), res)
             rates.append(res["rate"])
         self.assertIsNone(bg.process.poll(), bg.process.describe())

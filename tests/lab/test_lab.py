@@ -4,7 +4,8 @@ Tests for the NAT lab (:mod:`p2pnat.lab`).
 The pure parts (nftables recipes, names, reaping decisions, the probe over
 loopback, the command line) run anywhere.  The lab tests build real
 namespaces with the kernel's NAT and need root, ``ip``, ``nft`` and
-``conntrack``; they skip with the reason otherwise.  Each lab test checks a
+``conntrack``; they skip with the reason otherwise (and fail when the
+environment variable ``CI`` is set).  Each lab test checks a
 behaviour that a wrong recipe would break.
 """
 
@@ -19,11 +20,13 @@ import threading
 import time
 from unittest import mock
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat.lab import nft, probe, state
 from p2pnat.lab.errors import LabConfigError, LabError, LabUnavailable
-from p2pnat.lab.topology import netns_list, unavailable_reason
+from p2pnat.lab.topology import netns_list
+from tests.support.lab import cases
+from tests.support.lab.running import finish_python
 
 # -- pure parts ---------------------------------------------------------
 
@@ -293,13 +296,6 @@ class CommandLineTests(SynchronousTestCase):
 SERVER_PORTS = range(3478, 3486)
 
 
-def needs_lab():
-    """Skip unless this machine can build labs."""
-    reason = unavailable_reason(("ip", "nft", "conntrack"))
-    if reason:
-        raise SkipTest(f"needs root and nft: {reason}")
-
-
 def port(addr):
     return int(addr.rpartition(":")[2])
 
@@ -308,33 +304,14 @@ def ip(addr):
     return addr.rpartition(":")[0]
 
 
-class LabTestCase(SynchronousTestCase):
+class LabTestCase(cases.LabTestCase):
     """
-    Base for tests that build a lab: one per test, torn down in cleanup, and
-    its report (topology, processes' output) printed if the test fails.
+    Base for tests that build a lab: one per test (tests reuse node names,
+    and one closes its lab), torn down in cleanup, and its report
+    (topology, processes' output) added to a failure's message.
     """
 
-    def setUp(self):
-        needs_lab()
-        from p2pnat.lab import Lab
-
-        self.lab = Lab()
-        self.addCleanup(self.lab.close)
-        # Wrap the test method so that a failure message carries the lab's
-        # report (topology, processes and their output).
-        method = getattr(self, self._testMethodName)
-
-        def with_report():
-            try:
-                return method()
-            except SkipTest:
-                raise
-            except self.failureException as e:
-                raise self.failureException(f"{e}\n{self.lab.report()}") from e
-            except Exception as e:
-                raise self.failureException(f"{type(e).__name__}: {e}\n{self.lab.report()}") from e
-
-        setattr(self, self._testMethodName, with_report)
+    lab_per_test = True
 
     def server(self, addresses=1, ports=SERVER_PORTS):
         srv = self.lab.add_server("srv", addresses=addresses)
@@ -347,12 +324,6 @@ class LabTestCase(SynchronousTestCase):
         args += [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if v is not True]
         args += [f"--{k.replace('_', '-')}" for k, v in options.items() if v is True]
         return host.probe("query", *args)["results"]
-
-    def last_json(self, proc, timeout=10):
-        proc.wait(timeout)
-        lines = proc.stdout().strip().splitlines()
-        self.assertTrue(lines, proc.describe())
-        return json.loads(lines[-1])
 
 
 class ConeTests(LabTestCase):
@@ -480,7 +451,7 @@ class FirewallTests(LabTestCase):
         listener.wait_for_output('"ready"')
         for target in (f"{r.wan_ip}:40000", f"{h.ip}:40000"):
             srv.probe("send", f"--to={target}", "--local-port=5000", "--count=3")
-        self.assertEqual(self.last_json(listener)["received"], [])
+        self.assertEqual(finish_python(listener)["received"], [])
         # Now both punch: the host's port must still be 40000 (the early
         # probe made no conntrack entry on the router).
         peer = srv.start_probe("listen", "--port=5000", f"--punch={r.wan_ip}:40000",
@@ -488,7 +459,7 @@ class FirewallTests(LabTestCase):
         peer.wait_for_output('"ready"')
         local = h.start_probe("listen", "--port=40000", f"--punch={srv.ip}:5000",
                               "--timeout=3", "--max=1")
-        got_peer, got_local = self.last_json(peer)["received"], self.last_json(local)["received"]
+        got_peer, got_local = finish_python(peer)["received"], finish_python(local)["received"]
         self.assertEqual([x["from"] for x in got_peer], [f"{r.wan_ip}:40000"])
         self.assertEqual([x["from"] for x in got_local], [f"{srv.ip}:5000"])
 
@@ -523,8 +494,8 @@ class SameRangeTests(LabTestCase):
                          f"{rb.wan_ip}:40000")
         pa = a.start_probe("listen", "--port=40000", f"--punch={rb.wan_ip}:40000", "--timeout=3")
         pb = b.start_probe("listen", "--port=40000", f"--punch={ra.wan_ip}:40000", "--timeout=3")
-        self.assertEqual([x["from"] for x in self.last_json(pa)["received"]], [f"{rb.wan_ip}:40000"])
-        self.assertEqual([x["from"] for x in self.last_json(pb)["received"]], [f"{ra.wan_ip}:40000"])
+        self.assertEqual([x["from"] for x in finish_python(pa)["received"]], [f"{rb.wan_ip}:40000"])
+        self.assertEqual([x["from"] for x in finish_python(pb)["received"]], [f"{ra.wan_ip}:40000"])
 
 
 class ImpairmentTests(LabTestCase):
@@ -576,7 +547,7 @@ class PublicTests(LabTestCase):
 
 class LifecycleTests(SynchronousTestCase):
     def setUp(self):
-        needs_lab()
+        cases.require_lab()
 
     def test_teardown_when_body_raises(self):
         """

@@ -58,18 +58,15 @@ The tests need root, ``ip``, ``nft`` and ``conntrack``; they skip
 otherwise, and fail instead when the environment variable ``CI`` is set.
 """
 
-import atexit
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
-
-from tests.support import p2plab as P
+from tests.support.lab import p2p as P
+from tests.support.lab.cases import LabTestCase, measured
+from tests.support.lab.running import events, first, run_tool, start_tool, wait_event, wait_for_log
 
 #: Trials per pair (the benchmark runs more).
 TRIALS = int(os.environ.get("P2PLAB_TRIALS", "3"))
@@ -79,91 +76,26 @@ JOBS = int(os.environ.get("P2PLAB_JOBS", "5"))
 MATRIX_BUDGET = 80.0 * TRIALS
 
 
-def require_lab():
-    """Skip (or, with CI set, fail) unless NAT labs can run here."""
-    from p2pnat.lab import unavailable_reason
-
-    reason = unavailable_reason(("ip", "nft", "conntrack"))
-    if reason:
-        message = f"NAT lab unavailable: {reason}"
-        if os.environ.get("CI"):
-            raise AssertionError(f"{message} (CI is set: the lab tests must run here)")
-        raise SkipTest(message)
-
-
-def measured(text):
-    """Show a measurement in the test run's output."""
-    print(f" [{text}]", end="", flush=True)
-
-
-class SharedP2PLabTestCase(SynchronousTestCase):
+class P2PLabTestCase(LabTestCase):
     """
-    Tests sharing one :class:`~tests.support.p2plab.P2PLab` per class: built (and,
-    for a matrix, run) before the class's first test, closed after its last
-    (and at interpreter exit, by the lab itself, if some never ran).
+    Tests sharing one :class:`~tests.support.lab.p2p.P2PLab` per class
+    (:attr:`pl`): built (and, for a matrix, run) before the class's first
+    test, closed after its last.
     """
 
-    _env = None
-    _error = None
-    _pending = None
-
     @classmethod
-    def build(cls, pl):
-        raise NotImplementedError
-
-    @classmethod
-    def finished(cls, pl):
-        """Called once the class's last test ran, before the lab closes."""
-
-    @classmethod
-    def _shared(cls):
-        if cls.__dict__.get("_error") is not None:
-            raise cls._error
-        if cls.__dict__.get("_env") is None:
-            workdir = tempfile.mkdtemp(prefix="p2pnat-p2plab-")
-            pl = None
-            try:
-                pl = P.P2PLab(workdir)
-                cls.build(pl)
-            except BaseException as e:
-                report = pl.report() if pl is not None else ""
-                if pl is not None:
-                    pl.close()
-                shutil.rmtree(workdir, ignore_errors=True)
-                cls._error = AssertionError(f"building the lab failed: {e!r}\n{report}")
-                raise cls._error
-            cls._env = pl
-            # Closed after the last test; when only some tests run, at exit
-            # (the lab closes itself then, this removes the files).
-            atexit.register(shutil.rmtree, workdir, True)
-            cls._pending = {name for name in dir(cls) if name.startswith("test_")}
-        return cls._env
-
-    @classmethod
-    def _done(cls, name):
-        pending = cls.__dict__.get("_pending")
-        if pending is None:
-            return
-        pending.discard(name)
-        if not pending and cls.__dict__.get("_env") is not None:
-            pl, cls._env = cls._env, None
-            try:
-                cls.finished(pl)
-            finally:
-                pl.close()
-                shutil.rmtree(pl.workdir, ignore_errors=True)
+    def make_env(cls, workdir):
+        return P.P2PLab(workdir)
 
     def setUp(self):
-        require_lab()
-        self.pl = self._shared()
-        self.lab = self.pl.lab
-        self.addCleanup(type(self)._done, self._testMethodName)
+        super().setUp()
+        self.pl = self.env
 
 
 # -- the matrix -------------------------------------------------------------------
 
 
-class _Matrix(SharedP2PLabTestCase):
+class _Matrix(P2PLabTestCase):
     """
     A: one host behind a router of each kind; B: one host behind another
     router of each kind, running ``peer wait --echo``; each A host connects
@@ -181,6 +113,8 @@ class _Matrix(SharedP2PLabTestCase):
     min_echoes = 1
     same_nat = ("cone", "symmetric-sequential", "symmetric-random", "double")
     title = "P2P matrix (LANs on 192.168.1.0/24)"
+    # Its failures carry the trials' and B's output; the whole lab's would bury them.
+    report_failures = False
 
     @classmethod
     def pairs(cls):
@@ -327,7 +261,7 @@ class _Matrix(SharedP2PLabTestCase):
         def why(t):
             return f"{t.describe()}\nB: {waiter.describe(3000)}"
 
-        b_nat = P.nat_of(P.events(waiter.stdout()))
+        b_nat = P.nat_of(events(waiter.stdout()))
         self.assertEqual(b_nat, b_expected,
                          f"{b_id}'s discovery (also when started again) found {b_nat}, not"
                          f" {b_expected}: {self.restarts.get(b_id)}\n{waiter.describe(3000)}")
@@ -392,10 +326,6 @@ class BackgroundMatrixTests(_Matrix):
     same_nat = ()
     title = "P2P matrix with 10 new flows/s of background traffic on each NAT LAN"
 
-    @classmethod
-    def pairs(cls):
-        return [(f"{a} -> {b}", a, b) for a in P.KINDS for b in P.KINDS]
-
 
 @_pair_tests
 class LossMatrixTests(_Matrix):
@@ -408,15 +338,11 @@ class LossMatrixTests(_Matrix):
     same_nat = ()
     title = "P2P matrix with 2 % loss each way on both WAN links"
 
-    @classmethod
-    def pairs(cls):
-        return [(f"{a} -> {b}", a, b) for a in P.KINDS for b in P.KINDS]
-
 
 # -- protocol: attacks, refusal, upgrade, forwarding ---------------------------------
 
 
-class PathProtocolTests(SharedP2PLabTestCase):
+class PathProtocolTests(P2PLabTestCase):
     """
     Two cone NATs (A side, B side), two sequential symmetric NATs, a random
     one, and a third host on the internet segment for the attacks.  Each test uses
@@ -484,11 +410,11 @@ class PathProtocolTests(SharedP2PLabTestCase):
         proc.popen.stdin.flush()
 
     def echo_of(self, proc, text, timeout=10.0):
-        return P.wait_event(proc, "data", timeout=timeout, where=lambda e: e.get("text") == text)
+        return wait_event(proc, "data", timeout=timeout, where=lambda e: e.get("text") == text)
 
     @staticmethod
     def data_events(proc):
-        return [e for e in P.events(proc.stdout()) if e.get("event") == "data"]
+        return [e for e in events(proc.stdout()) if e.get("event") == "data"]
 
     # -- tests ------------------------------------------------------------------------
 
@@ -506,12 +432,12 @@ class PathProtocolTests(SharedP2PLabTestCase):
 
         pl = self.pl
         b = self.waiter("fb", "--echo")
-        sniff = pl.tool(self.rb, "sniff", "--iface", "wan", "--type", hex(M.Data.TYPE),
-                        "--role", "a", "--timeout", "40")
-        P.wait_text(sniff, r'"listening"', stream="stdout")
+        sniff = start_tool(self.rb, "sniff", "--iface", "wan", "--type", hex(M.Data.TYPE),
+                           "--role", "a", "--timeout", "40")
+        wait_for_log(sniff, r'"listening"')
         a = pl.start_connect("fa", "fb", "--stay", "--exit-after", "60",
                              stdin=subprocess.PIPE)
-        path = P.wait_event(a, "path", timeout=30)
+        path = wait_event(a, "path", timeout=30)
         self.assertEqual(path["mode"], "direct", a.describe())
         self.say(a, "first")
         self.echo_of(a, "first")
@@ -530,14 +456,13 @@ class PathProtocolTests(SharedP2PLabTestCase):
             ("data", f"{os.urandom(16).hex()}.a", "forged-data-under-an-unknown-session"),
         ]
         for kind, key_id, payload in forged:
-            pl.run_tool(self.evil, "tests.support.p2plab", "forge", "--src", src, "--dst", dst,
-                        "--key-id", key_id, "--kind", kind, "--payload", payload,
-                        "--count", "3")
-        pl.run_tool(self.evil, "tests.support.lab", "inject", "--hex", captured["packet"],
-                    "--count", "2")
+            run_tool(self.evil, "forge", "--src", src, "--dst", dst, "--key-id", key_id,
+                     "--kind", kind, "--payload", payload, "--count", "3")
+        run_tool(self.evil, "inject", "--hex", captured["packet"], "--count", "2")
 
         for reason in ("bad-mac", "unknown-key", "replay"):
-            m = P.wait_text(b, rf"dropped datagram from {src}: {reason} [^\n]*", start=b_log_start)
+            m = wait_for_log(b, rf"dropped datagram from {src}: {reason} [^\n]*", b_log_start,
+                             stream="stderr")
             measured(m.group(0)[len("dropped datagram from "):])
         drops = b.stderr()[b_log_start:]
         self.assertGreaterEqual(drops.count(f"{src}: bad-mac Probe for {captured['key_id']}"), 3,
@@ -564,11 +489,11 @@ class PathProtocolTests(SharedP2PLabTestCase):
         self.assertNotEqual(t.returncode, 0, t.describe())
         self.assertIsNone(t.path, t.describe())
         self.assertIn("refused", t.error or "", t.describe())
-        login, error = P.first(t.events, "login"), P.first(t.events, "error")
+        login, error = first(t.events, "login"), first(t.events, "error")
         took = error["t"] - login["t"]
         measured(f"refused {took:.3f}s after login: {t.error}")
         self.assertLess(took, 1.0, t.describe())
-        self.assertIsNone(P.first(P.events(b.stdout()), "path"), b.describe())
+        self.assertIsNone(first(events(b.stdout()), "path"), b.describe())
         self.assertIn("refa asks to connect: refused", b.stderr())
 
     def test_relayed_path_upgrades_to_direct(self):
@@ -585,15 +510,15 @@ class PathProtocolTests(SharedP2PLabTestCase):
         self.block("p2pdirect", [(ra_wan, rb_wan)])
         a = pl.start_connect("ua", "ub", "--stay", "--timeout", "6", "--upgrade-interval", "3",
                              "--exit-after", "60", stdin=subprocess.PIPE)
-        path = P.wait_event(a, "path", timeout=30)
+        path = wait_event(a, "path", timeout=30)
         self.assertEqual(path["mode"], "relayed", a.describe())
         self.say(a, "relayed")
         self.echo_of(a, "relayed")
         self.unblock("p2pdirect")
         t0 = time.monotonic()
-        P.wait_event(a, "mode", timeout=20, where=lambda e: e.get("mode") == "direct")
+        wait_event(a, "mode", timeout=20, where=lambda e: e.get("mode") == "direct")
         took = time.monotonic() - t0
-        P.wait_event(b, "mode", timeout=10, where=lambda e: e.get("mode") == "direct")
+        wait_event(b, "mode", timeout=10, where=lambda e: e.get("mode") == "direct")
         measured(f"relayed after {path['seconds']:.2f}s; direct {took:.2f}s after the unblock")
         self.assertLess(took, 3 + 6, a.describe())
         # Without the lobby, only the direct path can carry the echo.
@@ -612,16 +537,16 @@ class PathProtocolTests(SharedP2PLabTestCase):
         back from B's service, over a direct path.
         """
         pl = self.pl
-        echo = pl.tool(self.hsb, "echo", "--listen", "127.0.0.1:7000", "--duration", "120")
-        P.wait_text(echo, r'"listening"', stream="stdout")
+        echo = start_tool(self.hsb, "echo", "--listen", "127.0.0.1:7000", "--duration", "120")
+        wait_for_log(echo, r'"listening"')
         b = self.waiter("wb", "--forward-udp", "127.0.0.1:7000")
         a = pl.start_connect("wa", "wb", "--forward-udp-listen", "127.0.0.1:7001",
                              "--exit-after", "60")
-        path = P.wait_event(a, "path", timeout=30)
-        P.wait_event(a, "forward", timeout=10)
+        path = wait_event(a, "path", timeout=30)
+        wait_event(a, "forward", timeout=10)
         self.assertEqual(path["mode"], "direct", a.describe())
-        got = pl.run_tool(self.hsa, "tests.support.p2plab", "ping", "--to", "127.0.0.1:7001",
-                          "--count", "50", "--interval", "0.02", "--timeout", "3")
+        got = run_tool(self.hsa, "ping", "--to", "127.0.0.1:7001", "--count", "50",
+                       "--interval", "0.02", "--timeout", "3")
         measured(f"{path['strategy']} in {path['seconds']:.3f}s; {got['echoed']}/{got['sent']}"
                  f" datagrams echoed, median rtt {got['median_rtt_ms']} ms")
         self.assertEqual(got["echoed"], got["sent"], f"{got}\n{a.describe()}\n{b.describe()}")
@@ -639,9 +564,9 @@ class PathProtocolTests(SharedP2PLabTestCase):
         pl = self.pl
         b = self.waiter("kb", "--echo")
         a = pl.start_connect("ka", "kb", "--stay", "--no-stdin", "--exit-after", "60")
-        path = P.wait_event(a, "path", timeout=30)
+        path = wait_event(a, "path", timeout=30)
         self.assertEqual(path["mode"], "relayed", a.describe())
-        P.wait_event(b, "path", timeout=10)
+        wait_event(b, "path", timeout=10)
         os.kill(a.pid, signal.SIGKILL)
         a.wait(10)
         for _ in range(2):

@@ -32,16 +32,14 @@ carries the lab's report (topology, every process's output).
 import json
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
-
-from tests.support import lab as F
-
-procs_p2pnat = F.procs.p2pnat
+from p2pnat.protocol import wire
+from tests.support import procs
+from tests.support.lab import relay as F
+from tests.support.lab.cases import LabTestCase, measured
+from tests.support.lab.running import run_tool, start_tool, wait_for_log
 
 #: The agents' notify-B interval here: recovery is measured against it.
 B_INTERVAL = 2.0
@@ -51,79 +49,25 @@ ECHO_PORT = 3478
 AT_ONCE = 0.5
 
 
-def measured(text):
-    """Show a measurement in the test run's output."""
-    print(f" [{text}]", end="", flush=True)
-
-
-class SharedLabTestCase(SynchronousTestCase):
+class RelayLabTestCase(LabTestCase):
     """
-    Tests sharing one :class:`~tests.support.lab.RelayLab` per class: built
-    by :meth:`build` before the class's first test, closed after its last
-    (and at interpreter exit, by the lab itself, if some never ran).
+    Tests sharing one :class:`~tests.support.lab.relay.RelayLab` per class
+    (:attr:`rl`), with the devices' docroot; :meth:`build` adds the class's
+    nodes and processes (the relay is not started yet).
     """
 
+    tools = ("curl", "ss")
     relay_args = ()
-    _env = None
-    _error = None
-    _pending = None
 
     @classmethod
-    def build(cls, rl):
-        """Add nodes and processes to ``rl`` (the relay is not started yet)."""
-        raise NotImplementedError
-
-    @classmethod
-    def _shared(cls):
-        if cls._error is not None:
-            raise cls._error
-        if cls._env is None:
-            workdir = tempfile.mkdtemp(prefix="p2pnat-relaylab-")
-            docroot = os.path.join(workdir, "www")
-            cls.big_sha256 = F.make_docroot(docroot)
-            rl = None
-            try:
-                rl = F.RelayLab(workdir, docroot, cls.relay_args)
-                cls.build(rl)
-            except BaseException as e:
-                report = rl.report() if rl is not None else ""
-                if rl is not None:
-                    rl.close()
-                shutil.rmtree(workdir, ignore_errors=True)
-                cls._error = AssertionError(f"building the lab failed: {e!r}\n{report}")
-                raise cls._error
-            cls._env = rl
-            cls._pending = {name for name in dir(cls) if name.startswith("test_")}
-        return cls._env
-
-    @classmethod
-    def _done(cls, name):
-        cls._pending.discard(name)
-        if not cls._pending and cls._env is not None:
-            rl, cls._env = cls._env, None
-            rl.close()
-            shutil.rmtree(rl.workdir, ignore_errors=True)
+    def make_env(cls, workdir):
+        docroot = os.path.join(workdir, "www")
+        cls.big_sha256 = F.make_docroot(docroot)
+        return F.RelayLab(workdir, docroot, cls.relay_args)
 
     def setUp(self):
-        F.require_lab()
-        self.rl = self._shared()
-        self.lab = self.rl.lab
-        self.addCleanup(type(self)._done, self._testMethodName)
-        # A failure's message carries the lab's report.
-        method = getattr(self, self._testMethodName)
-
-        def with_report():
-            try:
-                return method()
-            except SkipTest:
-                raise
-            except self.failureException as e:
-                raise self.failureException(f"{e}\n{self.rl.report()}") from e
-            except Exception as e:
-                raise self.failureException(
-                    f"{type(e).__name__}: {e}\n{self.rl.report()}") from e
-
-        setattr(self, self._testMethodName, with_report)
+        super().setUp()
+        self.rl = self.env
 
     # -- helpers ------------------------------------------------------------
 
@@ -171,7 +115,7 @@ def vm_bytes(pid, field):
 # -- NAT kinds -----------------------------------------------------------------
 
 
-class NatKindTests(SharedLabTestCase):
+class NatKindTests(RelayLabTestCase):
     """
     A terminal behind its own cone NAT fetches pages from devices behind
     every kind of NAT; each device's first fetch in its test needs a connect
@@ -282,11 +226,11 @@ class NatKindTests(SharedLabTestCase):
         """
         port = 2222
         fwd = self.terminal.popen(
-            procs_p2pnat("forward", "seq", "--relay", f"{self.rl.relay_ip}:{F.HTTPS_PORT}",
+            procs.p2pnat("forward", "seq", "--relay", f"{self.rl.relay_ip}:{F.HTTPS_PORT}",
                          "--relay-hostname", F.RELAY_HOSTNAME, "--ca", self.rl.ca,
-                         "--listen", f"127.0.0.1:{port}"), cwd=F.procs.REPO, env=F.procs.env())
+                         "--listen", f"127.0.0.1:{port}"), cwd=procs.REPO, env=procs.env())
         self.addCleanup(fwd.stop)
-        F.wait_for_log(fwd, f"forwarding 127.0.0.1:{port}", timeout=20)
+        wait_for_log(fwd, f"forwarding 127.0.0.1:{port}", timeout=20)
         out = os.path.join(self.rl.workdir, "forwarded.bin")
         done = self.terminal.run(["curl", "-sS", "--max-time", "60", "-o", out, "-w",
                                   "%{http_code}", f"http://127.0.0.1:{port}/big.bin"], timeout=75)
@@ -319,7 +263,7 @@ class NatKindTests(SharedLabTestCase):
 # -- refusals and attacks ----------------------------------------------------------
 
 
-class RefusalTests(SharedLabTestCase):
+class RefusalTests(RelayLabTestCase):
     """
     What the relay and the device refuse, and how fast.  The relay's
     access-check period is 3 s here (notify A every second).
@@ -346,15 +290,6 @@ class RefusalTests(SharedLabTestCase):
         devices.append(rl.add_device("gone", cls.gone_host, start=False))
         rl.start_agents(devices)
 
-    def tool(self, host, *args, timeout=30):
-        """Run a labfixtures tool in ``host``; its last JSON line."""
-        done = host.run(host.python("-m", "tests.support.lab", *args), timeout=timeout,
-                        cwd=F.procs.REPO, env=F.procs.env())
-        lines = done.stdout.strip().splitlines()
-        self.assertTrue(done.returncode == 0 and lines,
-                        f"tool {args[0]} failed ({done.returncode}): {done.stderr[-1000:]}")
-        return json.loads(lines[-1])
-
     def test_unknown_device(self):
         f = self.refused(self.terminal, "nosuch", 404)
         self.assertIn(b"No such device", f.body)
@@ -370,7 +305,7 @@ class RefusalTests(SharedLabTestCase):
         download = rl.start_fetch(self.terminal, "gone", "/big.bin",
                                   extra=("--limit-rate", "1M"), max_time=60)
         deadline = time.monotonic() + 10
-        while self.tunnels(self.gone_host) == 0 or not os.path.exists(download.out_path):
+        while self.rl.tunnels(self.gone_host) == 0 or not os.path.exists(download.out_path):
             self.assertLess(time.monotonic(), deadline, "the download did not start")
             time.sleep(0.05)
         time.sleep(0.5)
@@ -379,7 +314,7 @@ class RefusalTests(SharedLabTestCase):
         removed = time.monotonic()
         rl.cli("device", "remove", "gone", "--state-dir", rl.state)
         # The relay's sync (every 1 s) notices and closes the tunnel.
-        while self.tunnels(self.gone_host):
+        while self.rl.tunnels(self.gone_host):
             self.assertLess(time.monotonic() - removed, 3.0,
                             "the revoked device's tunnel is still open")
             time.sleep(0.02)
@@ -391,12 +326,6 @@ class RefusalTests(SharedLabTestCase):
         self.assertLess(os.path.getsize(result.path), F.BIG_SIZE)
         self.refused(self.terminal, "gone", 403)
         measured(f"gone: tunnel closed {closed_after:.2f}s after `device remove`")
-
-    def tunnels(self, host):
-        """How many TCP connections ``host`` has to the relay's tunnel port."""
-        done = host.run(["ss", "-Htn", "state", "established",
-                         f"( dport = :{F.TUNNEL_PORT} )"], timeout=10)
-        return len(done.stdout.strip().splitlines())
 
     def test_stale_device(self):
         """
@@ -446,9 +375,10 @@ class RefusalTests(SharedLabTestCase):
         agent = rl.devices["cam"].agent
         ip, port = self.relay_mapping("cam")
         agent_start, relay_start = len(agent.stdout()), len(rl.relay.stdout())
-        self.tool(self.attacker, "forge-connect", "--src", f"{rl.relay_ip}:{F.UDP_PORT}",
-                  "--dst", f"{ip}:{port}", "--device", "cam", "--count", "3", "--ahead", "30")
-        F.wait_for_log(agent, r"bad-mac ConnectRequest for cam", agent_start, timeout=5)
+        run_tool(self.attacker, "forge", "--kind", "connect", "--key-id", "cam",
+                 "--src", f"{rl.relay_ip}:{F.UDP_PORT}", "--dst", f"{ip}:{port}",
+                 "--tunnel-port", str(F.TUNNEL_PORT), "--count", "3", "--ahead", "30")
+        wait_for_log(agent, r"bad-mac ConnectRequest for cam", agent_start, timeout=5)
         time.sleep(1.0)
         self.assertNotIn("connect request for session", self.log_since(agent, agent_start))
         self.assertNotIn("tunnel of cam", self.log_since(rl.relay, relay_start))
@@ -465,17 +395,16 @@ class RefusalTests(SharedLabTestCase):
         """
         rl = self.rl
         agent = rl.devices["replayed"].agent
-        sniffer = self.router.popen(
-            self.router.python("-m", "tests.support.lab", "sniff-connect", "--iface", "wan",
-                               "--src", f"{rl.relay_ip}:{F.UDP_PORT}", "--device", "replayed",
-                               "--timeout", "20"), cwd=F.procs.REPO, env=F.procs.env())
-        F.wait_for_log(sniffer, "listening", timeout=20)
+        sniffer = start_tool(self.router, "sniff", "--iface", "wan",
+                             "--type", hex(wire.ConnectRequest.TYPE), "--key-id", "replayed",
+                             "--src", f"{rl.relay_ip}:{F.UDP_PORT}", "--timeout", "20")
+        wait_for_log(sniffer, "listening", timeout=20)
         self.fetch_ok(self.terminal, "replayed", "/")
         sniffer.wait(10)
         packet = json.loads(sniffer.stdout().strip().splitlines()[-1])["packet"]
         agent_start, relay_start = len(agent.stdout()), len(rl.relay.stdout())
-        self.tool(self.attacker, "inject", "--hex", packet)
-        F.wait_for_log(agent, r"replay ConnectRequest for replayed", agent_start, timeout=5)
+        run_tool(self.attacker, "inject", "--hex", packet)
+        wait_for_log(agent, r"replay ConnectRequest for replayed", agent_start, timeout=5)
         time.sleep(1.0)
         self.assertNotIn("connect request for session", self.log_since(agent, agent_start))
         self.assertNotIn("tunnel of replayed", self.log_since(rl.relay, relay_start))
@@ -525,15 +454,15 @@ class RefusalTests(SharedLabTestCase):
         self.assertIn("certificate of cam is not the registered one", log)
 
     def probe(self, cert, key):
-        return self.tool(self.terminal, "tls-probe", "--connect",
-                         f"{self.rl.relay_ip}:{F.TUNNEL_PORT}", "--ca", self.rl.ca,
-                         "--cert", cert, "--key", key)
+        return run_tool(self.terminal, "tls-probe", "--connect",
+                        f"{self.rl.relay_ip}:{F.TUNNEL_PORT}", "--servername", F.RELAY_HOSTNAME,
+                        "--ca", self.rl.ca, "--cert", cert, "--key", key)
 
 
 # -- recovery ----------------------------------------------------------------------
 
 
-class RecoveryTests(SharedLabTestCase):
+class RecoveryTests(RelayLabTestCase):
     """
     After the relay restarts or a device's NAT mapping or address changes,
     a fetch works again within about one notify-B interval (2 s here).
@@ -585,11 +514,7 @@ class RecoveryTests(SharedLabTestCase):
         """Wait until the device has no tunnel to the relay."""
         host = self.rl.devices[name].host
         deadline = time.monotonic() + 5
-        while True:
-            done = host.run(["ss", "-Htn", "state", "established",
-                             f"( dport = :{F.TUNNEL_PORT} )"], timeout=10)
-            if not done.stdout.strip():
-                return
+        while self.rl.tunnels(host):
             self.assertLess(time.monotonic(), deadline, f"{name}'s idle tunnel stays open")
             time.sleep(0.05)
 
@@ -650,6 +575,6 @@ class RecoveryTests(SharedLabTestCase):
         subprocess.run(["ip", "-n", router.ns, "addr", "add", f"{new_ip}/16", "dev", "wan"],
                        check=True, timeout=10)
         router.wan_ip = new_ip
-        F.wait_for_log(rl.relay, rf"device moved mapping now {re.escape(new_ip)}:\d+", start,
+        wait_for_log(rl.relay, rf"device moved mapping now {re.escape(new_ip)}:\d+", start,
                        timeout=self.RECOVERY)
         self.recovered("moved", changed)

@@ -1,48 +1,33 @@
 """
-Fixtures for NAT-lab tests of the P2P path (see ``tests/test_p2p_lab.py``).
+The P2P path's NAT lab (see ``tests/lab/test_p2p_lab.py`` and
+``tests/lab/test_discovery_lab.py``).
 
-:class:`P2PLab` builds on :class:`p2pnat.lab.Lab`: a lobby (``twistd
-lobby``) on a server with two public addresses and two ports on each (so
-that discovery can run all of RFC 5780), lobby clients provisioned as
-``p2pnat client add`` does (in this process: it only writes files) with
-every lobby address for discovery, ``p2pnat peer wait`` and ``p2pnat peer
-connect`` run as processes in their hosts' namespaces, and their ``--json``
-events parsed into :class:`Trial` records.
+:class:`P2PLab` is a :class:`~tests.support.lab.cases.LabSetup`: a lobby
+(``twistd lobby``) on a server with two public addresses (or one) and two
+ports on each (so that discovery can run all of RFC 5780), lobby clients
+provisioned as ``p2pnat client add`` does (in this process: it only writes
+files) with every lobby address for discovery, ``p2pnat peer wait`` and
+``p2pnat peer connect`` run as processes in their hosts' namespaces, and
+their ``--json`` events parsed into :class:`Trial` records.
 
 :func:`run_jobs` runs independent jobs (one NAT pair's trials each) a few
 at a time, never two at once on the same host; :func:`pair_table` is the
 summary printed at the end of a matrix.
-
-The module is also a small tool box run inside namespaces with
-``python -m tests.support.p2plab TOOL ...`` (a reactor cannot change namespace):
-
-- ``sniff``: print (hex) the first p2pnat frames of a type, sent under a
-  session key ID of a role (``SESSION.a``), seen on an interface;
-- ``forge``: send p2pnat frames sealed with a random key (a forger who
-  does not know the session key) from a spoofed source address;
-- ``echo``: a UDP echo server; ``ping``: send numbered datagrams to a UDP
-  port and count the ones that come back unchanged.
-
-Replaying a captured packet is ``python -m tests.support.lab inject``.
 """
 
 import argparse
 import io
-import json
 import os
-import re
-import select
-import socket
 import statistics
-import struct
 import subprocess
-import sys
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
 
 from tests.support import procs
+from tests.support.lab.cases import LabSetup
+from tests.support.lab.running import events, first, wait_event, wait_output
 
 #: The router kinds of the matrix, and the short names used in node and
 #: client names (node names are at most 12 of [a-z0-9]).
@@ -74,29 +59,10 @@ def expect_direct(a_kind, b_kind):
     return other in ("public", "cone")
 
 
-def events(text):
-    """The JSON event lines of a ``--json`` run's output."""
-    found = []
-    for line in text.splitlines():
-        if line.startswith("{"):
-            try:
-                found.append(json.loads(line))
-            except ValueError:
-                continue
-    return found
-
-
 def nat_of(evs):
     """``mapping/allocation`` of the first ``nat`` event, or None."""
     e = first(evs, "nat")
     return f"{e['mapping']}/{e['allocation']}" if e else None
-
-
-def first(evs, name):
-    for e in evs:
-        if e.get("event") == name:
-            return e
-    return None
 
 
 @dataclass
@@ -165,33 +131,24 @@ class LobbyClientBundle:
         self.waiter = None
 
 
-class P2PLab:
+class P2PLab(LabSetup):
     """
-    A NAT lab with a lobby on a two-address server; ``workdir`` holds the
-    lobby's state directory and the client bundles.  Close it with
-    :meth:`close` (the lab's namespaces and processes go with it).
+    A NAT lab with a lobby server of ``addresses`` public addresses;
+    ``workdir`` holds the lobby's state directory and the client bundles.
+    Close it with :meth:`close` (the lab's namespaces and processes go with
+    it).
     """
 
-    def __init__(self, workdir):
-        from p2pnat.lab import Lab
-
-        self.workdir = workdir
+    def __init__(self, workdir, addresses=2):
+        self.addresses = addresses
         self.state = os.path.join(workdir, "lobby-state")
         self.clients = {}
         self.lobby = None
-        self.lab = Lab()
-        try:
-            self.server = self.lab.add_server("lobby", addresses=2)
-            self.lobby_addr = f"{self.server.ips[0]}:{LOBBY_PORTS[0]}"
-        except BaseException:
-            self.lab.close()
-            raise
+        super().__init__(workdir)
 
-    def close(self):
-        self.lab.close()
-
-    def report(self):
-        return self.lab.report()
+    def setup(self):
+        self.server = self.lab.add_server("lobby", addresses=self.addresses)
+        self.lobby_addr = f"{self.server.ips[0]}:{LOBBY_PORTS[0]}"
 
     def add_client(self, cid, host):
         """Provision client ``cid`` (as ``p2pnat client add``) for ``host``."""
@@ -215,11 +172,8 @@ class P2PLab:
         self.lobby = self.server.popen(
             procs.twistd("lobby", "--lobby-state-dir", self.state, "--udp-listen",
                          ",".join(listen)), cwd=procs.REPO, env=procs.env())
-        deadline = time.monotonic() + timeout
-        while self.lobby.stdout().count("ControlProtocol starting on") < len(listen):
-            if self.lobby.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the lobby did not start:\n{self.lobby.describe()}")
-            time.sleep(0.05)
+        wait_output(self.lobby, lambda out: out.count("ControlProtocol starting on") >= len(listen),
+                    f"the lobby listening on {len(listen)} sockets", timeout)
         return self.lobby
 
     def start_wait(self, cid, *args):
@@ -231,15 +185,7 @@ class P2PLab:
 
     def wait_login(self, cid, timeout=30):
         """Wait until ``cid``'s ``peer wait`` logged in; return its login event."""
-        proc = self.clients[cid].waiter
-        deadline = time.monotonic() + timeout
-        while True:
-            e = first(events(proc.stdout()), "login")
-            if e:
-                return e
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{cid} did not log in:\n{proc.describe()}")
-            time.sleep(0.05)
+        return wait_event(self.clients[cid].waiter, "login", timeout=timeout)
 
     def start_checked_wait(self, cid, expected, *args, tries=3):
         """
@@ -284,56 +230,6 @@ class P2PLab:
         c = self.clients[cid]
         return c.host.popen(self.connect_argv(cid, peer, *args), cwd=procs.REPO,
                             env=procs.env(), **kwargs)
-
-    def tool(self, node, *args, **kwargs):
-        """Start ``python -m tests.support.p2plab ARGS`` in ``node``; a tracked process."""
-        return node.popen(node.python("-m", "tests.support.p2plab", *args), cwd=procs.REPO,
-                          env=procs.env(), **kwargs)
-
-    def run_tool(self, node, module, *args, timeout=30):
-        """Run ``python -m MODULE ARGS`` in ``node``; its last JSON line."""
-        done = node.run(node.python("-m", module, *args), cwd=procs.REPO, env=procs.env(),
-                        timeout=timeout)
-        evs = events(done.stdout)
-        if done.returncode != 0 or not evs:
-            raise AssertionError(f"{module} {' '.join(args)} in {node.name} failed"
-                                 f" ({done.returncode}): {done.stdout} {done.stderr}")
-        return evs[-1]
-
-
-# -- waiting on processes ---------------------------------------------------------
-
-def wait_event(proc, name, start=0, timeout=20.0, where=None):
-    """
-    Wait until ``proc`` printed a JSON event ``name`` (after the first
-    ``start`` events, and matching ``where(event)`` if given); return it.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        evs = events(proc.stdout())[start:]
-        for e in evs:
-            if e.get("event") == name and (where is None or where(e)):
-                return e
-        if proc.poll() is not None:
-            raise AssertionError(f"exited before a {name!r} event:\n{proc.describe()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {name!r} event within {timeout}s:\n{proc.describe()}")
-        time.sleep(0.02)
-
-
-def wait_text(proc, pattern, start=0, timeout=10.0, stream="stderr"):
-    """Wait until ``proc``'s ``stream`` from ``start`` on matches ``pattern``."""
-    regex = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    while True:
-        text = getattr(proc, stream)()
-        m = regex.search(text, start)
-        if m:
-            return m
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no /{pattern}/ in {stream} within {timeout}s:\n"
-                                 f"{proc.describe(4000)}")
-        time.sleep(0.02)
 
 
 # -- running jobs a few at a time ---------------------------------------------------
@@ -447,175 +343,3 @@ def pair_table(title, results):
                      f" {s['rounds'] or '-':>4} {s['discovery_misses']:>4}"
                      f"  {', '.join(s['strategies'])}")
     return "\n".join(lines)
-
-
-# -- tools run inside namespaces -----------------------------------------------------
-
-def _hostport(text):
-    host, port = text.rsplit(":", 1)
-    return host, int(port)
-
-
-def _emit(obj):
-    print(json.dumps(obj), flush=True)
-
-
-def _frame_info(payload):
-    """(type, key_id) of a p2pnat frame, or None."""
-    from p2pnat.protocol import wire
-
-    if len(payload) < 14 or payload[0] != wire.MARKER:
-        return None
-    klen = payload[12]
-    try:
-        return payload[2], payload[13:13 + klen].decode("ascii")
-    except UnicodeDecodeError:
-        return None
-
-
-def _tool_sniff(args):
-    """
-    Print the first ``--count`` IPv4/UDP packets on ``--iface`` carrying a
-    p2pnat frame of type ``--type`` under a key ID ending in ``.ROLE``
-    (``--role``), as JSON with the packet in hex; exit 1 after ``--timeout``
-    if fewer were seen.
-    """
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
-    s.bind((args.iface, 0))
-    _emit({"listening": args.iface})
-    deadline = time.monotonic() + args.timeout
-    seen = 0
-    while seen < args.count and time.monotonic() < deadline:
-        s.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            packet = s.recv(65535)
-        except socket.timeout:
-            break
-        if len(packet) < 28 or packet[9] != socket.IPPROTO_UDP:
-            continue
-        ihl = (packet[0] & 0x0F) * 4
-        sport, dport = struct.unpack_from("!HH", packet, ihl)
-        info = _frame_info(packet[ihl + 8:])
-        if info is None or info[0] != args.type or not info[1].endswith("." + args.role):
-            continue
-        seen += 1
-        _emit({"packet": packet.hex(), "key_id": info[1],
-               "src": f"{socket.inet_ntoa(packet[12:16])}:{sport}",
-               "dst": f"{socket.inet_ntoa(packet[16:20])}:{dport}"})
-    return 0 if seen >= args.count else 1
-
-
-def _tool_forge(args):
-    """
-    Send ``--count`` frames (``--kind`` probe or data) sealed with a random
-    key under ``--key-id``, from the spoofed ``--src`` to ``--dst``: what an
-    off-path attacker who knows both peers' addresses and the session ID
-    (it travels in clear) can send.
-    """
-    from p2pnat.protocol import p2p as M
-    from p2pnat.protocol import wire
-    from tests.support.lab import ip_udp_packet, send_raw
-
-    key = os.urandom(wire.KEY_LEN)
-    sent = 0
-    for i in range(args.count):
-        if args.kind == "probe":
-            message = M.Probe(1, i)
-        else:
-            message = M.Data(args.payload.encode())
-        stamp = int(time.time() * 1e6) + i
-        data = wire.seal(message, args.key_id, key, stamp)
-        send_raw(ip_udp_packet(_hostport(args.src), _hostport(args.dst), data))
-        sent += 1
-    _emit({"sent": sent, "kind": args.kind, "key_id": args.key_id})
-    return 0
-
-
-def _tool_echo(args):
-    """A UDP echo server on ``--listen`` for at most ``--duration`` seconds."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(_hostport(args.listen))
-    _emit({"listening": "%s:%d" % s.getsockname()})
-    deadline = time.monotonic() + args.duration
-    answered = 0
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([s], [], [], min(1.0, max(0.0, deadline - time.monotonic())))
-        if not r:
-            continue
-        data, peer = s.recvfrom(65535)
-        s.sendto(data, peer)
-        answered += 1
-    _emit({"answered": answered})
-    return 0
-
-
-def _tool_ping(args):
-    """
-    Send ``--count`` numbered datagrams to ``--to`` (one every
-    ``--interval`` seconds) and count those that come back unchanged
-    within ``--timeout`` seconds of the last.
-    """
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    target = _hostport(args.to)
-    sent = {}
-    back = {}
-    t0 = time.monotonic()
-    for i in range(args.count):
-        payload = f"datagram {i} {os.urandom(8).hex()}".encode()
-        sent[payload] = time.monotonic()
-        s.sendto(payload, target)
-        end = time.monotonic() + args.interval
-        while time.monotonic() < end:
-            r, _, _ = select.select([s], [], [], max(0.0, end - time.monotonic()))
-            if r:
-                data, _ = s.recvfrom(65535)
-                if data in sent and data not in back:
-                    back[data] = time.monotonic() - sent[data]
-    end = time.monotonic() + args.timeout
-    while len(back) < len(sent) and time.monotonic() < end:
-        r, _, _ = select.select([s], [], [], max(0.0, end - time.monotonic()))
-        if r:
-            data, _ = s.recvfrom(65535)
-            if data in sent and data not in back:
-                back[data] = time.monotonic() - sent[data]
-    rtts = sorted(back.values())
-    _emit({"sent": len(sent), "echoed": len(back),
-           "median_rtt_ms": round(1000 * rtts[len(rtts) // 2], 3) if rtts else None,
-           "seconds": round(time.monotonic() - t0, 3)})
-    return 0
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tests.support.p2plab")
-    tools = parser.add_subparsers(dest="tool", required=True)
-    p = tools.add_parser("sniff")
-    p.add_argument("--iface", required=True)
-    p.add_argument("--type", type=lambda t: int(t, 0), required=True)
-    p.add_argument("--role", choices=("a", "b"), required=True)
-    p.add_argument("--count", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=20.0)
-    p.set_defaults(func=_tool_sniff)
-    p = tools.add_parser("forge")
-    p.add_argument("--src", required=True)
-    p.add_argument("--dst", required=True)
-    p.add_argument("--key-id", required=True)
-    p.add_argument("--kind", choices=("probe", "data"), required=True)
-    p.add_argument("--payload", default="forged")
-    p.add_argument("--count", type=int, default=3)
-    p.set_defaults(func=_tool_forge)
-    p = tools.add_parser("echo")
-    p.add_argument("--listen", required=True)
-    p.add_argument("--duration", type=float, default=120.0)
-    p.set_defaults(func=_tool_echo)
-    p = tools.add_parser("ping")
-    p.add_argument("--to", required=True)
-    p.add_argument("--count", type=int, default=20)
-    p.add_argument("--interval", type=float, default=0.05)
-    p.add_argument("--timeout", type=float, default=2.0)
-    p.set_defaults(func=_tool_ping)
-    args = parser.parse_args(argv)
-    return args.func(args) or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m tests.support.lab TOOL ...``: see :mod:`tests.support.lab.tools`."""
+
+import sys
+
+from tests.support.lab.tools import main
+
+sys.exit(main())
