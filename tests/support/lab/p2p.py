@@ -15,8 +15,6 @@ at a time, never two at once on the same host; :func:`pair_table` is the
 summary printed at the end of a matrix.
 """
 
-import argparse
-import io
 import os
 import statistics
 import subprocess
@@ -155,9 +153,7 @@ class P2PLab(LabSetup):
         from p2pnat.deployment import provision
 
         out = os.path.join(self.workdir, f"client-{cid}")
-        args = argparse.Namespace(id=cid, lobby=self.lobby_addr, state_dir=self.state, out=out,
-                                  replace=False)
-        provision.client_add(args, out=io.StringIO())
+        provision.add_client(self.state, cid, out, lobby=self.lobby_addr)
         config = os.path.join(out, "client.toml")
         discovery = ", ".join(f'"{ip}:{port}"' for ip in self.server.ips for port in LOBBY_PORTS)
         with open(config, "a") as f:
