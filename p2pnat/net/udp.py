@@ -151,6 +151,9 @@ class ControlProtocol(DatagramProtocol):
         self.drop_log(reason, addr, detail)
 
     def datagramReceived(self, data, addr):
+        # An IPv6 sender comes as (host, port, flowinfo, scope id): the
+        # handlers and the wire format know addresses as (host, port).
+        addr = addr[:2]
         try:
             self._received(data, addr)
         except Exception:

@@ -352,12 +352,16 @@ class ConnectRequest(Message):
         if len(body) < 35:
             raise WireError("bad-body", "connect request truncated")
         port, hlen = struct.unpack_from("!HB", body, 32)
-        if len(body) != 35 + hlen:
+        if len(body) != 35 + hlen or hlen > 253:
             raise WireError("bad-body", "connect request length")
         try:
             host = body[35:].decode("ascii")
-        except UnicodeDecodeError:
-            raise WireError("bad-body", "tunnel host not ascii")
+            # Only a host name the encoder could have written (IDNA, at
+            # most 253 bytes): the device connects to it.
+            if host and host.encode("idna") != body[35:]:
+                raise UnicodeError("not in IDNA form")
+        except UnicodeError:
+            raise WireError("bad-body", "tunnel host is not a host name")
         return cls(bytes(body[:16]), bytes(body[16:32]), port, host)
 
 

@@ -307,11 +307,12 @@ class WireFuzzTests(SynchronousTestCase):
     test_session_key_id = ci_test(SESSION_KEY_ID)
 
 
-class WirePendingTests(SynchronousTestCase):
+class WireRoundTripTests(SynchronousTestCase):
     """
-    Fails on the current p2pnat/protocol/wire.py (not this branch's):
-    L{wire.ConnectRequest.decode_body} accepts tunnel hosts its
-    encode_body cannot write (an empty IDNA label, more than 253 bytes).
+    Every message body that decodes encodes back to the same bytes.  A
+    regression test: L{wire.ConnectRequest.decode_body} accepted tunnel
+    hosts its encode_body cannot write (an empty IDNA label, more than 253
+    bytes).
     """
 
     test_wire_round_trip = ci_test(WIRE_ROUND_TRIP)
@@ -848,22 +849,22 @@ LOBBY_UDP6 = Target("lobby_udp6", udp_rounds(LOBBY_KEYS, _LOBBY_KINDS, V4_SOURCE
 class DatagramFuzzTests(SynchronousTestCase):
     """
     The relay's and the lobby's UDP sockets, from IPv4 sources: drop what
-    is malformed, never raise (L{DatagramPendingTests} adds IPv6).
+    is malformed, never raise (L{DatagramIPv6Tests} adds IPv6).
     """
 
     test_relay_udp = ci_test(RELAY_UDP)
     test_lobby_udp = ci_test(LOBBY_UDP)
 
 
-class DatagramPendingTests(SynchronousTestCase):
+class DatagramIPv6Tests(SynchronousTestCase):
     """
-    Fail on the current code (p2pnat/net/udp.py, relay/notify.py,
-    lobby/server.py; none of them this branch's): Twisted gives an IPv6
+    The same from IPv6 sources.  A regression test: Twisted gives an IPv6
     source as a 4-tuple (host, port, flow info, scope ID) and the handlers
-    put it as it is in Pong, NotifyAck, Welcome, AnswerAck...: wire.pack_addr
-    gets 4 arguments, TypeError, and ControlProtocol drops the datagram as
-    "internal-error" with a traceback in the log.  Every genuine request
-    from an IPv6 device or client goes unanswered.
+    put it as it was in Pong, NotifyAck, Welcome, AnswerAck...: wire.pack_addr
+    got 4 arguments, TypeError, and ControlProtocol dropped the datagram as
+    "internal-error" with a traceback in the log, so every genuine request
+    from an IPv6 device or client went unanswered.  ControlProtocol now
+    hands the handlers (host, port).
     """
 
     test_relay_udp6 = ci_test(RELAY_UDP6)
