@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.lab.test_lab -*-
+# -*- test-case-name: tests.unit.test_lab_rules,tests.lab.test_lab -*-
 """
 ``p2pnat lab``: build, inspect and tear down named NAT labs by hand.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.lab.test_lab -*-
+# -*- test-case-name: tests.unit.test_lab_rules,tests.lab.test_lab -*-
 """
 A tiny UDP probe for the NAT lab: ``python -m p2pnat.lab.probe COMMAND ...``.
 

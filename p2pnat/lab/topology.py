@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.lab.test_lab -*-
+# -*- test-case-name: tests.unit.test_lab_rules,tests.lab.test_lab -*-
 """
 NAT lab topologies: network namespaces joined by veth pairs, with the Linux
 kernel's own NAT (nftables) on namespace routers.
