@@ -5,6 +5,7 @@ transports.
 """
 
 import base64
+from types import SimpleNamespace
 
 from OpenSSL import crypto
 from twisted.internet.address import IPv4Address
@@ -16,9 +17,10 @@ from p2pnat.daemon.metrics import Metrics
 from p2pnat.deployment import pki
 from p2pnat.deployment.registry import Registry
 from p2pnat.protocol import tunnel, wire
-from p2pnat.relay.core import Relay
+from p2pnat.relay.core import Relay, synchronous
 from p2pnat.relay.devices import DeviceState, DeviceTable
-from p2pnat.relay.terminal import BadRequest, Terminal, Tokens, parse_head
+from p2pnat.relay.http import BadRequest, Tokens, parse_head
+from p2pnat.relay.terminal import Terminal
 from p2pnat.relay.tunnel import RelayTunnel
 
 KEY = bytes(range(32))
@@ -61,7 +63,7 @@ class Transport(StringTransport):
 
 
 class World:
-    def __init__(self, testcase, period=300):
+    def __init__(self, testcase, period=300, **relay_options):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.registry = Registry(":memory:")
@@ -70,7 +72,7 @@ class World:
         self.socket = FakeSocket(self.clock)
         self.relay = Relay(self.clock, Metrics("relay"), self.table, self.registry,
                            Tokens(b"s" * 32, self.clock), hostname="relay.test", tunnel_port=7443,
-                           https_port=8443)
+                           https_port=8443, run_blocking=synchronous, **relay_options)
         self.certs = {}
 
     def add(self, device_id, mode="device", credential=None, online=True, revoked=False):
@@ -100,6 +102,11 @@ class World:
         if session is not None:
             tun.dataReceived(tunnel.hello(session.id, nonce or session.nonce))
         return tun
+
+    def session(self):
+        """The session the latest connect request names, as the device reads it."""
+        frame, msg = wire.unseal(self.socket.sent[-1][0], lambda k, t: KEY)
+        return SimpleNamespace(id=msg.session_id, nonce=msg.nonce)
 
 
 def status(transport):
@@ -175,7 +182,7 @@ class RoutingTests(SynchronousTestCase):
         frame, msg = wire.unseal(data, lambda k, t: KEY)
         self.assertEqual(frame.key_id, "cam")
         self.assertEqual((msg.session_id, msg.nonce, msg.tunnel_port),
-                         (t.session.id, t.session.nonce, 7443))
+                         (w.session().id, w.session().nonce, 7443))
         w.clock.pump([0.05] * 210)
         self.assertGreater(len(w.socket.sent), 5)
         self.assertEqual(status(t.transport), 504)
@@ -191,7 +198,7 @@ class StreamTests(SynchronousTestCase):
         w = self.w
         t = w.terminal(self.head)
         t.dataReceived(b"more")
-        tun = w.tunnel("cam", session=t.session)
+        tun = w.tunnel("cam", session=w.session())
         self.assertEqual(tun.transport.value()[:1], bytes([tunnel.HELLO_OK]))
         frames = []
         tunnel.FrameDecoder(lambda s: frames.append(("open", s)),
@@ -214,7 +221,7 @@ class StreamTests(SynchronousTestCase):
     def idle_tunnel(self):
         w = self.w
         t = w.terminal(self.head)
-        tun = w.tunnel("cam", session=t.session)
+        tun = w.tunnel("cam", session=w.session())
         tun.dataReceived(tunnel.frame(tunnel.OPENED) + tunnel.frame(tunnel.END))
         self.assertEqual(tun.state, "idle")
         return tun
@@ -224,7 +231,8 @@ class StreamTests(SynchronousTestCase):
         tun = self.idle_tunnel()
         sent = len(w.socket.sent)
         t = w.terminal(self.head)
-        self.assertIs(t.tunnel, tun)
+        self.assertIs(tun.terminal, t)
+        self.assertEqual(tun.state, "opening")
         tun.dataReceived(tunnel.frame(tunnel.OPENED))
         w.clock.advance(5)
         self.assertEqual((t.state, len(w.socket.sent)), ("stream", sent))
@@ -243,7 +251,7 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(tun.transport.aborted)
         self.assertEqual(t.state, "waiting")
         self.assertEqual(len(w.socket.sent), sent + 1)
-        new = w.tunnel("cam", session=t.session)
+        new = w.tunnel("cam", session=w.session())
         frames = []
         tunnel.FrameDecoder(lambda s: frames.append(("open", s)),
                             lambda d: frames.append(("data", d)),
@@ -253,10 +261,10 @@ class StreamTests(SynchronousTestCase):
     def test_terminal_closes_first(self):
         w = self.w
         t = w.terminal(self.head)
-        tun = w.tunnel("cam", session=t.session)
+        tun = w.tunnel("cam", session=w.session())
         t.connectionLost(None)
         self.assertTrue(tun.transport.value().endswith(tunnel.frame(tunnel.END)))
-        self.assertEqual(tun.state, "stream")
+        self.assertEqual(tun.state, "draining")
         tun.dataReceived(tunnel.frame(tunnel.END))
         self.assertEqual(tun.state, "idle")
         w.clock.advance(61)
@@ -266,7 +274,7 @@ class StreamTests(SynchronousTestCase):
         w = self.w
         w.add("other")
         t = w.terminal(self.head)
-        s = t.session
+        s = w.session()
         cases = [
             (dict(device_id="cam", session=s, nonce=b"x" * 16), 4),
             (dict(device_id="other", session=s), 3),  # the session is cam's
@@ -293,7 +301,7 @@ class StreamTests(SynchronousTestCase):
     def test_revocation_closes_tunnels(self):
         w = self.w
         t = w.terminal(self.head)
-        tun = w.tunnel("cam", session=t.session)
+        tun = w.tunnel("cam", session=w.session())
         pending = w.terminal(self.head)  # the tunnel is busy: a second session
         self.assertEqual(pending.state, "waiting")
         w.relay.device_revoked("cam")
@@ -305,7 +313,7 @@ class StreamTests(SynchronousTestCase):
     def test_revocation_cuts_a_finished_stream_still_draining(self):
         w = self.w
         t = w.terminal(self.head)
-        tun = w.tunnel("cam", session=t.session)
+        tun = w.tunnel("cam", session=w.session())
         # The device sent everything and closed: the terminal is detached
         # from the (now idle) tunnel but its last bytes may still be queued.
         tun.dataReceived(tunnel.frame(tunnel.OPENED) + tunnel.frame(tunnel.DATA, b"x" * 100)
