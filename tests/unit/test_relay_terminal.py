@@ -188,6 +188,39 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(status(t.transport), 504)
 
 
+class BusyTests(SynchronousTestCase):
+    """A relay whose session table is full says so: 503, not "device did not answer"."""
+
+    head = b"GET / HTTP/1.1\r\nHost: cam.relay.test\r\n\r\n"
+
+    def assert_busy(self, t):
+        out = t.transport.value()
+        self.assertEqual(status(t.transport), 503, out[:200])
+        self.assertIn(b"\r\nRetry-After: 5\r\n", out)
+        self.assertIn(b"<h1>Relay busy</h1>", out)
+        self.assertTrue(t.transport.disconnecting)
+
+    def test_full_for_one_device(self):
+        w = World(self)
+        w.add("cam")
+        w.add("cam2")
+        waiting = [w.terminal(self.head) for _ in range(64)]
+        self.assertEqual({t.state for t in waiting}, {"waiting"})
+        self.assert_busy(w.terminal(self.head))
+        self.assertEqual(w.relay.metrics.value("p2pnat_sessions_total", outcome="http-503"), 1)
+        # Another device is not affected.
+        other = w.terminal(b"GET / HTTP/1.1\r\nHost: cam2.relay.test\r\n\r\n")
+        self.assertEqual(other.state, "waiting")
+
+    def test_full_in_all(self):
+        w = World(self, max_sessions=2)
+        for device_id in ("a", "b", "c"):
+            w.add(device_id)
+        for device_id in (b"a", b"b"):
+            w.terminal(b"GET / HTTP/1.1\r\nHost: " + device_id + b".relay.test\r\n\r\n")
+        self.assert_busy(w.terminal(b"GET / HTTP/1.1\r\nHost: c.relay.test\r\n\r\n"))
+
+
 class StreamTests(SynchronousTestCase):
     def setUp(self):
         self.w = World(self)
