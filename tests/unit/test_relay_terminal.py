@@ -72,7 +72,7 @@ class World:
         self.socket = FakeSocket(self.clock)
         self.relay = Relay(self.clock, Metrics("relay"), self.table, self.registry,
                            Tokens(b"s" * 32, self.clock), hostname="relay.test", tunnel_port=7443,
-                           https_port=8443, run_blocking=synchronous, **relay_options)
+                           https_port=8443, **{"run_blocking": synchronous, **relay_options})
         self.certs = {}
 
     def add(self, device_id, mode="device", credential=None, online=True, revoked=False):
