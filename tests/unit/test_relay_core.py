@@ -15,13 +15,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat.daemon import config as C
 from p2pnat.deployment.registry import Registry
+from p2pnat.protocol import tunnel
 from p2pnat.relay import tap
 from p2pnat.relay.core import Timeouts
 from p2pnat.relay.devices import DeviceState, DeviceTable
 from p2pnat.relay.store import StoreSync
 from p2pnat.relay.terminal import TerminalFactory
 from p2pnat.relay.tunnel import RelayTunnelFactory
-from p2pnat.protocol import tunnel
 from tests.unit.test_relay_terminal import Transport, World
 from tests.unit.test_taps import UDPMemoryReactor
 
@@ -138,7 +138,7 @@ class CredentialRunnerTests(SynchronousTestCase):
     def test_runner_error_is_502(self):
         t = self.w.terminal(b"POST /.p2pnat/login HTTP/1.1\r\nHost: safe.relay.test\r\n"
                             b"Content-Length: 14\r\n\r\ncredential=abc")
-        d, f, args = self.results.pop(0)
+        d, _, _ = self.results.pop(0)
         d.errback(RuntimeError("pool gone"))
         self.assertEqual(t.transport.value().split(b"\r\n")[0], b"HTTP/1.1 502 Bad Gateway")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -253,7 +253,7 @@ class StreamTests(SynchronousTestCase):
 
     def idle_tunnel(self):
         w = self.w
-        t = w.terminal(self.head)
+        w.terminal(self.head)
         tun = w.tunnel("cam", session=w.session())
         tun.dataReceived(tunnel.frame(tunnel.OPENED) + tunnel.frame(tunnel.END))
         self.assertEqual(tun.state, "idle")
@@ -306,7 +306,7 @@ class StreamTests(SynchronousTestCase):
     def test_hello_refusals(self):
         w = self.w
         w.add("other")
-        t = w.terminal(self.head)
+        w.terminal(self.head)
         s = w.session()
         cases = [
             (dict(device_id="cam", session=s, nonce=b"x" * 16), 4),
