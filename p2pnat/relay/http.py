@@ -103,6 +103,10 @@ def page(status, title, message, extra_headers=(), body_extra=""):
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
+#: Longer cookie values are not tokens (one is about 35 characters).
+_MAX_TOKEN = 128
+
+
 class Tokens:
     """
     Signed cookies proving a terminal gave a device's access credential:
@@ -125,9 +129,15 @@ class Tokens:
         return f"{expiry}.{self._mac(device_id, expiry, credential_hash)}"
 
     def check(self, token, device_id, credential_hash):
-        if not token:
+        """
+        Whether C{token} (any cookie value a terminal sent) is one L{make}
+        gave for this device and credential, and has not expired.  Never
+        raises.
+        """
+        if not token or len(token) > _MAX_TOKEN or not token.isascii():
             return False
         expiry, _, mac = token.partition(".")
-        if not expiry.isdigit() or int(expiry) < self.clock.seconds():
+        # isdigit() alone passes "²", which int() refuses.
+        if not (expiry.isascii() and expiry.isdigit()) or int(expiry) < self.clock.seconds():
             return False
         return hmac.compare_digest(mac, self._mac(device_id, int(expiry), credential_hash))

@@ -21,10 +21,12 @@ L{p2pnat.relay.terminal_machine}.
 from twisted.internet.protocol import Factory, Protocol
 
 from p2pnat.net import streams
-from p2pnat.relay.http import Tokens
+from p2pnat.relay.http import BadRequest, Tokens, parse_head
 from p2pnat.relay.terminal_machine import TerminalCore, TerminalMachine
 
-__all__ = ["Terminal", "TerminalFactory", "Tokens"]
+# Tokens, BadRequest and parse_head live in p2pnat.relay.http; the daemon's
+# tap and older tests import them from here.
+__all__ = ["BadRequest", "Terminal", "TerminalFactory", "Tokens", "parse_head"]
 
 
 class Terminal(Protocol):

@@ -32,6 +32,7 @@ from twisted.internet.defer import succeed
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.protocol import wire
+from p2pnat.protocol.tunnel import MAX_CONTROL
 from p2pnat.relay.devices import REVOKED, Refusal
 from p2pnat.relay.http import (
     COOKIE,
@@ -48,6 +49,15 @@ from p2pnat.relay.sessions import DeviceRevoked, SessionTimeout, TooBusy
 
 #: Seconds a terminal told "relay busy" (503) is asked to wait.
 RETRY_AFTER = 5
+
+
+def valid_service(name):
+    """
+    Whether C{name} can be a device's service name: printable ASCII
+    without spaces, short enough for the OPEN frame that carries it.
+    """
+    return len(name) <= MAX_CONTROL and name.isascii() and name.isprintable() \
+        and " " not in name
 
 
 class TerminalInputs(Protocol):
@@ -153,6 +163,8 @@ class TerminalCore:
         relay_host = self.relay.hostname
         if req.method == "CONNECT":
             device_id, _, service = req.target.partition(":")
+            if not valid_service(service):
+                return m.reply(400, "Bad request", "That is not a service name.")
             return self._device(m, device_id, service, tcp=True)
         host = req.host
         if host.endswith("." + relay_host):

@@ -130,6 +130,22 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(cm.exception.status, 431)
 
 
+class TokenTests(SynchronousTestCase):
+    def test_any_cookie_value_is_an_answer(self):
+        """Tokens.check says no to what is not a token, and never raises."""
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        tokens = Tokens(b"s" * 32, clock)
+        good = tokens.make("cam", "hash")
+        self.assertIs(tokens.check(good, "cam", "hash"), True)
+        for bad in ("9999999999.\xe9", "\xb2.x", "9" * 5000 + ".x", good + "\xe9", "", None,
+                    good.partition(".")[0] + ".", "1." + good.partition(".")[2]):
+            self.assertIs(tokens.check(bad, "cam", "hash"), False, bad)
+        self.assertIs(tokens.check(good, "cam2", "hash"), False)
+        clock.advance(tokens.lifetime + 1)
+        self.assertIs(tokens.check(good, "cam", "hash"), False)
+
+
 class RoutingTests(SynchronousTestCase):
     def setUp(self):
         self.w = World(self)
@@ -148,6 +164,17 @@ class RoutingTests(SynchronousTestCase):
             self.assertEqual(status(t.transport), code, host)
             self.assertTrue(t.transport.disconnecting, host)
         self.assertEqual(w.socket.sent, [])
+
+    def test_bad_service_names(self):
+        """A CONNECT naming no possible service is a 400, not a broken stream."""
+        w = self.w
+        w.add("cam")
+        for target in (b"cam:\xe9", b"cam:" + b"s" * 300, b"cam:a\x01b"):
+            t = w.terminal(b"CONNECT " + target + b" HTTP/1.1\r\n\r\n")
+            self.assertEqual(status(t.transport), 400, target)
+        self.assertEqual(w.socket.sent, [])
+        t = w.terminal(b"CONNECT cam:" + b"s" * 255 + b" HTTP/1.1\r\n\r\n")
+        self.assertEqual(t.state, "waiting")
 
     def test_relay_pages(self):
         w = self.w
