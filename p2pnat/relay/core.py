@@ -1,31 +1,129 @@
-# -*- test-case-name: tests.unit.test_relay_terminal -*-
+# -*- test-case-name: tests.unit.test_relay_core,tests.unit.test_relay_terminal -*-
 """
 The relay's core: what the terminal side and the tunnel side share.
 
 It owns the device table, the pending sessions and the live and idle
 tunnels, and sends connect requests from the socket each device's notifies
-arrive at.
+arrive at.  The protocols reach it only through L{IRelay}.
 """
 
 import hashlib
+from dataclasses import dataclass
 
-from twisted.internet.defer import fail, succeed
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import fail, maybeDeferred, succeed
+from zope.interface import Attribute, Interface, implementer
 
 from p2pnat.daemon.logs import Logger, redact
 from p2pnat.protocol import wire
-from p2pnat.relay.sessions import SessionTable, SessionTimeout
+from p2pnat.relay.sessions import SessionTable, TooBusy
+
+__all__ = ["IRelay", "Relay", "Timeouts", "TooBusy", "TunnelRequest", "synchronous"]
 
 
-class TooBusy(SessionTimeout):
-    """Too many sessions pending (for this device or in all)."""
+@dataclass(frozen=True)
+class Timeouts:
+    """The relay's timeouts, in seconds (settings of ``twistd relay``)."""
+
+    #: a terminal has this long to send its first request head (or login form)
+    head: float = 30.0
+    #: a device's tunnel has this long to send its hello
+    hello: float = 10.0
+    #: a reused idle tunnel has this long to confirm an OPEN
+    open: float = 2.0
+    #: a terminal waits this long for the device's tunnel after its connect request
+    session: float = 10.0
+    #: an idle tunnel is kept this long for the device's later requests
+    idle: float = 60.0
 
 
+def synchronous(f, *args):
+    """A C{run_blocking} that runs C{f} at once, on the calling thread (tests)."""
+    return maybeDeferred(f, *args)
+
+
+class IRelay(Interface):
+    """What the terminal and tunnel protocols may ask of the relay and tell it."""
+
+    clock = Attribute("the IReactorTime the protocols' timers run on")
+    timeouts = Attribute("the L{Timeouts}")
+    hostname = Attribute("the relay's public host name")
+    tokens = Attribute("the L{p2pnat.relay.http.Tokens} signing login cookies")
+
+    def count(outcome):
+        """Count one session outcome (the p2pnat_sessions_total metric)."""
+
+    def reachable(device_id):
+        """The device's state if a terminal may reach it now, else its Refusal."""
+
+    def device(device_id):
+        """The device's state, or None."""
+
+    def registry_record(device_id):
+        """The device's registry record, or None."""
+
+    def check_credential(device_id, given):
+        """Deferred firing with whether C{given} is the device's access credential."""
+
+    def device_url(device_id, secure):
+        """The https:// (or http://) address of the device on this relay."""
+
+    def terminal_opened(terminal):
+        """A terminal connection began."""
+
+    def terminal_streaming(terminal, device_id):
+        """A terminal connection carries C{device_id}'s data (revocation cuts it)."""
+
+    def terminal_closed(terminal):
+        """A terminal connection is gone."""
+
+    def request_tunnel(device_id, reuse=True):
+        """A L{TunnelRequest} for a tunnel to the device."""
+
+    def claim(session_id, device_id, nonce):
+        """Bind a hello to its session: ``(session, None)`` or ``(None, error code)``."""
+
+    def claim_early(session_id, device_id):
+        """Bind a resumed handshake to its session before its hello: the session or None."""
+
+    def tunnel_opened(tunnel, session):
+        """A tunnel is bound to C{session}: hand it to the terminal waiting for it."""
+
+    def tunnel_idle(tunnel):
+        """A tunnel has no stream: keep it for the device's next request."""
+
+    def tunnel_closed(tunnel):
+        """A bound tunnel is gone."""
+
+
+class TunnelRequest:
+    """
+    A terminal's request for a tunnel.
+
+    @ivar ready: Deferred firing with ``(tunnel, reused)``, or failing with
+        L{TooBusy}, L{p2pnat.relay.sessions.SessionTimeout} or
+        L{p2pnat.relay.sessions.DeviceRevoked}.
+    """
+
+    def __init__(self, ready, cancel=None):
+        self.ready = ready
+        self._cancel = cancel
+
+    def cancel(self):
+        """The terminal went away: stop waiting (the session is forgotten)."""
+        cancel, self._cancel = self._cancel, None
+        if cancel is not None:
+            cancel()
+
+
+@implementer(IRelay)
 class Relay:
     """
     @param devices: the L{p2pnat.relay.devices.DeviceTable}.
-    @param registry: the L{p2pnat.deployment.registry.Registry} (credential checks).
-    @param tokens: the L{p2pnat.relay.terminal.Tokens} for login cookies.
+    @param registry: the L{p2pnat.deployment.registry.Registry}.
+    @param tokens: the L{p2pnat.relay.http.Tokens} for login cookies.
+    @param run_blocking: C{run_blocking(f, *args)} runs blocking work (the
+        credential hash) and returns a Deferred of its result: on a thread
+        pool in the daemon, L{synchronous} in tests.
     @param tunnel_host: host name told to devices in connect requests
         (empty: the one they already use for the relay).
     """
@@ -33,8 +131,9 @@ class Relay:
     log = Logger(namespace="p2pnat.relay")
 
     def __init__(self, clock, metrics, devices, registry, tokens, *, hostname, tunnel_port,
-                 tunnel_host="", https_port=443, http_port=0, session_timeout=10.0,
-                 idle_timeout=60.0, max_idle_per_device=8):
+                 run_blocking, timeouts=Timeouts(), tunnel_host="", https_port=443,
+                 http_port=0, max_idle_per_device=8, max_sessions=10000,
+                 max_sessions_per_device=64):
         self.clock = clock
         self.metrics = metrics
         self.devices = devices
@@ -45,19 +144,28 @@ class Relay:
         self.tunnel_host = tunnel_host
         self.https_port = https_port
         self.http_port = http_port
-        self.sessions = SessionTable(clock, session_timeout)
-        self.idle_timeout = idle_timeout
+        self.timeouts = timeouts
+        self.run_blocking = run_blocking
+        self.sessions = SessionTable(clock, timeouts.session, limit=max_sessions,
+                                     per_device=max_sessions_per_device)
         self.max_idle = max_idle_per_device
-        self.head_timeout = 30.0
-        #: seconds a reused idle tunnel has to confirm an OPEN
-        self.open_timeout = 2.0
-        self.hello_timeout = 10.0
         self.terminals = set()  # open terminal connections
+        self.streamed = {}  # device ID -> terminals that carried its data
+        self._streamed_device = {}  # terminal -> the device ID it is in streamed under
         self.tunnels = {}  # device ID -> set of live tunnels
         self.idle = {}  # device ID -> list of idle tunnels, most recent last
         self._cred_cache = {}  # hash of (device, stored hash, credential) -> expiry
 
     # -- what the terminal side asks -------------------------------------------
+
+    def count(self, outcome):
+        self.metrics.sessions.labels(outcome).inc()
+
+    def reachable(self, device_id):
+        return self.devices.reachable(device_id, self.clock.seconds())
+
+    def device(self, device_id):
+        return self.devices.get(device_id)
 
     def registry_record(self, device_id):
         d = self.devices.get(device_id)
@@ -66,8 +174,8 @@ class Relay:
     def check_credential(self, device_id, given):
         """
         Whether C{given} is the device's access credential.  The hash
-        check (scrypt, slow on purpose) runs in the reactor's thread pool;
-        a success is remembered for a minute so that a CLI presenting the
+        check (scrypt, slow on purpose) runs through C{run_blocking}; a
+        success is remembered for a minute so that a CLI presenting the
         credential on every connection does not pay it each time.
 
         @return: Deferred firing with a bool.
@@ -82,11 +190,6 @@ class Relay:
         now = self.clock.seconds()
         if self._cred_cache.get(key, 0) > now:
             return succeed(True)
-        pool = getattr(self.clock, "getThreadPool", None)
-        if pool is None:  # a test clock: check inline
-            d = succeed(verify_credential(stored, given))
-        else:
-            d = deferToThreadPool(self.clock, pool(), verify_credential, stored, given)
 
         def remember(ok):
             if ok:
@@ -95,7 +198,7 @@ class Relay:
                 self._cred_cache[key] = now + 60
             return ok
 
-        return d.addCallback(remember)
+        return self.run_blocking(verify_credential, stored, given).addCallback(remember)
 
     def device_url(self, device_id, secure):
         port = self.https_port if secure else self.http_port
@@ -104,36 +207,46 @@ class Relay:
         suffix = "" if port in (default, 0) else f":{port}"
         return f"{scheme}://{device_id}.{self.hostname}{suffix}/"
 
-    def get_tunnel(self, device_id, terminal, reuse=True):
-        """
-        A tunnel to C{device_id} for C{terminal}: an idle one at once, else
-        a new session whose connect request is sent (and retransmitted)
-        now.
+    def terminal_opened(self, terminal):
+        self.terminals.add(terminal)
 
-        @return: Deferred firing with a L{p2pnat.relay.tunnel.RelayTunnel}
-            in state ``idle``.
+    def terminal_streaming(self, terminal, device_id):
+        self.streamed.setdefault(device_id, set()).add(terminal)
+        self._streamed_device[terminal] = device_id
+
+    def terminal_closed(self, terminal):
+        self.terminals.discard(terminal)
+        device_id = self._streamed_device.pop(terminal, None)
+        terminals = self.streamed.get(device_id)
+        if terminals is not None:
+            terminals.discard(terminal)
+            if not terminals:
+                del self.streamed[device_id]
+
+    def request_tunnel(self, device_id, reuse=True):
+        """
+        A tunnel to C{device_id}: an idle one at once (``reused``), else a
+        new session whose connect request is sent (and retransmitted) now.
         """
         idle = self.idle.get(device_id) if reuse else None
-        while idle:
+        if idle:
             t = idle.pop()
             if not idle:
                 del self.idle[device_id]
-            if t.state == "idle":
-                self.metrics.sessions.labels("reused").inc()
-                t.reused = True
-                return succeed(t)
-        session = self.sessions.create(device_id, self._send_connect)
-        if session is None:
-            return fail(TooBusy("too many sessions waiting for this device"))
-        terminal.session = session
-        self.metrics.sessions.labels("connect-request").inc()
+            self.count("reused")
+            return TunnelRequest(succeed((t, True)))
+        try:
+            session = self.sessions.create(device_id, self._send_connect)
+        except TooBusy as e:
+            return TunnelRequest(fail(e))
+        self.count("connect-request")
         self.metrics.active_sessions.set(len(self.sessions))
-        return session.ready
 
-    def cancel_wait(self, terminal):
-        if terminal.session is not None:
-            self.sessions.cancel(terminal.session.id)
+        def cancel():
+            self.sessions.cancel(session.id)
             self.metrics.active_sessions.set(len(self.sessions))
+
+        return TunnelRequest(session.ready.addCallback(lambda t: (t, False)), cancel)
 
     def _send_connect(self, session):
         d = self.devices.get(session.device_id)
@@ -154,15 +267,22 @@ class Relay:
 
     # -- what the tunnel side tells ---------------------------------------------
 
-    def tunnel_opened(self, tunnel):
+    def claim(self, session_id, device_id, nonce):
+        return self.sessions.claim(session_id, device_id, nonce)
+
+    def claim_early(self, session_id, device_id):
+        return self.sessions.claim_early(session_id, device_id)
+
+    def tunnel_opened(self, tunnel, session):
         self.tunnels.setdefault(tunnel.device_id, set()).add(tunnel)
         self.metrics.active_sessions.set(len(self.sessions))
+        session.ready.callback(tunnel)
 
     def tunnel_idle(self, tunnel):
         idle = self.idle.setdefault(tunnel.device_id, [])
         idle.append(tunnel)
         while len(idle) > self.max_idle:
-            idle.pop(0).close()
+            idle.pop(0).drop()
 
     def tunnel_closed(self, tunnel):
         live = self.tunnels.get(tunnel.device_id)
@@ -176,13 +296,15 @@ class Relay:
             if not idle:
                 del self.idle[tunnel.device_id]
 
+    # -- what the service tells -------------------------------------------------
+
     def close_all(self):
         """Shutting down: drop every terminal and tunnel connection."""
         for t in list(self.terminals):
-            t.transport.abortConnection()
+            t.abort_connection()
         for live in list(self.tunnels.values()):
             for t in list(live):
-                t.close()
+                t.drop()
         self.idle.clear()
 
     def device_moved(self, device_id):
@@ -198,7 +320,7 @@ class Relay:
             self.log.info("device {device_id} moved; closing its {n} idle tunnels",
                           device_id=device_id, n=len(idle))
         for t in idle:
-            t.close()
+            t.drop()
 
     def device_revoked(self, device_id):
         """
@@ -209,8 +331,7 @@ class Relay:
         """
         self.sessions.cancel_device(device_id)
         for t in list(self.tunnels.get(device_id, ())):
-            t.close()
+            t.drop()
         self.idle.pop(device_id, None)
-        for t in list(self.terminals):
-            if t.device_id == device_id and t.streamed and t.transport is not None:
-                t.transport.abortConnection()
+        for t in list(self.streamed.get(device_id, ())):
+            t.abort_connection()

@@ -36,9 +36,20 @@ class Session:
         self._timer = None
         self._retx = None
 
+    def matches(self, session_id, nonce):
+        """Whether a hello naming C{session_id} and C{nonce} is for this session."""
+        return session_id == self.id and hmac.compare_digest(nonce, self.nonce)
+
 
 class SessionTimeout(Exception):
     """The device's tunnel did not arrive before the deadline."""
+
+
+class TooBusy(Exception):
+    """
+    Too many sessions pending, in all or for this device: the relay is
+    full for now (503), which is not the device failing to answer (504).
+    """
 
 
 class DeviceRevoked(Exception):
@@ -69,12 +80,13 @@ class SessionTable:
         request now and on the retransmission schedule until the tunnel
         arrives or the deadline passes.
 
-        @return: the L{Session}, or None when the limits are reached.
+        @return: the L{Session}.
+        @raise TooBusy: when the limits are reached.
         """
         if len(self._sessions) >= self.limit:
-            return None
+            raise TooBusy(f"{self.limit} sessions pending in all")
         if self._by_device.get(device_id, 0) >= self.per_device:
-            return None
+            raise TooBusy(f"{self.per_device} sessions pending for this device")
         session_id = self._random(16)
         while session_id in self._sessions:
             session_id = self._random(16)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_taps -*-
+# -*- test-case-name: tests.unit.test_taps,tests.unit.test_relay_core -*-
 """
 ``twistd relay``: the relay of the relay method.
 """
@@ -7,6 +7,9 @@ import os
 
 from twisted.application import service
 from twisted.application.internet import TimerService
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
 from p2pnat.daemon import config as C
 from p2pnat.daemon.logs import Logger
@@ -23,9 +26,10 @@ from p2pnat.deployment import pki
 from p2pnat.net import fastio
 from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import wire
-from p2pnat.relay.core import Relay
+from p2pnat.relay.core import Relay, Timeouts, synchronous
 from p2pnat.relay.devices import DeviceState, DeviceTable
 from p2pnat.relay.notify import NotifyHandler
+from p2pnat.relay.store import StoreSync
 from p2pnat.relay.terminal import TerminalFactory, Tokens
 from p2pnat.relay.tunnel import RelayTunnelFactory
 
@@ -55,6 +59,9 @@ SCHEMA = [
     C.Setting("terminal.public_http_port", int, 0,
               "port in http:// links the relay gives out (0: the port of terminal.http)",
               C.port_number),
+    C.Setting("terminal.head_timeout", float, 30.0,
+              "seconds a terminal has to send its first request head (and a login form)",
+              C.positive),
     C.Setting("tunnel.listen", str, "tcp:7443",
               "endpoint devices open their TLS tunnels to", C.endpoint_or_empty),
     C.Setting("tunnel.public_host", str, "",
@@ -64,6 +71,11 @@ SCHEMA = [
               C.port_number),
     C.Setting("tunnel.idle_timeout", float, 60.0,
               "seconds an idle tunnel is kept for the device's later requests", C.positive),
+    C.Setting("tunnel.hello_timeout", float, 10.0,
+              "seconds a device's new tunnel has to send its hello", C.positive),
+    C.Setting("tunnel.open_timeout", float, 2.0,
+              "seconds a reused idle tunnel has to confirm a stream; then it is taken for"
+              " dead and the request goes to a new tunnel", C.positive),
     C.Setting("session.timeout", float, 10.0,
               "seconds to wait for a device's tunnel after its connect request (then 504)",
               C.positive),
@@ -78,10 +90,22 @@ class Options(make_options("relay", SCHEMA, "relay.toml")):
     pass
 
 
+def timeouts(config):
+    """The relay's L{Timeouts} from its settings."""
+    return Timeouts(head=config["terminal.head_timeout"], hello=config["tunnel.hello_timeout"],
+                    open=config["tunnel.open_timeout"], session=config["session.timeout"],
+                    idle=config["tunnel.idle_timeout"])
+
+
 class RelayService(service.MultiService):
     """
     The relay: its device table kept in step with the registry, its UDP
     notify sockets, its terminal (HTTPS/HTTP) and tunnel (TLS) listeners.
+
+    Blocking work leaves the reactor thread: credential hashes go to the
+    reactor's thread pool, the store's rounds to one worker thread of
+    their own.  A reactor without threads (an in-memory test reactor) runs
+    both inline.
     """
 
     log = Logger(namespace="p2pnat.relay")
@@ -101,13 +125,23 @@ class RelayService(service.MultiService):
         except Exception as e:
             raise config.error("relay.state_dir", f"cannot use {self.state_dir}: {e}")
         self.table = DeviceTable(config["relay.access_check_period"])
-        self._data_version = None
         self.replay = wire.ReplayGuard(reactor)
         self.stamper = wire.Stamper(reactor)
         self.handler = NotifyHandler(self.table, reactor, self.metrics,
                                      config["relay.notify_b_interval"],
                                      on_moved=lambda device_id: self.relay.device_moved(device_id))
         https, http = config["terminal.https"], config["terminal.http"]
+        self.store_pool = None
+        if IReactorThreads.providedBy(reactor):
+            self.store_pool = ThreadPool(1, 1, "p2pnat-relay-store")
+
+            def run_blocking(f, *args):
+                return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+            def run_store(f, *args):
+                return deferToThreadPool(reactor, self.store_pool, f, *args)
+        else:
+            run_blocking = run_store = synchronous
         self.relay = Relay(
             reactor, self.metrics, self.table, self.registry,
             Tokens(terminal_secret(self.state_dir), reactor), hostname=self.hostname,
@@ -115,9 +149,11 @@ class RelayService(service.MultiService):
             tunnel_host=config["tunnel.public_host"],
             https_port=config["terminal.public_https_port"] or endpoint_port(https),
             http_port=config["terminal.public_http_port"] or endpoint_port(http),
-            session_timeout=config["session.timeout"],
-            idle_timeout=config["tunnel.idle_timeout"])
-        self.reload()
+            run_blocking=run_blocking, timeouts=timeouts(config))
+        self.store = StoreSync(self.table,
+                               lambda: Registry.open_state_dir(self.state_dir, create=False),
+                               run_store, self.applied)
+        self.store.sync_now(self.registry)
         self.udp = []
         for item in config["udp.listen"]:
             host, port = C.parse_hostport(item)
@@ -145,12 +181,14 @@ class RelayService(service.MultiService):
             self.terminal_http = EndpointListener(reactor, http,
                                                   TerminalFactory(self.relay, False))
             self.terminal_http.setServiceParent(self)
-        sync = TimerService(config["relay.sync_interval"], self.sync)
+        sync = TimerService(config["relay.sync_interval"], self.store.round)
         sync.clock = reactor
         sync.setServiceParent(self)
         common_services(config, self.metrics, reactor, self)
 
     def startService(self):
+        if self.store_pool is not None:
+            self.store_pool.start()
         super().startService()
         # With port 0 (tests), learn the ports actually bound.
         if self.tunnel_listener is not None and not self.relay.tunnel_port:
@@ -168,9 +206,17 @@ class RelayService(service.MultiService):
                                 if port),
             tunnel=self.relay.tunnel_port)
 
-    def reload(self):
-        """Bring the device table in step with the registry."""
-        records = self.registry.load_all()
+    def applied(self, records):
+        """
+        After each store round: bring the device table in step with the
+        registry's C{records} if they changed (else None).
+        """
+        if records is not None:
+            self.reload(records)
+        self.metrics.online.set(self.table.online(self.reactor.seconds()))
+
+    def reload(self, records):
+        """Bring the device table in step with the registry's C{records}."""
         for device_id in [d.id for d in self.table if d.id not in records]:
             self.table.remove(device_id)
             self.relay.device_revoked(device_id)
@@ -189,32 +235,28 @@ class RelayService(service.MultiService):
                                        r.access_mode, r))
             if r.revoked:
                 self.replay.forget(r.id)
-        self._data_version = self.registry.data_version()
 
     def sync(self):
         """
-        Write queued notify-A times to the store and pick up registry
-        changes.  Runs every ``relay.sync_interval`` seconds; a failure is
-        logged and the next round tries again.
+        A store round now, on the calling thread: the queued notify-A times
+        are written and registry changes picked up before it returns.  The
+        periodic rounds (every ``relay.sync_interval`` seconds) run on the
+        store's worker instead.
         """
-        try:
-            pending = self.table.take_pending()
-            if pending:
-                self.registry.record_accesses(
-                    [(device_id, when, host, port)
-                     for device_id, (when, host, port) in pending.items()])
-            if self.registry.data_version() != self._data_version:
-                self.reload()
-            self.metrics.online.set(self.table.online(self.reactor.seconds()))
-        except Exception:
-            self.log.failure("relay store sync failed; retrying next round")
+        self.store.sync_now(self.registry)
 
     def stopService(self):
-        d = super().stopService()
+        d = super().stopService()  # waits for a round under way
         self.relay.close_all()
-        self.sync()
-        self.registry.close()
-        return d
+        d.addCallback(lambda _: self.store.close())
+
+        def closed(result):
+            if self.store_pool is not None:
+                self.store_pool.stop()
+            self.registry.close()
+            return result
+
+        return d.addBoth(closed)
 
 
 def ensure_state(state_dir, hostname):

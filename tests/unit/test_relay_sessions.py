@@ -7,7 +7,7 @@ import itertools
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pnat.relay.sessions import RETRANSMIT, SessionTable, SessionTimeout
+from p2pnat.relay.sessions import RETRANSMIT, SessionTable, SessionTimeout, TooBusy
 
 
 class SessionTableTests(SynchronousTestCase):
@@ -58,11 +58,17 @@ class SessionTableTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_limits(self):
-        self.assertIsNotNone(self.table.create("a", self.send))
-        self.assertIsNotNone(self.table.create("a", self.send))
-        self.assertIsNone(self.table.create("a", self.send))
-        self.assertIsNotNone(self.table.create("b", self.send))
-        self.assertIsNone(self.table.create("c", self.send))
+        """Past a limit, in all or for one device, create says the relay is busy."""
+        self.table.create("a", self.send)
+        self.table.create("a", self.send)
+        with self.assertRaises(TooBusy) as cm:
+            self.table.create("a", self.send)
+        self.assertEqual(str(cm.exception), "2 sessions pending for this device")
+        self.table.create("b", self.send)
+        with self.assertRaises(TooBusy) as cm:
+            self.table.create("c", self.send)
+        self.assertEqual(str(cm.exception), "3 sessions pending in all")
+        self.assertEqual(len(self.table), 3)
 
     def test_ids_unique_and_cancel(self):
         a = self.table.create("a", self.send)

@@ -5,6 +5,7 @@ transports.
 """
 
 import base64
+from types import SimpleNamespace
 
 from OpenSSL import crypto
 from twisted.internet.address import IPv4Address
@@ -16,9 +17,10 @@ from p2pnat.daemon.metrics import Metrics
 from p2pnat.deployment import pki
 from p2pnat.deployment.registry import Registry
 from p2pnat.protocol import tunnel, wire
-from p2pnat.relay.core import Relay
+from p2pnat.relay.core import Relay, synchronous
 from p2pnat.relay.devices import DeviceState, DeviceTable
-from p2pnat.relay.terminal import BadRequest, Terminal, Tokens, parse_head
+from p2pnat.relay.http import BadRequest, Tokens, parse_head
+from p2pnat.relay.terminal import Terminal
 from p2pnat.relay.tunnel import RelayTunnel
 
 KEY = bytes(range(32))
@@ -61,7 +63,7 @@ class Transport(StringTransport):
 
 
 class World:
-    def __init__(self, testcase, period=300):
+    def __init__(self, testcase, period=300, **relay_options):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.registry = Registry(":memory:")
@@ -70,7 +72,7 @@ class World:
         self.socket = FakeSocket(self.clock)
         self.relay = Relay(self.clock, Metrics("relay"), self.table, self.registry,
                            Tokens(b"s" * 32, self.clock), hostname="relay.test", tunnel_port=7443,
-                           https_port=8443)
+                           https_port=8443, **{"run_blocking": synchronous, **relay_options})
         self.certs = {}
 
     def add(self, device_id, mode="device", credential=None, online=True, revoked=False):
@@ -101,6 +103,11 @@ class World:
             tun.dataReceived(tunnel.hello(session.id, nonce or session.nonce))
         return tun
 
+    def session(self):
+        """The session the latest connect request names, as the device reads it."""
+        frame, msg = wire.unseal(self.socket.sent[-1][0], lambda k, t: KEY)
+        return SimpleNamespace(id=msg.session_id, nonce=msg.nonce)
+
 
 def status(transport):
     line = transport.value().split(b"\r\n", 1)[0]
@@ -123,6 +130,22 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(cm.exception.status, 431)
 
 
+class TokenTests(SynchronousTestCase):
+    def test_any_cookie_value_is_an_answer(self):
+        """Tokens.check says no to what is not a token, and never raises."""
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        tokens = Tokens(b"s" * 32, clock)
+        good = tokens.make("cam", "hash")
+        self.assertIs(tokens.check(good, "cam", "hash"), True)
+        for bad in ("9999999999.\xe9", "\xb2.x", "9" * 5000 + ".x", good + "\xe9", "", None,
+                    good.partition(".")[0] + ".", "1." + good.partition(".")[2]):
+            self.assertIs(tokens.check(bad, "cam", "hash"), False, bad)
+        self.assertIs(tokens.check(good, "cam2", "hash"), False)
+        clock.advance(tokens.lifetime + 1)
+        self.assertIs(tokens.check(good, "cam", "hash"), False)
+
+
 class RoutingTests(SynchronousTestCase):
     def setUp(self):
         self.w = World(self)
@@ -141,6 +164,17 @@ class RoutingTests(SynchronousTestCase):
             self.assertEqual(status(t.transport), code, host)
             self.assertTrue(t.transport.disconnecting, host)
         self.assertEqual(w.socket.sent, [])
+
+    def test_bad_service_names(self):
+        """A CONNECT naming no possible service is a 400, not a broken stream."""
+        w = self.w
+        w.add("cam")
+        for target in (b"cam:\xe9", b"cam:" + b"s" * 300, b"cam:a\x01b"):
+            t = w.terminal(b"CONNECT " + target + b" HTTP/1.1\r\n\r\n")
+            self.assertEqual(status(t.transport), 400, target)
+        self.assertEqual(w.socket.sent, [])
+        t = w.terminal(b"CONNECT cam:" + b"s" * 255 + b" HTTP/1.1\r\n\r\n")
+        self.assertEqual(t.state, "waiting")
 
     def test_relay_pages(self):
         w = self.w
@@ -175,10 +209,43 @@ class RoutingTests(SynchronousTestCase):
         frame, msg = wire.unseal(data, lambda k, t: KEY)
         self.assertEqual(frame.key_id, "cam")
         self.assertEqual((msg.session_id, msg.nonce, msg.tunnel_port),
-                         (t.session.id, t.session.nonce, 7443))
+                         (w.session().id, w.session().nonce, 7443))
         w.clock.pump([0.05] * 210)
         self.assertGreater(len(w.socket.sent), 5)
         self.assertEqual(status(t.transport), 504)
+
+
+class BusyTests(SynchronousTestCase):
+    """A relay whose session table is full says so: 503, not "device did not answer"."""
+
+    head = b"GET / HTTP/1.1\r\nHost: cam.relay.test\r\n\r\n"
+
+    def assert_busy(self, t):
+        out = t.transport.value()
+        self.assertEqual(status(t.transport), 503, out[:200])
+        self.assertIn(b"\r\nRetry-After: 5\r\n", out)
+        self.assertIn(b"<h1>Relay busy</h1>", out)
+        self.assertTrue(t.transport.disconnecting)
+
+    def test_full_for_one_device(self):
+        w = World(self)
+        w.add("cam")
+        w.add("cam2")
+        waiting = [w.terminal(self.head) for _ in range(64)]
+        self.assertEqual({t.state for t in waiting}, {"waiting"})
+        self.assert_busy(w.terminal(self.head))
+        self.assertEqual(w.relay.metrics.value("p2pnat_sessions_total", outcome="http-503"), 1)
+        # Another device is not affected.
+        other = w.terminal(b"GET / HTTP/1.1\r\nHost: cam2.relay.test\r\n\r\n")
+        self.assertEqual(other.state, "waiting")
+
+    def test_full_in_all(self):
+        w = World(self, max_sessions=2)
+        for device_id in ("a", "b", "c"):
+            w.add(device_id)
+        for device_id in (b"a", b"b"):
+            w.terminal(b"GET / HTTP/1.1\r\nHost: " + device_id + b".relay.test\r\n\r\n")
+        self.assert_busy(w.terminal(b"GET / HTTP/1.1\r\nHost: c.relay.test\r\n\r\n"))
 
 
 class StreamTests(SynchronousTestCase):
@@ -191,7 +258,7 @@ class StreamTests(SynchronousTestCase):
         w = self.w
         t = w.terminal(self.head)
         t.dataReceived(b"more")
-        tun = w.tunnel("cam", session=t.session)
+        tun = w.tunnel("cam", session=w.session())
         self.assertEqual(tun.transport.value()[:1], bytes([tunnel.HELLO_OK]))
         frames = []
         tunnel.FrameDecoder(lambda s: frames.append(("open", s)),
@@ -213,8 +280,8 @@ class StreamTests(SynchronousTestCase):
 
     def idle_tunnel(self):
         w = self.w
-        t = w.terminal(self.head)
-        tun = w.tunnel("cam", session=t.session)
+        w.terminal(self.head)
+        tun = w.tunnel("cam", session=w.session())
         tun.dataReceived(tunnel.frame(tunnel.OPENED) + tunnel.frame(tunnel.END))
         self.assertEqual(tun.state, "idle")
         return tun
@@ -224,7 +291,8 @@ class StreamTests(SynchronousTestCase):
         tun = self.idle_tunnel()
         sent = len(w.socket.sent)
         t = w.terminal(self.head)
-        self.assertIs(t.tunnel, tun)
+        self.assertIs(tun.terminal, t)
+        self.assertEqual(tun.state, "opening")
         tun.dataReceived(tunnel.frame(tunnel.OPENED))
         w.clock.advance(5)
         self.assertEqual((t.state, len(w.socket.sent)), ("stream", sent))
@@ -243,7 +311,7 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(tun.transport.aborted)
         self.assertEqual(t.state, "waiting")
         self.assertEqual(len(w.socket.sent), sent + 1)
-        new = w.tunnel("cam", session=t.session)
+        new = w.tunnel("cam", session=w.session())
         frames = []
         tunnel.FrameDecoder(lambda s: frames.append(("open", s)),
                             lambda d: frames.append(("data", d)),
@@ -253,10 +321,10 @@ class StreamTests(SynchronousTestCase):
     def test_terminal_closes_first(self):
         w = self.w
         t = w.terminal(self.head)
-        tun = w.tunnel("cam", session=t.session)
+        tun = w.tunnel("cam", session=w.session())
         t.connectionLost(None)
         self.assertTrue(tun.transport.value().endswith(tunnel.frame(tunnel.END)))
-        self.assertEqual(tun.state, "stream")
+        self.assertEqual(tun.state, "draining")
         tun.dataReceived(tunnel.frame(tunnel.END))
         self.assertEqual(tun.state, "idle")
         w.clock.advance(61)
@@ -265,8 +333,8 @@ class StreamTests(SynchronousTestCase):
     def test_hello_refusals(self):
         w = self.w
         w.add("other")
-        t = w.terminal(self.head)
-        s = t.session
+        w.terminal(self.head)
+        s = w.session()
         cases = [
             (dict(device_id="cam", session=s, nonce=b"x" * 16), 4),
             (dict(device_id="other", session=s), 3),  # the session is cam's
@@ -293,7 +361,7 @@ class StreamTests(SynchronousTestCase):
     def test_revocation_closes_tunnels(self):
         w = self.w
         t = w.terminal(self.head)
-        tun = w.tunnel("cam", session=t.session)
+        tun = w.tunnel("cam", session=w.session())
         pending = w.terminal(self.head)  # the tunnel is busy: a second session
         self.assertEqual(pending.state, "waiting")
         w.relay.device_revoked("cam")
@@ -305,7 +373,7 @@ class StreamTests(SynchronousTestCase):
     def test_revocation_cuts_a_finished_stream_still_draining(self):
         w = self.w
         t = w.terminal(self.head)
-        tun = w.tunnel("cam", session=t.session)
+        tun = w.tunnel("cam", session=w.session())
         # The device sent everything and closed: the terminal is detached
         # from the (now idle) tunnel but its last bytes may still be queued.
         tun.dataReceived(tunnel.frame(tunnel.OPENED) + tunnel.frame(tunnel.DATA, b"x" * 100)

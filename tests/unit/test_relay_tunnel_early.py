@@ -7,10 +7,12 @@ from OpenSSL import crypto
 from twisted.internet.task import Clock
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from p2pnat.daemon.metrics import Metrics
 from p2pnat.deployment import pki
 from p2pnat.protocol import tunnel
+from p2pnat.relay.core import IRelay, Timeouts
 from p2pnat.relay.sessions import SessionTable
 from p2pnat.relay.tunnel import RelayTunnel
 
@@ -24,20 +26,31 @@ class _Record:
         return fingerprint == self.fingerprint
 
 
+@implementer(IRelay)
 class _Relay:
+    """The part of L{IRelay} a tunnel uses before its first stream."""
+
     def __init__(self, clock):
         self.clock = clock
-        self.hello_timeout = 10.0
+        self.timeouts = Timeouts()
         self.sessions = SessionTable(clock)
         self.metrics = Metrics("relay")
         self.records = {}
-        self.opened = []
+
+    def count(self, outcome):
+        self.metrics.sessions.labels(outcome).inc()
 
     def registry_record(self, device_id):
         return self.records.get(device_id)
 
-    def tunnel_opened(self, t):
-        self.opened.append(t)
+    def claim(self, session_id, device_id, nonce):
+        return self.sessions.claim(session_id, device_id, nonce)
+
+    def claim_early(self, session_id, device_id):
+        return self.sessions.claim_early(session_id, device_id)
+
+    def tunnel_opened(self, t, session):
+        session.ready.callback(t)
 
 
 class _TLSTransport(StringTransport):
