@@ -15,9 +15,7 @@ Here the targets run with a fixed, small budget and derandomized, so that
 CI tries the same inputs every time; C{scripts/fuzz} runs the same targets
 for longer with random seeds.
 
-Classes named C{...PendingTests} hold targets that fail on the current
-code of modules this branch does not own (their failing examples are
-listed with each); every other test here must pass.
+Every failing example found so far is kept as an explicit C{@example}.
 """
 
 import base64
@@ -42,7 +40,7 @@ from p2pnat.lobby.server import ByteBudget, Lobby, Session
 from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import p2p, stun, tunnel, wire
 from p2pnat.protocol.stun import Attr, MessageClass, StunError
-from p2pnat.relay.core import Relay
+from p2pnat.relay.core import Relay, synchronous
 from p2pnat.relay.devices import DeviceState, DeviceTable
 from p2pnat.relay.notify import NotifyHandler
 from p2pnat.relay.terminal import BadRequest, Terminal, Tokens, parse_head
@@ -1000,14 +998,16 @@ class TerminalWorld:
             table.notify_a(device_id, ("203.0.113.5", 40000), ("192.168.1.2", 1), socket,
                            clock.seconds())
         relay = Relay(clock, Metrics("relay"), table, self.registry, Tokens(b"s" * 32, clock),
-                      hostname="relay.test", tunnel_port=7443, https_port=8443)
+                      hostname="relay.test", tunnel_port=7443, https_port=8443,
+                      run_blocking=synchronous)
         # An idle tunnel of cam's, as a previous stream leaves it.
         t = Terminal(relay, True)
         t.makeConnection(Transport())
         t.dataReceived(b"GET / HTTP/1.1\r\nHost: cam.relay.test\r\n\r\n")
         tun = RelayTunnel(relay)
         tun.makeConnection(Transport(_CERT_X509))
-        tun.dataReceived(tunnel.hello(t.session.id, t.session.nonce))
+        request = wire.unseal(socket.sent[-1][0], lambda key_id, ts: KEY)[1]
+        tun.dataReceived(tunnel.hello(request.session_id, request.nonce))
         tun.dataReceived(tunnel.frame(tunnel.OPENED) + tunnel.frame(tunnel.END))
         assert tun.state == "idle", tun.state
         tun.transport.clear()
@@ -1052,7 +1052,7 @@ def check_terminal(args):
         assert lines[0].startswith(b"HTTP/1.1 ") and lines[0][9:12].isdigit(), lines[0]
         for line in lines[1:]:
             assert b"\r" not in line and b"\n" not in line and b": " in line, line
-    elif term.state == "stream" and term.tunnel is tun:
+    elif term.state == "stream" and tun.terminal is term:
         events, error = _decode(tun.transport.value(), [])
         assert error is None, error
         assert events and events[0][0] == "open", events
@@ -1096,12 +1096,13 @@ class TerminalFuzzTests(SynchronousTestCase):
     test_parse_head = ci_test(PARSE_HEAD)
 
 
-class TerminalPendingTests(SynchronousTestCase):
+class TerminalConnectionTests(SynchronousTestCase):
     """
-    Fail on the current p2pnat/relay/terminal.py (being rewritten on
-    another branch): Tokens.check raises on some cookie values, and a
-    CONNECT service name that is not short ASCII breaks the stream (the
-    examples of L{TOKENS} and L{TERMINAL}).
+    Login cookies and whole terminal connections.  Regression tests:
+    Tokens.check raised on some cookie values (C{9999999999.\xe9}, an
+    expiry of C{\xb2} or of 5 000 digits), and a CONNECT service name that
+    is not short ASCII left the terminal in its stream state with no OPEN
+    sent (the examples of L{TOKENS} and L{TERMINAL}).
     """
 
     test_tokens = ci_test(TOKENS)
