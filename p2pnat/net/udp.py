@@ -187,8 +187,7 @@ class ControlProtocol(DatagramProtocol):
             message = frame.open(key)
         except wire.WireError as e:
             return self.drop(e.reason, addr, f"{kind} for {frame.key_id}")
-        exempt = wire.MESSAGES[frame.type].FRESH_EXEMPT
-        why = self.replay.check(frame.key_id, frame.timestamp, exempt)
+        why = self.replay.admit(wire.MESSAGES[frame.type], frame.key_id, frame.timestamp)
         if why:
             return self.drop(why, addr, f"{kind} for {frame.key_id}")
         reply = self.handler.handle(frame, message, addr, self)

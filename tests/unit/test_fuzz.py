@@ -677,7 +677,7 @@ class Sent:
     datagram: bytes
     source: tuple
     authentic: bool  # passes the MAC under the key its key ID names
-    exempt: bool  # of a type a replay of which is answered (FRESH_EXEMPT)
+    exempt: bool  # of a type answered whatever its timestamp's age (PROBE)
 
 
 class UdpHarness:
@@ -716,7 +716,7 @@ class UdpHarness:
                     authentic = True
                 except wire.WireError:
                     pass
-            exempt = wire.MESSAGES[frame.type].FRESH_EXEMPT
+            exempt = wire.MESSAGES[frame.type].PROBE
         return Sent(data, source, authentic, exempt)
 
     def feed(self, data, source):

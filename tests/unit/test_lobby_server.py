@@ -25,7 +25,9 @@ class Peer:
         self.world = world
         self.name = name
         self.addr = addr
-        self.stamper = wire.Stamper(world.clock)
+        # One stamper per client, as LobbyClient has: its sockets share the
+        # client's key, so its timestamps keep increasing across them.
+        self.stamper = world.stampers.setdefault(name, wire.Stamper(world.clock))
         self.got = []
         world.net.endpoints[addr] = self
 
@@ -55,6 +57,7 @@ class World:
             ControlProtocol(self.lobby, self.clock, self.metrics, wire.ReplayGuard(self.clock),
                             stamper=wire.Stamper(self.clock)), *LOBBY)
         self.session_keys = {}
+        self.stampers = {}
 
     def login(self, name, addr):
         p = Peer(self, name, addr)

@@ -189,6 +189,72 @@ class LoginTests(SynchronousTestCase):
         self.assertEqual(w.clock.getDelayedCalls(), [])
 
 
+class CapturedLobbyFrameTests(SynchronousTestCase):
+    """
+    Frames captured off the wire and replayed from another address, later
+    or at once (issue #9, item 2): a Login moves nobody's presence, and a
+    clock probe earns no second answer.
+    """
+
+    ATTACKER = ("192.0.2.66", 40000)
+
+    def captured(self, w, name):
+        return [s.data for s in w.net.sent if s.dst == LOBBY and kind(s.data) == name][0]
+
+    def to_attacker(self, w):
+        return [kind(s.data) for s in w.net.sent if s.dst == self.ATTACKER]
+
+    def test_captured_login_replayed_moves_nothing(self):
+        w = World(self)
+        alice, bob = w.client("alice"), w.client("bob")
+        login = self.captured(w, "Login")
+        w.net.send(self.ATTACKER, LOBBY, login)  # at once
+        w.advance(0.05)
+        w.clock.advance(86400)  # and a day later
+        w.advance(0.05)
+        w.net.send(self.ATTACKER, LOBBY, login)
+        w.advance(0.05)
+        self.assertEqual(w.lobby.presence["alice"].addr, alice.public)
+        # Both older than alice's latest frame (a keepalive): refused.
+        self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="replay"), 2)
+        # The next Invite for alice (bob's addresses, the session) goes to her.
+        path = w.connect("bob", "alice")
+        self.assertEqual(path.mode, "direct")
+        self.assertEqual(self.to_attacker(w), [])
+
+    def test_captured_ping_gets_no_answer(self):
+        w = World(self)
+        w.client("alice")
+        ping = self.captured(w, "Ping")
+        for _ in range(3):
+            w.net.send(self.ATTACKER, LOBBY, ping)
+            w.advance(0.05)
+        w.clock.advance(86400)
+        w.net.send(self.ATTACKER, LOBBY, ping)
+        w.advance(0.05)
+        self.assertEqual(self.to_attacker(w), [])
+        self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="probe-replay"), 4)
+
+    def test_login_follows_a_clock_probe(self):
+        """
+        A client whose clock is an hour off still logs in: its Ping learns
+        the lobby's clock, and its Login is stamped on it.
+        """
+        w = World(self)
+
+        class LobbyClock:
+            def seconds(self):
+                return w.clock.seconds() + 3600
+
+        w.lobby.clock = w.lobby_proto.replay._clock = LobbyClock()
+        alice = w.client("alice", login=False)
+        d = alice.start()
+        w.advance(0.05)
+        self.successResultOf(d)
+        self.assertEqual([kind(s.data) for s in w.net.sent if s.dst == LOBBY], ["Ping", "Login"])
+        self.assertLess(abs(alice.stamper.offset - 3600), 0.1)
+
+
 class ConnectTests(SynchronousTestCase):
     def test_cone_to_cone_direct(self):
         """connect → introduce → simultaneous open → a direct path, on both sides."""

@@ -276,3 +276,73 @@ class RelayDropTests(SynchronousTestCase):
         self.assertEqual(self.send(good), [])
         self.assertEqual(self.dropped("internal-error"), 1)
         self.flushLoggedErrors(RuntimeError)
+
+
+class ProbeReplayTests(SynchronousTestCase):
+    """
+    The agent's clock probe (PeriodRequest) is exempt from the freshness
+    window, since the device does not know the relay's clock yet; a
+    captured one must still never be answered again (issue #9, item 2).
+    """
+
+    ATTACKER = ("198.51.100.66", 4444)
+
+    def captured(self, h, cls):
+        [data] = [d for d in h.sent(cls)][:1]
+        return data
+
+    def replay(self, h, data):
+        h.relay.transport.written.clear()
+        h.relay.datagramReceived(data, self.ATTACKER)
+        return h.relay.transport.written
+
+    def dropped(self, h, reason):
+        return h.relay_metrics.value("p2pnat_udp_dropped_total", reason=reason)
+
+    def test_captured_period_request_never_answered_again(self):
+        h = Harness(self)
+        h.notifier.start(h.agent)
+        self.assertEqual(h.notifier.period, 300)
+        request = self.captured(h, wire.PeriodRequest)
+        self.assertEqual(self.replay(h, request), [])
+        h.clock.advance(86400)  # a day later, out of any window
+        self.assertEqual(self.replay(h, request), [])
+        self.assertEqual(self.dropped(h, "probe-replay"), 2)
+
+    def test_captured_ping_never_answered_again(self):
+        h = Harness(self)
+        ping = wire.seal(wire.Ping(), "dev-1", KEY, wire.Stamper(h.device_clock).probe())
+        h.relay.transport.written.clear()
+        h.relay.datagramReceived(ping, DEVICE_PUBLIC)
+        [(answer, to)] = h.relay.transport.written
+        self.assertEqual(to, DEVICE_PUBLIC)
+        self.assertIsInstance(wire.unseal(answer, lambda k, t: KEY)[1], wire.Pong)
+        self.assertEqual(self.replay(h, ping), [])
+        h.clock.advance(86400)
+        self.assertEqual(self.replay(h, ping), [])
+
+    def test_agent_restarting_with_its_clock_back_recovers(self):
+        """
+        The device rebooted with its clock at 1970 (no battery-backed
+        clock): its probes are below the relay's mark, and it catches up
+        in bounded time, not in 56 years.
+        """
+        h = Harness(self)
+        h.notifier.start(h.agent)
+        h.notifier.stop()
+        h.table.get("dev-1").last_access = None
+        h.device_clock = Clock()
+        h.device_clock.advance(1)
+        h.notifier = Notifier("dev-1", KEY, RELAY, h.device_clock)
+        h.agent.handler = h.notifier
+        h.agent.clock = h.device_clock
+        h.agent.replay = h.notifier.replay
+        h.agent.stamper = h.notifier.stamper
+        self.addCleanup(h.notifier.stop)
+        h.notifier.start(h.agent)
+        h.advance(240)  # retries at 1, 2, 4 ... 30 s
+        self.assertEqual(h.notifier.period, 300)
+        self.assertGreater(self.dropped(h, "probe-replay"), 0)
+        # And in step with the relay's clock: its notifies are accepted.
+        self.assertIsNotNone(h.table.get("dev-1").last_access)
+        self.assertEqual(self.dropped(h, "stale"), 0)
