@@ -345,7 +345,9 @@ class Refusal(Message):
 class RelayBind(wire.Padded):
     """
     A peer to the lobby, key ID ``SESSION.ROLE``: relay this session's
-    datagrams to me at this (observed) address.  Answered by
+    datagrams to me at this (observed) address.  Sent from the socket of
+    the peer's L{ConnectRequest} or L{Answer}: the lobby binds a role only
+    to the fresh mapping it observed for that role.  Answered by
     L{RelayBound}.
     """
 

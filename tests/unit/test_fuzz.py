@@ -824,8 +824,10 @@ def check_lobby_udp(rounds):
     metrics = Metrics("lobby")
     clients = {k: v for k, v in LOBBY_KEYS.items() if "." not in k}
     lobby = Lobby(clients.get, clock, metrics, keepalive=20, relay_rate=2000)
+    # Each role may bind only from the fresh mapping the lobby observed for it.
     lobby.sessions[SID] = Session(SID, bytes([9]) * 32, "alice", "bob", clock.seconds(),
-                                  ByteBudget(clock, 2000))
+                                  ByteBudget(clock, 2000),
+                                  {"a": V4_SOURCES[0], "b": V4_SOURCES[1]})
     h = UdpHarness(lobby, clock, metrics, LOBBY_KEYS)
     for data, source, wait in rounds:
         clock.advance(wait)
