@@ -142,7 +142,9 @@ class ControlProtocol(DatagramProtocol):
     @param handler: object with ``key_for(key_id, type) -> bytes | None``
         and ``handle(frame, message, addr, proto) -> Message | None`` (a reply
         to seal under the same key and key ID), and optionally
-        ``replay_exempt(frame) -> bool``.
+        ``replayed(frame, message, addr, proto)``, told of each genuine
+        frame refused as a replay (it may answer it, at most once and no
+        larger).
     @param replay: the L{wire.ReplayGuard}, shared by all sockets of a daemon.
     @param stun_rate: STUN answers per second per source IP (0 turns STUN off).
     @param stun_limit: the L{TokenBucket} of STUN answers per source IP,
@@ -215,7 +217,11 @@ class ControlProtocol(DatagramProtocol):
             return self.drop(e.reason, addr, f"{kind} for {frame.key_id}")
         why = self.replay.admit(wire.MESSAGES[frame.type], frame.key_id, frame.timestamp)
         if why:
-            return self.drop(why, addr, f"{kind} for {frame.key_id}")
+            self.drop(why, addr, f"{kind} for {frame.key_id}")
+            replayed = getattr(self.handler, "replayed", None)
+            if why == "replay" and replayed is not None:
+                replayed(frame, message, addr, self)
+            return
         reply = self.handler.handle(frame, message, addr, self)
         if reply is not None:
             self.reply(reply, frame, key, addr, len(data))

@@ -346,3 +346,77 @@ class ProbeReplayTests(SynchronousTestCase):
         # And in step with the relay's clock: its notifies are accepted.
         self.assertIsNotNone(h.table.get("dev-1").last_access)
         self.assertEqual(self.dropped(h, "stale"), 0)
+
+
+class RacedNotifyTests(SynchronousTestCase):
+    """
+    Issue #9, item 13a: someone who sees the device's notify sends a copy
+    from another (spoofed) source that reaches the relay first.  Confirmed:
+    the copy is accepted, the genuine notify is then a replay, and the
+    relay's idea of the device's address (where connect requests go) is
+    the copy's source.  The relay now notices the genuine notify arriving
+    as a duplicate from elsewhere and asks both addresses for a fresh
+    notify A, so the device takes its address back within a round trip,
+    not at its next notify.
+    """
+
+    COPY_FROM = ("198.51.100.66", 4444)
+
+    def race(self, h, cls):
+        """Let the device's next C{cls} be overtaken by a copy from L{COPY_FROM}."""
+        raced = []
+
+        def overtake(data, src, dst):
+            if dst == RELAY and data[2] == cls.TYPE and not raced:
+                raced.append(data)
+                h.relay.datagramReceived(data, self.COPY_FROM)
+            return False
+
+        h.net.drop = overtake
+        return raced
+
+    def test_copy_overtaking_a_notify_a(self):
+        h = Harness(self)
+        moved = []
+        h.handler.on_moved = moved.append
+        h.notifier.start(h.agent)
+        raced = self.race(h, wire.NotifyA)
+        h.notifier.notify_a()
+        self.assertEqual(len(raced), 1)
+        # The copy moved the device for a moment ...
+        self.assertEqual(moved, ["dev-1", "dev-1"])
+        self.assertEqual(h.relay_metrics.value("p2pnat_udp_dropped_total", reason="replay"), 1)
+        # ... but the duplicate from the device's own address made the relay
+        # ask for a fresh notify A, which put it back at once.
+        d = h.table.get("dev-1")
+        self.assertEqual(d.addr, DEVICE_PUBLIC)
+        self.assertIs(d.socket, h.relay)
+        self.assertEqual(len(h.sent(wire.NotifyA)), 3)
+
+    def test_copy_overtaking_a_notify_b(self):
+        h = Harness(self)
+        h.notifier.start(h.agent)
+        self.race(h, wire.NotifyB)
+        h.advance(20)  # the first notify B
+        self.assertEqual(h.table.get("dev-1").addr, DEVICE_PUBLIC)
+
+    def test_replayed_copies_ask_once(self):
+        """
+        Only a duplicate of the latest notify counts, and it gets at most
+        one answer per notify: replaying it again reflects nothing.
+        """
+        h = Harness(self)
+        h.notifier.start(h.agent)
+        [genuine] = h.sent(wire.NotifyA)
+        h.relay.transport.written.clear()
+        for _ in range(5):
+            h.relay.datagramReceived(genuine, self.COPY_FROM)
+        asked = [to for data, to in h.relay.transport.written
+                 if wire.unseal(data, lambda k, t: KEY)[1].flags & wire.NEED_NOTIFY_A]
+        self.assertEqual(asked, [DEVICE_PUBLIC, self.COPY_FROM])
+        # The device answered with a fresh notify A, which settled it.
+        self.assertEqual(h.table.get("dev-1").addr, DEVICE_PUBLIC)
+        [period] = h.sent(wire.PeriodRequest)
+        h.relay.transport.written.clear()
+        h.relay.datagramReceived(period, self.COPY_FROM)  # not a notify
+        self.assertEqual(h.relay.transport.written, [])
