@@ -235,6 +235,25 @@ class CapturedLobbyFrameTests(SynchronousTestCase):
         self.assertEqual(self.to_attacker(w), [])
         self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="probe-replay"), 4)
 
+    def test_answers_bound_to_outstanding_requests(self):
+        """
+        A Pong or Welcome replayed to the client (genuine, from the lobby's
+        address) echoes nothing outstanding: it moves neither its clock
+        offset nor its login.
+        """
+        w = World(self)
+        alice = w.client("alice")
+        answers = [s for s in w.net.sent if s.src == LOBBY and kind(s.data) in ("Pong", "Welcome")]
+        self.assertEqual(sorted(kind(s.data) for s in answers), ["Pong", "Welcome"])
+        offset, public = alice.stamper.offset, alice.public
+        before = len(w.net.sent)
+        w.advance(1)
+        for s in answers:
+            w.net.send(LOBBY, s.dst, s.data)
+        w.advance(0.05)
+        self.assertEqual((alice.stamper.offset, alice.public), (offset, public))
+        self.assertEqual([kind(s.data) for s in w.net.sent[before:] if s.src != LOBBY], [])
+
     def test_login_follows_a_clock_probe(self):
         """
         A client whose clock is an hour off still logs in: its Ping learns
