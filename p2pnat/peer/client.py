@@ -205,6 +205,7 @@ class LobbyClient:
                 self.log.info("no answer from the lobby; logging in again")
                 self._login_retry = 0.5
                 self._login()
+                return  # the Login renews our presence
             stamp = self.stamper()
             self._remember(self._login_sent, stamp)
             self._send_lobby(self.proto, M.Keepalive(), stamp)

@@ -166,6 +166,29 @@ class LoginTests(SynchronousTestCase):
         self.assertEqual(len([s for s in w.net.sent if kind(s.data) == "Login"]), 2)
         self.assertEqual(w.lobby.presence["alice"].addr, alice.public)
 
+    def test_probes_again_when_keepalives_go_unanswered(self):
+        """
+        When the lobby refuses our stamps (our clock drifted from the offset
+        we learnt), two unanswered keepalives make the client probe the
+        lobby's clock and log in again.
+        """
+        w = World(self)
+        skew = [0]
+
+        class LobbyClock:
+            def seconds(self):
+                return w.clock.seconds() + skew[0]
+
+        w.lobby.clock = w.lobby_proto.replay._clock = LobbyClock()
+        alice = w.client("alice")
+        skew[0] = 120  # our keepalives are now two minutes behind: stale
+        w.advance(61)
+        self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="stale"), 2)
+        self.assertEqual([kind(s.data) for s in w.net.sent if s.dst == LOBBY][-4:],
+                         ["Keepalive", "Keepalive", "Ping", "Login"])
+        self.assertLess(abs(alice.stamper.offset - 120), 0.1)
+        self.assertLess(w.clock.seconds() + 120 - w.lobby.presence["alice"].seen, 1.1)
+
     def test_lobby_answers_from_elsewhere_ignored(self):
         w = World(self)
         alice = w.client("alice")
