@@ -88,6 +88,7 @@ class Notifier:
         self._period_call = None
 
     def _send(self, message, stamp=None):
+        """Send C{message} to the relay; False if it could not be sent."""
         stamp = stamp or self.stamper()
         data = wire.seal(message, self.device_id, self.mac_key, stamp)
         try:
@@ -96,17 +97,21 @@ class Notifier:
             # No route while the network is down: the timers try again.
             self.log.warn("cannot send {kind} to the relay: {error}",
                           kind=type(message).__name__, error=e)
-        return stamp
+            return False
+        return True
 
     def _ask_period(self):
         self._period_call = None
         try:
-            # Remember the request before sending: the answer may come at once.
-            stamp = self.stamper()
+            # A clock probe (we may not know the relay's clock yet): the
+            # relay answers each probe stamp at most once.  Remember the
+            # request before sending: the answer may come at once.
+            stamp = self.stamper.probe()
             self._period_asked[stamp] = self.clock.seconds()
             while len(self._period_asked) > 16:
                 del self._period_asked[next(iter(self._period_asked))]
-            self._send(wire.PeriodRequest(), stamp)
+            if not self._send(wire.PeriodRequest(), stamp):
+                self.stamper.probe_unsent()
         except Exception:
             self.log.failure("period request failed")
         self._period_call = self.clock.callLater(self._retry, self._ask_period)

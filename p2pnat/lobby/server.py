@@ -9,6 +9,7 @@ its MAC and replay checks.  Times come from the clock given.
 """
 
 import os
+from collections import OrderedDict
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.net.udp import TokenBucket
@@ -66,14 +67,19 @@ class Pending:
 
 
 class Session:
-    """An introduced pair: its key, and where to relay each role's datagrams."""
+    """
+    An introduced pair: its key, the fresh mapping the lobby observed for
+    each role (the source of A's request and of B's answer: the only
+    address that role may be relayed to), and where each role is bound.
+    """
 
-    __slots__ = ("id", "key", "peers", "binds", "created", "used", "budget")
+    __slots__ = ("id", "key", "peers", "observed", "binds", "created", "used", "budget")
 
-    def __init__(self, id, key, a, b, created, budget):
+    def __init__(self, id, key, a, b, created, budget, observed):
         self.id = id
         self.key = key
         self.peers = {"a": a, "b": b}
+        self.observed = observed  # role -> (host, port)
         self.binds = {}  # role -> (addr, socket)
         self.created = created
         self.used = created
@@ -108,7 +114,8 @@ class Lobby:
         self.presence = {}
         self.pending = {}  # (a, request_id) -> Pending
         self.by_request = {}  # (b, request_id) -> Pending
-        self.sessions = {}
+        #: Sessions by ID, least recently active first (see L{_touch}).
+        self.sessions = OrderedDict()
         self.request_limit = TokenBucket(clock, request_rate, request_rate * 2)
 
     # -- ControlProtocol handler -------------------------------------------------
@@ -167,8 +174,12 @@ class Lobby:
         for key in [k for k, p in self.pending.items() if now - p.created > 60]:
             p = self.pending.pop(key)
             self.by_request.pop((p.b, p.request_id), None)
-        for sid in [s for s, v in self.sessions.items() if now - v.used > self.session_ttl]:
-            del self.sessions[sid]
+        while self.sessions:
+            # Least recently active first: stop at the first one still live.
+            oldest = next(iter(self.sessions.values()))
+            if now - oldest.used <= self.session_ttl:
+                break
+            del self.sessions[oldest.id]
         self.metrics.online.set(len(self.presence))
         self.metrics.active_sessions.set(len(self.sessions))
 
@@ -220,14 +231,16 @@ class Lobby:
             p.answer = (m.accepted, addr, m.local, m.nat)
             if m.accepted:
                 while len(self.sessions) >= self.max_sessions:
-                    # At the cap, the oldest session makes room (dicts keep
-                    # creation order): O(1), where a full expiry scan per
-                    # answer made the lobby fall over at 100 000 sessions.
-                    del self.sessions[next(iter(self.sessions))]
+                    # At the cap, the least recently active session makes
+                    # room (the table is kept in that order): O(1), where a
+                    # full expiry scan per answer made the lobby fall over
+                    # at 100 000 sessions; and a session still relaying
+                    # outlives any number of idle ones made after it.
+                    self.sessions.popitem(last=False)
                     self.metrics.sessions.labels("evicted").inc()
                 self.sessions[p.session_id] = Session(
                     p.session_id, p.session_key, p.a, p.b, now,
-                    ByteBudget(self.clock, self.relay_rate))
+                    ByteBudget(self.clock, self.relay_rate), {"a": p.a_addr, "b": addr})
                 self.metrics.sessions.labels("introduced").inc()
                 self.metrics.active_sessions.set(len(self.sessions))
             else:
@@ -257,15 +270,26 @@ class Lobby:
         sid, role = M.parse_session_key_id(frame.key_id)
         return self.sessions.get(sid), role
 
+    def _touch(self, s, now):
+        """C{s} was active now: it moves to the end of the eviction order."""
+        s.used = now
+        self.sessions.move_to_end(s.id)
+
     def _on_RelayBind(self, frame, m, addr, proto, now):
         s, role = self._session(frame)
         if s is None:
+            return None
+        if addr != s.observed[role]:
+            # Both peers hold the session key: without this, either could
+            # bind the other's role, or its own to any (spoofed) address,
+            # and have the lobby send the other's datagrams there.
+            proto.drop("relay-bind-elsewhere", addr, f"{role} of session {s.id.hex()[:8]}")
             return None
         if s.binds.get(role, (None,))[0] != addr:
             self.log.info("relaying session {sid} for {client} at {addr}", sid=s.id.hex()[:8],
                           client=s.peers[role], addr=wire.format_addr(addr))
         s.binds[role] = (addr, proto)
-        s.used = now
+        self._touch(s, now)
         return M.RelayBound(len(s.binds) == 2)
 
     def _forward(self, frame, addr, now, raw_size):
@@ -280,7 +304,7 @@ class Lobby:
             return "relay-no-peer"
         if not s.budget.take(raw_size):
             return "relay-rate-limited"
-        s.used = now
+        self._touch(s, now)
         return other
 
     def relay(self, frame, data, addr, now):

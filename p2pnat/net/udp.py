@@ -13,7 +13,8 @@ reactor.
 
 Replies obey one rule: a reply to a datagram is never larger than the
 datagram (no amplification); STUN answers, which the STUN standard makes
-larger than a bare request, are rate-limited per source address instead.
+larger than a bare request, are rate-limited per source address instead,
+by one limit shared by all the sockets of a daemon (L{share_stun_limit}).
 
 A daemon with several sockets (the lobby) links them with
 L{link_siblings}; a STUN Binding request whose CHANGE-REQUEST asks for
@@ -84,6 +85,26 @@ class DropLog:
                           reason=reason, detail=detail)
 
 
+def stun_bucket(clock, rate):
+    """The token bucket of STUN answers: C{rate} per second per source IP, bursts of twice that."""
+    return TokenBucket(clock, rate, max(1.0, rate * 2))
+
+
+def share_stun_limit(protocols):
+    """
+    Make the L{ControlProtocol}s C{protocols} (the sockets of one daemon)
+    share one STUN limit per source IP: the first one's.  A source then
+    gets C{udp.stun_rate} answers per second from the daemon, not that many
+    from each of its sockets.
+    """
+    protocols = list(protocols)
+    limit = next((p.stun_limit for p in protocols if p.stun_limit is not None), None)
+    for proto in protocols:
+        if proto.stun_limit is not None:
+            proto.stun_limit = limit
+    return limit
+
+
 def link_siblings(protocols):
     """
     Make the listening L{ControlProtocol}s C{protocols} (the sockets of
@@ -121,16 +142,21 @@ class ControlProtocol(DatagramProtocol):
     @param handler: object with ``key_for(key_id, type) -> bytes | None``
         and ``handle(frame, message, addr, proto) -> Message | None`` (a reply
         to seal under the same key and key ID), and optionally
-        ``replay_exempt(frame) -> bool``.
+        ``replayed(frame, message, addr, proto)``, told of each genuine
+        frame refused as a replay (it may answer it, at most once and no
+        larger).
     @param replay: the L{wire.ReplayGuard}, shared by all sockets of a daemon.
     @param stun_rate: STUN answers per second per source IP (0 turns STUN off).
+    @param stun_limit: the L{TokenBucket} of STUN answers per source IP,
+        shared by every socket of a daemon (see L{share_stun_limit}); by
+        default one of C{stun_rate} for this socket alone.
     @param stamper: the daemon's L{wire.Stamper} for replies.
     """
 
     noisy = False  # the port itself logs what it listens on
 
     def __init__(self, handler, clock, metrics, replay, *, name="udp", stun_rate=20.0,
-                 log=None, stamper=None):
+                 stun_limit=None, log=None, stamper=None):
         self.handler = handler
         self.clock = clock
         self.metrics = metrics
@@ -138,7 +164,9 @@ class ControlProtocol(DatagramProtocol):
         self.name = name
         self.log = log or Logger(namespace=f"p2pnat.{name}")
         self.drop_log = DropLog(self.log, clock)
-        self.stun_limit = TokenBucket(clock, stun_rate, max(1.0, stun_rate * 2)) if stun_rate else None
+        if stun_limit is None and stun_rate:
+            stun_limit = stun_bucket(clock, stun_rate)
+        self.stun_limit = stun_limit if stun_rate else None
         # Shared by all sockets of a daemon: timestamps under one key must
         # keep increasing whichever socket sends them.
         self.stamper = stamper or wire.Stamper(clock)
@@ -187,10 +215,13 @@ class ControlProtocol(DatagramProtocol):
             message = frame.open(key)
         except wire.WireError as e:
             return self.drop(e.reason, addr, f"{kind} for {frame.key_id}")
-        exempt = wire.MESSAGES[frame.type].FRESH_EXEMPT
-        why = self.replay.check(frame.key_id, frame.timestamp, exempt)
+        why = self.replay.admit(wire.MESSAGES[frame.type], frame.key_id, frame.timestamp)
         if why:
-            return self.drop(why, addr, f"{kind} for {frame.key_id}")
+            self.drop(why, addr, f"{kind} for {frame.key_id}")
+            replayed = getattr(self.handler, "replayed", None)
+            if why == "replay" and replayed is not None:
+                replayed(frame, message, addr, self)
+            return
         reply = self.handler.handle(frame, message, addr, self)
         if reply is not None:
             self.reply(reply, frame, key, addr, len(data))

@@ -97,9 +97,11 @@ class LobbyClient:
         self.keepalive = 20
         self.paths = {}  # peer -> Path
         self._logged_in = defer.Deferred()
-        self._login_sent = {}
+        self._pings = {}  # clock probe stamp -> local send time
+        self._login_sent = {}  # Login or Keepalive stamp -> local send time
         self._login_call = None
         self._login_retry = 0.5
+        self._welcomed = None  # when the lobby last welcomed us
         self._keepalive_loop = None
         self._requests = {}  # request id -> handler of lobby answers
         self._invites = {}  # (peer, request id) -> our answer, the latest MAX_INVITES
@@ -118,11 +120,14 @@ class LobbyClient:
         return wire.seal(message, self.id, self.key, self.stamper())
 
     def _send_lobby(self, proto, message, stamp=None):
+        """Send C{message} to the lobby; False if it could not be sent."""
         data = wire.seal(message, self.id, self.key, stamp or self.stamper())
         try:
             proto.send(data, self.lobby, type(message).__name__)
         except OSError as e:
             self.log.warn("cannot reach the lobby: {error}", error=e)
+            return False
+        return True
 
     def _local(self, proto):
         host = proto.transport.getHost()
@@ -137,14 +142,37 @@ class LobbyClient:
         return self._logged_in
 
     def _login(self):
+        """
+        One login attempt (retried with backoff until a L{M.Welcome}): a
+        clock probe first, a L{wire.Ping}; its L{wire.Pong} tells the
+        lobby's clock, and only then goes the L{M.Login}, an ordinary fresh
+        frame that the lobby checks against replays.
+        """
         self._login_call = None
-        stamp = self.stamper()
-        self._login_sent[stamp] = self.clock.seconds()
-        while len(self._login_sent) > 8:
-            del self._login_sent[next(iter(self._login_sent))]
-        self._send_lobby(self.proto, M.Login(self._local(self.proto), self.nat), stamp)
+        stamp = self.stamper.probe()
+        self._remember(self._pings, stamp)
+        if not self._send_lobby(self.proto, wire.Ping(), stamp):
+            self.stamper.probe_unsent()
         self._login_call = self.clock.callLater(self._login_retry, self._login)
         self._login_retry = min(self._login_retry * 2, 10.0)
+
+    def _remember(self, sent, stamp):
+        """Note when the request stamped C{stamp} left: its answer must echo it."""
+        sent[stamp] = self.clock.seconds()
+        while len(sent) > 8:
+            del sent[next(iter(sent))]
+
+    def _pong(self, m):
+        sent = self._pings.pop(m.echo, None)
+        if sent is None:
+            return  # not the answer to a probe of ours still outstanding
+        self._pings.clear()
+        self.stamper.sync(sent, self.clock.seconds(), m.server_time)
+        if self._login_call is None:
+            return  # logged in already: a late answer
+        stamp = self.stamper()
+        self._remember(self._login_sent, stamp)
+        self._send_lobby(self.proto, M.Login(self._local(self.proto), self.nat), stamp)
 
     def stop(self):
         """Log out, close every path and socket."""
@@ -169,10 +197,17 @@ class LobbyClient:
 
     def _keepalive(self):
         try:
+            if (self._login_call is None
+                    and self.clock.seconds() - self._welcomed > 2.5 * self.keepalive):
+                # Two keepalives unanswered: the lobby may be refusing our
+                # stamps (our clock drifted from the offset we learnt).
+                # Probe its clock and log in again.
+                self.log.info("no answer from the lobby; logging in again")
+                self._login_retry = 0.5
+                self._login()
+                return  # the Login renews our presence
             stamp = self.stamper()
-            self._login_sent[stamp] = self.clock.seconds()
-            while len(self._login_sent) > 8:
-                del self._login_sent[next(iter(self._login_sent))]
+            self._remember(self._login_sent, stamp)
             self._send_lobby(self.proto, M.Keepalive(), stamp)
         except Exception:
             self.log.failure("keepalive failed")
@@ -190,7 +225,9 @@ class LobbyClient:
     def lobby_message(self, frame, message, addr, proto):
         if addr != self.lobby:
             return None  # lobby messages come from the lobby only
-        if isinstance(message, M.Welcome):
+        if isinstance(message, wire.Pong):
+            self._pong(message)
+        elif isinstance(message, M.Welcome):
             self._welcome(message)
         elif isinstance(message, M.Invite):
             self._invited(message, proto)
@@ -209,7 +246,8 @@ class LobbyClient:
     def _welcome(self, m):
         sent = self._login_sent.pop(m.echo, None)
         if sent is None:
-            return
+            return  # not the answer to a request of ours still outstanding
+        self._welcomed = self.clock.seconds()
         self.stamper.sync(sent, self.clock.seconds(), m.server_time)
         if self.public != m.observed:
             self.log.info("logged in to the lobby as {id}; public address {addr}", id=self.id,

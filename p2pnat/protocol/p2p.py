@@ -126,10 +126,13 @@ def _pack_id(text):
 @register
 @dataclass
 class Login(Message):
-    """Client to lobby: I am here (and this is my NAT).  Answered by L{Welcome}."""
+    """
+    Client to lobby: I am here (and this is my NAT).  Answered by
+    L{Welcome}.  An ordinary fresh frame: the client learns the lobby's
+    clock first with a L{wire.Ping}.
+    """
 
     TYPE = 0x20
-    FRESH_EXEMPT = True  # asks for the lobby's clock; the answer echoes it
     local: tuple = ("0.0.0.0", 0)
     nat: NatInfo = NatInfo()
     padding: int = 32
@@ -154,7 +157,7 @@ class Welcome(Message):
     """
 
     TYPE = 0x21
-    FRESH_EXEMPT = True  # bound to our request by the echo
+    ECHO_BOUND = True
     echo: int = 0
     observed: tuple = ("0.0.0.0", 0)
     server_time: int = 0
@@ -342,7 +345,9 @@ class Refusal(Message):
 class RelayBind(wire.Padded):
     """
     A peer to the lobby, key ID ``SESSION.ROLE``: relay this session's
-    datagrams to me at this (observed) address.  Answered by
+    datagrams to me at this (observed) address.  Sent from the socket of
+    the peer's L{ConnectRequest} or L{Answer}: the lobby binds a role only
+    to the fresh mapping it observed for that role.  Answered by
     L{RelayBound}.
     """
 

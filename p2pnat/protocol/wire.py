@@ -18,7 +18,10 @@ named by ``key_id`` (a device ID, a lobby client ID or a punch session ID),
 over every byte before it.  The timestamp is microseconds on the receiver's
 clock as the sender estimates it; a receiver accepts a frame only if its
 timestamp is newer than the last one seen for that key and within a window
-of its own clock (:class:`ReplayGuard`).
+of its own clock (:class:`ReplayGuard`).  Two kinds of message are checked
+otherwise: clock probes (a sender's first frame, before it knows our clock)
+are answered at most once per timestamp, and answers bound to our own
+request by an echo are left to the handler that matches the echo.
 
 This module is pure: bytes in, objects out, no sockets and no clocks of its
 own.  Malformed input raises :class:`WireError` whose ``reason`` is a short
@@ -105,13 +108,20 @@ class Message:
     Base class of every message type.
 
     Subclasses set ``TYPE`` (the type byte) and implement ``encode_body``
-    and the classmethod ``decode_body``.  ``FRESH_EXEMPT`` marks the one
-    kind of request that may come from a sender whose clock is not yet
-    aligned with ours (it asks for our time).
+    and the classmethod ``decode_body``.
+
+    ``PROBE`` marks a clock probe: the one kind of request that may come
+    from a sender whose clock is not yet aligned with ours (it asks for our
+    time).  It is exempt from the freshness window but answered at most
+    once per timestamp (L{ReplayGuard.check_probe}), and it changes no
+    state.  ``ECHO_BOUND`` marks an answer that echoes the timestamp of our
+    own request: exempt from the window, it is accepted by the handler only
+    as the answer to a request still outstanding, once.
     """
 
     TYPE = None
-    FRESH_EXEMPT = False
+    PROBE = False
+    ECHO_BOUND = False
 
     def encode_body(self):
         return b""
@@ -201,10 +211,13 @@ class Padded(Message):
 
 @dataclass
 class Ping(Padded):
-    """Liveness and clock probe, padded to the size of the L{Pong} it asks for."""
+    """
+    Clock probe (L{Message.PROBE}), padded to the size of the L{Pong} it
+    asks for.  Stamped by L{Stamper.probe}, not on the receiver's clock.
+    """
 
     TYPE = 0x01
-    FRESH_EXEMPT = True
+    PROBE = True
     padding: int = 8 + ADDR_V6_SIZE + 8
 
 
@@ -216,7 +229,7 @@ class Pong(Message):
     """
 
     TYPE = 0x02
-    FRESH_EXEMPT = True  # bound to our own request by the echo
+    ECHO_BOUND = True
     echo: int = 0
     observed: tuple = ("0.0.0.0", 0)
     server_time: int = 0
@@ -236,12 +249,13 @@ class Pong(Message):
 @dataclass
 class PeriodRequest(Padded):
     """
-    Device to relay: what is the maximum access-check period?  Padded so
-    the L{Period} answer is never larger.
+    Device to relay: what is the maximum access-check period?  A clock
+    probe (L{Message.PROBE}), padded so the L{Period} answer is never
+    larger.
     """
 
     TYPE = 0x10
-    FRESH_EXEMPT = True
+    PROBE = True
     padding: int = 24
 
 
@@ -254,7 +268,7 @@ class Period(Message):
     """
 
     TYPE = 0x11
-    FRESH_EXEMPT = True  # bound to our own request by the echo
+    ECHO_BOUND = True
     period: int = 300
     notify_b_max: int = 25
     server_time: int = 0
@@ -502,14 +516,26 @@ def unseal(data, key_for):
 
 class ReplayGuard:
     """
-    Accepts a frame's timestamp once: it must be newer than the last one
-    accepted for its key and within C{window} seconds of the local clock.
-    Frames of exempt types (a request for our clock, answers bound to our
-    own requests by an echo) are not checked here.
+    Accepts each authenticated frame at most once.
 
-    Memory is bounded: at most C{max_keys} keys are remembered; the least
-    recently used one is forgotten first.  A forgotten key's old frames are
-    still refused by the window.
+    - An ordinary frame's timestamp must be newer than the last one
+      accepted for its key and within C{window} seconds of the local clock
+      (L{check}).
+    - A clock probe (L{Message.PROBE}) is exempt from the window, since its
+      sender does not know our clock yet, but its timestamp must be above
+      the highest probe timestamp accepted for its key (L{check_probe}); the
+      sender stamps probes from a strictly increasing counter
+      (L{Stamper.probe}), so a captured probe is never answered again.
+    - An answer bound to our own request by an echo (L{Message.ECHO_BOUND})
+      is left to the handler, which accepts it only for a request still
+      outstanding (L{admit}).
+
+    Memory is bounded: at most C{max_keys} keys are remembered in each
+    table, the least recently used forgotten first; entries are made only
+    for authenticated frames, so only for keys we know.  A forgotten key's
+    old ordinary frames are still refused by the window; its old probes
+    could be answered once more (a daemon sizes C{max_keys} above its
+    number of keys).
     """
 
     def __init__(self, clock, window=60.0, max_keys=1_000_000):
@@ -517,32 +543,64 @@ class ReplayGuard:
         self.window_us = int(window * 1_000_000)
         self.max_keys = max_keys
         self._last = {}
+        self._probes = {}
 
-    def check(self, key_id, timestamp, fresh_exempt=False):
+    def admit(self, message_class, key_id, timestamp):
+        """
+        The check that applies to a frame of C{message_class}.
+
+        @return: None if acceptable (and remembered), else the drop reason.
+        """
+        if message_class.PROBE:
+            return self.check_probe(key_id, timestamp)
+        if message_class.ECHO_BOUND:
+            return None
+        return self.check(key_id, timestamp)
+
+    def check(self, key_id, timestamp):
         """
         @return: None if acceptable (and remembered), else the reason:
             ``replay`` or ``stale``.
         """
-        if fresh_exempt:
-            # Sent before the sender knew our clock; its answer is bound to
-            # the request by an echo instead.  Not recorded, so that a
-            # sender's clock correction cannot make its next frames look old.
-            return None
         last = self._last.get(key_id)
         if last is not None and timestamp <= last:
             return "replay"
         now = int(self._clock.seconds() * 1_000_000)
         if abs(timestamp - now) > self.window_us:
             return "stale"
-        if last is not None:
-            del self._last[key_id]  # re-insert: dicts keep insertion order, so LRU
-        elif len(self._last) >= self.max_keys:
-            del self._last[next(iter(self._last))]
-        self._last[key_id] = timestamp
+        self._remember(self._last, key_id, timestamp)
         return None
+
+    def check_probe(self, key_id, timestamp):
+        """
+        A clock probe: acceptable only above the highest probe timestamp
+        accepted for C{key_id}, whatever our clock says.
+
+        @return: None if acceptable (and remembered), else ``probe-replay``.
+        """
+        last = self._probes.get(key_id)
+        if last is not None and timestamp <= last:
+            return "probe-replay"
+        self._remember(self._probes, key_id, timestamp)
+        return None
+
+    def _remember(self, table, key_id, timestamp):
+        if key_id in table:
+            del table[key_id]  # re-insert: dicts keep insertion order, so LRU
+        elif len(table) >= self.max_keys:
+            del table[next(iter(table))]
+        table[key_id] = timestamp
 
     def forget(self, key_id):
         self._last.pop(key_id, None)
+
+
+#: Clock probes left unanswered before L{Stamper.probe} starts catching up.
+PROBE_CATCH_UP_AFTER = 3
+#: Each further unanswered probe moves the next one this many times further ahead.
+PROBE_CATCH_UP_FACTOR = 16
+#: The furthest ahead (seconds) a catching-up probe goes: 2**32 s, 136 years.
+PROBE_CATCH_UP_MAX = 2 ** 32
 
 
 class Stamper:
@@ -550,12 +608,18 @@ class Stamper:
     Makes strictly increasing timestamps for one sender, on the receiver's
     clock as far as we know it (C{offset} seconds are added to ours; set
     it from a L{Pong} or L{Period}).
+
+    Clock probes get their own counter (L{probe}): it never follows the
+    offset, so that learning the receiver's clock never makes a probe look
+    older than one already sent.
     """
 
     def __init__(self, clock, offset=0.0):
         self._clock = clock
         self.offset = offset
         self._last = 0
+        self._last_probe = 0
+        self._probe_misses = 0
 
     def seconds(self):
         """
@@ -570,11 +634,42 @@ class Stamper:
         self._last = max(now, self._last + 1)
         return self._last
 
+    def probe(self):
+        """
+        The timestamp of a clock probe: our own clock in microseconds,
+        strictly increasing.  The receiver answers only a probe above the
+        highest it has answered for our key.
+
+        A sender whose clock went back (a device without a battery-backed
+        clock, booting at 1970) is below that mark until its clock passes
+        it again.  So from the L{PROBE_CATCH_UP_AFTER}th probe left
+        unanswered in a row (see L{probe_unsent}, L{sync}), each probe goes
+        L{PROBE_CATCH_UP_FACTOR} times further ahead of our clock: 1 s,
+        16 s, 256 s ... up to L{PROBE_CATCH_UP_MAX} (136 years, the twelfth
+        probe).  A clock that went back by D is over the mark after about
+        4 + log16(D) probes: bounded, whatever D is.
+        """
+        n = self._probe_misses - PROBE_CATCH_UP_AFTER
+        ahead = 0 if n < 0 else min(PROBE_CATCH_UP_FACTOR ** n, PROBE_CATCH_UP_MAX)
+        self._probe_misses += 1
+        self._last_probe = max(int((self._clock.seconds() + ahead) * 1_000_000),
+                               self._last_probe + 1)
+        return self._last_probe
+
+    def probe_unsent(self):
+        """
+        The last probe could not be sent (no route): it does not count as
+        unanswered, so that a network that is down does not push the
+        receiver's mark far ahead.
+        """
+        self._probe_misses = max(0, self._probe_misses - 1)
+
     def sync(self, sent_local, received_local, server_time_us):
         """
         Set the offset from one request/response exchange: the server's
         clock read at mid-flight.
         """
+        self._probe_misses = 0
         mid = (sent_local + received_local) / 2
         self.offset = server_time_us / 1_000_000 - mid
         now = int((self._clock.seconds() + self.offset) * 1_000_000)

@@ -18,10 +18,15 @@ class DeviceState:
     @ivar socket: the UDP socket that notify reached; connect requests must
         leave from it so the NAT takes them for replies.
     @ivar last_access: time of the latest notify A (None: never).
+    @ivar stamp: timestamp of the latest notify accepted (A or B), to know a
+        copy of it when one arrives from elsewhere (see
+        L{p2pnat.relay.notify.NotifyHandler.replayed}).
+    @ivar disputed: whether a copy of that notify already came from
+        elsewhere (it is answered once).
     """
 
     __slots__ = ("id", "mac_key", "revoked", "last_access", "addr", "local", "socket",
-                 "access_mode", "record")
+                 "access_mode", "record", "stamp", "disputed")
 
     def __init__(self, id, mac_key, revoked=False, last_access=None, addr=None,
                  access_mode="device", record=None):
@@ -34,6 +39,8 @@ class DeviceState:
         self.socket = None
         self.access_mode = access_mode
         self.record = record
+        self.stamp = None
+        self.disputed = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,7 @@ class DeviceTable:
             state.addr = old.addr or state.addr
             state.socket = old.socket
             state.local = old.local
+            state.stamp, state.disputed = old.stamp, old.disputed
             if old.last_access and (state.last_access or 0) < old.last_access:
                 state.last_access = old.last_access
         self._devices[state.id] = state

@@ -39,6 +39,9 @@ class NotifyHandler:
     def handle(self, frame, message, addr, proto):
         now = self.clock.seconds()
         device_id = frame.key_id
+        if isinstance(message, (wire.NotifyA, wire.NotifyB)):
+            d = self.table.get(device_id)
+            d.stamp, d.disputed = frame.timestamp, False
         if isinstance(message, wire.NotifyA):
             d = self.table.get(device_id)
             was = d.addr, d.last_access
@@ -75,4 +78,31 @@ class NotifyHandler:
         if isinstance(message, wire.Ping):
             return wire.Pong(frame.timestamp, addr, int(now * 1e6))
         return None
+
+    def replayed(self, frame, message, addr, proto):
+        """
+        A genuine frame refused as a replay.  When it is a copy of the
+        device's latest notify from another address, one of the two came
+        from someone who saw the notify on the wire and raced the device
+        to the relay, and the relay cannot tell which: if the copy won, it
+        now sends the device's connect requests to the copy's source.  So
+        it asks both addresses, once per notify, for a fresh notify A
+        (NotifyAck flag L{wire.NEED_NOTIFY_A}, never larger than the
+        notify): the device's answer, from its real address, settles it.
+        """
+        if not isinstance(message, (wire.NotifyA, wire.NotifyB)):
+            return
+        d = self.table.get(frame.key_id)
+        if d is None or d.stamp != frame.timestamp or d.addr == addr or d.disputed:
+            return
+        d.disputed = True
+        self.log.warn("device {device_id}: a copy of its notify came from {addr} too;"
+                      " asking {there} and {addr} for a fresh notify A", device_id=d.id,
+                      addr=wire.format_addr(addr), there=wire.format_addr(d.addr))
+        size = len(frame.signed) + wire.MAC_LEN
+        for to, sock in ((d.addr, d.socket or proto), (addr, proto)):
+            ack = wire.seal(wire.NotifyAck(frame.timestamp, to, wire.NEED_NOTIFY_A), d.id,
+                            d.mac_key, sock.stamper())
+            if len(ack) <= size:  # no amplification, as for any answer
+                sock.send(ack, to, "NotifyAck")
 

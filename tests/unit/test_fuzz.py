@@ -675,7 +675,7 @@ class Sent:
     datagram: bytes
     source: tuple
     authentic: bool  # passes the MAC under the key its key ID names
-    exempt: bool  # of a type a replay of which is answered (FRESH_EXEMPT)
+    exempt: bool  # of a type answered whatever its timestamp's age (PROBE)
 
 
 class UdpHarness:
@@ -714,7 +714,7 @@ class UdpHarness:
                     authentic = True
                 except wire.WireError:
                     pass
-            exempt = wire.MESSAGES[frame.type].FRESH_EXEMPT
+            exempt = wire.MESSAGES[frame.type].PROBE
         return Sent(data, source, authentic, exempt)
 
     def feed(self, data, source):
@@ -822,8 +822,10 @@ def check_lobby_udp(rounds):
     metrics = Metrics("lobby")
     clients = {k: v for k, v in LOBBY_KEYS.items() if "." not in k}
     lobby = Lobby(clients.get, clock, metrics, keepalive=20, relay_rate=2000)
+    # Each role may bind only from the fresh mapping the lobby observed for it.
     lobby.sessions[SID] = Session(SID, bytes([9]) * 32, "alice", "bob", clock.seconds(),
-                                  ByteBudget(clock, 2000))
+                                  ByteBudget(clock, 2000),
+                                  {"a": V4_SOURCES[0], "b": V4_SOURCES[1]})
     h = UdpHarness(lobby, clock, metrics, LOBBY_KEYS)
     for data, source, wait in rounds:
         clock.advance(wait)

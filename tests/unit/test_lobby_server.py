@@ -25,7 +25,9 @@ class Peer:
         self.world = world
         self.name = name
         self.addr = addr
-        self.stamper = wire.Stamper(world.clock)
+        # One stamper per client, as LobbyClient has: its sockets share the
+        # client's key, so its timestamps keep increasing across them.
+        self.stamper = world.stampers.setdefault(name, wire.Stamper(world.clock))
         self.got = []
         world.net.endpoints[addr] = self
 
@@ -55,6 +57,7 @@ class World:
             ControlProtocol(self.lobby, self.clock, self.metrics, wire.ReplayGuard(self.clock),
                             stamper=wire.Stamper(self.clock)), *LOBBY)
         self.session_keys = {}
+        self.stampers = {}
 
     def login(self, name, addr):
         p = Peer(self, name, addr)
@@ -197,6 +200,30 @@ class SessionCapTests(_Pair, SynchronousTestCase):
         self.assertEqual(list(self.w.lobby.sessions), ids[2:])
         self.assertEqual(self.w.metrics.value("p2pnat_sessions_total", outcome="evicted"), 2)
 
+    def test_active_session_outlives_idle_ones_at_the_cap(self):
+        """
+        At the cap the least recently active session goes, not the oldest:
+        a session still relaying survives any number of newer idle ones.
+        """
+        self.w.clock.advance(1)
+        self.request(rid=1)
+        self.b2.send(M.Answer(1, True))
+        sid = self.a2.last(M.Introduce).session_id
+        key = M.open_session_key(KEYS["alice"], sid, self.a2.last(M.Introduce).sealed_key)
+        ka, kb = M.session_key_id(sid, "a"), M.session_key_id(sid, "b")
+        self.w.session_keys = {ka: key, kb: key}
+        self.a2.send(M.RelayBind(), key_id=ka, key=key)
+        self.b2.send(M.RelayBind(), key_id=kb, key=key)
+        for rid in range(2, 8):
+            self.w.clock.advance(1)
+            self.request(rid=rid)
+            self.b2.send(M.Answer(rid, True))
+            # The relayed session is in use all along.
+            self.a2.send(M.Data(b"still here"), key_id=ka, key=key)
+        self.assertIn(sid, self.w.lobby.sessions)
+        self.assertEqual(len(self.w.lobby.sessions), 3)
+        self.assertEqual(self.w.metrics.value("p2pnat_sessions_total", outcome="evicted"), 4)
+
 
 class RelayTests(_Pair, SynchronousTestCase):
     world_options = {"relay_rate": 10_000}
@@ -242,6 +269,33 @@ class RelayTests(_Pair, SynchronousTestCase):
         self.w.net.send(data, self.a2.addr, LOBBY)
         self.assertEqual(len(self.b2.got), before + 1)
         self.assertEqual(self.w.dropped("replay"), 1)
+
+    def test_peer_cannot_bind_the_other_role(self):
+        """
+        Bob holds the session key too, but binding Alice's role (to his own
+        address, or to a victim's) does nothing: a role binds only from the
+        fresh mapping the lobby observed for it (issue #9, item 12).
+        """
+        victim = Peer(self.w, "victim", ("192.0.2.99", 53))
+        for peer in (self.b2, victim):
+            self.w.clock.advance(0.001)  # a new frame each time, not a replay
+            self.assertIsNone(self.bind(peer, self.ka))
+        self.assertEqual(self.w.dropped("relay-bind-elsewhere"), 2)
+        self.w.clock.advance(0.001)
+        self.bind(self.b2, self.kb)
+        self.assertEqual(self.bind(self.a2, self.ka), M.RelayBound(True))
+        self.a2.send(M.Data(b"for bob"), key_id=self.ka, key=self.key)
+        self.assertEqual(self.b2.last(M.Data), M.Data(b"for bob"))
+        self.assertEqual(victim.got, [])
+
+    def test_own_role_not_bound_to_a_spoofed_address(self):
+        """Nor can a peer have its own role relayed to another address."""
+        self.bind(self.a2, self.ka)
+        victim = Peer(self.w, "victim", ("192.0.2.99", 53))
+        self.assertIsNone(self.bind(victim, self.kb))  # sent by bob, spoofing the victim
+        self.a2.send(M.Data(bytes(500)), key_id=self.ka, key=self.key)
+        self.assertEqual(victim.got, [])
+        self.assertNotIn("b", self.w.lobby.sessions[self.sid].binds)
 
     def test_rate_limit(self):
         self.bind(self.a2, self.ka)

@@ -166,6 +166,29 @@ class LoginTests(SynchronousTestCase):
         self.assertEqual(len([s for s in w.net.sent if kind(s.data) == "Login"]), 2)
         self.assertEqual(w.lobby.presence["alice"].addr, alice.public)
 
+    def test_probes_again_when_keepalives_go_unanswered(self):
+        """
+        When the lobby refuses our stamps (our clock drifted from the offset
+        we learnt), two unanswered keepalives make the client probe the
+        lobby's clock and log in again.
+        """
+        w = World(self)
+        skew = [0]
+
+        class LobbyClock:
+            def seconds(self):
+                return w.clock.seconds() + skew[0]
+
+        w.lobby.clock = w.lobby_proto.replay._clock = LobbyClock()
+        alice = w.client("alice")
+        skew[0] = 120  # our keepalives are now two minutes behind: stale
+        w.advance(61)
+        self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="stale"), 2)
+        self.assertEqual([kind(s.data) for s in w.net.sent if s.dst == LOBBY][-4:],
+                         ["Keepalive", "Keepalive", "Ping", "Login"])
+        self.assertLess(abs(alice.stamper.offset - 120), 0.1)
+        self.assertLess(w.clock.seconds() + 120 - w.lobby.presence["alice"].seen, 1.1)
+
     def test_lobby_answers_from_elsewhere_ignored(self):
         w = World(self)
         alice = w.client("alice")
@@ -187,6 +210,91 @@ class LoginTests(SynchronousTestCase):
         w.advance(0.05)
         self.assertNotIn("alice", w.lobby.presence)
         self.assertEqual(w.clock.getDelayedCalls(), [])
+
+
+class CapturedLobbyFrameTests(SynchronousTestCase):
+    """
+    Frames captured off the wire and replayed from another address, later
+    or at once (issue #9, item 2): a Login moves nobody's presence, and a
+    clock probe earns no second answer.
+    """
+
+    ATTACKER = ("192.0.2.66", 40000)
+
+    def captured(self, w, name):
+        return [s.data for s in w.net.sent if s.dst == LOBBY and kind(s.data) == name][0]
+
+    def to_attacker(self, w):
+        return [kind(s.data) for s in w.net.sent if s.dst == self.ATTACKER]
+
+    def test_captured_login_replayed_moves_nothing(self):
+        w = World(self)
+        alice, bob = w.client("alice"), w.client("bob")
+        login = self.captured(w, "Login")
+        w.net.send(self.ATTACKER, LOBBY, login)  # at once
+        w.advance(0.05)
+        w.clock.advance(86400)  # and a day later
+        w.advance(0.05)
+        w.net.send(self.ATTACKER, LOBBY, login)
+        w.advance(0.05)
+        self.assertEqual(w.lobby.presence["alice"].addr, alice.public)
+        # Both older than alice's latest frame (a keepalive): refused.
+        self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="replay"), 2)
+        # The next Invite for alice (bob's addresses, the session) goes to her.
+        path = w.connect("bob", "alice")
+        self.assertEqual(path.mode, "direct")
+        self.assertEqual(self.to_attacker(w), [])
+
+    def test_captured_ping_gets_no_answer(self):
+        w = World(self)
+        w.client("alice")
+        ping = self.captured(w, "Ping")
+        for _ in range(3):
+            w.net.send(self.ATTACKER, LOBBY, ping)
+            w.advance(0.05)
+        w.clock.advance(86400)
+        w.net.send(self.ATTACKER, LOBBY, ping)
+        w.advance(0.05)
+        self.assertEqual(self.to_attacker(w), [])
+        self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="probe-replay"), 4)
+
+    def test_answers_bound_to_outstanding_requests(self):
+        """
+        A Pong or Welcome replayed to the client (genuine, from the lobby's
+        address) echoes nothing outstanding: it moves neither its clock
+        offset nor its login.
+        """
+        w = World(self)
+        alice = w.client("alice")
+        answers = [s for s in w.net.sent if s.src == LOBBY and kind(s.data) in ("Pong", "Welcome")]
+        self.assertEqual(sorted(kind(s.data) for s in answers), ["Pong", "Welcome"])
+        offset, public = alice.stamper.offset, alice.public
+        before = len(w.net.sent)
+        w.advance(1)
+        for s in answers:
+            w.net.send(LOBBY, s.dst, s.data)
+        w.advance(0.05)
+        self.assertEqual((alice.stamper.offset, alice.public), (offset, public))
+        self.assertEqual([kind(s.data) for s in w.net.sent[before:] if s.src != LOBBY], [])
+
+    def test_login_follows_a_clock_probe(self):
+        """
+        A client whose clock is an hour off still logs in: its Ping learns
+        the lobby's clock, and its Login is stamped on it.
+        """
+        w = World(self)
+
+        class LobbyClock:
+            def seconds(self):
+                return w.clock.seconds() + 3600
+
+        w.lobby.clock = w.lobby_proto.replay._clock = LobbyClock()
+        alice = w.client("alice", login=False)
+        d = alice.start()
+        w.advance(0.05)
+        self.successResultOf(d)
+        self.assertEqual([kind(s.data) for s in w.net.sent if s.dst == LOBBY], ["Ping", "Login"])
+        self.assertLess(abs(alice.stamper.offset - 3600), 0.1)
 
 
 class ConnectTests(SynchronousTestCase):

@@ -276,3 +276,147 @@ class RelayDropTests(SynchronousTestCase):
         self.assertEqual(self.send(good), [])
         self.assertEqual(self.dropped("internal-error"), 1)
         self.flushLoggedErrors(RuntimeError)
+
+
+class ProbeReplayTests(SynchronousTestCase):
+    """
+    The agent's clock probe (PeriodRequest) is exempt from the freshness
+    window, since the device does not know the relay's clock yet; a
+    captured one must still never be answered again (issue #9, item 2).
+    """
+
+    ATTACKER = ("198.51.100.66", 4444)
+
+    def captured(self, h, cls):
+        [data] = [d for d in h.sent(cls)][:1]
+        return data
+
+    def replay(self, h, data):
+        h.relay.transport.written.clear()
+        h.relay.datagramReceived(data, self.ATTACKER)
+        return h.relay.transport.written
+
+    def dropped(self, h, reason):
+        return h.relay_metrics.value("p2pnat_udp_dropped_total", reason=reason)
+
+    def test_captured_period_request_never_answered_again(self):
+        h = Harness(self)
+        h.notifier.start(h.agent)
+        self.assertEqual(h.notifier.period, 300)
+        request = self.captured(h, wire.PeriodRequest)
+        self.assertEqual(self.replay(h, request), [])
+        h.clock.advance(86400)  # a day later, out of any window
+        self.assertEqual(self.replay(h, request), [])
+        self.assertEqual(self.dropped(h, "probe-replay"), 2)
+
+    def test_captured_ping_never_answered_again(self):
+        h = Harness(self)
+        ping = wire.seal(wire.Ping(), "dev-1", KEY, wire.Stamper(h.device_clock).probe())
+        h.relay.transport.written.clear()
+        h.relay.datagramReceived(ping, DEVICE_PUBLIC)
+        [(answer, to)] = h.relay.transport.written
+        self.assertEqual(to, DEVICE_PUBLIC)
+        self.assertIsInstance(wire.unseal(answer, lambda k, t: KEY)[1], wire.Pong)
+        self.assertEqual(self.replay(h, ping), [])
+        h.clock.advance(86400)
+        self.assertEqual(self.replay(h, ping), [])
+
+    def test_agent_restarting_with_its_clock_back_recovers(self):
+        """
+        The device rebooted with its clock at 1970 (no battery-backed
+        clock): its probes are below the relay's mark, and it catches up
+        in bounded time, not in 56 years.
+        """
+        h = Harness(self)
+        h.notifier.start(h.agent)
+        h.notifier.stop()
+        h.table.get("dev-1").last_access = None
+        h.device_clock = Clock()
+        h.device_clock.advance(1)
+        h.notifier = Notifier("dev-1", KEY, RELAY, h.device_clock)
+        h.agent.handler = h.notifier
+        h.agent.clock = h.device_clock
+        h.agent.replay = h.notifier.replay
+        h.agent.stamper = h.notifier.stamper
+        self.addCleanup(h.notifier.stop)
+        h.notifier.start(h.agent)
+        h.advance(240)  # retries at 1, 2, 4 ... 30 s
+        self.assertEqual(h.notifier.period, 300)
+        self.assertGreater(self.dropped(h, "probe-replay"), 0)
+        # And in step with the relay's clock: its notifies are accepted.
+        self.assertIsNotNone(h.table.get("dev-1").last_access)
+        self.assertEqual(self.dropped(h, "stale"), 0)
+
+
+class RacedNotifyTests(SynchronousTestCase):
+    """
+    Issue #9, item 13a: someone who sees the device's notify sends a copy
+    from another (spoofed) source that reaches the relay first.  Confirmed:
+    the copy is accepted, the genuine notify is then a replay, and the
+    relay's idea of the device's address (where connect requests go) is
+    the copy's source.  The relay now notices the genuine notify arriving
+    as a duplicate from elsewhere and asks both addresses for a fresh
+    notify A, so the device takes its address back within a round trip,
+    not at its next notify.
+    """
+
+    COPY_FROM = ("198.51.100.66", 4444)
+
+    def race(self, h, cls):
+        """Let the device's next C{cls} be overtaken by a copy from L{COPY_FROM}."""
+        raced = []
+
+        def overtake(data, src, dst):
+            if dst == RELAY and data[2] == cls.TYPE and not raced:
+                raced.append(data)
+                h.relay.datagramReceived(data, self.COPY_FROM)
+            return False
+
+        h.net.drop = overtake
+        return raced
+
+    def test_copy_overtaking_a_notify_a(self):
+        h = Harness(self)
+        moved = []
+        h.handler.on_moved = moved.append
+        h.notifier.start(h.agent)
+        raced = self.race(h, wire.NotifyA)
+        h.notifier.notify_a()
+        self.assertEqual(len(raced), 1)
+        # The copy moved the device for a moment ...
+        self.assertEqual(moved, ["dev-1", "dev-1"])
+        self.assertEqual(h.relay_metrics.value("p2pnat_udp_dropped_total", reason="replay"), 1)
+        # ... but the duplicate from the device's own address made the relay
+        # ask for a fresh notify A, which put it back at once.
+        d = h.table.get("dev-1")
+        self.assertEqual(d.addr, DEVICE_PUBLIC)
+        self.assertIs(d.socket, h.relay)
+        self.assertEqual(len(h.sent(wire.NotifyA)), 3)
+
+    def test_copy_overtaking_a_notify_b(self):
+        h = Harness(self)
+        h.notifier.start(h.agent)
+        self.race(h, wire.NotifyB)
+        h.advance(20)  # the first notify B
+        self.assertEqual(h.table.get("dev-1").addr, DEVICE_PUBLIC)
+
+    def test_replayed_copies_ask_once(self):
+        """
+        Only a duplicate of the latest notify counts, and it gets at most
+        one answer per notify: replaying it again reflects nothing.
+        """
+        h = Harness(self)
+        h.notifier.start(h.agent)
+        [genuine] = h.sent(wire.NotifyA)
+        h.relay.transport.written.clear()
+        for _ in range(5):
+            h.relay.datagramReceived(genuine, self.COPY_FROM)
+        asked = [to for data, to in h.relay.transport.written
+                 if wire.unseal(data, lambda k, t: KEY)[1].flags & wire.NEED_NOTIFY_A]
+        self.assertEqual(asked, [DEVICE_PUBLIC, self.COPY_FROM])
+        # The device answered with a fresh notify A, which settled it.
+        self.assertEqual(h.table.get("dev-1").addr, DEVICE_PUBLIC)
+        [period] = h.sent(wire.PeriodRequest)
+        h.relay.transport.written.clear()
+        h.relay.datagramReceived(period, self.COPY_FROM)  # not a notify
+        self.assertEqual(h.relay.transport.written, [])

@@ -337,6 +337,26 @@ class LobbyTapTests(TapTestCase):
         self.assertIs(timer.clock, reactor)
         self.assertEqual(timer.step, 1.0)
 
+    def test_one_stun_limit_per_source_across_sockets(self):
+        """
+        A source gets udp.stun_rate answers per second (burst: twice that)
+        from the whole lobby, not from each of its sockets (issue #9, item 9).
+        """
+        reactor = UDPMemoryReactor()
+        svc = self.tap.makeService(self.lobby_options(
+            "--udp-listen", "127.0.0.1:13478,127.0.0.1:13479,127.0.0.2:13478,127.0.0.2:13479",
+            "--udp-stun-rate", "5"), reactor)
+        self.start(svc)
+        answered = 0
+        for _ in range(10):
+            for p in reactor.udpPorts:
+                p.protocol.transport.written.clear()
+                p.protocol.datagramReceived(stun.binding_request()[1], ("192.0.2.7", 5555))
+                answered += len(p.protocol.transport.written)
+        self.assertEqual(answered, 10)  # the burst, once
+        # Another source has its own bucket.
+        self.assertEqual(stun_exchange(reactor.udpPorts[3].protocol)[1], ("127.0.0.1", 5555))
+
     def test_start_stop(self):
         """
         Started, each socket answers STUN and a client's ping; the registry

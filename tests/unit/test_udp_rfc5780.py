@@ -233,3 +233,57 @@ class AnswerBindingHonourTests(SynchronousTestCase):
         with self.assertRaises(stun.StunErrorResponse) as cm:
             stun.parse_binding_response(answer, tid)
         self.assertEqual(cm.exception.unknown, (Attr.RESPONSE_PORT,))
+
+
+class SizeTests(SynchronousTestCase):
+    """
+    The largest STUN answer for its request's size, over every request
+    shape the daemons answer, and what docs/stun.rst says of it (issue #9,
+    item 9: the RFC 5780 path made it larger than documented).
+    """
+
+    V4 = (["198.18.1.1", "198.18.1.2"], ("203.0.113.7", 40000))
+    V6 = (["2001:db8::1", "2001:db8::2"], ("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", 40000))
+
+    @staticmethod
+    def requests():
+        for classic in (False, True):
+            for change in (None, (False, False), (True, False), (False, True), (True, True)):
+                for fingerprint in ((False,) if classic else (False, True)):
+                    attrs = [] if change is None else [
+                        (Attr.CHANGE_REQUEST, stun.encode_change_request(*change))]
+                    yield stun.encode_message(stun.Message(
+                        stun.Method.BINDING, MessageClass.REQUEST,
+                        bytes(16 if classic else 12), attrs), fingerprint=fingerprint)
+
+    def sizes(self, family, siblings=True):
+        hosts, client = family
+        # Without siblings: one socket, never linked (the relay).
+        addresses = [(h, p) for h in hosts for p in (P1, P2)] if siblings else [(hosts[0], P1)]
+        d = Daemon(addresses, link=siblings, stun_rate=1e9)
+        for data in self.requests():
+            for proto in d.sockets.values():
+                proto.transport.written.clear()
+            d.sockets[(hosts[0], P1)].datagramReceived(data, client)
+            [(answer, to)] = [w for p in d.sockets.values() for w in p.transport.written]
+            yield len(data), len(answer)
+
+    def worst(self, family, siblings=True):
+        return max(self.sizes(family, siblings), key=lambda s: (s[1] / s[0], s[1]))
+
+    def test_worst_case(self):
+        self.assertEqual(self.worst(self.V6), (28, 92))
+        self.assertEqual(self.worst(self.V4), (28, 56))
+        self.assertEqual(self.worst(self.V6, siblings=False), (20, 44))
+        self.assertEqual(max(b - a for family in (self.V4, self.V6)
+                             for a, b in self.sizes(family)), 64)
+
+    def test_documented(self):
+        import os
+        here = os.path.dirname(os.path.abspath(__file__))
+        with open(os.path.join(here, "..", "..", "docs", "stun.rst")) as f:
+            text = " ".join(f.read().split())
+        request, answer = self.worst(self.V6)
+        self.assertIn(f"a {answer}-byte answer, {answer / request:.1f} times the request"
+                      f" ({answer - request} bytes more)", text)
+        self.assertIn("No answer is more than 64 bytes larger than its request", text)

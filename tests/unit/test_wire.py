@@ -196,12 +196,30 @@ class ReplayGuardTests(SynchronousTestCase):
         self.assertEqual(self.guard.check("a", self.now + 61_000_000), "stale")
         self.assertIsNone(self.guard.check("a", self.now - 59_000_000))
 
-    def test_exempt_neither_checked_nor_recorded(self):
-        self.assertIsNone(self.guard.check("a", 5, fresh_exempt=True))
-        self.assertIsNone(self.guard.check("a", 5, fresh_exempt=True))
+    def test_probe_answered_once_whatever_its_age(self):
+        """
+        A clock probe is exempt from the window (its sender does not know
+        our clock) but answered only above the highest probe accepted for
+        its key: a captured probe is never answered again.
+        """
+        self.assertIsNone(self.guard.check_probe("a", 5))  # a clock at 1970
+        self.assertEqual(self.guard.check_probe("a", 5), "probe-replay")
+        self.assertEqual(self.guard.check_probe("a", 4), "probe-replay")
+        self.assertIsNone(self.guard.check_probe("a", 6))
+        self.assertIsNone(self.guard.check_probe("b", 5))
+        # Probes and ordinary frames are checked apart: neither moves the other.
         self.assertIsNone(self.guard.check("a", self.now))
-        self.assertIsNone(self.guard.check("a", 4, fresh_exempt=True))
+        self.assertIsNone(self.guard.check_probe("a", 7))
         self.assertEqual(self.guard.check("a", self.now), "replay")
+
+    def test_admit_by_kind(self):
+        admit = self.guard.admit
+        self.assertIsNone(admit(wire.PeriodRequest, "a", 5))
+        self.assertEqual(admit(wire.PeriodRequest, "a", 5), "probe-replay")
+        self.assertEqual(admit(wire.NotifyA, "a", 5), "stale")
+        # An answer's echo is the handler's to check.
+        self.assertIsNone(admit(wire.Period, "a", 5))
+        self.assertIsNone(admit(wire.Period, "a", 5))
 
     def test_bounded(self):
         for k in "abcde":
@@ -210,6 +228,9 @@ class ReplayGuardTests(SynchronousTestCase):
         # A forgotten key's old frame is still caught by ordering only if
         # remembered; the window keeps it bounded in time.
         self.assertIsNone(self.guard.check("a", self.now))
+        for k in "abcde":
+            self.guard.check_probe(k, 1)
+        self.assertEqual(len(self.guard._probes), 3)
 
 
 class StamperTests(SynchronousTestCase):
@@ -227,6 +248,41 @@ class StamperTests(SynchronousTestCase):
         s.sync(100.0, 102.0, 500_000_000)
         self.assertAlmostEqual(s.offset, 399.0)
         self.assertEqual(s(), 499_000_000)
+
+    def test_probe_counter_ignores_the_offset(self):
+        """Learning the receiver's clock never makes a probe look older than one sent."""
+        clock = Clock()
+        clock.advance(1000)
+        s = wire.Stamper(clock)
+        first = s.probe()
+        s.sync(1000.0, 1000.0, 10_000_000)  # the receiver's clock is 990 s behind ours
+        self.assertEqual(s.probe(), first + 1)
+        self.assertEqual(s(), 10_000_000)
+
+    def test_probe_catches_up_in_bounded_steps(self):
+        """
+        A sender whose clock went back 56 years (a device booting at 1970)
+        gets over the receiver's mark in a bounded number of probes; the
+        probes it could not send do not count.
+        """
+        clock = Clock()
+        guard = wire.ReplayGuard(clock)
+        now = 1_700_000_000
+        self.assertIsNone(guard.check_probe("d", now * 1_000_000))
+        clock.advance(1)  # the device rebooted at 1970 (1 s after the epoch)
+        s = wire.Stamper(clock)
+        s.probe()
+        s.probe_unsent()  # no route yet: not an unanswered probe
+        sent = 1
+        while guard.check_probe("d", s.probe()) is not None:
+            sent += 1
+            self.assertLess(sent, 16)
+        # Three plain, then 1 s, 16 s ... 2**28 s (8.5 years) ahead, then 2**32 s.
+        self.assertEqual(sent, 3 + 9)
+        # Answered: the next probes are plain again.
+        s.sync(0.0, 0.0, now * 1_000_000)
+        self.assertEqual(s.probe() - s._last_probe, 0)
+        self.assertLess(s.probe(), (now + 2 ** 32 + 2) * 1_000_000)
 
     def test_sync_backwards_resets(self):
         clock = Clock()
