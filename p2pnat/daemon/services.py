@@ -128,11 +128,13 @@ def control_sockets(parent, config, reactor, handler, metrics, replay, stamper, 
     """
     One L{UDPService} per address of setting ``udp.listen``, added to
     C{parent}, each a L{ControlProtocol} for C{handler}.  They share the
-    daemon's replay guard and stamper, and answer STUN at ``udp.stun_rate``.
+    daemon's replay guard and stamper, and answer STUN at ``udp.stun_rate``
+    per source across all of them (with one limit per socket, a source got
+    that rate from each).
 
     @return: the services, in the order of the setting.
     """
-    from p2pnat.net.udp import ControlProtocol
+    from p2pnat.net.udp import ControlProtocol, share_stun_limit
 
     sockets = []
     for item in config["udp.listen"]:
@@ -142,6 +144,7 @@ def control_sockets(parent, config, reactor, handler, metrics, replay, stamper, 
         udp = UDPService(reactor, host, port, proto)
         udp.setServiceParent(parent)
         sockets.append(udp)
+    share_stun_limit(udp.protocol for udp in sockets)
     return sockets
 
 

@@ -17,7 +17,7 @@ from p2pnat.daemon.services import (
     startup_errors,
 )
 from p2pnat.lobby.server import Lobby
-from p2pnat.net.udp import link_siblings, share_stun_limit
+from p2pnat.net.udp import link_siblings
 from p2pnat.protocol import wire
 
 SCHEMA = [
@@ -91,9 +91,6 @@ class LobbyService(service.MultiService):
             relay_rate=config["lobby.relay_rate"], request_rate=config["lobby.request_rate"])
         self.udp = control_sockets(self, config, reactor, self.handler, self.metrics,
                                    wire.ReplayGuard(reactor), wire.Stamper(reactor), "lobby.udp")
-        # One STUN limit per source for the whole lobby: with one per socket,
-        # a source got udp.stun_rate answers per second from each of them.
-        share_stun_limit(udp.protocol for udp in self.udp)
         every(self, config["lobby.sync_interval"], self.sync, reactor)
         common_services(config, self.metrics, reactor, self)
 
