@@ -234,7 +234,9 @@ def add_parser(subparsers):
 
     device = _group(subparsers, "device", "provision, list and revoke devices")
     p = device.add_parser("add", help="register a device and write its agent bundle")
-    p.add_argument("id", metavar="ID", help="the device ID")
+    p.add_argument("id", metavar="ID",
+                   help="the device ID: terminals reach the device at ID.RELAYHOST, so it is"
+                        f" {registry.DEVICE_ID_RULE}")
     _state_dir(p)
     p.add_argument("--relay", metavar="HOST:PORT",
                    help="the relay's UDP notify address as the device reaches it"
@@ -251,7 +253,8 @@ def add_parser(subparsers):
                         " or the relay (relay, with an access credential)")
     cred = p.add_mutually_exclusive_group()
     cred.add_argument("--credential-file", metavar="F",
-                      help="file holding the access credential for --access relay")
+                      help="file holding the access credential for --access relay"
+                           f" (at least {provision.MIN_CREDENTIAL} characters)")
     cred.add_argument("--generate-credential", action="store_true",
                       help="generate an access credential and print it once")
     p.add_argument("--years", type=int, default=pki.DEVICE_YEARS,

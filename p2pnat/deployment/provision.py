@@ -332,6 +332,13 @@ def read_credential(path):
     return credential
 
 
+#: The fewest characters an access credential given at provisioning may
+#: have (generated ones have 24).  The relay limits guesses, but a short
+#: credential still falls to a patient attacker.  Devices provisioned with
+#: shorter ones before this rule keep them, and they keep working.
+MIN_CREDENTIAL = 12
+
+
 def _credential(access, credential_file, generate):
     """``(credential or None, whether generated)`` for a device in mode C{access}."""
     if access == "device":
@@ -342,7 +349,12 @@ def _credential(access, credential_file, generate):
         return secrets.token_urlsafe(18), True
     if not credential_file:
         raise ProvisionError("--access relay needs --credential-file F or --generate-credential")
-    return read_credential(credential_file), False
+    credential = read_credential(credential_file)
+    n = len(credential.decode("utf-8", "replace"))
+    if n < MIN_CREDENTIAL:
+        raise ProvisionError(f"{credential_file}: the access credential has {n} characters;"
+                             f" at least {MIN_CREDENTIAL} are needed (or --generate-credential)")
+    return credential, False
 
 
 def _agent_toml(device_id, relay, relay_hostname, service):
@@ -422,16 +434,23 @@ def add_device(state_dir, device_id, out, *, service, relay=None, relay_hostname
     @param relay_hostname: the name the agent checks in the relay's
         certificate (default: the relay's hostname); the relay's
         certificate must cover it.
+    @param device_id: a lower-case DNS label (L{registry.check_new_device_id});
+        with C{replace}, an existing device's ID as it is.
     @param access: ``"device"`` (the device's own web UI handles login) or
         ``"relay"`` (the relay asks for an access credential, read from
-        C{credential_file} or generated).
+        C{credential_file} (at least L{MIN_CREDENTIAL} characters) or
+        generated).
     @param years: certificate lifetime, 1 to 5.
     @param replace: re-provision an existing or revoked device with new keys.
     @raise ProvisionError: bad parameters, missing relay state, an existing
         device (and not C{replace}) or a non-empty C{out}; nothing is
         registered or left in C{out} then.
     """
-    registry.check_id("device", device_id)
+    # A new ID becomes a host name; re-provisioning may keep an older kind.
+    if replace:
+        registry.check_id("device", device_id)
+    else:
+        registry.check_new_device_id(device_id)
     if not 1 <= years <= 5:
         raise ProvisionError(f"--years must be 1 to 5, got {years}")
     ca_cert, ca_key = _load_ca(state_dir)

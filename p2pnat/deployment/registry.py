@@ -23,6 +23,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -140,6 +141,16 @@ def verify_credential(stored, given):
 _DUMMY_HASH = hash_credential(b"\0", salt=bytes(16))
 
 
+def verify_stored(stored, given):
+    """
+    L{verify_credential} of C{given} against C{stored}, which may be None
+    (no such device, or one without a credential): then false, after as
+    long as a real check, so that the time taken tells nothing.
+    """
+    ok = verify_credential(stored or _DUMMY_HASH, given)
+    return ok and bool(stored)
+
+
 # -- records -----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -224,7 +235,9 @@ _TABLES = {"devices": (_DEVICE_COLUMNS, _device), "clients": (_CLIENT_COLUMNS, _
 
 def check_id(kind, key_id):
     """
-    Check a device or client ID (C{kind} names which, for the message).
+    Check a device or client ID (C{kind} names which, for the message)
+    against the wire's rule: every ID a registry may hold.  New device IDs
+    follow a narrower rule too (L{check_new_device_id}).
 
     @raise RegistryError: not 1-L{wire.MAX_KEY_ID} characters of A-Z a-z
         0-9 . _ -, starting with a letter or digit.
@@ -233,6 +246,49 @@ def check_id(kind, key_id):
         raise RegistryError(
             f"invalid {kind} ID {key_id!r}: 1-{wire.MAX_KEY_ID} characters of"
             " A-Z a-z 0-9 . _ -, starting with a letter or digit")
+
+
+#: What a new device ID may be, as messages say it.
+DEVICE_ID_RULE = ("one DNS label: 1-63 characters of a-z, 0-9 and '-', starting and ending"
+                  " with a letter or digit")
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+
+
+def device_id_problem(device_id):
+    """
+    Why terminals cannot reach device C{device_id} by name
+    (``https://ID.RELAYHOST/``, ``/connect?ID=``), or None when it is a
+    lower-case DNS label, as every new ID is (L{check_new_device_id}).
+    Registries made before that rule may hold others.
+    """
+    if _DNS_LABEL.match(device_id):
+        return None
+    if _DNS_LABEL.match(device_id.lower()):
+        return ("it has upper-case letters, and host names are case-insensitive: the relay"
+                " looks every name up in lower case")
+    if "." in device_id:
+        return ("it has a dot: ID.RELAYHOST is then two labels, which the relay's wildcard"
+                " certificate does not cover")
+    return f"it is not {DEVICE_ID_RULE}"
+
+
+def check_new_device_id(device_id):
+    """
+    Check the ID of a device being added: a lower-case DNS label, since
+    terminals reach the device at ``ID.RELAYHOST`` and host names are
+    case-insensitive.  (Lobby client IDs are never host names: they keep
+    the wire's rule, L{check_id}.)
+
+    @raise RegistryError: with what is allowed.
+    """
+    if not isinstance(device_id, str):
+        raise RegistryError(f"invalid device ID {device_id!r}: not a string")
+    if _DNS_LABEL.match(device_id.lower()) and not _DNS_LABEL.match(device_id):
+        raise RegistryError(f"invalid device ID {device_id!r}: device IDs are lower case,"
+                            f" as host names are case-insensitive; use {device_id.lower()!r}")
+    if not _DNS_LABEL.match(device_id):
+        raise RegistryError(f"invalid device ID {device_id!r}: a device ID is {DEVICE_ID_RULE}"
+                            " (terminals reach the device at ID.RELAYHOST)")
 
 
 def _check_mac_key(mac_key):
@@ -430,11 +486,15 @@ class Registry:
         @param replace: re-provision an existing (possibly revoked) device:
             its key, fingerprint, mode and credential are replaced, it is no
             longer revoked and its last access is forgotten.
+        An existing device may be replaced under its old ID even if it
+        breaks the rule new IDs follow (L{check_new_device_id}).
+
         @raise RegistryError: invalid ID, key, fingerprint or mode; a
             credential missing for mode ``relay`` or given for ``device``;
             the device exists (and not C{replace}).
         """
-        check_id("device", device_id)
+        if not (replace and isinstance(device_id, str) and self.device(device_id) is not None):
+            check_new_device_id(device_id)
         _check_mac_key(mac_key)
         cert_fingerprint = _check_fingerprint(cert_fingerprint)
         if access_mode not in ACCESS_MODES:
@@ -508,9 +568,7 @@ class Registry:
         row = self._db.execute(
             "SELECT access_credential_hash FROM devices WHERE id = ? AND revoked IS NULL",
             (device_id,)).fetchone()
-        stored = row[0] if row is not None and row[0] else None
-        ok = verify_credential(stored or _DUMMY_HASH, given)
-        return ok and stored is not None
+        return verify_stored(row[0] if row is not None else None, given)
 
     # -- lobby clients
 

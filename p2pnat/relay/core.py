@@ -7,14 +7,15 @@ tunnels, and sends connect requests from the socket each device's notifies
 arrive at.  The protocols reach it only through L{IRelay}.
 """
 
-import hashlib
 from dataclasses import dataclass
 
 from twisted.internet.defer import fail, maybeDeferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
 from p2pnat.daemon.logs import Logger, redact
+from p2pnat.deployment.registry import device_id_problem, verify_stored
 from p2pnat.protocol import wire
+from p2pnat.relay.credentials import CredentialChecker, CredentialLimits, source_of
 from p2pnat.relay.sessions import SessionTable, TooBusy
 
 __all__ = ["IRelay", "Relay", "Timeouts", "TooBusy", "TunnelRequest", "synchronous"]
@@ -61,8 +62,12 @@ class IRelay(Interface):
     def registry_record(device_id):
         """The device's registry record, or None."""
 
-    def check_credential(device_id, given):
-        """Deferred firing with whether C{given} is the device's access credential."""
+    def check_credential(device_id, given, peer):
+        """
+        Deferred firing with whether C{given} is the device's access
+        credential, or failing with L{p2pnat.relay.credentials.NotChecked}
+        when the terminal at C{peer} (``"host:port"``) must wait first.
+        """
 
     def device_url(device_id, secure):
         """The https:// (or http://) address of the device on this relay."""
@@ -122,8 +127,11 @@ class Relay:
     @param registry: the L{p2pnat.deployment.registry.Registry}.
     @param tokens: the L{p2pnat.relay.http.Tokens} for login cookies.
     @param run_blocking: C{run_blocking(f, *args)} runs blocking work (the
-        credential hash) and returns a Deferred of its result: on a thread
-        pool in the daemon, L{synchronous} in tests.
+        credential hash) and returns a Deferred of its result: on a small
+        thread pool of its own in the daemon, L{synchronous} in tests.
+    @param credential_limits: the L{CredentialLimits} (guesses, and how
+        many checks may be under way; C{run_blocking} should run at most
+        C{running} of them at once).
     @param tunnel_host: host name told to devices in connect requests
         (empty: the one they already use for the relay).
     """
@@ -133,7 +141,7 @@ class Relay:
     def __init__(self, clock, metrics, devices, registry, tokens, *, hostname, tunnel_port,
                  run_blocking, timeouts=Timeouts(), tunnel_host="", https_port=443,
                  http_port=0, max_idle_per_device=8, max_sessions=10000,
-                 max_sessions_per_device=64):
+                 max_sessions_per_device=64, credential_limits=CredentialLimits()):
         self.clock = clock
         self.metrics = metrics
         self.devices = devices
@@ -145,7 +153,8 @@ class Relay:
         self.https_port = https_port
         self.http_port = http_port
         self.timeouts = timeouts
-        self.run_blocking = run_blocking
+        self.credentials = CredentialChecker(clock, run_blocking, verify_stored,
+                                             credential_limits)
         self.sessions = SessionTable(clock, timeouts.session, limit=max_sessions,
                                      per_device=max_sessions_per_device)
         self.max_idle = max_idle_per_device
@@ -154,7 +163,6 @@ class Relay:
         self._streamed_device = {}  # terminal -> the device ID it is in streamed under
         self.tunnels = {}  # device ID -> set of live tunnels
         self.idle = {}  # device ID -> list of idle tunnels, most recent last
-        self._cred_cache = {}  # hash of (device, stored hash, credential) -> expiry
 
     # -- what the terminal side asks -------------------------------------------
 
@@ -171,34 +179,21 @@ class Relay:
         d = self.devices.get(device_id)
         return d.record if d is not None else None
 
-    def check_credential(self, device_id, given):
+    def check_credential(self, device_id, given, peer):
         """
-        Whether C{given} is the device's access credential.  The hash
-        check (scrypt, slow on purpose) runs through C{run_blocking}; a
-        success is remembered for a minute so that a CLI presenting the
-        credential on every connection does not pay it each time.
+        Whether C{given} is the device's access credential, under the guess
+        limits and the bound on checks under way of
+        L{p2pnat.relay.credentials}.  The hash check (scrypt, slow on
+        purpose) runs through C{run_blocking}.  A device that is unknown or
+        has no credential costs the same hash, so that the time taken does
+        not tell which IDs exist.
 
-        @return: Deferred firing with a bool.
+        @return: Deferred firing with a bool, or failing with
+            L{p2pnat.relay.credentials.NotChecked}.
         """
-        from p2pnat.deployment.registry import verify_credential
-
         record = self.registry_record(device_id)
         stored = record.access_credential_hash if record is not None else None
-        if not stored:
-            return succeed(False)
-        key = hashlib.sha256(f"{device_id}\0{stored}\0{given}".encode()).digest()
-        now = self.clock.seconds()
-        if self._cred_cache.get(key, 0) > now:
-            return succeed(True)
-
-        def remember(ok):
-            if ok:
-                if len(self._cred_cache) > 1024:
-                    self._cred_cache.clear()
-                self._cred_cache[key] = now + 60
-            return ok
-
-        return self.run_blocking(verify_credential, stored, given).addCallback(remember)
+        return self.credentials.check(device_id, stored, given, source_of(peer))
 
     def device_url(self, device_id, secure):
         port = self.https_port if secure else self.http_port
@@ -321,6 +316,23 @@ class Relay:
                           device_id=device_id, n=len(idle))
         for t in idle:
             t.drop()
+
+    def warn_unreachable_ids(self):
+        """
+        Log a warning for each active device whose ID terminals cannot
+        reach by name (registered before device IDs had to be lower-case
+        DNS labels), with why and how to move it to a new ID.
+        """
+        for d in self.devices:
+            problem = None if d.revoked else device_id_problem(d.id)
+            if problem is not None:
+                self.log.warn(
+                    "device ID {device_id!r} cannot be reached by name (https://ID.{hostname}/"
+                    " or /connect?ID=): {problem}.  Provision the device again under a new"
+                    " ID that is a lower-case DNS label (`p2pnat device add NEWID ...`, then"
+                    " run the agent with the new bundle) and remove the old one"
+                    " (`p2pnat device remove {device_id}`)", device_id=d.id,
+                    hostname=self.hostname, problem=problem)
 
     def device_revoked(self, device_id):
         """

@@ -86,7 +86,7 @@ def page(status, title, message, extra_headers=(), body_extra=""):
     """A complete small HTML response that closes the connection."""
     reason = {200: "OK", 302: "Found", 303: "See Other", 400: "Bad Request",
               401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-              413: "Content Too Large", 421: "Misdirected Request",
+              413: "Content Too Large", 421: "Misdirected Request", 429: "Too Many Requests",
               431: "Request Header Fields Too Large", 502: "Bad Gateway",
               503: "Service Unavailable", 504: "Gateway Timeout"}[status]
     body = (

@@ -27,6 +27,7 @@ from p2pnat.net import fastio
 from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import wire
 from p2pnat.relay.core import Relay, Timeouts, synchronous
+from p2pnat.relay.credentials import CredentialLimits
 from p2pnat.relay.devices import DeviceState, DeviceTable
 from p2pnat.relay.notify import NotifyHandler
 from p2pnat.relay.store import StoreSync
@@ -83,6 +84,26 @@ SCHEMA = [
               "seconds between writes of notify A times to the store and checks for"
               " registry changes (devices added or removed)", C.positive),
     C.Setting("tls.fast_path", bool, True, fastio.SETTING_HELP),
+    C.Setting("credentials.threads", int, 1,
+              "threads hashing access credentials (scrypt: ~50 ms of CPU and 16 MiB each)",
+              C.positive),
+    C.Setting("credentials.waiting", int, 16,
+              "credential checks that may wait for a hashing thread; more are answered 503",
+              C.non_negative),
+    C.Setting("credentials.per_source_device", int, 5,
+              "wrong-credential guesses one address may make at one device at once",
+              C.positive),
+    C.Setting("credentials.per_source_device_interval", float, 30.0,
+              "seconds: then one more guess per this interval", C.positive),
+    C.Setting("credentials.per_source", int, 20,
+              "guesses one address may make at all devices together at once", C.positive),
+    C.Setting("credentials.per_source_interval", float, 6.0,
+              "seconds: then one more guess per this interval", C.positive),
+    C.Setting("credentials.per_device", int, 30,
+              "guesses at one device from all addresses that did not log in to it lately",
+              C.positive),
+    C.Setting("credentials.per_device_interval", float, 2.0,
+              "seconds: then one more guess per this interval", C.positive),
 ] + C.COMMON
 
 
@@ -97,15 +118,28 @@ def timeouts(config):
                     idle=config["tunnel.idle_timeout"])
 
 
+def credential_limits(config):
+    """The relay's L{CredentialLimits} from its settings."""
+    return CredentialLimits(
+        per_source_device=config["credentials.per_source_device"],
+        per_source_device_interval=config["credentials.per_source_device_interval"],
+        per_source=config["credentials.per_source"],
+        per_source_interval=config["credentials.per_source_interval"],
+        per_device=config["credentials.per_device"],
+        per_device_interval=config["credentials.per_device_interval"],
+        running=config["credentials.threads"], waiting=config["credentials.waiting"])
+
+
 class RelayService(service.MultiService):
     """
     The relay: its device table kept in step with the registry, its UDP
     notify sockets, its terminal (HTTPS/HTTP) and tunnel (TLS) listeners.
 
-    Blocking work leaves the reactor thread: credential hashes go to the
-    reactor's thread pool, the store's rounds to one worker thread of
-    their own.  A reactor without threads (an in-memory test reactor) runs
-    both inline.
+    Blocking work leaves the reactor thread, on pools of its own:
+    credential hashes on ``credentials.threads`` threads (so that a flood
+    of logins never holds up the reactor's pool, which resolves names), the
+    store's rounds on one worker.  A reactor without threads (an in-memory
+    test reactor) runs both inline.
     """
 
     log = Logger(namespace="p2pnat.relay")
@@ -131,12 +165,14 @@ class RelayService(service.MultiService):
                                      config["relay.notify_b_interval"],
                                      on_moved=lambda device_id: self.relay.device_moved(device_id))
         https, http = config["terminal.https"], config["terminal.http"]
-        self.store_pool = None
+        self.store_pool = self.credential_pool = None
         if IReactorThreads.providedBy(reactor):
             self.store_pool = ThreadPool(1, 1, "p2pnat-relay-store")
+            self.credential_pool = ThreadPool(0, config["credentials.threads"],
+                                              "p2pnat-relay-credentials")
 
             def run_blocking(f, *args):
-                return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+                return deferToThreadPool(reactor, self.credential_pool, f, *args)
 
             def run_store(f, *args):
                 return deferToThreadPool(reactor, self.store_pool, f, *args)
@@ -149,7 +185,8 @@ class RelayService(service.MultiService):
             tunnel_host=config["tunnel.public_host"],
             https_port=config["terminal.public_https_port"] or endpoint_port(https),
             http_port=config["terminal.public_http_port"] or endpoint_port(http),
-            run_blocking=run_blocking, timeouts=timeouts(config))
+            run_blocking=run_blocking, timeouts=timeouts(config),
+            credential_limits=credential_limits(config))
         self.store = StoreSync(self.table,
                                lambda: Registry.open_state_dir(self.state_dir, create=False),
                                run_store, self.applied)
@@ -189,6 +226,7 @@ class RelayService(service.MultiService):
     def startService(self):
         if self.store_pool is not None:
             self.store_pool.start()
+            self.credential_pool.start()
         super().startService()
         # With port 0 (tests), learn the ports actually bound.
         if self.tunnel_listener is not None and not self.relay.tunnel_port:
@@ -205,6 +243,7 @@ class RelayService(service.MultiService):
                                 (("https", self.relay.https_port), ("http", self.relay.http_port))
                                 if port),
             tunnel=self.relay.tunnel_port)
+        self.relay.warn_unreachable_ids()
 
     def applied(self, records):
         """
@@ -253,6 +292,7 @@ class RelayService(service.MultiService):
         def closed(result):
             if self.store_pool is not None:
                 self.store_pool.stop()
+                self.credential_pool.stop()
             self.registry.close()
             return result
 

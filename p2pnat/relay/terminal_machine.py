@@ -33,6 +33,7 @@ from twisted.internet.defer import succeed
 from p2pnat.daemon.logs import Logger
 from p2pnat.protocol import wire
 from p2pnat.protocol.tunnel import MAX_CONTROL
+from p2pnat.relay.credentials import NotChecked
 from p2pnat.relay.devices import REVOKED, Refusal
 from p2pnat.relay.http import (
     COOKIE,
@@ -163,6 +164,7 @@ class TerminalCore:
         relay_host = self.relay.hostname
         if req.method == "CONNECT":
             device_id, _, service = req.target.partition(":")
+            device_id = device_id.lower()  # device IDs are host names: case-insensitive
             if not valid_service(service):
                 return m.reply(400, "Bad request", "That is not a service name.")
             return self._device(m, device_id, service, tcp=True)
@@ -175,7 +177,7 @@ class TerminalCore:
         url = urlsplit(req.target)
         if url.path == "/connect":
             ids = parse_qs(url.query).get("ID") or parse_qs(url.query).get("id") or [""]
-            return self._connect_redirect(m, ids[0])
+            return self._connect_redirect(m, ids[0].lower())
         if url.path == "/":
             return m.reply(200, "p2pnat relay",
                            "Open a device at https://DEVICE." + relay_host + "/ or "
@@ -254,7 +256,8 @@ class TerminalCore:
             given = value.strip()
         if not given:
             return succeed(False)
-        return self.relay.check_credential(self.device_id, given).addCallback(self._warn_wrong)
+        return self.relay.check_credential(self.device_id, given, self.io.peer()).addCallback(
+            self._warn_wrong)
 
     def _warn_wrong(self, ok):
         if not ok:
@@ -387,7 +390,7 @@ def _read_login(m, c, data):
 
 @_b.on(body, I.login, to=auth)
 def _check_login(m, c, given, next_path):
-    d = c.relay.check_credential(c.device_id, given)
+    d = c.relay.check_credential(c.device_id, given, c.io.peer())
     d.addCallbacks(lambda ok: m.login_checked(ok, next_path), m.check_failed)
 
 
@@ -422,6 +425,9 @@ def _login_checked(m, c, ok, next_path):
 
 @_b.on(auth, I.check_failed)
 def _check_failed(m, c, failure):
+    if failure.check(NotChecked):  # over a guess limit, or too many checks under way
+        e = failure.value
+        return m.reply(e.status, e.title, str(e), (f"Retry-After: {e.retry_after}",))
     c.log.failure("credential check failed", failure)
     m.reply(502, "Relay error", "The relay could not check the credential.")
 

@@ -8,6 +8,7 @@ import ast
 import io
 import json
 import os
+import sqlite3
 import stat
 import sys
 import tomllib
@@ -249,11 +250,11 @@ class DeviceTests(CommandTestCase):
     def test_credential_file(self):
         path = self.path("cred")
         with open(path, "w") as f:
-            f.write("open sesame\n")
+            f.write("open sesame, please\n")
         out = self.add_device("cam-1", self.path("b"), "--access", "relay",
                               "--credential-file", path)
         self.assertNotIn("open sesame", out)
-        self.assertTrue(self.registry().check_credential("cam-1", "open sesame"))
+        self.assertTrue(self.registry().check_credential("cam-1", "open sesame, please"))
 
     def test_credential_errors(self):
         base = ["device", "add", "cam-1", "--state-dir", self.state, "--relay", "r.example:1",
@@ -266,6 +267,51 @@ class DeviceTests(CommandTestCase):
         self.fails(*base, "--access", "relay", "--credential-file", empty)
         self.assertIsNone(self.registry().device("cam-1"))
         self.assertFalse(os.path.exists(self.path("b")))
+
+    def test_device_id_is_a_host_name(self):
+        """
+        A new device ID is one lower-case DNS label: terminals reach it at
+        ID.RELAYHOST, whose case does not count and whose dots would make
+        more labels than the relay's wildcard certificate covers.
+        """
+        base = ["--state-dir", self.state, "--relay", "relay.example.org:3478",
+                "--service", "127.0.0.1:80", "--out", self.path("b")]
+        self.add_device("cam", self.path("b0"))
+        self.assertIn("device IDs are lower case, as host names are case-insensitive;"
+                      " use 'cam'", self.fails("device", "add", "Cam", *base))
+        for bad in ("garage.door", "under_score", "x" * 64, "a-"):
+            err = self.fails("device", "add", bad, *base)
+            self.assertIn("one DNS label: 1-63 characters of a-z, 0-9 and '-', starting and"
+                          " ending with a letter or digit", err)
+        self.assertFalse(os.path.exists(self.path("b")))
+        self.assertEqual([d.id for d in self.registry().devices()], ["cam"])
+        self.add_device("x" * 63, self.path("b1"))
+
+    def test_legacy_id_kept_on_replace(self):
+        """A device registered before the rule can be re-provisioned under its old ID."""
+        db = sqlite3.connect(os.path.join(self.state, "registry.sqlite3"), isolation_level=None)
+        db.execute("INSERT INTO devices (id, mac_key, cert_fingerprint, created)"
+                   " VALUES ('Cam.1', ?, ?, 0)", (bytes(32), "ab" * 32))
+        db.close()
+        self.add_device("Cam.1", self.path("b"), "--replace")
+        self.assertNotEqual(self.registry().device("Cam.1").cert_fingerprint, "ab" * 32)
+
+    def test_credential_length(self):
+        """A credential given at provisioning has at least 12 characters."""
+        base = ["device", "add", "cam-1", "--state-dir", self.state, "--relay", "r.example:1",
+                "--service", "127.0.0.1:80", "--out", self.path("b"), "--access", "relay",
+                "--credential-file"]
+        path = self.path("cred")
+        for short in ("hunter2", "caf\u00e9-caf\u00e9"):  # 11 characters, 13 bytes
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(short + "\n")
+            err = self.fails(*base, path)
+            self.assertIn(f"has {len(short)} characters; at least 12 are needed", err)
+        self.assertIsNone(self.registry().device("cam-1"))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("twelve chars\n")
+        self.ok(*base, path)
+        self.assertTrue(self.registry().check_credential("cam-1", "twelve chars"))
 
     def test_add_errors(self):
         """Bad input is refused with one line, and leaves no row and no bundle behind."""

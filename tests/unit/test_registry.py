@@ -63,6 +63,37 @@ class RegistryTests(SynchronousTestCase):
         self.assertRaises(RegistryError, self.reg.add_client, "a", KEY[:1])
         self.assertEqual(self.reg.devices(include_revoked=True), [])
 
+    def test_new_device_ids_are_dns_labels(self):
+        """New device IDs are lower-case DNS labels; lobby client IDs keep the wire's rule."""
+        for good in ("cam", "0", "cam-1", "a" * 63, "xn--caf-dma"):
+            self.reg.add_device(good, KEY, FP)
+        for bad, says in [("Cam", "use 'cam'"), ("CAM-1", "use 'cam-1'"),
+                          ("garage.door", "one DNS label"), ("under_score", "one DNS label"),
+                          ("a-", "one DNS label"), ("a" * 64, "one DNS label")]:
+            e = self.assertRaises(RegistryError, self.reg.add_device, bad, KEY, FP)
+            self.assertIn(says, str(e))
+            self.assertIsNone(self.reg.device(bad))
+        self.reg.add_client("Alice.B_1", KEY)
+
+    def test_device_id_problem(self):
+        """Why an ID an older registry holds cannot be reached by name."""
+        self.assertIsNone(registry.device_id_problem("cam-1"))
+        self.assertIn("upper-case", registry.device_id_problem("Cam"))
+        self.assertIn("wildcard certificate", registry.device_id_problem("garage.door"))
+        self.assertIn("wildcard certificate", registry.device_id_problem("Garage.Door"))
+        self.assertIn("DNS label", registry.device_id_problem("under_score"))
+        self.assertIn("DNS label", registry.device_id_problem("a" * 64))
+
+    def test_legacy_device_id_replaced_in_place(self):
+        """An ID an older p2pnat accepted can be re-provisioned, not added anew."""
+        self.reg._db.execute("INSERT INTO devices (id, mac_key, cert_fingerprint, created)"
+                             " VALUES ('Cam', ?, ?, 0)", (KEY, FP))
+        rec = self.reg.add_device("Cam", KEY, "cd" * 32, replace=True)
+        self.assertEqual(rec.cert_fingerprint, "cd" * 32)
+        self.assertRaises(RegistryError, self.reg.add_device, "Cam2", KEY, FP, replace=True)
+        # Its migration target may differ from it only in case.
+        self.assertEqual(self.reg.add_device("cam", KEY, FP).id, "cam")
+
     def test_revoke(self):
         self.reg.add_device("cam-1", KEY, FP)
         self.reg.add_device("cam-0", KEY, "cd" * 32)

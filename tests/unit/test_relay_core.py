@@ -25,6 +25,8 @@ from p2pnat.relay.tunnel import RelayTunnelFactory
 from tests.unit.test_relay_terminal import Transport, World
 from tests.unit.test_taps import UDPMemoryReactor
 
+PEER = "198.51.100.9:5555"
+
 
 class TimeoutSettingsTests(SynchronousTestCase):
     def service(self, **settings):
@@ -106,24 +108,24 @@ class CredentialRunnerTests(SynchronousTestCase):
         d.callback(f(*args))
 
     def test_through_the_runner_then_remembered(self):
-        d = self.w.relay.check_credential("safe", "open sesame")
-        self.assertEqual(self.calls, [("verify_credential", "open sesame")])
+        d = self.w.relay.check_credential("safe", "open sesame", PEER)
+        self.assertEqual(self.calls, [("verify_stored", "open sesame")])
         self.assertNoResult(d)
         self.finish()
         self.assertIs(self.successResultOf(d), True)
         # Remembered for a minute: no second hash.
-        self.assertIs(self.successResultOf(self.w.relay.check_credential("safe", "open sesame")),
-                      True)
+        again = self.w.relay.check_credential("safe", "open sesame", PEER)
+        self.assertIs(self.successResultOf(again), True)
         self.assertEqual(len(self.calls), 1)
         self.w.clock.advance(61)
-        self.w.relay.check_credential("safe", "open sesame")
+        self.w.relay.check_credential("safe", "open sesame", PEER)
         self.assertEqual(len(self.calls), 2)
 
     def test_wrong_not_remembered(self):
-        d = self.w.relay.check_credential("safe", "nope")
+        d = self.w.relay.check_credential("safe", "nope", PEER)
         self.finish()
         self.assertIs(self.successResultOf(d), False)
-        self.w.relay.check_credential("safe", "nope")
+        self.w.relay.check_credential("safe", "nope", PEER)
         self.assertEqual(len(self.calls), 2)
 
     def test_terminal_waits_for_the_runner(self):

@@ -279,12 +279,12 @@ class LoopbackTests(TestCase):
     def test_credential_for_forward(self):
         cred = os.path.join(self.dir, "cred")
         with open(cred, "w") as f:
-            f.write("s3cret\n")
+            f.write("s3cret-s3cret\n")
         yield self.start_device("safe", "--access", "relay", "--credential-file", cred)
         tls = self.terminal_tls()
         port = self.relay.terminal_https.address[1]
         results = []
-        for secret in (None, "wrong", "s3cret"):
+        for secret in (None, "wrong", "s3cret-s3cret"):
             fwd = Forwarder(reactor, "127.0.0.1", port, "safe", "echo", secret, tls)
             lp = reactor.listenTCP(0, fwd, interface="127.0.0.1")
             self.addCleanup(lp.stopListening)
