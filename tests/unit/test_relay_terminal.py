@@ -157,7 +157,9 @@ class RoutingTests(SynchronousTestCase):
         w.add("never", online=False)
         w.clock.advance(301)
         w.add("cam")
-        for host, code in [("nope.relay.test", 404), ("gone.relay.test", 403),
+        # An unknown ID looks like a device whose login the relay keeps (401):
+        # see AnonymousTests.
+        for host, code in [("nope.relay.test", 401), ("gone.relay.test", 403),
                            ("never.relay.test", 503), ("old.relay.test", 503),
                            ("bad_$.relay.test", 404), ("elsewhere.example", 421)]:
             t = w.terminal(b"GET / HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
@@ -184,7 +186,10 @@ class RoutingTests(SynchronousTestCase):
         t = w.terminal(b"GET /connect?ID=cam HTTP/1.1\r\nHost: relay.test\r\n\r\n")
         self.assertEqual(status(t.transport), 302)
         self.assertIn(b"Location: https://cam.relay.test:8443/\r\n", t.transport.value())
+        # Any ID that can be one is redirected (AnonymousTests).
         t = w.terminal(b"GET /connect?ID=nope HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+        self.assertEqual(status(t.transport), 302)
+        t = w.terminal(b"GET /connect?ID=bad_$ HTTP/1.1\r\nHost: relay.test\r\n\r\n")
         self.assertEqual(status(t.transport), 404)
 
     def test_head_limits(self):
@@ -415,11 +420,12 @@ class CredentialTests(SynchronousTestCase):
         self.assertEqual(status(t.transport), 303)
         self.assertIn(b"Location: /x?y=1\r\n", out)
         cookie = out.split(b"Set-Cookie: ", 1)[1].split(b";", 1)[0]
-        self.assertIn(b"; HttpOnly; SameSite=Lax; Secure", out)
+        self.assertIn(b"Set-Cookie: __Host-p2pnat_auth=", out)
+        self.assertIn(b"; Path=/; Secure; HttpOnly; SameSite=Lax\r\n", out)
         t = self.w.terminal(self.head(b"Cookie: " + cookie + b"\r\n"))
         self.assertEqual(t.state, "waiting")
         # A forged or other device's cookie does not pass.
-        t = self.w.terminal(self.head(b"Cookie: p2pnat_auth=9999999999.AAAA\r\n"))
+        t = self.w.terminal(self.head(b"Cookie: __Host-p2pnat_auth=9999999999.AAAA\r\n"))
         self.assertEqual(status(t.transport), 401)
 
     def test_wrong_login(self):
