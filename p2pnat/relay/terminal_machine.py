@@ -312,8 +312,14 @@ class TerminalCore:
                 " autofocus></label> <button>Open</button></form>")
         if error:
             form = f"<p style='color:#b00'>{html.escape(error)}</p>" + form
+        # A browser opening a page gets the form alone: with a Basic
+        # challenge it would show its own password dialog instead (and
+        # then send the credential with every request, cross-site ones
+        # included).  curl and other clients get the challenge.
+        navigate = self.request.headers.get("sec-fetch-mode", "").strip().lower() == "navigate"
+        challenge = () if navigate else ('WWW-Authenticate: Basic realm="p2pnat"',)
         m.reply(status, f"{self.device_id}", "This device asks for its access credential.",
-                ('WWW-Authenticate: Basic realm="p2pnat"',), form)
+                challenge, form)
 
     def _login_start(self, m):
         if self.request.method != "POST":

@@ -516,6 +516,20 @@ class CookieTests(SynchronousTestCase):
         for cookies in (other, tossed, tossed + b"; " + other, b"p2pnat_auth=" + token):
             self.assertEqual(status(self.get(cookies).transport), 401, cookies)
 
+    def test_browsers_get_the_form_without_a_challenge(self):
+        """
+        A browser opening the page gets the relay's login form with no
+        Basic challenge: Chromium would show its own password dialog
+        instead, and the cookie flow above would never start.
+        """
+        t = self.w.terminal(b"GET / HTTP/1.1\r\nHost: safe.relay.test\r\n"
+                            b"Sec-Fetch-Mode: navigate\r\n\r\n")
+        self.assertEqual(status(t.transport), 401)
+        self.assertNotIn(b"WWW-Authenticate", t.transport.value())
+        self.assertIn(b"name='credential'", t.transport.value())
+        t = self.w.terminal(b"GET / HTTP/1.1\r\nHost: safe.relay.test\r\n\r\n")
+        self.assertIn(b'\r\nWWW-Authenticate: Basic realm="p2pnat"\r\n', t.transport.value())
+
     def test_old_cookies_ignored(self):
         """A p2pnat_auth cookie of the relay before issue #9 (its MAC names no cookie)."""
         import base64 as b64
