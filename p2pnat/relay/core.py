@@ -15,6 +15,7 @@ from zope.interface import Attribute, Interface, implementer
 from p2pnat.daemon.logs import Logger, redact
 from p2pnat.deployment.registry import device_id_problem, verify_stored
 from p2pnat.protocol import wire
+from p2pnat.relay import access
 from p2pnat.relay.credentials import CredentialChecker, CredentialLimits, source_of
 from p2pnat.relay.sessions import SessionTable, TooBusy
 
@@ -49,6 +50,8 @@ class IRelay(Interface):
     timeouts = Attribute("the L{Timeouts}")
     hostname = Attribute("the relay's public host name")
     tokens = Attribute("the L{p2pnat.relay.http.Tokens} signing login cookies")
+    trusted_proxies = Attribute("the L{p2pnat.relay.access.TrustedProxies} that may tell"
+                                " the scheme a terminal used")
 
     def count(outcome):
         """Count one session outcome (the p2pnat_sessions_total metric)."""
@@ -141,7 +144,8 @@ class Relay:
     def __init__(self, clock, metrics, devices, registry, tokens, *, hostname, tunnel_port,
                  run_blocking, timeouts=Timeouts(), tunnel_host="", https_port=443,
                  http_port=0, max_idle_per_device=8, max_sessions=10000,
-                 max_sessions_per_device=64, credential_limits=CredentialLimits()):
+                 max_sessions_per_device=64, credential_limits=CredentialLimits(),
+                 trusted_proxies=access.NO_PROXIES):
         self.clock = clock
         self.metrics = metrics
         self.devices = devices
@@ -153,6 +157,7 @@ class Relay:
         self.https_port = https_port
         self.http_port = http_port
         self.timeouts = timeouts
+        self.trusted_proxies = trusted_proxies
         self.credentials = CredentialChecker(clock, run_blocking, verify_stored,
                                              credential_limits)
         self.sessions = SessionTable(clock, timeouts.session, limit=max_sessions,

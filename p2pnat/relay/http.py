@@ -15,7 +15,13 @@ MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
 MAX_LOGIN_BODY = 4096
 MAX_PENDING = 256 * 1024  # terminal bytes buffered while the tunnel is coming
-COOKIE = "p2pnat_auth"
+#: The login cookie over HTTPS: the ``__Host-`` prefix makes the browser
+#: keep it host-only and Secure, so no sibling device's page can set it.
+COOKIE = "__Host-p2pnat_auth"
+#: The login cookie over plain HTTP, where browsers refuse ``__Host-``:
+#: host-only all the same.  (Cookies of this name from before the
+#: ``__Host-`` one fail the check: their MAC does not name the cookie.)
+PLAIN_COOKIE = "p2pnat_auth"
 LOGIN_PATH = "/.p2pnat/login"
 
 
@@ -43,11 +49,22 @@ class Request:
         return host.rsplit(":", 1)[0] if ":" in host else host
 
     def cookie(self, name):
+        """The first cookie called C{name}, or None (see L{cookies})."""
+        return next(iter(self.cookies(name)), None)
+
+    def cookies(self, name):
+        """
+        Every value of the cookies called C{name}, in the order sent.  A
+        browser sends several of one name when pages set them for several
+        domains or paths (a sibling device's page can set one for the
+        whole relay domain): whoever checks them must try each.
+        """
+        values = []
         for part in self.headers.get("cookie", "").split(";"):
             k, _, v = part.strip().partition("=")
             if k == name:
-                return v
-        return None
+                values.append(v)
+        return values
 
 
 def parse_head(data):
@@ -110,8 +127,9 @@ _MAX_TOKEN = 128
 class Tokens:
     """
     Signed cookies proving a terminal gave a device's access credential:
-    ``device|expiry|mac``, the MAC over the device ID, the expiry and the
-    credential's stored hash (so a new credential voids old cookies).
+    ``expiry.mac``, the MAC over the cookie's name, the device ID, the
+    expiry and the credential's stored hash (so a new credential voids old
+    cookies, and a token got over plain HTTP is no HTTPS cookie).
     """
 
     def __init__(self, secret, clock, lifetime=12 * 3600):
@@ -119,20 +137,21 @@ class Tokens:
         self.clock = clock
         self.lifetime = lifetime
 
-    def _mac(self, device_id, expiry, credential_hash):
-        msg = f"{device_id}|{expiry}|{credential_hash}".encode()
+    def _mac(self, cookie, device_id, expiry, credential_hash):
+        msg = f"{cookie}|{device_id}|{expiry}|{credential_hash}".encode()
         return base64.urlsafe_b64encode(hmac.new(self.secret, msg, hashlib.sha256).digest()[:18]
                                         ).decode()
 
-    def make(self, device_id, credential_hash):
+    def make(self, device_id, credential_hash, cookie=COOKIE):
+        """A token for cookie C{cookie} of this device and credential."""
         expiry = int(self.clock.seconds() + self.lifetime)
-        return f"{expiry}.{self._mac(device_id, expiry, credential_hash)}"
+        return f"{expiry}.{self._mac(cookie, device_id, expiry, credential_hash)}"
 
-    def check(self, token, device_id, credential_hash):
+    def check(self, token, device_id, credential_hash, cookie=COOKIE):
         """
         Whether C{token} (any cookie value a terminal sent) is one L{make}
-        gave for this device and credential, and has not expired.  Never
-        raises.
+        gave for this cookie name, device and credential, and has not
+        expired.  Never raises.
         """
         if not token or len(token) > _MAX_TOKEN or not token.isascii():
             return False
@@ -140,4 +159,9 @@ class Tokens:
         # isdigit() alone passes "²", which int() refuses.
         if not (expiry.isascii() and expiry.isdigit()) or int(expiry) < self.clock.seconds():
             return False
-        return hmac.compare_digest(mac, self._mac(device_id, int(expiry), credential_hash))
+        return hmac.compare_digest(mac, self._mac(cookie, device_id, int(expiry),
+                                                  credential_hash))
+
+    def check_any(self, tokens, device_id, credential_hash, cookie=COOKIE):
+        """Whether any of C{tokens} (every cookie of the name sent) passes L{check}."""
+        return any(self.check(t, device_id, credential_hash, cookie) for t in tokens)

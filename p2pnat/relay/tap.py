@@ -26,6 +26,7 @@ from p2pnat.deployment import pki
 from p2pnat.net import fastio
 from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import wire
+from p2pnat.relay import access
 from p2pnat.relay.core import Relay, Timeouts, synchronous
 from p2pnat.relay.credentials import CredentialLimits
 from p2pnat.relay.devices import DeviceState, DeviceTable
@@ -60,6 +61,10 @@ SCHEMA = [
     C.Setting("terminal.public_http_port", int, 0,
               "port in http:// links the relay gives out (0: the port of terminal.http)",
               C.port_number),
+    C.Setting("terminal.trusted_proxies", list, [],
+              "IP addresses or networks (CIDR) of TLS-terminating proxies in front of"
+              " terminal.http: only connections from them may set the scheme with"
+              " X-Forwarded-Proto or Forwarded: proto=", access.check_networks, item=str),
     C.Setting("terminal.head_timeout", float, 30.0,
               "seconds a terminal has to send its first request head (and a login form)",
               C.positive),
@@ -186,7 +191,8 @@ class RelayService(service.MultiService):
             https_port=config["terminal.public_https_port"] or endpoint_port(https),
             http_port=config["terminal.public_http_port"] or endpoint_port(http),
             run_blocking=run_blocking, timeouts=timeouts(config),
-            credential_limits=credential_limits(config))
+            credential_limits=credential_limits(config),
+            trusted_proxies=access.TrustedProxies(config["terminal.trusted_proxies"]))
         self.store = StoreSync(self.table,
                                lambda: Registry.open_state_dir(self.state_dir, create=False),
                                run_store, self.applied)

@@ -33,10 +33,10 @@ from twisted.internet.defer import succeed
 from p2pnat.daemon.logs import Logger
 from p2pnat.protocol import wire
 from p2pnat.protocol.tunnel import MAX_CONTROL
+from p2pnat.relay import access
 from p2pnat.relay.credentials import NotChecked
 from p2pnat.relay.devices import REVOKED, Refusal
 from p2pnat.relay.http import (
-    COOKIE,
     LOGIN_PATH,
     MAX_HEAD,
     MAX_LOGIN_BODY,
@@ -127,6 +127,8 @@ class TerminalCore:
         C{peer()} and C{stream_to(send)} (bytes read go straight to
         C{send}, or to the machine when None).
     @param secure: whether the terminal came over TLS.
+    @ivar https: whether the current request came over HTTPS: over TLS, or
+        through a trusted proxy that says so (L{route} sets it).
     """
 
     log = Logger(namespace="p2pnat.relay.terminal")
@@ -135,6 +137,7 @@ class TerminalCore:
         self.relay = relay
         self.io = io
         self.secure = secure
+        self.https = secure
         self.buf = bytearray()
         self.request = None
         self.device_id = None
@@ -161,6 +164,9 @@ class TerminalCore:
     def route(self, m):
         """Decide what the parsed head asks for; give C{m} the decision."""
         req = self.request
+        # The relay's setting (p2pnat.relay.tap); relays made without it trust no proxy.
+        proxies = self.relay.trusted_proxies
+        self.https = proxies.https(req, self.secure, self.io.peer())
         relay_host = self.relay.hostname
         if req.method == "CONNECT":
             device_id, _, service = req.target.partition(":")
@@ -184,20 +190,13 @@ class TerminalCore:
                            "/connect?ID=DEVICE.")
         return m.reply(404, "Not found", "No such page on the relay.")
 
-    def _reachable(self, m, device_id):
-        """
-        The device if a terminal may reach it now; otherwise answer at once
-        (not a device ID, unknown, revoked, stale) and return None.
-        """
+    def _valid_id(self, m, device_id):
+        """Whether C{device_id} can name a device at all; if not, answer 404."""
         self.device_id = device_id
-        if not wire.valid_key_id(device_id):
-            m.reply(404, "Device unavailable", "That is not a device ID.")
-            return None
-        found = self.relay.reachable(device_id)
-        if isinstance(found, Refusal):
-            self.refuse(m, found)
-            return None
-        return found
+        if wire.valid_key_id(device_id):
+            return True
+        m.reply(404, "Device unavailable", "That is not a device ID.")
+        return False
 
     def refuse(self, m, refusal):
         self.log.info("terminal {peer} refused for {device_id}: {reason}", peer=self.io.peer(),
@@ -205,23 +204,51 @@ class TerminalCore:
         m.reply(refusal.status, "Device unavailable", refusal.message)
 
     def _connect_redirect(self, m, device_id):
-        """The seed's flow: /connect?ID=DEVICE, answered by a redirect."""
-        if self._reachable(m, device_id) is None:
+        """
+        The seed's flow: /connect?ID=DEVICE, answered by a redirect for
+        any ID that can be one (the device's own address says the rest,
+        to whom may know it).
+        """
+        if not self._valid_id(m, device_id):
             return
-        location = self.relay.device_url(device_id, self.secure)
+        location = self.relay.device_url(device_id, self.https)
         m.reply(302, "Redirecting", f"Go to {location}", (f"Location: {location}",))
 
     def _device(self, m, device_id, service, tcp):
-        found = self._reachable(m, device_id)
-        if found is None:
+        """
+        A request for a device.  One whose own web UI keeps its login
+        (access mode "device") is refused at once if unreachable, else
+        opened.  Any other ID (unknown included) is a device whose login
+        the relay keeps, and tells nothing of itself before a credential:
+        cross-origin changes are refused, the rest must sign in
+        (L{open_authorized} then answers for its state).
+        """
+        if not self._valid_id(m, device_id):
             return
         self.service = service
         self.tcp = tcp
-        if found.access_mode != "relay":
-            return m.open()
+        found = self.relay.reachable(device_id)
+        refused = isinstance(found, Refusal)
+        if not access.hidden(self.relay.device(device_id) if refused else found):
+            return self.refuse(m, found) if refused else m.open()
+        why = access.cross_origin(self.request, self.https)
+        if why is not None:
+            self.log.info("terminal {peer}: cross-origin {method} to {device_id} refused: {why}",
+                          peer=self.io.peer(), method=self.request.method,
+                          device_id=device_id, why=why)
+            return m.reply(403, "Cross-site request refused",
+                           "This device takes changes only from its own pages. Open it at"
+                           " its own address and try again.")
         if not tcp and urlsplit(self.request.target).path == LOGIN_PATH:
             return self._login_start(m)
         m.authorize()
+
+    def open_authorized(self, m):
+        """The terminal gave the device's credential: now it may learn the device's state."""
+        found = self.relay.reachable(self.device_id)
+        if isinstance(found, Refusal):
+            return self.refuse(m, found)
+        m.open()
 
     # -- access credential (devices whose access mode is "relay") ---------------
 
@@ -240,9 +267,11 @@ class TerminalCore:
         """
         req = self.request
         cred_hash = self.credential_hash()
-        if not cred_hash:
-            return succeed(False)
-        if self.relay.tokens.check(req.cookie(COOKIE), self.device_id, cred_hash):
+        # Every cookie of the name: a sibling device's page may have set
+        # one for the whole relay domain, sent along with (or before) ours.
+        cookie = access.cookie_name(self.https)
+        if self.relay.tokens.check_any(req.cookies(cookie), self.device_id, cred_hash or "-",
+                                       cookie) and cred_hash:
             return succeed(True)
         auth = req.headers.get("authorization") or req.headers.get("proxy-authorization") or ""
         scheme, _, value = auth.partition(" ")
@@ -256,8 +285,16 @@ class TerminalCore:
             given = value.strip()
         if not given:
             return succeed(False)
-        return self.relay.check_credential(self.device_id, given, self.io.peer()).addCallback(
-            self._warn_wrong)
+        return self.check_given(given).addCallback(self._warn_wrong)
+
+    def check_given(self, given):
+        """
+        Deferred firing with whether C{given} is the device's credential.
+        For a device with none (an unknown ID, say) the relay checks it
+        against a dummy hash, as slowly and under the same guess limits:
+        neither the answer's timing nor a 429 tells whether the ID exists.
+        """
+        return self.relay.check_credential(self.device_id, given, self.io.peer())
 
     def _warn_wrong(self, ok):
         if not ok:
@@ -276,8 +313,14 @@ class TerminalCore:
                 " autofocus></label> <button>Open</button></form>")
         if error:
             form = f"<p style='color:#b00'>{html.escape(error)}</p>" + form
+        # A browser opening a page gets the form alone: with a Basic
+        # challenge it would show its own password dialog instead (and
+        # then send the credential with every request, cross-site ones
+        # included).  curl and other clients get the challenge.
+        navigate = self.request.headers.get("sec-fetch-mode", "").strip().lower() == "navigate"
+        challenge = () if navigate else ('WWW-Authenticate: Basic realm="p2pnat"',)
         m.reply(status, f"{self.device_id}", "This device asks for its access credential.",
-                ('WWW-Authenticate: Basic realm="p2pnat"',), form)
+                challenge, form)
 
     def _login_start(self, m):
         if self.request.method != "POST":
@@ -299,8 +342,6 @@ class TerminalCore:
         nxt = (form.get("next") or ["/"])[0]
         if not nxt.startswith("/") or nxt.startswith("//"):
             nxt = "/"
-        if self.relay.device(self.device_id) is None:
-            return m.reply(404, "Device unavailable", "No such device.")
         m.login(given, nxt)
 
     # -- the tunnel -------------------------------------------------------------
@@ -390,7 +431,7 @@ def _read_login(m, c, data):
 
 @_b.on(body, I.login, to=auth)
 def _check_login(m, c, given, next_path):
-    d = c.relay.check_credential(c.device_id, given, c.io.peer())
+    d = c.check_given(given)
     d.addCallbacks(lambda ok: m.login_checked(ok, next_path), m.check_failed)
 
 
@@ -403,7 +444,7 @@ def _check_head(m, c):
 @_b.on(auth, I.authorized)
 def _authorized(m, c, ok):
     if ok:
-        return m.open()
+        return c.open_authorized(m)
     if c.tcp:
         return m.reply(401, "Credential required", "This device needs its access credential.",
                        ('WWW-Authenticate: Basic realm="p2pnat"',))
@@ -416,11 +457,10 @@ def _login_checked(m, c, ok, next_path):
         c.log.warn("terminal {peer}: wrong credential for {device_id}", peer=c.io.peer(),
                    device_id=c.device_id)
         return c.login_form(m, 403, "Wrong credential.")
-    token = c.relay.tokens.make(c.device_id, c.credential_hash())
-    secure = "; Secure" if c.secure else ""
+    token = c.relay.tokens.make(c.device_id, c.credential_hash(), access.cookie_name(c.https))
     m.reply(303, "Signed in", "Opening the device…",
             (f"Location: {quote(next_path, safe='/?=&%:;,+@')}",
-             f"Set-Cookie: {COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax{secure}"))
+             f"Set-Cookie: {access.set_cookie(token, c.https)}"))
 
 
 @_b.on(auth, I.check_failed)

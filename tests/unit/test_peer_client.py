@@ -229,7 +229,7 @@ class CapturedLobbyFrameTests(SynchronousTestCase):
 
     def test_captured_login_replayed_moves_nothing(self):
         w = World(self)
-        alice, bob = w.client("alice"), w.client("bob")
+        alice, _bob = w.client("alice"), w.client("bob")
         login = self.captured(w, "Login")
         w.net.send(self.ATTACKER, LOBBY, login)  # at once
         w.advance(0.05)

@@ -157,7 +157,9 @@ class RoutingTests(SynchronousTestCase):
         w.add("never", online=False)
         w.clock.advance(301)
         w.add("cam")
-        for host, code in [("nope.relay.test", 404), ("gone.relay.test", 403),
+        # An unknown ID looks like a device whose login the relay keeps (401):
+        # see AnonymousTests.
+        for host, code in [("nope.relay.test", 401), ("gone.relay.test", 403),
                            ("never.relay.test", 503), ("old.relay.test", 503),
                            ("bad_$.relay.test", 404), ("elsewhere.example", 421)]:
             t = w.terminal(b"GET / HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
@@ -184,7 +186,10 @@ class RoutingTests(SynchronousTestCase):
         t = w.terminal(b"GET /connect?ID=cam HTTP/1.1\r\nHost: relay.test\r\n\r\n")
         self.assertEqual(status(t.transport), 302)
         self.assertIn(b"Location: https://cam.relay.test:8443/\r\n", t.transport.value())
+        # Any ID that can be one is redirected (AnonymousTests).
         t = w.terminal(b"GET /connect?ID=nope HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+        self.assertEqual(status(t.transport), 302)
+        t = w.terminal(b"GET /connect?ID=bad_$ HTTP/1.1\r\nHost: relay.test\r\n\r\n")
         self.assertEqual(status(t.transport), 404)
 
     def test_head_limits(self):
@@ -415,11 +420,12 @@ class CredentialTests(SynchronousTestCase):
         self.assertEqual(status(t.transport), 303)
         self.assertIn(b"Location: /x?y=1\r\n", out)
         cookie = out.split(b"Set-Cookie: ", 1)[1].split(b";", 1)[0]
-        self.assertIn(b"; HttpOnly; SameSite=Lax; Secure", out)
+        self.assertIn(b"Set-Cookie: __Host-p2pnat_auth=", out)
+        self.assertIn(b"; Path=/; Secure; HttpOnly; SameSite=Lax\r\n", out)
         t = self.w.terminal(self.head(b"Cookie: " + cookie + b"\r\n"))
         self.assertEqual(t.state, "waiting")
         # A forged or other device's cookie does not pass.
-        t = self.w.terminal(self.head(b"Cookie: p2pnat_auth=9999999999.AAAA\r\n"))
+        t = self.w.terminal(self.head(b"Cookie: __Host-p2pnat_auth=9999999999.AAAA\r\n"))
         self.assertEqual(status(t.transport), 401)
 
     def test_wrong_login(self):
@@ -434,3 +440,289 @@ class CredentialTests(SynchronousTestCase):
         t = self.w.terminal(b"POST /.p2pnat/login HTTP/1.1\r\nHost: safe.relay.test\r\n"
                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
         self.assertIn(b"Location: /\r\n", t.transport.value())
+
+
+# -- issue #9: the relay's login cookie, cross-site requests, enumeration ----------
+
+def form_login(w, device_id, credential, extra=b"", secure=True):
+    """POST the relay's login form for C{device_id}; the terminal."""
+    body = b"credential=" + credential + b"&next=%2F"
+    return w.terminal(b"POST /.p2pnat/login HTTP/1.1\r\nHost: " + device_id + b".relay.test\r\n"
+                      + extra + b"Content-Length: %d\r\n\r\n" % len(body) + body, secure)
+
+
+def set_cookie(t):
+    """The Set-Cookie header a terminal got, or None."""
+    for line in t.transport.value().split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.startswith(b"Set-Cookie: "):
+            return line[len(b"Set-Cookie: "):]
+    return None
+
+
+class CookieTests(SynchronousTestCase):
+    """The relay's login cookie: host-only, __Host- over HTTPS, every one of its name read."""
+
+    def setUp(self):
+        self.w = World(self)
+        self.w.add("safe", mode="relay", credential="open sesame")
+        self.w.add("other", mode="relay", credential="other secret")
+
+    def get(self, cookies, secure=True):
+        return self.w.terminal(b"GET / HTTP/1.1\r\nHost: safe.relay.test\r\nCookie: " + cookies
+                               + b"\r\n\r\n", secure)
+
+    def test_https_cookie_is_host_prefixed(self):
+        """Over HTTPS: __Host-p2pnat_auth, Secure, Path=/, no Domain (untossable)."""
+        cookie = set_cookie(form_login(self.w, b"safe", b"open+sesame"))
+        name, _, rest = cookie.partition(b"=")
+        self.assertEqual(name, b"__Host-p2pnat_auth")
+        attributes = rest.split(b"; ")[1:]
+        self.assertEqual(sorted(attributes), [b"HttpOnly", b"Path=/", b"SameSite=Lax", b"Secure"])
+
+    def test_plain_http_cookie(self):
+        """
+        Over plain HTTP (no trusted proxy) a browser refuses __Host- and
+        Secure: a host-only p2pnat_auth, accepted over plain HTTP only.
+        """
+        cookie = set_cookie(form_login(self.w, b"safe", b"open+sesame", secure=False))
+        self.assertTrue(cookie.startswith(b"p2pnat_auth="), cookie)
+        self.assertNotIn(b"Secure", cookie)
+        self.assertNotIn(b"Domain", cookie)
+        pair = cookie.split(b";")[0]
+        self.assertEqual(self.get(pair, secure=False).state, "waiting")
+        # The same token is no HTTPS cookie, under either name.
+        token = pair.partition(b"=")[2]
+        self.assertEqual(status(self.get(pair).transport), 401)
+        self.assertEqual(status(self.get(b"__Host-p2pnat_auth=" + token).transport), 401)
+
+    def test_every_cookie_of_the_name_is_tried(self):
+        """
+        A sibling device's page can set __Host-less cookies of any name for
+        the relay domain, and a browser sends them before or after ours:
+        one valid cookie among them is enough (no login loop).
+        """
+        pair = set_cookie(form_login(self.w, b"safe", b"open+sesame")).split(b";")[0]
+        other = set_cookie(form_login(self.w, b"other", b"other+secret")).split(b";")[0]
+        token = pair.partition(b"=")[2]
+        tossed = b"__Host-p2pnat_auth=9999999999.AAAAAAAAAAAAAAAAAAAAAAAA"
+        for cookies in (tossed + b"; " + pair, other + b"; " + pair, pair + b"; " + tossed,
+                        b"p2pnat_auth=x; " + tossed + b"; a=b; " + pair):
+            self.assertEqual(self.get(cookies).state, "waiting", cookies)
+        # Over plain HTTP, the same with the plain cookie.
+        plain = set_cookie(form_login(self.w, b"safe", b"open+sesame", secure=False))
+        plain = plain.split(b";")[0]
+        self.assertEqual(self.get(b"p2pnat_auth=1.x; " + plain, secure=False).state, "waiting")
+        # Another device's cookie, or none valid, is no login.
+        for cookies in (other, tossed, tossed + b"; " + other, b"p2pnat_auth=" + token):
+            self.assertEqual(status(self.get(cookies).transport), 401, cookies)
+
+    def test_browsers_get_the_form_without_a_challenge(self):
+        """
+        A browser opening the page gets the relay's login form with no
+        Basic challenge: Chromium would show its own password dialog
+        instead, and the cookie flow above would never start.
+        """
+        t = self.w.terminal(b"GET / HTTP/1.1\r\nHost: safe.relay.test\r\n"
+                            b"Sec-Fetch-Mode: navigate\r\n\r\n")
+        self.assertEqual(status(t.transport), 401)
+        self.assertNotIn(b"WWW-Authenticate", t.transport.value())
+        self.assertIn(b"name='credential'", t.transport.value())
+        t = self.w.terminal(b"GET / HTTP/1.1\r\nHost: safe.relay.test\r\n\r\n")
+        self.assertIn(b'\r\nWWW-Authenticate: Basic realm="p2pnat"\r\n', t.transport.value())
+
+    def test_old_cookies_ignored(self):
+        """A p2pnat_auth cookie of the relay before issue #9 (its MAC names no cookie)."""
+        import base64 as b64
+        import hashlib
+        import hmac
+
+        cred_hash = self.w.registry.device("safe").access_credential_hash
+        expiry = int(self.w.clock.seconds()) + 3600
+        mac = b64.urlsafe_b64encode(hmac.new(b"s" * 32, f"safe|{expiry}|{cred_hash}".encode(),
+                                             hashlib.sha256).digest()[:18])
+        old = b"%d.%s" % (expiry, mac)
+        for name, secure in ((b"p2pnat_auth", True), (b"p2pnat_auth", False),
+                             (b"__Host-p2pnat_auth", True)):
+            t = self.get(name + b"=" + old, secure)
+            self.assertEqual(status(t.transport), 401, (name, secure))
+
+
+class CrossOriginTests(SynchronousTestCase):
+    """
+    A page of one device must not make state-changing requests to a
+    device whose login the relay keeps, with that device's cookie: they
+    are refused (403) and never forwarded.
+    """
+
+    def setUp(self):
+        self.w = World(self)
+        self.w.add("safe", mode="relay", credential="open sesame")
+        self.w.add("cam")  # its own web UI keeps its login
+        self.cookie = b"Cookie: " + set_cookie(form_login(self.w, b"safe", b"open+sesame")
+                                               ).split(b";")[0] + b"\r\n"
+
+    def request(self, method, extra, host=b"safe.relay.test:8443", secure=True):
+        return self.w.terminal(method + b" /settings HTTP/1.1\r\nHost: " + host + b"\r\n"
+                               + self.cookie + extra + b"Content-Length: 3\r\n\r\nx=1", secure)
+
+    def assert_refused(self, t, what):
+        self.assertEqual(status(t.transport), 403, what)
+        self.assertIn(b"<h1>Cross-site request refused</h1>", t.transport.value(), what)
+        self.assertEqual(self.w.socket.sent, [], what)  # no connect request: nothing forwarded
+
+    def test_cross_origin_changes_refused(self):
+        for method in (b"POST", b"PUT", b"DELETE", b"PATCH"):
+            for extra in (b"Sec-Fetch-Site: same-site\r\n", b"Sec-Fetch-Site: cross-site\r\n",
+                          b"Origin: https://cam.relay.test:8443\r\n",
+                          b"Origin: https://evil.example\r\n", b"Origin: null\r\n",
+                          b"Origin: http://safe.relay.test:8443\r\n",  # another scheme
+                          b"Origin: https://safe.relay.test\r\n",  # another port
+                          b"Origin: https://safe.relay.test:8443/x\r\n",  # not an origin
+                          b"Sec-Fetch-Site: same-origin\r\nOrigin: https://cam.relay.test:8443\r\n",
+                          b"Sec-Fetch-Site: same-site\r\nOrigin: https://safe.relay.test:8443\r\n"):
+                self.assert_refused(self.request(method, extra), (method, extra))
+
+    def test_login_form_cross_origin_refused(self):
+        t = form_login(self.w, b"safe", b"open+sesame", b"Sec-Fetch-Site: same-site\r\n")
+        self.assertEqual(status(t.transport), 403)
+        self.assertIsNone(set_cookie(t))
+
+    def test_own_origin_and_no_browser_pass(self):
+        for method, extra in ((b"POST", b"Sec-Fetch-Site: same-origin\r\n"),
+                              (b"POST", b"Sec-Fetch-Site: none\r\n"),
+                              (b"POST", b"Origin: https://safe.relay.test:8443\r\n"),
+                              (b"POST", b"Origin: HTTPS://SAFE.relay.test:8443\r\n"),
+                              (b"POST", b""),  # curl, the CLI: neither header
+                              (b"GET", b"Sec-Fetch-Site: cross-site\r\n"),  # a navigation
+                              (b"HEAD", b"Origin: https://cam.relay.test:8443\r\n")):
+            t = self.request(method, extra)
+            self.assertEqual(t.state, "waiting", (method, extra))
+        t = self.request(b"POST", b"Origin: https://safe.relay.test\r\n", b"safe.relay.test")
+        self.assertEqual(t.state, "waiting")
+
+    def test_own_login_devices_unaffected(self):
+        """A device whose own web UI keeps its login answers for itself."""
+        t = self.request(b"POST", b"Sec-Fetch-Site: same-site\r\n", b"cam.relay.test")
+        self.assertEqual(t.state, "waiting")
+
+
+class AnonymousTests(SynchronousTestCase):
+    """
+    An anonymous terminal cannot tell an unknown ID from a relay-authorized
+    device that is revoked, offline or online: the same answers until it
+    gives the credential.
+    """
+
+    def setUp(self):
+        w = self.w = World(self)
+        self.checked = []
+
+        def run_blocking(f, stored, given):
+            self.checked.append(stored)
+            return synchronous(f, stored, given)
+
+        w.relay.credentials.run_blocking = run_blocking
+        # IDs of one length: the pages' lengths are alike too.
+        w.add("stale01", mode="relay", credential="open sesame")
+        w.clock.advance(301)
+        w.add("online1", mode="relay", credential="open sesame")
+        w.add("revoked", mode="relay", credential="open sesame", revoked=True)
+        w.add("never01", mode="relay", credential="open sesame", online=False)
+        self.ids = [b"unknown", b"online1", b"stale01", b"revoked", b"never01"]
+
+    def answers(self, head):
+        """What each ID gets for C{head} (with ID in place of the device ID)."""
+        out = {}
+        for device_id in self.ids:
+            t = self.w.terminal(head.replace(b"ID", device_id))
+            out[device_id] = (t.state, t.transport.value().replace(device_id, b"ID"))
+        return out
+
+    def assert_alike(self, head, expected_status):
+        answers = self.answers(head)
+        first = answers[b"unknown"]
+        self.assertEqual(first[0], "done")
+        self.assertEqual(int(first[1].split()[1]), expected_status, first[1][:200])
+        for device_id, answer in answers.items():
+            self.assertEqual(answer, first, device_id)
+
+    def test_host_routing_alike(self):
+        self.assert_alike(b"GET / HTTP/1.1\r\nHost: ID.relay.test\r\n\r\n", 401)
+        self.assert_alike(b"GET /.p2pnat/login HTTP/1.1\r\nHost: ID.relay.test\r\n\r\n", 401)
+        self.assert_alike(b"POST / HTTP/1.1\r\nHost: ID.relay.test\r\nOrigin: https://x\r\n"
+                          b"Content-Length: 0\r\n\r\n", 403)
+        self.assertEqual(self.w.socket.sent, [])
+
+    def test_connect_alike(self):
+        self.assert_alike(b"CONNECT ID:ssh HTTP/1.1\r\n\r\n", 401)
+
+    def test_wrong_credential_alike_and_as_slow(self):
+        """A wrong credential costs one scrypt check for every ID, unknown included."""
+        wrong = b"Authorization: Basic " + base64.b64encode(b":wrong") + b"\r\n"
+        self.assert_alike(b"GET / HTTP/1.1\r\nHost: ID.relay.test\r\n" + wrong + b"\r\n", 401)
+        self.assertEqual(len(self.checked), len(self.ids))
+        self.assertIn(None, self.checked)  # the unknown ID's: a dummy hash
+        del self.checked[:]
+        body = b"credential=wrong&next=%2F"
+        self.assert_alike(b"POST /.p2pnat/login HTTP/1.1\r\nHost: ID.relay.test\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body, 403)
+        self.assertEqual(len(self.checked), len(self.ids))
+
+    def test_connect_redirect_for_any_id(self):
+        for device_id in self.ids:
+            t = self.w.terminal(b"GET /connect?ID=" + device_id + b" HTTP/1.1\r\n"
+                                b"Host: relay.test\r\n\r\n")
+            self.assertEqual(status(t.transport), 302, device_id)
+            self.assertIn(b"Location: https://" + device_id + b".relay.test:8443/\r\n",
+                          t.transport.value())
+
+    def test_state_told_after_the_credential(self):
+        good = b"Authorization: Basic " + base64.b64encode(b":open sesame") + b"\r\n"
+        for device_id, code in ((b"revoked", 403), (b"stale01", 503), (b"never01", 503)):
+            t = self.w.terminal(b"GET / HTTP/1.1\r\nHost: " + device_id + b".relay.test\r\n"
+                                + good + b"\r\n")
+            self.assertEqual(status(t.transport), code, device_id)
+        t = self.w.terminal(b"GET / HTTP/1.1\r\nHost: online1.relay.test\r\n" + good + b"\r\n")
+        self.assertEqual(t.state, "waiting")
+
+
+class TrustedProxyTests(SynchronousTestCase):
+    """
+    terminal.trusted_proxies: only a listed proxy's X-Forwarded-Proto or
+    Forwarded: proto= make a plain connection count as HTTPS (the
+    terminal's peer here is 198.51.100.9).
+    """
+
+    def world(self, proxies):
+        from p2pnat.relay.access import TrustedProxies
+
+        w = World(self, http_port=8080)
+        w.relay.trusted_proxies = TrustedProxies(proxies)
+        w.add("safe", mode="relay", credential="open sesame")
+        return w
+
+    def test_trusted_proxy_says_https(self):
+        w = self.world(["198.51.100.0/24"])
+        for header in (b"X-Forwarded-Proto: https\r\n", b"Forwarded: for=192.0.2.1;proto=https\r\n",
+                       b'Forwarded: proto=http, for="[2001:db8::1]";proto="https"\r\n'):
+            cookie = set_cookie(form_login(w, b"safe", b"open+sesame", header, secure=False))
+            self.assertTrue(cookie.startswith(b"__Host-p2pnat_auth="), (header, cookie))
+            self.assertIn(b"; Secure", cookie)
+            t = w.terminal(b"GET /connect?ID=safe HTTP/1.1\r\nHost: relay.test\r\n" + header
+                           + b"\r\n", secure=False)
+            self.assertIn(b"Location: https://safe.relay.test:8443/\r\n", t.transport.value())
+        # The proxy may say http, too.
+        t = w.terminal(b"GET /connect?ID=safe HTTP/1.1\r\nHost: relay.test\r\n"
+                       b"X-Forwarded-Proto: http\r\n\r\n", secure=False)
+        self.assertIn(b"Location: http://safe.relay.test:8080/\r\n", t.transport.value())
+
+    def test_others_ignored(self):
+        for proxies in ([], ["10.0.0.0/8", "::1"]):
+            w = self.world(proxies)
+            header = b"X-Forwarded-Proto: https\r\nForwarded: proto=https\r\n"
+            cookie = set_cookie(form_login(w, b"safe", b"open+sesame", header, secure=False))
+            self.assertTrue(cookie.startswith(b"p2pnat_auth="), (proxies, cookie))
+            self.assertNotIn(b"Secure", cookie)
+            t = w.terminal(b"GET /connect?ID=safe HTTP/1.1\r\nHost: relay.test\r\n" + header
+                           + b"\r\n", secure=False)
+            self.assertIn(b"Location: http://safe.relay.test:8080/\r\n", t.transport.value())
