@@ -30,9 +30,9 @@ class CompletenessTests(SynchronousTestCase):
     def test_every_input_in_every_state(self):
         for machine, protocol, states in [
                 (TerminalMachine, TerminalInputs,
-                 {"head", "body", "auth", "waiting", "stream", "done"}),
+                 {"head", "body", "auth", "waiting", "stream", "check", "finishing", "done"}),
                 (TunnelMachine, TunnelInputs,
-                 {"hello", "idle", "opening", "stream", "draining", "closed"})]:
+                 {"hello", "idle", "opening", "stream", "draining", "answering", "closed"})]:
             pairs = handled(machine)
             self.assertEqual({s for s, _ in pairs}, states)
             self.assertEqual(pairs, {(s, i) for s in states for i in inputs_of(protocol)})

@@ -256,7 +256,8 @@ class StreamTests(SynchronousTestCase):
 
     def test_stream_and_reuse(self):
         w = self.w
-        t = w.terminal(self.head)
+        post = b"POST / HTTP/1.1\r\nHost: cam.relay.test\r\nContent-Length: 4\r\n\r\n"
+        t = w.terminal(post)
         t.dataReceived(b"more")
         tun = w.tunnel("cam", session=w.session())
         self.assertEqual(tun.transport.value()[:1], bytes([tunnel.HELLO_OK]))
@@ -264,7 +265,8 @@ class StreamTests(SynchronousTestCase):
         tunnel.FrameDecoder(lambda s: frames.append(("open", s)),
                             lambda d: frames.append(("data", d)),
                             lambda: frames.append("end")).feed(tun.transport.value()[1:])
-        self.assertEqual(frames, [("open", ""), ("data", self.head + b"more")])
+        self.assertEqual(frames[0], ("open", ""))
+        self.assertEqual(b"".join(d for kind, d in frames[1:]), post + b"more")
         # The device answers and closes its side.
         tun.dataReceived(tunnel.frame(tunnel.DATA, b"HTTP/1.1 200 OK\r\n\r\nhi")
                          + tunnel.frame(tunnel.END))
@@ -306,7 +308,7 @@ class StreamTests(SynchronousTestCase):
         tun = self.idle_tunnel()
         sent = len(w.socket.sent)
         t = w.terminal(self.head)
-        t.dataReceived(b"body")
+        t.dataReceived(self.head)  # pipelined, for the same device
         w.clock.advance(2.1)
         self.assertTrue(tun.transport.aborted)
         self.assertEqual(t.state, "waiting")
@@ -316,7 +318,7 @@ class StreamTests(SynchronousTestCase):
         tunnel.FrameDecoder(lambda s: frames.append(("open", s)),
                             lambda d: frames.append(("data", d)),
                             lambda: frames.append("end")).feed(new.transport.value()[1:])
-        self.assertEqual(b"".join(d for kind, d in frames if kind == "data"), self.head + b"body")
+        self.assertEqual(b"".join(d for kind, d in frames if kind == "data"), self.head * 2)
 
     def test_terminal_closes_first(self):
         w = self.w
