@@ -202,16 +202,14 @@ class RequestFramer:
                 at = size
             elif mode == self.HEAD:
                 body = bytes(data[:at])
-                if not self.line:
-                    # RFC 9112 2.2: empty lines before a request line are
-                    # ignored (old clients send one after a POST body):
-                    # dropped, they belong to no request.
-                    while data[at:at + 2] == b"\r\n":
-                        at += 2
-                    if at == size:
-                        return body, None, b""
                 start = max(0, len(self.line) - 3)
                 self.line += data[at:]
+                # RFC 9112 2.2: empty lines before a request line are
+                # ignored (old clients send one after a POST body):
+                # dropped, they belong to no request.
+                while self.line[:2] == b"\r\n":
+                    del self.line[:2]
+                    start = 0
                 end = self.line.find(b"\r\n\r\n", start)
                 if end < 0 or end + 4 > MAX_HEAD:
                     if len(self.line) > MAX_HEAD or end >= 0:
@@ -235,6 +233,8 @@ class RequestFramer:
             self.line += data[at:]
             if len(self.line) > MAX_CHUNK_LINE:
                 return BadRequest(400, "chunk line too long"), at
+            if self.mode == self.CHUNK_END and not b"\r\n".startswith(self.line):
+                return BadRequest(400, "chunk data longer than its size"), at
             return None, len(data)
         self.line += data[at:at + end + 1]
         at += end + 1
