@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.unit.test_relay_terminal -*-
 """
-HTTP as the relay's terminal side speaks it, with no I/O: the first
-request head parsed once (L{Request}), the relay's own small pages
-(L{page}), and the signed login cookies (L{Tokens}).
+HTTP as the relay's terminal side speaks it, with no I/O: request heads
+parsed (L{parse_head}, with the framing checks an HTTP/1.1 proxy needs
+against request smuggling), the request boundaries in what a terminal
+sends (L{RequestFramer}), the relay's own small pages (L{page}), and the
+signed login cookies (L{Tokens}).
 """
 
 import base64
@@ -22,6 +24,12 @@ COOKIE = "__Host-p2pnat_auth"
 #: host-only all the same.  (Cookies of this name from before the
 #: ``__Host-`` one fail the check: their MAC does not name the cookie.)
 PLAIN_COOKIE = "p2pnat_auth"
+MAX_CHUNK_LINE = 4096  # a chunk-size line, extensions included
+#: Methods the relay may send to a device twice (RFC 9110 9.2.1, safe
+#: methods): any other request, and a CONNECT stream, waits for a reused
+#: tunnel's OPENED before it is sent, so a dead tunnel's retry never
+#: repeats it.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 LOGIN_PATH = "/.p2pnat/login"
 
 
@@ -40,6 +48,16 @@ class Request:
     version: str
     headers: dict = field(default_factory=dict)  # lower-case name -> last value
     head_size: int = 0
+    #: How the request's body is framed: "none", "length" (C{length}
+    #: bytes), "chunked", or "opaque" (CONNECT, or an Upgrade: whatever
+    #: follows the head is another protocol's).
+    framing: str = "none"
+    length: int = 0
+
+    @property
+    def resendable(self):
+        """Whether sending this request twice is harmless (a safe method, no body)."""
+        return self.method in SAFE_METHODS and self.framing == "none"
 
     @property
     def host(self):
@@ -78,6 +96,10 @@ def parse_head(data):
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
         raise BadRequest(400, "undecodable request")
     lines = text.split("\r\n")
+    for line in lines:
+        # A lone CR or LF is a line end to some parsers and not to others.
+        if "\r" in line or "\n" in line:
+            raise BadRequest(400, "bare CR or LF in the request head")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise BadRequest(400, "not an HTTP/1.x request line")
@@ -85,18 +107,189 @@ def parse_head(data):
     if not method.isalpha() or not method.isupper() or not target:
         raise BadRequest(400, "bad request line")
     headers = {}
+    repeated = {"host": [], "content-length": [], "transfer-encoding": []}
     count = 0
     for line in lines[1:]:
         if not line:
             continue
+        if line[0] in " \t":
+            raise BadRequest(400, "obsolete line folding")
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip() or " " in name:
             raise BadRequest(400, "bad header line")
         count += 1
         if count > MAX_HEADERS:
             raise BadRequest(431, "too many header fields")
-        headers[name.lower()] = value.strip()
-    return Request(method, target, version, headers, len(data))
+        name = name.lower()
+        headers[name] = value.strip()
+        if name in repeated:
+            repeated[name].append(value.strip())
+    if len(repeated["host"]) > 1:
+        raise BadRequest(400, "more than one Host field")
+    request = Request(method, target, version, headers, len(data))
+    _framing(request, repeated["content-length"], repeated["transfer-encoding"])
+    return request
+
+
+def _framing(request, lengths, encodings):
+    """
+    Set how C{request}'s body is framed (RFC 9112 6), refusing what
+    proxies and servers could read differently (request smuggling).
+    """
+    if request.method == "CONNECT":
+        request.framing = "opaque"
+        return
+    if encodings:
+        if lengths:
+            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
+        if request.version == "HTTP/1.0":
+            raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip().lower() for v in encodings for c in v.split(",")]
+        if codings[-1] != "chunked" or codings.count("chunked") != 1 or "" in codings:
+            raise BadRequest(400, "a Transfer-Encoding must end with chunked, once")
+        request.framing = "chunked"
+    elif lengths:
+        values = {v.strip() for value in lengths for v in value.split(",")}
+        if len(values) != 1:
+            raise BadRequest(400, "differing Content-Length values")
+        value = values.pop()
+        if not (value.isascii() and value.isdigit()) or len(value) > 18:
+            raise BadRequest(400, "bad Content-Length")
+        request.length = int(value)
+        request.framing = "length" if request.length else "none"
+    if "upgrade" in request.headers and "upgrade" in _tokens(request.headers.get("connection")):
+        # An upgrade the device accepts makes the rest of the connection
+        # its protocol's (WebSocket frames), which no head parser can read.
+        request.framing = "opaque"
+
+
+def _tokens(value):
+    return {t.strip().lower() for t in (value or "").split(",")}
+
+
+class RequestFramer:
+    """
+    Finds the request boundaries in what a terminal sends on one
+    connection, with no I/O: each request's head, then its body by
+    Content-Length or chunked coding (chunk sizes and trailers parsed,
+    chunk data only counted), then the next head.  After an opaque request
+    (CONNECT, Upgrade) it reads nothing any more.
+
+    The caller feeds bytes with L{feed}; at each complete head it stops,
+    the caller decides (route, authorize) and parses it with L{begin},
+    which reads its framing, then feeds the rest.  Body bytes cost a length
+    comparison per read, never a scan.
+    """
+
+    HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILER, OPAQUE = range(7)
+
+    def __init__(self):
+        self.mode = self.HEAD
+        self.left = 0  # body or chunk bytes still to come
+        self.line = bytearray()  # a head, chunk-size line or trailer being read
+
+    def feed(self, data):
+        """
+        Read C{data} up to the next complete head.
+
+        @return: C{(body, stop, rest)}: C{body} the bytes before the stop,
+            which belong to requests already begun (forward them); C{stop}
+            None (all of C{data} read), the next head's bytes, or a
+            L{BadRequest} (the framing is broken: forward nothing more);
+            C{rest} the bytes after the stop, not read yet.
+        """
+        mode = self.mode
+        if mode == self.BODY and len(data) < self.left:
+            self.left -= len(data)
+            return data, None, b""
+        if mode == self.OPAQUE:
+            return data, None, b""
+        data = memoryview(data)
+        at = 0
+        size = len(data)
+        while at < size:
+            mode = self.mode
+            if mode == self.BODY or mode == self.CHUNK_DATA:
+                n = min(self.left, size - at)
+                self.left -= n
+                at += n
+                if not self.left:
+                    self.mode = self.HEAD if mode == self.BODY else self.CHUNK_END
+            elif mode == self.OPAQUE:
+                at = size
+            elif mode == self.HEAD:
+                body = bytes(data[:at])
+                start = max(0, len(self.line) - 3)
+                self.line += data[at:]
+                # RFC 9112 2.2: empty lines before a request line are
+                # ignored (old clients send one after a POST body):
+                # dropped, they belong to no request.
+                while self.line[:2] == b"\r\n":
+                    del self.line[:2]
+                    start = 0
+                end = self.line.find(b"\r\n\r\n", start)
+                if end < 0 or end + 4 > MAX_HEAD:
+                    if len(self.line) > MAX_HEAD or end >= 0:
+                        self.line = bytearray()
+                        return body, BadRequest(431, "The request head is too large."), b""
+                    return body, None, b""
+                head, rest = bytes(self.line[:end + 4]), bytes(self.line[end + 4:])
+                self.line = bytearray()
+                return body, head, rest
+            else:
+                line_at = at
+                error, at = self._chunk_line(data, at)
+                if error is not None:
+                    return bytes(data[:line_at]), error, b""
+        return bytes(data), None, b""
+
+    def _chunk_line(self, data, at):
+        """Read a chunk-size line, a chunk's CRLF or a trailer line."""
+        end = bytes(data[at:at + MAX_CHUNK_LINE + 2]).find(b"\n")
+        if end < 0:
+            self.line += data[at:]
+            if len(self.line) > MAX_CHUNK_LINE:
+                return BadRequest(400, "chunk line too long"), at
+            if self.mode == self.CHUNK_END and not b"\r\n".startswith(self.line):
+                return BadRequest(400, "chunk data longer than its size"), at
+            return None, len(data)
+        self.line += data[at:at + end + 1]
+        at += end + 1
+        line, self.line = bytes(self.line), bytearray()
+        if len(line) > MAX_CHUNK_LINE + 2 or not line.endswith(b"\r\n") \
+                or b"\r" in line[:-2]:
+            return BadRequest(400, "bad chunk line"), at
+        line = line[:-2]
+        if self.mode == self.CHUNK_END:
+            if line:
+                return BadRequest(400, "chunk data longer than its size"), at
+            self.mode = self.CHUNK_SIZE
+        elif self.mode == self.CHUNK_SIZE:
+            digits = line.partition(b";")[0].strip(b" \t")
+            if not digits or len(digits) > 15 or digits.strip(b"0123456789abcdefABCDEF"):
+                return BadRequest(400, "bad chunk size"), at
+            self.left = int(digits, 16)
+            self.mode = self.CHUNK_DATA if self.left else self.TRAILER
+            self.trailer = 0
+        else:  # TRAILER: field lines up to an empty line
+            self.trailer += len(line) + 2
+            if self.trailer > MAX_HEAD:
+                return BadRequest(431, "trailer section too large"), at
+            if not line:
+                self.mode = self.HEAD
+        return None, at
+
+    def begin(self, request):
+        """Read C{request}'s body next (its head was the last stop)."""
+        self.line = bytearray()
+        if request.framing == "length":
+            self.mode, self.left = self.BODY, request.length
+        elif request.framing == "chunked":
+            self.mode = self.CHUNK_SIZE
+        elif request.framing == "opaque":
+            self.mode = self.OPAQUE
+        else:
+            self.mode = self.HEAD
 
 
 def page(status, title, message, extra_headers=(), body_extra=""):

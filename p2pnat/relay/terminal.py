@@ -2,17 +2,19 @@
 """
 The relay's terminal side: browsers and the ``p2pnat`` CLI connect here.
 
-The relay reads the first request head of a connection, and only that:
-it names the device (``Host: DEVICE.RELAYHOST``, the seed's
-``/connect?ID=DEVICE``, or ``CONNECT DEVICE[:SERVICE]`` from the CLI) and
-carries the terminal's credential when the device asks the relay to check
-it.  Routing and authorization both read that one parsed identity
-(L{p2pnat.relay.http.Request}).  Once the device's tunnel is there, the
-connection's bytes go to the device as they are, both ways, as a TCP proxy
-moves them: the relay never parses what follows, so an HTTP Upgrade
-(WebSocket) works once the device answered 101, and nothing sent on the
-connection can reach another device.  With ALPN ``http/1.1`` a browser
-keeps one origin per connection, so routing per connection is sound.
+Every request of a connection is routed and authorized by its own head:
+the first, and each later one on a kept-alive or pipelined connection
+(a pooling proxy in front of ``terminal.http`` mixes users on one
+connection).  A head names the device (``Host: DEVICE.RELAYHOST``, the
+seed's ``/connect?ID=DEVICE``, or ``CONNECT DEVICE[:SERVICE]`` from the
+CLI) and carries the terminal's credential when the device asks the relay
+to check it.  Between heads the request bodies go to the device as they
+are, framed by L{p2pnat.relay.http.RequestFramer} (a Content-Length body
+costs a comparison per read); the device's bytes come back untouched.  A
+request for another device, or one that is refused, never reaches the
+stream's device: the stream ends and the request is read afresh (see
+docs/relay.rst).  CONNECT streams, and a connection after an Upgrade
+(WebSocket), are opaque.
 
 This module is the transport code; the rules are in
 L{p2pnat.relay.terminal_machine}.
@@ -46,9 +48,10 @@ class Terminal(Protocol):
         self.gate = None
         self.core = None
         self.machine = None
-        # While streaming, bytes read go straight to the tunnel: one call
-        # per read, no machine input (the data path runs thousands of
-        # reads a second; a machine input costs microseconds each).
+        # While streaming, bytes read go straight to the stream's framer
+        # (TerminalCore.forward) or, opaque, to the tunnel: one call per
+        # read, no machine input (the data path runs thousands of reads a
+        # second; a machine input costs microseconds each).
         self._send = None
 
     def connectionMade(self):

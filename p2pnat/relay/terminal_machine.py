@@ -6,16 +6,29 @@ The rules of one terminal connection, as a state machine with no transport
 States::
 
     head ──► body ──► auth ──► waiting ──► stream ──► done
-      │        │        ▲          ▲  │        │
-      │        └────────┘          │  └─ retry ┘   (and from any state,
-      └────────────────────────────┘               reply / loss ──► done)
+      │▲       │        ▲          ▲  │      │ ▲
+      ││       └────────┘          │  └retry─┘ │      (and from any state,
+      │└──────── finishing ◄── check ◄─────────┘       reply / loss ──► done)
+      └────────────────────────────┘
 
-- ``head``: reading the first request head (bounded by the head timeout);
+- ``head``: reading a request head that starts a stream (bounded by the
+  head timeout);
 - ``body``: reading a login form;
 - ``auth``: a credential is being checked (off the reactor thread);
 - ``waiting``: for the device's tunnel; what the terminal sends meanwhile
   is kept (up to L{MAX_PENDING}, then reading pauses);
-- ``stream``: the connection's bytes go to the tunnel as they are;
+- ``stream``: the requests' bytes go to the tunnel as they are, through a
+  L{RequestFramer} that finds where the next request starts (an opaque
+  stream, CONNECT or an accepted Upgrade, goes straight to the tunnel);
+- ``check``: the next request head on the connection is routed and
+  authorized like the first; what follows it is kept.  Same device,
+  authorized: back to ``stream``, and the head goes on to the device.
+  Anything else (another device, no or a wrong credential, a relay page,
+  a malformed head) is never given to this device:
+- ``finishing``: the stream is ended from the terminal's side; the
+  device's answers to the earlier requests still reach the terminal, and
+  at the device's END the kept request is read again from ``head``, as on
+  a new connection (another stream, or the relay's page and a close);
 - ``done``: answered, or closed.
 
 The routing decision (which page, which device) is plain logic on the
@@ -42,6 +55,7 @@ from p2pnat.relay.http import (
     MAX_LOGIN_BODY,
     MAX_PENDING,
     BadRequest,
+    RequestFramer,
     page,
     parse_head,
 )
@@ -110,6 +124,15 @@ class TerminalInputs(Protocol):
     def retry(self, pending: bytes) -> None:
         "The reused tunnel was dead: send C{pending} again on a new one."
 
+    def next_head(self, head: object, rest: bytes) -> None:
+        "A stream's next request head (bytes, or the L{BadRequest} its framing is), and what follows."
+
+    def resume(self) -> None:
+        "The next request is for the stream's device and may reach it: forward it."
+
+    def reroute(self) -> None:
+        "The next request must not reach the stream's device: end the stream, then route it."
+
     def connection_lost(self) -> None:
         "The terminal's connection is gone."
 
@@ -147,6 +170,11 @@ class TerminalCore:
         self.tunnel = None
         self.pending = None  # the relay's TunnelRequest while waiting
         self.answered = False  # "200 Connection established" sent (CONNECT)
+        self.framer = None  # the stream's request boundaries (HTTP streams)
+        self.reused = False  # the stream's tunnel was idle before: OPEN unconfirmed
+        self.resend = b""  # framed bytes to send again on a new tunnel (retry)
+        self.then = None  # a finishing stream's answer, if not its next head
+        self.streaming_device = None  # the device of the stream a next head came on
         self.head_timer = relay.clock.callLater(relay.timeouts.head, self._head_late)
         self.machine = None
 
@@ -344,6 +372,60 @@ class TerminalCore:
             nxt = "/"
         m.login(given, nxt)
 
+    # -- the stream's requests ---------------------------------------------------
+
+    def start_requests(self, m, data):
+        """
+        The stream's first head is in C{data} (the current L{request}):
+        send it, then what follows, request by request.
+        """
+        self.framer = RequestFramer()
+        self.next_request(m, data)
+
+    def next_request(self, m, data):
+        """Send the current request's head at the start of C{data}, and pump the rest."""
+        req = self.request
+        if self.reused and not req.resendable:
+            self.tunnel.hold()
+        self.tunnel.send_data(data[:req.head_size])
+        self.framer.begin(req)
+        self.pump(m, data[req.head_size:])
+
+    def pump(self, m, data):
+        """
+        Send C{data} on through the framer up to the next head, which goes
+        to the machine (C{next_head}); otherwise read on, straight to
+        L{forward} (or to the tunnel once the stream is opaque).
+        """
+        if data:
+            body, stop, rest = self.framer.feed(data)
+            if body:
+                self.tunnel.send_data(body)
+            if stop is not None:
+                return m.next_head(stop, rest)
+        opaque = self.framer.mode == RequestFramer.OPAQUE
+        self.io.stream_to(self.tunnel.send_data if opaque else self.forward)
+        self.io.resume_reading()
+
+    def forward(self, data):
+        """
+        The stream's data path (one call per read): the current request's
+        bytes go to the tunnel; at the next head, the machine decides.
+        """
+        body, stop, rest = self.framer.feed(data)
+        if body:
+            self.tunnel.send_data(body)
+        if stop is not None:
+            self.io.stream_to(None)
+            self.machine.next_head(stop, rest)
+
+    def end_stream(self, m):
+        """End the stream from this side; its END comes back as C{tunnel_ended}."""
+        if self.tunnel is None:
+            m.tunnel_ended()
+        else:
+            self.tunnel.finish()
+
     # -- the tunnel -------------------------------------------------------------
 
     def request_tunnel(self, m, reuse):
@@ -383,6 +465,8 @@ body = _b.state("body")
 auth = _b.state("auth")
 waiting = _b.state("waiting")
 stream = _b.state("stream")
+check = _b.state("check")
+finishing = _b.state("finishing")
 done = _b.state("done")
 
 
@@ -491,19 +575,31 @@ def _open(m, c):
 def _stream(m, c, tunnel, reused):
     c.pending = None
     c.tunnel = tunnel
+    c.reused = reused
     c.relay.terminal_streaming(c.io, c.device_id)
     tunnel.start_stream(c.io, c.service, reused)
     if c.tcp and not c.answered:
         c.answered = True
         c.io.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    resend, c.resend = c.resend, b""
     pending, c.buf = bytes(c.buf), bytearray()
-    if pending:
-        tunnel.send_data(pending)
-    c.io.stream_to(tunnel.send_data)
-    c.io.resume_reading()
+    if c.tcp:
+        if reused:
+            tunnel.hold()  # a TCP stream's bytes could mean anything twice
+        for data in (resend, pending):
+            if data:
+                tunnel.send_data(data)
+        c.io.stream_to(tunnel.send_data)
+        c.io.resume_reading()
+    elif resend:
+        # A retry: the framer has read these already; it reads on after them.
+        tunnel.send_data(resend)
+        c.pump(m, pending)
+    else:
+        c.start_requests(m, pending)
 
 
-@_b.on([head, body, auth, stream, done], I.tunnel_ready)
+@_b.on([head, body, auth, stream, check, finishing, done], I.tunnel_ready)
 def _give_back(m, c, tunnel, reused):
     # Nobody here waits for it any more: the relay may give it to another.
     tunnel.give_back()
@@ -517,17 +613,102 @@ def _no_tunnel(m, c, failure):
 
 @_b.on(stream, I.data)
 def _forward(m, c, data):
-    c.tunnel.send_data(data)
+    c.pump(m, data)
 
 
-@_b.on(stream, I.tunnel_ended, to=done)
-def _ended(m, c):
+@_b.on(stream, I.next_head, to=check)
+def _next_head(m, c, head, rest):
+    """Another request on the connection: routed and authorized like the first."""
+    c.io.stream_to(None)
+    if isinstance(head, BadRequest):
+        c.then = (head.status, "Bad request", str(head))
+        return m.reroute()
+    c.buf = bytearray(head) + rest
+    if len(c.buf) > MAX_PENDING:
+        c.io.pause_reading()
+    try:
+        c.request = parse_head(head)
+    except BadRequest as e:
+        c.then = (e.status, "Bad request", str(e))
+        return m.reroute()
+    c.streaming_device = c.device_id
+    c.route(m)
+
+
+@_b.on(check, I.data)
+def _keep_next(m, c, data):
+    c.buf += data
+    if len(c.buf) > MAX_PENDING:
+        c.io.pause_reading()
+
+
+@_b.on(check, I.open)
+def _open_next(m, c):
+    if c.device_id == c.streaming_device and not c.tcp and c.tunnel is not None:
+        return m.resume()
+    m.reroute()
+
+
+@_b.on(check, I.authorize)
+def _check_next(m, c):
+    if c.device_id != c.streaming_device or c.tcp:
+        return m.reroute()  # never checked here: routed afresh after the END
+    c.authorization().addCallbacks(m.authorized, m.check_failed)
+
+
+@_b.on(check, I.authorized)
+def _authorized_next(m, c, ok):
+    if ok:
+        return m.open()
+    m.reroute()
+
+
+@_b.on(check, I.resume, to=stream)
+def _resume(m, c):
+    held, c.buf = bytes(c.buf), bytearray()
+    c.next_request(m, held)
+
+
+@_b.on(check, I.reroute, to=finishing)
+@_b.on(check, I.reply, to=finishing)
+@_b.on(check, I.read_login, to=finishing)
+@_b.on(check, I.check_failed, to=finishing)
+def _finish(m, c, *args, **kwargs):
+    # A page, a login form, another device: answered once this stream is
+    # over, as on a new connection.  A failed check is retried then.
+    c.end_stream(m)
+
+
+@_b.on(check, I.tunnel_ended)
+def _ended_checking(m, c):
+    # The device closed its side first: the kept request gets a new stream.
     c.io.stream_to(None)
     c.tunnel = None
-    c.io.close_connection()
 
 
-@_b.on(stream, I.tunnel_lost, to=done)
+@_b.on(finishing, I.data)
+def _keep_finishing(m, c, data):
+    c.buf += data
+    if len(c.buf) > MAX_PENDING:
+        c.io.pause_reading()
+
+
+@_b.on(finishing, I.tunnel_ended, to=head)
+def _finished(m, c):
+    """The device's answers are all written: read the kept request afresh."""
+    c.tunnel = None
+    c.framer = None
+    c.reused = False
+    c.resend = b""
+    c.io.resume_reading()
+    then, c.then = c.then, None
+    if then is not None:
+        return m.reply(*then)
+    m.data(b"")
+
+
+@_b.on([check, stream], I.tunnel_lost, to=done)
+@_b.on(finishing, I.tunnel_lost, to=done)
 def _lost_tunnel(m, c, abort):
     c.io.stream_to(None)
     c.tunnel = None
@@ -537,19 +718,37 @@ def _lost_tunnel(m, c, abort):
         c.io.close_connection()
 
 
+@_b.on(check, I.retry, to=done)
+def _retry_checking(m, c, pending):
+    # The reused tunnel was dead while the next head was being decided:
+    # resending here would mix a decided and an undecided request.  Close;
+    # the terminal sends both again on a new connection.
+    c.io.stream_to(None)
+    c.tunnel = None
+    c.io.close_connection()
+
+
+@_b.on(stream, I.tunnel_ended, to=done)
+def _ended(m, c):
+    c.io.stream_to(None)
+    c.tunnel = None
+    c.io.close_connection()
+
+
 @_b.on(stream, I.retry, to=waiting)
 def _retry(m, c, pending):
     c.io.stream_to(None)
     c.tunnel = None
-    c.buf = bytearray(pending)
+    c.resend = pending
     c.request_tunnel(m, reuse=False)
 
 
-@_b.on(stream, I.connection_lost, to=done)
+@_b.on([stream, check, finishing], I.connection_lost, to=done)
 def _lost_streaming(m, c):
     c.io.stream_to(None)
     tunnel, c.tunnel = c.tunnel, None
-    tunnel.send_end()
+    if tunnel is not None:
+        tunnel.send_end()
     c.relay.terminal_closed(c.io)
 
 
@@ -567,9 +766,11 @@ def _lost(m, c):
 
 
 # Races, not errors: a timer or a check ending after the connection moved on.
-_b.ignore([auth, waiting, stream, done], I.head_late)
+_b.ignore([auth, waiting, stream, check, finishing, done], I.head_late)
 _b.ignore(done, I.data, I.reply, I.authorized, I.login_checked, I.check_failed,
-          I.tunnel_failed, I.tunnel_ended, I.tunnel_lost, I.retry)
+          I.tunnel_failed, I.tunnel_ended, I.tunnel_lost, I.retry, I.next_head)
+# Gone with the stream they belonged to.
+_b.ignore(finishing, I.retry)
 _b.ignore([head, body, auth, waiting], I.tunnel_ended, I.tunnel_lost)
 
 TerminalMachine = _b.build(_unexpected)

@@ -27,7 +27,8 @@ class RelayTunnel(Protocol):
     L{TunnelMachine}; it is the machine's connection (its C{io}).
 
     The terminal whose stream it carries calls L{start_stream},
-    L{send_data}, L{send_end} and L{give_back}; the relay calls L{drop}.
+    L{send_data}, L{hold}, L{finish}, L{send_end} and L{give_back}; the
+    relay calls L{drop}.
     """
 
     log = Logger(namespace="p2pnat.relay.tunnel")
@@ -156,6 +157,22 @@ class RelayTunnel(Protocol):
     def send_end(self):
         """The terminal's side of the stream closed."""
         self.machine.terminal_end()
+
+    def finish(self):
+        """
+        End the stream from the terminal's side while the terminal still
+        reads: the device's answers go on to it, and its END ends the
+        stream (L{Terminal.tunnel_ended}).
+        """
+        self.machine.terminal_done()
+
+    def hold(self):
+        """
+        On a reused tunnel not confirmed yet, send nothing more until the
+        device's OPENED: what follows must never be sent twice (a retry
+        on a new tunnel sends it again).
+        """
+        self.machine.hold()
 
     def give_back(self):
         """The terminal this new tunnel was for is gone: keep it idle for the next."""

@@ -7,6 +7,7 @@ States::
 
     hello ──► idle ──► stream ──► draining ──► idle ...
       │        │  └──► opening ─┘   (reused tunnel: until the device's OPENED)
+      │        │          └──► answering ──► idle ...
       └────────┴─────────────────────────────► closed
 
 - ``hello``: waiting for the device's hello (bounded by the hello timeout);
@@ -14,10 +15,17 @@ States::
 - ``idle``: bound to its device, no stream (bounded by the idle timeout);
 - ``opening``: OPEN sent on a reused idle tunnel, not yet confirmed: what
   the terminal sends is kept, and if the device does not answer within the
-  open timeout the tunnel was dead and the terminal retries on a new one;
+  open timeout the tunnel was dead and the terminal retries on a new one.
+  What the terminal sends after L{TunnelInputs.hold} (a request that must
+  not be sent twice) is not even sent until the OPENED: a retry never
+  repeats it;
 - ``stream``: carrying one terminal connection, both ways;
 - ``draining``: the terminal's side ended (END sent), waiting for the
   device's END;
+- ``answering``: the terminal ended the stream but still reads (its next
+  request is for another device, or was refused): END sent, the device's
+  answers still go to the terminal, and its END tells the terminal it may
+  reuse the connection;
 - ``closed``: the connection is closing or gone.
 
 A tunnel bound early, by a resumed TLS handshake that named its session
@@ -66,6 +74,12 @@ class TunnelInputs(Protocol):
 
     def terminal_end(self) -> None:
         "The terminal's side of the stream closed."
+
+    def terminal_done(self) -> None:
+        "The terminal sends no more on this stream but reads the device's answers to the end."
+
+    def hold(self) -> None:
+        "Until the device confirms the OPEN, send nothing more of what the terminal sends."
 
     def device_open(self) -> None:
         "The device sent OPEN (only the relay may)."
@@ -117,7 +131,9 @@ class TunnelCore:
         self.device_id = None
         self.terminal = None
         self.early = None  # the session a resumed handshake bound, until its hello
-        self.unconfirmed = None  # terminal bytes sent since an unconfirmed OPEN
+        self.unconfirmed = None  # terminal bytes given since an unconfirmed OPEN
+        self.held = None  # unconfirmed[held:] are kept, not sent, until OPENED
+        self.end_held = False  # END to send after the held bytes
         self.dropped = False  # closed by the relay: the terminal is cut too
         self.open_timer = None
         self.idle_timer = None
@@ -167,6 +183,8 @@ class TunnelCore:
         self.io.write(tunnel.frame(tunnel.OPEN, service.encode("ascii")))
         if reused:
             self.unconfirmed = []
+            self.held = None
+            self.end_held = False
             self.open_timer = self._timer(self.relay.timeouts.open, "open")
         self.io.couple(terminal)
         self.io.route(terminal, direct=not reused)
@@ -177,6 +195,17 @@ class TunnelCore:
         self.io.route(None, direct=False)
         self.io.uncouple(terminal)
         return terminal
+
+    def confirmed(self):
+        """The device confirmed the OPEN: send what was held, and the END after it."""
+        self.cancel_timers("open_timer")
+        if self.held is not None:
+            for data in self.unconfirmed[self.held:]:
+                self.io.write_data(data)
+        if self.end_held:
+            self.io.write(tunnel.frame(tunnel.END))
+        self.unconfirmed = self.held = None
+        self.end_held = False
 
     def go_idle(self):
         self.detach()
@@ -197,9 +226,10 @@ idle = _b.state("idle")
 opening = _b.state("opening")
 stream = _b.state("stream")
 draining = _b.state("draining")
+answering = _b.state("answering")
 closed = _b.state("closed")
-BOUND = [idle, opening, stream, draining]
-OPEN = [hello, idle, opening, stream, draining]
+BOUND = [idle, opening, stream, draining, answering]
+OPEN = [hello] + BOUND
 
 
 @_b.on(hello, I.hello)
@@ -278,8 +308,8 @@ def _start_reused(m, c, terminal, service):
     c.begin(terminal, service, reused=True)
 
 
-@_b.on([hello, opening, stream, draining, closed], I.start_stream)
-@_b.on([hello, opening, stream, draining, closed], I.start_reused_stream)
+@_b.on([hello, opening, stream, draining, answering, closed], I.start_stream)
+@_b.on([hello, opening, stream, draining, answering, closed], I.start_reused_stream)
 def _cannot_stream(m, c, terminal, service):
     # Only an idle tunnel is handed out; should a closed one slip through,
     # the terminal must not wait for it for ever.
@@ -296,7 +326,14 @@ def _give_back(m, c):
 @_b.on(opening, I.terminal_data)
 def _send_unconfirmed(m, c, data):
     c.unconfirmed.append(data)
-    c.io.write_data(data)
+    if c.held is None:
+        c.io.write_data(data)
+
+
+@_b.on(opening, I.hold)
+def _hold(m, c):
+    if c.held is None:
+        c.held = len(c.unconfirmed)
 
 
 @_b.on(stream, I.terminal_data)
@@ -307,7 +344,30 @@ def _send(m, c, data):
 @_b.on([opening, stream], I.terminal_end, to=draining)
 def _terminal_end(m, c):
     c.io.route(None, direct=False)
+    if c.held is not None:
+        del c.unconfirmed[c.held:]  # the terminal is gone: its held request with it
+        c.held = None
     c.io.write(tunnel.frame(tunnel.END))
+
+
+@_b.on(answering, I.terminal_end, to=draining)
+def _terminal_gone(m, c):
+    c.io.route(None, direct=False)
+    if c.end_held:
+        c.end_held = False
+        c.held = None
+        c.io.write(tunnel.frame(tunnel.END))
+
+
+@_b.on([opening, stream], I.terminal_done, to=answering)
+def _terminal_done(m, c):
+    # The device's answers still go straight to the terminal; its END
+    # tells the terminal they are all written.
+    c.io.route(c.terminal, direct=False)
+    if c.held is not None:
+        c.end_held = True  # after the held bytes, once confirmed
+    else:
+        c.io.write(tunnel.frame(tunnel.END))
 
 
 @_b.on(OPEN, I.device_open)
@@ -317,9 +377,13 @@ def _device_open(m, c):
 
 @_b.on(opening, I.device_opened, to=stream)
 def _confirmed(m, c):
-    c.cancel_timers("open_timer")
-    c.unconfirmed = None
+    c.confirmed()
     c.io.route(c.terminal, direct=True)
+
+
+@_b.on(answering, I.device_opened)
+def _confirmed_answering(m, c):
+    c.confirmed()
 
 
 @_b.on(draining, I.device_opened)
@@ -328,7 +392,7 @@ def _confirmed_late(m, c):
     c.unconfirmed = None
 
 
-@_b.on([opening, stream], I.device_data)
+@_b.on([opening, stream, answering], I.device_data)
 def _deliver(m, c, data):
     c.terminal.writer()(data)
 
@@ -357,6 +421,16 @@ def _drained(m, c):
     c.go_idle()
 
 
+@_b.on(answering, I.device_end, to=idle)
+def _answered(m, c):
+    c.cancel_timers("open_timer")
+    c.unconfirmed = c.held = None
+    c.end_held = False
+    terminal = c.terminal
+    c.go_idle()
+    terminal.tunnel_ended()
+
+
 @_b.on([hello, idle], I.device_end)
 def _stray_end(m, c):
     raise tunnel.TunnelError("END outside a stream")
@@ -372,6 +446,16 @@ def _dead(m, c):
     terminal = c.detach()
     c.io.abort_connection()
     terminal.retry(pending)
+
+
+@_b.on(answering, I.open_late, to=closed)
+def _dead_answering(m, c):
+    """A dead reused tunnel while the terminal waits for its answers: it gets none."""
+    c.open_timer = None
+    c.unconfirmed = c.held = None
+    terminal = c.detach()
+    c.io.abort_connection()
+    terminal.tunnel_lost(False)
 
 
 @_b.on(draining, I.open_late, to=closed)
@@ -406,12 +490,14 @@ def _lost(m, c):
 
 _b.ignore(BOUND, I.resumed)
 # The direct paths stop at these states; what still comes is dropped.
-_b.ignore([hello, idle, draining, closed], I.terminal_data)
+_b.ignore([hello, idle, draining, answering, closed], I.terminal_data)
 _b.ignore([draining, closed], I.device_data)
 _b.ignore([hello, idle, draining, closed], I.terminal_end)
+_b.ignore([hello, idle, draining, answering, closed], I.terminal_done)
+_b.ignore([hello, idle, stream, draining, answering, closed], I.hold)
 _b.ignore([idle, stream], I.device_opened)
 _b.ignore([stream, closed], I.open_late)
-_b.ignore([hello, opening, stream, draining, closed], I.idle_late, I.give_back)
+_b.ignore([hello, opening, stream, draining, answering, closed], I.idle_late, I.give_back)
 _b.ignore(closed, I.hello, I.resumed, I.hello_late, I.device_open, I.device_opened,
           I.device_end, I.drop)
 

@@ -10,6 +10,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat.protocol import tunnel
+from p2pnat.relay import access
 from p2pnat.relay.core import Timeouts, TunnelRequest
 from p2pnat.relay.machine import MachineBuilder
 from p2pnat.relay.terminal_machine import TerminalCore, TerminalInputs, TerminalMachine
@@ -30,9 +31,9 @@ class CompletenessTests(SynchronousTestCase):
     def test_every_input_in_every_state(self):
         for machine, protocol, states in [
                 (TerminalMachine, TerminalInputs,
-                 {"head", "body", "auth", "waiting", "stream", "done"}),
+                 {"head", "body", "auth", "waiting", "stream", "check", "finishing", "done"}),
                 (TunnelMachine, TunnelInputs,
-                 {"hello", "idle", "opening", "stream", "draining", "closed"})]:
+                 {"hello", "idle", "opening", "stream", "draining", "answering", "closed"})]:
             pairs = handled(machine)
             self.assertEqual({s for s, _ in pairs}, states)
             self.assertEqual(pairs, {(s, i) for s in states for i in inputs_of(protocol)})
@@ -96,6 +97,7 @@ class FakeRelay:
     """The parts of IRelay the machines call, recording the calls."""
 
     hostname = "relay.test"
+    trusted_proxies = access.NO_PROXIES
 
     def __init__(self):
         self.clock = Clock()

@@ -261,7 +261,8 @@ class StreamTests(SynchronousTestCase):
 
     def test_stream_and_reuse(self):
         w = self.w
-        t = w.terminal(self.head)
+        post = b"POST / HTTP/1.1\r\nHost: cam.relay.test\r\nContent-Length: 4\r\n\r\n"
+        t = w.terminal(post)
         t.dataReceived(b"more")
         tun = w.tunnel("cam", session=w.session())
         self.assertEqual(tun.transport.value()[:1], bytes([tunnel.HELLO_OK]))
@@ -269,7 +270,8 @@ class StreamTests(SynchronousTestCase):
         tunnel.FrameDecoder(lambda s: frames.append(("open", s)),
                             lambda d: frames.append(("data", d)),
                             lambda: frames.append("end")).feed(tun.transport.value()[1:])
-        self.assertEqual(frames, [("open", ""), ("data", self.head + b"more")])
+        self.assertEqual(frames[0], ("open", ""))
+        self.assertEqual(b"".join(d for kind, d in frames[1:]), post + b"more")
         # The device answers and closes its side.
         tun.dataReceived(tunnel.frame(tunnel.DATA, b"HTTP/1.1 200 OK\r\n\r\nhi")
                          + tunnel.frame(tunnel.END))
@@ -311,7 +313,7 @@ class StreamTests(SynchronousTestCase):
         tun = self.idle_tunnel()
         sent = len(w.socket.sent)
         t = w.terminal(self.head)
-        t.dataReceived(b"body")
+        t.dataReceived(self.head)  # pipelined, for the same device
         w.clock.advance(2.1)
         self.assertTrue(tun.transport.aborted)
         self.assertEqual(t.state, "waiting")
@@ -321,7 +323,7 @@ class StreamTests(SynchronousTestCase):
         tunnel.FrameDecoder(lambda s: frames.append(("open", s)),
                             lambda d: frames.append(("data", d)),
                             lambda: frames.append("end")).feed(new.transport.value()[1:])
-        self.assertEqual(b"".join(d for kind, d in frames if kind == "data"), self.head + b"body")
+        self.assertEqual(b"".join(d for kind, d in frames if kind == "data"), self.head * 2)
 
     def test_terminal_closes_first(self):
         w = self.w
@@ -726,3 +728,213 @@ class TrustedProxyTests(SynchronousTestCase):
             t = w.terminal(b"GET /connect?ID=safe HTTP/1.1\r\nHost: relay.test\r\n" + header
                            + b"\r\n", secure=False)
             self.assertIn(b"Location: http://safe.relay.test:8080/\r\n", t.transport.value())
+
+
+def device_frames(tun, since=1):
+    """What the relay sent on a tunnel (after the hello status): OPEN, DATA joined, END."""
+    frames = []
+    tunnel.FrameDecoder(lambda s: frames.append(("open", s)),
+                        lambda d: frames.append(("data", d)),
+                        lambda: frames.append(("end", None)),
+                        lambda: frames.append(("opened", None))).feed(tun.transport.value()[since:])
+    joined = []
+    for kind, value in frames:
+        if kind == "data" and joined and joined[-1][0] == "data":
+            joined[-1] = ("data", joined[-1][1] + value)
+        else:
+            joined.append((kind, value))
+    return joined
+
+
+class PerRequestTests(SynchronousTestCase):
+    """
+    Every request on a kept-alive or pipelined terminal connection is
+    routed and authorized by its own head (issue #9, finding 1): a request
+    for another device, or without the credential, never reaches the
+    stream's device.
+    """
+
+    def setUp(self):
+        self.w = World(self)
+        self.w.add("a", mode="relay", credential="secret-a")
+        self.w.add("b", mode="relay", credential="secret-b")
+        self.w.add("open")
+
+    def req(self, host, extra=b"", method=b"GET", body=b""):
+        if body:
+            extra += b"Content-Length: %d\r\n" % len(body)
+        return (method + b" / HTTP/1.1\r\nHost: " + host + b".relay.test\r\n" + extra
+                + b"\r\n" + body)
+
+    def auth(self, secret):
+        return b"Authorization: Basic " + base64.b64encode(b"u:" + secret) + b"\r\n"
+
+    def stream(self, first):
+        w = self.w
+        t = w.terminal(first)
+        self.assertEqual(t.state, "waiting")
+        tun = w.tunnel(t.device_id, session=w.session())
+        self.assertIn(t.state, ("stream", "check", "finishing"))
+        return t, tun
+
+    def test_kept_alive_request_without_credential(self):
+        """A second request with no credential is not given to the device: it gets the login form."""
+        first = self.req(b"a", self.auth(b"secret-a"))
+        t, tun = self.stream(first)
+        tun.dataReceived(tunnel.frame(tunnel.DATA, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+        t.dataReceived(self.req(b"a"))
+        self.assertEqual(device_frames(tun), [("open", ""), ("data", first), ("end", None)])
+        self.assertEqual(t.state, "finishing")
+        tun.dataReceived(tunnel.frame(tunnel.END))
+        out = t.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                                       b"HTTP/1.1 401 "), out[:120])
+        self.assertTrue(t.transport.disconnecting)
+        self.assertEqual(tun.state, "idle")
+
+    def test_kept_alive_request_for_another_device(self):
+        """A request naming device b on a's stream goes to b, on a new stream, after a's END."""
+        w = self.w
+        t, tun_a = self.stream(self.req(b"a", self.auth(b"secret-a")))
+        second = self.req(b"b", self.auth(b"secret-b"))
+        t.dataReceived(second)
+        self.assertEqual(device_frames(tun_a)[-1], ("end", None))
+        self.assertNotIn(b"Host: b.", tun_a.transport.value())
+        tun_a.dataReceived(tunnel.frame(tunnel.END))
+        self.assertEqual((t.state, t.device_id), ("waiting", "b"))
+        tun_b = w.tunnel("b", session=w.session())
+        self.assertEqual(device_frames(tun_b), [("open", ""), ("data", second)])
+        self.assertFalse(t.transport.disconnecting)
+
+    def test_pipelined_requests(self):
+        """Pipelined: the same device's authorized requests follow; an unauthorized one does not."""
+        ok = self.req(b"a", self.auth(b"secret-a"), b"POST", b"x=1")
+        chunked = (b"POST / HTTP/1.1\r\nHost: a.relay.test\r\n" + self.auth(b"secret-a")
+                   + b"Transfer-Encoding: chunked\r\n\r\n3\r\nGET\r\n0\r\nT: 1\r\n\r\n")
+        # The body of the first holds what looks like a head: it is body.
+        sneaky = self.req(b"a", self.auth(b"secret-a"), b"POST", self.req(b"b"))
+        bad = self.req(b"a", b"Cookie: p2pnat_auth=1.x\r\n")
+        t, tun = self.stream(ok + chunked + sneaky + bad + self.req(b"a", self.auth(b"secret-a")))
+        self.assertEqual(device_frames(tun), [("open", ""), ("data", ok + chunked + sneaky),
+                                              ("end", None)])
+        tun.dataReceived(tunnel.frame(tunnel.END))
+        self.assertEqual(status(t.transport), 401)
+        self.assertTrue(t.transport.disconnecting)
+
+    def test_open_device_requests_follow(self):
+        """A device with no relay credential: its kept-alive requests stay on one stream."""
+        t, tun = self.stream(self.req(b"open"))
+        t.dataReceived(self.req(b"open", b"", b"PUT", b"abc"))
+        t.dataReceived(self.req(b"open")[:10])
+        t.dataReceived(self.req(b"open")[10:])
+        self.assertEqual(t.state, "stream")
+        self.assertEqual(device_frames(tun), [
+            ("open", ""), ("data", self.req(b"open") + self.req(b"open", b"", b"PUT", b"abc")
+                           + self.req(b"open"))])
+        # Another device on the same connection: not to this one.
+        t.dataReceived(self.req(b"a"))
+        self.assertEqual(device_frames(tun)[-1], ("end", None))
+
+    def test_malformed_later_heads(self):
+        """A malformed head after the first: 400 once the device's answers are written, closed."""
+        cases = [
+            b"GET / HTTP/1.1\r\nHost: open.relay.test\r\nContent-Length: 1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: open.relay.test\r\nContent-Length: 1\r\n"
+            b"Content-Length: 2\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: open.relay.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: open.relay.test\r\n X: folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: open.relay.test\nX: y\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: open.relay.test\r\nHost: a.relay.test\r\n\r\n",
+            b"\x16\x03\x01garbage\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: " + b"a" * 20000,
+            b"POST / HTTP/1.1\r\nHost: open.relay.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\n",
+        ]
+        for later in cases:
+            self.w = World(self)  # a new relay: no idle tunnel from the case before
+            self.w.add("open")
+            first = self.req(b"open")
+            t, tun = self.stream(first)
+            t.dataReceived(later)
+            self.assertEqual(device_frames(tun)[-1], ("end", None), later)
+            if b"zz" not in later:  # (that one's head is sound, only its body is not)
+                self.assertNotIn(later[:40], tun.transport.value().replace(first, b""), later)
+            tun.dataReceived(tunnel.frame(tunnel.DATA, b"answer") + tunnel.frame(tunnel.END))
+            self.assertTrue(t.transport.value().startswith(b"answerHTTP/1.1 4"), later)
+            self.assertIn(status(SimpleNamespace(value=lambda: t.transport.value()[6:])),
+                          (400, 431), later)
+            self.assertTrue(t.transport.disconnecting, later)
+
+    def test_device_closes_while_next_head_checked(self):
+        """The device ends its stream first: the kept request gets a new stream."""
+        w = self.w
+        t, tun = self.stream(self.req(b"open"))
+        w.add("c", mode="relay", credential="secret-c")
+        tun.dataReceived(tunnel.frame(tunnel.OPENED))
+        t.dataReceived(self.req(b"c", self.auth(b"secret-c")))
+        self.assertEqual(t.state, "finishing")
+        tun.dataReceived(tunnel.frame(tunnel.END))
+        self.assertEqual((t.state, t.device_id), ("waiting", "c"))
+
+    def test_upgrade_makes_the_stream_opaque(self):
+        """After a forwarded Upgrade request, the bytes are the other protocol's: not parsed."""
+        t, tun = self.stream(self.req(b"open", b"Upgrade: websocket\r\nConnection: Upgrade\r\n"))
+        self.assertEqual(t._send, tun.send_data)
+        t.dataReceived(b"\x81\x85GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(t.state, "stream")
+
+
+class ResendTests(SynchronousTestCase):
+    """Finding 13b: a request that is not safe to repeat is never sent twice."""
+
+    def setUp(self):
+        self.w = World(self)
+        self.w.add("cam")
+        self.get = b"GET / HTTP/1.1\r\nHost: cam.relay.test\r\n\r\n"
+        self.post = (b"POST /order HTTP/1.1\r\nHost: cam.relay.test\r\nContent-Length: 3\r\n\r\n"
+                     b"buy")
+
+    def idle_tunnel(self):
+        w = self.w
+        w.terminal(self.get)
+        tun = w.tunnel("cam", session=w.session())
+        tun.dataReceived(tunnel.frame(tunnel.OPENED) + tunnel.frame(tunnel.END))
+        self.assertEqual(tun.state, "idle")
+        self.mark = len(tun.transport.value())
+        return tun
+
+    def test_post_on_unconfirmed_reused_tunnel_sent_once(self):
+        """
+        A reused idle tunnel whose OPENED is late: the POST was not sent on
+        it, so the retry on a new tunnel is its only copy.
+        """
+        w = self.w
+        old = self.idle_tunnel()
+        t = w.terminal(self.post[:20])
+        t.dataReceived(self.post[20:])
+        self.assertNotIn(b"POST", old.transport.value()[self.mark:])
+        w.clock.advance(2.1)  # the device got the OPEN, its OPENED is late
+        self.assertTrue(old.transport.aborted)
+        new = w.tunnel("cam", session=w.session())
+        self.assertEqual(device_frames(new), [("open", ""), ("data", self.post)])
+
+    def test_held_post_sent_once_confirmed(self):
+        w = self.w
+        old = self.idle_tunnel()
+        t = w.terminal(self.get + self.post)
+        # The GET may be sent twice; the POST waits for the device's OPENED.
+        self.assertIn(self.get, old.transport.value()[self.mark:])
+        self.assertNotIn(b"POST", old.transport.value()[self.mark:])
+        old.dataReceived(tunnel.frame(tunnel.OPENED))
+        self.assertEqual(device_frames(old, self.mark)[-1], ("data", self.get + self.post))
+        self.assertEqual(t.state, "stream")
+
+    def test_connect_on_reused_tunnel_held(self):
+        w = self.w
+        old = self.idle_tunnel()
+        t = w.terminal(b"CONNECT cam HTTP/1.1\r\n\r\nSSH-2.0")
+        self.assertEqual(device_frames(old, self.mark), [("open", "")])
+        old.dataReceived(tunnel.frame(tunnel.OPENED))
+        self.assertEqual(device_frames(old, self.mark), [("open", ""), ("data", b"SSH-2.0")])
+        self.assertEqual(t.state, "stream")
