@@ -28,7 +28,7 @@ Everything here is plain logic on an injected clock; the transport code
 call it once per connection or per stream event, never per byte.
 """
 
-import ipaddress
+import socket
 from dataclasses import dataclass
 
 from p2pnat.daemon.logs import Logger
@@ -49,6 +49,8 @@ MAX_AUTO = 1 << 20
 #: reason (the ones in between are counted, and the count logged).
 LOG_INTERVAL = 10.0
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
 
 def source_of(addr):
     """
@@ -62,12 +64,13 @@ def source_of(addr):
     if ":" not in host:
         return host
     try:
-        ip = ipaddress.IPv6Address(host.partition("%")[0])
-    except ValueError:
+        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+    except (OSError, ValueError):
         return host
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    # socket, not ipaddress: a tenth of the cost, paid on every connection.
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
 
 
 @dataclass(frozen=True)
