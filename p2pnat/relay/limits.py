@@ -191,11 +191,16 @@ class ConnectionLimits:
         per_source = self._per_source[kind]
         n = per_source.get(source, 0)
         if self.total >= self.sizes.max_connections:
-            return self._refuse(kind, "total", source)
-        if kind == TERMINAL and self.open[TERMINAL] >= self.sizes.max_terminals:
-            return self._refuse(kind, "reserve", source)
-        if n >= self._cap[kind]:
-            return self._refuse(kind, "per-source", source)
+            refused = "total"
+        elif kind == TERMINAL and self.open[TERMINAL] >= self.sizes.max_terminals:
+            refused = "reserve"
+        elif n >= self._cap[kind]:
+            refused = "per-source"
+        else:
+            refused = None
+        if refused is not None:
+            self._refused(kind, refused, source)
+            return None
         per_source[source] = n + 1
         self.open[kind] += 1
         self.total += 1
@@ -215,20 +220,20 @@ class ConnectionLimits:
         self.open[kind] -= 1
         self.total -= 1
 
-    _WHY = {"total": "the relay holds {limit} connections, its most",
-            "reserve": "terminals hold {limit} connections, all but the tunnels' reserve",
-            "per-source": "this source holds {limit} {kind} connections, the most for one"}
-
-    def _refuse(self, kind, reason, source):
+    def _refused(self, kind, reason, source):
         self.count(f"refused-{kind}-{reason}")
         held = self.throttle((kind, reason))
         if held is not None:
             limit = {"total": self.sizes.max_connections, "reserve": self.sizes.max_terminals,
                      "per-source": self._cap[kind]}[reason]
-            self.log.warn("{kind} connection from {source} refused: " + self._WHY[reason]
+            self.log.warn("{kind} connection from {source} refused: " + _WHY[reason]
                           + " ({held} more refused since the last such line)", kind=kind,
                           source=source, limit=limit, held=held)
-        return None
+
+
+_WHY = {"total": "the relay holds {limit} connections, its most",
+        "reserve": "terminals hold {limit} connections, all but the tunnels' reserve",
+        "per-source": "this source holds {limit} {kind} connections, the most for one"}
 
 
 class TooManyStreams(TooBusy):

@@ -37,6 +37,7 @@ from p2pnat.relay.store import StoreSync
 from p2pnat.relay.terminal import TerminalFactory, Tokens
 from p2pnat.relay.tunnel import RelayTunnelFactory
 
+
 def _share(value):
     if not 0 <= value < 1:
         raise ValueError(f"must be at least 0 and below 1, got {value!r}")

@@ -127,6 +127,7 @@ class TunnelCore:
         self.open_timer = None
         self.idle_timer = None
         self.stream_watch = None  # a limits.IdleWatch while a stream runs or drains
+        self.stream_timeout = None  # its timeout
         self.machine = None
 
     def _timer(self, seconds, input):
@@ -179,8 +180,9 @@ class TunnelCore:
         # A stream holds one of the device's tunnels and two descriptors:
         # one that carries nothing either way is ended (see Terminal).
         self.stop_watch()
-        timeout = getattr(terminal, "stream_idle_timeout", self.relay.timeouts.stream)
-        self.stream_watch = IdleWatch(self.relay.clock, timeout, self.stream_quiet,
+        # (A terminal that is no Terminal, in tests, gets the HTTP figure.)
+        self.stream_timeout = getattr(terminal, "stream_idle_timeout", self.relay.timeouts.stream)
+        self.stream_watch = IdleWatch(self.relay.clock, self.stream_timeout, self.stream_quiet,
                                       self.machine.stream_idle)
 
     def stream_quiet(self):
@@ -412,9 +414,9 @@ def _idle_late(m, c):
 @_b.on([opening, stream, draining], I.stream_idle)
 def _stream_idle(m, c):
     """Nothing went either way for the stream's idle timeout: end it, tunnel and all."""
-    watch, c.stream_watch = c.stream_watch, None
-    c.log.info("stream of {device_id} idle for {seconds:g}s; closing it", device_id=c.device_id,
-               seconds=watch.timeout)
+    c.stream_watch = None
+    c.log.info("stream of {device_id} idle for {seconds}s; closing it", device_id=c.device_id,
+               seconds=c.stream_timeout)
     c.relay.count("stream-idle")
     c.io.abort_connection()
 

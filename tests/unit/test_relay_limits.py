@@ -344,7 +344,7 @@ class StreamIdleTests(SynchronousTestCase):
         self.assertTrue(tun.transport.aborted)
 
     def test_watch_stops_with_the_stream(self):
-        t, tun = self.stream()
+        _, tun = self.stream()
         tun.dataReceived(tunnel.frame(tunnel.END))
         self.assertEqual(tun.state, "idle")
         self.assertIsNone(tun.core.stream_watch)
