@@ -17,6 +17,7 @@ from p2pnat.deployment.registry import device_id_problem, verify_stored
 from p2pnat.protocol import wire
 from p2pnat.relay import access
 from p2pnat.relay.credentials import CredentialChecker, CredentialLimits, source_of
+from p2pnat.relay.limits import StreamShares, Throttle, TooManyStreams
 from p2pnat.relay.sessions import SessionTable, TooBusy
 
 __all__ = ["IRelay", "Relay", "Timeouts", "TooBusy", "TunnelRequest", "synchronous"]
@@ -28,6 +29,12 @@ class Timeouts:
 
     #: a terminal has this long to send its first request head (or login form)
     head: float = 30.0
+    #: ... and this long to send its first byte (an idle connection costs a descriptor)
+    first_byte: float = 5.0
+    #: a stream that carried no byte either way this long is closed (HTTP) ...
+    stream: float = 300.0
+    #: ... and a CONNECT stream (SSH and other TCP services)
+    tcp_stream: float = 3600.0
     #: a device's tunnel has this long to send its hello
     hello: float = 10.0
     #: a reused idle tunnel has this long to confirm an OPEN
@@ -77,6 +84,14 @@ class IRelay(Interface):
 
     def terminal_opened(terminal):
         """A terminal connection began."""
+
+    def terminal_opening(terminal, device_id):
+        """
+        A terminal connection (whose C{source} is the address it is counted
+        under, L{p2pnat.relay.limits.source_of}) asks for one of
+        C{device_id}'s tunnels: None if it may hold one until it closes,
+        else a L{p2pnat.relay.limits.TooManyStreams} saying why not.
+        """
 
     def terminal_streaming(terminal, device_id):
         """A terminal connection carries C{device_id}'s data (revocation cuts it)."""
@@ -137,6 +152,9 @@ class Relay:
         C{running} of them at once).
     @param tunnel_host: host name told to devices in connect requests
         (empty: the one they already use for the relay).
+    @param max_streams_per_source: how many of one device's tunnels the
+        terminals of one source may hold at once (0: no such limit; the
+        daemon sets ``limits.streams_per_device_source``).
     """
 
     log = Logger(namespace="p2pnat.relay")
@@ -145,7 +163,7 @@ class Relay:
                  run_blocking, timeouts=Timeouts(), tunnel_host="", https_port=443,
                  http_port=0, max_idle_per_device=8, max_sessions=10000,
                  max_sessions_per_device=64, credential_limits=CredentialLimits(),
-                 trusted_proxies=access.NO_PROXIES):
+                 trusted_proxies=access.NO_PROXIES, max_streams_per_source=0):
         self.clock = clock
         self.metrics = metrics
         self.devices = devices
@@ -163,6 +181,10 @@ class Relay:
         self.sessions = SessionTable(clock, timeouts.session, limit=max_sessions,
                                      per_device=max_sessions_per_device)
         self.max_idle = max_idle_per_device
+        # Terminals (by source) holding devices' tunnels: one anonymous
+        # client cannot hold all of a device's agent.max_tunnels.
+        self.shares = StreamShares(max_streams_per_source)
+        self._throttle = Throttle(clock)
         self.terminals = set()  # open terminal connections
         self.streamed = {}  # device ID -> terminals that carried its data
         self._streamed_device = {}  # terminal -> the device ID it is in streamed under
@@ -210,12 +232,26 @@ class Relay:
     def terminal_opened(self, terminal):
         self.terminals.add(terminal)
 
+    def terminal_opening(self, terminal, device_id):
+        source = terminal.source
+        if self.shares.take(terminal, device_id, source):
+            return None
+        self.count("refused-stream-per-source")
+        held = self._throttle(("stream-per-source", device_id))
+        if held is not None:
+            self.log.warn("terminal from {source} refused a tunnel to {device_id}: it holds"
+                          " {n} of them, the most for one source ({held} more refused since"
+                          " the last such line)", source=source, device_id=device_id,
+                          n=self.shares.per_source, held=held)
+        return TooManyStreams(f"{self.shares.per_source} streams to {device_id} from {source}")
+
     def terminal_streaming(self, terminal, device_id):
         self.streamed.setdefault(device_id, set()).add(terminal)
         self._streamed_device[terminal] = device_id
 
     def terminal_closed(self, terminal):
         self.terminals.discard(terminal)
+        self.shares.release(terminal)
         device_id = self._streamed_device.pop(terminal, None)
         terminals = self.streamed.get(device_id)
         if terminals is not None:

@@ -4,10 +4,13 @@
 """
 
 import os
+import resource
 
+from prometheus_client import Gauge
 from twisted.application import service
 from twisted.application.internet import TimerService
 from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -27,6 +30,7 @@ from p2pnat.net import fastio
 from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import wire
 from p2pnat.relay import access
+from p2pnat.relay import limits
 from p2pnat.relay.core import Relay, Timeouts, synchronous
 from p2pnat.relay.credentials import CredentialLimits
 from p2pnat.relay.devices import DeviceState, DeviceTable
@@ -34,6 +38,12 @@ from p2pnat.relay.notify import NotifyHandler
 from p2pnat.relay.store import StoreSync
 from p2pnat.relay.terminal import TerminalFactory, Tokens
 from p2pnat.relay.tunnel import RelayTunnelFactory
+
+
+def _share(value):
+    if not 0 <= value < 1:
+        raise ValueError(f"must be at least 0 and below 1, got {value!r}")
+
 
 SCHEMA = [
     C.Setting("relay.hostname", str, "relay.localhost",
@@ -67,6 +77,30 @@ SCHEMA = [
               " X-Forwarded-Proto or Forwarded: proto=", access.check_networks, item=str),
     C.Setting("terminal.head_timeout", float, 30.0,
               "seconds a terminal has to send its first request head (and a login form)",
+              C.positive),
+    C.Setting("terminal.first_byte_timeout", float, 5.0,
+              "seconds a new terminal connection (its TLS handshake included) has to send"
+              " its first byte; then terminal.head_timeout counts from its start", C.positive),
+    C.Setting("terminal.stream_idle_timeout", float, 300.0,
+              "seconds an HTTP stream to a device may carry no byte either way before the"
+              " relay closes it (long polls and WebSockets must send within it)", C.positive),
+    C.Setting("terminal.connect_idle_timeout", float, 3600.0,
+              "seconds a CONNECT stream (p2pnat forward: SSH, other TCP) may carry no byte"
+              " either way before the relay closes it", C.positive),
+    C.Setting("limits.max_connections", int, 0,
+              "most terminal connections and device tunnels open at once (0: the open-file"
+              " limit, RLIMIT_NOFILE, less 64; never more than that)", C.non_negative),
+    C.Setting("limits.tunnel_share", float, 0.5,
+              "share of limits.max_connections only device tunnels may use", _share),
+    C.Setting("limits.terminals_per_source", int, 256,
+              "most terminal connections open at once from one IPv4 address or IPv6 /64",
+              C.positive),
+    C.Setting("limits.tunnels_per_source", int, 1024,
+              "most device tunnels open at once from one IPv4 address or IPv6 /64",
+              C.positive),
+    C.Setting("limits.streams_per_device_source", int, 16,
+              "most streams (and tunnels) to one device that terminals from one address or"
+              " /64 may hold at once; keep it below the agents' agent.max_tunnels (64)",
               C.positive),
     C.Setting("tunnel.listen", str, "tcp:7443",
               "endpoint devices open their TLS tunnels to", C.endpoint_or_empty),
@@ -120,7 +154,64 @@ def timeouts(config):
     """The relay's L{Timeouts} from its settings."""
     return Timeouts(head=config["terminal.head_timeout"], hello=config["tunnel.hello_timeout"],
                     open=config["tunnel.open_timeout"], session=config["session.timeout"],
-                    idle=config["tunnel.idle_timeout"])
+                    idle=config["tunnel.idle_timeout"],
+                    first_byte=config["terminal.first_byte_timeout"],
+                    stream=config["terminal.stream_idle_timeout"],
+                    tcp_stream=config["terminal.connect_idle_timeout"])
+
+
+def connection_limits(config, clock, count, nofile=None):
+    """
+    The relay's L{limits.ConnectionLimits}, sized below the process's
+    open-file limit (C{nofile}: the soft RLIMIT_NOFILE when not given).
+
+    @return: ``(limits, nofile, clamped)``: C{clamped} is whether
+        C{limits.max_connections} was lowered to fit C{nofile}.
+    """
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    sizes, clamped = limits.size(
+        nofile, config["limits.max_connections"], config["limits.tunnel_share"],
+        config["limits.terminals_per_source"], config["limits.tunnels_per_source"])
+    return limits.ConnectionLimits(sizes, clock, count), nofile, clamped
+
+
+class Admission(Factory):
+    """
+    A listener's factory that counts each connection against
+    L{limits.ConnectionLimits}: over a limit, the connection is closed at
+    once, before any TLS work.  An admitted connection's slot is handed
+    to C{app} (the L{TerminalFactory} or L{RelayTunnelFactory}, wrapped
+    in C{factory} or C{factory} itself) in its C{admitted}, and its
+    protocol gives it back when the connection is lost.
+    """
+
+    noisy = False
+
+    def __init__(self, limits, kind, factory, app):
+        self.limits = limits
+        self.kind = kind
+        self.factory = factory
+        self.app = app
+
+    def doStart(self):
+        self.factory.doStart()
+
+    def doStop(self):
+        self.factory.doStop()
+
+    def buildProtocol(self, addr):
+        slot = self.limits.admit(self.kind, limits.source_of(addr))
+        if slot is None:
+            return None
+        self.app.admitted = slot
+        try:
+            proto = self.factory.buildProtocol(addr)
+        finally:
+            self.app.admitted = None
+        if proto is None:
+            slot.release()
+        return proto
 
 
 def credential_limits(config):
@@ -192,7 +283,17 @@ class RelayService(service.MultiService):
             http_port=config["terminal.public_http_port"] or endpoint_port(http),
             run_blocking=run_blocking, timeouts=timeouts(config),
             credential_limits=credential_limits(config),
-            trusted_proxies=access.TrustedProxies(config["terminal.trusted_proxies"]))
+            trusted_proxies=access.TrustedProxies(config["terminal.trusted_proxies"]),
+            max_streams_per_source=config["limits.streams_per_device_source"])
+        self.limits, self.nofile, clamped = connection_limits(config, reactor, self.relay.count)
+        if clamped:
+            self.log.warn("limits.max_connections = {n} is more than the open-file limit"
+                          " ({nofile}) allows; using {cap}", n=config["limits.max_connections"],
+                          nofile=self.nofile, cap=self.limits.sizes.max_connections)
+        gauge = Gauge("p2pnat_connections", "terminal connections and device tunnels open",
+                      ["kind"], registry=self.metrics.registry)
+        for kind in (limits.TERMINAL, limits.TUNNEL):
+            gauge.labels(kind).set_function(lambda kind=kind: self.limits.open[kind])
         self.store = StoreSync(self.table,
                                lambda: Registry.open_state_dir(self.state_dir, create=False),
                                run_store, self.applied)
@@ -210,19 +311,23 @@ class RelayService(service.MultiService):
         self.tls = server_tls(self.state_dir)
         self.tunnel_listener = self.terminal_https = self.terminal_http = None
         if config["tunnel.listen"]:
+            app = RelayTunnelFactory(self.relay)
             self.tunnel_listener = EndpointListener(
-                reactor, config["tunnel.listen"],
-                fastio.TLSFactory(self.tls.tunnel, False, RelayTunnelFactory(self.relay),
-                                  half_rtt=True))
+                reactor, config["tunnel.listen"], Admission(
+                    self.limits, limits.TUNNEL,
+                    fastio.TLSFactory(self.tls.tunnel, False, app, half_rtt=True), app))
             self.tunnel_listener.setServiceParent(self)
         if https:
+            app = TerminalFactory(self.relay, True)
             self.terminal_https = EndpointListener(
-                reactor, https,
-                fastio.TLSFactory(self.tls.terminal, False, TerminalFactory(self.relay, True)))
+                reactor, https, Admission(
+                    self.limits, limits.TERMINAL,
+                    fastio.TLSFactory(self.tls.terminal, False, app), app))
             self.terminal_https.setServiceParent(self)
         if http:
-            self.terminal_http = EndpointListener(reactor, http,
-                                                  TerminalFactory(self.relay, False))
+            app = TerminalFactory(self.relay, False)
+            self.terminal_http = EndpointListener(
+                reactor, http, Admission(self.limits, limits.TERMINAL, app, app))
             self.terminal_http.setServiceParent(self)
         sync = TimerService(config["relay.sync_interval"], self.store.round)
         sync.clock = reactor
@@ -250,6 +355,14 @@ class RelayService(service.MultiService):
                                 if port),
             tunnel=self.relay.tunnel_port)
         self.relay.warn_unreachable_ids()
+        sizes = self.limits.sizes
+        self.log.info(
+            "open-file limit {nofile}: at most {total} connections, {terminals} of them"
+            " terminals ({per_terminal} from one source) and the rest kept for device tunnels"
+            " ({per_tunnel} from one source); {streams} streams to one device from one source",
+            nofile=self.nofile, total=sizes.max_connections, terminals=sizes.max_terminals,
+            per_terminal=sizes.terminals_per_source, per_tunnel=sizes.tunnels_per_source,
+            streams=self.relay.shares.per_source)
 
     def applied(self, records):
         """

@@ -23,6 +23,7 @@ L{p2pnat.relay.terminal_machine}.
 from twisted.internet.protocol import Factory, Protocol
 
 from p2pnat.net import streams
+from p2pnat.relay import limits
 from p2pnat.relay.http import BadRequest, Tokens, parse_head
 from p2pnat.relay.terminal_machine import TerminalCore, TerminalMachine
 
@@ -42,19 +43,24 @@ class Terminal(Protocol):
     (L{tunnel_ended}, L{tunnel_lost}, L{retry}).
     """
 
-    def __init__(self, relay, secure):
+    def __init__(self, relay, secure, slot=None):
         self.relay = relay
         self.secure = secure
+        self.slot = slot  # the connection's place in the ConnectionLimits, if counted
+        self.source = slot.source if slot is not None else None
         self.gate = None
         self.core = None
         self.machine = None
         # While streaming, bytes read go straight to the stream's framer
         # (TerminalCore.forward) or, opaque, to the tunnel: one call per
         # read, no machine input (the data path runs thousands of reads a
-        # second; a machine input costs microseconds each).
+        # second; a machine input costs microseconds each).  The
+        # tunnel's idle watch traps it (RelayTunnel.stream_quiet).
         self._send = None
 
     def connectionMade(self):
+        if self.source is None:
+            self.source = limits.source_of(self.transport.getPeer())
         self.gate = streams.Gate(self.transport)
         streams.tune(self.transport)
         self.core = TerminalCore(self.relay, self, self.secure)
@@ -70,6 +76,8 @@ class Terminal(Protocol):
 
     def connectionLost(self, reason):
         self._send = None
+        if self.slot is not None:
+            self.slot.release()
         self.machine.connection_lost()
 
     @property
@@ -80,6 +88,12 @@ class Terminal(Protocol):
     @property
     def device_id(self):
         return self.core.device_id
+
+    @property
+    def stream_idle_timeout(self):
+        """Seconds this connection's stream may carry nothing before it is closed."""
+        timeouts = self.relay.timeouts
+        return timeouts.tcp_stream if self.core.tcp else timeouts.stream
 
     # -- the machine's connection --------------------------------------------------
 
@@ -139,11 +153,20 @@ class Terminal(Protocol):
 
 
 class TerminalFactory(Factory):
+    """
+    Terminal connections.  Counted ones come through a
+    L{p2pnat.relay.tap.Admission} wrapped around this factory (or
+    around the TLS factory wrapping it), which hands over the connection's
+    slot in L{admitted}.
+    """
+
     noisy = False
 
     def __init__(self, relay, secure):
         self.relay = relay
         self.secure = secure
+        self.admitted = None
 
     def buildProtocol(self, addr):
-        return Terminal(self.relay, self.secure)
+        slot, self.admitted = self.admitted, None
+        return Terminal(self.relay, self.secure, slot)

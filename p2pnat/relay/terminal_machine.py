@@ -42,6 +42,7 @@ from typing import Protocol
 from urllib.parse import parse_qs, quote, urlsplit
 
 from twisted.internet.defer import succeed
+from twisted.python.failure import Failure
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.protocol import wire
@@ -59,6 +60,7 @@ from p2pnat.relay.http import (
     page,
     parse_head,
 )
+from p2pnat.relay.limits import TooManyStreams
 from p2pnat.relay.machine import MachineBuilder
 from p2pnat.relay.sessions import DeviceRevoked, SessionTimeout, TooBusy
 
@@ -175,12 +177,26 @@ class TerminalCore:
         self.resend = b""  # framed bytes to send again on a new tunnel (retry)
         self.then = None  # a finishing stream's answer, if not its next head
         self.streaming_device = None  # the device of the stream a next head came on
-        self.head_timer = relay.clock.callLater(relay.timeouts.head, self._head_late)
+        # A connection that sends nothing gets the short first-byte timeout;
+        # one that does has the head timeout in all, from its start (a slow
+        # head cannot hold a descriptor longer).
+        timeouts = relay.timeouts
+        self.started = relay.clock.seconds()
+        self.heard = False
+        self.head_timer = relay.clock.callLater(min(timeouts.first_byte, timeouts.head),
+                                                self._head_late)
         self.machine = None
 
     def _head_late(self):
         self.head_timer = None
         self.machine.head_late()
+
+    def first_bytes(self):
+        """The terminal sent its first bytes: it now has the whole head timeout."""
+        self.heard = True
+        if self.head_timer is not None and self.head_timer.active():
+            left = self.started + self.relay.timeouts.head - self.relay.clock.seconds()
+            self.head_timer.reset(max(0.0, left))
 
     def cancel_head_timer(self):
         if self.head_timer is not None and self.head_timer.active():
@@ -429,12 +445,20 @@ class TerminalCore:
     # -- the tunnel -------------------------------------------------------------
 
     def request_tunnel(self, m, reuse):
+        refused = self.relay.terminal_opening(self.io, self.device_id)
+        if refused is not None:
+            return m.tunnel_failed(Failure(refused))
         self.pending = self.relay.request_tunnel(self.device_id, reuse=reuse)
         self.pending.ready.addCallbacks(lambda got: m.tunnel_ready(*got), m.tunnel_failed)
 
     def why_no_tunnel(self, m, failure):
         if failure.check(DeviceRevoked):
             return self.refuse(m, REVOKED)
+        if failure.check(TooManyStreams):  # logged (rate-limited) by the relay
+            return m.reply(503, "Too many connections",
+                           "Your address holds as many connections to this device as one"
+                           f" may. Try again in {RETRY_AFTER} seconds.",
+                           (f"Retry-After: {RETRY_AFTER}",))
         if failure.check(TooBusy):
             self.log.warn("terminal {peer}: relay busy for {device_id}: {why}",
                           peer=self.io.peer(), device_id=self.device_id,
@@ -472,6 +496,8 @@ done = _b.state("done")
 
 @_b.on(head, I.data)
 def _read_head(m, c, data):
+    if not c.heard:
+        c.first_bytes()
     c.buf += data
     end = c.buf.find(b"\r\n\r\n")
     if end < 0:

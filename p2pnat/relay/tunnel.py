@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 from p2pnat.daemon.logs import Logger
 from p2pnat.net import streams
 from p2pnat.protocol import tunnel
+from p2pnat.relay import limits
 from p2pnat.relay.tunnel_machine import TunnelCore, TunnelMachine
 
 
@@ -33,8 +34,9 @@ class RelayTunnel(Protocol):
 
     log = Logger(namespace="p2pnat.relay.tunnel")
 
-    def __init__(self, relay):
+    def __init__(self, relay, slot=None):
         self.relay = relay
+        self.slot = slot  # the connection's place in the ConnectionLimits, if counted
         self.gate = None
         self.core = TunnelCore(relay, self)
         self.machine = self.core.machine = TunnelMachine(self.core)
@@ -47,6 +49,8 @@ class RelayTunnel(Protocol):
         # microseconds).  Set and cleared by the machine (route()).
         self._to_terminal = None
         self._direct = False
+        self._probe = None  # the stream's QuietProbe, and the terminal it watches
+        self._probed = None
 
     def connectionMade(self):
         self.gate = streams.Gate(self.transport)
@@ -102,6 +106,9 @@ class RelayTunnel(Protocol):
         self._hello_timer = None
         self._to_terminal = None
         self._direct = False
+        self._probe = self._probed = None
+        if self.slot is not None:
+            self.slot.release()
         self.machine.connection_lost()
 
     @property
@@ -222,12 +229,35 @@ class RelayTunnel(Protocol):
         self._to_terminal = terminal.writer() if terminal is not None else None
         self._direct = direct
 
+    def stream_quiet(self):
+        """
+        Whether no byte went either way on the stream since the last call
+        (the first call of a stream answers False): the two direct paths
+        are trapped by a L{limits.QuietProbe}, so the data path pays
+        nothing per chunk.
+        """
+        terminal = self.core.terminal
+        if self._probe is None or self._probed is not terminal:
+            paths = [(self, "_to_terminal")]
+            if terminal is not None:
+                paths.append((terminal, "_send"))  # the Terminal's direct path
+            self._probe, self._probed = limits.QuietProbe(paths), terminal
+        return self._probe.quiet()
+
 
 class RelayTunnelFactory(Factory):
+    """
+    Device tunnels.  Counted ones come through a L{p2pnat.relay.tap.Admission}
+    wrapped around the TLS factory wrapping this one, which hands over the
+    connection's slot in L{admitted}.
+    """
+
     noisy = False
 
     def __init__(self, relay):
         self.relay = relay
+        self.admitted = None
 
     def buildProtocol(self, addr):
-        return RelayTunnel(self.relay)
+        slot, self.admitted = self.admitted, None
+        return RelayTunnel(self.relay, slot)

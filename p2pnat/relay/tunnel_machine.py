@@ -39,6 +39,7 @@ from typing import Protocol
 from p2pnat.daemon.logs import Logger, redact
 from p2pnat.deployment import pki
 from p2pnat.protocol import tunnel
+from p2pnat.relay.limits import IdleWatch
 from p2pnat.relay.machine import MachineBuilder
 
 
@@ -99,6 +100,9 @@ class TunnelInputs(Protocol):
     def idle_late(self) -> None:
         "The idle timeout passed."
 
+    def stream_idle(self) -> None:
+        "The stream carried no byte either way for its idle timeout."
+
     def drop(self) -> None:
         "Close at once, and the terminal with it (revocation, shutdown)."
 
@@ -120,7 +124,8 @@ class TunnelCore:
         (back-pressure both ways), C{resume_reading()} and
         C{route(terminal, direct)}: stream bytes from the device go straight
         to C{terminal} (None: through the machine), and the terminal's
-        straight to the device when C{direct}.
+        straight to the device when C{direct}; C{stream_quiet()}: whether
+        no byte went either way since it was last asked.
     """
 
     log = Logger(namespace="p2pnat.relay.tunnel")
@@ -137,6 +142,8 @@ class TunnelCore:
         self.dropped = False  # closed by the relay: the terminal is cut too
         self.open_timer = None
         self.idle_timer = None
+        self.stream_watch = None  # a limits.IdleWatch while a stream runs or drains
+        self.stream_timeout = None  # its timeout
         self.machine = None
 
     def _timer(self, seconds, input):
@@ -188,10 +195,26 @@ class TunnelCore:
             self.open_timer = self._timer(self.relay.timeouts.open, "open")
         self.io.couple(terminal)
         self.io.route(terminal, direct=not reused)
+        # A stream holds one of the device's tunnels and two descriptors:
+        # one that carries nothing either way is ended (see Terminal).
+        self.stop_watch()
+        # (A terminal that is no Terminal, in tests, gets the HTTP figure.)
+        self.stream_timeout = getattr(terminal, "stream_idle_timeout", self.relay.timeouts.stream)
+        self.stream_watch = IdleWatch(self.relay.clock, self.stream_timeout, self.stream_quiet,
+                                      self.machine.stream_idle)
+
+    def stream_quiet(self):
+        return self.io.stream_quiet()
+
+    def stop_watch(self):
+        if self.stream_watch is not None:
+            self.stream_watch.stop()
+            self.stream_watch = None
 
     def detach(self):
         """End the pairing with the stream's terminal; return it."""
         terminal, self.terminal = self.terminal, None
+        self.stop_watch()
         self.io.route(None, direct=False)
         self.io.uncouple(terminal)
         return terminal
@@ -472,6 +495,16 @@ def _idle_late(m, c):
     c.io.close_connection()
 
 
+@_b.on([opening, stream, draining, answering], I.stream_idle)
+def _stream_idle(m, c):
+    """Nothing went either way for the stream's idle timeout: end it, tunnel and all."""
+    c.stream_watch = None
+    c.log.info("stream of {device_id} idle for {seconds}s; closing it", device_id=c.device_id,
+               seconds=c.stream_timeout)
+    c.relay.count("stream-idle")
+    c.io.abort_connection()
+
+
 @_b.on(OPEN, I.drop)
 def _drop(m, c):
     c.dropped = True
@@ -481,6 +514,7 @@ def _drop(m, c):
 @_b.on(OPEN + [closed], I.connection_lost, to=closed)
 def _lost(m, c):
     c.cancel_timers("open_timer", "idle_timer")
+    c.stop_watch()
     if c.device_id is not None:
         c.relay.tunnel_closed(c.io)
     terminal, c.terminal = c.terminal, None
@@ -498,6 +532,7 @@ _b.ignore([hello, idle, stream, draining, answering, closed], I.hold)
 _b.ignore([idle, stream], I.device_opened)
 _b.ignore([stream, closed], I.open_late)
 _b.ignore([hello, opening, stream, draining, answering, closed], I.idle_late, I.give_back)
+_b.ignore([hello, idle, closed], I.stream_idle)  # a watch stopped as it fired
 _b.ignore(closed, I.hello, I.resumed, I.hello_late, I.device_open, I.device_opened,
           I.device_end, I.drop)
 
