@@ -291,8 +291,9 @@ class RefusalTests(RelayLabTestCase):
         rl.start_agents(devices)
 
     def test_unknown_device(self):
-        f = self.refused(self.terminal, "nosuch", 404)
-        self.assertIn(b"No such device", f.body)
+        """An unknown ID looks like a device that asks for its credential (no enumeration)."""
+        f = self.refused(self.terminal, "nosuch", 401)
+        self.assertIn(b"asks for its access credential", f.body)
 
     def test_revoked_device(self):
         """
