@@ -5,7 +5,6 @@ one-line config errors, and the service tree ``makeService`` builds, which
 is then started and stopped on a fake reactor (no sockets, no real time).
 """
 
-import contextlib
 import io
 import os
 import sys
@@ -15,25 +14,16 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pnat import cli
 from p2pnat.daemon import logs
 from p2pnat.daemon.services import EndpointListener, UDPService
 from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import stun, wire
 from p2pnat.relay.core import synchronous
 from tests.support import procs
+from tests.support.procs import provision
 from tests.support.udp import FakeUDPTransport
 
 ETC = os.path.join(procs.REPO, "etc")
-
-
-def provision(*argv):
-    """Run a ``p2pnat`` command in this process, quietly."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main(list(argv))
-    if status != 0:
-        raise AssertionError(f"p2pnat {' '.join(argv)}: status {status}: {err.getvalue()}")
 
 
 class FakeUDPPort:
