@@ -225,24 +225,26 @@ def active():
         _tell("off", "TLS fast path off (tls.fast_path = false): Twisted's stock TLS and"
               " transports")
         return False
-    reason = supported()
-    if reason is not None:
-        _tell("unsupported", "TLS fast path unavailable ({reason}): using Twisted's stock"
-              " TLS and transports", reason=reason)
-        return False
-    return True
+    return _available(supported(), "unsupported", "TLS fast path unavailable ({reason}):"
+                      " using Twisted's stock TLS and transports")
 
 
 def half_rtt_active():
     """Whether servers asking for C{half_rtt} get it (L{active}, and the OpenSSL functions)."""
-    if not active():
-        return False
-    reason = early_data_supported()
-    if reason is not None:
-        _tell("early", "TLS 0.5-RTT data unavailable ({reason}): resumed tunnels are bound"
-              " after the device's hello", reason=reason)
-        return False
-    return True
+    return active() and _available(
+        early_data_supported(), "early", "TLS 0.5-RTT data unavailable ({reason}): resumed"
+        " tunnels are bound after the device's hello")
+
+
+def _available(reason, key, fmt):
+    """
+    Whether a feature is available: C{reason} (why not) is None.  If not,
+    log C{fmt} with the reason, once per process (under C{key}).
+    """
+    if reason is None:
+        return True
+    _tell(key, fmt, reason=reason)
+    return False
 
 
 def _tell(key, fmt, **kw):

@@ -8,8 +8,6 @@ import resource
 
 from prometheus_client import Gauge
 from twisted.application import service
-from twisted.application.internet import TimerService
-from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -19,19 +17,20 @@ from p2pnat.daemon.logs import Logger
 from p2pnat.daemon.metrics import Metrics
 from p2pnat.daemon.services import (
     EndpointListener,
-    UDPService,
     common_services,
+    control_sockets,
     endpoint_port,
+    every,
     make_options,
+    open_state_registry,
     startup_errors,
 )
 from p2pnat.deployment import pki
 from p2pnat.net import fastio
-from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import wire
 from p2pnat.relay import access
 from p2pnat.relay import limits
-from p2pnat.relay.core import Relay, Timeouts, synchronous
+from p2pnat.relay.core import Relay, Timeouts
 from p2pnat.relay.credentials import CredentialLimits
 from p2pnat.relay.devices import DeviceState, DeviceTable
 from p2pnat.relay.notify import NotifyHandler
@@ -58,7 +57,8 @@ SCHEMA = [
     C.Setting("udp.listen", list, ["0.0.0.0:7478"],
               "UDP addresses for notifies and STUN, ip:port", C.udp_addresses, item=str),
     C.Setting("udp.stun_rate", float, 20.0,
-              "STUN answers per second per source address (0: STUN off)", C.non_negative),
+              "STUN answers per second per source address, across all the relay's sockets"
+              " (0: STUN off)", C.non_negative),
     C.Setting("terminal.https", str, "tcp:8443",
               "endpoint for terminals over HTTPS (TLS with the relay's certificate);"
               ' "" turns it off', C.endpoint_or_empty),
@@ -231,16 +231,19 @@ class RelayService(service.MultiService):
     The relay: its device table kept in step with the registry, its UDP
     notify sockets, its terminal (HTTPS/HTTP) and tunnel (TLS) listeners.
 
-    Blocking work leaves the reactor thread, on pools of its own:
-    credential hashes on ``credentials.threads`` threads (so that a flood
-    of logins never holds up the reactor's pool, which resolves names), the
-    store's rounds on one worker.  A reactor without threads (an in-memory
-    test reactor) runs both inline.
+    Blocking work leaves the reactor thread, through two runners
+    (C{run(f, *args)} returning a Deferred of C{f}'s result): C{run_blocking}
+    hashes credentials, C{run_store} runs the store's rounds.  By default
+    each is a thread pool of the relay's own, started and stopped with the
+    service: ``credentials.threads`` threads for hashes (so that a flood of
+    logins never holds up the reactor's pool, which resolves names), one
+    worker for the store.  Tests on an in-memory reactor pass
+    L{p2pnat.relay.core.synchronous} for both.
     """
 
     log = Logger(namespace="p2pnat.relay")
 
-    def __init__(self, config, reactor):
+    def __init__(self, config, reactor, run_blocking=None, run_store=None):
         super().__init__()
         from p2pnat.deployment.registry import Registry
 
@@ -249,11 +252,8 @@ class RelayService(service.MultiService):
         self.metrics = Metrics("relay")
         self.hostname = config["relay.hostname"]
         self.state_dir = config.path_of("relay.state_dir")
-        try:
-            ensure_state(self.state_dir, self.hostname)
-            self.registry = Registry.open_state_dir(self.state_dir)
-        except Exception as e:
-            raise config.error("relay.state_dir", f"cannot use {self.state_dir}: {e}")
+        self.registry = open_state_registry(
+            config, "relay.state_dir", lambda state_dir: ensure_state(state_dir, self.hostname))
         self.table = DeviceTable(config["relay.access_check_period"])
         self.replay = wire.ReplayGuard(reactor)
         self.stamper = wire.Stamper(reactor)
@@ -261,19 +261,12 @@ class RelayService(service.MultiService):
                                      config["relay.notify_b_interval"],
                                      on_moved=lambda device_id: self.relay.device_moved(device_id))
         https, http = config["terminal.https"], config["terminal.http"]
-        self.store_pool = self.credential_pool = None
-        if IReactorThreads.providedBy(reactor):
-            self.store_pool = ThreadPool(1, 1, "p2pnat-relay-store")
-            self.credential_pool = ThreadPool(0, config["credentials.threads"],
-                                              "p2pnat-relay-credentials")
-
-            def run_blocking(f, *args):
-                return deferToThreadPool(reactor, self.credential_pool, f, *args)
-
-            def run_store(f, *args):
-                return deferToThreadPool(reactor, self.store_pool, f, *args)
-        else:
-            run_blocking = run_store = synchronous
+        self.pools = []
+        if run_blocking is None:
+            run_blocking = self._pool(0, config["credentials.threads"],
+                                      "p2pnat-relay-credentials")
+        if run_store is None:
+            run_store = self._pool(1, 1, "p2pnat-relay-store")
         self.relay = Relay(
             reactor, self.metrics, self.table, self.registry,
             Tokens(terminal_secret(self.state_dir), reactor), hostname=self.hostname,
@@ -298,15 +291,8 @@ class RelayService(service.MultiService):
                                lambda: Registry.open_state_dir(self.state_dir, create=False),
                                run_store, self.applied)
         self.store.sync_now(self.registry)
-        self.udp = []
-        for item in config["udp.listen"]:
-            host, port = C.parse_hostport(item)
-            proto = ControlProtocol(self.handler, reactor, self.metrics, self.replay,
-                                    name="relay.udp", stun_rate=config["udp.stun_rate"],
-                                    stamper=self.stamper)
-            udp = UDPService(reactor, host, port, proto)
-            udp.setServiceParent(self)
-            self.udp.append(udp)
+        self.udp = control_sockets(self, config, reactor, self.handler, self.metrics,
+                                   self.replay, self.stamper, "relay.udp")
         fastio.configure(config["tls.fast_path"])
         self.tls = server_tls(self.state_dir)
         self.tunnel_listener = self.terminal_https = self.terminal_http = None
@@ -329,15 +315,18 @@ class RelayService(service.MultiService):
             self.terminal_http = EndpointListener(
                 reactor, http, Admission(self.limits, limits.TERMINAL, app, app))
             self.terminal_http.setServiceParent(self)
-        sync = TimerService(config["relay.sync_interval"], self.store.round)
-        sync.clock = reactor
-        sync.setServiceParent(self)
+        every(self, config["relay.sync_interval"], self.store.round, reactor)
         common_services(config, self.metrics, reactor, self)
 
+    def _pool(self, minthreads, maxthreads, name):
+        """A runner on a thread pool of the relay's own (run while the service runs)."""
+        pool = ThreadPool(minthreads, maxthreads, name)
+        self.pools.append(pool)
+        return lambda f, *args: deferToThreadPool(self.reactor, pool, f, *args)
+
     def startService(self):
-        if self.store_pool is not None:
-            self.store_pool.start()
-            self.credential_pool.start()
+        for pool in self.pools:
+            pool.start()
         super().startService()
         # With port 0 (tests), learn the ports actually bound.
         if self.tunnel_listener is not None and not self.relay.tunnel_port:
@@ -409,9 +398,8 @@ class RelayService(service.MultiService):
         d.addCallback(lambda _: self.store.close())
 
         def closed(result):
-            if self.store_pool is not None:
-                self.store_pool.stop()
-                self.credential_pool.stop()
+            for pool in self.pools:
+                pool.stop()
             self.registry.close()
             return result
 
@@ -482,8 +470,12 @@ def server_tls(state_dir):
     return _TLS(terminal, tunnel)
 
 
-def makeService(config, reactor=None):
+def makeService(config, reactor=None, run_blocking=None, run_store=None):
+    """
+    The relay's service tree; C{run_blocking} and C{run_store} are
+    L{RelayService}'s runners (default: its own thread pools).
+    """
     if reactor is None:
         from twisted.internet import reactor
     with startup_errors("relay"):
-        return RelayService(config.config, reactor)
+        return RelayService(config.config, reactor, run_blocking, run_store)

@@ -19,8 +19,6 @@ port.
 """
 
 import collections
-import contextlib
-import io
 import os
 import random
 import re
@@ -32,10 +30,10 @@ import time
 
 from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase
 
-from p2pnat import cli
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import stun, wire
 from tests.support import procs
+from tests.support.procs import provision
 
 ETC = os.path.join(procs.REPO, "etc")
 LOOPBACK = "127.0.0.1"
@@ -47,16 +45,6 @@ STUN_CLIENT = shutil.which("stun")
 def now_us():
     """A frame timestamp on the daemons' clock (same host, same clock)."""
     return int(time.time() * 1_000_000)
-
-
-def provision(*argv):
-    """Run a ``p2pnat`` command in this process; return its standard output."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main(list(argv))
-    if status != 0:
-        raise AssertionError(f"p2pnat {' '.join(argv)}: status {status}: {err.getvalue()}")
-    return out.getvalue()
 
 
 def read_key(path):
@@ -189,6 +177,18 @@ class Client:
         return message
 
 
+#: Command-line overrides that keep a daemon on loopback, on ports of its
+#: own: for the daemons the tests start, and should a bad-config case start
+#: after all.  The command line is applied after the file, so they do not
+#: hide an error in the file.
+LOOPBACK_ONLY = {
+    "relay": ["--udp-listen", f"{LOOPBACK}:0", "--terminal-https", f"tcp:0:interface={LOOPBACK}",
+              "--tunnel-listen", f"tcp:0:interface={LOOPBACK}"],
+    "lobby": ["--udp-listen", f"{LOOPBACK}:0"],
+    "device-agent": ["--udp-listen", f"{LOOPBACK}:0", "--agent-relay", f"{LOOPBACK}:9"],
+}
+
+
 class DaemonTestCase(SynchronousTestCase):
     """
     Starts daemons; a failure message carries the output of every daemon
@@ -211,6 +211,32 @@ class DaemonTestCase(SynchronousTestCase):
         path = os.path.abspath(self.mktemp())
         os.makedirs(path)
         return path
+
+    def provision_device(self, relay="127.0.0.1:7478"):
+        """
+        A relay state directory with device dev-1 registered, its bundle
+        pointing at C{relay}: (state directory, bundle directory).
+        """
+        state = os.path.join(self.tmpdir(), "relay")
+        provision("relay", "init", "--state-dir", state, "--hostname", "relay.localhost")
+        bundle = os.path.join(self.tmpdir(), "dev-1")
+        provision("device", "add", "dev-1", "--state-dir", state, "--relay", relay,
+                  "--service", "127.0.0.1:9", "--out", bundle)
+        return state, bundle
+
+    def start_relay(self):
+        """
+        ``twistd relay`` with etc/relay.toml on loopback, dev-1 registered:
+        (the daemon, its UDP address, dev-1's MAC key, dev-1's bundle).
+        """
+        state, bundle = self.provision_device()
+        relay = self.start("relay", "--config", os.path.join(ETC, "relay.toml"),
+                           "--relay-state-dir", state, *LOOPBACK_ONLY["relay"])
+        m = relay.wait_for(r"relay relay\.localhost: 1 devices registered; notifies on"
+                           r" 127\.0\.0\.1:(\d+); terminals on https port \d+;"
+                           r" tunnels on port \d+")
+        udp = (LOOPBACK, int(m.group(1)))
+        return relay, udp, read_key(os.path.join(bundle, "mac.key")), bundle
 
     def assert_clean_stop(self, daemon):
         """
@@ -247,6 +273,17 @@ class DaemonTestCase(SynchronousTestCase):
             if time.monotonic() > deadline:
                 self.fail(f"{daemon.name} logged no drop (or too few) for {missing}")
             time.sleep(0.05)
+
+    def assert_all_dropped(self, daemon, client, to, cases):
+        """
+        C{client} sends each datagram of C{cases} (name: (data, reason)) to
+        C{daemon} at address C{to}: each is dropped with its reason logged,
+        and none is answered.
+        """
+        for data, _ in cases.values():
+            client.send(data, to)
+        self.assert_dropped(daemon, client.address, [reason for _, reason in cases.values()])
+        self.assertIsNone(client.receive(timeout=0.2))
 
     def assert_no_errors(self, daemon):
         output = daemon.output()
@@ -286,28 +323,13 @@ def garbage_cases(genuine, wrong_mac, unknown_id):
 class RelayProcessTests(DaemonTestCase):
     """``twistd relay`` with etc/relay.toml."""
 
-    def start_relay(self):
-        state = os.path.join(self.tmpdir(), "relay")
-        provision("relay", "init", "--state-dir", state, "--hostname", "relay.localhost")
-        bundle = os.path.join(self.tmpdir(), "dev-1")
-        provision("device", "add", "dev-1", "--state-dir", state, "--relay", "127.0.0.1:7478",
-                  "--service", "127.0.0.1:9", "--out", bundle)
-        relay = self.start(
-            "relay", "--config", os.path.join(ETC, "relay.toml"), "--relay-state-dir", state,
-            "--udp-listen", f"{LOOPBACK}:0", "--terminal-https", f"tcp:0:interface={LOOPBACK}",
-            "--tunnel-listen", f"tcp:0:interface={LOOPBACK}")
-        m = relay.wait_for(r"relay relay\.localhost: 1 devices registered; notifies on"
-                           r" 127\.0\.0\.1:(\d+); terminals on https port \d+;"
-                           r" tunnels on port \d+")
-        return relay, (LOOPBACK, int(m.group(1))), read_key(os.path.join(bundle, "mac.key"))
-
     def test_bad_datagrams_dropped_and_logged(self):
         """
         Every bad datagram is dropped with a log line naming its reason;
         a replayed notify is refused; afterwards the relay still answers
         STUN and a genuine period request.
         """
-        relay, udp, key = self.start_relay()
+        relay, udp, key, _ = self.start_relay()
         client = Client(self)
         self.assertEqual(client.stun(udp), client.address)
 
@@ -327,11 +349,7 @@ class RelayProcessTests(DaemonTestCase):
                                 now_us()),
             unknown_id=wire.seal(wire.NotifyA(local=client.address), "dev-2", key, now_us()))
         cases["replayed notify"] = (genuine, "replay")
-        for name, (data, reason) in cases.items():
-            client.send(data, udp)
-        self.assert_dropped(relay, client.address, [r for d, r in cases.values()])
-        # Nothing was answered.
-        self.assertIsNone(client.receive(timeout=0.2))
+        self.assert_all_dropped(relay, client, udp, cases)
 
         # Still serving.
         self.assertEqual(client.stun(udp), client.address)
@@ -345,7 +363,7 @@ class RelayProcessTests(DaemonTestCase):
         self.assert_no_errors(relay)
 
     def test_sigterm_stops_cleanly(self):
-        relay, udp, key = self.start_relay()
+        relay, udp, key, _ = self.start_relay()
         self.assertEqual(Client(self).stun(udp)[0], LOOPBACK)
         self.assert_clean_stop(relay)
 
@@ -389,10 +407,7 @@ class LobbyProcessTests(DaemonTestCase):
         cases["client sending a device's message"] = (
             wire.seal(wire.NotifyA(local=client.address), "cl-1", key, now_us()), "unknown-key")
         cases["replayed keepalive"] = (genuine, "replay")
-        for name, (data, reason) in cases.items():
-            client.send(data, udp)
-        self.assert_dropped(lobby, client.address, [r for d, r in cases.values()])
-        self.assertIsNone(client.receive(timeout=0.2))
+        self.assert_all_dropped(lobby, client, udp, cases)
 
         # Still serving.
         self.assertEqual(client.stun(udp), client.address)
@@ -444,11 +459,7 @@ class AgentProcessTests(DaemonTestCase):
     """
 
     def start_agent(self, relay):
-        state = os.path.join(self.tmpdir(), "relay")
-        provision("relay", "init", "--state-dir", state, "--hostname", "relay.localhost")
-        bundle = os.path.join(self.tmpdir(), "dev-1")
-        provision("device", "add", "dev-1", "--state-dir", state, "--relay",
-                  f"{relay[0]}:{relay[1]}", "--service", "127.0.0.1:9", "--out", bundle)
+        _, bundle = self.provision_device(f"{relay[0]}:{relay[1]}")
         in_bundle = lambda name: os.path.join(bundle, name)  # noqa: E731
         agent = self.start(
             "device-agent", "--config", os.path.join(ETC, "device-agent.toml"),
@@ -516,10 +527,7 @@ class AgentProcessTests(DaemonTestCase):
         cases["STUN request (the agent answers none)"] = (stun.binding_request()[1],
                                                           "stun-disabled")
         cases["replayed ack"] = (genuine, "replay")
-        for name, (data, reason) in cases.items():
-            other.send(data, agent_udp)
-        self.assert_dropped(agent, other.address, [r for d, r in cases.values()])
-        self.assertIsNone(other.receive(timeout=0.2))
+        self.assert_all_dropped(agent, other, agent_udp, cases)
 
         # The agent still sends genuine notifies, newer than any before.
         relay.drain()
@@ -543,16 +551,7 @@ class AgentWithRelayTests(DaemonTestCase):
     """A device agent started from its `p2pnat device add` bundle reports to a relay."""
 
     def test_device_online_at_relay(self):
-        state = os.path.join(self.tmpdir(), "relay")
-        provision("relay", "init", "--state-dir", state, "--hostname", "relay.localhost")
-        bundle = os.path.join(self.tmpdir(), "dev-1")
-        provision("device", "add", "dev-1", "--state-dir", state, "--relay", "127.0.0.1:7478",
-                  "--service", "127.0.0.1:9", "--out", bundle)
-        relay = self.start(
-            "relay", "--config", os.path.join(ETC, "relay.toml"), "--relay-state-dir", state,
-            "--udp-listen", f"{LOOPBACK}:0", "--terminal-https", f"tcp:0:interface={LOOPBACK}",
-            "--tunnel-listen", f"tcp:0:interface={LOOPBACK}")
-        udp_port = int(relay.wait_for(r"notifies on 127\.0\.0\.1:(\d+)").group(1))
+        relay, (_, udp_port), _, bundle = self.start_relay()
         # The relay's port is only known now: the bundle's file, its port overridden.
         agent = self.start("device-agent", "--config", os.path.join(bundle, "agent.toml"),
                            "--agent-relay", f"{LOOPBACK}:{udp_port}",
@@ -563,17 +562,6 @@ class AgentWithRelayTests(DaemonTestCase):
         agent.wait_for(re.escape(f"public address is {LOOPBACK}:{agent_port}"))
         self.assert_clean_stop(agent)
         self.assert_clean_stop(relay)
-
-
-#: Command-line overrides that keep a daemon on loopback should a bad-config
-#: case start after all.  The command line is applied after the file, so
-#: they do not hide an error in the file.
-LOOPBACK_ONLY = {
-    "relay": ["--udp-listen", f"{LOOPBACK}:0", "--terminal-https", f"tcp:0:interface={LOOPBACK}",
-              "--tunnel-listen", f"tcp:0:interface={LOOPBACK}"],
-    "lobby": ["--udp-listen", f"{LOOPBACK}:0"],
-    "device-agent": ["--udp-listen", f"{LOOPBACK}:0", "--agent-relay", f"{LOOPBACK}:9"],
-}
 
 
 class BadConfigTests(DaemonTestCase):

@@ -1,9 +1,12 @@
 """
 Running p2pnat daemons and commands as processes, from this source tree,
 for tests and benchmarks (a lab process runs inside a namespace, so it
-cannot share the test's reactor).
+cannot share the test's reactor); and a quick command in the test's own
+process (L{provision}).
 """
 
+import contextlib
+import io
 import os
 import sys
 
@@ -33,3 +36,20 @@ def twistd(daemon, *args):
 def p2pnat(*args):
     """argv running the ``p2pnat`` command."""
     return [sys.executable, "-m", "p2pnat.cli", *args]
+
+
+def provision(*argv):
+    """
+    Run a ``p2pnat`` command in this process, quietly; return its standard
+    output.
+
+    @raise AssertionError: with its standard error, if it fails.
+    """
+    from p2pnat import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(list(argv))
+    if status != 0:
+        raise AssertionError(f"p2pnat {' '.join(argv)}: status {status}: {err.getvalue()}")
+    return out.getvalue()

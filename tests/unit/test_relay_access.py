@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pnat.daemon import config as C
 from p2pnat.relay import access
 from p2pnat.relay import tap as relay_tap
+from p2pnat.relay.core import synchronous
 from p2pnat.relay.devices import DeviceState
 from p2pnat.relay.http import Tokens, parse_head
 
@@ -164,7 +165,8 @@ class TrustedProxyTests(SynchronousTestCase):
         config = C.load(None, relay_tap.SCHEMA, {
             "relay.state_dir": state, "udp.listen": "127.0.0.1:0",
             "terminal.trusted_proxies": "192.0.2.0/24"})
-        svc = relay_tap.RelayService(config, UDPMemoryReactor())
+        svc = relay_tap.RelayService(config, UDPMemoryReactor(), run_blocking=synchronous,
+                                     run_store=synchronous)
         self.addCleanup(svc.registry.close)
         self.assertTrue(svc.relay.trusted_proxies.trusts("192.0.2.9:1"))
         self.assertFalse(svc.relay.trusted_proxies.trusts("198.51.100.1:1"))

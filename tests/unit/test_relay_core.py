@@ -17,7 +17,7 @@ from p2pnat.daemon import config as C
 from p2pnat.deployment.registry import Registry
 from p2pnat.protocol import tunnel
 from p2pnat.relay import tap
-from p2pnat.relay.core import Timeouts
+from p2pnat.relay.core import Timeouts, synchronous
 from p2pnat.relay.devices import DeviceState, DeviceTable
 from p2pnat.relay.store import StoreSync
 from p2pnat.relay.terminal import TerminalFactory
@@ -35,7 +35,7 @@ class TimeoutSettingsTests(SynchronousTestCase):
                                            "terminal.https": "", "tunnel.listen": "",
                                            **settings})
         reactor = MemoryReactorClock()
-        svc = tap.RelayService(config, reactor)
+        svc = tap.RelayService(config, reactor, run_blocking=synchronous, run_store=synchronous)
         self.addCleanup(svc.registry.close)
         return svc, reactor
 
@@ -310,7 +310,8 @@ class RelayServiceStoreTests(SynchronousTestCase):
                               "127.0.0.1:7478", "--service", "127.0.0.1:80", "--out", out]), 0)
         config = C.load(None, tap.SCHEMA, {"relay.state_dir": state, "udp.listen": "127.0.0.1:0",
                                            "terminal.https": "", "tunnel.listen": ""})
-        svc = tap.RelayService(config, UDPMemoryReactor())
+        svc = tap.RelayService(config, UDPMemoryReactor(), run_blocking=synchronous,
+                               run_store=synchronous)
         self.assertIsNotNone(svc.table.get("cam"))
         svc.table.notify_a("cam", ("198.51.100.7", 4000), None, None, 1234.0)
         self.successResultOf(svc.store.round())

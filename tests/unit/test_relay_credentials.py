@@ -11,15 +11,14 @@ import sqlite3
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from p2pnat.daemon import config as C
 from p2pnat.deployment.registry import Registry, hash_credential, verify_stored
 from p2pnat.relay import tap
+from p2pnat.relay.core import synchronous
 from p2pnat.relay.credentials import (
     CheckerBusy,
     CredentialChecker,
@@ -353,7 +352,8 @@ class StartWarningTests(SynchronousTestCase):
         config = C.load(None, tap.SCHEMA, {"relay.state_dir": state, "udp.listen": "127.0.0.1:0",
                                            "terminal.https": "", "tunnel.listen": "",
                                            "relay.hostname": "relay.example.org"})
-        svc = tap.RelayService(config, UDPMemoryReactor())
+        svc = tap.RelayService(config, UDPMemoryReactor(), run_blocking=synchronous,
+                               run_store=synchronous)
         with capturedLogs() as events:
             svc.startService()
         self.addCleanup(lambda: self.successResultOf(svc.stopService()))
@@ -367,12 +367,13 @@ class StartWarningTests(SynchronousTestCase):
 
 
 class SettingsTests(SynchronousTestCase):
-    def service(self, reactor, **settings):
+    def service(self, reactor, run_blocking=synchronous, **settings):
         state = os.path.abspath(self.mktemp())
         config = C.load(None, tap.SCHEMA, {"relay.state_dir": state, "udp.listen": "127.0.0.1:0",
                                            "terminal.https": "", "tunnel.listen": "",
                                            **settings})
-        svc = tap.RelayService(config, reactor)
+        svc = tap.RelayService(config, reactor, run_blocking=run_blocking,
+                               run_store=synchronous)
         self.addCleanup(svc.registry.close)
         return svc
 
@@ -395,22 +396,18 @@ class SettingsTests(SynchronousTestCase):
 
     def test_own_pool(self):
         """Hashes go to a pool of credentials.threads threads, not the reactor's."""
-        svc = self.service(ThreadedReactor(), **{"credentials.threads": "2"})
-        self.assertEqual((svc.credential_pool.min, svc.credential_pool.max), (0, 2))
+        svc = self.service(ThreadedReactor(), run_blocking=None, **{"credentials.threads": "2"})
+        [pool] = svc.pools
+        self.assertEqual((pool.name, pool.min, pool.max), ("p2pnat-relay-credentials", 0, 2))
         calls = []
-
-        class Pool:
-            def callInThreadWithCallback(self, onResult, f, *args):
-                calls.append(args)
-
-        svc.credential_pool = Pool()
+        self.patch(pool, "callInThreadWithCallback",
+                   lambda onResult, f, *args: calls.append(args))
         svc.relay.check_credential("nope", "guess", "192.0.2.1:1")
         self.assertEqual(calls, [(None, "guess")])
 
 
-@implementer(IReactorThreads)
 class ThreadedReactor(UDPMemoryReactor):
-    """An in-memory reactor that says it has threads; its own pool must not be used."""
+    """An in-memory reactor whose own thread pool must not be used."""
 
     def getThreadPool(self):
         raise AssertionError("credential checks must not use the reactor's thread pool")

@@ -17,7 +17,7 @@ from p2pnat.daemon import config as C
 from p2pnat.net import fastio
 from p2pnat.protocol import tunnel
 from p2pnat.relay import limits, tap
-from p2pnat.relay.core import Timeouts
+from p2pnat.relay.core import Timeouts, synchronous
 from p2pnat.relay.limits import (
     TERMINAL,
     TUNNEL,
@@ -461,7 +461,8 @@ class AdmissionTests(SynchronousTestCase):
             "relay.state_dir": state, "udp.listen": "127.0.0.1:0",
             "terminal.http": "tcp:0", "limits.max_connections": "10",
             "limits.terminals_per_source": "1", "limits.streams_per_device_source": "3"})
-        svc = tap.RelayService(config, MemoryReactorClock())
+        svc = tap.RelayService(config, MemoryReactorClock(), run_blocking=synchronous,
+                               run_store=synchronous)
         self.addCleanup(svc.registry.close)
         self.assertEqual(svc.relay.shares.per_source, 3)
         for listener, kind in [(svc.terminal_https, TERMINAL), (svc.terminal_http, TERMINAL),

@@ -5,7 +5,6 @@ one-line config errors, and the service tree ``makeService`` builds, which
 is then started and stopped on a fake reactor (no sockets, no real time).
 """
 
-import contextlib
 import io
 import os
 import sys
@@ -15,24 +14,16 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pnat import cli
 from p2pnat.daemon import logs
 from p2pnat.daemon.services import EndpointListener, UDPService
 from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import stun, wire
+from p2pnat.relay.core import synchronous
 from tests.support import procs
+from tests.support.procs import provision
 from tests.support.udp import FakeUDPTransport
 
 ETC = os.path.join(procs.REPO, "etc")
-
-
-def provision(*argv):
-    """Run a ``p2pnat`` command in this process, quietly."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main(list(argv))
-    if status != 0:
-        raise AssertionError(f"p2pnat {' '.join(argv)}: status {status}: {err.getvalue()}")
 
 
 class FakeUDPPort:
@@ -179,6 +170,11 @@ class RelayTapTests(TapTestCase):
             "--terminal-https", "tcp:18443:interface=127.0.0.1",
             "--tunnel-listen", "tcp:17443:interface=127.0.0.1", *more)
 
+    def make(self, options, reactor):
+        """The relay's service on an in-memory reactor: blocking work runs inline."""
+        return self.tap.makeService(options, reactor, run_blocking=synchronous,
+                                    run_store=synchronous)
+
     def test_options(self):
         """The file's values, overridden by the command line."""
         options = self.relay_options("--relay-access-check-period", "60")
@@ -210,7 +206,7 @@ class RelayTapTests(TapTestCase):
         tunnel and terminal listeners; a TimerService on the given reactor.
         """
         reactor = UDPMemoryReactor()
-        svc = self.tap.makeService(self.relay_options(
+        svc = self.make(self.relay_options(
             "--terminal-http", "tcp:18080:interface=127.0.0.1", "--relay-sync-interval", "2"),
             reactor)
         self.addCleanup(svc.registry.close)
@@ -226,6 +222,9 @@ class RelayTapTests(TapTestCase):
             self.assertIsInstance(u.protocol, ControlProtocol)
             self.assertIs(u.protocol.handler, svc.handler)
             self.assertIs(u.protocol.replay, svc.replay)
+            # One STUN limit per source across the relay's sockets, as in the lobby.
+            self.assertIs(u.protocol.stun_limit, udp[0].protocol.stun_limit)
+        self.assertIsNotNone(udp[0].protocol.stun_limit)
         listeners = [s for s in svc if isinstance(s, EndpointListener)]
         self.assertEqual([s.description for s in listeners],
                          ["tcp:17443:interface=127.0.0.1", "tcp:18443:interface=127.0.0.1",
@@ -239,7 +238,7 @@ class RelayTapTests(TapTestCase):
 
     def test_listeners_off(self):
         """An empty endpoint turns a listener off; metrics.listen adds metrics."""
-        svc = self.tap.makeService(self.relay_options(
+        svc = self.make(self.relay_options(
             "--terminal-https", "", "--metrics-listen", "tcp:19101:interface=127.0.0.1"),
             UDPMemoryReactor())
         self.addCleanup(svc.registry.close)
@@ -264,7 +263,7 @@ class RelayTapTests(TapTestCase):
                   "127.0.0.1:17478", "--service", "127.0.0.1:9", "--out", bundle)
         with open(os.path.join(bundle, "mac.key")) as f:
             key = bytes.fromhex(f.read().strip())
-        svc = self.tap.makeService(options, reactor)
+        svc = self.make(options, reactor)
         self.start(svc)
 
         self.assertEqual([(p.transport.host, p.transport.port) for p in reactor.udpPorts],
@@ -295,6 +294,35 @@ class RelayTapTests(TapTestCase):
         self.successResultOf(svc.stopService())
         self.assertEqual([p.listening for p in reactor.udpPorts], [False, False])
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_runners(self):
+        """
+        Runners given are used and no pool is made; by default the relay
+        has its own credential and store pools, not started before it is.
+        """
+        calls = []
+
+        def run_store(f, *args):
+            calls.append(f)
+            return synchronous(f, *args)
+
+        svc = self.make(self.relay_options(), UDPMemoryReactor())
+        self.addCleanup(svc.registry.close)
+        self.assertEqual(svc.pools, [])
+        svc = self.tap.makeService(self.relay_options(), UDPMemoryReactor(),
+                                   run_blocking=synchronous, run_store=run_store)
+        self.addCleanup(svc.registry.close)
+        self.successResultOf(svc.store.round())
+        self.assertEqual(len(calls), 1)
+
+        # (Started and stopped with the service on a real reactor:
+        # tests.unit.test_relay_loopback.)
+        svc = self.tap.makeService(self.relay_options("--credentials-threads", "3"),
+                                   UDPMemoryReactor())
+        self.addCleanup(svc.registry.close)
+        self.assertEqual(sorted((p.name, p.max) for p in svc.pools),
+                         [("p2pnat-relay-credentials", 3), ("p2pnat-relay-store", 1)])
+        self.assertFalse(any(p.started for p in svc.pools))
 
 
 class LobbyTapTests(TapTestCase):
