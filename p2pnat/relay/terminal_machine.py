@@ -514,7 +514,7 @@ class TerminalCore:
                 # check state takes this Deferred over (L{authorization}).
                 self.prechecked = (req, d)
                 return False
-        self.request, self.https = req, https
+        self.request, self.https, self.parsed = req, https, None
         self._send_head(req, head)
         return True
 
