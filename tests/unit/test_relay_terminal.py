@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from OpenSSL import crypto
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -938,3 +939,155 @@ class ResendTests(SynchronousTestCase):
         old.dataReceived(tunnel.frame(tunnel.OPENED))
         self.assertEqual(device_frames(old, self.mark), [("open", ""), ("data", b"SSH-2.0")])
         self.assertEqual(t.state, "stream")
+
+
+class _CountedMachine:
+    """A terminal's machine that counts the stream's next heads given to it."""
+
+    def __init__(self, machine):
+        self.machine = machine
+        self.heads = 0
+
+    def next_head(self, head, rest):
+        self.heads += 1
+        self.machine.next_head(head, rest)
+
+    def __getattr__(self, name):
+        return getattr(self.machine, name)
+
+
+class FastPathTests(SynchronousTestCase):
+    """
+    A later request head on a stream, for the stream's own device and
+    allowed at once, goes on with no machine input (TerminalCore.fast_next);
+    every refusal still goes the check state's way and never reaches the
+    device.
+    """
+
+    def setUp(self):
+        self.w = World(self)
+        self.w.add("open")
+        self.w.add("safe", mode="relay", credential="open sesame")
+        self.w.add("other", mode="relay", credential="other secret")
+        self.checks = []
+        check = self.w.relay.check_credential
+        self.w.relay.check_credential = lambda *a: self.checks.append(a[1]) or check(*a)
+
+    def req(self, host, extra=b"", method=b"GET", path=b"/"):
+        return method + b" " + path + b" HTTP/1.1\r\nHost: " + host + b".relay.test\r\n" + extra \
+            + b"\r\n"
+
+    def cookie(self, device=b"safe", cred=b"open+sesame"):
+        pair = set_cookie(form_login(self.w, device, cred)).split(b";")[0]
+        return b"Cookie: " + pair + b"\r\n"
+
+    def stream(self, first):
+        """A terminal streaming C{first} to its device, its machine counted."""
+        w = self.w
+        t = w.terminal(first)
+        tun = w.tunnel(t.device_id, session=w.session())
+        tun.dataReceived(tunnel.frame(tunnel.OPENED))
+        self.assertEqual(t.state, "stream")
+        t.core.machine = counted = _CountedMachine(t.core.machine)
+        return t, tun, counted
+
+    def assertFast(self, first, later):
+        t, tun, counted = self.stream(first)
+        t.dataReceived(later + later[:7])
+        t.dataReceived(later[7:])
+        self.assertEqual((counted.heads, t.state), (0, "stream"))
+        self.assertEqual(device_frames(tun), [("open", ""), ("data", first + later + later)])
+        return t, tun
+
+    def assertChecked(self, first, later, then):
+        """C{later} goes to the machine, never to the stream's device; C{then} is the next state."""
+        t, tun, counted = self.stream(first)
+        t.dataReceived(later)
+        self.assertEqual(counted.heads, 1)
+        self.assertEqual(t.state, then)
+        self.assertEqual(device_frames(tun)[:2], [("open", ""), ("data", first)])
+        self.assertNotIn(later, tun.transport.value())
+        return t, tun
+
+    def test_taken_for_a_device_of_its_own_login(self):
+        post = self.req(b"open", b"Content-Length: 3\r\nOrigin: https://elsewhere.example\r\n",
+                        b"POST") + b"abc"
+        self.assertFast(self.req(b"open"), post)
+
+    def test_taken_with_a_cookie(self):
+        cookie = self.cookie()
+        self.assertFast(self.req(b"safe", cookie), self.req(b"safe", cookie, b"POST"))
+        self.assertEqual(self.checks, ["open sesame"])  # the login only
+
+    def test_taken_with_a_remembered_credential(self):
+        auth = b"Authorization: Basic " + base64.b64encode(b"u:open sesame") + b"\r\n"
+        self.assertFast(self.req(b"safe", auth), self.req(b"safe", auth))
+        self.assertEqual(self.checks, ["open sesame"] * 3)  # hashed once, then remembered
+
+    def test_pipelined_in_one_read(self):
+        """Many requests in one read: a loop, not one stack frame each."""
+        first = self.req(b"open")
+        t = self.w.terminal(first + first * 3000)
+        tun = self.w.tunnel("open", session=self.w.session())
+        self.assertEqual(t.state, "stream")
+        self.assertEqual(device_frames(tun), [("open", ""), ("data", first * 3001)])
+
+    def test_a_credential_to_hash_is_checked_once_by_the_machine(self):
+        """A credential the checker does not remember: the check state waits for its hash."""
+        wrong = b"Authorization: Basic " + base64.b64encode(b"u:guess") + b"\r\n"
+        t, tun, counted = self.stream(self.req(b"safe", self.cookie()))
+        held = []
+        self.w.relay.credentials.run_blocking = lambda f, *a: held.append((f, a)) or Deferred()
+        t.dataReceived(self.req(b"safe", wrong))
+        self.assertEqual((counted.heads, t.state, len(held)), (1, "check", 1))
+        self.assertEqual(self.checks, ["open sesame", "guess"])
+        self.assertNotIn(b"guess", tun.transport.value())
+
+    def test_refusals_go_the_machine_s_way(self):
+        cases = [
+            (lambda c: self.req(b"safe"), "finishing"),  # no credential: the login form
+            (lambda c: self.req(b"safe", b"Cookie: __Host-p2pnat_auth=1.x\r\n"), "finishing"),
+            (lambda c: self.req(b"safe", self.cookie(b"other", b"other+secret")), "finishing"),
+            (lambda c: self.req(b"safe", c + b"Sec-Fetch-Site: same-site\r\n", b"POST"),
+             "finishing"),
+            (lambda c: self.req(b"safe", c + b"Origin: https://open.relay.test:8443\r\n",
+                                b"DELETE"), "finishing"),
+            (lambda c: self.req(b"safe", c, b"POST", b"/.p2pnat/login"), "finishing"),
+            (lambda c: self.req(b"other", c), "finishing"),
+            (lambda c: self.req(b"open"), "finishing"),
+            (lambda c: b"GET / HTTP/1.1\r\nHost: relay.test\r\n" + c + b"\r\n", "finishing"),
+            (lambda c: b"CONNECT safe HTTP/1.1\r\n" + c + b"\r\n", "finishing"),
+            # Allowed, and the machine makes the stream opaque.
+            (lambda c: self.req(b"safe", c + b"Upgrade: websocket\r\nConnection: upgrade\r\n"),
+             "stream"),
+            (lambda c: self.req(b"safe", c + b"Content-Length: 1\r\nContent-Length: 2\r\n"),
+             "finishing")]
+        for make, then in cases:
+            self.w = w = World(self)
+            w.add("open")
+            w.add("safe", mode="relay", credential="open sesame")
+            w.add("other", mode="relay", credential="other secret")
+            cookie = self.cookie()
+            t, tun, counted = self.stream(self.req(b"safe", cookie))
+            later = make(cookie)
+            t.dataReceived(later)
+            self.assertEqual((counted.heads, t.state), (1, then), later)
+            if then == "finishing":
+                self.assertNotIn(later, tun.transport.value(), later)
+                self.assertEqual(device_frames(tun)[-1], ("end", None), later)
+
+    def test_unreachable_device_goes_the_machine_s_way(self):
+        """A device that went offline or was revoked under the stream: not the fast path."""
+        for change in ("offline", "revoked"):
+            self.w = w = World(self)
+            w.add("open")
+            t, tun, counted = self.stream(self.req(b"open"))
+            if change == "offline":
+                w.clock.advance(301)
+            else:
+                # (The relay cuts a revoked device's streams; the flag alone says
+                # what a head that raced the cut meets.)
+                w.table.get("open").revoked = True
+            t.dataReceived(self.req(b"open"))
+            self.assertEqual(counted.heads, 1, change)
+            self.assertNotIn(self.req(b"open") * 2, tun.transport.value(), change)
