@@ -774,7 +774,10 @@ def _check_next(m, c):
 
 @_b.on(check, I.authorized)
 def _authorized_next(m, c, ok):
-    if ok:
+    # Authorized, and the device still reachable (it may have been revoked
+    # or gone stale since the stream began): on the same stream.  Else the
+    # held head is answered afresh once the device's answers are written.
+    if ok and not isinstance(c.relay.reachable(c.device_id), Refusal):
         return m.open()
     m.reroute()
 

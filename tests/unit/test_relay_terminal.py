@@ -793,6 +793,22 @@ class PerRequestTests(SynchronousTestCase):
         self.assertTrue(t.transport.disconnecting)
         self.assertEqual(tun.state, "idle")
 
+    def test_kept_alive_request_after_device_went_offline(self):
+        """
+        An authorized later request for a device that went offline (or was
+        revoked) since the stream began is not forwarded on the stream: it
+        is answered afresh once the device's answers are written.
+        """
+        w = self.w
+        first = self.req(b"a", self.auth(b"secret-a"))
+        t, tun = self.stream(first)
+        w.clock.advance(301)  # no notify A for longer than the access-check period
+        t.dataReceived(self.req(b"a", self.auth(b"secret-a")))
+        self.assertEqual(device_frames(tun), [("open", ""), ("data", first), ("end", None)])
+        self.assertEqual(t.state, "finishing")
+        tun.dataReceived(tunnel.frame(tunnel.END))
+        self.assertIn(b"HTTP/1.1 503 ", t.transport.value())
+
     def test_kept_alive_request_for_another_device(self):
         """A request naming device b on a's stream goes to b, on a new stream, after a's END."""
         w = self.w
