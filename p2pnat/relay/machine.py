@@ -96,3 +96,32 @@ def _unexpected_output(unexpected, state, input):
 
     output.__name__ = f"unexpected_{input}_in_{state}"
     return output
+
+
+class MachineProtocol:
+    """
+    What the relay's two protocols driven by these machines share
+    (L{p2pnat.relay.terminal.Terminal}, L{p2pnat.relay.tunnel.RelayTunnel}):
+    their state and device as the machine's core knows them, and the end of
+    the connection (its place in the connection limits given back, then
+    the machine told).
+    """
+
+    slot = None  # the connection's place in the ConnectionLimits, if counted
+    machine = None
+    core = None
+
+    @property
+    def state(self):
+        """The machine's state name (for tests and diagnostics)."""
+        return self.machine.state()
+
+    @property
+    def device_id(self):
+        return self.core.device_id
+
+    def machine_lost(self):
+        """The connection is gone: give back its slot, then tell the machine."""
+        if self.slot is not None:
+            self.slot.release()
+        self.machine.connection_lost()

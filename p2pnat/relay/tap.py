@@ -28,8 +28,7 @@ from p2pnat.daemon.services import (
 from p2pnat.deployment import pki
 from p2pnat.net import fastio
 from p2pnat.protocol import wire
-from p2pnat.relay import access
-from p2pnat.relay import limits
+from p2pnat.relay import access, limits
 from p2pnat.relay.core import Relay, Timeouts
 from p2pnat.relay.credentials import CredentialLimits
 from p2pnat.relay.devices import DeviceState, DeviceTable

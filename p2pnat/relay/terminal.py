@@ -25,6 +25,7 @@ from twisted.internet.protocol import Factory, Protocol
 from p2pnat.net import streams
 from p2pnat.relay import limits
 from p2pnat.relay.http import BadRequest, Tokens, parse_head
+from p2pnat.relay.machine import MachineProtocol
 from p2pnat.relay.terminal_machine import TerminalCore, TerminalMachine
 
 # Tokens, BadRequest and parse_head live in p2pnat.relay.http; the daemon's
@@ -32,7 +33,7 @@ from p2pnat.relay.terminal_machine import TerminalCore, TerminalMachine
 __all__ = ["BadRequest", "Terminal", "TerminalFactory", "Tokens", "parse_head"]
 
 
-class Terminal(Protocol):
+class Terminal(MachineProtocol, Protocol):
     """
     One terminal connection: turns reads and connection events into inputs
     of a L{TerminalMachine}, and is the machine's connection (its C{io}).
@@ -76,18 +77,7 @@ class Terminal(Protocol):
 
     def connectionLost(self, reason):
         self._send = None
-        if self.slot is not None:
-            self.slot.release()
-        self.machine.connection_lost()
-
-    @property
-    def state(self):
-        """The machine's state name (for tests and diagnostics)."""
-        return self.machine.state()
-
-    @property
-    def device_id(self):
-        return self.core.device_id
+        self.machine_lost()
 
     @property
     def stream_idle_timeout(self):

@@ -18,10 +18,11 @@ from p2pnat.daemon.logs import Logger
 from p2pnat.net import streams
 from p2pnat.protocol import tunnel
 from p2pnat.relay import limits
+from p2pnat.relay.machine import MachineProtocol
 from p2pnat.relay.tunnel_machine import TunnelCore, TunnelMachine
 
 
-class RelayTunnel(Protocol):
+class RelayTunnel(MachineProtocol, Protocol):
     """
     One device's TLS connection to the relay: reads the hello, then frames,
     and turns them and connection events into inputs of a
@@ -107,18 +108,7 @@ class RelayTunnel(Protocol):
         self._to_terminal = None
         self._direct = False
         self._probe = self._probed = None
-        if self.slot is not None:
-            self.slot.release()
-        self.machine.connection_lost()
-
-    @property
-    def state(self):
-        """The machine's state name (for tests and diagnostics)."""
-        return self.machine.state()
-
-    @property
-    def device_id(self):
-        return self.core.device_id
+        self.machine_lost()
 
     @property
     def terminal(self):
