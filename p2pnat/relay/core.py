@@ -169,7 +169,9 @@ class Relay:
         self.devices = devices
         self.registry = registry
         self.tokens = tokens
-        self.hostname = hostname
+        # Host names are case-insensitive, and terminals' Host headers are
+        # compared in lower case.
+        self.hostname = hostname.lower()
         self.tunnel_port = tunnel_port
         self.tunnel_host = tunnel_host
         self.https_port = https_port

@@ -64,7 +64,7 @@ class Transport(StringTransport):
 
 
 class World:
-    def __init__(self, testcase, period=300, **relay_options):
+    def __init__(self, testcase, period=300, hostname="relay.test", **relay_options):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.registry = Registry(":memory:")
@@ -72,7 +72,7 @@ class World:
         self.table = DeviceTable(period)
         self.socket = FakeSocket(self.clock)
         self.relay = Relay(self.clock, Metrics("relay"), self.table, self.registry,
-                           Tokens(b"s" * 32, self.clock), hostname="relay.test", tunnel_port=7443,
+                           Tokens(b"s" * 32, self.clock), hostname=hostname, tunnel_port=7443,
                            https_port=8443, **{"run_blocking": synchronous, **relay_options})
         self.certs = {}
 
@@ -178,6 +178,15 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(w.socket.sent, [])
         t = w.terminal(b"CONNECT cam:" + b"s" * 255 + b" HTTP/1.1\r\n\r\n")
         self.assertEqual(t.state, "waiting")
+
+    def test_relay_hostname_any_case(self):
+        """A relay configured as Relay.Test serves cam.relay.test (it answered 421 to all)."""
+        w = World(self, hostname="Relay.Test")
+        w.add("cam")
+        t = w.terminal(b"GET / HTTP/1.1\r\nHost: cam.relay.test\r\n\r\n")
+        self.assertEqual(t.state, "waiting")
+        t = w.terminal(b"GET / HTTP/1.1\r\nHost: RELAY.test\r\n\r\n")
+        self.assertIn(b"HTTP/1.1 200 ", t.transport.value())
 
     def test_relay_pages(self):
         w = self.w
