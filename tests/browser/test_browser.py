@@ -41,14 +41,19 @@ def spki_sha256(cert_path):
     return base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")
 
 
+def require_browser():
+    """Skip (or fail, under CI) unless selenium, Chromium and chromedriver are here."""
+    if importlib.util.find_spec("selenium") is None:
+        needed("selenium", "pip install selenium (the project's test extra)")
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not os.access(path, os.X_OK):
+            needed(path, f"apt-get install {package}")
+
+
 class BrowserTests(SynchronousTestCase):
 
     def setUp(self):
-        if importlib.util.find_spec("selenium") is None:
-            needed("selenium", "pip install selenium (the project's test extra)")
-        for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
-            if not os.access(path, os.X_OK):
-                needed(path, f"apt-get install {package}")
+        require_browser()
         self.tmp = os.path.abspath(self.mktemp())
         os.makedirs(self.tmp)
         self.demo = DemoProcess(self, os.path.join(self.tmp, "state"))

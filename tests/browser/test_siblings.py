@@ -27,8 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 # The module, not its test class: trial would run BrowserTests here too.
 from tests.browser import test_browser
-from tests.browser.test_browser import CHROMEDRIVER, CHROMIUM, WAIT
-from tests.process.test_demo import needed
+from tests.browser.test_browser import WAIT
 from tests.support import procs
 
 CREDENTIAL = "correct horse battery staple"
@@ -85,13 +84,7 @@ class SiblingsProcess:
 class SiblingDeviceTests(SynchronousTestCase):
 
     def setUp(self):
-        import importlib.util
-
-        if importlib.util.find_spec("selenium") is None:
-            needed("selenium", "pip install selenium (the project's test extra)")
-        for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
-            if not os.access(path, os.X_OK):
-                needed(path, f"apt-get install {package}")
+        test_browser.require_browser()
         self.tmp = os.path.abspath(self.mktemp())
         # BrowserTests.browser reads the relay's certificate from
         # demo.state_dir/relay and the demo's output() for failures.
