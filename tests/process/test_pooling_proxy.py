@@ -21,13 +21,7 @@ import subprocess
 from twisted.internet import defer, endpoints, protocol, reactor, task, threads
 from twisted.trial.unittest import SkipTest, TestCase
 
-from p2pnat.agent.tap import SCHEMA as AGENT_SCHEMA
-from p2pnat.agent.tap import AgentService
-from p2pnat.cli import main as cli
-from p2pnat.daemon import config as C
-from p2pnat.daemon.config import read_mac_key
-from p2pnat.relay.tap import SCHEMA as RELAY_SCHEMA
-from p2pnat.relay.tap import RelayService
+from tests.support.relay import start_agent, start_relay
 
 NGINX_CONF = """
 worker_processes 1;
@@ -100,15 +94,9 @@ class PoolingProxyTests(TestCase):
             raise SkipTest("nginx is not installed (scripts/system-packages.txt)")
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        state = os.path.join(self.dir, "state")
-        self.assertEqual(cli(["relay", "init", "--state-dir", state, "--hostname", "relay.test"]), 0)
-        self.relay = RelayService(C.load(None, RELAY_SCHEMA, {
-            "relay.state_dir": state, "relay.hostname": "relay.test",
-            "udp.listen": "127.0.0.1:0", "tunnel.listen": "tcp:0:interface=127.0.0.1",
+        self.relay = start_relay(self, self.dir, **{
             "terminal.https": "tcp:0:interface=127.0.0.1",
-            "terminal.http": "tcp:0:interface=127.0.0.1"}), reactor)
-        self.relay.startService()
-        self.addCleanup(self.relay.stopService)
+            "terminal.http": "tcp:0:interface=127.0.0.1"})
         self.seen = {}
         for name in ("a", "b"):
             yield self.start_device(name)
@@ -125,22 +113,9 @@ class PoolingProxyTests(TestCase):
         cred = os.path.join(self.dir, name + ".cred")
         with open(cred, "w") as f:
             f.write(f"secret-of-{name}-0123456789\n")
-        udp = self.relay.udp[0].address
-        self.assertEqual(cli(["device", "add", name, "--state-dir", self.relay.state_dir,
-                              "--relay", f"127.0.0.1:{udp[1]}",
-                              "--service", f"127.0.0.1:{web.getHost().port}", "--out", out,
-                              "--access", "relay", "--credential-file", cred]), 0)
-        config = C.load(os.path.join(out, "agent.toml"), AGENT_SCHEMA, {"udp.listen": "127.0.0.1:0"})
-        agent = AgentService(config, read_mac_key(config, "agent.mac_key_file"), reactor)
-        self.relay.sync()
-        agent.startService()
-        self.addCleanup(agent.stopService)
-        for _ in range(100):
-            d = self.relay.table.get(name)
-            if d is not None and d.last_access is not None:
-                return
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail(f"{name} never came online")
+        yield defer.Deferred.fromCoroutine(start_agent(
+            self, self.relay, name, out, web.getHost().port,
+            ("--access", "relay", "--credential-file", cred)))
 
     @defer.inlineCallbacks
     def start_nginx(self):

@@ -11,13 +11,7 @@ import os
 from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.trial.unittest import TestCase
 
-from p2pnat.agent.tap import SCHEMA as AGENT_SCHEMA
-from p2pnat.agent.tap import AgentService
-from p2pnat.cli import main as cli
-from p2pnat.daemon import config as C
-from p2pnat.daemon.config import read_mac_key
-from p2pnat.relay.tap import SCHEMA as RELAY_SCHEMA
-from p2pnat.relay.tap import RelayService
+from tests.support.relay import start_agent, start_relay
 
 
 class KeepAlive(protocol.Protocol):
@@ -74,38 +68,15 @@ class LimitsLoopbackTests(TestCase):
     def setUp(self):
         self.dir = self.mktemp()
         os.makedirs(self.dir)
-        state = os.path.join(self.dir, "state")
         self.web = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             protocol.Factory.forProtocol(KeepAlive))
         self.addCleanup(self.web.stopListening)
-        self.assertEqual(cli(["relay", "init", "--state-dir", state, "--hostname", "relay.test"]), 0)
-        self.relay = RelayService(C.load(None, RELAY_SCHEMA, {
-            "relay.state_dir": state, "relay.hostname": "relay.test",
-            "udp.listen": "127.0.0.1:0", "tunnel.listen": "tcp:0:interface=127.0.0.1",
-            "terminal.https": "", "terminal.http": "tcp:0:interface=0.0.0.0",
+        self.relay = start_relay(self, self.dir, **{
+            "terminal.http": "tcp:0:interface=0.0.0.0",
             "limits.max_connections": "200", "limits.terminals_per_source": "40",
-            "limits.streams_per_device_source": "16"}), reactor)
-        self.relay.startService()
-        self.addCleanup(self.relay.stopService)
-        out = os.path.join(self.dir, "cam")
-        udp = self.relay.udp[0].address
-        self.assertEqual(cli(["device", "add", "cam", "--state-dir", state,
-                              "--relay", f"127.0.0.1:{udp[1]}",
-                              "--service", f"127.0.0.1:{self.web.getHost().port}",
-                              "--out", out]), 0)
-        config = C.load(os.path.join(out, "agent.toml"), AGENT_SCHEMA,
-                        {"udp.listen": "127.0.0.1:0"})
-        self.agent = AgentService(config, read_mac_key(config, "agent.mac_key_file"), reactor)
-        self.relay.sync()
-        self.agent.startService()
-        self.addCleanup(self.agent.stopService)
-        for _ in range(100):
-            d = self.relay.table.get("cam")
-            if d is not None and d.last_access is not None:
-                break
-            yield wait(0.05)
-        else:
-            self.fail("cam never came online")
+            "limits.streams_per_device_source": "16"})
+        self.agent = yield defer.Deferred.fromCoroutine(start_agent(
+            self, self.relay, "cam", os.path.join(self.dir, "cam"), self.web.getHost().port))
         self.clients = []
 
     def tearDown(self):

@@ -18,15 +18,10 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import TestCase
 
-from p2pnat.agent.tap import SCHEMA as AGENT_SCHEMA
-from p2pnat.agent.tap import AgentService
 from p2pnat.cli import main as cli
 from p2pnat.cli.forward import Forwarder
-from p2pnat.daemon import config as C
-from p2pnat.daemon.config import read_mac_key
 from p2pnat.net import fastio
-from p2pnat.relay.tap import SCHEMA as RELAY_SCHEMA
-from p2pnat.relay.tap import RelayService
+from tests.support.relay import start_agent, start_relay
 
 
 class Echo(protocol.Protocol):
@@ -108,7 +103,6 @@ class LoopbackTests(TestCase):
         self.simulate()
         self.dir = self.mktemp()
         os.makedirs(self.dir)
-        state = os.path.join(self.dir, "state")
         self.body = os.urandom(3_000_000)
         self.web = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             protocol.Factory.forProtocol(lambda: HTTPOnce(self.body)))
@@ -116,15 +110,10 @@ class LoopbackTests(TestCase):
         self.echo = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             protocol.Factory.forProtocol(Echo))
         self.addCleanup(self.echo.stopListening)
-        self.assertEqual(cli(["relay", "init", "--state-dir", state, "--hostname", "relay.test"]), 0)
-        self.relay = RelayService(C.load(None, RELAY_SCHEMA, {
-            "relay.state_dir": state, "relay.hostname": "relay.test",
-            "udp.listen": "127.0.0.1:0", "tunnel.listen": "tcp:0:interface=127.0.0.1",
+        self.relay = start_relay(self, self.dir, **{
             "terminal.https": "tcp:0:interface=127.0.0.1",
             "terminal.http": "tcp:0:interface=127.0.0.1",
-            "tls.fast_path": self.fast_path}), reactor)
-        self.relay.startService()
-        self.addCleanup(self.relay.stopService)
+            "tls.fast_path": self.fast_path})
         self.bundles = {}
         self.agents = {}
         yield self.start_device("cam")
@@ -132,28 +121,11 @@ class LoopbackTests(TestCase):
     @defer.inlineCallbacks
     def start_device(self, device_id, *extra):
         out = os.path.join(self.dir, device_id)
-        udp = self.relay.udp[0].address
-        web = self.web.getHost().port
-        self.assertEqual(cli(["device", "add", device_id, "--state-dir",
-                              self.relay.state_dir, "--relay", f"127.0.0.1:{udp[1]}",
-                              "--service", f"127.0.0.1:{web}", "--out", out, *extra]), 0)
-        config = C.load(os.path.join(out, "agent.toml"), AGENT_SCHEMA, {
-            "udp.listen": "127.0.0.1:0",
-            "agent.extra_services": f"echo=127.0.0.1:{self.echo.getHost().port}",
-            "tls.fast_path": self.fast_path})
-        agent = AgentService(config, read_mac_key(config, "agent.mac_key_file"), reactor)
-        # The registry change reaches the relay at its next sync.
-        self.relay.sync()
-        agent.startService()
-        self.addCleanup(agent.stopService)
-        self.agents[device_id] = agent
+        self.agents[device_id] = yield defer.Deferred.fromCoroutine(start_agent(
+            self, self.relay, device_id, out, self.web.getHost().port, extra, **{
+                "agent.extra_services": f"echo=127.0.0.1:{self.echo.getHost().port}",
+                "tls.fast_path": self.fast_path}))
         self.bundles[device_id] = out
-        for _ in range(100):
-            d = self.relay.table.get(device_id)
-            if d is not None and d.last_access is not None:
-                return
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail(f"{device_id} never came online")
 
     def terminal_tls(self):
         with open(os.path.join(self.relay.state_dir, "ca.crt")) as f:
