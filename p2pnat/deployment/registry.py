@@ -20,6 +20,7 @@ fingerprint stays known and refused and the ID is not silently reused.
 """
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -136,9 +137,15 @@ def verify_credential(stored, given):
     return hmac.compare_digest(computed, digest)
 
 
-# Checked against when there is nothing to check against, so that "no such
-# device" and "wrong credential" take the same time.
-_DUMMY_HASH = hash_credential(b"\0", salt=bytes(16))
+@functools.cache
+def _dummy_hash():
+    """
+    Checked against when there is nothing to check against, so that "no such
+    device" and "wrong credential" take the same time.  Made on first use:
+    it is a scrypt hash, ~75 ms that every command and daemon importing this
+    module paid at import.
+    """
+    return hash_credential(b"\0", salt=bytes(16))
 
 
 def verify_stored(stored, given):
@@ -147,7 +154,7 @@ def verify_stored(stored, given):
     (no such device, or one without a credential): then false, after as
     long as a real check, so that the time taken tells nothing.
     """
-    ok = verify_credential(stored or _DUMMY_HASH, given)
+    ok = verify_credential(stored or _dummy_hash(), given)
     return ok and bool(stored)
 
 
