@@ -26,7 +26,6 @@ C{run_blocking} it is given.
 """
 
 import hashlib
-import ipaddress
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import fail, succeed
 
 from p2pnat.daemon.logs import Logger
+from p2pnat.relay.limits import Throttle, source_of_host
 
 __all__ = ["CheckerBusy", "CredentialChecker", "CredentialLimits", "GuessLimiter",
            "NotChecked", "TooManyGuesses", "source_of"]
@@ -97,19 +97,10 @@ class CredentialLimits:
 def source_of(peer):
     """
     The guess limits' key for a terminal at C{peer} (``"host:port"``, as
-    the terminal's C{peer()} gives it): its IP address, an IPv6 one as its
-    /64.  Anything that is not an address is its own key.
+    the terminal's C{peer()} gives it): the source its address counts as
+    for every per-source limit (L{p2pnat.relay.limits.source_of_host}).
     """
-    host = peer.rsplit(":", 1)[0].strip("[]")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if ip.version == 6:
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+    return source_of_host(peer.rsplit(":", 1)[0].strip("[]"))
 
 
 class _Buckets:
@@ -197,23 +188,17 @@ class _QuietLog:
     there were: a flood of guesses cannot fill the disk.
     """
 
-    interval = 60.0
-
     def __init__(self, log, clock):
         self.log = log
-        self.clock = clock
-        self._since = {}  # kind -> (start of the window, refusals in it)
+        self.throttle = Throttle(clock, interval=60.0)
 
     def __call__(self, kind, format, **kw):
-        now = self.clock.seconds()
-        start, count = self._since.get(kind, (None, 0))
-        if start is not None and now - start < self.interval:
-            self._since[kind] = (start, count + 1)
+        held = self.throttle(kind)
+        if held is None:
             return
-        if count > 1:
-            self.log.warn("{n} more credential checks refused ({kind}) in the last {secs:.0f} s",
-                          n=count - 1, kind=kind, secs=now - start)
-        self._since[kind] = (now, 1)
+        if held:
+            self.log.warn("{n} more credential checks refused ({kind}) since the last such"
+                          " warning", n=held, kind=kind)
         self.log.warn(format, **kw)
 
 

@@ -54,11 +54,18 @@ _V4_MAPPED = bytes(10) + b"\xff\xff"
 
 def source_of(addr):
     """
-    The source a connection is counted under: the host of an IPv4 address
-    (also when it comes IPv4-mapped), the /64 of an IPv6 one, ``"local"``
-    for an address without a host (UNIX sockets, tests).
+    The source a connection is counted under (L{source_of_host} of its
+    host); ``"local"`` for an address without a host (UNIX sockets, tests).
     """
-    host = getattr(addr, "host", None)
+    return source_of_host(getattr(addr, "host", None))
+
+
+def source_of_host(host):
+    """
+    The source an IP address counts as, for every per-source limit of the
+    relay: an IPv4 address itself (also when it comes IPv4-mapped), the /64
+    of an IPv6 one, ``"local"`` for none; anything else is its own source.
+    """
     if not host:
         return "local"
     if ":" not in host:
