@@ -138,6 +138,11 @@ def _concrete(host):
         return False
 
 
+def _is_error(answer):
+    """True if the encoded STUN message C{answer} is an error response."""
+    _, msg_class = stun.split_message_type(int.from_bytes(answer[:2], "big"))
+    return msg_class == stun.MessageClass.ERROR
+
 
 class ControlProtocol(DatagramProtocol):
     """
@@ -261,6 +266,11 @@ class ControlProtocol(DatagramProtocol):
             return
         if not self.stun_limit.allow(addr[0]):
             return self.drop("stun-rate-limited", addr)
+        if _is_error(answer):
+            # A refusal (420 for another attribute) leaves from the address
+            # asked: from a sibling, a NAT would drop it and the client would
+            # read the silence as filtering.
+            sender = self
         (sender or self).send(answer, addr, "stun")
 
     def _rfc5780(self, flags):
