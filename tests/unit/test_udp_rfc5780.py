@@ -98,14 +98,18 @@ class ChangeRequestTests(SynchronousTestCase):
         self.assertEqual(
             d.metrics.packets_out.labels("stun")._value.get(), 16)
 
-    def test_plain_request_unchanged(self):
-        """Without CHANGE-REQUEST the answer is today's minimal one, from this socket."""
+    def test_plain_request_advertises_other_address(self):
+        """
+        Without CHANGE-REQUEST the answer comes from this socket and, as
+        RFC 5780 asks, names it and the alternate address (more in
+        tests.unit.test_stun_rfc5780).
+        """
         d = Daemon(self.FOUR)
         origin, answer, tid = d.ask((A1, P1))
         self.assertEqual(origin, (A1, P1))
-        self.assertEqual(len(answer), 40)  # XOR-MAPPED-ADDRESS + FINGERPRINT
+        self.assertEqual(len(answer), 64)  # XOR-MAPPED-ADDRESS, two addresses, FINGERPRINT
         self.assertEqual(stun.parse_binding_response(answer, tid),
-                         stun.BindingResult(CLIENT, None, None))
+                         stun.BindingResult(CLIENT, (A1, P1), (A2, P2)))
 
     def test_one_ip_two_ports(self):
         """
@@ -272,11 +276,12 @@ class SizeTests(SynchronousTestCase):
         return max(self.sizes(family, siblings), key=lambda s: (s[1] / s[0], s[1]))
 
     def test_worst_case(self):
-        self.assertEqual(self.worst(self.V6), (28, 92))
-        self.assertEqual(self.worst(self.V4), (28, 56))
+        # A bare request, answered with three addresses (RFC 5780).
+        self.assertEqual(self.worst(self.V6), (20, 92))
+        self.assertEqual(self.worst(self.V4), (20, 56))
         self.assertEqual(self.worst(self.V6, siblings=False), (20, 44))
         self.assertEqual(max(b - a for family in (self.V4, self.V6)
-                             for a, b in self.sizes(family)), 64)
+                             for a, b in self.sizes(family)), 72)
 
     def test_documented(self):
         import os
@@ -286,4 +291,4 @@ class SizeTests(SynchronousTestCase):
         request, answer = self.worst(self.V6)
         self.assertIn(f"a {answer}-byte answer, {answer / request:.1f} times the request"
                       f" ({answer - request} bytes more)", text)
-        self.assertIn("No answer is more than 64 bytes larger than its request", text)
+        self.assertIn("No answer is more than 72 bytes larger than its request", text)
