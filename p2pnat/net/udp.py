@@ -32,6 +32,7 @@ from collections import OrderedDict
 from twisted.internet.protocol import DatagramProtocol
 
 from p2pnat.daemon.logs import Logger
+from p2pnat.net.sources import source_of_host
 from p2pnat.protocol import stun, wire
 
 
@@ -90,7 +91,11 @@ class DropLog:
 
 
 def stun_bucket(clock, rate):
-    """The token bucket of STUN answers: C{rate} per second per source IP, bursts of twice that."""
+    """
+    The token bucket of STUN answers: C{rate} per second per source
+    (L{p2pnat.net.sources.source_of_host}: an IPv4 address, an IPv6 /64),
+    bursts of twice that.
+    """
     return TokenBucket(clock, rate, max(1.0, rate * 2))
 
 
@@ -264,7 +269,7 @@ class ControlProtocol(DatagramProtocol):
             return self.drop(f"stun-{e.reason}", addr)
         if answer is None:
             return
-        if not self.stun_limit.allow(addr[0]):
+        if not self.stun_limit.allow(source_of_host(addr[0])):
             return self.drop("stun-rate-limited", addr)
         if _is_error(answer):
             # A refusal (420 for another attribute) leaves from the address

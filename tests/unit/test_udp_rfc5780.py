@@ -214,6 +214,17 @@ class ChangeRequestTests(SynchronousTestCase):
         d.clock.advance(1.0)
         self.assertEqual(d.ask((A1, P1), change_port=True)[0], (A1, P2))
 
+    def test_rate_limit_per_ipv6_slash64(self):
+        """
+        An IPv6 source is limited by its /64, not by its full address: a
+        host (or someone forging its addresses) cannot multiply the answers
+        aimed at one network by spreading over the addresses it owns.
+        """
+        d = Daemon([(A1, P1), (A1, P2)], stun_rate=1.0)
+        got = [d.ask((A1, P1), source=(f"2001:2:0:7::{i}", 40000)) for i in range(1, 5)]
+        self.assertEqual([bool(g) for g in got], [True, True, False, False])
+        self.assertTrue(d.ask((A1, P1), source=("2001:2:0:8::1", 40000)))
+
     def test_malformed_dropped(self):
         d = Daemon(self.FOUR)
         _, data = stun.binding_request(change_port=True)
