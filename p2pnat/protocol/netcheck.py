@@ -58,6 +58,7 @@ PEERS = {
 FAMILIES = ("ipv4", "ipv6")
 #: The port mapping protocols a gateway may offer, as :mod:`p2pnat.portmap` names them.
 PORTMAP_PROTOCOLS = ("pcp", "nat-pmp", "upnp")
+_PORTMAP_NAMES = {"pcp": "PCP", "nat-pmp": "NAT-PMP", "upnp": "UPnP"}
 #: Idle intervals (seconds) of the mapping lifetime test, shortest first.
 LIFETIME_INTERVALS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 240.0)
 
@@ -430,7 +431,7 @@ class Report:
             lines.append(f"Port mapping:  not tested ({self.portmap_note or 'skipped'})")
         else:
             offered = [p for p in PORTMAP_PROTOCOLS if self.portmap.get(p)]
-            what = ", ".join(p.upper() for p in offered) if offered else "none offered"
+            what = ", ".join(_PORTMAP_NAMES[p] for p in offered) if offered else "none offered"
             if self.portmap.get("external"):
                 what += f" (external address {self.portmap['external']})"
             lines.append(f"Port mapping:  {what}")
