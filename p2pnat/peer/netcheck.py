@@ -35,8 +35,16 @@ from p2pnat.peer.discovery import Discovery, StunSocket, source_address
 from p2pnat.protocol import netcheck as V
 from p2pnat.protocol import stun
 
-__all__ = ["NetCheck", "Server", "default_portmap", "resolve", "udp_listener",
-           "timers", "FIRST_SCHEDULE", "FIRST_GIVE_UP"]
+__all__ = [
+    "FIRST_GIVE_UP",
+    "FIRST_SCHEDULE",
+    "NetCheck",
+    "Server",
+    "default_portmap",
+    "resolve",
+    "timers",
+    "udp_listener",
+]
 
 #: Retransmissions of the requests sent before any RTT is known.
 FIRST_SCHEDULE = (0.0, 0.25, 0.6)
@@ -190,8 +198,8 @@ class NetCheck:
 
     async def _round_trips(self, server, address, schedule, give_up):
         """``samples`` Binding requests in turn to one address: a ServerResult."""
-        result = dict(role=server.role, name=server.name, address=address,
-                      family=_family(address[0]))
+        result = {"role": server.role, "name": server.name, "address": address,
+                      "family": _family(address[0])}
         try:
             sock = self._open(address, schedule=schedule, give_up=give_up)
         except OSError as e:

@@ -25,10 +25,29 @@ from p2pnat.protocol import nat as N
 from p2pnat.protocol.p2p import NatInfo
 from p2pnat.protocol.strategy import PREDICTION_DELAY
 
-__all__ = ["KINDS", "PEERS", "FAMILIES", "PORTMAP_PROTOCOLS", "LIFETIME_INTERVALS",
-           "format_addr", "lifetime_untestable", "nat_kind", "describe_kind", "hairpin_verdict", "lifetime_intervals",
-           "lifetime_verdict", "Lifetime", "latency", "clean_rtts", "family_verdict",
-           "Family", "ServerResult", "PathExpectation", "expected_paths", "Report"]
+__all__ = [
+    "FAMILIES",
+    "KINDS",
+    "LIFETIME_INTERVALS",
+    "PEERS",
+    "PORTMAP_PROTOCOLS",
+    "Family",
+    "Lifetime",
+    "PathExpectation",
+    "Report",
+    "ServerResult",
+    "clean_rtts",
+    "describe_kind",
+    "expected_paths",
+    "family_verdict",
+    "format_addr",
+    "hairpin_verdict",
+    "latency",
+    "lifetime_intervals",
+    "lifetime_untestable",
+    "lifetime_verdict",
+    "nat_kind",
+]
 
 #: The kinds of NAT a run can find, and what each means for people.
 KINDS = {

@@ -16,21 +16,13 @@ import socket
 import subprocess
 import time
 
-from tests.support import procs
 from tests.process.test_daemons import ETC, DaemonTestCase
+from tests.process.test_stun_interop import _ipv6_loopback
+from tests.support import procs
 from tests.support.lab.cases import measured
 from tests.support.procs import provision
 
 LOOPBACK, OTHER = "127.0.0.1", "127.0.0.2"
-
-
-def has_ipv6_loopback():
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 class NetcheckProcessTests(DaemonTestCase):
@@ -68,7 +60,7 @@ class NetcheckProcessTests(DaemonTestCase):
         reachable, a latency for the lobby and the relay, direct paths with
         every kind of peer; under 3 s from start to exit.
         """
-        v6 = has_ipv6_loopback()
+        v6 = _ipv6_loopback()
         addrs, _ = self.start_lobby(v6)
         _, relay_udp, _, _ = self.start_relay()
         # Primary, other IP, both other, other port.

@@ -51,7 +51,7 @@ class KindTests(SynchronousTestCase):
             kind = V.nat_kind(NatBehaviour(mapping, filtering, allocation))
             self.assertEqual(kind, want, (mapping, filtering, allocation))
             self.assertIn(kind, V.KINDS)
-        self.assertEqual(set(want for _, want in cases), set(V.KINDS))
+        self.assertEqual({want for _, want in cases}, set(V.KINDS))
 
 
 class HairpinTests(SynchronousTestCase):

@@ -123,7 +123,7 @@ class KindsTests(SynchronousTestCase):
         self.assertEqual((r.behaviour.mapping, r.behaviour.filtering), (EI, APD))
         self.assertEqual(r.notes, ())
         self.assertLessEqual(r.elapsed, 2.5 - NC.MARGIN)
-        relay = [s for s in r.servers if s.role == "relay"][0]
+        relay = next(s for s in r.servers if s.role == "relay")
         self.assertEqual([round(t, 2) for t in relay.rtts], [0.1] * 3)
 
     def test_slow_path_cut_at_the_budget(self):
@@ -233,7 +233,7 @@ def resolver(table):
 
 
 def args(**kw):
-    base = dict(lobby=None, relay=None, config=None)
+    base = {"lobby": None, "relay": None, "config": None}
     base.update(kw)
     return SimpleNamespace(**base)
 
