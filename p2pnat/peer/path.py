@@ -39,6 +39,10 @@ class Path:
         self.received = 0
         self.sent = 0
         self.strategy = None  # how the path was made, for reports
+        #: Which candidate the direct path runs on: ``"observed"`` (the
+        #: plan's), ``"mapped"`` (our port mapping), ``"peer-mapped"`` (the
+        #: peer's), ``"ipv6"``; None while relayed.
+        self.candidate = None
         self.probes = 0
         self.rounds = 0
 
