@@ -462,7 +462,8 @@ class _Side:
     def _direct(self, result):
         proto, addr = result
         path = self.client._path_for(self.session.peer)
-        path.use_direct(proto, addr, self.session)
+        standby = self.punch.standby if self.punch is not None else []
+        path.use_direct(proto, addr, self.session, standby)
         path.strategy = self.strategy
         path.candidate = self.punch.won if self.punch is not None else None
         path.probes = self.punch.sent if self.punch is not None else 0
@@ -470,7 +471,8 @@ class _Side:
             path.deliver(payload)
         self.session.early = []
         if self.fresh is not proto and self.fresh.transport is not None and (
-                path.relayed is None or path.relayed[0] is not self.fresh):
+                path.relayed is None or path.relayed[0] is not self.fresh) and not any(
+                self.fresh is p for p in standby):
             self.fresh.transport.stopListening()  # the path does not use it
         return path
 

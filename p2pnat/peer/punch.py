@@ -72,6 +72,11 @@ class Punch:
         #: observed address or local one), ``"peer-mapped"`` (the peer's
         #: port-mapped address), ``"mapped"`` (ours), ``"ipv6"``.
         self.won = None
+        #: Sockets of the other family kept open for the path beside the one
+        #: it runs on: the peer may have settled on the other family (its
+        #: answers came in a different order), and the path follows the
+        #: peer onto IPv6 when its traffic shows up there (see L{Path}).
+        self.standby = []
         self._calls = []
         self._repeats = {}  # socket index -> probes sent so far
         self._plain = set()  # socket indexes whose first probes keep the normal TTL
@@ -195,7 +200,14 @@ class Punch:
         self.result = result or self._v4_first
         proto, addr = self.result
         self.won = self._kind(proto, addr)
-        self._stop(keep=proto)
+        if self._v6:
+            if ":" in addr[0]:
+                # The IPv4 socket that worked, or else the fresh one the plan probed from.
+                other = self._v4_first[0] if self._v4_first else self.fresh
+                self.standby = [other] if any(other is p for p, _ in self.sockets) else []
+            else:
+                self.standby = [p for p, _ in self.sockets if getattr(p, "family", 4) == 6]
+        self._stop(keep=[proto] + self.standby)
         self.log.info("punched {peer}: {local} <-> {addr} after {sent} probes ({won})",
                       peer=self.session.peer, local=proto.transport.getHost().port, addr=addr,
                       sent=self.sent, won=self.won)
@@ -222,13 +234,16 @@ class Punch:
             self.done.errback(PunchFailed("cancelled"))
 
     def _stop(self, keep):
+        """Stop every timer, and close the sockets but the fresh one and those in C{keep}."""
+        keep = keep or []
         for call in self._calls:
             if call.active():
                 call.cancel()
         self._calls = []
         for proto, _ in self.sockets:
             # The fresh socket appears twice when it also probes candidates.
-            if proto is not keep and proto is not self.fresh and proto.transport is not None:
+            if (proto is not self.fresh and proto.transport is not None
+                    and not any(proto is k for k in keep)):
                 proto.transport.stopListening()
 
 

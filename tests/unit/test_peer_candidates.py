@@ -328,6 +328,35 @@ class IPv6Tests(SynchronousTestCase):
         self.assertEqual((path.candidate, incoming.candidate), ("observed", "observed"))
         exchange(self, w, path, incoming, via_lobby=False)
 
+    def test_sides_that_settled_apart_meet_on_ipv6(self):
+        """
+        B's IPv6 probes reach A only late (after A took IPv4 and its
+        grace ran out) while A's reach B at once: B takes IPv6, A IPv4.
+        Each side still takes the other's traffic, and A moves to IPv6 as
+        soon as B's arrives there.
+        """
+        w = CandidateWorld(self)
+        w.client("alice", CONE, ipv6=True)
+        w.client("bob", CONE, ipv6=True)
+        until = w.clock.seconds() + 0.3
+        w.net.lose = lambda src, dst, data: (dst[0] == HOSTS6["alice"]
+                                             and w.clock.seconds() < until)
+        path = w.connect("alice", "bob")
+        w.advance(0.05)
+        [incoming] = w.incoming["bob"]
+        self.assertEqual((path.candidate, incoming.candidate), ("observed", "ipv6"))
+        w.advance(0.3)
+        exchange(self, w, path, incoming, via_lobby=False)
+        self.assertEqual((path.candidate, path.direct[1][0]), ("ipv6", HOSTS6["bob"]))
+        before = len(w.net.sent)
+        exchange(self, w, path, incoming, via_lobby=False)
+        self.assertTrue(all(":" in s.dst[0] for s in w.net.sent[before:]
+                            if kind(s.data) == "Data"))
+        # Closing releases every socket and lease (checked when the world stops).
+        path.close()
+        w.advance(0.05)
+        self.assertEqual(incoming.mode, "closed")
+
     def test_unknown_sessions_dropped_on_the_shared_socket(self):
         """A frame on the IPv6 socket for no session of ours is dropped, not answered."""
         w = CandidateWorld(self)
