@@ -445,6 +445,8 @@ class _Side:
                                               intro.local, c.public, c.low_ttl)
         theirs = [a for a in intro.candidates if M.valid_candidate(a)][:M.MAX_CANDIDATES]
         mine = offered if flags & M.FLAG_CANDIDATES else ()
+        # Only candidates to try: they stay the same, so another round is no use.
+        self.only_candidates = actions.idle
         actions, deadline = with_candidates(actions, deadline, mine, theirs)
         self.strategy = plan.strategy
         deadline = c.punch_deadline or deadline
@@ -567,7 +569,8 @@ class _Attempt(_Side):
             self.probes += self.punch.sent
         c = self.client
         left = self.timeout - (c.clock.seconds() - self.started)
-        if self.punch is not None and left > self.RELAY_RESERVE + 0.5:
+        if (self.punch is not None and not self.only_candidates
+                and left > self.RELAY_RESERVE + 0.5):
             self.log.info("round {n} to {peer} missed ({why}); another round",
                           n=self.rounds, peer=self.peer, why=failure.getErrorMessage())
             if self.fresh.transport is not None:

@@ -99,8 +99,10 @@ class Path:
             # The peer connected afresh (it restarted, or our path to it went
             # stale): the old direct route leads nowhere any more.
             old, self.direct = self.direct, None
-            if old[0] is not proto and old[0].transport is not None:
-                old[0].transport.stopListening()
+            standby, self.standby = self.standby, []
+            for p in [old[0]] + standby:
+                if p is not proto and p.transport is not None:
+                    p.transport.stopListening()
         if self.direct is None:
             self._set_mode("relayed")
             self._schedule_keepalive()

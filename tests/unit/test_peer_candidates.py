@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pnat.peer.sockets import SharedSocket
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
-from p2pnat.protocol.strategy import IPV6_GRACE
+from p2pnat.protocol.strategy import CANDIDATE_ROUND, IPV6_GRACE
 from tests.support.udp import SimNat
 from tests.unit.test_peer_client import CONE, HOSTS, RANDOM, SIM, World, exchange, kind
 
@@ -316,6 +316,22 @@ class IPv6Tests(SynchronousTestCase):
             exchange(self, w, path, incoming, via_lobby=False)
             w.stop()
         self.assertApproximates(times[True] - times[False], IPV6_GRACE, 0.011)
+
+    def test_candidates_that_fail_cost_one_round(self):
+        """
+        Random-port NATs and IPv6 on both sides, but IPv6 does not pass: one
+        round of candidate probes, then the relay (another round would
+        probe the same candidates again).
+        """
+        w = CandidateWorld(self)
+        w.net.lose = lambda src, dst, data: ":" in dst[0]
+        w.client("alice", RANDOM, ipv6=True)
+        w.client("bob", RANDOM, ipv6=True)
+        start = w.clock.seconds()
+        path = w.connect("alice", "bob")
+        self.assertEqual((path.mode, path.rounds), ("relayed", 1))
+        self.assertLess(w.clock.seconds() - start, CANDIDATE_ROUND + 0.5)
+        self.assertTrue(w.v6())
 
     def test_late_ipv6_loses_to_ipv4(self):
         """An IPv6 path that works only after the grace: the first verified path (IPv4) wins."""
