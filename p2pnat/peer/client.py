@@ -222,7 +222,10 @@ class LobbyClient:
                 self.log.info("port mapping by {protocol}: {external} -> {port}",
                               protocol=mapping.protocol, external=mapping.external, port=port)
 
-        return d.addCallback(mapped)
+        def failed(failure):
+            self.log.failure("port mapping failed", failure)
+
+        return d.addCallbacks(mapped, failed)
 
     def candidates(self):
         """

@@ -449,3 +449,28 @@ class CompatibilityTests(SynchronousTestCase):
         self.assertLess(w.clock.seconds() - start, 0.2)
         invite = next(wire.parse(s.data) for s in w.net.sent if kind(s.data) == "Invite")
         self.assertEqual(M.Invite.decode_body(invite.body).candidates, ())
+
+
+class StartTests(SynchronousTestCase):
+    def test_given_up_start_then_late_login(self):
+        """The caller gave up on start() (a timeout): the late Welcome changes nothing."""
+        w = CandidateWorld(self)
+        alice = w.client("alice", RANDOM, login=False, mapping={})
+        d = alice.start()
+        d.errback(RuntimeError("gave up"))
+        self.failureResultOf(d, RuntimeError)
+        w.advance(0.05)
+        self.assertIsNotNone(alice.public)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_mapper_that_fails_anyway(self):
+        """A mapper that breaks its promise never to fail: logged, no candidate, logged in."""
+        w = CandidateWorld(self)
+        alice = w.client("alice", RANDOM, login=False, mapping={})
+        mapper = w.mappers["alice"]
+        self.patch(mapper, "map", lambda: defer.fail(OSError("gateway gone")))
+        d = alice.start()
+        w.advance(0.05)
+        self.assertIs(self.successResultOf(d), alice)
+        self.assertEqual(alice.candidates(), [])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
