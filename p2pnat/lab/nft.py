@@ -26,6 +26,7 @@ KINDS = {
 NAT_KINDS = ("cone", "symmetric-random", "symmetric-sequential")
 
 TABLE = "p2pnat"
+TABLE6 = "p2pnat6"
 LOSS_TABLE = "p2pnat_loss"
 
 
@@ -96,6 +97,37 @@ def router_ruleset(kind, wan_ip, wan="wan", port_base=20000, port_count=2000, po
         "  chain postrouting {",
         "    type nat hook postrouting priority srcnat; policy accept;",
         *(f"    {rule}" for rule in nat),
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def ipv6_firewall_ruleset(wan="wan", lan="lan"):
+    """
+    The IPv6 ruleset of a home router that routes a global /64 to its LAN:
+    a stateful firewall, no NAT66.
+
+    Forwarded packets pass when conntrack knows their flow
+    (``established,related``: replies, and ICMPv6 errors about them) or when
+    they go from ``lan`` out of ``wan``; everything else is dropped, so an
+    unsolicited datagram from the internet never reaches a host, however
+    global its address.  To the router itself, from the WAN, only replies and
+    neighbour discovery (without which nobody could route the LAN's prefix to
+    it) get in.
+    """
+    lines = [
+        f"table ip6 {TABLE6} {{",
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        f'    iifname "{wan}" ct state established,related accept',
+        f'    iifname "{wan}" icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept',
+        f'    iifname "{wan}" drop',
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy drop;",
+        "    ct state established,related accept",
+        f'    iifname "{lan}" oifname "{wan}" accept',
         "  }",
         "}",
     ]

@@ -5,7 +5,9 @@ A tiny UDP probe for the NAT lab: ``python -m p2pnat.lab.probe COMMAND ...``.
 The standard library and the daemons' address parser only (no Twisted), so
 that it starts fast inside a namespace.  Every command prints JSON on
 standard output (one object per line) and every loop is bounded by a count
-or a deadline.
+or a deadline.  Addresses are ``ip:port`` or, for IPv6, ``[ip]:port``, in
+arguments and output alike; a socket's family follows the address it binds
+or, by default, the address it sends to.
 
 Commands:
 
@@ -56,12 +58,18 @@ def parse_addr(text, default_host=None):
 
 def parse_listen(text):
     """
-    Parse ``"ip:port"`` or ``"ip:first-last"`` into a list of ``(ip, port)``.
-    A missing ip means every address (``0.0.0.0``).
+    Parse ``"ip:port"`` or ``"ip:first-last"`` (``"[ipv6]:..."`` for IPv6)
+    into a list of ``(ip, port)``.  A missing ip means every IPv4 address
+    (``0.0.0.0``).
     """
-    host, sep, ports = text.rpartition(":")
-    if not sep:
-        host, ports = "", text
+    if text.startswith("["):
+        host, sep, ports = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r}: expected [ipv6]:port")
+    else:
+        host, sep, ports = text.rpartition(":")
+        if not sep:
+            host, ports = "", text
     first, dash, last = ports.partition("-")
     first = int(first)
     last = int(last) if dash else first
@@ -71,8 +79,14 @@ def parse_listen(text):
 
 
 def fmt(addr):
-    """Format an ``(ip, port)`` tuple as ``"ip:port"``."""
-    return f"{addr[0]}:{addr[1]}"
+    """Format an ``(ip, port)`` tuple as ``"ip:port"``, or ``"[ip]:port"`` for IPv6."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def wildcard(addr):
+    """The any-address of ``addr``'s family: ``"::"`` for IPv6, else ``"0.0.0.0"``."""
+    return "::" if addr is not None and ":" in addr[0] else "0.0.0.0"
 
 
 def emit(obj):
@@ -82,7 +96,8 @@ def emit(obj):
 
 
 def _udp_socket(bind=("0.0.0.0", 0)):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    family = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
     s.bind(bind)
     return s
 
@@ -185,16 +200,20 @@ def _request(step_id, reply_from=None):
     return data + b" " * max(0, REQUEST_SIZE - len(data))
 
 
-def query(steps, local_port=0, bind="0.0.0.0", new_socket=False, timeout=1.0, tries=2):
+def query(steps, local_port=0, bind=None, new_socket=False, timeout=1.0, tries=2):
     """
     Run ``steps`` (a list of ``(target, reply_from)``, ``reply_from`` being
-    ``None`` or ``"ip:port"``) and return one result dict per step.
+    ``None`` or ``"ip:port"``) and return one result dict per step.  The
+    socket binds ``bind``, by default the any-address of the first target's
+    family.
 
     Each step sends up to ``tries`` requests, ``timeout / tries`` apart, and
     waits at most ``timeout`` seconds in all for the matching answer.
     """
     results = []
     sock = None
+    if bind is None:
+        bind = wildcard(steps[0][0] if steps else None)
     try:
         for n, (target, reply_from) in enumerate(steps):
             if sock is None or new_socket:
@@ -243,13 +262,17 @@ def query(steps, local_port=0, bind="0.0.0.0", new_socket=False, timeout=1.0, tr
     return results
 
 
-def listen(port, bind="0.0.0.0", punch=(), timeout=2.0, max_count=1, interval=0.1):
+def listen(port, bind=None, punch=(), timeout=2.0, max_count=1, interval=0.1):
     """
     Receive up to ``max_count`` datagrams within ``timeout`` seconds on
     ``bind:port``, sending a punch datagram to each of ``punch`` every
     ``interval`` seconds meanwhile (only while nothing has been received
-    from that peer yet).  Return the list of received datagrams.
+    from that peer yet).  Return the list of received datagrams.  ``bind``
+    is by default the any-address of the first punch target's family (IPv4
+    without one).
     """
+    if bind is None:
+        bind = wildcard(punch[0] if punch else None)
     sock = _udp_socket((bind, port))
     received = []
     try:
@@ -282,9 +305,12 @@ def listen(port, bind="0.0.0.0", punch=(), timeout=2.0, max_count=1, interval=0.
     return received
 
 
-def send(target, local_port=0, bind="0.0.0.0", count=1, data=b"hello", interval=0.05):
-    """Send ``count`` datagrams to ``target``; return the local address used."""
-    sock = _udp_socket((bind, local_port))
+def send(target, local_port=0, bind=None, count=1, data=b"hello", interval=0.05):
+    """
+    Send ``count`` datagrams to ``target`` (from ``bind``, by default the
+    any-address of its family); return the local address used.
+    """
+    sock = _udp_socket((bind or wildcard(target), local_port))
     try:
         for i in range(count):
             if i:
@@ -304,7 +330,7 @@ def flows(target, rate, duration, max_flows):
     start = time.monotonic()
     n = 0
     while n < max_flows and time.monotonic() - start < duration:
-        s = _udp_socket()
+        s = _udp_socket((wildcard(target), 0))
         try:
             _send(s, b"background flow", target)
         finally:
@@ -338,14 +364,15 @@ def build_parser():
     p.add_argument("--to", action="append", required=True, type=_step, metavar="IP:PORT[/IP:PORT]",
                    help="server, optionally with the server address that should answer; repeatable")
     p.add_argument("--local-port", type=int, default=0)
-    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--bind", help="local address (default: any, of the first target's family)")
     p.add_argument("--new-socket", action="store_true", help="a new socket (local port) for each step")
     p.add_argument("--timeout", type=float, default=1.0, help="seconds to wait per step")
     p.add_argument("--tries", type=int, default=2, help="requests per step")
 
     p = sub.add_parser("listen", help="receive datagrams, optionally punching first")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--bind", help="local address (default: any, of the first punch target's"
+                   " family; IPv4 without one)")
     p.add_argument("--punch", action="append", default=[], type=parse_addr, metavar="IP:PORT")
     p.add_argument("--timeout", type=float, default=2.0)
     p.add_argument("--max", type=int, default=1, dest="max_count")
@@ -354,7 +381,7 @@ def build_parser():
     p = sub.add_parser("send", help="send datagrams and exit")
     p.add_argument("--to", required=True, type=parse_addr, metavar="IP:PORT")
     p.add_argument("--local-port", type=int, default=0)
-    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--bind", help="local address (default: any, of the target's family)")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--data", default="hello")
 

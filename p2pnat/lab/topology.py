@@ -15,6 +15,25 @@ anywhere, so nothing a lab sends can leave it.  A router's LAN is a bridge
 in the router's namespace; a router may sit behind another router's LAN
 (carrier-grade NAT), whose segment then uses 100.64.0.0/10.
 
+A dual-stack lab (``Lab(ipv6=True)``) adds IPv6 from the benchmarking
+range 2001:2::/48 (RFC 5180), still with no default route::
+
+    servers, public hosts           routers (ipv6=True)           hosts
+    2001:2::1:x / 2001:2::3:x  ---  wan 2001:2::2:x | lan ::1  ---  lan ::2, ::3 ...
+                                            lan 2001:2:0:N::/64, routed, no NAT66
+
+The internet segment is 2001:2::/64; its switch (2001:2::1, the "inet"
+namespace) routes each router's LAN /64 to that router's WAN address, and
+every node reaches the rest of 2001:2::/48 through it (public nodes) or
+through its router (hosts).  A home router forwards IPv6 through a stateful
+firewall (:func:`p2pnat.lab.nft.ipv6_firewall_ruleset`): replies get in,
+nothing unsolicited does.  A carrier-grade NAT (the outer router of a
+``"double"``) does not firewall IPv6: it only routes, as carriers do, and
+the home router behind it gets a /64 of its own.  Addresses are static
+(no router advertisements, no SLAAC) and usable at once (no duplicate
+address detection).  A host or server made with ``ipv4=False`` has no IPv4
+address at all.
+
 Everything here is synchronous and uses the ``ip``, ``nft`` and
 ``conntrack`` commands: a reactor cannot change namespace, so programs under
 test run as their own processes (:meth:`Node.popen`) and the lab tracks them.
@@ -42,6 +61,12 @@ SWITCH_IP = ipaddress.IPv4Address("198.18.0.1")
 _PUBLIC_BLOCK = {"server": 1, "router": 2, "host": 3}
 #: Carrier-grade NAT segments are carved from the shared address space.
 CGN_SPACE = ipaddress.IPv4Network("100.64.0.0/10")
+#: Every IPv6 address of a dual-stack lab (RFC 5180 benchmarking range).
+LAB6 = ipaddress.IPv6Network("2001:2::/48")
+#: The internet segment's IPv6 prefix: every public IPv6 address is on-link here.
+INTERNET6 = ipaddress.IPv6Network("2001:2::/64")
+#: The switch's IPv6 address: the router of every LAN prefix on the internet segment.
+SWITCH_IP6 = ipaddress.IPv6Address("2001:2::1")
 
 _SBIN = os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/sbin"])
 _PROBE = "p2pnat.lab.probe"
@@ -52,6 +77,11 @@ _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 _lab_counter = itertools.count(1)
 # Why tc netem does not work here ("" when it does; None until tried).
 _netem_error = None
+
+
+def hostport(ip, port):
+    """``ip:port``, or ``[ip]:port`` for an IPv6 address: how the lab's tools read addresses."""
+    return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
 
 
 def _which(tool):
@@ -333,10 +363,12 @@ class Host(Node):
     on a router's LAN.
     """
 
-    def __init__(self, lab, name, ns, ips, router=None, gateway=None):
+    def __init__(self, lab, name, ns, ips, router=None, gateway=None, ip6s=()):
         super().__init__(lab, name, ns)
-        #: Every address of the host; :attr:`ip` is the first one.
+        #: Every IPv4 address of the host (none for an IPv6-only host).
         self.ips = [str(ip) for ip in ips]
+        #: Every IPv6 address of the host (global, on its LAN or public).
+        self.ip6s = [str(ip) for ip in ip6s]
         #: The :class:`Router` whose LAN the host is on (``None``: public).
         self.router = router
         #: The default gateway, if any.
@@ -346,21 +378,36 @@ class Host(Node):
 
     @property
     def ip(self):
-        """The host's (first) address: public, or private on its LAN."""
-        return self.ips[0]
+        """
+        The host's (first) IPv4 address: public, or private on its LAN; for
+        an IPv6-only host, its (first) IPv6 address.
+        """
+        return (self.ips or self.ip6s)[0]
+
+    @property
+    def ip6(self):
+        """The host's (first) IPv6 address, or ``None`` if it has none."""
+        return self.ip6s[0] if self.ip6s else None
 
     @property
     def public_ip(self):
-        """The address the internet segment sees for this host."""
+        """
+        The IPv4 address the internet segment sees for this host (``None``
+        for an IPv6-only host).  Its IPv6 addresses are seen as they are.
+        """
+        if not self.ips:
+            return None
         return self.ip if self.router is None else self.router.public_ip
 
     def start_probe_server(self, ports=(3478,), duration=3600):
         """
-        Start the probe echo server on every address of this host and each
-        of ``ports``, and wait until it listens.  Each address is bound on its
-        own so that replies leave from the address a request was sent to.
+        Start the probe echo server on every address of this host (IPv4 and
+        IPv6) and each of ``ports``, and wait until it listens.  Each address
+        is bound on its own so that replies leave from the address a request
+        was sent to.
         """
-        listen = [f"--listen={ip}:{port}" for ip in self.ips for port in ports]
+        listen = [f"--listen={hostport(ip, port)}" for ip in self.ips + self.ip6s
+                  for port in ports]
         proc = self.start_probe("serve", *listen, f"--duration={duration}")
         proc.wait_for_output('"listening"')
         return proc
@@ -373,7 +420,8 @@ class Router(Node):
     ``None``).
     """
 
-    def __init__(self, lab, name, ns, kind, wan_ip=None, lan=None, upstream=None):
+    def __init__(self, lab, name, ns, kind, wan_ip=None, lan=None, upstream=None,
+                 wan_ip6=None, lan6=None):
         super().__init__(lab, name, ns)
         #: One of :data:`p2pnat.lab.nft.KINDS`.
         self.kind = kind
@@ -385,6 +433,10 @@ class Router(Node):
         self.upstream = upstream
         #: For a ``"double"`` router: the carrier-grade NAT in front of it.
         self.outer = upstream if kind == "double" else None
+        #: The router's global IPv6 address on its WAN, when it routes IPv6.
+        self.wan_ip6 = str(wan_ip6) if wan_ip6 else None
+        #: The LAN's IPv6 /64 (:class:`ipaddress.IPv6Network`), or ``None``.
+        self.lan6 = lan6
         self._next_lan = 2
         # Impairments for links below a "public" pseudo-router.
         self._impair = {}
@@ -396,6 +448,16 @@ class Router(Node):
         return str(self.lan.network_address + 1) if self.lan else None
 
     @property
+    def ipv6(self):
+        """Whether the router routes IPv6 (its LAN has a /64 of its own)."""
+        return self.lan6 is not None
+
+    @property
+    def lan_ip6(self):
+        """The router's IPv6 address on its LAN (the hosts' IPv6 gateway)."""
+        return str(self.lan6.network_address + 1) if self.lan6 else None
+
+    @property
     def public_ip(self):
         """The address the internet sees for hosts behind this router."""
         if self.kind == "public":
@@ -403,11 +465,17 @@ class Router(Node):
         return self.upstream.public_ip if self.upstream else self.wan_ip
 
     def _allocate_lan_ip(self):
+        """
+        The next free address on the LAN: ``(ipv4, ipv6)``, with the same
+        host number in both (``.5`` and ``::5``); ipv6 is ``None`` unless the
+        router routes IPv6.
+        """
         ip = self.lan.network_address + self._next_lan
         if ip >= self.lan.broadcast_address:
             raise LabConfigError(f"LAN {self.lan} of {self.name} is full")
+        ip6 = self.lan6.network_address + self._next_lan if self.lan6 else None
         self._next_lan += 1
-        return ip
+        return ip, ip6
 
     def run(self, argv, **kwargs):
         """Like :meth:`Node.run`; a ``"public"`` pseudo-router has nothing to run in."""
@@ -428,6 +496,11 @@ class Lab:
             a = lab.add_host("a", behind=r1)
             a.probe("query", f"--to={relay.ip}:3478")
 
+    With ``ipv6=True`` the lab is dual-stack (see the module's docstring):
+    servers and public hosts get global IPv6 addresses beside their IPv4
+    ones, and routers made with ``ipv6=True`` route a /64 to their LAN
+    through a stateful firewall.
+
     A lab without ``name`` belongs to the running process: its namespaces
     are ``p2l<pid>x<n>-<node>``, and a later lab reaps them if this process
     is killed before it could clean up.  A named lab (``name="demo"``,
@@ -437,7 +510,8 @@ class Lab:
     Raises :class:`LabUnavailable` if the machine cannot run labs.
     """
 
-    def __init__(self, name=None, persistent=False, state_dir=state.STATE_DIR, reap=True):
+    def __init__(self, name=None, persistent=False, state_dir=state.STATE_DIR, reap=True,
+                 ipv6=False):
         reason = unavailable_reason()
         if reason:
             raise LabUnavailable(reason)
@@ -446,6 +520,8 @@ class Lab:
         self.name = name
         self.persistent = persistent
         self.state_dir = state_dir
+        #: Whether the lab is dual-stack.
+        self.ipv6 = bool(ipv6)
         if name:
             self.lab_id = state.named_lab_id(name)
         else:
@@ -463,12 +539,14 @@ class Lab:
         self._public_next = dict.fromkeys(_PUBLIC_BLOCK, 1)
         self._lan_next = 1
         self._cgn_next = 1
+        self._lan6_next = 1
         self._tmp = tempfile.mkdtemp(prefix=f"p2pnat-lab-{self.lab_id}-")
         self._closed = False
         self._state = {
             "lab_id": self.lab_id,
             "name": name,
             "persistent": persistent,
+            "ipv6": self.ipv6,
             "pid": os.getpid(),
             "pid_start": state.process_start_time(os.getpid()),
             "created": time.time(),
@@ -542,6 +620,15 @@ class Lab:
         # bridge would then go through the IP hooks (and conntrack) as if
         # routed.  Real switches do not do that.
         self._sysctl(ns, {"net.bridge.bridge-nf-call-iptables": 0}, optional=True)
+        if self.ipv6:
+            self._sysctl(ns, {"net.bridge.bridge-nf-call-ip6tables": 0}, optional=True)
+            # Before any interface exists, so that every one inherits them:
+            # addresses usable at once (no DAD, link-local ones included)
+            # and static (no router advertisements taken).
+            self._sysctl(ns, {"net.ipv6.conf.all.accept_dad": 0,
+                              "net.ipv6.conf.default.accept_dad": 0,
+                              "net.ipv6.conf.all.accept_ra": 0,
+                              "net.ipv6.conf.default.accept_ra": 0})
         return ns
 
     def _sysctl(self, ns, values, optional=False):
@@ -574,12 +661,63 @@ class Lab:
         """The internet segment's namespace, made on first use."""
         if self._inet is None:
             ns = self._new_ns("inet")
-            _run(["ip", "-n", ns, "link", "add", "sw", "type", "bridge"])
+            self._bridge(ns, "sw")
             _run(["ip", "-n", ns, "addr", "add", f"{SWITCH_IP}/{INTERNET.prefixlen}", "dev", "sw"])
+            ips6 = []
+            if self.ipv6:
+                # The switch routes every LAN prefix to its router (see
+                # _route_lan6); nothing else, so nothing leaves the lab.
+                self._addr6(ns, SWITCH_IP6, INTERNET6, "sw")
+                self._sysctl(ns, {"net.ipv6.conf.all.forwarding": 1})
+                ips6 = [str(SWITCH_IP6)]
             _run(["ip", "-n", ns, "link", "set", "sw", "up"])
             self._inet = ns
-            self._add_node_record(role="internet", name="inet", ns=ns, ips=[str(SWITCH_IP)])
+            self._add_node_record(role="internet", name="inet", ns=ns, ips=[str(SWITCH_IP)],
+                                  ips6=ips6)
         return self._inet
+
+    def _bridge(self, ns, name):
+        """A bridge ``name`` in ``ns``; without multicast snooping in a dual-stack lab."""
+        extra = ["mcast_snooping", "0"] if self.ipv6 else []
+        _run(["ip", "-n", ns, "link", "add", name, "type", "bridge", *extra])
+
+    def _addr6(self, ns, ip, network, dev):
+        """Give ``dev`` in ``ns`` the IPv6 address ``ip`` on ``network``, usable at once."""
+        _run(["ip", "-n", ns, "-6", "addr", "add", f"{ip}/{network.prefixlen}", "dev", dev,
+              "nodad"])
+
+    def _route6(self, ns, network, via):
+        _run(["ip", "-n", ns, "-6", "route", "add", str(network), "via", str(via)])
+
+    def _check_ipv6(self, what):
+        if not self.ipv6:
+            raise LabConfigError(f"{what} needs a dual-stack lab: Lab(ipv6=True)")
+
+    @staticmethod
+    def _public_ip6(ip):
+        """The IPv6 twin of public IPv4 address ``ip``: 198.18.B.N is 2001:2::B:N."""
+        block, n = ipaddress.IPv4Address(ip).packed[2:]
+        return INTERNET6.network_address + (block << 16) + n
+
+    def _lan6(self):
+        """A fresh /64 for a router's LAN: 2001:2:0:N::/64."""
+        n = self._lan6_next
+        if n > 0xFFFF:
+            raise LabConfigError("too many IPv6 LANs")
+        self._lan6_next += 1
+        return ipaddress.IPv6Network(f"{LAB6.network_address + (n << 64)}/64")
+
+    def _route_lan6(self, router):
+        """
+        Route ``router``'s LAN /64 to it from every router above it and from
+        the internet segment's switch.
+        """
+        node, via = router, router.wan_ip6
+        while node.upstream is not None:
+            node = node.upstream
+            self._route6(node.ns, router.lan6, via)
+            via = node.wan_ip6
+        self._route6(self._internet(), router.lan6, via)
 
     def _public_ip(self, sort):
         n = self._public_next[sort]
@@ -635,33 +773,42 @@ class Lab:
         if loss_pct:
             self._nft(up_ns, nft.loss_ruleset(port, loss_pct))
 
-    def add_server(self, name, addresses=1):
+    def add_server(self, name, addresses=1, ipv4=True):
         """
         Add a server on the internet segment with ``addresses`` public
         addresses (198.18.1.x; use 2 for RFC 5780 style tests) and return
-        its :class:`Host`.
+        its :class:`Host`.  In a dual-stack lab it has as many IPv6 ones
+        (2001:2::1:x) too; ``ipv4=False`` makes it IPv6-only.
         """
         self._claim_name(name)
         if not 1 <= addresses <= 8:
             raise LabConfigError("a server has 1 to 8 addresses")
         ips = [self._public_ip("server") for _ in range(addresses)]
-        return self._public_host(name, ips, role="server")
+        return self._public_host(name, ips, role="server", ipv4=ipv4)
 
-    def _public_host(self, name, ips, role, impair=None, router=None):
+    def _public_host(self, name, ips, role, impair=None, router=None, ipv4=True):
+        if not ipv4:
+            self._check_ipv6("an IPv6-only host")
+        ip6s = [self._public_ip6(ip) for ip in ips] if self.ipv6 else []
+        ips = ips if ipv4 else []
         inet = self._internet()
         ns = self._new_ns(name)
         self._link(ns, "eth0", inet, "sw", impair)
         for ip in ips:
             _run(["ip", "-n", ns, "addr", "add", f"{ip}/{INTERNET.prefixlen}", "dev", "eth0"])
-        host = Host(self, name, ns, ips)
+        for ip in ip6s:
+            self._addr6(ns, ip, INTERNET6, "eth0")
+        if ip6s:
+            self._route6(ns, LAB6, SWITCH_IP6)
+        host = Host(self, name, ns, ips, ip6s=ip6s)
         self.nodes[name] = host
-        self._add_node_record(role=role, name=name, ns=ns, ips=host.ips,
+        self._add_node_record(role=role, name=name, ns=ns, ips=host.ips, ips6=host.ip6s,
                               behind=router.name if router else None)
         return host
 
     def add_router(self, name, kind="cone", behind=None, lan=None, delay_ms=0, loss_pct=0,
                    port_base=20000, port_count=2000, port_step=1,
-                   outer_kind="symmetric-sequential", udp_timeout=None):
+                   outer_kind="symmetric-sequential", udp_timeout=None, ipv6=False):
         """
         Add a router of ``kind`` (see :data:`p2pnat.lab.nft.KINDS`) and
         return its :class:`Router`.
@@ -681,6 +828,11 @@ class Lab:
           :attr:`~Router.outer` is it.
         - ``udp_timeout``: the router's conntrack UDP timeout in seconds
           (mapping lifetime), default the kernel's.
+        - ``ipv6``: (dual-stack labs) the router also has a global IPv6
+          address on its WAN and routes a /64 of its own to its LAN
+          (:attr:`~Router.lan6`), through a stateful firewall; no NAT66.  A
+          ``"double"`` router's carrier-grade NAT then routes IPv6 without a
+          firewall.  Ignored for ``"public"`` (its hosts are public hosts).
         """
         self._claim_name(name)
         if kind not in nft.KINDS:
@@ -689,6 +841,8 @@ class Lab:
             raise LabConfigError("delay_ms must be >= 0 and loss_pct in [0, 100)")
         if kind == "symmetric-sequential":
             nft.check_port_plan(port_base, port_count, port_step)
+        if ipv6 and kind != "public":
+            self._check_ipv6("a router with ipv6=True")
         if delay_ms:
             self._check_netem()
         impair = {"delay_ms": delay_ms, "loss_pct": loss_pct} if (delay_ms or loss_pct) else None
@@ -706,11 +860,12 @@ class Lab:
             # The CGN takes the WAN link (and its impairments); the home
             # router is a cone behind it.
             outer = self._nat_router(f"{name}-cgn", outer_kind, behind, self._cgn_lan(),
-                                     impair, port_base, port_count, port_step, udp_timeout)
+                                     impair, port_base, port_count, port_step, udp_timeout,
+                                     ipv6=ipv6, firewall6=False)
             return self._nat_router(name, "double", outer, lan, None, port_base, port_count,
-                                    port_step, udp_timeout, ruleset_kind="cone")
+                                    port_step, udp_timeout, ruleset_kind="cone", ipv6=ipv6)
         return self._nat_router(name, kind, behind, lan, impair, port_base, port_count,
-                                port_step, udp_timeout)
+                                port_step, udp_timeout, ipv6=ipv6)
 
     def _cgn_lan(self):
         n = self._cgn_next
@@ -720,10 +875,13 @@ class Lab:
         return ipaddress.IPv4Network(f"{CGN_SPACE.network_address + 256 * n}/24")
 
     def _nat_router(self, name, kind, behind, lan, impair, port_base, port_count, port_step,
-                    udp_timeout, ruleset_kind=None):
+                    udp_timeout, ruleset_kind=None, ipv6=False, firewall6=True):
         if behind is not None and (behind.lab is not self or behind.kind == "public"
                                    or not isinstance(behind, Router)):
             raise LabConfigError("behind= must be a NAT router of this lab")
+        if ipv6 and behind is not None and not behind.ipv6:
+            raise LabConfigError(f"an IPv6 router cannot sit behind {behind.name},"
+                                 " which does not route IPv6")
         if lan is None:
             if self._lan_next > 254:
                 raise LabConfigError("too many LANs")
@@ -740,53 +898,81 @@ class Lab:
         if behind is None:
             up_ns, bridge = self._internet(), "sw"
             wan_ip = self._public_ip("router")
+            wan_ip6 = self._public_ip6(wan_ip) if ipv6 else None
             prefix, gateway = INTERNET.prefixlen, None
+            wan6, gateway6 = INTERNET6, SWITCH_IP6
         else:
             up_ns, bridge = behind.ns, "lan"
-            wan_ip = behind._allocate_lan_ip()
+            wan_ip, wan_ip6 = behind._allocate_lan_ip()
             prefix, gateway = behind.lan.prefixlen, behind.lan_ip
-        router = Router(self, name, ns, kind, wan_ip, lan, behind)
+            wan6, gateway6 = behind.lan6, behind.lan_ip6
+        lan6 = self._lan6() if ipv6 else None
+        router = Router(self, name, ns, kind, wan_ip, lan, behind, wan_ip6, lan6)
         self._link(ns, "wan", up_ns, bridge, impair)
         _run(["ip", "-n", ns, "addr", "add", f"{wan_ip}/{prefix}", "dev", "wan"])
         if gateway:
             _run(["ip", "-n", ns, "route", "add", "default", "via", gateway])
-        _run(["ip", "-n", ns, "link", "add", "lan", "type", "bridge"])
+        self._bridge(ns, "lan")
         _run(["ip", "-n", ns, "addr", "add", f"{router.lan_ip}/{lan.prefixlen}", "dev", "lan"])
+        if ipv6:
+            self._addr6(ns, wan_ip6, wan6, "wan")
+            self._addr6(ns, router.lan_ip6, lan6, "lan")
+            self._route6(ns, LAB6, gateway6)
         _run(["ip", "-n", ns, "link", "set", "lan", "up"])
         sysctls = {"net.ipv4.ip_forward": 1}
+        if ipv6:
+            sysctls["net.ipv6.conf.all.forwarding"] = 1
         if udp_timeout:
             sysctls["net.netfilter.nf_conntrack_udp_timeout"] = int(udp_timeout)
             sysctls["net.netfilter.nf_conntrack_udp_timeout_stream"] = int(udp_timeout)
         self._sysctl(ns, sysctls)
         router.ruleset = nft.router_ruleset(ruleset_kind or kind, wan_ip, "wan", port_base,
                                             port_count, port_step)
+        if ipv6 and firewall6:
+            router.ruleset += nft.ipv6_firewall_ruleset("wan", "lan")
         self._nft(ns, router.ruleset)
+        if ipv6:
+            self._route_lan6(router)
         self.nodes[name] = router
         self._add_node_record(role="router", name=name, ns=ns, kind=kind, wan_ip=str(wan_ip),
-                              lan=str(lan), behind=behind.name if behind else None)
+                              lan=str(lan), behind=behind.name if behind else None,
+                              wan_ip6=router.wan_ip6, lan6=str(lan6) if lan6 else None)
         return router
 
-    def add_host(self, name, behind=None):
+    def add_host(self, name, behind=None, ipv4=True):
         """
         Add a host on ``behind``'s LAN (a :class:`Router`), or on the
         internet segment when ``behind`` is ``None`` or a ``"public"``
-        router; return its :class:`Host`.
+        router; return its :class:`Host`.  It has a global IPv6 address too
+        when it is public in a dual-stack lab or behind a router with
+        ``ipv6=True``; ``ipv4=False`` makes it IPv6-only.
         """
         self._claim_name(name)
         if behind is None or behind.kind == "public":
             ip = self._public_ip("host")
             return self._public_host(name, [ip], role="host",
-                                     impair=behind._impair if behind else None, router=behind)
+                                     impair=behind._impair if behind else None, router=behind,
+                                     ipv4=ipv4)
         if not isinstance(behind, Router) or behind.lab is not self:
             raise LabConfigError("behind= must be a router of this lab")
+        if not ipv4 and not behind.ipv6:
+            raise LabConfigError(f"an IPv6-only host needs a router with ipv6=True,"
+                                 f" and {behind.name} has none")
         ns = self._new_ns(name)
-        ip = behind._allocate_lan_ip()
+        ip, ip6 = behind._allocate_lan_ip()
         self._link(ns, "eth0", behind.ns, "lan")
-        _run(["ip", "-n", ns, "addr", "add", f"{ip}/{behind.lan.prefixlen}", "dev", "eth0"])
-        _run(["ip", "-n", ns, "route", "add", "default", "via", behind.lan_ip])
-        host = Host(self, name, ns, [ip], router=behind, gateway=behind.lan_ip)
+        if ipv4:
+            _run(["ip", "-n", ns, "addr", "add", f"{ip}/{behind.lan.prefixlen}", "dev", "eth0"])
+            _run(["ip", "-n", ns, "route", "add", "default", "via", behind.lan_ip])
+        if ip6 is not None:
+            self._addr6(ns, ip6, behind.lan6, "eth0")
+            self._route6(ns, LAB6, behind.lan_ip6)
+        host = Host(self, name, ns, [ip] if ipv4 else [], router=behind,
+                    gateway=behind.lan_ip if ipv4 else behind.lan_ip6,
+                    ip6s=[ip6] if ip6 is not None else [])
         self.nodes[name] = host
-        self._add_node_record(role="host", name=name, ns=ns, ips=host.ips, behind=behind.name)
+        self._add_node_record(role="host", name=name, ns=ns, ips=host.ips, ips6=host.ip6s,
+                              behind=behind.name)
         return host
 
     def add_background(self, name, behind, target, rate=10, port=9, duration=600):
@@ -859,11 +1045,13 @@ class Lab:
                     lines.append(f"router {node.name:<10} (public: no NAT)")
                     continue
                 up = f" behind {node.upstream.name}" if node.upstream else ""
+                v6 = f" wan6 {node.wan_ip6} lan6 {node.lan6}" if node.wan_ip6 else ""
                 lines.append(f"router {node.name:<10} {node.ns:<20} wan {node.wan_ip} "
-                             f"lan {node.lan} ({node.kind}{up})")
+                             f"lan {node.lan}{v6} ({node.kind}{up})")
             else:
                 where = f"on {node.router.name}'s LAN" if node.router and node.router.ns else "public"
-                lines.append(f"host   {node.name:<10} {node.ns:<20} {' '.join(node.ips)} ({where})")
+                lines.append(f"host   {node.name:<10} {node.ns:<20}"
+                             f" {' '.join(node.ips + node.ip6s)} ({where})")
         return "\n".join(lines)
 
     def report(self):
