@@ -219,7 +219,9 @@ def one_of(*choices):
 def parse_hostport(text, default_host=None):
     """
     Parse ``"host:port"``, ``"[v6]:port"`` or (with C{default_host})
-    ``":port"``/``"port"`` into ``(host, port)``.
+    ``":port"``/``"port"`` into ``(host, port)``; an IPv6 host comes without
+    its brackets (``"[::]:7478"`` is ``("::", 7478)``).  An IPv6 address
+    must be in brackets: ``2001:db8::1:7478`` could be read two ways.
 
     @raise ValueError: with a reason.
     """
@@ -227,12 +229,15 @@ def parse_hostport(text, default_host=None):
         raise ValueError(f"expected host:port, got {text!r}")
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
-        if not sep:
+        if not sep or ":" not in host:
             raise ValueError(f"expected [ipv6]:port, got {text!r}")
     else:
         host, sep, port = text.rpartition(":")
         if not sep:
             host, port = "", text
+        elif ":" in host:
+            raise ValueError(f"an IPv6 address goes in brackets, as in [2001:db8::1]:7478;"
+                             f" got {text!r}")
     if not host:
         if default_host is None:
             raise ValueError(f"expected host:port, got {text!r}")
@@ -246,16 +251,29 @@ def parse_hostport(text, default_host=None):
     return host, portnum
 
 
+def listen_address(text):
+    """
+    Parse a listen address, ``"ip:port"`` or ``"[ipv6]:port"``
+    (``"0.0.0.0:7478"`` and ``"[::]:7478"`` for every address of each
+    family), into ``(ip, port)``.
+
+    @raise ValueError: with a reason.
+    """
+    host, port = parse_hostport(text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: listen address must be an IP address,"
+                         f" as in 0.0.0.0:7478 or [::]:7478")
+    return host, port
+
+
 def udp_addresses(value):
-    """Check a list of ``ip:port`` UDP listen addresses."""
+    """Check a list of ``ip:port``/``[ipv6]:port`` UDP listen addresses."""
     if not value:
         raise ValueError("needs at least one address")
     for item in value:
-        host, _ = parse_hostport(item)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError(f"{item!r}: listen address must be an IP address")
+        listen_address(item)
 
 
 def hostport(value):
@@ -266,6 +284,34 @@ def endpoint_or_empty(value):
     """Check a Twisted server endpoint string, or the empty string (off)."""
     if value and ":" not in value:
         raise ValueError(f"expected an endpoint such as tcp:9100:interface=127.0.0.1, got {value!r}")
+
+
+def listen_endpoints(value):
+    """
+    The listeners of a TCP listen setting: its space-separated items, each
+    ``("address", (ip, port))`` for a listen address (``"0.0.0.0:8443"``,
+    ``"[::]:8443"``, ``"[2001:db8::1]:8443"``: TCP on that address; an IPv6
+    one takes IPv6 only, so that it can stand beside an IPv4 one on the same
+    port) or ``("endpoint", description)`` for a Twisted endpoint string
+    (``"tcp:8443"``, ``"tcp6:8443:interface=\\:\\:"``).  Empty: none.
+
+    @raise ValueError: with a reason.
+    """
+    found = []
+    for item in value.split():
+        if item[0].isdigit() or item[0] == "[":
+            found.append(("address", listen_address(item)))
+        elif ":" in item and item.partition(":")[0].isalnum():
+            found.append(("endpoint", item))
+        else:
+            raise ValueError(f"expected listen addresses or endpoints such as 0.0.0.0:8443,"
+                             f" [::]:8443 or tcp:8443:interface=127.0.0.1, got {item!r}")
+    return found
+
+
+def endpoints_or_empty(value):
+    """Check a TCP listen setting (see L{listen_endpoints}); the empty string turns it off."""
+    listen_endpoints(value)
 
 
 # Settings every daemon has.

@@ -11,6 +11,8 @@ import sys
 
 from twisted.application import service
 from twisted.application.internet import TimerService
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from p2pnat.daemon import config as _config
@@ -138,7 +140,7 @@ def control_sockets(parent, config, reactor, handler, metrics, replay, stamper, 
 
     sockets = []
     for item in config["udp.listen"]:
-        host, port = _config.parse_hostport(item)
+        host, port = _config.listen_address(item)
         proto = ControlProtocol(handler, reactor, metrics, replay, name=name,
                                 stun_rate=config["udp.stun_rate"], stamper=stamper)
         udp = UDPService(reactor, host, port, proto)
@@ -154,6 +156,33 @@ def every(parent, interval, f, reactor):
     timer.clock = reactor
     timer.setServiceParent(parent)
     return timer
+
+
+def bound_socket(host, port, kind=socket.SOCK_DGRAM, backlog=50):
+    """
+    A non-blocking socket of C{kind} bound to C{(host, port)}, listening if
+    it is a stream socket.  On an IPv6 address it takes IPv6 only
+    (C{IPV6_V6ONLY}): ``[::]:P`` then stands beside ``0.0.0.0:P`` instead
+    of taking IPv4 too, as IPv4-mapped addresses (which STUN would answer
+    as IPv6, and the logs would show as ``::ffff:…``).
+
+    @raise CannotListenError: if the address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listenTCP does
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise CannotListenError(host, port, e)
+    return sock
 
 
 class _Listener(service.Service):
@@ -212,7 +241,16 @@ class UDPService(_Listener):
     receive_buffer = 4 * 1024 * 1024
 
     def _listen(self):
-        self.port = self.reactor.listenUDP(self.portnum, self.protocol, interface=self.host)
+        if ":" in self.host:
+            # IPv6 only (see bound_socket): listenUDP cannot say so.
+            sock = bound_socket(self.host, self.portnum)
+            try:
+                self.port = self.reactor.adoptDatagramPort(sock.fileno(), sock.family,
+                                                           self.protocol)
+            finally:
+                sock.close()  # the reactor has its own copy
+        else:
+            self.port = self.reactor.listenUDP(self.portnum, self.protocol, interface=self.host)
         try:
             self.port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
         except (AttributeError, OSError):
@@ -224,40 +262,123 @@ class UDPService(_Listener):
         return port.stopListening()
 
 
+class _IPv6OnlyTCPEndpoint:
+    """
+    A TCP server endpoint on an IPv6 address that takes IPv6 only (see
+    L{bound_socket}), which Twisted's ``tcp6:`` endpoints cannot say.
+    """
+
+    def __init__(self, reactor, host, port):
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+
+    def listen(self, factory):
+        try:
+            sock = bound_socket(self.host, self.port, socket.SOCK_STREAM)
+        except CannotListenError:
+            return defer.fail()
+        try:
+            return defer.succeed(self.reactor.adoptStreamPort(sock.fileno(), sock.family,
+                                                              factory))
+        finally:
+            sock.close()  # the reactor has its own copy
+
+
+def _endpoints(reactor, description):
+    """
+    The server endpoints of a TCP listen setting's value (see
+    L{p2pnat.daemon.config.listen_endpoints}).
+
+    @raise p2pnat.daemon.config.ConfigError: naming the bad item.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        items = _config.listen_endpoints(description)
+    except ValueError as e:
+        raise _config.ConfigError(str(e))
+    found = []
+    for kind, item in items:
+        if kind == "address":
+            host, port = item
+            if ":" in host:
+                found.append(_IPv6OnlyTCPEndpoint(reactor, host, port))
+            else:
+                found.append(serverFromString(reactor, f"tcp:{port}:interface={host}"))
+            continue
+        try:
+            found.append(serverFromString(reactor, item))
+        except (ValueError, KeyError, TypeError) as e:
+            raise _config.ConfigError(f"bad endpoint {item!r}: {e}")
+    return found
+
+
 class EndpointListener(_Listener):
     """
-    Listens with C{factory} on a server endpoint string while running.
-    Unlike StreamServerEndpointService, it exposes the port and fails
-    startup loudly if the endpoint cannot listen.
+    Listens with C{factory} while running, on each listener that
+    C{description} names (space-separated listen addresses and endpoint
+    strings, see L{p2pnat.daemon.config.listen_endpoints}; for example
+    ``"0.0.0.0:8443 [::]:8443"`` for both families).  Unlike
+    StreamServerEndpointService, it exposes the ports (C{port} and
+    C{address} are the first one's) and fails startup loudly if one cannot
+    listen, leaving none listening.
+
+    @raise p2pnat.daemon.config.ConfigError: for a description that names
+        no listener it can make.
     """
 
     def __init__(self, reactor, description, factory):
-        from twisted.internet.endpoints import serverFromString
-
-        self.endpoint = serverFromString(reactor, description)
+        self.endpoints = _endpoints(reactor, description)
+        if not self.endpoints:
+            raise _config.ConfigError(f"no listen address or endpoint in {description!r}")
+        self.endpoint = self.endpoints[0]
         self.description = description
         self.factory = factory
+        #: Every listening port, in the order of the description.
+        self.ports = []
 
     def _listen(self):
-        listening = self.endpoint.listen(self.factory)
-        failed = []
-        listening.addCallbacks(self._listening, failed.append)
-        if failed:
-            # TCP endpoints listen at once: say so now, not in a stray Deferred.
-            failed[0].raiseException()
-        return listening
+        handles = []
+        for endpoint in self.endpoints:
+            listening = endpoint.listen(self.factory)
+            failed = []
+            listening.addCallbacks(self._listening, failed.append)
+            if failed:
+                # TCP endpoints listen at once: say so now, not in a stray Deferred.
+                for started in handles:
+                    self._unlisten([started])
+                failed[0].raiseException()
+            handles.append(listening)
+        return handles
 
     def _listening(self, port):
-        self.port = port
+        if self.port is None:
+            self.port = port
+        self.ports.append(port)
         return port
 
-    def _unlisten(self, listening):
-        return listening.addCallback(lambda port: port.stopListening())
+    def _unlisten(self, handles):
+        self.port, self.ports = None, []
+        return defer.gatherResults(
+            [listening.addCallback(lambda port: port.stopListening()) for listening in handles])
 
 
 def endpoint_port(description):
-    """The port number of a ``tcp:PORT:…``/``tcp:port=PORT`` endpoint, else 0."""
-    for part in description.split(":")[1:]:
+    """
+    The port number of a TCP listen setting's first listener (a listen
+    address, or a ``tcp:PORT:…``/``tcp:port=PORT`` endpoint), else 0.
+    """
+    try:
+        items = _config.listen_endpoints(description)
+    except ValueError:
+        return 0
+    if not items:
+        return 0
+    kind, item = items[0]
+    if kind == "address":
+        return item[1]
+    for part in item.split(":")[1:]:
         if part.isdigit():
             return int(part)
         if part.startswith("port=") and part[5:].isdigit():

@@ -61,10 +61,10 @@ SCHEMA = [
               " (0: STUN off)", C.non_negative),
     C.Setting("terminal.https", str, "tcp:8443",
               "endpoint for terminals over HTTPS (TLS with the relay's certificate);"
-              ' "" turns it off', C.endpoint_or_empty),
+              ' "" turns it off', C.endpoints_or_empty),
     C.Setting("terminal.http", str, "",
               'endpoint for terminals over plain HTTP ("" = off); for a TLS-terminating'
-              " proxy in front, or tests", C.endpoint_or_empty),
+              " proxy in front, or tests", C.endpoints_or_empty),
     C.Setting("terminal.public_https_port", int, 0,
               "port in https:// links the relay gives out (0: the port of terminal.https)",
               C.port_number),
@@ -103,7 +103,7 @@ SCHEMA = [
               " /64 may hold at once; keep it below the agents' agent.max_tunnels (64)",
               C.positive),
     C.Setting("tunnel.listen", str, "tcp:7443",
-              "endpoint devices open their TLS tunnels to", C.endpoint_or_empty),
+              "endpoint devices open their TLS tunnels to", C.endpoints_or_empty),
     C.Setting("tunnel.public_host", str, "",
               "host told to devices in connect requests (\"\": the relay address they know)"),
     C.Setting("tunnel.public_port", int, 0,
@@ -341,7 +341,7 @@ class RelayService(service.MultiService):
         self.log.info(
             "relay {hostname}: {n} devices registered; notifies on {udp}; terminals on"
             " {terminals}; tunnels on port {tunnel}", hostname=self.hostname, n=len(self.table),
-            udp=", ".join(f"{h}:{p}" for h, p in (u.address for u in self.udp)),
+            udp=", ".join(wire.format_addr(u.address) for u in self.udp),
             terminals=", ".join(f"{kind} port {port}" for kind, port in
                                 (("https", self.relay.https_port), ("http", self.relay.http_port))
                                 if port),

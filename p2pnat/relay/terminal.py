@@ -23,6 +23,7 @@ L{p2pnat.relay.terminal_machine}.
 from twisted.internet.protocol import Factory, Protocol
 
 from p2pnat.net import streams
+from p2pnat.protocol import wire
 from p2pnat.relay import limits
 from p2pnat.relay.http import BadRequest, Tokens, parse_head
 from p2pnat.relay.machine import MachineProtocol
@@ -105,7 +106,7 @@ class Terminal(MachineProtocol, Protocol):
 
     def peer(self):
         p = self.transport.getPeer()
-        return f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
+        return wire.format_addr((getattr(p, "host", "?"), getattr(p, "port", "?")))
 
     def stream_to(self, send):
         self._send = send

@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.net import streams
-from p2pnat.protocol import tunnel
+from p2pnat.protocol import tunnel, wire
 from p2pnat.relay import limits
 from p2pnat.relay.machine import MachineProtocol
 from p2pnat.relay.tunnel_machine import TunnelCore, TunnelMachine
@@ -197,7 +197,7 @@ class RelayTunnel(MachineProtocol, Protocol):
 
     def peer(self):
         p = self.transport.getPeer()
-        return f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
+        return wire.format_addr((getattr(p, "host", "?"), getattr(p, "port", "?")))
 
     def peer_certificate(self):
         return self.transport.getPeerCertificate()
