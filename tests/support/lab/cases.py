@@ -53,11 +53,15 @@ class LabSetup:
     working directory stays the caller's.
     """
 
+    #: Keyword arguments of the :class:`p2pnat.lab.Lab` (``{"ipv6": True}``
+    #: for a dual-stack one).
+    lab_options = {}
+
     def __init__(self, workdir):
         from p2pnat.lab import Lab
 
         self.workdir = workdir
-        self.lab = Lab()
+        self.lab = Lab(**self.lab_options)
         try:
             self.setup()
         except BaseException:
