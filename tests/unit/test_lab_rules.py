@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat.lab import nft, probe, state
 from p2pnat.lab.errors import LabConfigError
+from p2pnat.lab.topology import Lab, hostport
 
 
 class RulesetTests(SynchronousTestCase):
@@ -77,6 +78,30 @@ class RulesetTests(SynchronousTestCase):
     def test_unknown_kind(self):
         self.assertRaises(LabConfigError, nft.router_ruleset, "full-cone", "198.18.2.1")
         self.assertRaises(LabConfigError, nft.router_ruleset, "public", "198.18.2.1")
+
+    def test_ipv6_firewall(self):
+        """
+        Forwarded IPv6: replies and LAN-to-WAN pass, the rest is dropped (the
+        chain's policy); no NAT66; to the router itself from the WAN, only
+        replies and neighbour discovery.
+        """
+        text = nft.ipv6_firewall_ruleset("wan", "lan")
+        self.assertTrue(text.startswith("table ip6 p2pnat6 {\n"), text)
+        forward = text.split("chain forward {")[1].split("}")[0].strip().splitlines()
+        self.assertEqual([line.strip() for line in forward], [
+            "type filter hook forward priority filter; policy drop;",
+            "ct state established,related accept",
+            'iifname "lan" oifname "wan" accept',
+        ])
+        inbound = text.split("chain input {")[1].split("}\n")[0]
+        self.assertIn('iifname "wan" ct state established,related accept', inbound)
+        self.assertIn('iifname "wan" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert }'
+                      ' accept', inbound)
+        self.assertTrue(inbound.rstrip().endswith('iifname "wan" drop'), inbound)
+        for nat in ("type nat", "masquerade", "snat", "dnat"):
+            self.assertNotIn(nat, text)
+        # Its own table: the IPv4 ruleset of every kind is left as it was.
+        self.assertNotIn("ip6", nft.router_ruleset("cone", "198.18.2.1"))
 
     def test_loss(self):
         text = nft.loss_ruleset("p3", 2.5)
@@ -164,7 +189,7 @@ class ProbeTests(SynchronousTestCase):
     The probe tool, over loopback.
     """
 
-    def server(self, count=2):
+    def server(self, count=2, host="127.0.0.1"):
         stop = threading.Event()
         bound = []
         ready = threading.Event()
@@ -173,7 +198,7 @@ class ProbeTests(SynchronousTestCase):
             bound.extend(addrs)
             ready.set()
 
-        listen = [("127.0.0.1", 0)] * count
+        listen = [(host, 0)] * count
         t = threading.Thread(target=probe.serve, args=(listen, 30),
                              kwargs={"stop": stop, "ready": on_ready}, daemon=True)
         t.start()
@@ -181,6 +206,29 @@ class ProbeTests(SynchronousTestCase):
         self.addCleanup(t.join, 5)
         self.addCleanup(stop.set)
         return [probe.parse_addr(a) for a in bound]
+
+    def test_parse_ipv6(self):
+        self.assertEqual(probe.parse_addr("[2001:2::1:1]:3478"), ("2001:2::1:1", 3478))
+        self.assertRaises(ValueError, probe.parse_addr, "2001:2::1:1:3478")
+        self.assertEqual(probe.parse_listen("[::1]:5-6"), [("::1", 5), ("::1", 6)])
+        self.assertRaises(ValueError, probe.parse_listen, "[::1]5")
+        self.assertEqual(probe.fmt(("2001:2::1", 9, 0, 0)), "[2001:2::1]:9")
+        self.assertEqual(probe.fmt(("198.18.1.1", 9)), "198.18.1.1:9")
+        self.assertEqual(hostport("2001:2::1", 9), "[2001:2::1]:9")
+        self.assertEqual(hostport("198.18.1.1", 9), "198.18.1.1:9")
+
+    def test_public_ip6(self):
+        """A public IPv6 address mirrors the IPv4 one: 198.18.B.N is 2001:2::B:N."""
+        self.assertEqual(str(Lab._public_ip6("198.18.1.1")), "2001:2::1:1")
+        self.assertEqual(str(Lab._public_ip6("198.18.3.254")), "2001:2::3:fe")
+
+    def test_query_ipv6(self):
+        """Over the IPv6 loopback, the socket's family following the target's."""
+        (a,) = self.server(1, "::1")
+        (result,) = probe.query([(a, None)], timeout=2)
+        self.assertTrue(result["local"].startswith("[::]:"), result)
+        self.assertEqual(result["observed"], "[::1]:" + result["local"].rpartition(":")[2])
+        self.assertEqual(result["answered_by"], probe.fmt(a))
 
     def test_parse(self):
         self.assertEqual(probe.parse_addr("198.18.1.1:3478"), ("198.18.1.1", 3478))
