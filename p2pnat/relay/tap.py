@@ -55,16 +55,17 @@ SCHEMA = [
     C.Setting("relay.notify_b_interval", int, 20,
               "seconds: the longest notify-B interval advised to devices", C.positive),
     C.Setting("udp.listen", list, ["0.0.0.0:7478"],
-              "UDP addresses for notifies and STUN, ip:port", C.udp_addresses, item=str),
+              "UDP addresses for notifies and STUN, ip:port or [ipv6]:port", C.udp_addresses, item=str),
     C.Setting("udp.stun_rate", float, 20.0,
               "STUN answers per second per source address, across all the relay's sockets"
               " (0: STUN off)", C.non_negative),
     C.Setting("terminal.https", str, "tcp:8443",
-              "endpoint for terminals over HTTPS (TLS with the relay's certificate);"
-              ' "" turns it off', C.endpoints_or_empty),
+              "where terminals connect over HTTPS (TLS with the relay's certificate):"
+              " listen addresses or endpoints, space-separated, e.g. \"0.0.0.0:8443"
+              ' [::]:8443"; "" turns it off', C.endpoints_or_empty),
     C.Setting("terminal.http", str, "",
-              'endpoint for terminals over plain HTTP ("" = off); for a TLS-terminating'
-              " proxy in front, or tests", C.endpoints_or_empty),
+              'where terminals connect over plain HTTP, as terminal.https ("" = off); for a'
+              " TLS-terminating proxy in front, or tests", C.endpoints_or_empty),
     C.Setting("terminal.public_https_port", int, 0,
               "port in https:// links the relay gives out (0: the port of terminal.https)",
               C.port_number),
@@ -103,7 +104,7 @@ SCHEMA = [
               " /64 may hold at once; keep it below the agents' agent.max_tunnels (64)",
               C.positive),
     C.Setting("tunnel.listen", str, "tcp:7443",
-              "endpoint devices open their TLS tunnels to", C.endpoints_or_empty),
+              "where devices open their TLS tunnels, as terminal.https", C.endpoints_or_empty),
     C.Setting("tunnel.public_host", str, "",
               "host told to devices in connect requests (\"\": the relay address they know)"),
     C.Setting("tunnel.public_port", int, 0,
