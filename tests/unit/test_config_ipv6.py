@@ -172,6 +172,48 @@ class ListenerTests(TestCase):
         self.assertIn("'nosuch:1'", str(cm.exception))
 
 
+class LobbyOverIPv6Tests(TestCase):
+    """A lobby on both families answers STUN on each, RFC 5780's port change too."""
+
+    def setUp(self):
+        from p2pnat.lobby.tap import SCHEMA as LOBBY_SCHEMA
+        from p2pnat.lobby.tap import LobbyService
+
+        config = C.load(None, LOBBY_SCHEMA, {
+            "lobby.state_dir": os.path.abspath(self.mktemp()),
+            "udp.listen": "127.0.0.1:0,[::1]:0,[::1]:0"})
+        self.lobby = LobbyService(config, reactor)
+        self.lobby.startService()
+        self.addCleanup(self.lobby.stopService)
+
+    @defer.inlineCallbacks
+    def ask(self, host, to, **change):
+        """A Binding request from C{host} to C{to}: (the mapped address, who answered)."""
+        answers = defer.Deferred()
+
+        class Asker(DatagramProtocol):
+            def datagramReceived(self, data, addr):
+                answers.callback((data, addr[:2]))
+
+        asker = reactor.listenUDP(0, Asker(), interface=host)
+        self.addCleanup(asker.stopListening)
+        tid, request = stun.binding_request(**change)
+        asker.write(request, to)
+        data, sender = yield answers
+        self.assertEqual(stun.parse_binding_response(data, tid).mapped,
+                         (host, asker.getHost().port))
+        return sender
+
+    @defer.inlineCallbacks
+    def test_stun_on_both_families(self):
+        v4, v6, other6 = (udp.address for udp in self.lobby.udp)
+        self.assertEqual((v4[0], v6[0], other6[0]), ("127.0.0.1", "::1", "::1"))
+        self.assertEqual((yield self.ask("127.0.0.1", v4)), v4)
+        self.assertEqual((yield self.ask("::1", v6)), v6)
+        # Another port of the same family answers a change of port.
+        self.assertEqual((yield self.ask("::1", v6, change_port=True)), other6)
+
+
 class RelayOverIPv6Tests(TestCase):
     """
     A relay listening on the IPv6 loopback (notifies, tunnels) and on both
