@@ -1,0 +1,238 @@
+# -*- test-case-name: tests.unit.test_portmap_clients -*-
+"""
+UPnP IGD (v1 and v2) port mapping through miniupnpc's Python binding.
+
+miniupnpc is the reference UPnP IGD client, maintained with miniupnpd, and
+it already does what we would otherwise write and keep up: SSDP discovery,
+the device description's XML, choosing a connected WANIPConnection (v1 or
+v2) and the SOAP calls.  Its calls block (sockets with their own
+timeouts), so they run on a small thread pool of our own, never the
+reactor's, so that a slow router cannot take the threads that DNS and
+other work need.  Each call to the client is bounded by its budget: a
+result that comes later is not waited for, and a mapping granted too late
+is deleted at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import urllib.parse
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from p2pnat.daemon.logs import Logger
+from p2pnat.portmap.common import DESCRIPTION, Attempt, Mapping
+
+#: Threads in our pool: one mapping and one deletion or probe at a time.
+POOL_THREADS = 2
+#: Share of the budget given to SSDP discovery (the rest: HTTP and SOAP).
+DISCOVERY_SHARE = 0.5
+#: External ports to try when the one we ask for is taken (IGD v1 has no
+#: "any port" call).
+PORT_TRIES = 3
+
+_pools = {}
+_pools_lock = threading.Lock()
+
+
+def _load_miniupnpc():
+    try:
+        import miniupnpc
+    except ImportError:
+        return None
+    return miniupnpc.UPnP
+
+
+def shared_runner(reactor):
+    """
+    ``run(f, *args) -> Deferred`` on this reactor's UPnP thread pool, made
+    on first use and stopped when the reactor shuts down.
+    """
+    with _pools_lock:
+        pool = _pools.get(id(reactor))
+        if pool is None:
+            pool = ThreadPool(0, POOL_THREADS, name="p2pnat-upnp")
+            pool.start()
+            _pools[id(reactor)] = pool
+
+            def stop():
+                with _pools_lock:
+                    _pools.pop(id(reactor), None)
+                pool.stop()
+
+            reactor.addSystemEventTrigger("during", "shutdown", stop)
+    return lambda f, *args: deferToThreadPool(reactor, pool, f, *args)
+
+
+def _bounded(reactor, d, budget, on_late):
+    """
+    A Deferred that fires with ``d``'s result, or with ``None`` after
+    ``budget`` seconds; in that case ``on_late(result)`` gets ``d``'s
+    result when it comes.  Failures of ``d`` are its result too.
+    """
+    out = defer.Deferred()
+
+    def timeout():
+        out.callback(None)
+
+    call = reactor.callLater(budget, timeout)
+
+    def done(result):
+        if call.active():
+            call.cancel()
+            out.callback(result)
+        else:
+            on_late(result)
+
+    d.addErrback(lambda f: _Failed(f.value)).addCallback(done)
+    return out
+
+
+class _Failed:
+    """A blocking call's exception, carried as a result (so it is never lost)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __str__(self):
+        return " ".join(str(self.error).split())[:80] or type(self.error).__name__
+
+
+class UpnpClient:
+    """
+    UPnP IGD mappings for one internal port.  ``run`` runs a blocking
+    function off the reactor (default: :func:`shared_runner`); ``igd_factory``
+    makes a ``miniupnpc.UPnP`` (tests pass a fake).  If ``gateway`` is
+    given, only an IGD served from that address is used: another UPnP
+    device on the LAN would map a port on a NAT we are not behind.
+    """
+
+    protocol = "upnp"
+
+    def __init__(self, reactor, gateway=None, transport="udp", log=None, run=None,
+                 igd_factory=None):
+        if transport not in ("udp", "tcp"):
+            raise ValueError(f"transport must be udp or tcp, not {transport!r}")
+        self.reactor = reactor
+        self.gateway = gateway
+        self.proto = transport.upper()
+        self.log = log or Logger(namespace="p2pnat.portmap")
+        self._run = run
+        self._factory = igd_factory if igd_factory is not None else _load_miniupnpc()
+        self._igd = None  # the chosen IGD, kept for renewals and deletion
+        self._lock = threading.Lock()  # one blocking call on it at a time
+
+    @property
+    def available(self):
+        """Whether miniupnpc is installed."""
+        return self._factory is not None
+
+    def _runner(self):
+        if self._run is None:
+            self._run = shared_runner(self.reactor)
+        return self._run
+
+    # -- blocking side (pool threads) -----------------------------------
+
+    def _discover(self, budget):
+        igd = self._factory()
+        igd.discoverdelay = max(50, int(budget * DISCOVERY_SHARE * 1000))
+        igd.discover()
+        control = igd.selectigd()  # raises when no connected IGD answered
+        host = urllib.parse.urlsplit(control).hostname
+        if self.gateway is not None and host != self.gateway:
+            raise LookupError(f"the IGD at {host} is not the gateway {self.gateway}")
+        return igd
+
+    def _map_blocking(self, internal_port, lifetime, external_port, budget):
+        with self._lock:
+            igd = self._igd or self._discover(budget)
+            self._igd = igd
+            address = igd.externalipaddress()
+            lease = int(lifetime)
+            port = external_port
+            for i in range(PORT_TRIES):
+                try:
+                    igd.addportmapping(port, self.proto, igd.lanaddr, internal_port,
+                                       DESCRIPTION, "", lease)
+                    return address, port, lease or lifetime
+                except Exception as e:  # miniupnpc raises plain Exception
+                    error = str(e)
+                if "OnlyPermanentLeasesSupported" in error and lease:
+                    lease = 0  # an IGD v1 that only has permanent leases
+                    continue
+                if "Conflict" not in error:
+                    raise LookupError(error)
+                if i == 0:
+                    try:  # IGD v2: let the gateway choose a free port
+                        port = igd.addanyportmapping(port, self.proto, igd.lanaddr,
+                                                     internal_port, DESCRIPTION, "")
+                        return address, port, lifetime
+                    except Exception:  # v1: no such action
+                        pass
+                port = 1024 + (port * 7919 + i * 104729) % 64511
+            raise LookupError("ConflictInMappingEntry")
+
+    def _delete_blocking(self, external_port):
+        with self._lock:
+            if self._igd is None:
+                return False
+            self._igd.deleteportmapping(external_port, self.proto)
+            return True
+
+    def _probe_blocking(self, budget):
+        with self._lock:
+            igd = self._discover(budget)
+            self._igd = igd
+            return igd.externalipaddress()
+
+    # -- reactor side ------------------------------------------------------
+
+    def request(self, internal_port, lifetime, budget, external=None):
+        """
+        Ask for (or renew) the mapping of ``internal_port``, suggesting
+        ``external``'s port.  Fires with an :class:`Attempt` within ``budget``.
+        """
+        if not self.available:
+            return defer.succeed(Attempt(self.protocol, None, "no-miniupnpc"))
+        port = external[1] if external else internal_port
+        d = defer.maybeDeferred(self._runner(), self._map_blocking, internal_port, lifetime,
+                                port, budget)
+
+        def late(result):
+            if isinstance(result, tuple):
+                self.log.info("port mapping: UPnP granted port {port} after the budget; "
+                              "deleting it", port=result[1])
+                self._runner()(self._delete_blocking, result[1]).addErrback(lambda f: None)
+
+        def outcome(result):
+            if result is None:
+                return Attempt(self.protocol, None, "no-answer")
+            if not isinstance(result, tuple):
+                self._igd = None  # look for the IGD again next time
+                return Attempt(self.protocol, None, str(result))
+            address, ext_port, granted = result
+            mapping = Mapping(self.protocol, (address, ext_port), internal_port,
+                              float(granted), self.reactor.seconds())
+            return Attempt(self.protocol, mapping)
+
+        return _bounded(self.reactor, d, budget, late).addCallback(outcome)
+
+    def delete(self, mapping, budget):
+        """Delete ``mapping``; fires True if the gateway agreed, within ``budget``."""
+        if not self.available:
+            return defer.succeed(False)
+        d = defer.maybeDeferred(self._runner(), self._delete_blocking, mapping.external[1])
+        return _bounded(self.reactor, d, budget, lambda r: None).addCallback(
+            lambda r: r is True)
+
+    def external_address(self, budget):
+        """The external address an IGD on the gateway reports, or ``None``."""
+        if not self.available:
+            return defer.succeed(None)
+        d = defer.maybeDeferred(self._runner(), self._probe_blocking, budget)
+        return _bounded(self.reactor, d, budget, lambda r: None).addCallback(
+            lambda r: r if isinstance(r, str) else None)
+
