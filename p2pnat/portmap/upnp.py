@@ -72,15 +72,18 @@ def _bounded(reactor, d, budget, on_late):
     ``budget`` seconds; in that case ``on_late(result)`` gets ``d``'s
     result when it comes.  Failures of ``d`` are its result too.
     """
-    out = defer.Deferred()
+    def timeout(_=None):
+        if call.active():
+            call.cancel()
+        if not out.called:
+            out.callback(None)
 
-    def timeout():
-        out.callback(None)
-
+    # Cancelling gives up waiting, as the budget's end does.
+    out = defer.Deferred(timeout)
     call = reactor.callLater(budget, timeout)
 
     def done(result):
-        if call.active():
+        if not out.called:
             call.cancel()
             out.callback(result)
         else:
