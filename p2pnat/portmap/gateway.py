@@ -92,6 +92,14 @@ class _Exchange(DatagramProtocol):
     def connectionRefused(self):
         self._finish(REFUSED)
 
+    def stopProtocol(self):
+        # Twisted's epoll reactor closes a connected UDP port whose socket
+        # reports an ICMP error (EPOLLERR without EPOLLIN) instead of calling
+        # connectionRefused: a port that stops before we finished it was
+        # refused.
+        self._port = None
+        self._finish(REFUSED)
+
     def _note(self, reason, error):
         held = self.throttle(("bad", reason))
         if held is not None:

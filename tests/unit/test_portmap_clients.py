@@ -45,19 +45,23 @@ class FakePort:
 
     def write(self, data, addr=None):
         assert not self.closed
-        self.reactor.sent.append((data, self.peer))
+        self.reactor.sent.append((data, addr or self.peer))
         gateway = self.reactor.gateway
         if gateway is None:
+            return
+        if addr is not None:  # unconnected: SSDP, multicast or unicast
+            for reply in gateway.handle_ssdp(data, addr):
+                self.reactor.callLater(RTT, self._deliver, reply, (GATEWAY, 1900))
             return
         if gateway.refuse:
             self.reactor.callLater(RTT, self._refused)
             return
         for reply in gateway.handle(data, self.number):
-            self.reactor.callLater(RTT, self._deliver, reply)
+            self.reactor.callLater(RTT, self._deliver, reply, self.peer)
 
-    def _deliver(self, data):
+    def _deliver(self, data, source):
         if not self.closed:
-            self.proto.datagramReceived(data, self.peer)
+            self.proto.datagramReceived(data, source)
 
     def _refused(self):
         if not self.closed:
@@ -93,9 +97,13 @@ class FakeGateway:
     ``mute`` drops requests without an answer.
     """
 
-    def __init__(self, pcp=True, natpmp=True):
+    def __init__(self, pcp=True, natpmp=True, ssdp=True):
         self.pcp = pcp
         self.natpmp = natpmp
+        #: Whether an IGD answers SSDP searches, and its description's host.
+        self.ssdp = ssdp
+        self.ssdp_host = GATEWAY
+        self.searches = []
         self.refuse = False
         self.mute = False
         self.refuse_with = 0
@@ -110,6 +118,14 @@ class FakeGateway:
         port = self.next_port
         self.next_port += 1
         return port
+
+    def handle_ssdp(self, data, addr):
+        self.searches.append((data, addr))
+        if not self.ssdp or b"InternetGatewayDevice:1" not in data:
+            return []
+        return [b"NOTIFY * HTTP/1.1\r\nNT: upnp:rootdevice\r\n\r\n",
+                (b"HTTP/1.1 200 OK\r\nST: urn:schemas-upnp-org:device:InternetGatewayDevice:1"
+                 b"\r\nLOCATION: http://%s:5000/rootDesc.xml\r\n\r\n" % self.ssdp_host.encode())]
 
     def handle(self, data, source_port):
         self.requests.append(data)
@@ -170,14 +186,13 @@ class FakeGateway:
 class FakeIGD:
     """
     miniupnpc.UPnP's interface on a dict.  ``fail`` is the error text
-    discovery raises (None: an IGD at ``host``); ``conflict`` holds external
+    selecting the IGD raises (None: there is one); ``conflict`` holds external
     ports already taken by someone else; ``v2`` offers AddAnyPortMapping.
     """
 
     table = None  # shared by every instance a test makes (the router's table)
 
-    def __init__(self, host=GATEWAY, fail=None, v2=True, conflict=(), permanent_only=False):
-        self.host = host
+    def __init__(self, fail=None, v2=True, conflict=(), permanent_only=False):
         self.fail = fail
         self.v2 = v2
         self.conflict = set(conflict)
@@ -190,14 +205,11 @@ class FakeIGD:
     def __call__(self):
         return self  # the factory: the client makes "a new" UPnP object
 
-    def discover(self):
-        self.calls.append("discover")
+    def selectigd(self, location):
+        self.calls.append(("select", location))
         if self.fail:
             raise Exception(self.fail)
-        return 1
-
-    def selectigd(self):
-        return f"http://{self.host}:5000/ctl/IPConn"
+        return location.replace("rootDesc.xml", "ctl/IPConn")
 
     def externalipaddress(self):
         return PUBLIC
@@ -309,6 +321,16 @@ class PcpClientTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d).reason, "refused")
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_port_closed_by_the_reactor_is_refused(self):
+        # What Twisted's epoll reactor does on an ICMP error.
+        self.gw.mute = True
+        d = self.client.request(4000, 7200, 1.0)
+        port = self.reactor.ports[0]
+        port.closed = True
+        port.proto.doStop()
+        self.assertEqual(self.successResultOf(d).reason, "refused")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_foreign_and_malformed_answers_are_ignored(self):
         self.gw.mute = True
         d = self.client.request(4000, 7200, 1.0)
@@ -392,58 +414,84 @@ class NatPmpClientTests(SynchronousTestCase):
 
 class UpnpClientTests(SynchronousTestCase):
     def setUp(self):
-        self.reactor = task.Clock()
+        self.gw = FakeGateway()
+        self.reactor = FakeReactor(self.gw)
         self.igd = FakeIGD()
+
+    def tearDown(self):
+        self.assertEqual(self.reactor.open_ports(), [])
 
     def client(self, run=run_now, gateway=GATEWAY):
         return UpnpClient(self.reactor, gateway, run=run, igd_factory=self.igd)
 
+    def request(self, client, *args, **kw):
+        d = client.request(*args, **kw)
+        self.reactor.advance(RTT)
+        return self.successResultOf(d)
+
     def test_grant_and_delete(self):
         client = self.client()
-        attempt = self.successResultOf(client.request(4000, 7200, 1.0))
-        self.assertEqual(attempt.mapping, Mapping("upnp", (PUBLIC, 4000), 4000, 7200.0, 0.0))
+        attempt = self.request(client, 4000, 7200, 1.0)
+        self.assertEqual(attempt.mapping, Mapping("upnp", (PUBLIC, 4000), 4000, 7200.0, RTT))
         self.assertEqual(self.igd.table, {4000: ("UDP", LOCAL, 4000, 7200)})
-        self.assertEqual(self.igd.discoverdelay, 500)
+        self.assertEqual(self.igd.calls[0], ("select", "http://10.0.1.1:5000/rootDesc.xml"))
+        # One search per IGD version, to the SSDP group and to the gateway.
+        self.assertEqual(sorted({addr for _, addr in self.gw.searches}),
+                         [(GATEWAY, 1900), ("239.255.255.250", 1900)])
+        self.assertEqual(len(self.gw.searches), 4)
         self.assertTrue(self.successResultOf(client.delete(attempt.mapping, 1.0)))
         self.assertEqual(self.igd.table, {})
 
     def test_renewal_reuses_the_igd(self):
         client = self.client()
-        client.request(4000, 7200, 1.0)
-        client.request(4000, 7200, 1.0, external=(PUBLIC, 4000))
-        self.assertEqual(self.igd.calls.count("discover"), 1)
+        self.request(client, 4000, 7200, 1.0)
+        self.successResultOf(client.request(4000, 7200, 1.0, external=(PUBLIC, 4000)))
+        self.assertEqual(len(self.gw.searches), 4)
+        self.assertEqual(self.igd.calls.count(("add", 4000, 7200)), 2)
 
     def test_conflict_v2_any_port(self):
         self.igd.conflict = {4000}
-        attempt = self.successResultOf(self.client().request(4000, 7200, 1.0))
-        self.assertEqual(attempt.mapping.external, (PUBLIC, 4001))
+        self.assertEqual(self.request(self.client(), 4000, 7200, 1.0).mapping.external,
+                         (PUBLIC, 4001))
 
     def test_conflict_v1_other_port(self):
         self.igd.conflict = {4000}
         self.igd.v2 = False
-        attempt = self.successResultOf(self.client().request(4000, 7200, 1.0))
-        port = attempt.mapping.external[1]
+        port = self.request(self.client(), 4000, 7200, 1.0).mapping.external[1]
         self.assertNotEqual(port, 4000)
         self.assertTrue(1024 <= port <= 65535)
         self.assertEqual(self.igd.table[port][2], 4000)
 
     def test_permanent_leases_only(self):
         self.igd.permanent_only = True
-        attempt = self.successResultOf(self.client().request(4000, 7200, 1.0))
-        self.assertEqual(attempt.mapping.lifetime, 7200.0)
+        self.assertEqual(self.request(self.client(), 4000, 7200, 1.0).mapping.lifetime, 7200.0)
         self.assertEqual(self.igd.table[4000][3], 0)
 
-    def test_no_igd(self):
+    def test_no_igd_answers(self):
+        self.gw.ssdp = False
+        d = self.client().request(4000, 7200, 1.0)
+        self.reactor.advance(0.6)
+        attempt = self.successResultOf(d)
+        self.assertEqual((attempt.mapping, attempt.reason), (None, "no-igd"))
+        self.assertEqual(self.igd.calls, [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_not_an_igd(self):
         self.igd.fail = "No UPnP device discovered"
-        attempt = self.successResultOf(self.client().request(4000, 7200, 1.0))
+        attempt = self.request(self.client(), 4000, 7200, 1.0)
         self.assertEqual((attempt.mapping, attempt.reason), (None, "No UPnP device discovered"))
 
-    def test_igd_elsewhere_than_the_gateway(self):
-        self.igd.host = "10.0.1.7"
-        attempt = self.successResultOf(self.client().request(4000, 7200, 1.0))
-        self.assertIsNone(attempt.mapping)
-        self.assertIn("not the gateway", attempt.reason)
+    def test_igd_elsewhere_than_the_gateway_is_ignored(self):
+        self.gw.ssdp_host = "10.0.1.7"
+        d = self.client().request(4000, 7200, 1.0)
+        self.reactor.advance(1.0)
+        self.assertEqual(self.successResultOf(d).reason, "no-igd")
         self.assertEqual(self.igd.table, {})
+
+    def test_without_a_known_gateway_any_igd(self):
+        self.gw.ssdp_host = "10.0.1.7"
+        attempt = self.request(self.client(gateway=None), 4000, 7200, 1.0)
+        self.assertEqual(attempt.mapping.protocol, "upnp")
 
     def test_late_grant_is_deleted(self):
         held = Held()
@@ -456,6 +504,16 @@ class UpnpClientTests(SynchronousTestCase):
         self.assertEqual(self.igd.table, {})
         self.assertIn(("delete", 4000), self.igd.calls)
 
+    def test_cancel_gives_up(self):
+        held = Held()
+        d = self.client(run=held).request(4000, 7200, 1.0)
+        self.reactor.advance(RTT)
+        d.cancel()
+        self.assertEqual(self.successResultOf(d).reason, "no-answer")
+        held.release()
+        held.release()
+        self.assertEqual(self.igd.table, {})
+
     def test_without_miniupnpc(self):
         client = UpnpClient(self.reactor, GATEWAY, run=run_now)
         client._factory = None
@@ -464,9 +522,13 @@ class UpnpClientTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(client.external_address(1.0)))
 
     def test_external_address(self):
-        self.assertEqual(self.successResultOf(self.client().external_address(1.0)), PUBLIC)
+        d = self.client().external_address(1.0)
+        self.reactor.advance(RTT)
+        self.assertEqual(self.successResultOf(d), PUBLIC)
         self.igd.fail = "nothing"
-        self.assertIsNone(self.successResultOf(self.client().external_address(1.0)))
+        d = self.client().external_address(1.0)
+        self.reactor.advance(RTT)
+        self.assertIsNone(self.successResultOf(d))
 
 
 class GatewayRouteTests(SynchronousTestCase):
