@@ -11,7 +11,8 @@ The race (:meth:`PortMapper.map`), within one budget:
   both at once could make a NAT-PMP grant whose deletion takes the PCP one
   with it.  NAT-PMP is therefore asked as RFC 6887 section 9 says: when the
   gateway answers PCP with "unsupported version" (or any PCP refusal), or
-  when PCP has had a third of the budget without an answer.
+  when PCP has had a third of the budget without an answer (PCP is then
+  given up).
 - The first grant wins, except that a grant waits for a more preferred
   protocol (pcp > nat-pmp > upnp) still under way, never past the budget.
 - A grant that loses is deleted at once, unless it is the very mapping the
@@ -169,13 +170,13 @@ class PortMapper(service.Service):
         calls = []
         done = defer.Deferred()
         won = []  # the winner, once decided
-        asked = []  # every attempt's Deferred
+        asked = {}  # every attempt's Deferred, by protocol
 
         def ask(protocol, budget):
             pending.add(protocol)
             attempt = self.clients[protocol].request(self.internal_port, self.lifetime, budget,
                                                      suggested)
-            asked.append(attempt)
+            asked[protocol] = attempt
             attempt.addCallback(arrived)
             attempt.addErrback(self._unexpected, protocol)
 
@@ -220,7 +221,7 @@ class PortMapper(service.Service):
                 if attempt.mapping is not None and attempt.mapping is not winner:
                     self._give_back(attempt.mapping, winner)
             won.append(winner)
-            for attempt in asked:
+            for attempt in asked.values():
                 attempt.cancel()  # at the deadline: stop asking (a late grant is given back)
             done.callback(winner)
 
@@ -229,6 +230,10 @@ class PortMapper(service.Service):
                 natpmp_waiting.clear()
                 left = self.budget - (self.reactor.seconds() - started)
                 ask("nat-pmp", max(left, 0.05))
+                # A silent PCP is given up: both at once could leave a
+                # NAT-PMP mapping whose deletion takes the PCP one along.
+                if "pcp" in asked:
+                    asked["pcp"].cancel()
 
         started = self.reactor.seconds()
         natpmp_waiting = []
