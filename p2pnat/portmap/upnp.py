@@ -1,16 +1,21 @@
 # -*- test-case-name: tests.unit.test_portmap_clients -*-
 """
-UPnP IGD (v1 and v2) port mapping through miniupnpc's Python binding.
+UPnP IGD (v1 and v2) port mapping: our own SSDP search on the reactor,
+then miniupnpc's Python binding for the rest.
 
 miniupnpc is the reference UPnP IGD client, maintained with miniupnpd, and
-it already does what we would otherwise write and keep up: SSDP discovery,
-the device description's XML, choosing a connected WANIPConnection (v1 or
-v2) and the SOAP calls.  Its calls block (sockets with their own
-timeouts), so they run on a small thread pool of our own, never the
-reactor's, so that a slow router cannot take the threads that DNS and
-other work need.  Each call to the client is bounded by its budget: a
-result that comes later is not waited for, and a mapping granted too late
-is deleted at once.
+it does what we would otherwise write and keep up: the device
+description's XML, choosing a connected WANIPConnection (v1 or v2) and the
+SOAP calls.  Its own discovery always waits at least a second after the
+last answer, more than a port-mapping budget, so the search is ours (one
+M-SEARCH per IGD version to the SSDP group and to the gateway, the first
+answer wins) and miniupnpc starts from the description URL found.
+
+miniupnpc's calls block (sockets with their own timeouts), so they run on
+a small thread pool of our own, never the reactor's, so that a slow
+router cannot take the threads DNS and other work need.  Each call to the
+client is bounded by its budget: a result that comes later is not waited
+for, and a mapping granted too late is deleted at once.
 """
 
 from __future__ import annotations
@@ -19,16 +24,20 @@ import threading
 import urllib.parse
 
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.portmap.common import DESCRIPTION, Attempt, Mapping
+from p2pnat.protocol import portmap as wire
+from p2pnat.relay.limits import Throttle
 
 #: Threads in our pool: one mapping and one deletion or probe at a time.
 POOL_THREADS = 2
-#: Share of the budget given to SSDP discovery (the rest: HTTP and SOAP).
-DISCOVERY_SHARE = 0.5
+#: Share of the budget the SSDP search may take (the rest: HTTP and SOAP).
+SEARCH_SHARE = 0.6
 #: External ports to try when the one we ask for is taken (IGD v1 has no
 #: "any port" call).
 PORT_TRIES = 3
@@ -69,9 +78,11 @@ def shared_runner(reactor):
 def _bounded(reactor, d, budget, on_late):
     """
     A Deferred that fires with ``d``'s result, or with ``None`` after
-    ``budget`` seconds; in that case ``on_late(result)`` gets ``d``'s
-    result when it comes.  Failures of ``d`` are its result too.
+    ``budget`` seconds (or when cancelled); in that case ``on_late(result)``
+    gets ``d``'s result when it comes.  A failure of ``d`` arrives as a
+    :class:`_Failed` result.
     """
+
     def timeout(_=None):
         if call.active():
             call.cancel()
@@ -103,6 +114,72 @@ class _Failed:
         return " ".join(str(self.error).split())[:80] or type(self.error).__name__
 
 
+class _Search(DatagramProtocol):
+    """
+    An SSDP search for an IGD: fires with the first description URL found
+    (on ``gateway``'s address when it is known), or ``None`` at the end of
+    ``budget``; its socket is closed before it fires.
+    """
+
+    def __init__(self, reactor, gateway, budget, log, throttle):
+        self.reactor = reactor
+        self.gateway = gateway
+        self.budget = budget
+        self.log = log
+        self.throttle = throttle
+        self.done = defer.Deferred(lambda d: self._finish(None))
+        self._calls = []
+        self._port = None
+
+    def start(self):
+        try:
+            self._port = self.reactor.listenUDP(0, self)
+        except CannotListenError as e:
+            self.log.info("port mapping: no SSDP socket: {error}", error=str(e))
+            self._finish(None)
+            return self.done
+        for at in wire.retransmit_times(self.budget)[1:]:
+            self._calls.append(self.reactor.callLater(at, self._send))
+        self._calls.append(self.reactor.callLater(self.budget, self._finish, None))
+        self._send()
+        return self.done
+
+    def _send(self):
+        targets = [wire.SSDP_GROUP]
+        if self.gateway is not None:
+            targets.append((self.gateway, wire.SSDP_GROUP[1]))  # unicast search too
+        for target in targets:
+            for device in wire.IGD_TYPES:
+                try:
+                    self.transport.write(wire.ssdp_search(device), target)
+                except OSError as e:  # no multicast route: the unicast may do
+                    held = self.throttle(("ssdp-send", target))
+                    if held is not None:
+                        self.log.info("port mapping: SSDP to {target}: {error}",
+                                      target=target[0], error=str(e))
+
+    def datagramReceived(self, data, addr):
+        try:
+            _, location = wire.parse_ssdp_response(data)
+        except wire.PortmapError:
+            return  # other SSDP traffic: NOTIFYs, others' searches
+        host = urllib.parse.urlsplit(location).hostname
+        if self.gateway is not None and host != self.gateway:
+            return  # another UPnP device on the LAN, not our NAT
+        self._finish(location)
+
+    def _finish(self, location):
+        if self.done.called:
+            return
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls = []
+        if self._port is not None:
+            self._port.stopListening()
+        self.done.callback(location)
+
+
 class UpnpClient:
     """
     UPnP IGD mappings for one internal port.  ``run`` runs a blocking
@@ -124,6 +201,7 @@ class UpnpClient:
         self.log = log or Logger(namespace="p2pnat.portmap")
         self._run = run
         self._factory = igd_factory if igd_factory is not None else _load_miniupnpc()
+        self._throttle = Throttle(reactor)
         self._igd = None  # the chosen IGD, kept for renewals and deletion
         self._lock = threading.Lock()  # one blocking call on it at a time
 
@@ -139,20 +217,18 @@ class UpnpClient:
 
     # -- blocking side (pool threads) -----------------------------------
 
-    def _discover(self, budget):
+    def _select(self, location):
+        """The IGD described at ``location`` (miniupnpc raises if it is not one)."""
+        if location is None:
+            return self._igd
         igd = self._factory()
-        igd.discoverdelay = max(50, int(budget * DISCOVERY_SHARE * 1000))
-        igd.discover()
-        control = igd.selectigd()  # raises when no connected IGD answered
-        host = urllib.parse.urlsplit(control).hostname
-        if self.gateway is not None and host != self.gateway:
-            raise LookupError(f"the IGD at {host} is not the gateway {self.gateway}")
+        igd.selectigd(location)
+        self._igd = igd
         return igd
 
-    def _map_blocking(self, internal_port, lifetime, external_port, budget):
+    def _map_blocking(self, location, internal_port, lifetime, external_port):
         with self._lock:
-            igd = self._igd or self._discover(budget)
-            self._igd = igd
+            igd = self._select(location)
             address = igd.externalipaddress()
             lease = int(lifetime)
             port = external_port
@@ -185,13 +261,35 @@ class UpnpClient:
             self._igd.deleteportmapping(external_port, self.proto)
             return True
 
-    def _probe_blocking(self, budget):
+    def _address_blocking(self, location):
         with self._lock:
-            igd = self._discover(budget)
-            self._igd = igd
-            return igd.externalipaddress()
+            return self._select(location).externalipaddress()
 
     # -- reactor side ------------------------------------------------------
+
+    def _with_igd(self, budget, blocking, *args, on_late=lambda result: None):
+        """
+        Find the IGD (unless known), then run ``blocking(location, *args)``
+        on the pool (``location`` ``None``: the known IGD), all within
+        ``budget``.  Fires with its result, a :class:`_Failed`, ``"no-igd"``
+        or ``None`` (out of time).
+        """
+        started = self.reactor.seconds()
+        if self._igd is not None:
+            found = defer.succeed(None)
+        else:
+            search = _Search(self.reactor, self.gateway, budget * SEARCH_SHARE, self.log,
+                             self._throttle)
+            found = search.start().addCallback(lambda location: location or "no-igd")
+
+        def run(location):
+            if location == "no-igd":
+                return location
+            left = budget - (self.reactor.seconds() - started)
+            d = defer.maybeDeferred(self._runner(), blocking, location, *args)
+            return _bounded(self.reactor, d, max(left, 0.0), on_late)
+
+        return found.addCallback(run)
 
     def request(self, internal_port, lifetime, budget, external=None):
         """
@@ -201,8 +299,6 @@ class UpnpClient:
         if not self.available:
             return defer.succeed(Attempt(self.protocol, None, "no-miniupnpc"))
         port = external[1] if external else internal_port
-        d = defer.maybeDeferred(self._runner(), self._map_blocking, internal_port, lifetime,
-                                port, budget)
 
         def late(result):
             if isinstance(result, tuple):
@@ -214,18 +310,20 @@ class UpnpClient:
             if result is None:
                 return Attempt(self.protocol, None, "no-answer")
             if not isinstance(result, tuple):
-                self._igd = None  # look for the IGD again next time
+                if isinstance(result, _Failed):
+                    self._igd = None  # look for the IGD again next time
                 return Attempt(self.protocol, None, str(result))
             address, ext_port, granted = result
             mapping = Mapping(self.protocol, (address, ext_port), internal_port,
                               float(granted), self.reactor.seconds())
             return Attempt(self.protocol, mapping)
 
-        return _bounded(self.reactor, d, budget, late).addCallback(outcome)
+        return self._with_igd(budget, self._map_blocking, internal_port, lifetime, port,
+                              on_late=late).addCallback(outcome)
 
     def delete(self, mapping, budget):
         """Delete ``mapping``; fires True if the gateway agreed, within ``budget``."""
-        if not self.available:
+        if not self.available or self._igd is None:
             return defer.succeed(False)
         d = defer.maybeDeferred(self._runner(), self._delete_blocking, mapping.external[1])
         return _bounded(self.reactor, d, budget, lambda r: None).addCallback(
@@ -235,7 +333,5 @@ class UpnpClient:
         """The external address an IGD on the gateway reports, or ``None``."""
         if not self.available:
             return defer.succeed(None)
-        d = defer.maybeDeferred(self._runner(), self._probe_blocking, budget)
-        return _bounded(self.reactor, d, budget, lambda r: None).addCallback(
-            lambda r: r if isinstance(r, str) else None)
-
+        return self._with_igd(budget, self._address_blocking).addCallback(
+            lambda r: r if isinstance(r, str) and r != "no-igd" else None)

@@ -22,6 +22,9 @@ What it promises:
   gateway has lost its mappings (a reboot).
 - :func:`retransmit_times` is the retransmission schedule, RFC 6886's
   250 ms doubling, cut to a budget.
+- :func:`ssdp_search` and :func:`parse_ssdp_response` are the SSDP
+  M-SEARCH that finds a UPnP Internet Gateway Device and its answer's
+  description URL (UPnP Device Architecture 1.1, section 1.3).
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ __all__ = [
     "check_pcp_map",
     "EpochCheck",
     "retransmit_times",
+    "SSDP_GROUP",
+    "IGD_TYPES",
+    "ssdp_search",
+    "parse_ssdp_response",
 ]
 
 #: The port a NAT-PMP or PCP server listens on, on the client's gateway.
@@ -386,3 +393,57 @@ def retransmit_times(budget, first=0.25):
         times.append(times[-1] + gap)
         gap *= 2
     return times
+
+
+#: Where SSDP searches go.
+SSDP_GROUP = ("239.255.255.250", 1900)
+#: The device types of IGD v1 and v2.
+IGD_TYPES = (
+    "urn:schemas-upnp-org:device:InternetGatewayDevice:1",
+    "urn:schemas-upnp-org:device:InternetGatewayDevice:2",
+)
+#: The most of an SSDP answer we read.
+MAX_SSDP_SIZE = 2048
+
+
+def ssdp_search(search_target, mx=1):
+    """An SSDP M-SEARCH request for ``search_target`` (bytes)."""
+    if not 1 <= mx <= 5:
+        raise PortmapError("argument", "MX is 1 to 5 seconds")
+    return (
+        "M-SEARCH * HTTP/1.1\r\n"
+        f"HOST: {SSDP_GROUP[0]}:{SSDP_GROUP[1]}\r\n"
+        'MAN: "ssdp:discover"\r\n'
+        f"MX: {mx}\r\n"
+        f"ST: {search_target}\r\n"
+        "\r\n"
+    ).encode("ascii")
+
+
+def parse_ssdp_response(data):
+    """
+    The ``(search target, description URL)`` of an SSDP search answer;
+    :class:`PortmapError` for anything else (a NOTIFY, another search,
+    a malformed or oversized datagram, a URL that is not plain http).
+    """
+    if not isinstance(data, bytes | bytearray) or len(data) > MAX_SSDP_SIZE:
+        raise PortmapError("length", "not an SSDP answer")
+    try:
+        text = bytes(data).decode("ascii")
+    except UnicodeDecodeError:
+        raise PortmapError("encoding", "an SSDP answer is ASCII") from None
+    lines = text.split("\r\n")
+    status = lines[0].split()
+    if len(status) < 2 or not status[0].startswith("HTTP/1.") or status[1] != "200":
+        raise PortmapError("status", lines[0][:40])
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    location, target = headers.get("location"), headers.get("st")
+    if not location or not target:
+        raise PortmapError("header", "an SSDP answer needs LOCATION and ST")
+    if not location.startswith("http://") or any(c in location for c in " \t\"<>"):
+        raise PortmapError("location", location[:60])
+    return target, location

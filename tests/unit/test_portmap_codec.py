@@ -205,3 +205,59 @@ class RetransmitTests(SynchronousTestCase):
         self.assertEqual(P.retransmit_times(1.0), [0.0, 0.25, 0.75])
         self.assertEqual(P.retransmit_times(0.2), [0.0])
         self.assertEqual(len(P.retransmit_times(10000)), 9)
+
+
+SSDP_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\n"
+    b"ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n"
+    b"USN: uuid:x::urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\nEXT:\r\n"
+    b"SERVER: Debian UPnP/1.1 MiniUPnPd/2.3.1\r\n"
+    b"LOCATION: http://10.0.1.1:5000/rootDesc.xml\r\n\r\n"
+)
+
+
+class SsdpTests(SynchronousTestCase):
+    def test_search(self):
+        req = P.ssdp_search(P.IGD_TYPES[0])
+        self.assertTrue(req.startswith(b"M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\n"))
+        self.assertIn(b"\r\nMX: 1\r\nST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n",
+                      req)
+        self.assertTrue(req.endswith(b"\r\n\r\n"))
+        self.assertRaises(PortmapError, P.ssdp_search, "x", 0)
+
+    def test_answer(self):
+        self.assertEqual(P.parse_ssdp_response(SSDP_ANSWER),
+                         (P.IGD_TYPES[0], "http://10.0.1.1:5000/rootDesc.xml"))
+
+    def test_not_answers(self):
+        cases = {
+            P.ssdp_search("ssdp:all"): "status",
+            b"NOTIFY * HTTP/1.1\r\nLOCATION: http://x/\r\nNT: a\r\n\r\n": "status",
+            SSDP_ANSWER.replace(b"LOCATION", b"X-LOC"): "header",
+            SSDP_ANSWER.replace(b"http://", b"file://"): "location",
+            SSDP_ANSWER.replace(b"OK", b"\xff"): "encoding",
+            SSDP_ANSWER + bytes(3000): "length",
+            b"": "status",
+        }
+        for data, reason in cases.items():
+            with self.subTest(data=data[:30]):
+                self.assertEqual(self.assertRaises(PortmapError, P.parse_ssdp_response,
+                                                   data).reason, reason)
+
+    def test_fuzz(self):
+        rng = random.Random(1900)
+        for _ in range(2000):
+            data = bytearray(SSDP_ANSWER)
+            for _ in range(rng.randrange(1, 4)):
+                i = rng.randrange(len(data))
+                if rng.random() < 0.5:
+                    data[i] = rng.randrange(256)
+                else:
+                    del data[i:]
+                    if not data:
+                        break
+            try:
+                target, location = P.parse_ssdp_response(bytes(data))
+            except PortmapError:
+                continue
+            self.assertTrue(location.startswith("http://"))
