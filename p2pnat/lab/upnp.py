@@ -200,7 +200,7 @@ class MiniUPnPd:
 
     def describe(self):
         """Its output, for a failure message."""
-        return "\n".join([self.process.describe(), self.stun.describe()])
+        return f"{self.process.describe()}\n{self.stun.describe()}"
 
     def stop(self):
         """End miniupnpd and its STUN responder and drop its table."""

@@ -103,5 +103,12 @@ def check_gateway(gateway):
         raise ValueError(f"gateway {gateway!r} is not an IPv4 address") from e
 
 
-__all__ = ["PROTOCOLS", "DESCRIPTION", "Mapping", "Attempt", "parse_default_gateway",
-           "default_gateway", "check_gateway"]
+__all__ = [
+    "DESCRIPTION",
+    "PROTOCOLS",
+    "Attempt",
+    "Mapping",
+    "check_gateway",
+    "default_gateway",
+    "parse_default_gateway",
+]

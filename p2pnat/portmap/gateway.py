@@ -32,44 +32,75 @@ CANCELLED = "cancelled"
 _ENDINGS = (NO_ANSWER, REFUSED, CANCELLED)
 
 
-class _Exchange(DatagramProtocol):
+class Asking(DatagramProtocol):
     """
-    One request to ``gateway``:5351 and the answer to it.  ``accept(response)``
-    gets each decoded response and returns the exchange's result, or ``None``
-    to keep waiting (not ours, an ANNOUNCE...).  The Deferred fires with that
-    result or one of :data:`NO_ANSWER`, :data:`REFUSED`, :data:`CANCELLED`;
-    the socket is closed before it fires.
+    A request on its own UDP socket, sent on RFC 6886's schedule cut to
+    ``budget``: :meth:`start` fires :attr:`done` with what :meth:`_finish`
+    is given (an answer; ``ending`` at the budget's end or when no socket
+    can be had; ``cancelled`` when cancelled); the socket is closed and
+    every timer cancelled before it fires.  Subclasses send in
+    :meth:`_send` and may connect or prepare in :meth:`_prepare`.
     """
 
-    def __init__(self, reactor, gateway, build, accept, budget, log, throttle):
+    def __init__(self, reactor, budget, log, throttle, ending, cancelled=None):
         self.reactor = reactor
-        self.gateway = gateway
-        self.build = build
-        self.accept = accept
         self.budget = budget
         self.log = log
         self.throttle = throttle
-        self.done = defer.Deferred(lambda d: self._finish(CANCELLED))
+        self.ending = ending
+        cancelled = ending if cancelled is None else cancelled
+        self.done = defer.Deferred(lambda d: self._finish(cancelled))
         self._calls = []
         self._port = None
-        self._request = None
+
+    def _prepare(self):
+        """Called once the socket is open, before the first send."""
 
     def start(self):
         try:
             self._port = self.reactor.listenUDP(0, self)
-            self.transport.connect(self.gateway, wire.PORT)
-            self._request = self.build(self.transport.getHost().host)
+            self._prepare()
         except (CannotListenError, OSError, ValueError) as e:
             # No route to the gateway, no socket: the same as no answer.
-            self.log.info("port mapping: cannot reach {gateway}: {error}",
-                          gateway=self.gateway, error=str(e))
-            self._finish(NO_ANSWER)
+            self.log.info("port mapping: cannot ask: {error}", error=str(e))
+            self._finish(self.ending)
             return self.done
         for at in wire.retransmit_times(self.budget)[1:]:
             self._calls.append(self.reactor.callLater(at, self._send))
-        self._calls.append(self.reactor.callLater(self.budget, self._finish, NO_ANSWER))
+        self._calls.append(self.reactor.callLater(self.budget, self._finish, self.ending))
         self._send()
         return self.done
+
+    def _finish(self, result):
+        if self.done.called:
+            return
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls = []
+        if self._port is not None:
+            self._port.stopListening()
+        self.done.callback(result)
+
+
+class _Exchange(Asking):
+    """
+    One request to ``gateway``:5351 and the answer to it.  ``accept(response)``
+    gets each decoded response and returns the exchange's result, or ``None``
+    to keep waiting (not ours, an ANNOUNCE...).  The Deferred fires with that
+    result or one of :data:`NO_ANSWER`, :data:`REFUSED`, :data:`CANCELLED`.
+    """
+
+    def __init__(self, reactor, gateway, build, accept, budget, log, throttle):
+        super().__init__(reactor, budget, log, throttle, NO_ANSWER, CANCELLED)
+        self.gateway = gateway
+        self.build = build
+        self.accept = accept
+        self._request = None
+
+    def _prepare(self):
+        self.transport.connect(self.gateway, wire.PORT)
+        self._request = self.build(self.transport.getHost().host)
 
     def _send(self):
         try:
@@ -106,18 +137,6 @@ class _Exchange(DatagramProtocol):
             self.log.info("port mapping: ignored a datagram from {gateway} ({reason}: {error}; "
                           "{held} more held back)", gateway=self.gateway, reason=reason,
                           error=str(error), held=held)
-
-    def _finish(self, result):
-        if self.done.called:
-            return
-        for call in self._calls:
-            if call.active():
-                call.cancel()
-        self._calls = []
-        if self._port is not None:
-            self._port.stopListening()
-        self.done.callback(result)
-
 
 class _GatewayClient:
     """What the PCP and NAT-PMP clients share: the gateway, the epoch, logs."""

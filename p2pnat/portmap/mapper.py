@@ -335,8 +335,8 @@ class PortMapper(service.Service):
                 self.log.failure("port mapping: a subscriber failed")
 
     def _unexpected(self, failure, what):
+        # Returns None: the Deferred goes on as if nothing was granted.
         self.log.failure("port mapping: {what} failed", failure, what=what)
-        return None
 
 
 def probe(reactor, gateway=None, budget=1.0):

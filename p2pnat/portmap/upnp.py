@@ -24,13 +24,12 @@ import threading
 import urllib.parse
 
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.portmap.common import DESCRIPTION, Attempt, Mapping
+from p2pnat.portmap.gateway import Asking
 from p2pnat.protocol import portmap as wire
 from p2pnat.relay.limits import Throttle
 
@@ -114,35 +113,16 @@ class _Failed:
         return " ".join(str(self.error).split())[:80] or type(self.error).__name__
 
 
-class _Search(DatagramProtocol):
+class _Search(Asking):
     """
     An SSDP search for an IGD: fires with the first description URL found
     (on ``gateway``'s address when it is known), or ``None`` at the end of
-    ``budget``; its socket is closed before it fires.
+    ``budget``.
     """
 
     def __init__(self, reactor, gateway, budget, log, throttle):
-        self.reactor = reactor
+        super().__init__(reactor, budget, log, throttle, None)
         self.gateway = gateway
-        self.budget = budget
-        self.log = log
-        self.throttle = throttle
-        self.done = defer.Deferred(lambda d: self._finish(None))
-        self._calls = []
-        self._port = None
-
-    def start(self):
-        try:
-            self._port = self.reactor.listenUDP(0, self)
-        except CannotListenError as e:
-            self.log.info("port mapping: no SSDP socket: {error}", error=str(e))
-            self._finish(None)
-            return self.done
-        for at in wire.retransmit_times(self.budget)[1:]:
-            self._calls.append(self.reactor.callLater(at, self._send))
-        self._calls.append(self.reactor.callLater(self.budget, self._finish, None))
-        self._send()
-        return self.done
 
     def _send(self):
         targets = [wire.SSDP_GROUP]
@@ -167,17 +147,6 @@ class _Search(DatagramProtocol):
         if self.gateway is not None and host != self.gateway:
             return  # another UPnP device on the LAN, not our NAT
         self._finish(location)
-
-    def _finish(self, location):
-        if self.done.called:
-            return
-        for call in self._calls:
-            if call.active():
-                call.cancel()
-        self._calls = []
-        if self._port is not None:
-            self._port.stopListening()
-        self.done.callback(location)
 
 
 class UpnpClient:

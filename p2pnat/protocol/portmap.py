@@ -34,28 +34,28 @@ import struct
 from dataclasses import dataclass
 
 __all__ = [
-    "PORT",
-    "NATPMP_VERSION",
-    "PCP_VERSION",
+    "IGD_TYPES",
     "MAX_PCP_SIZE",
+    "NATPMP_RESULTS",
+    "NATPMP_VERSION",
+    "PCP_RESULTS",
+    "PCP_VERSION",
+    "PORT",
+    "SSDP_GROUP",
     "TRANSPORTS",
-    "PortmapError",
+    "EpochCheck",
     "NatPmpResponse",
     "PcpResponse",
-    "NATPMP_RESULTS",
-    "PCP_RESULTS",
+    "PortmapError",
+    "check_pcp_map",
+    "decode_response",
     "natpmp_external_request",
     "natpmp_map_request",
-    "pcp_map_request",
-    "pcp_announce_request",
-    "decode_response",
-    "check_pcp_map",
-    "EpochCheck",
-    "retransmit_times",
-    "SSDP_GROUP",
-    "IGD_TYPES",
-    "ssdp_search",
     "parse_ssdp_response",
+    "pcp_announce_request",
+    "pcp_map_request",
+    "retransmit_times",
+    "ssdp_search",
 ]
 
 #: The port a NAT-PMP or PCP server listens on, on the client's gateway.
@@ -375,10 +375,9 @@ class EpochCheck:
         server_delta = epoch - last[1]
         if epoch < last[1] - 1:
             return False
-        if (client_delta + 2 < server_delta - server_delta / 16
-                or server_delta + 2 < client_delta - client_delta / 16):
-            return False
-        return True
+        # Each side's clock may run 1/16 off the other's, plus 2 s of rounding.
+        return not (client_delta + 2 < server_delta - server_delta / 16
+                    or server_delta + 2 < client_delta - client_delta / 16)
 
 
 def retransmit_times(budget, first=0.25):

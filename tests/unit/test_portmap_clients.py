@@ -18,7 +18,6 @@ from p2pnat.portmap import common
 from p2pnat.portmap.common import Mapping
 from p2pnat.portmap.gateway import NatPmpClient, PcpClient
 from p2pnat.portmap.upnp import UpnpClient
-from p2pnat.protocol import portmap as wire
 from tests.unit.test_portmap_codec import natpmp_map_response, pcp_map_response
 
 LOCAL = "10.0.1.2"

@@ -257,7 +257,7 @@ class SsdpTests(SynchronousTestCase):
                     if not data:
                         break
             try:
-                target, location = P.parse_ssdp_response(bytes(data))
+                _, location = P.parse_ssdp_response(bytes(data))
             except PortmapError:
                 continue
             self.assertTrue(location.startswith("http://"))

@@ -166,7 +166,7 @@ class RaceTests(Base):
                    {"gateway": "router.lan"}):
             args = {"internal_port": 4000, **kw}
             with self.subTest(kw=kw):
-                self.assertRaises(ValueError, lambda: PortMapper(self.reactor, **args))
+                self.assertRaises(ValueError, lambda args=args: PortMapper(self.reactor, **args))
 
 
 class ServiceTests(Base):
