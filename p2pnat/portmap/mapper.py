@@ -26,7 +26,7 @@ from twisted.application import service
 from twisted.internet import defer
 
 from p2pnat.daemon.logs import Logger
-from p2pnat.portmap.common import PROTOCOLS, check_gateway, default_gateway
+from p2pnat.portmap.common import PROTOCOLS, Attempt, check_gateway, default_gateway
 from p2pnat.portmap.gateway import NatPmpClient, PcpClient
 from p2pnat.portmap.upnp import UpnpClient
 
@@ -138,7 +138,7 @@ class PortMapper(service.Service):
             self.log.info("port mapping: deleting {protocol} mapping {ip}:{port}",
                           protocol=mapping.protocol, ip=mapping.external[0],
                           port=mapping.external[1])
-            deletions.append(self.clients[mapping.protocol].delete(mapping, self.budget))
+            deletions.append(self._delete(mapping))
             self._tell(None)
         if self._racing:
             # What the race grants is given back when it ends (within the budget).
@@ -255,8 +255,13 @@ class PortMapper(service.Service):
         self.log.info("port mapping: giving back the {protocol} grant {ip}:{port}",
                       protocol=mapping.protocol, ip=mapping.external[0],
                       port=mapping.external[1])
-        return self.clients[mapping.protocol].delete(mapping, self.budget).addErrback(
-            self._unexpected, "delete")
+        return self._delete(mapping)
+
+    def _delete(self, mapping):
+        client = self.clients.get(mapping.protocol)
+        if client is None:  # the gateway changed since: the mapping went with it
+            return defer.succeed(False)
+        return client.delete(mapping, self.budget).addErrback(self._unexpected, "delete")
 
     # -- holding the mapping ------------------------------------------------
 
@@ -288,8 +293,11 @@ class PortMapper(service.Service):
         mapping = self.current
         if mapping is None or not self.running:
             return
-        d = self.clients[mapping.protocol].request(self.internal_port, self.lifetime,
-                                                   self.budget, mapping.external)
+        client = self.clients.get(mapping.protocol)
+        if client is None:  # the gateway changed since
+            d = defer.succeed(Attempt(mapping.protocol, None, "gateway-changed"))
+        else:
+            d = client.request(self.internal_port, self.lifetime, self.budget, mapping.external)
 
         def renewed(attempt):
             if not self.running or self.current is not mapping:

@@ -234,6 +234,18 @@ class ServiceTests(Base):
         m.stopService()
         self.reactor.advance(RTT)
 
+    def test_gateway_gone(self):
+        """A mapping on a gateway that is no longer ours is lost, not an error."""
+        self.patch(mapper, "default_gateway", lambda: GATEWAY)
+        m = self.start(gateway=None, protocols=("pcp",), lifetime=100)
+        self.assertIsNotNone(m.current)
+        self.patch(mapper, "default_gateway", lambda: None)  # the route went away
+        self.assertIsNone(self.successResultOf(m.map()))
+        self.reactor.pump([1.0] * 101)
+        self.assertIsNone(m.current)
+        self.assertEqual(self.seen[-1], None)
+        self.successResultOf(m.stopService())
+
     def test_stop_deletes(self):
         m = self.start()
         self.assertEqual(len(self.gw.mappings), 1)
