@@ -167,3 +167,16 @@ def loss_ruleset(port, loss_pct):
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def accept_dnat_rule(wan="wan"):
+    """
+    An ``nft -f`` command that lets through a router's firewall what a
+    port-mapping daemon on it (miniupnpd, :mod:`p2pnat.lab.upnp`) forwards:
+    the forward chain of :func:`router_ruleset` drops every new flow from
+    the WAN, and a drop in one nftables chain wins over an accept in
+    another table's, so miniupnpd's own accept rules are not enough.  Only
+    flows that a DNAT rule rewrote match, and only miniupnpd adds DNAT
+    rules in the lab.
+    """
+    return f'insert rule ip {TABLE} forward iifname "{wan}" ct status dnat accept\n'
