@@ -7,7 +7,9 @@ Pure logic: times are passed in, persistence is a queue the caller
 flushes, the socket a notify arrived at is an opaque object.
 """
 
+import functools
 import ipaddress
+from collections import namedtuple
 from dataclasses import dataclass
 
 
@@ -73,29 +75,41 @@ def usable_mapped(observed, mapped):
     """
     if mapped is None or observed is None or not mapped[1]:
         return None
-    try:
-        ip = ipaddress.ip_address(mapped[0])
-        seen = ipaddress.ip_address(observed[0])
-    except ValueError:
+    ip, seen = _scope(mapped[0]), _scope(observed[0])
+    if ip is None or seen is None:
         return None
-    if seen.version == 6 and seen.ipv4_mapped is not None:
+    if seen.ipv4_mapped is not None:
         if ip.version != 4:
             return None
-        seen, host = seen.ipv4_mapped, f"::ffff:{ip}"
+        seen, host = seen.ipv4_mapped, f"::ffff:{ip.text}"
     elif ip.version != seen.version:
         return None
     else:
-        host = str(ip)
-    if (ip.is_unspecified or ip.is_multicast or ip == _BROADCAST
-            or (ip.is_loopback and not seen.is_loopback)
-            or (ip.is_link_local and not seen.is_link_local)
-            or (not ip.is_global and seen.is_global)):
+        host = ip.text
+    if (ip.unusable or (ip.loopback and not seen.loopback)
+            or (ip.link_local and not seen.link_local) or (not ip.is_global and seen.is_global)):
         return None
     target = (host, mapped[1])
     return None if target == tuple(observed) else target
 
 
+_Scope = namedtuple("_Scope", "text version unusable loopback link_local is_global ipv4_mapped")
 _BROADCAST = ipaddress.ip_address("255.255.255.255")
+
+
+@functools.lru_cache(maxsize=4096)
+def _scope(host):
+    # Cached: ipaddress's scope properties cost tens of µs, and notifies
+    # come from few distinct hosts per second.
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    v4 = getattr(ip, "ipv4_mapped", None)
+    return _Scope(str(ip), ip.version,
+                  ip.is_unspecified or ip.is_multicast or ip == _BROADCAST,
+                  ip.is_loopback, ip.is_link_local, ip.is_global,
+                  _scope(str(v4)) if v4 is not None else None)
 
 
 @dataclass(frozen=True)

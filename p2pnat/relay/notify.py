@@ -71,7 +71,7 @@ class NotifyHandler:
                                   addr=wire.format_addr(addr))
                 if old is not None and old != addr:
                     self.on_moved(device_id)
-            if changed or message.mapped is not None:
+            if changed or (message.mapped is not None and d.mapped is None):
                 self._mapped_told(d, old_mapped, message.mapped, addr)
             flags = wire.TAKES_MAPPED
             if d.last_access is None or now - d.last_access > self.table.period / 2:
