@@ -133,8 +133,9 @@ class NotifyHandler:
                       addr=wire.format_addr(addr), there=wire.format_addr(d.addr))
         size = len(frame.signed) + wire.MAC_LEN
         for to, sock in ((d.addr, d.socket or proto), (addr, proto)):
-            ack = wire.seal(wire.NotifyAck(frame.timestamp, to, wire.NEED_NOTIFY_A), d.id,
-                            d.mac_key, sock.stamper())
+            ack = wire.seal(wire.NotifyAck(frame.timestamp, to,
+                                           wire.NEED_NOTIFY_A | wire.TAKES_MAPPED),
+                            d.id, d.mac_key, sock.stamper())
             if len(ack) <= size:  # no amplification, as for any answer
                 sock.send(ack, to, "NotifyAck")
 

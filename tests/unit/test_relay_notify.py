@@ -662,6 +662,23 @@ class MappedAddressTests(SynchronousTestCase):
         self.assertEqual(h.table.get("dev-1").mapped, MAPPED)
 
 
+    def test_kept_through_a_raced_notify(self):
+        """
+        A copy of the device's notify from elsewhere makes the relay ask
+        for a fresh notify A (L{RacedNotifyTests}); that ask, too, says the
+        relay takes the mapped address, so the fresh notify A tells it.
+        """
+        h = self.h
+        d = self.start()
+        [genuine] = h.sent(wire.NotifyB)[-1:]
+        h.relay.transport.written.clear()
+        h.relay.datagramReceived(genuine, ("198.51.100.66", 4444))
+        self.assertTrue(all(wire.unseal(data, lambda k, t: KEY)[1].flags & wire.TAKES_MAPPED
+                            for data, to in h.relay.transport.written))
+        last_a = wire.unseal(h.sent(wire.NotifyA)[-1], lambda k, t: KEY)[1]
+        self.assertEqual(last_a.mapped, MAPPED)
+        self.assertEqual(d.mapped, MAPPED)
+
 class OlderRelayTests(SynchronousTestCase):
     """
     An agent never tells its mapped address to a relay that did not say it
@@ -711,3 +728,4 @@ class OlderRelayTests(SynchronousTestCase):
         self.assertLessEqual(h.clock.seconds() - h.table.get("dev-1").last_access, 100)
         last_a = wire.unseal(h.sent(wire.NotifyA)[-1], lambda k, t: KEY)[1]
         self.assertIsNone(last_a.mapped)
+
