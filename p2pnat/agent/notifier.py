@@ -238,7 +238,7 @@ class Notifier:
         if message.flags & wire.NEED_NOTIFY_A:
             self.notify_a()
         elif self._takes_mapped is not None and not told and self.mapped is not None:
-            self.notify_b()  # the mapped address, which the notify answered left out
+            self.notify_b()  # with the mapped address the acknowledged notify left out
 
     def _got_connect(self, message, addr):
         if not self.seen.add(message.session_id):
