@@ -66,6 +66,10 @@ class Notifier:
         self.period = None
         self.public_addr = None
         self.last_ack = None
+        #: Our port-mapped public (host, port) (L{set_mapped}), or None.
+        self.mapped = None
+        self._takes_mapped = None  # the relay address whose NotifyAck said it takes it
+        self._mapped_a_at = None  # when the last notify A that told it was sent
         self._period_asked = {}  # timestamp -> local send time
         self._retry = 1.0
         self._period_call = None
@@ -126,10 +130,36 @@ class Notifier:
         return run
 
     def notify_a(self):
-        self._send(wire.NotifyA(local=self._local()))
+        if self._mapped_a_at is not None and (self.last_ack or 0) < self._mapped_a_at:
+            # The last notify A that told our mapped address got no answer:
+            # the relay may have been replaced by one that refuses it.
+            # Leave it out until a NotifyAck says the relay takes it again.
+            self._takes_mapped = None
+        mapped = self._mapped_told()
+        self._mapped_a_at = self.clock.seconds() if mapped is not None else None
+        self._send(wire.NotifyA(local=self._local(), mapped=mapped))
 
     def notify_b(self):
-        self._send(wire.NotifyB(local=self._local()))
+        self._send(wire.NotifyB(local=self._local(), mapped=self._mapped_told()))
+
+    def _relay_takes_mapped(self):
+        # Only a relay that said so: an older one drops a notify that tells it.
+        return self._takes_mapped is not None and self._takes_mapped == self.relay_addr
+
+    def _mapped_told(self):
+        return self.mapped if self._relay_takes_mapped() else None
+
+    def set_mapped(self, addr):
+        """
+        Our port-mapped public (host, port), or None once the mapping is
+        gone: every notify tells it from now on (to a relay that takes it,
+        L{wire.TAKES_MAPPED}), and a notify B tells it at once.
+        """
+        if addr == self.mapped:
+            return
+        self.mapped = addr
+        if self.proto is not None and self._relay_takes_mapped():
+            self._safely(self.notify_b)()
 
     def _local(self):
         host = self.proto.transport.getHost()
@@ -203,8 +233,12 @@ class Notifier:
         if message.observed != self.public_addr:
             self.log.info("public address is {addr}", addr=wire.format_addr(message.observed))
             self.public_addr = message.observed
+        told = self._relay_takes_mapped()
+        self._takes_mapped = self.relay_addr if message.flags & wire.TAKES_MAPPED else None
         if message.flags & wire.NEED_NOTIFY_A:
             self.notify_a()
+        elif self._takes_mapped is not None and not told and self.mapped is not None:
+            self.notify_b()  # with the mapped address the acknowledged notify left out
 
     def _got_connect(self, message, addr):
         if not self.seen.add(message.session_id):

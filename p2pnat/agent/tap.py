@@ -9,6 +9,7 @@ import stat
 
 from twisted.application import service
 
+from p2pnat.agent import portmap
 from p2pnat.agent.notifier import Notifier
 from p2pnat.agent.tunnel import AgentTunnel
 from p2pnat.daemon import config as C
@@ -44,7 +45,7 @@ SCHEMA = [
               "seconds between notify B (keep it below the NAT's UDP timeout)", C.positive),
     C.Setting("udp.listen", str, "0.0.0.0:0", "local UDP address for notifies", C.hostport),
     C.Setting("tls.fast_path", bool, True, fastio.SETTING_HELP),
-] + C.COMMON
+] + portmap.SCHEMA + C.COMMON
 
 
 class Options(make_options("device-agent", SCHEMA, "device-agent.toml")):
@@ -140,8 +141,10 @@ class AgentService(service.MultiService):
                                      self.notifier.replay, name="agent.udp", stun_rate=0,
                                      stamper=self.notifier.stamper)
         host, port = C.parse_hostport(config["udp.listen"])
-        UDPService(reactor, host, port, self.proto).setServiceParent(self)
+        udp = UDPService(reactor, host, port, self.proto)
+        udp.setServiceParent(self)
         common_services(config, self.metrics, reactor, self)
+        self.port_mapping = portmap.add_port_mapping(config, reactor, udp, self.notifier, self)
         self._resolving = None
 
     def startService(self):

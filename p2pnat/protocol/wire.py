@@ -291,20 +291,35 @@ class Notify(Message):
     Device to relay.  Kind A (``TYPE`` 0x12) records the source address and
     the last access time; kind B (0x13) only keeps the NAT mapping open.
     ``local`` is the device's own socket address (for same-LAN detection).
+
+    ``mapped`` is the public (host, port) its gateway granted for the
+    device's notify socket by port mapping (PCP, NAT-PMP or UPnP), or None:
+    the relay sends connect requests there too.  It follows ``local`` in
+    the body, before the padding; without it the body is byte for byte
+    the one of devices that know nothing of port mapping (an address's
+    family byte is never zero, so a decoder tells it from the padding).
+    A device sends it only to a relay whose NotifyAck carried
+    L{TAKES_MAPPED}: an older relay refuses a body that is not zeros after
+    ``local``.
     """
 
     TYPE = None
     local: tuple = ("0.0.0.0", 0)
     # Enough for the NotifyAck (observed address up to IPv6) to be no larger.
     padding: int = 24
+    mapped: tuple = None
 
     def encode_body(self):
-        return pack_addr(*self.local) + bytes(self.padding)
+        mapped = pack_addr(*self.mapped) if self.mapped is not None else b""
+        return pack_addr(*self.local) + mapped + bytes(self.padding)
 
     @classmethod
     def decode_body(cls, body):
         local, end = unpack_addr(body)
-        return cls(local=local, padding=zero_padding(body, end, "notify"))
+        mapped = None
+        if end < len(body) and body[end]:
+            mapped, end = unpack_addr(body, end)
+        return cls(local=local, padding=zero_padding(body, end, "notify"), mapped=mapped)
 
 
 @dataclass
@@ -319,6 +334,8 @@ class NotifyB(Notify):
 
 #: NotifyAck flag: the relay has no recent notify A for this device.
 NEED_NOTIFY_A = 0x01
+#: NotifyAck flag: the relay takes a notify's L{Notify.mapped} address.
+TAKES_MAPPED = 0x02
 
 
 @dataclass

@@ -294,14 +294,17 @@ class Relay:
         message = wire.ConnectRequest(session.id, session.nonce, self.tunnel_port,
                                       self.tunnel_host)
         data = wire.seal(message, d.id, d.mac_key, proto.stamper())
-        if session.sent == 0:
-            self.log.debug("connect request for {device_id} to {addr}, session {sid}",
-                           device_id=d.id, addr=d.addr, sid=redact(session.id))
-        try:
-            proto.send(data, d.addr, "ConnectRequest")
-        except OSError as e:
-            self.log.warn("cannot send connect request to {device_id}: {error}",
-                          device_id=d.id, error=e)
+        # The same datagram to the port-mapped address too, if any: the
+        # device acts on the first copy that arrives (SeenSessions).
+        for addr in d.targets():
+            if session.sent == 0:
+                self.log.debug("connect request for {device_id} to {addr}, session {sid}",
+                               device_id=d.id, addr=addr, sid=redact(session.id))
+            try:
+                proto.send(data, addr, "ConnectRequest")
+            except OSError as e:
+                self.log.warn("cannot send connect request to {device_id} at {addr}: {error}",
+                              device_id=d.id, addr=wire.format_addr(addr), error=e)
 
     # -- what the tunnel side tells ---------------------------------------------
 

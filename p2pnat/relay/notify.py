@@ -7,6 +7,7 @@ from the same socket.
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.protocol import wire
+from p2pnat.relay.limits import Throttle
 
 _DEVICE_TYPES = frozenset({wire.Ping.TYPE, wire.PeriodRequest.TYPE, wire.NotifyA.TYPE,
                            wire.NotifyB.TYPE})
@@ -20,6 +21,12 @@ class NotifyHandler:
     @param notify_b_max: the longest notify-B interval we advise, seconds.
     @param on_moved: called with a device ID when its notifies come from a
         new address (its NAT mapping or public address changed).
+
+    A notify may tell the device's port-mapped address (L{wire.Notify.mapped}):
+    the table keeps the latest one its authenticated notifies told, if the
+    relay may send there (L{p2pnat.relay.devices.usable_mapped}).  Every
+    NotifyAck carries L{wire.TAKES_MAPPED}, so that devices send it only
+    to relays that take it.
     """
 
     log = Logger(namespace="p2pnat.relay.notify")
@@ -30,6 +37,7 @@ class NotifyHandler:
         self.metrics = metrics
         self.notify_b_max = notify_b_max
         self.on_moved = on_moved or (lambda device_id: None)
+        self._throttle = Throttle(clock)
 
     def key_for(self, key_id, mtype):
         if mtype not in _DEVICE_TYPES:
@@ -44,24 +52,28 @@ class NotifyHandler:
             d.stamp, d.disputed = frame.timestamp, False
         if isinstance(message, wire.NotifyA):
             d = self.table.get(device_id)
-            was = d.addr, d.last_access
-            self.table.notify_a(device_id, addr, message.local, proto, now)
+            was = d.addr, d.last_access, d.mapped
+            self.table.notify_a(device_id, addr, message.local, proto, now, message.mapped)
             if was[0] != addr or was[1] is None or now - was[1] > self.table.period:
                 self.log.info("device {device_id} online at {addr}", device_id=device_id,
                               addr=wire.format_addr(addr))
             if was[0] is not None and was[0] != addr:
                 self.on_moved(device_id)
-            return wire.NotifyAck(frame.timestamp, addr, 0)
+            self._mapped_told(d, was[2], message.mapped, addr)
+            return wire.NotifyAck(frame.timestamp, addr, wire.TAKES_MAPPED)
         if isinstance(message, wire.NotifyB):
-            old = self.table.get(device_id).addr
-            changed = self.table.notify_b(device_id, addr, message.local, proto)
+            d = self.table.get(device_id)
+            old, old_mapped = d.addr, d.mapped
+            changed = self.table.notify_b(device_id, addr, message.local, proto, message.mapped)
             if changed:
-                self.log.info("device {device_id} mapping now {addr}", device_id=device_id,
-                              addr=wire.format_addr(addr))
+                if old != addr:
+                    self.log.info("device {device_id} mapping now {addr}", device_id=device_id,
+                                  addr=wire.format_addr(addr))
                 if old is not None and old != addr:
                     self.on_moved(device_id)
-            d = self.table.get(device_id)
-            flags = 0
+            if changed or (message.mapped is not None and d.mapped is None):
+                self._mapped_told(d, old_mapped, message.mapped, addr)
+            flags = wire.TAKES_MAPPED
             if d.last_access is None or now - d.last_access > self.table.period / 2:
                 flags |= wire.NEED_NOTIFY_A
             # Notify B only keeps the NAT's mapping, which the device's own
@@ -69,7 +81,7 @@ class NotifyHandler:
             # device must act (send a notify A now) or learn its new public
             # address: at 100 000 devices, an ack for every B was a third
             # of the relay's CPU (bench/notify_scale.py).
-            if flags or changed:
+            if flags & wire.NEED_NOTIFY_A or changed:
                 return wire.NotifyAck(frame.timestamp, addr, flags)
             return None
         if isinstance(message, wire.PeriodRequest):
@@ -78,6 +90,26 @@ class NotifyHandler:
         if isinstance(message, wire.Ping):
             return wire.Pong(frame.timestamp, addr, int(now * 1e6))
         return None
+
+    def _mapped_told(self, d, was, told, addr):
+        """Log a change of C{d}'s port-mapped address, or one refused (rate-limited)."""
+        if d.mapped != was:
+            if d.mapped is None:
+                self.log.info("device {device_id} has no port-mapped address now",
+                              device_id=d.id)
+            else:
+                self.log.info("device {device_id} port-mapped at {mapped}", device_id=d.id,
+                              mapped=wire.format_addr(d.mapped))
+        same = told is not None and told[1] == addr[1] and told[0] in (
+            addr[0], addr[0].removeprefix("::ffff:"))
+        if told is not None and d.mapped is None and not same:
+            held = self._throttle("refused-mapped")
+            if held is not None:
+                self.log.info("device {device_id} told port-mapped address {mapped}, which"
+                              " the relay does not send to from {addr} ({held} more such"
+                              " since the last line)", device_id=d.id,
+                              mapped=wire.format_addr(told), addr=wire.format_addr(addr),
+                              held=held)
 
     def replayed(self, frame, message, addr, proto):
         """
@@ -101,8 +133,9 @@ class NotifyHandler:
                       addr=wire.format_addr(addr), there=wire.format_addr(d.addr))
         size = len(frame.signed) + wire.MAC_LEN
         for to, sock in ((d.addr, d.socket or proto), (addr, proto)):
-            ack = wire.seal(wire.NotifyAck(frame.timestamp, to, wire.NEED_NOTIFY_A), d.id,
-                            d.mac_key, sock.stamper())
+            ack = wire.seal(wire.NotifyAck(frame.timestamp, to,
+                                           wire.NEED_NOTIFY_A | wire.TAKES_MAPPED),
+                            d.id, d.mac_key, sock.stamper())
             if len(ack) <= size:  # no amplification, as for any answer
                 sock.send(ack, to, "NotifyAck")
 

@@ -420,3 +420,312 @@ class RacedNotifyTests(SynchronousTestCase):
         h.relay.transport.written.clear()
         h.relay.datagramReceived(period, self.COPY_FROM)  # not a notify
         self.assertEqual(h.relay.transport.written, [])
+
+
+MAPPED = ("203.0.113.5", 45000)  # what the device's gateway granted by port mapping
+
+
+class NotifyMappedCodecTests(SynchronousTestCase):
+    """The optional port-mapped address of a notify (L{wire.Notify.mapped})."""
+
+    def test_without_mapped_the_old_bytes(self):
+        """
+        A notify with no mapped address is byte for byte the one devices
+        sent before port mapping (the local address, then 24 zero bytes),
+        and those bytes still decode, with no mapped address.
+        """
+        for cls in (wire.NotifyA, wire.NotifyB):
+            for local in (DEVICE_LAN, ("2001:db8::2", 7)):
+                old = wire.pack_addr(*local) + bytes(24)
+                self.assertEqual(cls(local=local).encode_body(), old)
+                decoded = cls.decode_body(old)
+                self.assertEqual((decoded.local, decoded.mapped), (local, None))
+                self.assertEqual(cls.decode_body(wire.pack_addr(*local)).mapped, None)
+
+    def test_mapped_round_trip(self):
+        for cls in (wire.NotifyA, wire.NotifyB):
+            for mapped in (MAPPED, ("2001:db8::5", 1)):
+                sent = cls(local=DEVICE_LAN, mapped=mapped)
+                data = wire.seal(sent, "dev-1", KEY, 1)
+                self.assertEqual(wire.unseal(data, lambda k, t: KEY)[1], sent)
+
+    def test_malformed_mapped_refused(self):
+        local = wire.pack_addr(*DEVICE_LAN)
+        mapped = wire.pack_addr(*MAPPED)
+        for body in (local + b"\x05" + bytes(24),  # no such family
+                     local + mapped[:5],  # truncated
+                     local + mapped + b"\x01" + bytes(3),  # padding must be zero
+                     local + mapped + mapped):  # at most one
+            with self.assertRaises(wire.WireError) as e:
+                wire.NotifyA.decode_body(body)
+            self.assertEqual(e.exception.reason, "bad-body")
+
+    def test_mapped_under_the_mac(self):
+        data = bytearray(wire.seal(wire.NotifyB(local=DEVICE_LAN, mapped=MAPPED), "dev-1",
+                                   KEY, 1))
+        data[data.index(wire.pack_addr(*MAPPED)) + 2] ^= 1  # another port
+        with self.assertRaises(wire.WireError) as e:
+            wire.unseal(bytes(data), lambda k, t: KEY)
+        self.assertEqual(e.exception.reason, "bad-mac")
+
+
+class UsableMappedTests(SynchronousTestCase):
+    """Which port-mapped addresses the relay sends to (L{devices.usable_mapped})."""
+
+    def test_kept(self):
+        from p2pnat.relay.devices import usable_mapped
+        for observed, mapped, kept in [
+                (DEVICE_PUBLIC, MAPPED, MAPPED),
+                (("8.8.4.4", 9), ("8.8.4.4", 10), ("8.8.4.4", 10)),
+                (("::ffff:203.0.113.5", 9), MAPPED, ("::ffff:203.0.113.5", MAPPED[1])),
+                (("2001:db8::1", 9), ("2001:db8::2", 10), ("2001:db8::2", 10)),
+                (("127.0.0.1", 9), ("127.0.0.1", 10), ("127.0.0.1", 10))]:
+            self.assertEqual(usable_mapped(observed, mapped), kept, (observed, mapped))
+
+    def test_refused(self):
+        from p2pnat.relay.devices import usable_mapped
+        for observed, mapped in [
+                (DEVICE_PUBLIC, None),
+                (DEVICE_PUBLIC, DEVICE_PUBLIC),  # one copy is enough
+                (("::ffff:203.0.113.5", 61000), DEVICE_PUBLIC),
+                (DEVICE_PUBLIC, ("203.0.113.5", 0)),
+                (DEVICE_PUBLIC, ("0.0.0.0", 9)),
+                (DEVICE_PUBLIC, ("224.0.0.1", 9)),
+                (DEVICE_PUBLIC, ("255.255.255.255", 9)),
+                (DEVICE_PUBLIC, ("127.0.0.1", 9)),
+                (DEVICE_PUBLIC, ("169.254.1.1", 9)),
+                (("8.8.4.4", 9), ("10.0.0.1", 9)),  # more local than where it came from
+                (("8.8.4.4", 9), ("100.64.0.1", 9)),
+                (DEVICE_PUBLIC, ("2001:db8::2", 10)),  # not from this socket
+                (("2001:db8::1", 9), MAPPED),
+                (("::ffff:203.0.113.5", 9), ("2001:db8::2", 10))]:
+            self.assertIsNone(usable_mapped(observed, mapped), (observed, mapped))
+
+
+class MappedAddressTests(SynchronousTestCase):
+    """
+    The relay keeps the port-mapped address a device's notifies tell, and
+    sends each connect request there as well as to the notifies' source:
+    a device whose NAT dropped the notifies' mapping early is still
+    reached through the mapping its gateway granted.
+    """
+
+    def setUp(self):
+        from p2pnat.deployment.registry import Registry
+        from p2pnat.relay.core import Relay, synchronous
+        from p2pnat.relay.http import Tokens
+
+        self.h = h = Harness(self)
+        registry = Registry(":memory:")
+        self.addCleanup(registry.close)
+        self.core = Relay(h.clock, Metrics("relay"), h.table, registry,
+                          Tokens(b"s" * 32, h.clock), hostname="relay.test", tunnel_port=7443,
+                          run_blocking=synchronous)
+        self.moved = []
+        h.handler.on_moved = self.moved.append
+
+    def start(self, mapped=MAPPED):
+        h = self.h
+        h.notifier.set_mapped(mapped)
+        h.notifier.start(h.agent)
+        return h.table.get("dev-1")
+
+    def connect_requests(self):
+        return [(data, to) for data, to in self.h.relay.transport.written
+                if data[2] == wire.ConnectRequest.TYPE]
+
+    def test_recorded_from_notifies(self):
+        """
+        The first notify A, sent before the relay said it takes a mapped
+        address, leaves it out; its ack (L{wire.TAKES_MAPPED}) makes the
+        agent tell it at once with a notify B, and every notify after.
+        """
+        h = self.h
+        d = self.start()
+        [first, *later] = [wire.unseal(data, lambda k, t: KEY)[1]
+                           for data in h.sent(wire.NotifyA) + h.sent(wire.NotifyB)]
+        self.assertIsNone(first.mapped)
+        self.assertEqual([m.mapped for m in later], [MAPPED])
+        self.assertEqual(d.mapped, MAPPED)
+        self.assertEqual(d.targets(), (DEVICE_PUBLIC, MAPPED))
+        h.advance(120)
+        told = [wire.unseal(data, lambda k, t: KEY)[1].mapped
+                for data in h.sent(wire.NotifyA) + h.sent(wire.NotifyB)]
+        self.assertEqual(told[1:], [MAPPED] * (len(told) - 1))
+        self.assertEqual(self.moved, [])
+
+    def test_change_and_loss_told_without_store_writes(self):
+        """
+        A new mapped address, or its loss, is a change: a notify B tells
+        it at once, the relay answers it, and still writes nothing to the
+        store; a notify B that tells the same one is not answered.
+        """
+        h = self.h
+        d = self.start()
+        h.advance(25)  # past the first notify B
+        h.table.take_pending()
+        acks = len(h.sent(wire.NotifyAck))
+        h.advance(20)
+        self.assertEqual(len(h.sent(wire.NotifyAck)), acks)  # the same: no answer
+        h.notifier.set_mapped(("203.0.113.5", 45001))
+        self.assertEqual(d.mapped, ("203.0.113.5", 45001))
+        self.assertEqual(len(h.sent(wire.NotifyAck)), acks + 1)
+        h.notifier.set_mapped(None)
+        self.assertIsNone(d.mapped)
+        self.assertEqual(d.targets(), (DEVICE_PUBLIC,))
+        self.assertEqual(len(h.sent(wire.NotifyAck)), acks + 2)
+        self.assertEqual(h.table.take_pending(), {})
+        self.assertEqual(self.moved, [])
+        self.assertTrue(any("no port-mapped address" in (e.get("log_format") or "")
+                            for e in h.events))
+
+    def test_connect_request_sent_to_both(self):
+        """
+        The same datagram, no larger than before, to the notifies' source
+        and to the mapped address; the agent acts on the first copy only.
+        """
+        h = self.h
+        self.start()
+        self.core.request_tunnel("dev-1")
+        [(one, to_one), (two, to_two)] = self.connect_requests()
+        self.assertEqual((to_one, to_two), (DEVICE_PUBLIC, MAPPED))
+        self.assertEqual(one, two)
+        frame, message = wire.unseal(one, lambda k, t: KEY)
+        alone = wire.seal(message, "dev-1", KEY, frame.timestamp)
+        self.assertEqual(len(one), len(alone))
+        self.assertEqual(len(h.connects), 1)  # the copy to the observed address
+        h.agent.datagramReceived(two, RELAY)  # the gateway forwards the other
+        self.assertEqual(len(h.connects), 1)
+        # Retransmissions go to both too.
+        h.relay.transport.written.clear()
+        h.clock.advance(0.25)
+        self.assertEqual([to for _, to in self.connect_requests()], [DEVICE_PUBLIC, MAPPED])
+
+    def test_reached_when_the_notify_mapping_is_gone(self):
+        h = self.h
+        self.start()
+
+        def nat_forgot_notify_mapping(data, src, dst):
+            if dst == MAPPED:  # the gateway's port mapping forwards it
+                h.agent.datagramReceived(data, src)
+            return dst in (DEVICE_PUBLIC, MAPPED)
+
+        h.net.drop = nat_forgot_notify_mapping
+        self.core.request_tunnel("dev-1")
+        self.assertEqual(len(h.connects), 1)
+
+    def test_without_mapping_one_copy(self):
+        h = self.h
+        d = self.start(mapped=None)
+        self.assertIsNone(d.mapped)
+        self.core.request_tunnel("dev-1")
+        self.assertEqual([to for _, to in self.connect_requests()], [DEVICE_PUBLIC])
+
+    def test_forged_or_replayed_never_recorded(self):
+        """
+        Only an authenticated, fresh notify sets the mapped address: a
+        forged one (wrong key), one for an unknown device, and a replayed
+        copy from elsewhere are all dropped without touching it.
+        """
+        h = self.h
+        d = self.start()
+        evil = ("198.51.100.66", 4444)
+        for data in (wire.seal(wire.NotifyA(local=DEVICE_LAN, mapped=evil), "dev-1",
+                               bytes(32), h.relay_stamper()),
+                     wire.seal(wire.NotifyB(local=DEVICE_LAN, mapped=evil), "dev-2", KEY,
+                               h.relay_stamper())):
+            h.relay.datagramReceived(data, evil)
+        self.assertEqual(d.mapped, MAPPED)
+        # A genuine notify B that told no mapped address, replayed later:
+        # the relay refuses it, so the address it would clear stays.
+        h.notifier.set_mapped(None)
+        [genuine] = h.sent(wire.NotifyB)[-1:]
+        h.notifier.set_mapped(MAPPED)
+        self.assertEqual(d.mapped, MAPPED)
+        h.relay.datagramReceived(genuine, DEVICE_PUBLIC)
+        self.assertEqual(d.mapped, MAPPED)
+        self.assertEqual(h.relay_metrics.value("p2pnat_udp_dropped_total", reason="replay"), 1)
+        self.assertEqual(h.relay_metrics.value("p2pnat_udp_dropped_total", reason="bad-mac"), 1)
+
+    def test_refused_address_not_recorded(self):
+        h = self.h
+        d = self.start(mapped=("127.0.0.1", 22))
+        self.assertIsNone(d.mapped)
+        self.assertEqual(d.targets(), (DEVICE_PUBLIC,))
+        self.assertTrue(any("does not send to" in (e.get("log_format") or "")
+                            for e in h.events))
+
+    def test_kept_when_the_store_reloads(self):
+        h = self.h
+        self.start()
+        h.table.put(DeviceState("dev-1", KEY))
+        self.assertEqual(h.table.get("dev-1").mapped, MAPPED)
+
+
+    def test_kept_through_a_raced_notify(self):
+        """
+        A copy of the device's notify from elsewhere makes the relay ask
+        for a fresh notify A (L{RacedNotifyTests}); that ask, too, says the
+        relay takes the mapped address, so the fresh notify A tells it.
+        """
+        h = self.h
+        d = self.start()
+        [genuine] = h.sent(wire.NotifyB)[-1:]
+        h.relay.transport.written.clear()
+        h.relay.datagramReceived(genuine, ("198.51.100.66", 4444))
+        self.assertTrue(all(wire.unseal(data, lambda k, t: KEY)[1].flags & wire.TAKES_MAPPED
+                            for data, to in h.relay.transport.written))
+        last_a = wire.unseal(h.sent(wire.NotifyA)[-1], lambda k, t: KEY)[1]
+        self.assertEqual(last_a.mapped, MAPPED)
+        self.assertEqual(d.mapped, MAPPED)
+
+class OlderRelayTests(SynchronousTestCase):
+    """
+    An agent never tells its mapped address to a relay that did not say it
+    takes one: an older relay refuses such a notify as a bad body.
+    """
+
+    def older_relay(self, h):
+        """Make the relay answer as one that knows nothing of port mapping."""
+        handle = h.handler.handle
+
+        def old_handle(frame, message, addr, proto):
+            if isinstance(message, (wire.NotifyA, wire.NotifyB)) and message.mapped:
+                h.relay.drop("bad-body", addr)
+                return None
+            reply = handle(frame, message, addr, proto)
+            if isinstance(reply, wire.NotifyAck):
+                reply.flags &= ~wire.TAKES_MAPPED
+            return reply
+
+        h.handler.handle = old_handle
+
+    def test_older_relay_never_told(self):
+        h = Harness(self)
+        self.older_relay(h)
+        h.notifier.set_mapped(MAPPED)
+        h.notifier.start(h.agent)
+        h.advance(300)
+        told = [wire.unseal(data, lambda k, t: KEY)[1].mapped
+                for data in h.sent(wire.NotifyA) + h.sent(wire.NotifyB)]
+        self.assertEqual(set(told), {None})
+        self.assertEqual(h.relay_metrics.value("p2pnat_udp_dropped_total", reason="bad-body"),
+                         0)
+        self.assertEqual(h.clock.seconds() - h.table.get("dev-1").last_access, 0)
+
+    def test_relay_replaced_by_an_older_one(self):
+        """
+        The relay took the mapped address, then an older one answers at its
+        address: the notify A that told it goes unanswered, so the next
+        leaves it out, and the device stays online.
+        """
+        h = Harness(self)
+        h.notifier.set_mapped(MAPPED)
+        h.notifier.start(h.agent)
+        self.assertEqual(h.table.get("dev-1").mapped, MAPPED)
+        self.older_relay(h)
+        h.advance(300)
+        self.assertLessEqual(h.clock.seconds() - h.table.get("dev-1").last_access, 100)
+        last_a = wire.unseal(h.sent(wire.NotifyA)[-1], lambda k, t: KEY)[1]
+        self.assertIsNone(last_a.mapped)
+
