@@ -8,12 +8,12 @@ notifies' source, so the device stays reachable when its NAT drops the
 notifies' mapping before the next notify B.
 """
 
-import ipaddress
 
 from twisted.application import service
 
 from p2pnat.daemon import config as C
 from p2pnat.daemon.logs import Logger
+from p2pnat.net.sources import is_loopback
 from p2pnat.protocol import wire
 
 SCHEMA = [
@@ -73,7 +73,7 @@ class NotifyPortMapping(service.MultiService):
     def startService(self):
         super().startService()
         host, port = self.udp.address
-        if _loopback(host):
+        if is_loopback(host):
             self.log.info("notify socket on loopback ({addr}): no port mapping asked",
                           addr=wire.format_addr((host, port)))
             return
@@ -105,13 +105,6 @@ class NotifyPortMapping(service.MultiService):
                           port=mapping.internal_port, protocol=mapping.protocol,
                           lifetime=mapping.lifetime)
         self.notifier.set_mapped(external)
-
-
-def _loopback(host):
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def add_port_mapping(config, reactor, udp, notifier, parent):

@@ -5,6 +5,7 @@ credential guesses, STUN answers): one rule, so that an IPv6 host cannot
 multiply a limit by using many addresses of its own /64.
 """
 
+import ipaddress
 import socket
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"
@@ -28,3 +29,14 @@ def source_of_host(host):
         return socket.inet_ntop(socket.AF_INET, packed[12:])
     # socket, not ipaddress: a tenth of the cost, paid on every connection.
     return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+
+
+def is_loopback(host):
+    """
+    True for a loopback address (text): a socket there reaches nothing
+    beyond this machine, so nothing is asked of its gateway for it.
+    """
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except (AttributeError, ValueError):
+        return False

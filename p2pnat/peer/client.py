@@ -22,6 +22,7 @@ from twisted.internet.task import LoopingCall
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.daemon.metrics import Metrics
+from p2pnat.net.sources import is_loopback
 from p2pnat.peer.path import Path
 from p2pnat.peer.punch import Punch, PunchFailed, new_socket
 from p2pnat.peer.sockets import SharedSocket
@@ -195,6 +196,12 @@ class LobbyClient:
     def _open_mapped(self):
         """Open the socket to map, and ask for the mapping: a Deferred that never fails."""
         if not self.portmap:
+            return defer.succeed(None)
+        if is_loopback(self.interface):
+            # A lobby on this machine: no gateway has anything to map for us,
+            # and nothing should be sent off the machine asking.
+            self.log.info("socket on loopback ({addr}): no port mapping asked",
+                          addr=self.interface)
             return defer.succeed(None)
         factory = self.portmap
         if factory is True:

@@ -474,3 +474,18 @@ class StartTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(d), alice)
         self.assertEqual(alice.candidates(), [])
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_loopback_asks_no_gateway(self):
+        """
+        A client whose socket is on loopback (its lobby is on this machine)
+        asks no gateway for a mapping: nothing leaves the machine for it.
+        """
+        from twisted.internet.task import Clock
+
+        from p2pnat.peer.client import LobbyClient
+
+        asked = []
+        client = LobbyClient("alice", b"k" * 32, ("127.0.0.1", 3478), Clock(),
+                             interface="127.0.0.1", portmap=lambda *a: asked.append(a))
+        self.assertIsNone(self.successResultOf(client._open_mapped()))
+        self.assertEqual((asked, client.mapper, client.shared), ([], None, {}))
