@@ -53,6 +53,9 @@ def add_parser(subparsers):
                     help="public addresses of the server (default 2, for RFC 5780 tests)")
     up.add_argument("--delay-ms", type=int, default=0, help="delay on every router's WAN link")
     up.add_argument("--loss", type=float, default=0.0, help="loss %% on every router's WAN link")
+    up.add_argument("--ipv6", action="store_true",
+                    help="dual-stack: global IPv6 on the internet segment and on every home"
+                         " router's LAN, behind a stateful IPv6 firewall (no NAT66)")
     up.add_argument("--same-lan", action="store_true",
                     help="put every LAN on 192.168.1.0/24 (same private range)")
     up.add_argument("--background", action="append", type=_rate_spec, default=[],
@@ -98,7 +101,7 @@ def cmd_up(args):
     if not args.nat:
         raise _error("give at least one --nat HOST=KIND")
     try:
-        lab = Lab(name=args.name, persistent=True)
+        lab = Lab(name=args.name, persistent=True, ipv6=args.ipv6)
     except LabError as e:
         raise _error(e) from e
     try:
@@ -111,6 +114,7 @@ def cmd_up(args):
                 lan="192.168.1.0/24" if args.same_lan and kind != "public" else None,
                 delay_ms=args.delay_ms,
                 loss_pct=args.loss,
+                ipv6=args.ipv6,
             )
             routers[host] = router
             lab.add_host(host, behind=router)
