@@ -144,7 +144,7 @@ class Source(protocol.Protocol):
             self.transport.unregisterProducer()
             if self.close == "write":
                 self.transport.loseWriteConnection()
-            else:
+            elif self.close == "all":
                 self.transport.loseConnection()
 
     def stopProducing(self):
