@@ -4,7 +4,7 @@ aioquic's sans-IO QUIC connection, made to authenticate both peers and to
 apply real flow control.
 
 L{PeerConnection} is an C{aioquic.quic.connection.QuicConnection} with
-three changes, all through aioquic internals that L{check_internals}
+four changes, all through aioquic internals that L{check_internals}
 verifies (the package refuses to start on an aioquic whose internals
 moved, with one clear message, rather than run without them):
 
@@ -23,6 +23,7 @@ moved, with one clear message, rather than run without them):
   application took plus C{stream_window}, announced again once half of it
   has been used; a stream whose reader is paused stops its sender after
   at most one window.
+- Pacing in bursts a reactor's timers can keep (L{CoarsePacer}).
 - Bounds: at most C{max_streams} streams the peer may have open at once,
   no unidirectional streams, at most L{MAX_PENDING_DATAGRAMS} datagrams
   waiting to be sent.
@@ -35,6 +36,7 @@ from aioquic import tls
 from aioquic.quic import connection as _connection
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.stream import QuicStreamSender
 
 from p2pnat.quic import identity as _identity
@@ -60,6 +62,28 @@ MAX_DATAGRAM_PAYLOAD = 1150
 logging.getLogger("quic").addHandler(logging.NullHandler())
 
 
+class CoarsePacer(QuicPacketPacer):
+    """
+    aioquic's pacer with bursts sized for a reactor's timers.
+
+    aioquic paces at the congestion window per RTT with bursts of at most
+    16 packets, which assumes timers of microseconds; a Twisted reactor
+    wakes up every millisecond at best, so a stream could not go faster
+    than 16 packets per wake-up (under 19 MB/s, and far less on a busy
+    machine).  The rate is the same here; a burst may be a quarter of the
+    congestion window (RFC 9002 section 7.7 leaves the burst size to the
+    sender).
+    """
+
+    def update_rate(self, congestion_window, smoothed_rtt):
+        super().update_rate(congestion_window, smoothed_rtt)
+        if self.packet_time is None:
+            return
+        rate = self._max_datagram_size / self.packet_time  # bytes per second
+        self.bucket_max = max(2 * self._max_datagram_size, congestion_window // 4) / rate
+        # bucket_time may now grow to the new maximum over time, as before
+
+
 class QuicUnavailable(RuntimeError):
     """The installed aioquic lacks an internal this package relies on."""
 
@@ -71,7 +95,7 @@ class _CertificateRequired(tls.Alert):
 _TLS_INTERNALS = ("_check_certificate_verify_signature", "_server_expect_finished",
                   "_request_client_certificate", "_peer_certificate",
                   "_peer_certificate_chain")
-_CONNECTION_INTERNALS = ("_initialize", "_handshake_confirmed", "_write_stream_limits", "_datagrams_pending",
+_CONNECTION_INTERNALS = ("_initialize", "_handshake_confirmed", "_loss", "_max_datagram_size", "_write_stream_limits", "_datagrams_pending",
                          "_streams", "_local_max_streams_bidi", "_local_max_streams_uni",
                          "_on_max_stream_data_delivery")
 
@@ -90,6 +114,10 @@ def check_internals():
     missing += [f"tls.Context.{name}" for name in _TLS_INTERNALS if not hasattr(context, name)]
     if not hasattr(_connection, "MAX_STREAM_DATA_FRAME_CAPACITY"):
         missing.append("connection.MAX_STREAM_DATA_FRAME_CAPACITY")
+    pacer = getattr(getattr(conn, "_loss", None), "_pacer", None)
+    if not all(hasattr(pacer, name) for name in ("packet_time", "bucket_max",
+                                                  "_max_datagram_size")):
+        missing.append("QuicPacketRecovery._pacer (packet_time, bucket_max)")
     if not hasattr(QuicStreamSender(0, True), "_buffer_stop"):
         missing.append("QuicStreamSender._buffer_stop")
     if missing:
@@ -148,6 +176,7 @@ class PeerConnection(_connection.QuicConnection):
         # Bytes of each stream the application has taken: the window is
         # announced from there (see _write_stream_limits).
         self._consumed = {}
+        self._loss._pacer = CoarsePacer(max_datagram_size=self._max_datagram_size)
         for limit, value in ((self._local_max_streams_bidi, max_streams),
                              (self._local_max_streams_uni, 0)):
             limit.value = limit.sent = value
