@@ -29,6 +29,7 @@ moved, with one clear message, rather than run without them):
   waiting to be sent.
 """
 
+import functools
 import logging
 import ssl
 
@@ -100,10 +101,11 @@ _CONNECTION_INTERNALS = ("_initialize", "_handshake_confirmed", "_loss", "_max_d
                          "_on_max_stream_data_delivery")
 
 
+@functools.cache
 def check_internals():
     """
     Check that the installed aioquic has every internal L{PeerConnection}
-    uses.
+    uses (once per process: the answer cannot change).
 
     @raise QuicUnavailable: naming what is missing.
     """

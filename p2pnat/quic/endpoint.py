@@ -54,7 +54,7 @@ from p2pnat.protocol import stun, wire
 from p2pnat.quic import connection as _connection
 from p2pnat.quic import header
 from p2pnat.quic.identity import PeerIdentity
-from p2pnat.quic.stream import StreamTransport
+from p2pnat.quic.stream import StreamTransport, quietly
 
 #: Connection IDs we issue are this long.
 CID_LENGTH = 8
@@ -424,7 +424,7 @@ class QuicEndpoint:
 
     def _peer_initiated(self, stream_id):
         # Bit 0 of a stream ID is 0 for client-initiated streams.
-        return (stream_id & 1) == (1 if self.connection._is_client else 0)
+        return (stream_id & 1) == (1 if self.connection.configuration.is_client else 0)
 
     def _stream_data(self, stream_id, data, end_stream):
         stream = self._streams.get(stream_id)
@@ -485,10 +485,7 @@ class QuicEndpoint:
                       peer=str(self.peer), why=why)
         conn = self.connection
         for stop in (conn.reset_stream, conn.stop_stream):
-            try:
-                stop(stream_id, header.SERVICE_REFUSED)
-            except ValueError:
-                pass  # that direction already finished
+            quietly(stop, stream_id, header.SERVICE_REFUSED)
         self._closed_incoming(stream_id)
         self.schedule_transmit()
 
@@ -665,9 +662,16 @@ class QuicSocket(DatagramProtocol):
             self.register(cid, endpoint)
             endpoint._cids.add(cid)
         if on_connection is not None:
-            endpoint.connected.addCallback(lambda up: (on_connection(up), up)[1])
+            endpoint.connected.addCallback(self._accepted, on_connection)
         endpoint.connected.addErrback(lambda f: None)  # the endpoint logged it
         endpoint.datagram_received(data, addr)
+
+    def _accepted(self, endpoint, on_connection):
+        try:
+            on_connection(endpoint)
+        except Exception:
+            self.log.failure("on_connection failed for {peer}", peer=str(endpoint.peer))
+        return endpoint
 
     def write(self, data, addr):
         """Send one datagram; a failed send is a lost packet, for QUIC to recover."""

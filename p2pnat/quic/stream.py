@@ -60,6 +60,17 @@ class QuicStreamAddress:
         return hash((self.peer, self.udp, self.stream_id, self.service))
 
 
+def quietly(operation, *args, **kw):
+    """
+    Run an aioquic stream operation that has nothing left to do when that
+    direction of the stream already finished (aioquic raises ValueError).
+    """
+    try:
+        operation(*args, **kw)
+    except ValueError:
+        pass
+
+
 class StreamRefused(error.ConnectionLost):
     """The peer refused the stream: nobody serves its service there."""
 
@@ -121,7 +132,7 @@ class StreamTransport:
         if self._write_done or self._lost:
             return
         self._write_done = True
-        self._conn.send_stream_data(self.stream_id, b"", end_stream=True)
+        quietly(self._conn.send_stream_data, self.stream_id, b"", end_stream=True)
         self.endpoint.schedule_transmit()
         self._maybe_done()
 
@@ -134,7 +145,7 @@ class StreamTransport:
             return
         self.disconnecting = True
         if not self._fin_received:
-            self._conn.stop_stream(self.stream_id, header.STREAM_CLOSED)
+            quietly(self._conn.stop_stream, self.stream_id, header.STREAM_CLOSED)
             self._fin_received = self._read_done = True
             self._inbox = []
         else:
@@ -150,13 +161,10 @@ class StreamTransport:
     def _abort(self, code, why):
         if self._lost:
             return
-        try:
-            if not self._write_done:
-                self._conn.reset_stream(self.stream_id, code)
-            if not self._fin_received:
-                self._conn.stop_stream(self.stream_id, code)
-        except ValueError:
-            pass  # aioquic: that direction already finished
+        if not self._write_done:
+            quietly(self._conn.reset_stream, self.stream_id, code)
+        if not self._fin_received:
+            quietly(self._conn.stop_stream, self.stream_id, code)
         self._write_done = self._fin_received = self._read_done = True
         self.endpoint.schedule_transmit()
         self._connection_lost(why)
@@ -283,10 +291,7 @@ class StreamTransport:
         self._fin_received = self._read_done = True
         if not self._write_done:
             # A stream the peer reset while we still write: it no longer reads.
-            try:
-                self._conn.reset_stream(self.stream_id, header.STREAM_CLOSED)
-            except ValueError:
-                pass
+            quietly(self._conn.reset_stream, self.stream_id, header.STREAM_CLOSED)
             self._write_done = True
             self.endpoint.schedule_transmit()
         self._connection_lost(failure.Failure(why))

@@ -237,3 +237,46 @@ class RebindingTests(SimTestCase):
         self.assertIsInstance(self.successResultOf(source.done), error.ConnectionDone)
         self.assertEqual(source.received.hexdigest(), hashlib.sha256(data).hexdigest())
         self.assertNotEqual(bob.peer_address, before)
+
+
+class ClosingTests(SimTestCase):
+
+    def test_reader_closes_early(self):
+        """
+        A receiver that closes its stream while the sender still writes
+        makes the sender stop (STOP_SENDING): the sender's protocol hears
+        the end and nothing more is sent on that stream.
+        """
+        factory = SinkFactory()
+        pair = self.pair(services={"bulk": factory})
+        alice = self.connect(pair)
+        source = Source(payload(4 * STREAM_WINDOW), close=None)
+        transport = alice.open_stream("bulk", source)
+        self.run_for(0.05)
+        factory.sinks[0].transport.loseConnection()
+        self.run_for(1)
+        self.assertIsInstance(self.successResultOf(factory.sinks[0].done)[2],
+                              error.ConnectionDone)
+        self.assertIsInstance(self.successResultOf(source.done), error.ConnectionDone)
+        self.assertFalse(transport.connected)
+        sent_before = len(self.net.sent)
+        self.run_for(0.5)
+        # Only keepalives and acknowledgements from now on, no stream data.
+        self.assertLess(len(self.net.sent) - sent_before, 10)
+
+    def test_abort(self):
+        """abortConnection resets both directions; the peer hears ConnectionLost."""
+        factory = SinkFactory()
+        pair = self.pair(services={"bulk": factory})
+        alice = self.connect(pair)
+        source = Source(b"x" * 1000, close=None)
+        transport = alice.open_stream("bulk", source)
+        self.run_for(0.05)
+        transport.abortConnection()
+        self.assertIsInstance(self.successResultOf(source.done), error.ConnectionAborted)
+        self.run_for(0.1)
+        reason = self.successResultOf(factory.sinks[0].done)[2]
+        self.assertIsInstance(reason, error.ConnectionLost)
+        self.assertIn("reset by the peer", str(reason))
+        # The connection itself carries on.
+        self.assertNoResult(alice.closed)
