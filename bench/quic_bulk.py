@@ -186,7 +186,7 @@ def run(args):
             for i in range(args.rounds):
                 S.say(f"round {i + 1}/{args.rounds}")
                 sender = Send()
-                yield protocol.ClientCreator(reactor, lambda: sender).connectTCP(
+                yield protocol.ClientCreator(reactor, lambda s=sender: s).connectTCP(
                     "127.0.0.1", tcp_port)
                 record("tcp", (yield sender.done))
                 endpoint = yield sock.connect(("127.0.0.1", quic_port), "client:bob")

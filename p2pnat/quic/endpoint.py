@@ -358,6 +358,9 @@ class QuicEndpoint:
             reason = "the peer fell silent (idle timeout)"
         else:
             reason = event.reason_phrase or f"error {event.error_code:#x}"
+            if by_peer:
+                reason = (f"closed by the peer: {reason}" if self._up
+                          else f"the peer refused the connection: {reason}")
         self._finish(ConnectionClosed(reason, event.error_code, by_peer))
 
     def _finish(self, closed):

@@ -135,7 +135,7 @@ def check_peer(cert, chain, ca_certs, expected, now):
     store = crypto.X509Store()
     for ca in ca_certs:
         store.add_cert(crypto.X509.from_cryptography(pki._as_cryptography(ca)))
-    store.set_time(datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    store.set_time(datetime.datetime.fromtimestamp(now, datetime.UTC)
                    .replace(tzinfo=None))
     ctx = crypto.X509StoreContext(store, crypto.X509.from_cryptography(cert),
                                   [crypto.X509.from_cryptography(c) for c in chain])

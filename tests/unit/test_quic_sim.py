@@ -203,7 +203,7 @@ class FlowControlTests(SimTestCase):
                              quic_stream.HIGH_WATER + Source.CHUNK)
         sink.transport.resumeProducing()
         self.run_for(5)
-        count, digest, reason = self.successResultOf(sink.done)
+        count, digest, _ = self.successResultOf(sink.done)
         self.assertEqual((count, digest), (len(data), hashlib.sha256(data).hexdigest()))
 
 
