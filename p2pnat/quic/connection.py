@@ -1,0 +1,287 @@
+# -*- test-case-name: tests.unit.test_quic_connection,tests.unit.test_quic -*-
+"""
+aioquic's sans-IO QUIC connection, made to authenticate both peers and to
+apply real flow control.
+
+L{PeerConnection} is an C{aioquic.quic.connection.QuicConnection} with
+four changes, all through aioquic internals that L{check_internals}
+verifies (the package refuses to start on an aioquic whose internals
+moved, with one clear message, rather than run without them):
+
+- Mutual authentication: the side that accepts (QUIC's server) asks for
+  the other's certificate, and both sides check the peer's certificate
+  inside the TLS handshake with L{identity.check_peer}: issued by the
+  deployment's CA and naming the peer this connection is for.  A refused
+  certificate aborts the handshake with a TLS ``bad_certificate`` alert
+  (``certificate_required`` if none was sent), so the peer learns why
+  too, and no application data is ever exchanged.  aioquic's own check
+  (a host name against a DNS entry) does not fit peer certificates and is
+  replaced, not added to.
+- Receive windows follow what the application consumed: aioquic doubles a
+  stream's window whenever half of it has arrived, so a paused reader
+  would buffer without bound.  Here a stream's window is what the
+  application took plus C{stream_window}, announced again once half of it
+  has been used; a stream whose reader is paused stops its sender after
+  at most one window.
+- Pacing in bursts a reactor's timers can keep (L{CoarsePacer}).
+- Bounds: at most C{max_streams} streams the peer may have open at once,
+  no unidirectional streams, at most L{MAX_PENDING_DATAGRAMS} datagrams
+  waiting to be sent.
+"""
+
+import functools
+import logging
+import ssl
+
+from aioquic import tls
+from aioquic.quic import connection as _connection
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.stream import QuicStreamSender
+
+from p2pnat.quic import identity as _identity
+
+#: The ALPN protocol both peers must offer.
+ALPN = "p2pnat/1"
+#: Default receive window per stream, bytes.
+STREAM_WINDOW = 1 << 20
+#: Default number of streams the peer may have open at once.
+MAX_STREAMS = 32
+#: Datagrams queued for sending beyond this are dropped (they are unreliable
+#: by contract; a queue without bound would only add delay and memory).
+MAX_PENDING_DATAGRAMS = 256
+#: The largest DATAGRAM payload that fits a 1200-byte packet with a short
+#: header, an 8-byte connection ID, the AEAD tag and the frame's own header.
+MAX_DATAGRAM_PAYLOAD = 1150
+
+
+# aioquic logs through the standard library under "quic" (a refused peer at
+# warning level, among others).  Our events go through twisted.logger; an
+# application that configures stdlib logging still gets aioquic's, but
+# nothing is printed on standard error by default.
+logging.getLogger("quic").addHandler(logging.NullHandler())
+
+
+class CoarsePacer(QuicPacketPacer):
+    """
+    aioquic's pacer with bursts sized for a reactor's timers.
+
+    aioquic paces at the congestion window per RTT with bursts of at most
+    16 packets, which assumes timers of microseconds; a Twisted reactor
+    wakes up every millisecond at best, so a stream could not go faster
+    than 16 packets per wake-up (under 19 MB/s, and far less on a busy
+    machine).  The rate is the same here; a burst may be a quarter of the
+    congestion window (RFC 9002 section 7.7 leaves the burst size to the
+    sender).
+    """
+
+    def update_rate(self, congestion_window, smoothed_rtt):
+        super().update_rate(congestion_window, smoothed_rtt)
+        if self.packet_time is None:
+            return
+        rate = self._max_datagram_size / self.packet_time  # bytes per second
+        self.bucket_max = max(2 * self._max_datagram_size, congestion_window // 4) / rate
+        # bucket_time may now grow to the new maximum over time, as before
+
+
+class QuicUnavailable(RuntimeError):
+    """The installed aioquic lacks an internal this package relies on."""
+
+
+class _CertificateRequired(tls.Alert):
+    description = tls.AlertDescription.certificate_required
+
+
+_TLS_INTERNALS = ("_check_certificate_verify_signature", "_server_expect_finished",
+                  "_request_client_certificate", "_peer_certificate",
+                  "_peer_certificate_chain")
+_CONNECTION_INTERNALS = ("_initialize", "_handshake_confirmed", "_loss", "_max_datagram_size", "_write_stream_limits", "_datagrams_pending",
+                         "_streams", "_local_max_streams_bidi", "_local_max_streams_uni",
+                         "_on_max_stream_data_delivery")
+
+
+@functools.cache
+def check_internals():
+    """
+    Check that the installed aioquic has every internal L{PeerConnection}
+    uses (once per process: the answer cannot change).
+
+    @raise QuicUnavailable: naming what is missing.
+    """
+    conn = _connection.QuicConnection(configuration=QuicConfiguration(is_client=True))
+    context = tls.Context(is_client=True)
+    missing = [f"QuicConnection.{name}" for name in _CONNECTION_INTERNALS
+               if not hasattr(conn, name)]
+    missing += [f"tls.Context.{name}" for name in _TLS_INTERNALS if not hasattr(context, name)]
+    if not hasattr(_connection, "MAX_STREAM_DATA_FRAME_CAPACITY"):
+        missing.append("connection.MAX_STREAM_DATA_FRAME_CAPACITY")
+    pacer = getattr(getattr(conn, "_loss", None), "_pacer", None)
+    if not all(hasattr(pacer, name) for name in ("packet_time", "bucket_max",
+                                                  "_max_datagram_size")):
+        missing.append("QuicPacketRecovery._pacer (packet_time, bucket_max)")
+    if not hasattr(QuicStreamSender(0, True), "_buffer_stop"):
+        missing.append("QuicStreamSender._buffer_stop")
+    if missing:
+        raise QuicUnavailable(
+            "this aioquic release lacks what p2pnat's QUIC layer needs ("
+            + ", ".join(missing) + "); install the aioquic version setup.cfg names")
+
+
+def make_configuration(credentials, *, is_client, idle_timeout=30.0,
+                       stream_window=STREAM_WINDOW):
+    """
+    The aioquic configuration of one side: our certificate and key, ALPN
+    L{ALPN}, RFC 9221 datagrams on, aioquic's own certificate check off
+    (L{PeerConnection} does its own), and C{idle_timeout} seconds of
+    silence before the connection is given up.
+    """
+    return QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[ALPN],
+        certificate=credentials.cert,
+        private_key=credentials.key,
+        idle_timeout=idle_timeout,
+        max_datagram_frame_size=65536,
+        max_stream_data=stream_window,
+        max_data=stream_window * 4,
+        verify_mode=ssl.CERT_NONE,
+    )
+
+
+class PeerConnection(_connection.QuicConnection):
+    """
+    A QUIC connection to one peer of the deployment, mutually authenticated.
+
+    @ivar peer_identity: the L{identity.PeerIdentity} the peer's verified
+        certificate names, once the handshake got that far (else None).
+    @ivar refusal: why we refused the peer's certificate, if we did.
+    """
+
+    def __init__(self, *, configuration, credentials, expected, clock,
+                 stream_window=STREAM_WINDOW, max_streams=MAX_STREAMS, **kw):
+        """
+        @param credentials: our L{identity.Credentials} (its CAs are the
+            only trust anchors).
+        @param expected: the L{identity.PeerIdentity} to accept, or a
+            collection of them.
+        @param clock: an C{IReactorTime}: certificate validity is checked
+            against its C{seconds()}.
+        """
+        super().__init__(configuration=configuration, **kw)
+        self._p2p_credentials = credentials
+        self._p2p_expected = expected
+        self._p2p_clock = clock
+        self.peer_identity = None
+        self.refusal = None
+        self.stream_window = stream_window
+        # Bytes of each stream the application has taken: the window is
+        # announced from there (see _write_stream_limits).
+        self._consumed = {}
+        self._loss._pacer = CoarsePacer(max_datagram_size=self._max_datagram_size)
+        for limit, value in ((self._local_max_streams_bidi, max_streams),
+                             (self._local_max_streams_uni, 0)):
+            limit.value = limit.sent = value
+
+    # -- authentication ----------------------------------------------------------
+
+    def _initialize(self, peer_cid):
+        super()._initialize(peer_cid)
+        context = self.tls
+        if not self._is_client:
+            context._request_client_certificate = True
+        check_signature = context._check_certificate_verify_signature
+        expect_finished = context._server_expect_finished
+
+        def check_certificate(verify):
+            check_signature(verify)  # the peer holds the certificate's key
+            self._check_peer(context)
+
+        def server_expect_finished():
+            if context._peer_certificate is None:
+                self.refusal = "the peer sent no certificate"
+                raise _CertificateRequired(self.refusal)
+            expect_finished()
+
+        context._check_certificate_verify_signature = check_certificate
+        if not self._is_client:
+            context._server_expect_finished = server_expect_finished
+
+    def _check_peer(self, context):
+        try:
+            self.peer_identity = _identity.check_peer(
+                context._peer_certificate, context._peer_certificate_chain,
+                self._p2p_credentials.ca_certs, self._p2p_expected,
+                self._p2p_clock.seconds())
+        except _identity.PeerCertificateError as e:
+            self.refusal = str(e)
+            raise tls.AlertBadCertificate(str(e)) from None
+
+    @property
+    def handshake_confirmed(self):
+        """
+        Whether the handshake is confirmed (RFC 9001 section 4.1.2): on the
+        client, the server accepted our certificate and said so.
+        """
+        return self._handshake_confirmed
+
+    # -- flow control -------------------------------------------------------------
+
+    def track_stream(self, stream_id):
+        """
+        Start counting what the application takes from C{stream_id}: from
+        now on its window moves only as L{consumed} reports.
+        """
+        self._consumed.setdefault(stream_id, 0)
+
+    def consumed(self, stream_id, count):
+        """The application took C{count} more bytes of C{stream_id}."""
+        if stream_id in self._consumed:
+            self._consumed[stream_id] += count
+
+    def forget_stream(self, stream_id):
+        """The application is done with C{stream_id}'s data."""
+        self._consumed.pop(stream_id, None)
+
+    def _write_stream_limits(self, builder, space, stream):
+        consumed = self._consumed.get(stream.stream_id)
+        if consumed is None or not stream.max_stream_data_local:
+            return super()._write_stream_limits(builder, space, stream)
+        target = consumed + self.stream_window
+        # Announce again once half the window has been used, not on every
+        # packet.
+        if target - stream.max_stream_data_local >= self.stream_window // 2:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=_connection.MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def unsent(self, stream_id):
+        """
+        Bytes given for C{stream_id} that have not been sent once yet (what
+        waits for the congestion or flow-control window).
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return sender._buffer_stop - sender.highest_offset
+
+    # -- datagrams ------------------------------------------------------------------
+
+    def send_datagram_frame(self, data):
+        """
+        Queue a DATAGRAM frame; False (and nothing queued) if
+        L{MAX_PENDING_DATAGRAMS} already wait.
+        """
+        if len(self._datagrams_pending) >= MAX_PENDING_DATAGRAMS:
+            return False
+        super().send_datagram_frame(data)
+        return True
