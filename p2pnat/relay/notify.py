@@ -20,16 +20,21 @@ class NotifyHandler:
     @param notify_b_max: the longest notify-B interval we advise, seconds.
     @param on_moved: called with a device ID when its notifies come from a
         new address (its NAT mapping or public address changed).
+    @param on_live: called with the device's state, ``"A"`` or ``"B"`` and
+        the time, after each notify is recorded (a cluster shares the
+        device's live entry; L{p2pnat.cluster.state.LiveWrites} decides
+        when to write).
     """
 
     log = Logger(namespace="p2pnat.relay.notify")
 
-    def __init__(self, table, clock, metrics, notify_b_max=25, on_moved=None):
+    def __init__(self, table, clock, metrics, notify_b_max=25, on_moved=None, on_live=None):
         self.table = table
         self.clock = clock
         self.metrics = metrics
         self.notify_b_max = notify_b_max
         self.on_moved = on_moved or (lambda device_id: None)
+        self.on_live = on_live or (lambda state, kind, now: None)
 
     def key_for(self, key_id, mtype):
         if mtype not in _DEVICE_TYPES:
@@ -51,6 +56,7 @@ class NotifyHandler:
                               addr=wire.format_addr(addr))
             if was[0] is not None and was[0] != addr:
                 self.on_moved(device_id)
+            self.on_live(d, "A", now)
             return wire.NotifyAck(frame.timestamp, addr, 0)
         if isinstance(message, wire.NotifyB):
             old = self.table.get(device_id).addr
@@ -61,6 +67,7 @@ class NotifyHandler:
                 if old is not None and old != addr:
                     self.on_moved(device_id)
             d = self.table.get(device_id)
+            self.on_live(d, "B", now)
             flags = 0
             if d.last_access is None or now - d.last_access > self.table.period / 2:
                 flags |= wire.NEED_NOTIFY_A
