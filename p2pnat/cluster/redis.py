@@ -453,13 +453,12 @@ class RedisState:
         """
         if self._round is not None or not self.link.available:
             return succeed(None)
-        self._round = Deferred.fromCoroutine(self._do_round())
+        d = self._round = Deferred.fromCoroutine(self._do_round())
 
         def done(result):
             self._round = None
 
-        self._round.addErrback(self._round_failed).addBoth(done)
-        return self._round
+        return d.addErrback(self._round_failed).addBoth(done)
 
     async def _do_round(self):
         now = self.clock.seconds()

@@ -510,3 +510,64 @@ class LiveEntryWriteTests(SynchronousTestCase):
         s._availability(True)
         s.notified("cam", "B", addr, None, 2.0)
         self.assertEqual(len(self.sets()), 2)
+
+
+class ScriptedLink:
+    """A RedisLink answering from a dict of command name -> reply (or callable)."""
+
+    available = True
+
+    def __init__(self, replies):
+        self.replies = replies
+        self.commands = []
+
+    def command(self, *args):
+        self.commands.append(args)
+        reply = self.replies.get(args[0])
+        return succeed(reply(*args) if callable(reply) else reply)
+
+
+class RoundTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1000)
+        self.relay = RelayLink()
+        self.relay.local_records = lambda: {"cam": record()}
+        self.state = R.RedisState(self.clock, "redis://127.0.0.1:1/0", "n1", ("192.0.2.1:1",),
+                                  b"s" * 32, 300, lambda: ("192.0.2.1", 7443), self.relay)
+
+    def run_round(self, replies):
+        self.state.link = ScriptedLink(replies)
+        self.successResultOf(self.state.round())
+        return [c[0] for c in self.state.link.commands]
+
+    def test_new_epoch_merges_this_nodes_registry(self):
+        codec = self.state.codec
+        stored = codec.encode(record(revoked=150.0))
+        ran = self.run_round({"SET": None, "GET": "1", "EVAL": ["2", "cam"],
+                              "HGETALL": ["cam", stored]})
+        self.assertIn("EVAL", ran)
+        evals = [c for c in self.state.link.commands if c[0] == "EVAL"]
+        self.assertEqual(evals[0][5:8], ("cam", "100.0", ""))
+        self.assertEqual(self.relay.applied, [{"cam": record(revoked=150.0)}])
+        self.assertIn("HSET", ran, "heartbeat")
+        # Same epoch, same version: nothing merged or read again.
+        self.clock.advance(1)
+        ran = self.run_round({"SET": self.state._epoch, "GET": self.state._seen_version})
+        self.assertEqual(ran, ["SET", "GET"])
+
+    def test_nodes_alive_and_live_entries(self):
+        alive = NodeInfo("n2", ("192.0.2.2:1",), "192.0.2.2", 7443, 995.0).to_json()
+        dead = NodeInfo("n3", ("192.0.2.3:1",), "192.0.2.3", 7443, 900.0).to_json()
+        self.state.link = ScriptedLink({"HGETALL": ["n2", alive, "n3", dead, "bad", "{"]})
+        self.assertEqual([n.name for n in self.successResultOf(self.state.nodes())], ["n2"])
+        entry = LiveEntry("cam", "n2", "203.0.113.5", 4, 990.0)
+        self.state.link = ScriptedLink({"SCAN": ["0", ["p2pnat:live:cam", "p2pnat:live:x"]],
+                                        "MGET": [entry.to_json(), "garbage"]})
+        self.assertEqual(self.successResultOf(self.state.live_entries()), [entry])
+
+    def test_a_failed_round_is_logged_and_retried(self):
+        self.state.link = ScriptedLink({})
+        self.state.link.command = lambda *args: fail(ClusterUnavailable("gone"))
+        self.successResultOf(self.state.round())
+        self.assertIsNone(self.state._round, "the next round may run")
