@@ -152,24 +152,26 @@ class _Factory(Factory):
         self.link.log.error("redis {url}: {message}", url=self.link.where, message=message)
 
 
-class _Commands(txredisapi.RedisProtocol):
+class _Watched:
+    """A txredisapi protocol that tells its link when it is ready, and when gone."""
+
+    kind = None  # "commands" or "subscriber": the link's _KIND_up and _KIND_down
+
     def connectionMade(self):
-        self.whenConnected().addCallback(self.factory.link._commands_up)
+        self.whenConnected().addCallback(getattr(self.factory.link, f"_{self.kind}_up"))
         return super().connectionMade()
 
     def connectionLost(self, why):
         super().connectionLost(why)
-        self.factory.link._commands_down(self)
+        getattr(self.factory.link, f"_{self.kind}_down")(self)
 
 
-class _Subscriber(txredisapi.SubscriberProtocol):
-    def connectionMade(self):
-        self.whenConnected().addCallback(self.factory.link._subscriber_up)
-        return super().connectionMade()
+class _Commands(_Watched, txredisapi.RedisProtocol):
+    kind = "commands"
 
-    def connectionLost(self, why):
-        super().connectionLost(why)
-        self.factory.link._subscriber_down(self)
+
+class _Subscriber(_Watched, txredisapi.SubscriberProtocol):
+    kind = "subscriber"
 
     def messageReceived(self, pattern, channel, message):
         self.factory.link.on_message(channel, message)

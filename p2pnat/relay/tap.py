@@ -322,6 +322,10 @@ class RelayService(service.MultiService):
                       ["kind"], registry=self.metrics.registry)
         for kind in (limits.TERMINAL, limits.TUNNEL):
             gauge.labels(kind).set_function(lambda kind=kind: self.limits.open[kind])
+        Gauge("p2pnat_cluster_available", "1 while the cluster's shared state (Redis) is"
+              " reachable (always 1 on a single node)",
+              registry=self.metrics.registry).set_function(
+                  lambda: 1 if self.cluster.available() else 0)
         self.store = StoreSync(self.table,
                                lambda: Registry.open_state_dir(self.state_dir, create=False),
                                run_store, self.applied)

@@ -571,3 +571,47 @@ class RoundTests(SynchronousTestCase):
         self.state.link.command = lambda *args: fail(ClusterUnavailable("gone"))
         self.successResultOf(self.state.round())
         self.assertIsNone(self.state._round, "the next round may run")
+
+
+class SettingsTests(SynchronousTestCase):
+    """``[cluster]`` in relay.toml: no key is the single node, as before."""
+
+    def service(self, **settings):
+        from p2pnat.daemon import config as C
+        from p2pnat.relay import tap
+        from p2pnat.relay.core import synchronous
+        from tests.unit.test_taps import UDPMemoryReactor
+
+        config = C.load(None, tap.SCHEMA, {
+            "relay.state_dir": self.mktemp(), "udp.listen": "127.0.0.1:0",
+            "terminal.https": "", "tunnel.listen": "", **settings})
+        svc = tap.RelayService(config, UDPMemoryReactor(), run_blocking=synchronous,
+                               run_store=synchronous)
+        self.addCleanup(svc.registry.close)
+        return svc
+
+    def test_no_key_is_a_single_node(self):
+        svc = self.service()
+        self.assertIsInstance(svc.cluster, EmbeddedState)
+        self.assertIs(svc.relay.cluster, svc.cluster)
+        self.assertEqual(svc.metrics.value("p2pnat_cluster_available"), 1)
+
+    def test_redis_key_makes_a_node(self):
+        svc = self.service(**{"cluster.redis": "redis://127.0.0.1:1/0", "cluster.node": "n7",
+                              "cluster.addresses": ["198.51.100.1:7478"],
+                              "tunnel.public_port": "7443"})
+        self.assertIsInstance(svc.cluster, R.RedisState)
+        self.assertEqual((svc.cluster.node, svc.cluster.addresses),
+                         ("n7", ("198.51.100.1:7478",)))
+        self.assertEqual(svc.tunnel_address(), ("198.51.100.1", 7443))
+        self.assertFalse(svc.cluster.available())
+        self.assertEqual(svc.metrics.value("p2pnat_cluster_available"), 0)
+
+    def test_bad_settings(self):
+        from p2pnat.daemon import config as C
+        from p2pnat.relay import tap
+
+        for name, value in (("cluster.redis", "http://x"), ("cluster.redis", "redis://"),
+                            ("cluster.node", "Bad Name"), ("cluster.addresses", ["nope"])):
+            with self.assertRaises(C.ConfigError, msg=(name, value)):
+                C.load(None, tap.SCHEMA, {name: value})
