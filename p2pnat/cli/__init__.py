@@ -18,6 +18,7 @@ _GROUPS = [
     "p2pnat.cli.provision",
     "p2pnat.cli.forward",
     "p2pnat.cli.peer",
+    "p2pnat.cli.netcheck",
 ]
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.lab.test_p2p_lab -*-
+# -*- test-case-name: tests.unit.test_peer_cli,tests.lab.test_p2p_lab -*-
 """
 ``p2pnat peer``: the P2P path from the command line.
 
@@ -10,15 +10,44 @@
   a chat, or with ``--forward-udp-listen HOST:PORT`` a local UDP port whose
   datagrams go to the peer's service (WireGuard, a game server …).
 
-``--json`` prints one JSON object per event (for scripts and tests).
+Both ask the gateway for a port mapping (PCP, NAT-PMP, UPnP; off with
+``--no-portmap``) and open an IPv6 socket on the host's global IPv6
+address if it has one (off with ``--no-ipv6``); each is a candidate the
+peer may punch to, and a direct IPv6 path is preferred.
+
+``--json`` prints one JSON object per event (for scripts and tests); the
+``path`` events say which candidate the direct path runs on.
 """
 
+import ipaddress
 import json
 import sys
 import time
 
 from p2pnat.cli import CommandError
 from p2pnat.daemon import config as C
+
+def _ipv6_setting(value):
+    if value in ("auto", "off"):
+        return
+    try:
+        ip = ipaddress.IPv6Address(value)
+    except ValueError:
+        raise ValueError("auto, off or an IPv6 address")
+    if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_link_local:
+        raise ValueError("a global IPv6 address (not ::, ::1, multicast or link-local)")
+
+
+def candidate_options(config, args):
+    """
+    The C{ipv6} and C{portmap} arguments of L{LobbyClient} from the
+    config and the switches that turn them off.
+    """
+    ipv6 = config["client.ipv6"]
+    if args.no_ipv6 or ipv6 == "off":
+        ipv6 = None
+    return {"ipv6": ipv6, "portmap": bool(config["client.portmap"] and not args.no_portmap)}
+
 
 CLIENT_SCHEMA = [
     C.Setting("client.id", str, "", "this client's ID, as given to `p2pnat client add`"),
@@ -32,6 +61,11 @@ CLIENT_SCHEMA = [
     C.Setting("client.low_ttl", int, 0,
               "TTL of first probes where the plan wants low-TTL ones: the hop count to our"
               " outermost NAT, plus one (0: off)"),
+    C.Setting("client.portmap", bool, True,
+              "ask the gateway for a port mapping (PCP, NAT-PMP, UPnP) and offer it to peers"),
+    C.Setting("client.ipv6", str, "auto",
+              "the IPv6 address for direct IPv6 paths: auto (this host's global address, if"
+              " any), off, or an address", _ipv6_setting),
 ]
 
 
@@ -75,6 +109,7 @@ def _run(args, connect):
 
     from p2pnat.peer.client import LobbyClient
     from p2pnat.peer.discovery import discover_nat
+    from p2pnat.protocol import wire
 
     config, key = load_client(args.config)
     host, port = C.parse_hostport(config["client.lobby"])
@@ -100,7 +135,8 @@ def _run(args, connect):
         path.opened_at = time.monotonic()
 
         def on_mode(mode):
-            out.event("mode", f"[{path.peer}: {mode}]", peer=path.peer, mode=mode)
+            out.event("mode", f"[{path.peer}: {mode}{_via(path)}]", peer=path.peer, mode=mode,
+                      candidate=path.candidate)
             if mode == "closed" and connect:
                 stop()
 
@@ -150,8 +186,8 @@ def _run(args, connect):
         accept = (lambda peer: peer in args.accept) if getattr(args, "accept", None) else None
 
         def on_path(path):
-            out.event("path", f"[{path.peer} connected: {path.mode}]", peer=path.peer,
-                      mode=path.mode, incoming=True)
+            out.event("path", f"[{path.peer} connected: {path.mode}{_via(path)}]",
+                      peer=path.peer, mode=path.mode, incoming=True, candidate=path.candidate)
             forward = C.parse_hostport(args.forward_udp) if getattr(args, "forward_udp",
                                                                       None) else None
             attach(path, forward)
@@ -160,7 +196,7 @@ def _run(args, connect):
                              interface=interface, nat=nat,
                              accept=accept, on_path=on_path, connect_timeout=args.timeout,
                              upgrade_interval=args.upgrade_interval,
-                             low_ttl=config["client.low_ttl"])
+                             low_ttl=config["client.low_ttl"], **candidate_options(config, args))
         reactor.addSystemEventTrigger("before", "shutdown", client.stop)
         login = client.start()
         timer = reactor.callLater(args.timeout, lambda: login.called or login.errback(
@@ -172,6 +208,12 @@ def _run(args, connect):
         out.event("login", f"logged in as {client.id}, public address"
                            f" {client.public[0]}:{client.public[1]}", id=client.id,
                   public=list(client.public))
+        offered = client.candidates()
+        out.event("candidates", "candidates: " + (", ".join(
+            wire.format_addr(c) for c in offered) or "none"),
+            candidates=[list(c) for c in offered], ipv6="ipv6" in client.shared,
+            mapped=client.mapper is not None and client.mapper.current is not None,
+            lobby=client.lobby_candidates)
         if client.nat.mapping == "unknown" and not args.nat:
             # Discovery got no answer (the lobby was not up yet, say): it is
             # up now, and planning for an unknown NAT means planning for the
@@ -186,9 +228,11 @@ def _run(args, connect):
         t1 = time.monotonic()
         path = yield client.connect(args.peer)
         strategy = path.strategy
-        out.event("path", f"[connected to {args.peer}: {path.mode}, {time.monotonic() - t1:.3f}s]",
+        out.event("path", f"[connected to {args.peer}: {path.mode}{_via(path)},"
+                          f" {time.monotonic() - t1:.3f}s]",
                   peer=args.peer, mode=path.mode, seconds=round(time.monotonic() - t1, 4),
-                  total=round(time.monotonic() - t0, 4), strategy=strategy, probes=path.probes, rounds=path.rounds)
+                  total=round(time.monotonic() - t0, 4), strategy=strategy, probes=path.probes,
+                  rounds=path.rounds, candidate=path.candidate)
         listen = getattr(args, "forward_udp_listen", None)
         if listen:
             _udp_listen_to(reactor, path, C.parse_hostport(listen), out)
@@ -230,6 +274,11 @@ def _run(args, connect):
         reactor.callLater(args.exit_after, stop)
     reactor.run()
     return status["code"]
+
+
+def _via(path):
+    """How a direct path runs, for the text output: `` via ipv6`` …"""
+    return f" via {path.candidate}" if path.mode == "direct" and path.candidate else ""
 
 
 def _sleep(reactor, seconds):
@@ -285,6 +334,10 @@ def _common(p):
     p.add_argument("--upgrade-interval", type=float, default=20.0,
                    help="seconds before a relayed path tries again for a direct one (doubled"
                         " after each miss)")
+    p.add_argument("--no-portmap", action="store_true",
+                   help="do not ask the gateway for a port mapping (client.portmap = false)")
+    p.add_argument("--no-ipv6", action="store_true",
+                   help="no IPv6 socket, no direct IPv6 path (client.ipv6 = \"off\")")
 
 
 def add_parser(subparsers):

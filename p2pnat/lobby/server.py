@@ -39,31 +39,38 @@ class ByteBudget:
 
 
 class Presence:
-    """A logged-in client: where its keepalives come from, and its NAT."""
+    """
+    A logged-in client: where its keepalives come from, its NAT, and
+    whether it reads candidate lists (L{M.FLAG_CANDIDATES} on its Login).
+    """
 
-    __slots__ = ("id", "addr", "socket", "local", "nat", "seen")
+    __slots__ = ("id", "addr", "socket", "local", "nat", "seen", "candidates_ok")
 
-    def __init__(self, id, addr, socket, local, nat, seen):
+    def __init__(self, id, addr, socket, local, nat, seen, candidates_ok=False):
         self.id = id
         self.addr = addr
         self.socket = socket
         self.local = local
         self.nat = nat
         self.seen = seen
+        self.candidates_ok = candidates_ok
 
 
 class Pending:
     """A connect request waiting for B's answer (and its retransmissions)."""
 
     __slots__ = ("a", "b", "request_id", "a_addr", "a_socket", "a_local", "a_nat", "session_id",
-                 "session_key", "created", "answer")
+                 "session_key", "created", "answer", "a_candidates", "a_reads")
 
     def __init__(self, a, b, request_id, a_addr, a_socket, a_local, a_nat, session_id,
-                 session_key, created):
+                 session_key, created, a_candidates=(), a_reads=False):
         self.a, self.b, self.request_id = a, b, request_id
         self.a_addr, self.a_socket, self.a_local, self.a_nat = a_addr, a_socket, a_local, a_nat
         self.session_id, self.session_key, self.created = session_id, session_key, created
-        self.answer = None  # (accepted, b_addr, b_local, b_nat) once B answered
+        #: A's valid candidates, and whether A reads B's (its request's flag).
+        self.a_candidates, self.a_reads = a_candidates, a_reads
+        #: (accepted, b_addr, b_local, b_nat, b_candidates, b_reads) once B answered.
+        self.answer = None
 
 
 class Session:
@@ -147,9 +154,25 @@ class Lobby:
         known = self.presence.get(cid)
         if known is None or known.addr != addr:
             self.log.info("client {client} logged in from {addr}", client=cid, addr=wire.format_addr(addr))
-        self.presence[cid] = Presence(cid, addr, proto, m.local, m.nat, now)
+        self.presence[cid] = Presence(cid, addr, proto, m.local, m.nat, now,
+                                      bool(frame.flags & M.FLAG_CANDIDATES))
         self.metrics.online.set(len(self.presence))
-        return M.Welcome(frame.timestamp, addr, int(now * 1e6), self.keepalive)
+        return self._welcome(frame, addr, proto, now)
+
+    def _welcome(self, frame, addr, proto, now):
+        """
+        Answer a Login or Keepalive with a L{M.Welcome} flagged
+        L{M.FLAG_CANDIDATES} (this lobby relays candidates): sent here, as
+        replies returned to the socket carry no flags; never larger than
+        the request, as every reply.
+        """
+        welcome = M.Welcome(frame.timestamp, addr, int(now * 1e6), self.keepalive)
+        data = wire.seal(welcome, frame.key_id, self.client_key(frame.key_id), proto.stamper(),
+                         flags=M.FLAG_CANDIDATES)
+        if len(data) > len(frame.signed) + len(frame.mac):
+            return proto.drop("would-amplify", addr, f"Welcome {len(data)} bytes")
+        proto.send(data, addr, "Welcome")
+        return None
 
     def _on_Keepalive(self, frame, m, addr, proto, now):
         p = self.presence.get(frame.key_id)
@@ -158,7 +181,7 @@ class Lobby:
         if p.addr != addr:
             self.log.info("client {client} now at {addr}", client=p.id, addr=wire.format_addr(addr))
         p.addr, p.socket, p.seen = addr, proto, now
-        return M.Welcome(frame.timestamp, addr, int(now * 1e6), self.keepalive)
+        return self._welcome(frame, addr, proto, now)
 
     def _on_Logout(self, frame, m, addr, proto, now):
         if self.presence.pop(frame.key_id, None) is not None:
@@ -201,7 +224,8 @@ class Lobby:
             if (m.peer, m.request_id) in self.by_request:
                 return M.Refusal(m.request_id, 4)
             p = Pending(a, m.peer, m.request_id, addr, proto, m.local, m.nat, self._random(16),
-                        self._random(32), now)
+                        self._random(32), now, self._valid_candidates(m, addr, proto),
+                        bool(frame.flags & M.FLAG_CANDIDATES))
             self.pending[(a, m.request_id)] = p
             self.by_request[(m.peer, m.request_id)] = p
             self.metrics.sessions.labels("requested").inc()
@@ -218,9 +242,24 @@ class Lobby:
             return M.Refusal(m.request_id, 2)
         key = self.client_key(p.b)
         invite = M.Invite(p.request_id, a, p.a_addr, p.a_local, p.a_nat, p.session_id,
-                          M.seal_session_key(key, p.session_id, p.session_key))
-        self._send(b.socket, invite, p.b, key, b.addr)
+                          M.seal_session_key(key, p.session_id, p.session_key),
+                          candidates=p.a_candidates if b.candidates_ok else ())
+        # The flag tells B whether A gets B's candidates.
+        self._send(b.socket, invite, p.b, key, b.addr, M.FLAG_CANDIDATES if p.a_reads else 0)
         return None
+
+    def _valid_candidates(self, m, addr, proto):
+        """
+        The candidates of a request or answer that peers may be given: the
+        rest (loopback, multicast, unspecified, link-local … see
+        L{M.valid_candidate}) and repeats are dropped, and counted.  The
+        decoder already refused lists longer than L{M.MAX_CANDIDATES}.
+        """
+        valid = tuple(dict.fromkeys(c for c in m.candidates if M.valid_candidate(c)))
+        if len(valid) != len(m.candidates):
+            proto.drop("bad-candidate", addr, f"{len(m.candidates) - len(valid)} of"
+                                              f" {len(m.candidates)} candidates")
+        return valid
 
     def _on_Answer(self, frame, m, addr, proto, now):
         b = frame.key_id
@@ -228,7 +267,8 @@ class Lobby:
         if p is None:
             return None
         if p.answer is None:
-            p.answer = (m.accepted, addr, m.local, m.nat)
+            p.answer = (m.accepted, addr, m.local, m.nat, self._valid_candidates(m, addr, proto),
+                        bool(frame.flags & M.FLAG_CANDIDATES))
             if m.accepted:
                 while len(self.sessions) >= self.max_sessions:
                     # At the cap, the least recently active session makes
@@ -251,17 +291,18 @@ class Lobby:
         return M.AnswerAck(m.request_id, addr)
 
     def _introduce(self, p):
-        accepted, b_addr, b_local, b_nat = p.answer
+        accepted, b_addr, b_local, b_nat, b_candidates, b_reads = p.answer
         key = self.client_key(p.a)
         if key is None:
             return
         sealed = M.seal_session_key(key, p.session_id, p.session_key) if accepted else bytes(32)
         intro = M.Introduce(p.request_id, p.b, b_addr, b_local, b_nat, p.session_id, sealed,
-                            accepted)
-        self._send(p.a_socket, intro, p.a, key, p.a_addr)
+                            accepted, b_candidates if p.a_reads else ())
+        # The flag tells A whether B got A's candidates.
+        self._send(p.a_socket, intro, p.a, key, p.a_addr, M.FLAG_CANDIDATES if b_reads else 0)
 
-    def _send(self, proto, message, key_id, key, addr):
-        data = wire.seal(message, key_id, key, proto.stamper())
+    def _send(self, proto, message, key_id, key, addr, flags=0):
+        data = wire.seal(message, key_id, key, proto.stamper(), flags=flags)
         proto.send(data, addr, type(message).__name__)
 
     # -- relay --------------------------------------------------------------------

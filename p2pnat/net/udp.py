@@ -16,10 +16,14 @@ datagram (no amplification); STUN answers, which the STUN standard makes
 larger than a bare request, are rate-limited per source address instead,
 by one limit shared by all the sockets of a daemon (L{share_stun_limit}).
 
-A daemon with several sockets (the lobby) links them with
-L{link_siblings}; a STUN Binding request whose CHANGE-REQUEST asks for
-another port and/or IP is then answered from the sibling socket that has
-it (RFC 5780), so that a client can learn how its NAT filters.
+A daemon with several sockets (the lobby, a relay given several
+addresses) links them with L{link_siblings}; a STUN Binding request whose
+CHANGE-REQUEST asks for another port and/or IP is then answered from the
+sibling socket that has it (RFC 5780), so that a client can learn how its
+NAT filters.  When a socket has a concrete address and a sibling with
+another IP and another port, every Binding answer from it names that
+sibling (OTHER-ADDRESS) and where the answer left from (RESPONSE-ORIGIN):
+a standard RFC 5780 client runs its tests only after seeing them.
 """
 
 import ipaddress
@@ -28,6 +32,7 @@ from collections import OrderedDict
 from twisted.internet.protocol import DatagramProtocol
 
 from p2pnat.daemon.logs import Logger
+from p2pnat.net.sources import source_of_host
 from p2pnat.protocol import stun, wire
 
 
@@ -86,7 +91,11 @@ class DropLog:
 
 
 def stun_bucket(clock, rate):
-    """The token bucket of STUN answers: C{rate} per second per source IP, bursts of twice that."""
+    """
+    The token bucket of STUN answers: C{rate} per second per source
+    (L{p2pnat.net.sources.source_of_host}: an IPv4 address, an IPv6 /64),
+    bursts of twice that.
+    """
     return TokenBucket(clock, rate, max(1.0, rate * 2))
 
 
@@ -133,6 +142,11 @@ def _concrete(host):
     except ValueError:
         return False
 
+
+def _is_error(answer):
+    """True if the encoded STUN message C{answer} is an error response."""
+    _, msg_class = stun.split_message_type(int.from_bytes(answer[:2], "big"))
+    return msg_class == stun.MessageClass.ERROR
 
 
 class ControlProtocol(DatagramProtocol):
@@ -245,9 +259,8 @@ class ControlProtocol(DatagramProtocol):
             return self.drop("stun-disabled", addr)
         try:
             change = stun.parse_message(data).get(stun.Attr.CHANGE_REQUEST)
-            sender, origin, other = self, None, None
-            if change is not None:
-                sender, origin, other = self._rfc5780(*stun.decode_change_request(change))
+            flags = None if change is None else stun.decode_change_request(change)
+            sender, origin, other = self._rfc5780(flags)
             # Without a sibling to answer from, answer_binding refuses the
             # change with 420 (from this socket).
             answer = stun.answer_binding(data, addr, response_origin=origin, other_address=other,
@@ -256,21 +269,34 @@ class ControlProtocol(DatagramProtocol):
             return self.drop(f"stun-{e.reason}", addr)
         if answer is None:
             return
-        if not self.stun_limit.allow(addr[0]):
+        if not self.stun_limit.allow(source_of_host(addr[0])):
             return self.drop("stun-rate-limited", addr)
+        if _is_error(answer):
+            # A refusal (420 for another attribute) leaves from the address
+            # asked: from a sibling, a NAT would drop it and the client would
+            # read the silence as filtering.
+            sender = self
         (sender or self).send(answer, addr, "stun")
 
-    def _rfc5780(self, change_ip, change_port):
+    def _rfc5780(self, flags):
         """
-        For a request with CHANGE-REQUEST: C{(sender, response_origin,
-        other_address)}.  C{sender} is the sibling with the other IP and/or
-        port asked for (this socket when no flag is set), or None when there
-        is no such sibling.  C{response_origin} is the sender's address and
-        C{other_address} the sibling with both another IP and another port
-        (RFC 5780's alternate address), each None when unknown: a wildcard
-        socket cannot say which address its answer leaves from, and cannot
-        change IP.
+        What RFC 5780 asks of the answer to a Binding request whose
+        CHANGE-REQUEST has C{flags} (C{(change_ip, change_port)}; None for
+        a request without one): C{(sender, response_origin,
+        other_address)}.
+
+        C{sender} is the sibling with the other IP and/or port asked for
+        (this socket when no flag is set), or None when there is no such
+        sibling.  C{other_address} is the sibling with both another IP and
+        another port (RFC 5780's alternate address), and C{response_origin}
+        the sender's address, each None when unknown: a wildcard socket
+        cannot say which address its answer leaves from, and cannot change
+        IP.  A request without CHANGE-REQUEST gets both addresses only when
+        the alternate address is known: that is how a standard client
+        learns that this server can run its tests (RFC 5780 section 6.1),
+        and a server that cannot keeps its answer minimal.
         """
+        change_ip, change_port = flags or (False, False)
         me = next((a for a, p in self.siblings.items() if p is self), None)
         if me is None:
             return (None if change_ip or change_port else self), None, None
@@ -280,6 +306,8 @@ class ControlProtocol(DatagramProtocol):
         concrete = _concrete(host)
         other = min(((h, q) for h, q in live if h != host and q != port and concrete
                      and _concrete(h)), default=None)
+        if flags is None:
+            return self, (me if other is not None else None), other
 
         def pick():
             if not change_ip and not change_port:

@@ -5,7 +5,8 @@ refuse introductions, and connect to a peer through the exchange of
 the P2P path, ending with a L{Path} (direct, or relayed by the lobby and
 upgraded when a later punch succeeds).
 
-    client = LobbyClient("alice", key, ("198.18.1.1", 3478), reactor, nat=behaviour)
+    client = LobbyClient("alice", key, ("198.18.1.1", 3478), reactor, nat=behaviour,
+                         ipv6="auto", portmap=True)
     yield client.start()
     path = yield client.connect("bob")
     path.on_datagram = print
@@ -23,9 +24,10 @@ from p2pnat.daemon.logs import Logger
 from p2pnat.daemon.metrics import Metrics
 from p2pnat.peer.path import Path
 from p2pnat.peer.punch import Punch, PunchFailed, new_socket
+from p2pnat.peer.sockets import SharedSocket
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
-from p2pnat.protocol.strategy import actions_for
+from p2pnat.protocol.strategy import actions_for, with_candidates
 
 
 class Refused(Exception):
@@ -60,6 +62,15 @@ class LobbyClient:
     @param nat: this host's L{M.NatInfo} (from discovery); unknown if None.
     @param accept: C{accept(peer_id) -> bool}, asked for each introduction.
     @param on_path: called with each L{Path} another peer opened to us.
+    @param ipv6: a second, IPv6 socket for direct IPv6 paths: None (none),
+        ``"auto"`` (bound to this host's global IPv6 address, if it has
+        one: L{p2pnat.peer.discovery.global_ipv6}) or the address to bind.
+        Its address is offered to peers as a candidate.
+    @param portmap: ask the gateway to map a port to a socket of ours:
+        None or False (do not), True (with L{p2pnat.portmap.PortMapper}),
+        or C{portmap(reactor, internal_port) -> mapper} with that API (a
+        service with C{map()}, C{current}, C{subscribe}).  A granted
+        mapping is offered to peers as a candidate.
     """
 
     log = Logger(namespace="p2pnat.client")
@@ -73,7 +84,7 @@ class LobbyClient:
 
     def __init__(self, client_id, key, lobby, reactor, *, interface=None, nat=None,
                  accept=None, on_path=None, punch_deadline=None, connect_timeout=12.0,
-                 upgrade_interval=20.0, low_ttl=0):
+                 upgrade_interval=20.0, low_ttl=0, ipv6=None, portmap=None):
         self.id = client_id
         self.key = key
         self.lobby = lobby
@@ -109,19 +120,31 @@ class LobbyClient:
         self._upgrades = set()  # timers of upgrade attempts
         self._announced = weakref.WeakSet()  # paths given to on_path
         self.proto = None
+        self.ipv6 = ipv6
+        self.portmap = portmap
+        #: The long-lived sockets whose addresses are candidates, by name
+        #: (``"ipv6"``, ``"mapped"``), once open.
+        self.shared = {}
+        self.mapper = None
+        #: The lobby passes candidates on (it said so in its Welcome).
+        self.lobby_candidates = False
 
     # -- sockets --------------------------------------------------------------------
 
-    def _listen(self, handler):
-        return new_socket(self.reactor, self.interface, handler, self.clock, self.metrics,
-                          self.replay)
+    def _listen(self, handler, interface=None):
+        return new_socket(self.reactor, interface or self.interface, handler, self.clock,
+                          self.metrics, self.replay)
 
     def _seal(self, message):
         return wire.seal(message, self.id, self.key, self.stamper())
 
     def _send_lobby(self, proto, message, stamp=None):
-        """Send C{message} to the lobby; False if it could not be sent."""
-        data = wire.seal(message, self.id, self.key, stamp or self.stamper())
+        """
+        Send C{message} to the lobby; False if it could not be sent.  Every
+        message says that we read candidate lists (L{M.FLAG_CANDIDATES}).
+        """
+        data = wire.seal(message, self.id, self.key, stamp or self.stamper(),
+                         flags=M.FLAG_CANDIDATES)
         try:
             proto.send(data, self.lobby, type(message).__name__)
         except OSError as e:
@@ -136,10 +159,91 @@ class LobbyClient:
     # -- login and presence ----------------------------------------------------------
 
     def start(self):
-        """Log in; the Deferred fires once the lobby welcomed us."""
+        """
+        Log in, and open the candidate sockets; the Deferred fires once the
+        lobby welcomed us and the port mapping attempt ended (granted or
+        not, within the mapper's budget): both go on at once.
+        """
         self.proto = self._listen(self)
         self._login()
-        return self._logged_in
+        self._open_ipv6()
+        mapping = self._open_mapped()
+        return defer.gatherResults([self._logged_in, mapping], consumeErrors=True).addCallback(
+            lambda _: self)
+
+    def _open_ipv6(self):
+        if not self.ipv6:
+            return
+        address = self.ipv6
+        if address == "auto":
+            from p2pnat.peer.discovery import global_ipv6
+
+            address = global_ipv6()
+            if address is None:
+                self.log.info("no global IPv6 address: no IPv6 candidate")
+                return
+        try:
+            proto = self._listen(None, address)
+        except OSError as e:
+            self.log.warn("cannot open the IPv6 socket on {addr}: {error}", addr=address, error=e)
+            return
+        self.shared["ipv6"] = SharedSocket(
+            proto, (address, proto.transport.getHost().port), "ipv6")
+        self.log.info("IPv6 candidate {addr}",
+                      addr=wire.format_addr(self.shared["ipv6"].address))
+
+    def _open_mapped(self):
+        """Open the socket to map, and ask for the mapping: a Deferred that never fails."""
+        if not self.portmap:
+            return defer.succeed(None)
+        factory = self.portmap
+        if factory is True:
+            try:
+                from p2pnat.portmap import PortMapper
+            except ImportError as e:
+                self.log.warn("port mapping is not available: {error}", error=e)
+                return defer.succeed(None)
+            factory = PortMapper
+        proto = self._listen(None)
+        port = proto.transport.getHost().port
+        self.shared["mapped"] = SharedSocket(proto, (self.interface, port), "mapped")
+        try:
+            self.mapper = factory(self.reactor, port)
+            self.mapper.startService()
+            d = self.mapper.map()
+        except Exception:
+            self.log.failure("port mapping failed")
+            return defer.succeed(None)
+
+        def mapped(mapping):
+            if mapping is None:
+                self.log.info("no port mapping granted")
+            else:
+                self.log.info("port mapping by {protocol}: {external} -> {port}",
+                              protocol=mapping.protocol, external=mapping.external, port=port)
+
+        def failed(failure):
+            self.log.failure("port mapping failed", failure)
+
+        return d.addCallbacks(mapped, failed)
+
+    def candidates(self):
+        """
+        Our candidates for peers, as the lobby passes them: the port
+        mapping's external address while one is granted, the IPv6
+        socket's address.
+        """
+        found = []
+        mapping = self.mapper.current if self.mapper is not None else None
+        if mapping is not None and "mapped" in self.shared:
+            found.append(tuple(mapping.external))
+        if "ipv6" in self.shared:
+            found.append(self.shared["ipv6"].address)
+        return [c for c in found if M.valid_candidate(c)][:M.MAX_CANDIDATES]
+
+    def _offered(self):
+        """The candidates to put in a request: none for a lobby that cannot read them."""
+        return tuple(self.candidates()) if self.lobby_candidates else ()
 
     def _login(self):
         """
@@ -175,7 +279,10 @@ class LobbyClient:
         self._send_lobby(self.proto, M.Login(self._local(self.proto), self.nat), stamp)
 
     def stop(self):
-        """Log out, close every path and socket."""
+        """
+        Log out, close every path and socket; a Deferred that fires once
+        the port mapping (if any) is deleted.
+        """
         for path in list(self.paths.values()):
             path.close()
         if self.proto is not None and self.proto.transport is not None:
@@ -194,6 +301,12 @@ class LobbyClient:
             if call.active():
                 call.cancel()
         self._upgrades.clear()
+        for shared in self.shared.values():
+            shared.close()
+        mapper, self.mapper = self.mapper, None
+        if mapper is not None:
+            return defer.maybeDeferred(mapper.stopService)
+        return defer.succeed(None)
 
     def _keepalive(self):
         try:
@@ -228,9 +341,9 @@ class LobbyClient:
         if isinstance(message, wire.Pong):
             self._pong(message)
         elif isinstance(message, M.Welcome):
-            self._welcome(message)
+            self._welcome(message, frame.flags)
         elif isinstance(message, M.Invite):
-            self._invited(message, proto)
+            self._invited(message, proto, frame.flags)
         elif isinstance(message, (M.Introduce, M.AnswerAck, M.Refusal)):
             if isinstance(message, M.Refusal) and message.request_id == 0:
                 self.log.info("the lobby forgot us; logging in again")
@@ -240,14 +353,15 @@ class LobbyClient:
                 return None
             handler = self._requests.get(message.request_id)
             if handler is not None:
-                handler.lobby_answer(message, proto)
+                handler.lobby_answer(message, proto, frame.flags)
         return None
 
-    def _welcome(self, m):
+    def _welcome(self, m, flags=0):
         sent = self._login_sent.pop(m.echo, None)
         if sent is None:
             return  # not the answer to a request of ours still outstanding
         self._welcomed = self.clock.seconds()
+        self.lobby_candidates = bool(flags & M.FLAG_CANDIDATES)
         self.stamper.sync(sent, self.clock.seconds(), m.server_time)
         if self.public != m.observed:
             self.log.info("logged in to the lobby as {id}; public address {addr}", id=self.id,
@@ -291,7 +405,7 @@ class LobbyClient:
 
     # -- being connected to (we are B) --------------------------------------------------
 
-    def _invited(self, m, proto):
+    def _invited(self, m, proto, flags=0):
         if (m.peer, m.request_id) in self._invites:
             # The lobby sent the invitation again: our answer was lost.
             self._invites[(m.peer, m.request_id)].resend()
@@ -299,7 +413,7 @@ class LobbyClient:
         accepted = bool(self.accept(m.peer))
         self.log.info("{peer} asks to connect: {verdict}", peer=m.peer,
                       verdict="accepted" if accepted else "refused")
-        answer = _Answer(self, m, accepted)
+        answer = _Answer(self, m, accepted, flags)
         self._invites[(m.peer, m.request_id)] = answer
         while len(self._invites) > self.MAX_INVITES:
             del self._invites[next(iter(self._invites))]
@@ -322,30 +436,48 @@ class _Side:
 
     log = Logger(namespace="p2pnat.client")
 
-    def _punch(self, role, peer_observed, peer_local, peer_nat):
+    def _punch(self, role, intro, offered, flags):
+        """
+        Run this side's punch against the peer of the introduction
+        C{intro}: the plan's actions, and the candidates of both sides.
+        C{offered} are the candidates we sent; the peer has them only if
+        the lobby's C{flags} say it reads them.
+        """
         c = self.client
-        actions, plan, deadline = actions_for(role, c.nat, peer_nat, peer_observed, peer_local,
-                                              c.public, c.low_ttl)
+        actions, plan, deadline = actions_for(role, c.nat, intro.nat, intro.observed,
+                                              intro.local, c.public, c.low_ttl)
+        theirs = [a for a in intro.candidates if M.valid_candidate(a)][:M.MAX_CANDIDATES]
+        mine = offered if flags & M.FLAG_CANDIDATES else ()
+        # Only candidates to try: they stay the same, so another round is no use.
+        self.only_candidates = actions.idle
+        actions, deadline = with_candidates(actions, deadline, mine, theirs)
         self.strategy = plan.strategy
         deadline = c.punch_deadline or deadline
-        self.log.info("punching {peer} ({role}): {strategy}: {reason}", peer=self.session.peer,
-                      role=role, strategy=plan.strategy, reason=plan.reason)
+        self.log.info("punching {peer} ({role}): {strategy}: {reason}; candidates: ours {mine},"
+                      " theirs {theirs}", peer=self.session.peer, role=role,
+                      strategy=plan.strategy, reason=plan.reason,
+                      mine=[wire.format_addr(a) for a in mine],
+                      theirs=[wire.format_addr(a) for a in theirs])
         if actions.idle:
             return defer.fail(PunchFailed(f"{plan.strategy}: {plan.reason}"))
-        self.punch = Punch(self.session, actions, self.fresh, c._listen, c.clock, deadline)
+        self.punch = Punch(self.session, actions, self.fresh, c._listen, c.clock, deadline,
+                           shared=c.shared)
         return self.punch.start()
 
     def _direct(self, result):
         proto, addr = result
         path = self.client._path_for(self.session.peer)
-        path.use_direct(proto, addr, self.session)
+        standby = self.punch.standby if self.punch is not None else []
+        path.use_direct(proto, addr, self.session, standby)
         path.strategy = self.strategy
+        path.candidate = self.punch.won if self.punch is not None else None
         path.probes = self.punch.sent if self.punch is not None else 0
         for payload in self.session.early:
             path.deliver(payload)
         self.session.early = []
         if self.fresh is not proto and self.fresh.transport is not None and (
-                path.relayed is None or path.relayed[0] is not self.fresh):
+                path.relayed is None or path.relayed[0] is not self.fresh) and not any(
+                self.fresh is p for p in standby):
             self.fresh.transport.stopListening()  # the path does not use it
         return path
 
@@ -382,6 +514,7 @@ class _Attempt(_Side):
         self.punch = None
         self.fresh = None
         self.request_id = None
+        self.offered = ()
 
     def start(self):
         c = self.client
@@ -399,6 +532,7 @@ class _Attempt(_Side):
         self.request_id = c.new_request_id()
         self.fresh = c._listen(c)
         self._tries = 0
+        self.offered = c._offered()
         c._register(self.request_id, self)
         self._request()
 
@@ -409,10 +543,11 @@ class _Attempt(_Side):
         self._tries += 1
         c = self.client
         c._send_lobby(self.fresh, M.ConnectRequest(self.request_id, self.peer,
-                                                   c._local(self.fresh), c.nat))
+                                                   c._local(self.fresh), c.nat,
+                                                   candidates=self.offered))
         self._call = c.clock.callLater(min(0.5 * self._tries, 2.0), self._request)
 
-    def lobby_answer(self, m, proto):
+    def lobby_answer(self, m, proto, flags=0):
         if self.session is not None or self.result.called or proto is not self.fresh:
             return
         if self._call is not None and self._call.active():
@@ -426,7 +561,7 @@ class _Attempt(_Side):
         c = self.client
         key = M.open_session_key(c.key, m.session_id, m.sealed_key)
         self.session = Session(c, m.session_id, key, "a", self.peer)
-        d = self._punch("a", m.observed, m.local, m.nat)
+        d = self._punch("a", m, self.offered, flags)
         d.addCallback(self._direct)
         d.addErrback(self._punch_failed)
         d.addBoth(self._finish)
@@ -437,7 +572,8 @@ class _Attempt(_Side):
             self.probes += self.punch.sent
         c = self.client
         left = self.timeout - (c.clock.seconds() - self.started)
-        if self.punch is not None and left > self.RELAY_RESERVE + 0.5:
+        if (self.punch is not None and not self.only_candidates
+                and left > self.RELAY_RESERVE + 0.5):
             self.log.info("round {n} to {peer} missed ({why}); another round",
                           n=self.rounds, peer=self.peer, why=failure.getErrorMessage())
             if self.fresh.transport is not None:
@@ -499,10 +635,12 @@ _AGAIN = object()
 class _Answer(_Side):
     """B's side: the answer from a fresh port, then at once the punch."""
 
-    def __init__(self, client, invite, accepted):
+    def __init__(self, client, invite, accepted, flags=0):
         self.client = client
         self.invite = invite
         self.accepted = accepted
+        self.flags = flags  # of the Invite: whether A was given our candidates
+        self.offered = client._offered() if accepted else ()
         self.acked = False
         self._call = None
         self._tries = 0
@@ -520,7 +658,7 @@ class _Answer(_Side):
         key = M.open_session_key(c.key, m.session_id, m.sealed_key)
         self.session = Session(c, m.session_id, key, "b", m.peer)
         # The seed: B sends its probe right after answering.
-        d = self._punch("b", m.observed, m.local, m.nat)
+        d = self._punch("b", m, self.offered, self.flags)
         d.addCallback(self._direct)
         # Always offer the relay, even with a path to this peer already up:
         # that path may be stale (the peer crashed, or its PathClose was
@@ -543,10 +681,11 @@ class _Answer(_Side):
         self._tries += 1
         c = self.client
         c._send_lobby(self.fresh, M.Answer(self.invite.request_id, self.accepted,
-                                           c._local(self.fresh), c.nat))
+                                           c._local(self.fresh), c.nat,
+                                           candidates=self.offered))
         self._call = c.clock.callLater(0.3 * self._tries, self.resend)
 
-    def lobby_answer(self, m, proto):
+    def lobby_answer(self, m, proto, flags=0):
         if isinstance(m, M.AnswerAck):
             self.acked = True
             if self._call is not None and self._call.active():

@@ -33,6 +33,7 @@ runs one for real and prints the behaviour as JSON.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import socket
 from dataclasses import dataclass
@@ -265,6 +266,56 @@ def source_address(server):
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.connect(tuple(server[:2]))
         return s.getsockname()[0]
+
+
+#: Where a connected (silent) UDP socket is aimed to learn which global
+#: IPv6 address this host sends from: any routed global address does.
+IPV6_PROBE_TARGET = ("2001:4860:4860::8888", 9)
+
+
+def _usable_ipv6(text):
+    """A global unicast address a peer elsewhere could reach (not ULA, not mapped)."""
+    try:
+        ip = ipaddress.IPv6Address(text.split("%")[0])
+    except ValueError:
+        return False
+    return not (ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified
+                or ip.is_reserved or ip.is_site_local or ip.ipv4_mapped is not None
+                or ip in _ULA)
+
+
+_ULA = ipaddress.IPv6Network("fc00::/7")
+#: Flags of /proc/net/if_inet6 that make an address unusable: tentative
+#: (DAD not done), deprecated, DAD failed.
+_IFA_UNUSABLE = 0x40 | 0x20 | 0x08
+
+
+def global_ipv6(target=IPV6_PROBE_TARGET, if_inet6="/proc/net/if_inet6"):
+    """
+    This host's global IPv6 address, or None: the source address towards
+    C{target} when a route leads there; else (a network without a default
+    route, as the NAT lab's) the first usable global address in Linux's
+    C{if_inet6} table.  Nothing is sent.
+    """
+    try:
+        found = source_address(target)
+        if _usable_ipv6(found):
+            return found
+    except OSError:
+        pass
+    try:
+        with open(if_inet6) as f:
+            rows = [line.split() for line in f]
+    except OSError:
+        return None
+    for row in rows:
+        # address, interface index, prefix length, scope (0: global), flags, name
+        if len(row) < 6 or int(row[3], 16) != 0 or int(row[4], 16) & _IFA_UNUSABLE:
+            continue
+        text = str(ipaddress.IPv6Address(bytes.fromhex(row[0])))
+        if _usable_ipv6(text):
+            return text
+    return None
 
 
 def discover(reactor, servers, *, interface=None, **options):

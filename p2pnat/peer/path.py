@@ -34,11 +34,18 @@ class Path:
         self._backlog = []
         self.on_mode = lambda mode: None
         self.direct = None  # (proto, addr, session)
+        #: Sockets of the other address family that the peer may send on
+        #: (see L{use_direct}).
+        self.standby = []
         self.relayed = None  # (proto, lobby addr, session)
         self._keepalive = None
         self.received = 0
         self.sent = 0
         self.strategy = None  # how the path was made, for reports
+        #: Which candidate the direct path runs on: ``"observed"`` (the
+        #: plan's), ``"mapped"`` (our port mapping), ``"peer-mapped"`` (the
+        #: peer's), ``"ipv6"``; None while relayed.
+        self.candidate = None
         self.probes = 0
         self.rounds = 0
 
@@ -64,11 +71,21 @@ class Path:
 
     # -- set up by the client -----------------------------------------------------
 
-    def use_direct(self, proto, addr, session):
+    def use_direct(self, proto, addr, session, standby=()):
+        """
+        Send on C{proto} to C{addr} from now on.  The peer's traffic is also
+        taken on the C{standby} sockets (of the other address family), in
+        case the peer settled on that family; IPv6 traffic there moves the
+        path to it (L{_received}).
+        """
         old, self.direct = self.direct, (proto, addr, session)
-        proto.handler = _PathHandler(self, session)
-        if old is not None and old[0] is not proto:
-            old[0].transport.stopListening()
+        old_standby, self.standby = self.standby, list(standby)
+        for p in [proto] + self.standby:
+            p.handler = _PathHandler(self, session)
+        keep = [proto] + self.standby
+        for p in ([old[0]] if old is not None else []) + old_standby:
+            if p.transport is not None and not any(p is k for k in keep):
+                p.transport.stopListening()
         self._set_mode("direct")
         self._schedule_keepalive()
 
@@ -82,8 +99,10 @@ class Path:
             # The peer connected afresh (it restarted, or our path to it went
             # stale): the old direct route leads nowhere any more.
             old, self.direct = self.direct, None
-            if old[0] is not proto and old[0].transport is not None:
-                old[0].transport.stopListening()
+            standby, self.standby = self.standby, []
+            for p in [old[0]] + standby:
+                if p is not proto and p.transport is not None:
+                    p.transport.stopListening()
         if self.direct is None:
             self._set_mode("relayed")
             self._schedule_keepalive()
@@ -129,9 +148,11 @@ class Path:
     def _closed(self):
         if self._keepalive is not None and self._keepalive.active():
             self._keepalive.cancel()
-        for route in (self.direct, self.relayed):
-            if route is not None and route[0].transport is not None:
-                route[0].transport.stopListening()
+        protos = [route[0] for route in (self.direct, self.relayed) if route is not None]
+        for proto in {id(p): p for p in protos + self.standby}.values():
+            if proto.transport is not None:
+                proto.transport.stopListening()
+        self.standby = []
         self.client.path_closed(self)
         self._set_mode("closed")
 
@@ -153,6 +174,14 @@ class Path:
     # -- from the sockets --------------------------------------------------------------
 
     def _received(self, message, proto, addr):
+        if (self.direct is not None and ":" in addr[0] and ":" not in self.direct[1][0]
+                and any(proto is p for p in self.standby)):
+            # The peer reached us over IPv6 (authenticated): it settled on the
+            # preferred family where we took IPv4; follow it there.
+            self.log.info("path to {peer}: now over IPv6", peer=self.peer)
+            self.standby = [p for p in self.standby if p is not proto] + [self.direct[0]]
+            self.direct = (proto, addr, self.direct[2])
+            self.candidate = "ipv6"
         if (isinstance(message, (M.Data, M.PathKeepalive)) and self.direct is not None
                 and proto is self.direct[0] and addr != self.direct[1]):
             # The peer's NAT gave its path socket a new mapping: follow it

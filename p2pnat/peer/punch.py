@@ -30,6 +30,7 @@ from p2pnat.daemon.logs import Logger
 from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
+from p2pnat.protocol.strategy import IPV6_GRACE
 
 
 class PunchFailed(Exception):
@@ -50,7 +51,8 @@ class Punch:
 
     log = Logger(namespace="p2pnat.punch")
 
-    def __init__(self, session, actions, fresh, listen, clock, deadline, rnd=None):
+    def __init__(self, session, actions, fresh, listen, clock, deadline, rnd=None,
+                 shared=None):
         self.session = session
         self.actions = actions
         self.fresh = fresh
@@ -58,11 +60,28 @@ class Punch:
         self.clock = clock
         self.deadline = deadline
         self.random = rnd or _random.SystemRandom()
+        #: The client's long-lived sockets by name (``"mapped"``, ``"ipv6"``;
+        #: see L{p2pnat.peer.sockets}), leased for this punch where the
+        #: actions use them.
+        self.shared = shared or {}
         self.done = Deferred()
         self.sockets = []  # (proto, destinations)
         self.sent = 0
         self.result = None
+        #: How the path was found: ``"observed"`` (the plan, on the peer's
+        #: observed address or local one), ``"peer-mapped"`` (the peer's
+        #: port-mapped address), ``"mapped"`` (ours), ``"ipv6"``.
+        self.won = None
+        #: Sockets of the other family kept open for the path beside the one
+        #: it runs on: the peer may have settled on the other family (its
+        #: answers came in a different order), and the path follows the
+        #: peer onto IPv6 when its traffic shows up there (see L{Path}).
+        self.standby = []
         self._calls = []
+        self._repeats = {}  # socket index -> probes sent so far
+        self._plain = set()  # socket indexes whose first probes keep the normal TTL
+        self._v4_first = None  # an IPv4 success waiting out the IPv6 grace
+        self._v6 = False  # IPv6 candidates are being probed
         self._round = session.next_round()
 
     def start(self):
@@ -77,6 +96,19 @@ class Punch:
                 self.log.warn("cannot open a punch socket: {error}", error=e)
                 break
             self.sockets.append((proto, list(a.new_to)))
+        if a.to_candidates:
+            self._plain.add(len(self.sockets))
+            self.sockets.append((self.fresh, list(a.to_candidates)))
+        for name, dests in (("ipv6", a.to_candidates6), ("mapped", [])):
+            shared = self.shared.get(name)
+            if shared is None or (name == "ipv6" and not dests) or (
+                    name == "mapped" and not a.take_mapped):
+                continue
+            port = shared.lease(self.session, self)
+            if port is not None:
+                self._plain.add(len(self.sockets))
+                self.sockets.append((port, list(dests)))
+                self._v6 = self._v6 or bool(dests and port.family == 6)
         # The seed's order: open every socket at once, then repeat.
         for index, (proto, dests) in enumerate(self.sockets):
             self._probe(index, proto, dests, first=True)
@@ -87,9 +119,9 @@ class Punch:
         return self.done
 
     def _probe(self, index, proto, dests, first=False):
-        if self.result is not None:
-            return
-        ttl = self.actions.first_ttl if first else 0
+        if self.result is not None or not dests:
+            return  # a socket without destinations only takes the peer's probes
+        ttl = self.actions.first_ttl if first and index not in self._plain else 0
         if ttl:
             _set_ttl(proto, ttl)
         for dest in dests:
@@ -98,8 +130,8 @@ class Punch:
             _set_ttl(proto, 0)
         # The first repetitions come quickly (the peer may have learnt of the
         # session a moment after our first probe), then every interval.
-        repeat = getattr(proto, "_punch_repeats", 0)
-        proto._punch_repeats = repeat + 1
+        repeat = self._repeats.get(index, 0)
+        self._repeats[index] = repeat + 1
         delay = min(self.actions.interval, 0.05 * 2 ** repeat)
         self._calls.append(self.clock.callLater(delay, self._probe, index, proto, dests))
 
@@ -153,14 +185,45 @@ class Punch:
     def _success(self, proto, addr):
         if self.result is not None:
             return
-        self.result = (proto, addr)
-        self._stop(keep=proto)
-        self.log.info("punched {peer}: {local} <-> {addr} after {sent} probes",
+        if self._v6 and ":" not in addr[0]:
+            # IPv4 works; an IPv6 path, preferred, may be a moment behind.
+            if self._v4_first is None:
+                self._v4_first = (proto, addr)
+                self._calls.append(self.clock.callLater(IPV6_GRACE, self._settle))
+            return
+        self._settle((proto, addr))
+
+    def _settle(self, result=None):
+        """Take C{result} (or the IPv4 success that waited) as the path."""
+        if self.result is not None:
+            return
+        self.result = result or self._v4_first
+        proto, addr = self.result
+        self.won = self._kind(proto, addr)
+        if self._v6:
+            if ":" in addr[0]:
+                # The IPv4 socket that worked, or else the fresh one the plan probed from.
+                other = self._v4_first[0] if self._v4_first else self.fresh
+                self.standby = [other] if any(other is p for p, _ in self.sockets) else []
+            else:
+                self.standby = [p for p, _ in self.sockets if getattr(p, "family", 4) == 6]
+        self._stop(keep=[proto] + self.standby)
+        self.log.info("punched {peer}: {local} <-> {addr} after {sent} probes ({won})",
                       peer=self.session.peer, local=proto.transport.getHost().port, addr=addr,
-                      sent=self.sent)
+                      sent=self.sent, won=self.won)
         self.done.callback(self.result)
 
+    def _kind(self, proto, addr):
+        shared = getattr(proto, "shared", None)  # a SessionPort: "ipv6" or "mapped"
+        if shared is not None:
+            return shared.name
+        if tuple(addr) in {tuple(c) for c in self.actions.to_candidates}:
+            return "peer-mapped"
+        return "observed"
+
     def _expire(self):
+        if self.result is None and self._v4_first is not None:
+            return self._settle()
         if self.result is None:
             self._stop(keep=None)
             self.done.errback(PunchFailed(f"no path after {self.sent} probes"))
@@ -171,12 +234,16 @@ class Punch:
             self.done.errback(PunchFailed("cancelled"))
 
     def _stop(self, keep):
+        """Stop every timer, and close the sockets but the fresh one and those in C{keep}."""
+        keep = keep or []
         for call in self._calls:
             if call.active():
                 call.cancel()
         self._calls = []
         for proto, _ in self.sockets:
-            if proto is not keep and proto is not self.fresh and proto.transport is not None:
+            # The fresh socket appears twice when it also probes candidates.
+            if (proto is not self.fresh and proto.transport is not None
+                    and not any(proto is k for k in keep)):
                 proto.transport.stopListening()
 
 

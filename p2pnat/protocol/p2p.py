@@ -16,6 +16,7 @@ whole message is MAC'd: only the two peers and the lobby know it.
 
 import hashlib
 import hmac
+import ipaddress
 import struct
 from dataclasses import dataclass
 
@@ -121,6 +122,66 @@ def _pack_id(text):
     return bytes([len(raw)]) + raw
 
 
+# -- candidates ------------------------------------------------------------------
+
+#: Frame flag (header byte 4) on Login, Keepalive, ConnectRequest and Answer:
+#: the sender understands candidate lists in Invite and Introduce.  On a
+#: Welcome: this lobby relays candidates.  Receivers of older releases
+#: ignore header flags, so the flag is how both sides learn that the other
+#: reads the longer bodies before anything sends one.
+FLAG_CANDIDATES = 0x01
+#: At most this many extra candidates travel with one introduction.
+MAX_CANDIDATES = 4
+
+
+def valid_candidate(addr):
+    """
+    Whether C{addr} may be offered to a peer as a candidate: a unicast
+    address a peer could send to (not loopback, multicast, unspecified,
+    link-local, reserved or IPv4-mapped) and a port other than 0.
+    """
+    try:
+        ip = ipaddress.ip_address(addr[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return False
+    return 0 < addr[1] <= 65535 and not (
+        ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local
+        or ip.is_reserved)
+
+
+def _pack_candidates(candidates):
+    """
+    The optional candidate block: count u8, then that many addresses.  An
+    empty list packs to nothing, so that a body without candidates is the
+    body older releases send.
+    """
+    if not candidates:
+        return b""
+    if len(candidates) > MAX_CANDIDATES:
+        raise WireError("bad-body", f"more than {MAX_CANDIDATES} candidates")
+    return bytes([len(candidates)]) + b"".join(pack_addr(*c) for c in candidates)
+
+
+def _candidates(body, offset):
+    """
+    Decode a candidate block at C{offset} if one is there: ``(candidates,
+    end)``.  A zero byte (or the end of the body) means none: it is the
+    first byte of the padding older releases send.
+    """
+    if len(body) <= offset or body[offset] == 0:
+        return (), offset
+    n = body[offset]
+    if n > MAX_CANDIDATES:
+        raise WireError("bad-body", f"{n} candidates")
+    found, end = [], offset + 1
+    for _ in range(n):
+        addr, end = unpack_addr(body, end)
+        found.append(addr)
+    return tuple(found), end
+
+
 # -- lobby ---------------------------------------------------------------------
 
 @register
@@ -198,7 +259,10 @@ class ConnectRequest(Message):
     """
     A to lobby, sent from a fresh local port (the lobby observes the fresh
     mapping P+b): introduce me to C{peer}.  C{local} is this socket's own
-    address (for peers on the same LAN).
+    address (for peers on the same LAN); C{candidates} are more addresses
+    where this client takes probes (a port-mapped external address, a
+    global IPv6 address), up to L{MAX_CANDIDATES}, sent only to a lobby
+    that set L{FLAG_CANDIDATES}.
     """
 
     TYPE = 0x24
@@ -207,10 +271,12 @@ class ConnectRequest(Message):
     local: tuple = ("0.0.0.0", 0)
     nat: NatInfo = NatInfo()
     padding: int = 0
+    candidates: tuple = ()
 
     def encode_body(self):
         return (struct.pack("!Q", self.request_id) + _pack_id(self.peer)
-                + pack_addr(*self.local) + self.nat.encode() + bytes(self.padding))
+                + pack_addr(*self.local) + self.nat.encode()
+                + _pack_candidates(self.candidates) + bytes(self.padding))
 
     @classmethod
     def decode_body(cls, body):
@@ -218,14 +284,17 @@ class ConnectRequest(Message):
         peer, end = _id(body, end)
         local, end = unpack_addr(body, end)
         nat, end = NatInfo.decode(body, end)
-        return cls(rid, peer, local, nat, zero_padding(body, end, "connect"))
+        candidates, end = _candidates(body, end)
+        return cls(rid, peer, local, nat, zero_padding(body, end, "connect"), candidates)
 
 
 @dataclass
 class _Introduction(Message):
     """
     Lobby to a peer: the other side's ID, observed fresh address, local
-    address and NAT, and the session (ID and encrypted key).
+    address and NAT, the session (ID and encrypted key), and the other
+    side's candidates (only to a client that set L{FLAG_CANDIDATES}: the
+    block at the end of the body is new).
     """
 
     TYPE = None
@@ -237,11 +306,14 @@ class _Introduction(Message):
     session_id: bytes = bytes(SESSION_ID_LEN)
     sealed_key: bytes = bytes(32)
     accepted: bool = True
+    candidates: tuple = ()
+
+    _SESSION = struct.Struct(f"!{SESSION_ID_LEN}s32s")
 
     def encode_body(self):
         return (struct.pack("!QB", self.request_id, int(self.accepted)) + _pack_id(self.peer)
                 + pack_addr(*self.observed) + pack_addr(*self.local) + self.nat.encode()
-                + self.session_id + self.sealed_key)
+                + self.session_id + self.sealed_key + _pack_candidates(self.candidates))
 
     @classmethod
     def decode_body(cls, body):
@@ -250,8 +322,13 @@ class _Introduction(Message):
         observed, end = unpack_addr(body, end)
         local, end = unpack_addr(body, end)
         nat, end = NatInfo.decode(body, end)
-        sid, key = unpack_tail(f"!{SESSION_ID_LEN}s32s", body, end, "introduction")
-        return cls(rid, peer, observed, local, nat, sid, key, bool(accepted))
+        if len(body) < end + cls._SESSION.size:
+            raise WireError("bad-body", "introduction truncated")
+        sid, key = cls._SESSION.unpack_from(body, end)
+        end += cls._SESSION.size
+        candidates, end = _candidates(body, end)
+        wire.expect_end(body, end, "introduction")
+        return cls(rid, peer, observed, local, nat, sid, key, bool(accepted), candidates)
 
 
 @register
@@ -276,17 +353,21 @@ class Answer(Message):
     local: tuple = ("0.0.0.0", 0)
     nat: NatInfo = NatInfo()
     padding: int = 16
+    candidates: tuple = ()  # as in L{ConnectRequest}
 
     def encode_body(self):
         return (struct.pack("!QB", self.request_id, int(self.accepted))
-                + pack_addr(*self.local) + self.nat.encode() + bytes(self.padding))
+                + pack_addr(*self.local) + self.nat.encode()
+                + _pack_candidates(self.candidates) + bytes(self.padding))
 
     @classmethod
     def decode_body(cls, body):
         (rid, accepted), end = unpack_head("!QB", body, "answer")
         local, end = unpack_addr(body, end)
         nat, end = NatInfo.decode(body, end)
-        return cls(rid, bool(accepted), local, nat, zero_padding(body, end, "answer"))
+        candidates, end = _candidates(body, end)
+        return cls(rid, bool(accepted), local, nat, zero_padding(body, end, "answer"),
+                   candidates)
 
 
 @register

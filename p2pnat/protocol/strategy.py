@@ -11,7 +11,7 @@ knows the other's fresh mapping from the lobby, which is all the bases a
 prediction needs.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from p2pnat.protocol import nat as N
 
@@ -28,10 +28,14 @@ class Actions:
     spray_ports: tuple = (1024, 65535)  # ... in this range
     first_ttl: int = 0  # TTL of the first probe of each socket (0: the system's)
     interval: float = 0.2  # seconds between repeated probes of one socket
+    to_candidates: list = field(default_factory=list)  # peer's IPv4 candidates, from fresh
+    to_candidates6: list = field(default_factory=list)  # peer's IPv6 ones, from our IPv6 socket
+    take_mapped: bool = False  # our port-mapped socket waits for the peer's probes
 
     @property
     def idle(self):
-        return not (self.from_fresh or self.new_sockets or self.spray_ip)
+        return not (self.from_fresh or self.new_sockets or self.spray_ip or self.to_candidates
+                    or self.to_candidates6 or self.take_mapped)
 
 
 
@@ -52,6 +56,45 @@ PREDICTION_DELAY = 0.5
 SPREAD = 1
 #: Seconds a round of each strategy runs before a new one (or the relay).
 ROUND = {"direct": 2.0, "simultaneous-open": 2.0, "predict": 1.5}
+#: Seconds a round runs that only probes candidates (the plan itself had
+#: nothing direct to try).
+CANDIDATE_ROUND = 2.0
+#: Seconds to wait, after a direct IPv4 path, for a direct IPv6 one when
+#: both sides probe IPv6: the IPv6 path is preferred (no NAT whose
+#: mapping can expire or change), and both sides' probes left at once, so
+#: a working IPv6 path shows up within about the same round trip.
+IPV6_GRACE = 0.05
+
+
+def _is_v6(addr):
+    return ":" in addr[0]
+
+
+def with_candidates(actions, deadline, mine, theirs):
+    """
+    Add the candidates to one side's round.  Both sides compute the same
+    from the same lists (each gets the other's from the lobby):
+
+    - our fresh socket probes the peer's IPv4 candidates (port-mapped
+      addresses take probes from anywhere; our NAT lets the answer back);
+    - our IPv6 socket probes the peer's IPv6 candidates when we have one
+      of our own: both send, and each side's probes open its own stateful
+      firewall for the other's;
+    - our port-mapped socket, if we offered it, waits for the peer's probes.
+
+    @param mine: the candidates the peer was given of ours (none if the
+        peer cannot read them).
+    @param theirs: the peer's candidates.
+    @return: ``(actions, deadline)``; unchanged without candidates, so that
+        a pair without any punches as before.
+    """
+    v4 = [c for c in theirs if not _is_v6(c)]
+    v6 = [c for c in theirs if _is_v6(c)] if any(_is_v6(c) for c in mine) else []
+    mapped = any(not _is_v6(c) for c in mine)
+    if not (v4 or v6 or mapped):
+        return actions, deadline
+    actions = replace(actions, to_candidates=v4, to_candidates6=v6, take_mapped=mapped)
+    return actions, deadline or CANDIDATE_ROUND
 
 
 def _add(addr, offset):

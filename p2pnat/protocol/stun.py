@@ -644,8 +644,9 @@ def verify_integrity_sha256(msg: Message, key: bytes) -> bool:
 # and ignored: this is an unauthenticated Binding service and the answer is not
 # signed. CHANGE-REQUEST is understood (see answer_binding). Everything else
 # below 0x8000 -- notably RESPONSE-ADDRESS (RFC 3489 reflection to a third
-# party) and RESPONSE-PORT (reflection to another port), which we refuse to
-# honour -- gets a 420.
+# party) and RESPONSE-PORT (reflection to another port of the source's IP,
+# another user's mapping behind a shared NAT), which we refuse to honour --
+# gets a 420, as RFC 5780 section 6.1 asks of a server without them.
 _SERVER_UNDERSTOOD = frozenset(
     {
         Attr.MAPPED_ADDRESS,
@@ -681,36 +682,59 @@ def answer_binding(
     count ``e.reason``).
 
     The answer is kept minimal because it goes to an address nobody has
-    verified: only what the request needs, nothing optional unless asked.
+    verified: only what the request and RFC 5780 need, nothing optional.
 
-    - RFC 5389/8489 request: XOR-MAPPED-ADDRESS only.
-      20-byte request -> 32-byte answer (IPv4 source) or 44 (IPv6).
-      With FINGERPRINT the answer carries one too: 28 -> 40 (IPv4), 52 (IPv6).
+    - RFC 5389/8489 request: XOR-MAPPED-ADDRESS.
     - Classic RFC 3489 request (no magic cookie): MAPPED-ADDRESS *instead of*
       XOR-MAPPED-ADDRESS (RFC 5389 section 12.2), the 128-bit id echoed. It
       is what such clients read; Debian's ``stun`` misdecodes an
-      XOR-MAPPED-ADDRESS in such an answer as 0.0.0.0:0. Its 28-byte
-      requests (header + CHANGE-REQUEST) get 32-byte answers.
+      XOR-MAPPED-ADDRESS in such an answer as 0.0.0.0:0.
+    - ``response_origin`` / ``other_address``, when the caller passes them,
+      as RESPONSE-ORIGIN / OTHER-ADDRESS (SOURCE-ADDRESS / CHANGED-ADDRESS
+      for a classic request). An RFC 5780 server passes both for every
+      request, CHANGE-REQUEST or not (section 6.1): a standard client
+      reads OTHER-ADDRESS from its first, plain answer and runs no test
+      without it.
     - CHANGE-REQUEST with no flag set is honoured trivially. With "change IP"
       or "change port" set, which one socket cannot do, the request is
       answered with error 420 naming CHANGE-REQUEST (RFC 5780 section 6.1:
-      a server without an alternate address MUST), 36 bytes (20 + 8 of
-      ERROR-CODE with an empty reason phrase + 8 of UNKNOWN-ATTRIBUTES) for
-      the 28-byte request, 44 if the request had FINGERPRINT (36 bytes), so
-      a client learns the test is unsupported instead of reading a reply
-      from our one address as a NAT filtering result, and a silent drop
-      cannot be mistaken for filtering either.
+      a server without an alternate address MUST), so a client learns the
+      test is unsupported instead of reading a reply from our one address
+      as a NAT filtering result; a silent drop would read as filtering.
       With ``honour_change`` the caller promises to send the answer from
       the address the flags ask for (a sibling socket, see
       :mod:`p2pnat.net.udp`): the request is then answered normally.
     - PADDING in the request (RFC 5780 path MTU probing) is echoed with the
       same length, so the answer tracks the request's size.
-    - Other unknown comprehension-required attributes: error 420 listing them
-      (20 + 8 + 4 + 2n rounded up to 4: 36 bytes for one unknown attribute
-      in a request of at least 24 bytes).
-    - RESPONSE-ORIGIN / OTHER-ADDRESS (SOURCE-ADDRESS / CHANGED-ADDRESS for a
-      classic request) and SOFTWARE only when the caller passes them
-      (+12/+24 bytes per address, +4 + padded text for SOFTWARE).
+    - Every other comprehension-required attribute we do not serve gets
+      error 420 listing it: RESPONSE-ADDRESS (RFC 3489's answer to a third
+      party) and RESPONSE-PORT (RFC 5780's answer to another port of the
+      source's IP, which behind a shared NAT is someone else's mapping), so
+      an answer only ever goes back where the request came from.
+    - SOFTWARE only when the caller passes it (+4 and the padded text).
+
+    Sizes in bytes (FP: the request carries FINGERPRINT, and so does the
+    answer; addresses of RFC 5780: ``response_origin`` and
+    ``other_address`` given, of the source's family). docs/stun.rst has
+    the whole table and why the ratio is acceptable:
+
+    =====================================  =======  ======  ======
+    request                                request  IPv4    IPv6
+    =====================================  =======  ======  ======
+    bare                                   20       32      44
+    FP                                     28       40      52
+    CHANGE-REQUEST without flags           28       32      44
+    bare, addresses of RFC 5780            20       56      92
+    FP, addresses of RFC 5780              28       64      100
+    change refused: 420                    28       36      36
+    change refused: 420, FP                36       44      44
+    one unknown attribute (RESPONSE-PORT)  28       36      36
+    PADDING of n (a multiple of 4)         24 + n   36 + n  48 + n
+    =====================================  =======  ======  ======
+
+    The worst ratio is 4.6 (20 -> 92: a bare request over IPv6 to an
+    RFC 5780 server). PADDING is echoed byte for byte, so no answer is
+    more than 72 bytes larger than its request (without SOFTWARE).
     """
     msg = parse_message(data)
     if msg.method != Method.BINDING or msg.msg_class != MessageClass.REQUEST:

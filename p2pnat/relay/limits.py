@@ -28,10 +28,10 @@ Everything here is plain logic on an injected clock; the transport code
 call it once per connection or per stream event, never per byte.
 """
 
-import socket
 from dataclasses import dataclass
 
 from p2pnat.daemon.logs import Logger
+from p2pnat.net.sources import source_of_host  # noqa: F401 (re-exported)
 from p2pnat.relay.sessions import TooBusy
 
 TERMINAL = "terminal"
@@ -49,7 +49,6 @@ MAX_AUTO = 1 << 20
 #: reason (the ones in between are counted, and the count logged).
 LOG_INTERVAL = 10.0
 
-_V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 def source_of(addr):
@@ -59,25 +58,6 @@ def source_of(addr):
     """
     return source_of_host(getattr(addr, "host", None))
 
-
-def source_of_host(host):
-    """
-    The source an IP address counts as, for every per-source limit of the
-    relay: an IPv4 address itself (also when it comes IPv4-mapped), the /64
-    of an IPv6 one, ``"local"`` for none; anything else is its own source.
-    """
-    if not host:
-        return "local"
-    if ":" not in host:
-        return host
-    try:
-        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
-    except (OSError, ValueError):
-        return host
-    if packed[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
-    # socket, not ipaddress: a tenth of the cost, paid on every connection.
-    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
 
 
 @dataclass(frozen=True)

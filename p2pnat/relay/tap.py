@@ -31,6 +31,7 @@ from p2pnat.daemon.services import (
 )
 from p2pnat.deployment import pki
 from p2pnat.net import fastio
+from p2pnat.net.udp import link_siblings
 from p2pnat.protocol import wire
 from p2pnat.relay import access, limits
 from p2pnat.relay.core import Relay, Timeouts
@@ -446,6 +447,9 @@ class RelayService(service.MultiService):
         for pool in self.pools:
             pool.start()
         super().startService()
+        # Now that every socket is bound: a relay given several addresses
+        # answers RFC 5780 tests as the lobby does (p2pnat.net.udp).
+        link_siblings([udp.protocol for udp in self.udp])
         if not self.cluster.addresses:
             self.cluster.addresses = tuple(f"{h}:{p}" for h, p in
                                            (u.address for u in self.udp))

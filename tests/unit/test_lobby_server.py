@@ -36,8 +36,9 @@ class Peer:
         key = self.world.session_keys.get(frame.key_id) or KEYS.get(frame.key_id)
         self.got.append((frame, frame.open(key), addr))
 
-    def send(self, message, key_id=None, key=None, to=LOBBY):
-        data = wire.seal(message, key_id or self.name, key or KEYS[self.name], self.stamper())
+    def send(self, message, key_id=None, key=None, to=LOBBY, flags=0):
+        data = wire.seal(message, key_id or self.name, key or KEYS[self.name], self.stamper(),
+                         flags=flags)
         self.world.net.send(data, self.addr, to)
         return data
 
@@ -59,9 +60,9 @@ class World:
         self.session_keys = {}
         self.stampers = {}
 
-    def login(self, name, addr):
+    def login(self, name, addr, flags=0):
         p = Peer(self, name, addr)
-        p.send(M.Login(addr, M.NatInfo("endpoint-independent")))
+        p.send(M.Login(addr, M.NatInfo("endpoint-independent")), flags=flags)
         return p
 
     def dropped(self, reason):
@@ -185,6 +186,90 @@ class IntroductionTests(_Pair, SynchronousTestCase):
         for rid in range(1, 30):
             self.request(rid=rid)
         self.assertIn(M.Refusal(29, 4), [m for f, m, a in self.a2.got])
+
+
+MAPPED_A, A6 = ("203.0.113.1", 41000), ("2001:2:0:1::10", 40000)
+MAPPED_B, B6 = ("198.51.100.2", 42000), ("2001:2:0:2::10", 50000)
+READS = M.FLAG_CANDIDATES
+
+
+class CandidateTests(SynchronousTestCase):
+    """The lobby passes candidates on, validated, to clients that read them."""
+
+    def setUp(self):
+        self.w = World(self)
+
+    def pair(self, a_flags=READS, b_flags=READS):
+        self.a = self.w.login("alice", ("203.0.113.1", 5000), a_flags)
+        self.b = self.w.login("bob", ("198.51.100.2", 6000), b_flags)
+        self.a2 = Peer(self.w, "alice", ("203.0.113.1", 5001))
+        self.b2 = Peer(self.w, "bob", ("198.51.100.2", 6001))
+
+    def exchange(self, a_candidates, b_candidates, a_flags=READS, b_flags=READS):
+        self.a2.send(M.ConnectRequest(7, "bob", ("10.0.0.1", 40001), M.NatInfo(),
+                                      candidates=a_candidates), flags=a_flags)
+        self.b2.send(M.Answer(7, True, ("10.9.0.2", 50001), M.NatInfo(),
+                              candidates=b_candidates), flags=b_flags)
+        invite = [(f, m) for f, m, _ in self.b.got if isinstance(m, M.Invite)][-1]
+        intro = [(f, m) for f, m, _ in self.a2.got if isinstance(m, M.Introduce)][-1]
+        return invite, intro
+
+    def test_welcome_says_the_lobby_relays_candidates(self):
+        self.pair()
+        frame, welcome, _ = self.a.got[-1]
+        self.assertIsInstance(welcome, M.Welcome)
+        self.assertEqual(frame.flags, READS)
+        self.a.send(M.Keepalive())
+        frame, welcome, _ = self.a.got[-1]
+        self.assertEqual((type(welcome), frame.flags), (M.Welcome, READS))
+
+    def test_relayed_both_ways(self):
+        self.pair()
+        (fi, invite), (fa, intro) = self.exchange((MAPPED_A, A6), (B6,))
+        self.assertEqual(invite.candidates, (MAPPED_A, A6))
+        self.assertEqual(intro.candidates, (B6,))
+        # Each introduction says that the other side got the candidates.
+        self.assertEqual((fi.flags, fa.flags), (READS, READS))
+
+    def test_not_to_clients_that_cannot_read_them(self):
+        """
+        A client of an older release gets the introduction it knows (no
+        candidate block), and its peer learns that its own candidates did
+        not reach it.
+        """
+        self.pair(b_flags=0)
+        (fi, invite), (fa, intro) = self.exchange((MAPPED_A, A6), (), b_flags=0)
+        self.assertEqual(invite.candidates, ())
+        self.assertEqual(len(invite.encode_body()), len(M.Invite(
+            1, "alice", invite.observed, invite.local, invite.nat, invite.session_id,
+            invite.sealed_key).encode_body()))
+        self.assertEqual((fi.flags, fa.flags), (READS, 0))
+        self.assertEqual(len(self.w.lobby.sessions), 1)
+
+    def test_invalid_candidates_dropped(self):
+        self.pair()
+        bad = [("127.0.0.1", 5), ("::", 5), ("224.0.0.9", 5), ("fe80::1", 5), (MAPPED_A[0], 0)]
+        (_, invite), (_, intro) = self.exchange((bad[0], MAPPED_A, bad[1], MAPPED_A),
+                                                (bad[2], bad[3], bad[4], B6))
+        self.assertEqual(invite.candidates, (MAPPED_A,))  # and the repeat once
+        self.assertEqual(intro.candidates, (B6,))
+        self.assertEqual(self.w.dropped("bad-candidate"), 2)
+
+    def test_oversized_list_dropped(self):
+        """A forged list of more than four: the whole request is dropped, nobody invited."""
+        self.pair()
+        body = bytearray(M.ConnectRequest(7, "bob", candidates=(MAPPED_A,) * 4).encode_body())
+        body[len(body) - 4 * 7 - 1] = 5
+        body += wire.pack_addr(*MAPPED_A)
+
+        class Forged(M.ConnectRequest):
+            def encode_body(self):
+                return bytes(body)
+
+        self.a2.send(Forged(), flags=READS)
+        self.assertEqual(self.w.dropped("bad-body"), 1)
+        self.assertIsNone(self.b.last(M.Invite))
+        self.assertEqual(self.w.lobby.pending, {})
 
 
 class SessionCapTests(_Pair, SynchronousTestCase):

@@ -6,7 +6,7 @@ NATs, and that the two sides' actions fit together.
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat.protocol.p2p import NatInfo
-from p2pnat.protocol.strategy import SPREAD, actions_for
+from p2pnat.protocol.strategy import CANDIDATE_ROUND, SPREAD, actions_for, with_candidates
 
 PUBLIC = NatInfo("none", "none", "preserving")
 CONE = NatInfo("endpoint-independent", "address-and-port-dependent", "preserving")
@@ -87,3 +87,43 @@ class StrategyTests(SynchronousTestCase):
             (a, pa, _), (b, pb, _) = both(*pair)
             self.assertEqual(pa.strategy, "relay", pair)
             self.assertTrue(a.idle and b.idle)
+
+
+MAPPED = ("198.51.100.9", 41000)
+A6, B6 = ("2001:2:0:1::10", 40000), ("2001:2:0:2::10", 50000)
+
+
+class CandidateTests(SynchronousTestCase):
+    """L{with_candidates}: the candidates' part of a round, the same on both sides."""
+
+    def test_none_changes_nothing(self):
+        for a_nat, b_nat in [(CONE, CONE), (RANDOM, RANDOM), (SEQ, RANDOM)]:
+            (actions, plan, deadline), _ = both(a_nat, b_nat)
+            self.assertEqual(with_candidates(actions, deadline, [], []), (actions, deadline))
+            # IPv6 on one side only: nothing to pair it with.
+            self.assertEqual(with_candidates(actions, deadline, [A6], []), (actions, deadline))
+            self.assertEqual(with_candidates(actions, deadline, [], [B6]), (actions, deadline))
+
+    def test_mapped_makes_random_pairs_punch(self):
+        (a, _, a_deadline), (b, _, b_deadline) = both(RANDOM, RANDOM)
+        self.assertTrue(a.idle and b.idle)  # the relay, without candidates
+        # A offered its port mapping: A waits for probes on it, B probes it.
+        a, a_deadline = with_candidates(a, a_deadline, [MAPPED], [])
+        b, b_deadline = with_candidates(b, b_deadline, [], [MAPPED])
+        self.assertTrue(a.take_mapped)
+        self.assertEqual((a.to_candidates, a.to_candidates6), ([], []))
+        self.assertEqual((b.to_candidates, b.take_mapped), ([MAPPED], False))
+        self.assertEqual(a_deadline, b_deadline)
+        self.assertEqual(a_deadline, CANDIDATE_ROUND)
+        self.assertFalse(a.idle or b.idle)
+
+    def test_ipv6_both_sides_probe(self):
+        (a, _, a_deadline), (b, _, b_deadline) = both(CONE, CONE)
+        a2, a_deadline2 = with_candidates(a, a_deadline, [A6], [B6, MAPPED])
+        b2, b_deadline2 = with_candidates(b, b_deadline, [B6, MAPPED], [A6])
+        self.assertEqual((a2.to_candidates6, a2.to_candidates, a2.take_mapped),
+                         ([B6], [MAPPED], False))
+        self.assertEqual((b2.to_candidates6, b2.to_candidates, b2.take_mapped), ([A6], [], True))
+        # The plan's own probes and round stay as they were.
+        self.assertEqual((a2.from_fresh, a_deadline2), (a.from_fresh, a_deadline))
+        self.assertEqual((b2.from_fresh, b_deadline2), (b.from_fresh, b_deadline))

@@ -98,14 +98,18 @@ class ChangeRequestTests(SynchronousTestCase):
         self.assertEqual(
             d.metrics.packets_out.labels("stun")._value.get(), 16)
 
-    def test_plain_request_unchanged(self):
-        """Without CHANGE-REQUEST the answer is today's minimal one, from this socket."""
+    def test_plain_request_advertises_other_address(self):
+        """
+        Without CHANGE-REQUEST the answer comes from this socket and, as
+        RFC 5780 asks, names it and the alternate address (more in
+        tests.unit.test_stun_rfc5780).
+        """
         d = Daemon(self.FOUR)
         origin, answer, tid = d.ask((A1, P1))
         self.assertEqual(origin, (A1, P1))
-        self.assertEqual(len(answer), 40)  # XOR-MAPPED-ADDRESS + FINGERPRINT
+        self.assertEqual(len(answer), 64)  # XOR-MAPPED-ADDRESS, two addresses, FINGERPRINT
         self.assertEqual(stun.parse_binding_response(answer, tid),
-                         stun.BindingResult(CLIENT, None, None))
+                         stun.BindingResult(CLIENT, (A1, P1), (A2, P2)))
 
     def test_one_ip_two_ports(self):
         """
@@ -210,6 +214,17 @@ class ChangeRequestTests(SynchronousTestCase):
         d.clock.advance(1.0)
         self.assertEqual(d.ask((A1, P1), change_port=True)[0], (A1, P2))
 
+    def test_rate_limit_per_ipv6_slash64(self):
+        """
+        An IPv6 source is limited by its /64, not by its full address: a
+        host (or someone forging its addresses) cannot multiply the answers
+        aimed at one network by spreading over the addresses it owns.
+        """
+        d = Daemon([(A1, P1), (A1, P2)], stun_rate=1.0)
+        got = [d.ask((A1, P1), source=(f"2001:2:0:7::{i}", 40000)) for i in range(1, 5)]
+        self.assertEqual([bool(g) for g in got], [True, True, False, False])
+        self.assertTrue(d.ask((A1, P1), source=("2001:2:0:8::1", 40000)))
+
     def test_malformed_dropped(self):
         d = Daemon(self.FOUR)
         _, data = stun.binding_request(change_port=True)
@@ -272,11 +287,12 @@ class SizeTests(SynchronousTestCase):
         return max(self.sizes(family, siblings), key=lambda s: (s[1] / s[0], s[1]))
 
     def test_worst_case(self):
-        self.assertEqual(self.worst(self.V6), (28, 92))
-        self.assertEqual(self.worst(self.V4), (28, 56))
+        # A bare request, answered with three addresses (RFC 5780).
+        self.assertEqual(self.worst(self.V6), (20, 92))
+        self.assertEqual(self.worst(self.V4), (20, 56))
         self.assertEqual(self.worst(self.V6, siblings=False), (20, 44))
         self.assertEqual(max(b - a for family in (self.V4, self.V6)
-                             for a, b in self.sizes(family)), 64)
+                             for a, b in self.sizes(family)), 72)
 
     def test_documented(self):
         import os
@@ -286,4 +302,4 @@ class SizeTests(SynchronousTestCase):
         request, answer = self.worst(self.V6)
         self.assertIn(f"a {answer}-byte answer, {answer / request:.1f} times the request"
                       f" ({answer - request} bytes more)", text)
-        self.assertIn("No answer is more than 64 bytes larger than its request", text)
+        self.assertIn("No answer is more than 72 bytes larger than its request", text)

@@ -1,0 +1,134 @@
+"""
+``p2pnat netcheck`` in the NAT lab: a real lobby (``twistd lobby``, two
+IPs and two ports) on the internet segment, and the command run from a host
+behind each kind of router the lab builds, against the Linux kernel's own
+NAT.  Each verdict must be what the router's nftables recipe does, the
+paths it announces must be the ones the P2P matrix proves, and each run
+must take under 3 s (measured and printed).
+
+Needs root, ``ip``, ``nft`` and ``conntrack``: skips with the reason
+otherwise, and fails instead when the environment variable ``CI`` is set.
+"""
+
+import json
+import time
+
+from p2pnat.protocol.netcheck import PORTMAP_PROTOCOLS
+from tests.support import procs
+from tests.support.lab import p2p as P
+from tests.support.lab.cases import LabTestCase, measured
+
+#: What netcheck must say behind each kind of router: the kind, the
+#: mapping, filtering and allocation, the step.  A double NAT is what its
+#: outer (sequential, carrier-grade) NAT does; a lobby with two IPs lets
+#: the public host's filtering be told.
+EXPECTED = {
+    "public": ("no-nat", "none", "none", "preserving", 0),
+    "cone": ("cone", "endpoint-independent", "address-and-port-dependent", "preserving", 0),
+    "symmetric-sequential": ("symmetric-sequential", "address-and-port-dependent",
+                             "address-and-port-dependent", "sequential", 1),
+    "symmetric-random": ("symmetric-random", "address-and-port-dependent",
+                         "address-and-port-dependent", "random", 0),
+    "double": ("symmetric-sequential", "address-and-port-dependent",
+               "address-and-port-dependent", "sequential", 1),
+}
+#: netcheck's peer kinds as the lab's router kinds (for p2p.expect_direct).
+PEER_KIND = {"no-nat": "public", "cone": "cone", "symmetric-sequential": "symmetric-sequential",
+             "symmetric-random": "symmetric-random"}
+#: Seconds a default run may take, from start to exit.
+LIMIT = 3.0
+
+
+class NetcheckLabTestCase(LabTestCase):
+    """A lab per class with a lobby of two IPs; a failure carries the lab's report."""
+
+    @classmethod
+    def make_env(cls, workdir):
+        return P.P2PLab(workdir, addresses=2)
+
+    def lobby(self):
+        """Start the lobby; its addresses as ``--lobby`` options, primary first."""
+        self.env.start_lobby(timeout=15)
+        (a1, a2), (p1, p2) = self.env.server.ips, P.LOBBY_PORTS
+        order = [f"{a1}:{p1}", f"{a2}:{p1}", f"{a2}:{p2}", f"{a1}:{p2}"]
+        return [a for addr in order for a in ("--lobby", addr)]
+
+    def netcheck(self, host, *args, timeout=60):
+        """Run ``p2pnat netcheck --json`` in ``host``: (its report, wall seconds)."""
+        t0 = time.monotonic()
+        done = host.run(procs.p2pnat("netcheck", "--json", *args), cwd=procs.REPO,
+                        env=procs.env(), timeout=timeout)
+        wall = time.monotonic() - t0
+        self.assertEqual(done.returncode, 0, f"{host.name}: {done.stdout}\n{done.stderr}")
+        self.assertNotIn("Traceback", done.stderr)
+        return json.loads(done.stdout.strip().splitlines()[-1]), wall
+
+
+class KindsTests(NetcheckLabTestCase):
+    def test_every_router_kind(self):
+        """
+        A host behind each kind of router runs netcheck, one after the
+        other (so that each has the machine's cores to itself, as a user's
+        run would): the right NAT, hairpinning (no lab router hairpins;
+        the public host reaches itself), reachability, latency, the
+        paths of the P2P matrix, under 3 s each.
+        """
+        lobby = self.lobby()
+        lab = self.lab
+        routers = {kind: lab.add_router(f"r{P.SHORT[kind]}", kind=kind) for kind in P.KINDS}
+        hosts = {kind: lab.add_host(f"h{P.SHORT[kind]}", behind=r) for kind, r in routers.items()}
+        walls = {}
+        for kind in P.KINDS:
+            r, walls[kind] = self.netcheck(hosts[kind], *lobby)
+            nat = r["nat"]
+            got = (nat["kind"], nat["mapping"], nat["filtering"], nat["allocation"], nat["step"])
+            self.assertEqual(got, EXPECTED[kind], (kind, r))
+            router = routers[kind]
+            public_ip = {"public": hosts[kind].ip, "double": getattr(router.outer, "wan_ip", None)
+                         }.get(kind, router.wan_ip)
+            self.assertEqual(nat["public"].rpartition(":")[0], str(public_ip), (kind, r))
+            self.assertIs(r["hairpin"], kind == "public", (kind, r))
+            self.assertEqual(r["ipv4"]["reachable"], True, (kind, r))
+            self.assertEqual(r["ipv4"]["public"].rpartition(":")[0], str(public_ip))
+            # The lab has no IPv6 yet: no lobby address of that family.
+            self.assertIsNone(r["ipv6"]["reachable"], (kind, r))
+            for s in r["servers"]:
+                self.assertEqual((s["reachable"], s["answered"]), (True, 3), (kind, s))
+                self.assertLess(s["latency_ms"], 50, (kind, s))
+            # No lab router offers port mapping.
+            if r["portmap"] is not None:
+                self.assertFalse(any(r["portmap"][p] for p in PORTMAP_PROTOCOLS), (kind, r))
+            for path in r["paths"]:
+                if path["peer"] == "same-nat":
+                    continue
+                self.assertEqual(path["direct"], P.expect_direct(kind, PEER_KIND[path["peer"]]),
+                                 (kind, path))
+            self.assertEqual(r["notes"], [], (kind, r))
+            self.assertLess(r["elapsed"], r["budget"], (kind, r))
+        measured(", ".join(f"{k} {w:.2f} s" for k, w in walls.items()))
+        for kind, wall in walls.items():
+            self.assertLess(wall, LIMIT, kind)
+
+
+class LifetimeTests(NetcheckLabTestCase):
+    def test_sequential_router_timeout(self):
+        """
+        A sequential router whose conntrack forgets idle UDP flows after
+        3 s: the mapping was kept after 2 s idle and gone after 4 s; the
+        8 s interval stops there.  Behind a cone router (ports kept) the
+        lifetime cannot be seen, and the run says so at once.
+        """
+        lobby = self.lobby()
+        seq = self.lab.add_router("rseq", kind="symmetric-sequential", udp_timeout=3)
+        cone = self.lab.add_router("rcone", kind="cone", udp_timeout=3)
+        r, wall = self.netcheck(self.lab.add_host("hseq", behind=seq), *lobby, "--lifetime",
+                                "--lifetime-max", "8", "--no-portmap")
+        lt = r["lifetime"]
+        measured(f"lifetime between {lt['at_least']} and {lt['at_most']} s, {wall:.2f} s")
+        self.assertEqual((lt["at_least"], lt["at_most"]), (2.0, 4.0), r)
+        self.assertEqual([t for t, _ in lt["tested"]], [1.0, 2.0, 4.0])
+        self.assertLess(wall, 4.0 + LIMIT)
+        r, wall = self.netcheck(self.lab.add_host("hcone", behind=cone), *lobby, "--lifetime",
+                                "--no-portmap")
+        self.assertIn("keeps the local port", r["lifetime"]["note"])
+        self.assertLess(wall, LIMIT)
