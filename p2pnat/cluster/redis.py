@@ -397,7 +397,7 @@ class RedisState:
 
     def forward_connect(self, entry, device_id, session_id, nonce):
         host, port = self.tunnel()
-        self._publish(node_channel(entry.node), {
+        return self._publish(node_channel(entry.node), {
             "t": "connect", "from": self.node, "device": device_id, "sid": session_id.hex(),
             "nonce": nonce.hex(), "host": host, "port": port})
 
@@ -535,9 +535,11 @@ class RedisState:
     # -- messages -----------------------------------------------------------------
 
     def _publish(self, channel, fields):
+        """Publish a signed message: a Deferred of how many got it (None: not sent)."""
         d = self.link.command("PUBLISH", channel, self.signer.seal(fields, self.clock.seconds()))
         d.addErrback(lambda f: self._warn("publish", "cannot publish to {channel}: {error}",
                                           channel=channel, error=f.getErrorMessage()))
+        return d
 
     def _message(self, channel, text):
         fields = self.signer.open(text, self.clock.seconds())

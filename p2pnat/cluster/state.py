@@ -140,8 +140,11 @@ class IClusterState(Interface):
         """
         Ask C{entry.node} to send the device a connect request (from the
         socket its notifies reach) for C{session_id} and C{nonce}, naming
-        this node as the tunnel host.  Fire and forget: the session's
-        retransmission schedule calls it again.
+        this node as the tunnel host.  The session's retransmission
+        schedule calls it again.
+
+        @return: None, or a Deferred firing with how many nodes got the
+            request (0: the owner is gone), or None if that is not known.
         """
 
     def publish_registry(records):

@@ -33,6 +33,13 @@ CLUSTER_DOWN = Refusal("cluster-unavailable", 503,
                        " few seconds.")
 
 
+#: The node a device's notifies reach is not listening on the cluster (it died):
+#: the device moves to another node by itself within its agent's detection bound.
+OWNER_GONE = Refusal("owner-gone", 503,
+                     "The relay node this device reports to is not answering. The device"
+                     " will report to another node shortly: try again in a few seconds.")
+
+
 class Unreachable(Exception):
     """
     A tunnel request found the device unreachable after all (in a cluster,
@@ -359,10 +366,25 @@ class Relay:
             if d is None or d.revoked:  # revoked while it was looked up
                 return ready.errback(Unreachable(self.devices.reachable(device_id, 0)))
             self.count("connect-forwarded")
-            request = self._start_session(device_id, lambda s: self.cluster.forward_connect(
-                entry, device_id, s.id, s.nonce))
+            request = self._start_session(device_id, lambda s: forward(entry, s))
             inner.append(request)
             request.ready.chainDeferred(ready)
+
+        def forward(entry, session):
+            heard = self.cluster.forward_connect(entry, device_id, session.id, session.nonce)
+            if session.sent == 0 and heard is not None:
+                heard.addCallback(lambda n: n is not None and int(n) == 0
+                                  and owner_gone(session))
+
+        def owner_gone(session):
+            # Nobody listens on the owner's channel: fail now, not at the
+            # session's deadline.
+            if cancelled or ready.called:
+                return
+            self.sessions.cancel(session.id)
+            self.metrics.active_sessions.set(len(self.sessions))
+            self.count("refused-owner-gone")
+            ready.errback(Unreachable(OWNER_GONE))
 
         def failed(failure):
             if cancelled:

@@ -228,3 +228,22 @@ class ClusterTests(DaemonTestCase):
         for node in (n1, n2):
             self.assertNotIn("192.0.2.66", node["daemon"].output())
             self.assertNotIn("Traceback", node["daemon"].output())
+
+    def test_owner_killed_is_a_quick_503(self):
+        """The device's node dies: other nodes say so at once (503), not after 10 s (504)."""
+        n1, n2 = self.node("n1"), self.node("n2")
+        self.device("cam", n1)
+        self.reach(n1, "cam")
+        n1["daemon"].proc.kill()
+        n1["daemon"].proc.wait(10)
+        deadline = time.monotonic() + REACH_TIMEOUT
+        while True:
+            start = time.monotonic()
+            status, data = http_get(n2["http"], "cam")
+            took = time.monotonic() - start
+            if status == 503:
+                break
+            self.assertLess(time.monotonic(), deadline, data)
+            time.sleep(0.1)
+        self.assertIn(b"not answering", data)
+        self.assertLess(took, 1.0)

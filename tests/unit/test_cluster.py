@@ -615,3 +615,37 @@ class SettingsTests(SynchronousTestCase):
                             ("cluster.node", "Bad Name"), ("cluster.addresses", ["nope"])):
             with self.assertRaises(C.ConfigError, msg=(name, value)):
                 C.load(None, tap.SCHEMA, {name: value})
+
+
+class OwnerGoneTests(SynchronousTestCase):
+    """Nobody listens on the owner's channel (it died): 503 at once, not 504 later."""
+
+    def setUp(self):
+        self.cluster = FakeCluster()
+        self.heard = []
+        self.cluster.forward_connect = lambda *args: self.heard.append(Deferred()) \
+            or self.heard[-1]
+        self.w = World(self, cluster=self.cluster)
+        self.w.add("cam", online=False)
+
+    def test_owner_gone(self):
+        w = self.w
+        t = w.terminal(HEAD)
+        self.cluster.lookups[0][1].callback(
+            LiveEntry("cam", "n1", "203.0.113.5", 4, w.clock.seconds()))
+        self.heard[0].callback(0)
+        out = t.transport.value().decode()
+        self.assertTrue(out.startswith("HTTP/1.1 503"), out)
+        self.assertIn("not answering", out)
+        self.assertEqual(len(w.relay.sessions), 0)
+        w.clock.advance(30)  # no retransmission, no late 504
+        self.assertEqual(len(self.heard), 1)
+
+    def test_owner_heard(self):
+        w = self.w
+        t = w.terminal(HEAD)
+        self.cluster.lookups[0][1].callback(
+            LiveEntry("cam", "n1", "203.0.113.5", 4, w.clock.seconds()))
+        self.heard[0].callback(1)
+        self.assertEqual(t.state, "waiting")
+        self.assertEqual(len(w.relay.sessions), 1)
