@@ -628,12 +628,17 @@ class OwnerGoneTests(SynchronousTestCase):
         self.w = World(self, cluster=self.cluster)
         self.w.add("cam", online=False)
 
+    def forwarded(self, heard_by):
+        """A terminal's request, forwarded to n1, heard by C{heard_by} nodes."""
+        t = self.w.terminal(HEAD)
+        self.cluster.lookups[0][1].callback(
+            LiveEntry("cam", "n1", "203.0.113.5", 4, self.w.clock.seconds()))
+        self.heard[0].callback(heard_by)
+        return t
+
     def test_owner_gone(self):
         w = self.w
-        t = w.terminal(HEAD)
-        self.cluster.lookups[0][1].callback(
-            LiveEntry("cam", "n1", "203.0.113.5", 4, w.clock.seconds()))
-        self.heard[0].callback(0)
+        t = self.forwarded(0)
         out = t.transport.value().decode()
         self.assertTrue(out.startswith("HTTP/1.1 503"), out)
         self.assertIn("not answering", out)
@@ -642,10 +647,6 @@ class OwnerGoneTests(SynchronousTestCase):
         self.assertEqual(len(self.heard), 1)
 
     def test_owner_heard(self):
-        w = self.w
-        t = w.terminal(HEAD)
-        self.cluster.lookups[0][1].callback(
-            LiveEntry("cam", "n1", "203.0.113.5", 4, w.clock.seconds()))
-        self.heard[0].callback(1)
+        t = self.forwarded(1)
         self.assertEqual(t.state, "waiting")
-        self.assertEqual(len(w.relay.sessions), 1)
+        self.assertEqual(len(self.w.relay.sessions), 1)
