@@ -9,18 +9,46 @@ arrive at.  The protocols reach it only through L{IRelay}.
 
 from dataclasses import dataclass
 
-from twisted.internet.defer import fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
+from p2pnat.cluster.embedded import EmbeddedState
+from p2pnat.cluster.state import ClusterUnavailable
 from p2pnat.daemon.logs import Logger, redact
 from p2pnat.deployment.registry import device_id_problem, verify_stored
 from p2pnat.protocol import wire
 from p2pnat.relay import access
 from p2pnat.relay.credentials import CredentialChecker, CredentialLimits, source_of
+from p2pnat.relay.devices import NEVER_SEEN, STALE, Refusal
 from p2pnat.relay.limits import StreamShares, Throttle, TooManyStreams
 from p2pnat.relay.sessions import SessionTable, TooBusy
 
-__all__ = ["IRelay", "Relay", "Timeouts", "TooBusy", "TunnelRequest", "synchronous"]
+__all__ = ["IRelay", "Relay", "Timeouts", "TooBusy", "TunnelRequest", "Unreachable",
+           "CLUSTER_DOWN", "synchronous"]
+
+#: A device live on another node while this node cannot reach the cluster's shared state.
+CLUSTER_DOWN = Refusal("cluster-unavailable", 503,
+                       "This relay cannot reach the cluster's shared state right now, so it"
+                       " cannot reach devices connected to other relay nodes. Try again in a"
+                       " few seconds.")
+
+
+#: The node a device's notifies reach is not listening on the cluster (it died):
+#: the device moves to another node by itself within its agent's detection bound.
+OWNER_GONE = Refusal("owner-gone", 503,
+                     "The relay node this device reports to is not answering. The device"
+                     " will report to another node shortly: try again in a few seconds.")
+
+
+class Unreachable(Exception):
+    """
+    A tunnel request found the device unreachable after all (in a cluster,
+    once its live entry was looked up): answer the terminal with C{refusal}.
+    """
+
+    def __init__(self, refusal):
+        super().__init__(refusal.reason)
+        self.refusal = refusal
 
 
 @dataclass(frozen=True)
@@ -155,6 +183,11 @@ class Relay:
     @param max_streams_per_source: how many of one device's tunnels the
         terminals of one source may hold at once (0: no such limit; the
         daemon sets ``limits.streams_per_device_source``).
+    @param cluster: the L{p2pnat.cluster.state.IClusterState} (default: a
+        single node, L{EmbeddedState}).  In a shared cluster a device that
+        is not live here may be live on another node: it is looked up when
+        a terminal asks for a tunnel, and its owner sends the connect
+        request (L{send_connect} on that node).
     """
 
     log = Logger(namespace="p2pnat.relay")
@@ -163,7 +196,7 @@ class Relay:
                  run_blocking, timeouts=Timeouts(), tunnel_host="", https_port=443,
                  http_port=0, max_idle_per_device=8, max_sessions=10000,
                  max_sessions_per_device=64, credential_limits=CredentialLimits(),
-                 trusted_proxies=access.NO_PROXIES, max_streams_per_source=0):
+                 trusted_proxies=access.NO_PROXIES, max_streams_per_source=0, cluster=None):
         self.clock = clock
         self.metrics = metrics
         self.devices = devices
@@ -192,6 +225,7 @@ class Relay:
         self._streamed_device = {}  # terminal -> the device ID it is in streamed under
         self.tunnels = {}  # device ID -> set of live tunnels
         self.idle = {}  # device ID -> list of idle tunnels, most recent last
+        self.cluster = cluster if cluster is not None else EmbeddedState()
 
     # -- what the terminal side asks -------------------------------------------
 
@@ -199,7 +233,16 @@ class Relay:
         self.metrics.sessions.labels(outcome).inc()
 
     def reachable(self, device_id):
-        return self.devices.reachable(device_id, self.clock.seconds())
+        """
+        Unknown and revoked devices are refused at once on every node (the
+        registry is in every node's table).  In a shared cluster a device
+        not live here may be live elsewhere: it counts as reachable until
+        L{request_tunnel} looks it up.
+        """
+        found = self.devices.reachable(device_id, self.clock.seconds())
+        if self.cluster.shared and found in (NEVER_SEEN, STALE):
+            return self.devices.get(device_id)
+        return found
 
     def device(self, device_id):
         return self.devices.get(device_id)
@@ -273,8 +316,15 @@ class Relay:
                 del self.idle[device_id]
             self.count("reused")
             return TunnelRequest(succeed((t, True)))
+        local = self.devices.reachable(device_id, self.clock.seconds())
+        if isinstance(local, Refusal) and self.cluster.shared:
+            return self._request_remote(device_id)
+        return self._start_session(device_id, self._send_connect)
+
+    def _start_session(self, device_id, send):
+        """A new session whose connect request C{send(session)} sends (and resends)."""
         try:
-            session = self.sessions.create(device_id, self._send_connect)
+            session = self.sessions.create(device_id, send)
         except TooBusy as e:
             return TunnelRequest(fail(e))
         self.count("connect-request")
@@ -286,25 +336,121 @@ class Relay:
 
         return TunnelRequest(session.ready.addCallback(lambda t: (t, False)), cancel)
 
+    def _request_remote(self, device_id):
+        """
+        A tunnel to a device not live on this node: its live entry names
+        the node its notifies reach, which sends the connect request for a
+        session of this node (the tunnel lands here, where the terminal
+        waits).  Fails with L{Unreachable} when no node has it live, or the
+        shared state cannot be reached.
+        """
+        ready = Deferred()
+        inner = []  # the session's TunnelRequest, once located
+        cancelled = []
+
+        def cancel():
+            # As for a local session: once cancelled, C{ready} never fires.
+            cancelled.append(True)
+            if inner:
+                inner[0].cancel()
+
+        def located(entry):
+            if cancelled:  # the terminal went away meanwhile
+                return
+            if entry is None:
+                return ready.errback(Unreachable(NEVER_SEEN))
+            if entry.stale(self.clock.seconds(), self.devices.period) \
+                    or entry.node == self.cluster.node:
+                return ready.errback(Unreachable(STALE))
+            d = self.devices.get(device_id)
+            if d is None or d.revoked:  # revoked while it was looked up
+                return ready.errback(Unreachable(self.devices.reachable(device_id, 0)))
+            self.count("connect-forwarded")
+            request = self._start_session(device_id, lambda s: forward(entry, s))
+            inner.append(request)
+            request.ready.chainDeferred(ready)
+
+        def forward(entry, session):
+            heard = self.cluster.forward_connect(entry, device_id, session.id, session.nonce)
+            if session.sent == 0 and heard is not None:
+                heard.addCallback(lambda n: n is not None and int(n) == 0
+                                  and owner_gone(session))
+
+        def owner_gone(session):
+            # Nobody listens on the owner's channel: fail now, not at the
+            # session's deadline.
+            if cancelled or ready.called:
+                return
+            self.sessions.cancel(session.id)
+            self.metrics.active_sessions.set(len(self.sessions))
+            self.count("refused-owner-gone")
+            ready.errback(Unreachable(OWNER_GONE))
+
+        def failed(failure):
+            if cancelled:
+                return
+            if failure.check(ClusterUnavailable):
+                self.count("refused-cluster-unavailable")
+                return ready.errback(Unreachable(CLUSTER_DOWN))
+            ready.errback(failure)
+
+        self.cluster.locate(device_id).addCallbacks(located, failed)
+        return TunnelRequest(ready, cancel)
+
     def _send_connect(self, session):
         d = self.devices.get(session.device_id)
         if d is None or d.revoked or d.socket is None or d.addr is None:
             return
+        self._connect_request(d, session.id, session.nonce, self.tunnel_host, self.tunnel_port,
+                              session.sent == 0)
+
+    def _connect_request(self, d, session_id, nonce, host, port, first):
         proto = d.socket
-        message = wire.ConnectRequest(session.id, session.nonce, self.tunnel_port,
-                                      self.tunnel_host)
+        message = wire.ConnectRequest(session_id, nonce, port, host)
         data = wire.seal(message, d.id, d.mac_key, proto.stamper())
         # The same datagram to the port-mapped address too, if any: the
         # device acts on the first copy that arrives (SeenSessions).
         for addr in d.targets():
-            if session.sent == 0:
+            if first:
                 self.log.debug("connect request for {device_id} to {addr}, session {sid}",
-                               device_id=d.id, addr=addr, sid=redact(session.id))
+                               device_id=d.id, addr=addr, sid=redact(session_id))
             try:
                 proto.send(data, addr, "ConnectRequest")
             except OSError as e:
                 self.log.warn("cannot send connect request to {device_id} at {addr}: {error}",
                               device_id=d.id, addr=wire.format_addr(addr), error=e)
+
+    # -- what other nodes of a cluster ask ----------------------------------------
+
+    def send_connect(self, device_id, session_id, nonce, host, port):
+        """
+        Another node's terminal waits for C{device_id}: send the device a
+        connect request naming that node's tunnel C{host} and C{port}, if
+        the device is live here (else the request is dropped, and that
+        node's session times out).
+
+        @return: whether it was sent.
+        """
+        d = self.devices.reachable(device_id, self.clock.seconds())
+        if isinstance(d, Refusal) or d.socket is None:
+            return False
+        try:
+            self._connect_request(d, session_id, nonce, host, port, True)
+        except (wire.WireError, UnicodeError) as e:  # a host the wire cannot carry
+            self.log.warn("connect request for {device_id} not sent: {error}",
+                          device_id=device_id, error=e)
+            return False
+        return True
+
+    def device_left(self, device_id):
+        """
+        The device's notifies now reach another node: it is no longer live
+        here (its tunnels already open stay up).
+        """
+        d = self.devices.get(device_id)
+        if d is not None and d.socket is not None:
+            self.log.info("device {device_id} now reports to another node", device_id=device_id)
+            d.socket = d.addr = None
 
     # -- what the tunnel side tells ---------------------------------------------
 

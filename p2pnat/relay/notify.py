@@ -27,17 +27,22 @@ class NotifyHandler:
     relay may send there (L{p2pnat.relay.devices.usable_mapped}).  Every
     NotifyAck carries L{wire.TAKES_MAPPED}, so that devices send it only
     to relays that take it.
+    @param on_live: called with the device's state, ``"A"`` or ``"B"`` and
+        the time, after each notify is recorded (a cluster shares the
+        device's live entry; L{p2pnat.cluster.state.LiveWrites} decides
+        when to write).
     """
 
     log = Logger(namespace="p2pnat.relay.notify")
 
-    def __init__(self, table, clock, metrics, notify_b_max=25, on_moved=None):
+    def __init__(self, table, clock, metrics, notify_b_max=25, on_moved=None, on_live=None):
         self.table = table
         self.clock = clock
         self.metrics = metrics
         self.notify_b_max = notify_b_max
         self.on_moved = on_moved or (lambda device_id: None)
         self._throttle = Throttle(clock)
+        self.on_live = on_live or (lambda state, kind, now: None)
 
     def key_for(self, key_id, mtype):
         if mtype not in _DEVICE_TYPES:
@@ -60,6 +65,7 @@ class NotifyHandler:
             if was[0] is not None and was[0] != addr:
                 self.on_moved(device_id)
             self._mapped_told(d, was[2], message.mapped, addr)
+            self.on_live(d, "A", now)
             return wire.NotifyAck(frame.timestamp, addr, wire.TAKES_MAPPED)
         if isinstance(message, wire.NotifyB):
             d = self.table.get(device_id)
@@ -73,6 +79,8 @@ class NotifyHandler:
                     self.on_moved(device_id)
             if changed or (message.mapped is not None and d.mapped is None):
                 self._mapped_told(d, old_mapped, message.mapped, addr)
+            d = self.table.get(device_id)
+            self.on_live(d, "B", now)
             flags = wire.TAKES_MAPPED
             if d.last_access is None or now - d.last_access > self.table.period / 2:
                 flags |= wire.NEED_NOTIFY_A

@@ -3,8 +3,10 @@
 ``twistd relay``: the relay of the relay method.
 """
 
+import ipaddress
 import os
 import resource
+import socket
 
 from prometheus_client import Gauge
 from twisted.application import service
@@ -12,6 +14,8 @@ from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from p2pnat.cluster.embedded import EmbeddedState
+from p2pnat.cluster.state import LiveEntry, check_node_name, newer
 from p2pnat.daemon import config as C
 from p2pnat.daemon.logs import Logger
 from p2pnat.daemon.metrics import Metrics
@@ -42,6 +46,23 @@ from p2pnat.relay.tunnel import RelayTunnelFactory
 def _share(value):
     if not 0 <= value < 1:
         raise ValueError(f"must be at least 0 and below 1, got {value!r}")
+
+
+def _redis_url(value):
+    if value:
+        from p2pnat.cluster.redis import parse_url
+
+        parse_url(value)
+
+
+def _node_name(value):
+    if value:
+        check_node_name(value)
+
+
+def _public_addresses(value):
+    for item in value:
+        C.parse_hostport(item)
 
 
 SCHEMA = [
@@ -123,6 +144,17 @@ SCHEMA = [
     C.Setting("relay.sync_interval", float, 1.0,
               "seconds between writes of notify A times to the store and checks for"
               " registry changes (devices added or removed)", C.positive),
+    C.Setting("cluster.redis", str, "",
+              "redis://HOST:PORT/DB of the Redis relay nodes share (registry, live entries,"
+              ' messages); "": a single node with its own registry (the default)', _redis_url),
+    C.Setting("cluster.node", str, "",
+              "this node's name, unique in the cluster (\"\": the machine's host name)",
+              _node_name),
+    C.Setting("cluster.addresses", list, [],
+              "this node's public UDP addresses (host:port) devices send notifies to; the"
+              " first one's host is where other nodes' devices open tunnels to this node"
+              " (unless tunnel.public_host); []: the addresses of udp.listen",
+              _public_addresses, item=str),
     C.Setting("tls.fast_path", bool, True, fastio.SETTING_HELP),
     C.Setting("credentials.threads", int, 1,
               "threads hashing access credentials (scrypt: ~50 ms of CPU and 16 MiB each)",
@@ -260,7 +292,10 @@ class RelayService(service.MultiService):
         self.stamper = wire.Stamper(reactor)
         self.handler = NotifyHandler(self.table, reactor, self.metrics,
                                      config["relay.notify_b_interval"],
-                                     on_moved=lambda device_id: self.relay.device_moved(device_id))
+                                     on_moved=lambda device_id: self.relay.device_moved(device_id),
+                                     on_live=self._live)
+        self._local_records = {}  # this node's own registry (SQLite), as last read
+        self.cluster = self._cluster(config, reactor)
         https, http = config["terminal.https"], config["terminal.http"]
         self.pools = []
         if run_blocking is None:
@@ -278,7 +313,8 @@ class RelayService(service.MultiService):
             run_blocking=run_blocking, timeouts=timeouts(config),
             credential_limits=credential_limits(config),
             trusted_proxies=access.TrustedProxies(config["terminal.trusted_proxies"]),
-            max_streams_per_source=config["limits.streams_per_device_source"])
+            max_streams_per_source=config["limits.streams_per_device_source"],
+            cluster=self.cluster)
         self.limits, self.nofile, clamped = connection_limits(config, reactor, self.relay.count)
         if clamped:
             self.log.warn("limits.max_connections = {n} is more than the open-file limit"
@@ -288,6 +324,10 @@ class RelayService(service.MultiService):
                       ["kind"], registry=self.metrics.registry)
         for kind in (limits.TERMINAL, limits.TUNNEL):
             gauge.labels(kind).set_function(lambda kind=kind: self.limits.open[kind])
+        Gauge("p2pnat_cluster_available", "1 while the cluster's shared state (Redis) is"
+              " reachable (always 1 on a single node)",
+              registry=self.metrics.registry).set_function(
+                  lambda: 1 if self.cluster.available() else 0)
         self.store = StoreSync(self.table,
                                lambda: Registry.open_state_dir(self.state_dir, create=False),
                                run_store, self.applied)
@@ -316,7 +356,7 @@ class RelayService(service.MultiService):
             self.terminal_http = EndpointListener(
                 reactor, http, Admission(self.limits, limits.TERMINAL, app, app))
             self.terminal_http.setServiceParent(self)
-        every(self, config["relay.sync_interval"], self.store.round, reactor)
+        every(self, config["relay.sync_interval"], self._sync_round, reactor)
         common_services(config, self.metrics, reactor, self)
 
     def _pool(self, minthreads, maxthreads, name):
@@ -325,6 +365,85 @@ class RelayService(service.MultiService):
         self.pools.append(pool)
         return lambda f, *args: deferToThreadPool(self.reactor, pool, f, *args)
 
+    def _cluster(self, config, reactor):
+        """The node's L{p2pnat.cluster.state.IClusterState}, from ``[cluster]``."""
+        node = config["cluster.node"] or socket.gethostname().split(".")[0].lower()
+        url = config["cluster.redis"]
+        if not url:
+            return EmbeddedState(node, config["cluster.addresses"], self._own_live)
+        from p2pnat.cluster.redis import RedisState
+
+        check_node_name(node)
+        return RedisState(reactor, url, node, config["cluster.addresses"],
+                          terminal_secret(self.state_dir), config["relay.access_check_period"],
+                          self.tunnel_address, self)
+
+    def tunnel_address(self):
+        """
+        Where devices open tunnels to this node, told to other nodes (their
+        connect requests for this node's sessions name it): tunnel.public_host,
+        else the host of the first cluster address, else the tunnel
+        listener's own address if it is not a wildcard, else the relay's
+        host name.
+        """
+        host = self.relay.tunnel_host
+        if not host and self.config["cluster.addresses"]:
+            host = C.parse_hostport(self.config["cluster.addresses"][0])[0]
+        if not host and self.tunnel_listener is not None and self.tunnel_listener.port:
+            bound = self.tunnel_listener.address[0]
+            if not ipaddress.ip_address(bound).is_unspecified:
+                host = bound
+        return host or self.hostname, self.relay.tunnel_port
+
+    def _own_live(self):
+        now = self.reactor.seconds()
+        return [LiveEntry(d.id, self.cluster.node, d.addr[0], d.addr[1], d.last_access)
+                for d in self.table if d.addr is not None and d.socket is not None
+                and d.last_access is not None and now - d.last_access <= self.table.period]
+
+    def _live(self, state, kind, now):
+        self.cluster.notified(state.id, kind, state.addr, state.last_access, now)
+
+    def _sync_round(self):
+        d = self.store.round()
+        if self.cluster.shared:
+            # Not waited for: a cluster round waiting for an absent Redis
+            # must not hold up the store's.
+            self.cluster.round()
+        return d
+
+    # -- what the cluster asks of this node (p2pnat.cluster.redis.RedisState) --------
+
+    def send_connect(self, device_id, session_id, nonce, host, port):
+        return self.relay.send_connect(device_id, session_id, nonce, host, port)
+
+    def device_left(self, device_id):
+        self.relay.device_left(device_id)
+
+    def local_records(self):
+        """This node's own registry (its SQLite), as last read: device ID -> record."""
+        return self._local_records
+
+    def apply_records(self, records):
+        """
+        Registry records from any source in a cluster (this node's SQLite,
+        the shared registry): each replaces the one in the table unless
+        that one is newer (L{p2pnat.cluster.state.newer}); none is removed.
+        """
+        for r in records.values():
+            old = self.table.get(r.id)
+            if old is None or not newer(old.record, r):
+                self._put_record(r)
+
+    def revoke(self, device_id):
+        """
+        Revoke a device in this node's registry, now: its tunnels close on
+        this node at once and, in a cluster, on every node as soon as the
+        change is merged (one Redis round trip).  For the admin page.
+        """
+        self.registry.revoke_device(device_id)
+        self.sync()
+
     def startService(self):
         for pool in self.pools:
             pool.start()
@@ -332,6 +451,10 @@ class RelayService(service.MultiService):
         # Now that every socket is bound: a relay given several addresses
         # answers RFC 5780 tests as the lobby does (p2pnat.net.udp).
         link_siblings([udp.protocol for udp in self.udp])
+        if not self.cluster.addresses:
+            self.cluster.addresses = tuple(f"{h}:{p}" for h, p in
+                                           (u.address for u in self.udp))
+        self.cluster.start()
         # With port 0 (tests), learn the ports actually bound.
         if self.tunnel_listener is not None and not self.relay.tunnel_port:
             self.relay.tunnel_port = self.tunnel_listener.address[1]
@@ -363,7 +486,12 @@ class RelayService(service.MultiService):
         registry's C{records} if they changed (else None).
         """
         if records is not None:
-            self.reload(records)
+            self._local_records = records
+            if self.cluster.shared:
+                self.apply_records(records)
+                self.cluster.publish_registry(records)
+            else:
+                self.reload(records)
         self.metrics.online.set(self.table.online(self.reactor.seconds()))
 
     def reload(self, records):
@@ -372,20 +500,24 @@ class RelayService(service.MultiService):
             self.table.remove(device_id)
             self.relay.device_revoked(device_id)
         for r in records.values():
-            old = self.table.get(r.id)
-            if old is not None and old.record == r:
-                continue
-            if old is not None and not old.revoked and (r.revoked or old.mac_key != r.mac_key
-                                                        or old.record.cert_fingerprint
-                                                        != r.cert_fingerprint):
-                self.log.info("device {device_id} revoked or re-provisioned; closing its"
-                              " tunnels", device_id=r.id)
-                self.relay.device_revoked(r.id)
-            addr = (r.addr_host, r.addr_port) if r.addr_host else None
-            self.table.put(DeviceState(r.id, r.mac_key, bool(r.revoked), r.last_access, addr,
-                                       r.access_mode, r))
-            if r.revoked:
-                self.replay.forget(r.id)
+            self._put_record(r)
+
+    def _put_record(self, r):
+        """Put one registry record in the device table (closing what a revocation ends)."""
+        old = self.table.get(r.id)
+        if old is not None and old.record == r:
+            return
+        if old is not None and not old.revoked and (r.revoked or old.mac_key != r.mac_key
+                                                    or old.record.cert_fingerprint
+                                                    != r.cert_fingerprint):
+            self.log.info("device {device_id} revoked or re-provisioned; closing its"
+                          " tunnels", device_id=r.id)
+            self.relay.device_revoked(r.id)
+        addr = (r.addr_host, r.addr_port) if r.addr_host else None
+        self.table.put(DeviceState(r.id, r.mac_key, bool(r.revoked), r.last_access, addr,
+                                   r.access_mode, r))
+        if r.revoked:
+            self.replay.forget(r.id)
 
     def sync(self):
         """
@@ -399,6 +531,7 @@ class RelayService(service.MultiService):
     def stopService(self):
         d = super().stopService()  # waits for a round under way
         self.relay.close_all()
+        d.addCallback(lambda _: self.cluster.stop())
         d.addCallback(lambda _: self.store.close())
 
         def closed(result):

@@ -50,6 +50,7 @@ from p2pnat.daemon.logs import Logger
 from p2pnat.protocol import wire
 from p2pnat.protocol.tunnel import MAX_CONTROL
 from p2pnat.relay import access
+from p2pnat.relay.core import CLUSTER_DOWN, Unreachable
 from p2pnat.relay.credentials import NotChecked
 from p2pnat.relay.devices import REVOKED, Refusal
 from p2pnat.relay.http import (
@@ -544,6 +545,16 @@ class TerminalCore:
     def why_no_tunnel(self, m, failure):
         if failure.check(DeviceRevoked):
             return self.refuse(m, REVOKED)
+        if failure.check(Unreachable):  # a cluster looked the device up
+            refusal = failure.value.refusal
+            if refusal is CLUSTER_DOWN:
+                # The cluster's own log says Redis is away (rate-limited).
+                self.log.info("terminal {peer} refused for {device_id}: {reason}",
+                              peer=self.io.peer(), device_id=self.device_id,
+                              reason=refusal.reason)
+                return m.reply(refusal.status, "Device unavailable", refusal.message,
+                               (f"Retry-After: {RETRY_AFTER}",))
+            return self.refuse(m, refusal)
         if failure.check(TooManyStreams):  # logged (rate-limited) by the relay
             return m.reply(503, "Too many connections",
                            "Your address holds as many connections to this device as one"

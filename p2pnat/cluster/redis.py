@@ -1,0 +1,583 @@
+# -*- test-case-name: tests.unit.test_cluster,tests.process.test_cluster -*-
+"""
+The Redis backend of L{p2pnat.cluster.state.IClusterState}: relay nodes
+that share a Redis (``[cluster] redis = "redis://HOST:PORT/DB"``).
+
+Keys (``docs/cluster.rst`` has the operations each costs):
+
+- ``p2pnat:registry``: hash, device ID -> record (L{RecordCodec});
+  ``p2pnat:registry:version``: bumped by every change;
+- ``p2pnat:live:ID``: the device's L{LiveEntry}, with an expiry;
+- ``p2pnat:nodes``: hash, node name -> L{NodeInfo} (refreshed every
+  L{HEARTBEAT} seconds; a node not heard from in L{NODE_TTL} is gone).
+
+Channels (pub/sub), every message signed (L{Signer}):
+
+- ``p2pnat:ch:registry``: "these devices' records changed": every node
+  reads them again from the hash and applies them (a revocation closes
+  the device's tunnels on every node at once);
+- ``p2pnat:ch:node:NAME``: what other nodes ask of node NAME: send a
+  device a connect request naming the asking node's tunnel address
+  (``connect``); the device's notifies now reach another node
+  (``released``).
+
+Two connections, each kept up by a L{ClientService} with backoff: one for
+commands, one subscribed.  While either is down the state is unavailable:
+reads fail at once with L{ClusterUnavailable}, writes are dropped and
+redone from later notifies (L{LiveWrites.forget_all}); registry changes
+made meanwhile are pushed when Redis is back.
+"""
+
+import os
+from urllib.parse import unquote, urlsplit
+
+import txredisapi
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.protocol import Factory
+from zope.interface import implementer
+
+from p2pnat.cluster.state import (
+    ClusterUnavailable,
+    IClusterState,
+    LiveEntry,
+    LiveWrites,
+    NodeInfo,
+    RecordCodec,
+    Signer,
+    cluster_keys,
+)
+from p2pnat.daemon.logs import Logger
+from p2pnat.relay.limits import Throttle
+
+PREFIX = "p2pnat:"
+REGISTRY = PREFIX + "registry"
+VERSION = PREFIX + "registry:version"
+#: A random value set when the registry is first filled: when it changes,
+#: Redis lost its data, and every node merges its own registry again.
+EPOCH = PREFIX + "registry:epoch"
+NODES = PREFIX + "nodes"
+CH_REGISTRY = PREFIX + "ch:registry"
+#: Seconds between a node's "I am alive" writes, and after which a silent node is gone.
+HEARTBEAT = 5.0
+NODE_TTL = 20.0
+#: Seconds a command may take before the connection is taken for dead.
+COMMAND_TIMEOUT = 2.0
+#: Records merged per script call (each is one script's worth of work in Redis).
+PUSH_BATCH = 200
+#: Devices named in one registry message.
+MESSAGE_IDS = 100
+
+
+def live_key(device_id):
+    return PREFIX + "live:" + device_id
+
+
+def node_channel(name):
+    return PREFIX + "ch:node:" + name
+
+
+def pairs(reply):
+    """A HGETALL reply (a flat list, or a dict) as a dict."""
+    if isinstance(reply, dict):
+        return reply
+    reply = reply or []
+    return dict(zip(reply[0::2], reply[1::2]))
+
+
+def parse_url(url):
+    """
+    ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` -> ``(host, port, user,
+    password, db)``.
+
+    @raise ValueError: anything else (``rediss://``, TLS, is not supported yet).
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"not a redis://HOST[:PORT][/DB] address: {url!r}")
+    path = parts.path.strip("/")
+    db = int(path) if path else None
+    return (parts.hostname, parts.port or 6379, unquote(parts.username or "") or None,
+            unquote(parts.password) if parts.password else None, db)
+
+
+#: Merges records into the registry hash: a record replaces the stored one
+#: when it is newer (p2pnat.cluster.state.newer: later "created", or a
+#: revocation at the same "created").  ARGV: id, created, revoked ("" if
+#: not), record, ... .  Returns the version, then the IDs that changed.
+_MERGE = """
+local changed = {}
+for i = 1, #ARGV, 4 do
+  local id, created, revoked = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local cur = redis.call('HGET', KEYS[1], id)
+  local win = not cur
+  if cur then
+    local c = cjson.decode(cur)
+    win = created > c.created or (created == c.created and revoked ~= ''
+                                  and c.revoked == cjson.null)
+  end
+  if win then
+    redis.call('HSET', KEYS[1], id, ARGV[i + 3])
+    changed[#changed + 1] = id
+  end
+end
+local v = redis.call('GET', KEYS[2])
+if #changed > 0 or not v then v = redis.call('INCR', KEYS[2]) end
+table.insert(changed, 1, tostring(v))
+return changed
+"""
+
+
+class _Factory(Factory):
+    """Builds one kind of txredisapi protocol for a L{ClientService}."""
+
+    isLazy = False  # what txredisapi's protocols ask of their factory
+    noisy = False
+
+    def __init__(self, link, protocol, user, password, db):
+        self.link = link
+        self.protocol = protocol
+        self._args = {"username": user, "password": password, "dbid": db}
+
+    def buildProtocol(self, addr):
+        p = self.protocol(charset="utf-8", convertNumbers=False, **self._args)
+        p.factory = self
+        return p
+
+    def stopTrying(self):
+        pass  # a refused AUTH or SELECT: the ClientService retries, with backoff
+
+    def connectionError(self, message):
+        self.link.log.error("redis {url}: {message}", url=self.link.where, message=message)
+
+
+class _Watched:
+    """A txredisapi protocol that tells its link when it is ready, and when gone."""
+
+    kind = None  # "commands" or "subscriber": the link's _KIND_up and _KIND_down
+
+    def connectionMade(self):
+        self.whenConnected().addCallback(getattr(self.factory.link, f"_{self.kind}_up"))
+        return super().connectionMade()
+
+    def connectionLost(self, why):
+        super().connectionLost(why)
+        getattr(self.factory.link, f"_{self.kind}_down")(self)
+
+
+class _Commands(_Watched, txredisapi.RedisProtocol):
+    kind = "commands"
+
+
+class _Subscriber(_Watched, txredisapi.SubscriberProtocol):
+    kind = "subscriber"
+
+    def messageReceived(self, pattern, channel, message):
+        self.factory.link.on_message(channel, message)
+
+
+class RedisLink:
+    """
+    The node's two connections to Redis, kept up with backoff.
+
+    @param on_message: C{on_message(channel, message)} for each pub/sub message.
+    @param on_change: C{on_change(available)} when both connections are up
+        (and subscribed) or one was lost.
+    """
+
+    log = Logger(namespace="p2pnat.cluster.redis")
+
+    def __init__(self, reactor, url, channels, on_message, on_change,
+                 timeout=COMMAND_TIMEOUT):
+        host, port, user, password, db = parse_url(url)
+        self.where = f"{host}:{port}"
+        self.clock = reactor
+        self.channels = list(channels)
+        self.on_message = on_message
+        self.on_change = on_change
+        self.timeout = timeout
+        self.commands = None  # the command connection, when up
+        self.subscriber = None  # the subscribed connection, when up
+        endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+        policy = backoffPolicy(initialDelay=0.1, maxDelay=5.0)
+        self._services = [
+            ClientService(endpoint, _Factory(self, kind, user, password, db),
+                          retryPolicy=policy, clock=reactor)
+            for kind in (_Commands, _Subscriber)]
+
+    @property
+    def available(self):
+        return self.commands is not None and self.subscriber is not None
+
+    def start(self):
+        for s in self._services:
+            s.startService()
+
+    def stop(self):
+        was, self.on_change = self.available, lambda available: None
+        d = Deferred.fromCoroutine(self._stop())
+        if was:
+            self.log.info("disconnected from redis {url}", url=self.where)
+        return d
+
+    async def _stop(self):
+        for s in self._services:
+            await s.stopService()
+
+    def command(self, *args):
+        """
+        Deferred firing with the reply to one command; failing at once with
+        L{ClusterUnavailable} when Redis is not connected, and after
+        C{timeout} seconds without a reply (then the connection is dropped:
+        its replies would no longer match its commands).
+        """
+        conn = self.commands
+        if not self.available:
+            return fail(ClusterUnavailable(f"redis {self.where} not connected"))
+        try:
+            d = conn.execute_command(*args)
+        except txredisapi.ConnectionError as e:
+            return fail(ClusterUnavailable(str(e)))
+        call = self.clock.callLater(self.timeout, self._timed_out, conn, d)
+
+        def done(result):
+            if call.active():
+                call.cancel()
+            return result
+
+        def failed(failure):
+            if failure.check(ClusterUnavailable):
+                return failure
+            # An error reply, or the connection lost under the command.
+            raise ClusterUnavailable(f"redis {self.where}: {failure.getErrorMessage()}")
+
+        return d.addBoth(done).addErrback(failed)
+
+    def _timed_out(self, conn, d):
+        self.log.warn("redis {url} did not answer in {timeout}s; reconnecting",
+                      url=self.where, timeout=self.timeout)
+        if not d.called:
+            d.errback(ClusterUnavailable(f"redis {self.where}: no answer in {self.timeout}s"))
+        conn.transport.abortConnection()
+
+    # -- the connections ------------------------------------------------------
+
+    def _commands_up(self, conn):
+        self.commands = conn
+        self._changed()
+
+    def _commands_down(self, conn):
+        if self.commands is conn:
+            self._lost("commands")
+            self.commands = None
+
+    def _subscriber_up(self, conn):
+        d = conn.subscribe(self.channels)
+
+        def subscribed(_):
+            if conn.connected:
+                self.subscriber = conn
+                self._changed()
+
+        def refused(failure):
+            self.log.warn("redis {url}: cannot subscribe: {error}", url=self.where,
+                          error=failure.getErrorMessage())
+            conn.transport.abortConnection()
+
+        d.addCallbacks(subscribed, refused)
+
+    def _subscriber_down(self, conn):
+        if self.subscriber is conn:
+            self._lost("subscriber")
+            self.subscriber = None
+
+    def _changed(self):
+        if self.available:
+            self.log.info("connected to redis {url}", url=self.where)
+            self.on_change(True)
+
+    def _lost(self, which):
+        if self.available:
+            self.log.warn("lost redis {url} ({which} connection); serving this node's own"
+                          " devices and reconnecting", url=self.where, which=which)
+            # Both connections are needed: a node that misses messages
+            # would miss revocations, so the other is restarted too.
+            other = self.subscriber if which == "commands" else self.commands
+            self.on_change(False)
+            if other is not None and other.transport is not None:
+                other.transport.loseConnection()
+
+
+@implementer(IClusterState)
+class RedisState:
+    """
+    L{IClusterState} on Redis, for one relay node.
+
+    @param reactor: the reactor (its clock times everything here).
+    @param url: ``redis://...``.
+    @param node: this node's name.
+    @param addresses: its public addresses (UDP notify ``host:port``).
+    @param secret: the secret all nodes share (L{cluster_keys}).
+    @param period: the access-check period, seconds.
+    @param tunnel: C{tunnel()} -> ``(host, port)`` devices open tunnels to
+        on this node (known once the node listens).
+    @param relay: what the node does on others' behalf:
+        C{relay.send_connect(device_id, session_id, nonce, host, port)},
+        C{relay.device_left(device_id)}, and
+        C{relay.apply_records(records)} (records read from the shared
+        registry) and C{relay.local_records()} (this node's registry).
+    """
+
+    log = Logger(namespace="p2pnat.cluster")
+    shared = True
+
+    def __init__(self, reactor, url, node, addresses, secret, period, tunnel, relay):
+        self.clock = reactor
+        self.node = node
+        self.addresses = tuple(addresses)
+        self.tunnel = tunnel
+        self.relay = relay
+        message_key, seal_key = cluster_keys(secret)
+        self.signer = Signer(message_key)
+        self.codec = RecordCodec(seal_key)
+        self.writes = LiveWrites(period)
+        self.link = RedisLink(reactor, url, [CH_REGISTRY, node_channel(node)],
+                              self._message, self._availability)
+        self._throttle = Throttle(reactor)
+        self._seen_version = None  # registry version this node's table is at
+        self._epoch = None  # the registry epoch this node's records were merged into
+        self._unpushed = {}  # local records not merged yet (Redis was away)
+        self._pushed = {}  # device ID -> local record as last merged
+        self._round = None
+        self._last_heartbeat = None
+
+    def available(self):
+        return self.link.available
+
+    def start(self):
+        self.link.start()
+
+    def stop(self):
+        d = succeed(None)
+        if self.link.available:
+            d = self.link.command("HDEL", NODES, self.node)
+            d.addErrback(lambda f: None)
+        return d.addCallback(lambda _: self.link.stop())
+
+    # -- live entries -----------------------------------------------------------
+
+    def notified(self, device_id, kind, addr, last_access, now):
+        if not self.link.available or addr is None:
+            return
+        if not self.writes.due(device_id, kind, addr, last_access):
+            return
+        self.writes.wrote(device_id, addr, last_access)
+        entry = LiveEntry(device_id, self.node, addr[0], addr[1], last_access)
+        d = self.link.command("SET", live_key(device_id), entry.to_json(),
+                              "EX", self.writes.expiry(), "GET")
+        d.addCallbacks(self._live_written, self._live_failed,
+                       callbackArgs=(device_id,), errbackArgs=(device_id,))
+
+    def _live_written(self, old, device_id):
+        before = LiveEntry.from_json(device_id, old) if old else None
+        if before is not None and before.node != self.node:
+            # The device moved here (its old node died, or it chose
+            # another): the old node must stop taking it for its own.
+            self._publish(node_channel(before.node), {"t": "released", "device": device_id})
+
+    def _live_failed(self, failure, device_id):
+        self.writes.forget(device_id)  # the next notify tries again
+        self._warn("live", "cannot write live entry of {device_id}: {error}",
+                   device_id=device_id, error=failure.getErrorMessage())
+
+    def locate(self, device_id):
+        d = self.link.command("GET", live_key(device_id))
+        return d.addCallback(lambda text: LiveEntry.from_json(device_id, text) if text else None)
+
+    def forward_connect(self, entry, device_id, session_id, nonce):
+        host, port = self.tunnel()
+        return self._publish(node_channel(entry.node), {
+            "t": "connect", "from": self.node, "device": device_id, "sid": session_id.hex(),
+            "nonce": nonce.hex(), "host": host, "port": port})
+
+    def live_entries(self):
+        return Deferred.fromCoroutine(self._live_entries())
+
+    async def _live_entries(self, limit=100000):
+        entries, cursor = [], "0"
+        while True:
+            cursor, keys = await self.link.command("SCAN", cursor, "MATCH",
+                                                   live_key("*"), "COUNT", 1000)
+            if keys:
+                values = await self.link.command("MGET", *keys)
+                for key, text in zip(keys, values):
+                    e = text and LiveEntry.from_json(key[len(live_key("")):], text)
+                    if e:
+                        entries.append(e)
+            if cursor == "0" or len(entries) >= limit:
+                return entries
+
+    # -- nodes ------------------------------------------------------------------
+
+    def nodes(self):
+        d = self.link.command("HGETALL", NODES)
+
+        def alive(found):
+            now = self.clock.seconds()
+            infos = [NodeInfo.from_json(name, text) for name, text in pairs(found).items()]
+            return sorted((i for i in infos if i is not None and now - i.seen <= NODE_TTL),
+                          key=lambda i: i.name)
+
+        return d.addCallback(alive)
+
+    def _heartbeat(self, now):
+        host, port = self.tunnel()
+        info = NodeInfo(self.node, self.addresses, host, port, now)
+        self._last_heartbeat = now
+        return self.link.command("HSET", NODES, self.node, info.to_json())
+
+    # -- the registry -------------------------------------------------------------
+
+    def publish_registry(self, records):
+        for r in records.values():
+            if self._pushed.get(r.id) != r:
+                self._unpushed[r.id] = r
+        if self.link.available and self._round is None:
+            self.round()
+
+    def round(self):
+        """
+        One periodic round (the relay's store rounds call it): push the
+        registry changes not merged yet (all of this node's records when
+        Redis lost its data), read the whole registry again if a change
+        message was missed, say this node is alive.  Never fails.
+        """
+        if self._round is not None or not self.link.available:
+            return succeed(None)
+        d = self._round = Deferred.fromCoroutine(self._do_round())
+
+        def done(result):
+            self._round = None
+
+        return d.addErrback(self._round_failed).addBoth(done)
+
+    async def _do_round(self):
+        now = self.clock.seconds()
+        epoch = await self.link.command("SET", EPOCH, os.urandom(8).hex(), "NX", "GET")
+        if epoch is None or epoch != self._epoch:
+            # A new Redis, or one restarted without its data (a new epoch):
+            # the registry is rebuilt from every node's own.
+            self.log.info("merging this node's {n} devices into the registry in redis",
+                          n=len(self.relay.local_records()))
+            self._unpushed.update({r.id: r for r in self.relay.local_records().values()})
+        version = await self.link.command("GET", VERSION)
+        if self._unpushed or version is None:
+            batch, self._unpushed = self._unpushed, {}
+            try:
+                await self._merge(batch)
+            except Exception:
+                for r in batch.values():
+                    self._unpushed.setdefault(r.id, r)
+                raise
+            version = await self.link.command("GET", VERSION)
+        self._epoch = epoch if epoch is not None else await self.link.command("GET", EPOCH)
+        if version is not None and version != self._seen_version:
+            await self._reload(version)
+        if self._last_heartbeat is None or now - self._last_heartbeat >= HEARTBEAT:
+            await self._heartbeat(now)
+
+    def _round_failed(self, failure):
+        self._warn("round", "cluster round failed; retrying next round: {error}",
+                   error=failure.getErrorMessage())
+
+    async def _merge(self, records):
+        items = list(records.values())
+        for i in range(0, max(1, len(items)), PUSH_BATCH):  # once at least: sets the version
+            args = []
+            for r in items[i:i + PUSH_BATCH]:
+                args += [r.id, repr(r.created), "" if r.revoked is None else repr(r.revoked),
+                         self.codec.encode(r)]
+            reply = await self.link.command("EVAL", _MERGE, 2, REGISTRY, VERSION, *args)
+            for r in items[i:i + PUSH_BATCH]:
+                self._pushed[r.id] = r
+            changed = [str(x) for x in reply[1:]]
+            for j in range(0, len(changed), MESSAGE_IDS):
+                self._publish(CH_REGISTRY, {"t": "registry", "ids": changed[j:j + MESSAGE_IDS],
+                                            "v": str(reply[0])})
+
+    async def _reload(self, version):
+        found = await self.link.command("HGETALL", REGISTRY)
+        self.relay.apply_records(self._decode(pairs(found)))
+        self._seen_version = version
+
+    def _decode(self, texts):
+        records = {}
+        for device_id, text in texts.items():
+            if not text:
+                continue
+            try:
+                records[device_id] = self.codec.decode(device_id, text)
+            except ValueError as e:
+                self._warn("record", "registry record of {device_id} in redis ignored: {why}",
+                           device_id=device_id, why=e)
+        return records
+
+    async def _registry_changed(self, ids, version):
+        values = await self.link.command("HMGET", REGISTRY, *ids)
+        self.relay.apply_records(self._decode(dict(zip(ids, values or []))))
+        try:
+            if self._seen_version is not None and int(version) == int(self._seen_version) + 1:
+                self._seen_version = version  # else the next round reads everything
+        except ValueError:
+            pass
+
+    # -- messages -----------------------------------------------------------------
+
+    def _publish(self, channel, fields):
+        """Publish a signed message: a Deferred of how many got it (None: not sent)."""
+        d = self.link.command("PUBLISH", channel, self.signer.seal(fields, self.clock.seconds()))
+        d.addErrback(lambda f: self._warn("publish", "cannot publish to {channel}: {error}",
+                                          channel=channel, error=f.getErrorMessage()))
+        return d
+
+    def _message(self, channel, text):
+        fields = self.signer.open(text, self.clock.seconds())
+        if fields is None:
+            self._warn("forged", "message on {channel} refused: not signed with the cluster's"
+                       " key, garbled or too old", channel=channel)
+            return
+        try:
+            kind = fields["t"]
+            if channel == CH_REGISTRY and kind == "registry":
+                ids = [str(i) for i in fields["ids"]][:MESSAGE_IDS]
+                if ids:
+                    d = Deferred.fromCoroutine(self._registry_changed(ids, str(fields["v"])))
+                    d.addErrback(self._round_failed)
+            elif channel == node_channel(self.node) and kind == "connect":
+                if fields["from"] == self.node:
+                    return
+                self.relay.send_connect(str(fields["device"]), bytes.fromhex(fields["sid"]),
+                                        bytes.fromhex(fields["nonce"]), str(fields["host"]),
+                                        int(fields["port"]))
+            elif channel == node_channel(self.node) and kind == "released":
+                self.relay.device_left(str(fields["device"]))
+        except (KeyError, TypeError, ValueError) as e:
+            self._warn("bad", "message on {channel} ignored: {error}", channel=channel,
+                       error=f"{e.__class__.__name__}: {e}")
+
+    def _availability(self, available):
+        if available:
+            # Redis may have restarted without its data: every device's
+            # entry is written again from its next notify, and the round
+            # checks the registry at once.
+            self.writes.forget_all()
+            self._seen_version = None
+            self._last_heartbeat = None
+            self.round()
+
+    def _warn(self, kind, text, **fields):
+        held = self._throttle(("cluster", kind))
+        if held is not None:
+            self.log.warn(text + " ({held} more since the last such line)", held=held, **fields)
+

@@ -1,0 +1,336 @@
+# -*- test-case-name: tests.unit.test_cluster -*-
+"""
+The relay's cluster state: what relay nodes share, behind one interface
+with two backends.
+
+- L{p2pnat.cluster.embedded.EmbeddedState}: one node, nothing shared; the
+  relay's own SQLite registry and in-memory tables, exactly as before
+  clustering existed (the default: no ``[cluster] redis`` key).
+- L{p2pnat.cluster.redis.RedisState}: nodes that share a Redis.
+
+What lives where (``docs/cluster.rst`` has the figures):
+
+- the registry (devices, certificate fingerprints, MAC keys sealed under
+  the cluster key, access policy, revocations): in Redis, merged from
+  every node's SQLite registry (L{newer} decides), durable as Redis is
+  configured (AOF everysec recommended);
+- a device's live entry (L{LiveEntry}: owning node, NAT mapping, last
+  access), with an expiry, written by the node its notifies reach under
+  the rules of L{LiveWrites};
+- sessions (ID and nonce) stay in the memory of the node where the
+  terminal waits: the connect request names that node as the tunnel
+  host, so the tunnel can only land there, and the node's own session
+  table makes each single-use.
+
+This module is the interface and the pure rules the backends share
+(no I/O, times passed in).
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+from dataclasses import dataclass
+
+from zope.interface import Attribute, Interface
+
+__all__ = ["IClusterState", "ClusterUnavailable", "LiveEntry", "NodeInfo", "LiveWrites",
+           "Signer", "RecordCodec", "newer", "cluster_keys", "check_node_name"]
+
+
+class ClusterUnavailable(Exception):
+    """The shared state cannot be reached now (Redis down or restarting)."""
+
+
+@dataclass(frozen=True)
+class LiveEntry:
+    """
+    Where a device is live: the node its notifies reach (which owns its NAT
+    mapping and sends its connect requests), the mapping, and the time of
+    its last notify A (POSIX seconds; None if only notify B was seen).
+    """
+
+    device_id: str
+    node: str
+    host: str
+    port: int
+    last_access: float | None
+
+    def to_json(self):
+        return json.dumps({"node": self.node, "host": self.host, "port": self.port,
+                           "access": self.last_access}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, device_id, text):
+        """The entry stored as C{text}, or None if it is not one (never raises)."""
+        try:
+            v = json.loads(text)
+            access = v["access"]
+            entry = cls(device_id, str(v["node"]), str(v["host"]), int(v["port"]),
+                        None if access is None else float(access))
+        except (ValueError, TypeError, KeyError):
+            return None
+        return entry
+
+    def stale(self, now, period):
+        """Whether a terminal must be refused: no notify A within the access-check period."""
+        return self.last_access is None or now - self.last_access > period
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """
+    A relay node as it announces itself: its public addresses (what
+    devices' relay lists name), where devices open tunnels to it, and when
+    it last said it is alive (POSIX seconds).
+    """
+
+    name: str
+    addresses: tuple
+    tunnel_host: str
+    tunnel_port: int
+    seen: float
+
+    def to_json(self):
+        return json.dumps({"addresses": list(self.addresses), "tunnel_host": self.tunnel_host,
+                           "tunnel_port": self.tunnel_port, "seen": self.seen},
+                          separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, name, text):
+        """The node stored as C{text}, or None if it is not one (never raises)."""
+        try:
+            v = json.loads(text)
+            return cls(name, tuple(str(a) for a in v["addresses"]), str(v["tunnel_host"]),
+                       int(v["tunnel_port"]), float(v["seen"]))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+class IClusterState(Interface):
+    """
+    What a relay node shares with the others.  Everything here is safe to
+    call whether the shared state is reachable or not: reads fail with
+    L{ClusterUnavailable}, writes are dropped and redone from later
+    notifies.  The lobby cluster, ``p2pnat cluster status`` and the admin
+    page build on the same interface (``docs/cluster.rst``).
+    """
+
+    node = Attribute("this node's name (unique in the cluster)")
+    shared = Attribute("True when nodes share state (a terminal may reach a device"
+                       " whose notifies reach another node)")
+
+    def available():
+        """Whether the shared state is reachable now."""
+
+    def notified(device_id, kind, addr, last_access, now):
+        """
+        A notify (C{kind} ``"A"`` or ``"B"``) from C{device_id} reached this
+        node from C{addr}: record its live entry as L{LiveWrites} says.
+        """
+
+    def locate(device_id):
+        """
+        Deferred firing with the device's L{LiveEntry}, or None when no
+        node has it live; failing with L{ClusterUnavailable}.
+        """
+
+    def forward_connect(entry, device_id, session_id, nonce):
+        """
+        Ask C{entry.node} to send the device a connect request (from the
+        socket its notifies reach) for C{session_id} and C{nonce}, naming
+        this node as the tunnel host.  The session's retransmission
+        schedule calls it again.
+
+        @return: None, or a Deferred firing with how many nodes got the
+            request (0: the owner is gone), or None if that is not known.
+        """
+
+    def publish_registry(records):
+        """
+        This node's registry records changed (C{records}: device ID ->
+        L{p2pnat.deployment.registry.DeviceRecord}): merge them into the
+        shared registry and tell every node.
+        """
+
+    def nodes():
+        """Deferred firing with the list of L{NodeInfo} alive in the cluster."""
+
+    def live_entries():
+        """Deferred firing with every L{LiveEntry} in the cluster (status pages)."""
+
+    def start():
+        """Connect and keep connected (reconnects by itself)."""
+
+    def stop():
+        """Disconnect; a Deferred firing when done."""
+
+
+def check_node_name(name):
+    """A node name: 1-64 characters of a-z, 0-9, '-', '_' and '.' (it names Redis keys)."""
+    ok = 0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_.")
+                                     for c in name)
+    if not ok or name != name.lower():
+        raise ValueError(f"node name {name!r}: 1-64 characters of a-z, 0-9, '-', '_', '.'")
+    return name
+
+
+class LiveWrites:
+    """
+    When a node writes a device's live entry to the shared store (the
+    seed's notify rules, cluster-wide):
+
+    - a notify B writes only when the device's address changed, or when
+      the node has not written the entry since it (re)connected to the
+      store (so a restarted Redis is refilled within one notify-B
+      interval);
+    - a notify A writes when the address changed or the last written
+      access time is half an access-check period old (the agent sends
+      notify A about once per half period: NEED_NOTIFY_A), so other nodes
+      never see a live device as stale.
+
+    Pure: the caller says what it wrote (L{wrote}) and when a write failed
+    or the store was lost (L{forget}, L{forget_all}).
+
+    @param period: the access-check period, seconds.
+    """
+
+    def __init__(self, period):
+        self.period = period
+        self._written = {}  # device ID -> (addr, last_access) as last written
+
+    def __len__(self):
+        return len(self._written)
+
+    def due(self, device_id, kind, addr, last_access):
+        """Whether this notify must write the device's live entry."""
+        w = self._written.get(device_id)
+        if w is None or w[0] != addr:
+            return True
+        if kind != "A" or last_access is None:
+            return False
+        return w[1] is None or last_access - w[1] >= self.period / 2
+
+    def wrote(self, device_id, addr, last_access):
+        self._written[device_id] = (addr, last_access)
+
+    def forget(self, device_id):
+        self._written.pop(device_id, None)
+
+    def forget_all(self):
+        self._written.clear()
+
+    def expiry(self):
+        """Seconds a live entry lives unless rewritten: the period, and some slack."""
+        return int(self.period + max(30, self.period / 10))
+
+
+def newer(a, b):
+    """
+    Whether registry record C{a} replaces C{b} (either None) when records
+    from several nodes' registries meet: a later ``created`` wins (the
+    device was provisioned again), and at the same ``created`` a
+    revocation wins (it can never be undone but by provisioning again).
+    """
+    if a is None:
+        return False
+    if b is None:
+        return True
+    if a.created != b.created:
+        return a.created > b.created
+    return a.revoked is not None and b.revoked is None
+
+
+def cluster_keys(secret):
+    """
+    The cluster's two keys from the secret every node shares (the
+    relay's terminal.secret, which nodes must share anyway so that a login
+    cookie holds on every node): ``(message_key, seal_key)``.
+    """
+    return (hmac.new(secret, b"p2pnat cluster messages", hashlib.sha256).digest(),
+            hmac.new(secret, b"p2pnat cluster registry seal", hashlib.sha256).digest())
+
+
+class Signer:
+    """
+    Signs and checks the messages nodes send each other over pub/sub:
+    anyone who can reach Redis can publish, and only a node's message may
+    make another node act.  A message older than C{max_age} seconds (or
+    from the future by as much) is refused, which bounds replays.
+    """
+
+    MAC_LEN = 32
+
+    def __init__(self, key, max_age=10.0):
+        self._key = key
+        self.max_age = max_age
+
+    def seal(self, fields, now):
+        body = json.dumps({**fields, "ts": now}, separators=(",", ":"), sort_keys=True)
+        mac = hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+        return mac + body
+
+    def open(self, text, now):
+        """The message's fields, or None if it is forged, garbled or too old."""
+        if not isinstance(text, str) or len(text) > 4096 or len(text) < 2 * self.MAC_LEN:
+            return None
+        mac, body = text[:2 * self.MAC_LEN], text[2 * self.MAC_LEN:]
+        want = hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(mac, want):
+            return None
+        try:
+            fields = json.loads(body)
+            ts = float(fields["ts"])
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(fields, dict) or abs(now - ts) > self.max_age:
+            return None
+        return fields
+
+
+class RecordCodec:
+    """
+    Registry records as stored in Redis: JSON, the MAC key sealed
+    (AES-256-GCM under the cluster's seal key, the device ID as associated
+    data), so that a copy of Redis's data does not hand out devices' keys.
+    Live fields (last access, address) are not part of it: they live in
+    the live entries.
+    """
+
+    def __init__(self, seal_key):
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead = AESGCM(seal_key)
+
+    def encode(self, r):
+        nonce = os.urandom(12)
+        sealed = nonce + self._aead.encrypt(nonce, r.mac_key, r.id.encode())
+        return json.dumps({"mac_key": base64.b64encode(sealed).decode(),
+                           "fingerprint": r.cert_fingerprint, "mode": r.access_mode,
+                           "credential": r.access_credential_hash, "created": r.created,
+                           "revoked": r.revoked}, separators=(",", ":"))
+
+    def decode(self, device_id, text):
+        """
+        The L{p2pnat.deployment.registry.DeviceRecord} stored as C{text}.
+
+        @raise ValueError: not a record, or sealed under another key.
+        """
+        from cryptography.exceptions import InvalidTag
+
+        from p2pnat.deployment.registry import DeviceRecord
+
+        try:
+            v = json.loads(text)
+            sealed = base64.b64decode(v["mac_key"], validate=True)
+            mac_key = self._aead.decrypt(sealed[:12], sealed[12:], device_id.encode())
+            revoked = v["revoked"]
+            return DeviceRecord(device_id, mac_key, str(v["fingerprint"]), str(v["mode"]),
+                                v["credential"], float(v["created"]),
+                                None if revoked is None else float(revoked), None, None, None)
+        except InvalidTag:
+            raise ValueError("sealed under another cluster key (nodes must share"
+                             " terminal.secret)")
+        except (TypeError, KeyError, AttributeError, ValueError) as e:
+            raise ValueError(f"not a registry record: {e.__class__.__name__}")
