@@ -320,6 +320,11 @@ class NotifyB(Notify):
 #: NotifyAck flag: the relay has no recent notify A for this device.
 NEED_NOTIFY_A = 0x01
 
+#: Frame flag (the header's flags byte) on a notify B: answer it with a
+#: NotifyAck even if nothing changed.  A device asks now and then to learn
+#: that its relay is still alive; relays that predate it ignore the flag.
+ACK_REQUESTED = 0x01
+
 
 @dataclass
 class NotifyAck(Message):
