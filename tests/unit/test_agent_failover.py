@@ -163,6 +163,16 @@ class DetectionTests(SynchronousTestCase):
         self.assertEqual((in_before, out_before), (1 + 36 + 1 + 180, 1 + 37))
         self.assertEqual(out_after - out_before, 180 - 36)  # a notify A was the check
 
+    def test_long_dead_after_costs_the_relay_nothing(self):
+        """From 120 s up, the acks of notify A (every 100 s) are proof enough."""
+        counts = []
+        for dead_after in (None, 120.0):
+            h = Harness(self, dead_after=dead_after)
+            h.notifier.start(h.agent)
+            h.advance(3600, step=0.5)
+            counts.append((h.relays[RELAY1].datagrams(True), h.relays[RELAY1].datagrams(False)))
+        self.assertEqual(counts[0], counts[1])
+
     def test_silent_relay_dead_within_the_bound_after_retransmits(self):
         h = Harness(self)
         h.notifier.start(h.agent)
