@@ -204,17 +204,24 @@ class Notifier:
         self._period_call = self.clock.callLater(self._retry, self._ask_period)
         self._retry = min(self._retry * 2, 30.0)
         try:
-            # A clock probe (we may not know the relay's clock yet): the
-            # relay answers each probe stamp at most once.  Remember the
-            # request before sending: the answer may come at once.
-            stamp = self.stamper.probe()
-            self._period_asked[stamp] = self.clock.seconds()
-            while len(self._period_asked) > 16:
-                del self._period_asked[next(iter(self._period_asked))]
-            if not self._send(wire.PeriodRequest(), stamp):
-                self.stamper.probe_unsent()
+            # A clock probe: we may not know the relay's clock yet.
+            self._send_probe(wire.PeriodRequest(), self._period_asked, 16)
         except Exception:
             self.log.failure("period request failed")
+
+    def _send_probe(self, message, asked, limit):
+        """
+        Send the clock probe C{message} (answered at most once per stamp),
+        remembering its stamp and our send time in C{asked} (the latest
+        C{limit}) for the answer's echo.  Remembered before it is sent: the
+        answer may come at once.
+        """
+        stamp = self.stamper.probe()
+        asked[stamp] = self.clock.seconds()
+        while len(asked) > limit:
+            del asked[next(iter(asked))]
+        if not self._send(message, stamp):
+            self.stamper.probe_unsent()
 
     def _safely(self, what):
         def run():
@@ -303,12 +310,7 @@ class Notifier:
             if self._b_loop is not None and self._b_loop.running:
                 self._b_loop.reset()  # this was the notify B: the next one is due later
             return
-        stamp = self.stamper.probe()
-        self._pinged[stamp] = self.clock.seconds()
-        while len(self._pinged) > 8:
-            del self._pinged[next(iter(self._pinged))]
-        if not self._send(wire.Ping(), stamp):
-            self.stamper.probe_unsent()
+        self._send_probe(wire.Ping(), self._pinged, 8)
 
     def _heard(self):
         """The current relay answered us."""

@@ -26,15 +26,16 @@ from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import wire
 from p2pnat.protocol.tunnel import alpn_for as tunnel_alpn
 
+#: Bounds of agent.dead_after: room for a check and its retransmissions;
+#: a day at most.
+MIN_DEAD_AFTER, MAX_DEAD_AFTER = 5.0, 86400.0
+
+
 def _dead_after(value):
     if not MIN_DEAD_AFTER <= value <= MAX_DEAD_AFTER:
         raise ValueError(f"must be {MIN_DEAD_AFTER:.0f} to {MAX_DEAD_AFTER:.0f} seconds,"
                          f" got {value!r}")
 
-
-#: Bounds of agent.dead_after: room for a check and its retransmissions;
-#: a day at most.
-MIN_DEAD_AFTER, MAX_DEAD_AFTER = 5.0, 86400.0
 
 SCHEMA = [
     C.Setting("agent.device_id", str, "", "this device's ID, as registered with the relay"),

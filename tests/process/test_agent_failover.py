@@ -10,13 +10,13 @@ import http.client
 import http.server
 import os
 import re
-import socket
 import threading
 import time
 
 from twisted.trial.unittest import SkipTest
 
 from tests.process.test_daemons import ETC, DaemonTestCase
+from tests.process.test_stun_interop import _ipv6_loopback
 
 #: Short, to keep the test quick; the default (30 s) is checked on a clock
 #: in tests.unit.test_agent_failover.
@@ -38,15 +38,6 @@ class Page(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def ipv6_loopback():
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 class AgentFailoverTests(DaemonTestCase):
@@ -83,7 +74,7 @@ class AgentFailoverTests(DaemonTestCase):
             c.close()
 
     def test_sigkilled_relay_device_reachable_through_the_other(self):
-        if not ipv6_loopback():
+        if not _ipv6_loopback():
             raise SkipTest("no IPv6 loopback (::1) here")
         state, bundle = self.provision_device()
         web = self.web_server()

@@ -214,6 +214,7 @@ class DetectionTests(SynchronousTestCase):
             killed = h.clock.seconds()
             h.advance(dead_after + 10)
             [(addr, when)] = h.dead
+            self.assertEqual(addr, RELAY1)
             self.assertLessEqual(when - killed, dead_after)
             # Not long before: the relay was checked after a quiet spell.
             self.assertGreater(when - killed, h.notifier.liveness.window)

@@ -143,8 +143,8 @@ class ConfigTests(SynchronousTestCase):
     def test_errors_name_the_file_and_the_key(self):
         for text, why in [
                 ('[agent]\nrelay = ["a.example:7478", "2001:db8::1:7478"]\n',
-                 "agent.relay: '2001:db8::1:7478': write an IPv6 relay address as"
-                 " [address]:port"),
+                 ("agent.relay: '2001:db8::1:7478': write an IPv6 relay address as"
+                  " [address]:port")),
                 ("[agent]\nrelay = 7478\n", "agent.relay: expected \"host:port\" or a list"),
                 ("[agent]\nrelay = []\n", "agent.relay: needs at least one relay address"),
                 ("[agent]\ndead_after = 2\n", "agent.dead_after: must be 5 to 86400 seconds"),
