@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_relay_notify -*-
+# -*- test-case-name: tests.unit.test_relay_notify,tests.unit.test_agent_failover -*-
 """
 The device agent's UDP side: learn the access-check period, keep the NAT
 mapping open with notify B, refresh the last access with notify A, and
@@ -152,7 +152,7 @@ class Notifier:
         self.proto = proto
         if self.liveness is not None:
             self.liveness.restart(self.clock.seconds())
-            self._arm(0)
+            self._arm(self.liveness.dead_after)  # for the first answer
         self._ask_period()
 
     def stop(self):

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_taps -*-
+# -*- test-case-name: tests.unit.test_taps,tests.unit.test_agent_failover,tests.unit.test_agent_relays -*-
 """
 ``twistd device-agent``: keeps a device reachable through its relay.
 """
