@@ -406,3 +406,25 @@ class AgentServiceTests(SynchronousTestCase):
         self.assertEqual(self.resolved, [])
         self.assertEqual(svc.notifier.relay_addr, self.V4)
         self.assertEqual(sorted(svc.sockets), [4])  # no IPv6 socket until one is needed
+
+
+class ResolveAllTests(SynchronousTestCase):
+    def test_every_address_of_both_families(self):
+        from twisted.internet.address import IPv4Address, IPv6Address
+
+        asked = []
+
+        class NameResolver:
+            def resolveHostName(self, receiver, name, port, types, semantics):
+                asked.append((name, set(types), semantics))
+                receiver.resolutionBegan(None)
+                receiver.addressResolved(IPv6Address("UDP", "2001:db8::2", 0))
+                receiver.addressResolved(IPv4Address("UDP", "198.18.0.1", 0))
+                receiver.resolutionComplete()
+
+        class Reactor:
+            nameResolver = NameResolver()
+
+        found = self.successResultOf(tap.resolve_all(Reactor(), "relays.test"))
+        self.assertEqual(found, ["2001:db8::2", "198.18.0.1"])
+        self.assertEqual(asked, [("relays.test", {IPv4Address, IPv6Address}, "UDP")])
