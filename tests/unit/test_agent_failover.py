@@ -428,3 +428,31 @@ class ResolveAllTests(SynchronousTestCase):
         found = self.successResultOf(tap.resolve_all(Reactor(), "relays.test"))
         self.assertEqual(found, ["2001:db8::2", "198.18.0.1"])
         self.assertEqual(asked, [("relays.test", {IPv4Address, IPv6Address}, "UDP")])
+
+
+class RelayAnswerTests(SynchronousTestCase):
+    """The relay's side of the check (p2pnat.relay.notify)."""
+
+    def test_flagged_notify_b_acked_no_larger(self):
+        """
+        A notify B that changes nothing gets an ack only with the flag; the
+        ack echoes it and is no larger than it.
+        """
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        relay = FakeRelay(FakeNetwork(), clock, RELAY1)
+        relay.table.notify_a("dev-1", DEVICE, DEVICE, relay.proto, clock.seconds())
+        stamper = wire.Stamper(clock)
+        answers = []
+        for flags in (0, wire.ACK_REQUESTED, 0):
+            clock.advance(20)
+            relay.proto.transport.written.clear()
+            stamp = stamper()
+            b = wire.seal(wire.NotifyB(local=DEVICE), "dev-1", KEY, stamp, flags)
+            relay.proto.datagramReceived(b, DEVICE)
+            answers.append([(len(data) <= len(b), to, wire.unseal(data, lambda k, t: KEY)[1])
+                            for data, to in relay.proto.transport.written])
+            if flags:
+                flagged = stamp
+        self.assertEqual((answers[0], answers[2]), ([], []))
+        self.assertEqual(answers[1], [(True, DEVICE, wire.NotifyAck(flagged, DEVICE, 0))])
