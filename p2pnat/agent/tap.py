@@ -4,6 +4,7 @@
 """
 
 import os
+import socket
 import stat
 
 from prometheus_client import Counter
@@ -160,6 +161,21 @@ def resolve_all(reactor, name):
     return done
 
 
+def has_route(addr):
+    """
+    Whether this host has a route to C{addr} (an ``(ip, port)``): a UDP
+    socket's connect() asks the kernel and sends nothing.  A host with no
+    IPv6 route says no at once for an IPv6 relay.
+    """
+    family = socket.AF_INET6 if relays.family_of(addr[0]) == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+    except OSError:
+        return False
+    return True
+
+
 class AgentService(service.MultiService):
     """
     The device agent: its notify sockets (one per address family in use),
@@ -170,8 +186,13 @@ class AgentService(service.MultiService):
     the next when the L{Notifier} finds it dead, never back by itself.
     Tunnels already open stay as they are.
 
+    Addresses this host has no route to (an IPv6 relay on a host without
+    IPv6) are passed over at once rather than after C{agent.dead_after}.
+
     @param resolve: C{resolve(name)} returns a Deferred list of the IP
         addresses of host C{name} (by default L{resolve_all}).
+    @param routable: C{routable((ip, port))}, whether there is a route to
+        that address (by default L{has_route}).
     """
 
     log = Logger(namespace="p2pnat.agent")
@@ -179,7 +200,8 @@ class AgentService(service.MultiService):
     #: Seconds before trying again when no relay address could be used.
     RETRY = 5.0
 
-    def __init__(self, config, mac_key, reactor, services=None, tls=None, resolve=None):
+    def __init__(self, config, mac_key, reactor, services=None, tls=None, resolve=None,
+                 routable=has_route):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -199,6 +221,9 @@ class AgentService(service.MultiService):
         self.device_id = config["agent.device_id"]
         self.ring = relays.RelayRing(relays.parse_relays(config["agent.relay"]))
         self.resolve = resolve or (lambda name: resolve_all(reactor, name))
+        self.routable = routable
+        self._unroutable = set()  # addresses logged as having no route, until we report
+        self._waiting = False  # no address to report to was logged
         self.notifier = Notifier(self.device_id, mac_key, None, reactor,
                                  config["agent.notify_b_interval"], self.connect_requested,
                                  config["agent.dead_after"], self.relay_dead)
@@ -267,14 +292,26 @@ class AgentService(service.MultiService):
                 if not resolved.get(name):
                     self.log.warn("cannot resolve relay {host}", host=name)
             self.ring.reload(resolved)
-        # Past the addresses whose family we cannot use; once round at most.
+        # Past the addresses we have no route or socket for; once round at most.
         for _ in range(len(self.ring.addresses)):
-            proto = self._socket_for(relays.family_of(self.ring.current[0]))
-            if proto is not None:
-                return self._report_to(self.ring.current, proto)
+            addr = self.ring.current
+            if not self.routable(addr):
+                if addr not in self._unroutable:
+                    self._unroutable.add(addr)
+                    self.log.info("no route to relay {relay}; trying the next",
+                                  relay=wire.format_addr(addr))
+            else:
+                proto = self._socket_for(relays.family_of(addr[0]))
+                if proto is not None:
+                    self._unroutable.clear()
+                    self._waiting = False
+                    return self._report_to(addr, proto)
             self.ring.advance()
-        self.log.warn("no relay address to report to; trying again in {secs:.0f}s",
-                      secs=self.RETRY)
+        if not self._waiting:
+            # Once until it reports again: the network may be down for hours.
+            self._waiting = True
+            self.log.warn("no relay address to report to; trying again every {secs:.0f}s",
+                          secs=self.RETRY)
         self._resolving = self.reactor.callLater(self.RETRY, self._resolve)
 
     def _report_to(self, addr, proto):

@@ -328,6 +328,7 @@ class AgentServiceTests(SynchronousTestCase):
             relay = self.relays[addr] = Relay(self.net, self.clock, addr)
             relay.port = self.net.listen(addr[0], relay.proto, addr[1])
         self.resolved = []
+        self.no_route = set()
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -342,7 +343,7 @@ class AgentServiceTests(SynchronousTestCase):
             "agent.device_id": "dev-1", "agent.relay": relay,
             "udp.listen": "192.168.1.10:0", "metrics.listen": "", "log.json": ""})
         svc = tap.AgentService(config, KEY, self.net, services={}, tls=object(),
-                               resolve=self.resolve)
+                               resolve=self.resolve, routable=lambda addr: addr not in self.no_route)
         svc.startService()
 
         def stop():
@@ -399,6 +400,31 @@ class AgentServiceTests(SynchronousTestCase):
         self.advance(65)
         self.assertEqual(svc.notifier.relay_addr, self.V4)
         self.assertIsNotNone(self.relays[self.V4].last_access)
+
+    def test_no_route_passed_over_at_once(self):
+        """A host without IPv6: the IPv6 relay is not waited for."""
+        self.no_route.add(self.V6)
+        svc = self.agent()
+        self.advance(1)
+        self.assertEqual(svc.notifier.relay_addr, self.V4)
+        self.assertIsNotNone(self.relays[self.V4].last_access)
+        self.assertEqual(sorted(svc.sockets), [4])
+        self.assertEqual(svc.metrics.value("p2pnat_agent_relay_moves_total"), 0)
+
+    def test_network_down_waits_and_says_so_once(self):
+        self.no_route.update((self.V6, self.V4))
+        svc = self.agent()
+        self.advance(60)
+        self.assertIsNone(svc.notifier.relay_addr)
+        said = [e.get("log_format") for e in self.events]
+        self.assertEqual(said.count("no route to relay {relay}; trying the next"), 2)
+        self.assertEqual(said.count("no relay address to report to; trying again every"
+                                    " {secs:.0f}s"), 1)
+        self.assertEqual(len(self.resolved), 13)  # at start, then every 5 s
+        self.no_route.clear()
+        self.advance(6)  # the next try, then its period request and notify A
+        self.assertEqual(svc.notifier.relay_addr, self.V6)
+        self.assertIsNotNone(self.relays[self.V6].last_access)
 
     def test_literals_in_configured_order(self):
         svc = self.agent(["198.18.0.1:7478", "[2001:db8::2]:7478"])
