@@ -227,9 +227,11 @@ class AgentService(service.MultiService):
         self.notifier = Notifier(self.device_id, mac_key, None, reactor,
                                  config["agent.notify_b_interval"], self.connect_requested,
                                  config["agent.dead_after"], self.relay_dead)
-        #: Notify sockets by address family; the other family's is bound
-        #: when a relay of that family comes first (L{_socket_for}).
+        #: Notify sockets (their protocols) and their UDPServices by address
+        #: family; the other family's are made when a relay of that family
+        #: comes first (L{_socket_for}).
         self.sockets = {}
+        self.listeners = {}
         self._listen = relays.parse_listen(config["udp.listen"])
         for family, (host, port) in self._listen.items():
             self._add_socket(family, host, port)
@@ -251,6 +253,7 @@ class AgentService(service.MultiService):
             listener.disownServiceParent()
             raise
         self.sockets[family] = proto
+        self.listeners[family] = listener
         return proto
 
     def _socket_for(self, family):

@@ -361,6 +361,9 @@ class AgentServiceTests(SynchronousTestCase):
         svc = self.agent()
         self.advance(1)
         self.assertEqual(sorted(svc.sockets), [4, 6])
+        # The IPv6 one bound for the IPv6 relay, a service of the agent's.
+        self.assertEqual((svc.listeners[6].host, svc.listeners[6].portnum), ("::", 0))
+        self.assertIs(svc.listeners[6].parent, svc)
         self.assertEqual(svc.notifier.relay_addr, self.V6)
         self.assertIsNotNone(self.relays[self.V6].last_access)
         self.assertIsNone(self.relays[self.V4].last_access)
