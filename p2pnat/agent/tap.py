@@ -323,8 +323,8 @@ class AgentService(service.MultiService):
             self._reporting = True
             self.log.info("device {device_id} reporting to relay {relay}",
                           device_id=self.device_id, relay=wire.format_addr(addr))
-            self.notifier.relay_addr = addr
-            self.notifier.start(proto)
+            # As a fresh start also after a restart of the service.
+            self.notifier.switch(addr, proto)
             return
         self.relay_moves.inc()
         self.log.warn("relay {old_relay} did not answer for {secs:.0f}s; device {device_id}"
@@ -380,6 +380,7 @@ class AgentService(service.MultiService):
 
     def stopService(self):
         self.notifier.stop()
+        self._reporting, self._dead = False, None
         for tun in list(self.tunnels):
             if tun.transport is not None:
                 tun.transport.abortConnection()

@@ -429,6 +429,20 @@ class AgentServiceTests(SynchronousTestCase):
         self.assertEqual(svc.notifier.relay_addr, self.V6)
         self.assertIsNotNone(self.relays[self.V6].last_access)
 
+    def test_restarted_reports_afresh(self):
+        """Stopped and started again (as a parent service may): notifies again, no move."""
+        svc = self.agent()
+        self.advance(5)
+        svc.stopService()
+        self.advance(100)
+        before = self.relays[self.V6].last_access
+        svc.startService()
+        self.advance(5)
+        self.assertGreater(self.relays[self.V6].last_access, before)
+        self.assertEqual(svc.metrics.value("p2pnat_agent_relay_moves_total"), 0)
+        said = [e.get("log_format") for e in self.events]
+        self.assertEqual(said.count("device {device_id} reporting to relay {relay}"), 2)
+
     def test_literals_in_configured_order(self):
         svc = self.agent(["198.18.0.1:7478", "[2001:db8::2]:7478"])
         self.advance(1)
