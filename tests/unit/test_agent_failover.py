@@ -498,4 +498,7 @@ class RelayAnswerTests(SynchronousTestCase):
             if flags:
                 flagged = stamp
         self.assertEqual((answers[0], answers[2]), ([], []))
-        self.assertEqual(answers[1], [(True, DEVICE, wire.NotifyAck(flagged, DEVICE, 0))])
+        [(no_larger, to, ack)] = answers[1]
+        self.assertEqual((no_larger, to, type(ack), ack.echo, ack.observed),
+                         (True, DEVICE, wire.NotifyAck, flagged, DEVICE))
+        self.assertFalse(ack.flags & wire.NEED_NOTIFY_A)
