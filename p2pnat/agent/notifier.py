@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_relay_notify -*-
+# -*- test-case-name: tests.unit.test_relay_notify,tests.unit.test_agent_failover -*-
 """
 The device agent's UDP side: learn the access-check period, keep the NAT
 mapping open with notify B, refresh the last access with notify A, and
@@ -36,6 +36,58 @@ class SeenSessions:
         return True
 
 
+class Liveness:
+    """
+    When to check that the relay is alive, and when it is dead: the
+    schedule of L{Notifier}'s dead-relay detection, apart from its I/O.
+
+    After the relay's last answer (or our start with it), the first check
+    goes out once the relay has been quiet for C{quiet} seconds, then
+    L{RETRANSMITS} more spread over the remaining C{window}; with no answer
+    by C{dead_after} seconds, the relay is dead.  The window is a third of
+    C{dead_after}, at most L{MAX_WINDOW} seconds: time enough for a lost
+    datagram to be sent again, while a longer C{dead_after} buys fewer
+    checks (one per C{quiet} seconds of silence) rather than a longer wait.
+    Before the relay has told its period, only the deadline applies (the
+    period requests are the checks).
+    """
+
+    RETRANSMITS = 2
+    MAX_WINDOW = 10.0
+
+    def __init__(self, dead_after):
+        self.dead_after = float(dead_after)
+        self.window = min(self.dead_after / 3, self.MAX_WINDOW)
+        self.quiet = self.dead_after - self.window
+        self.last = 0.0
+        self.checks = 0
+
+    def restart(self, now):
+        """We start with a relay: as if it had just answered."""
+        self.heard(now)
+
+    def heard(self, now):
+        """The relay answered at C{now}."""
+        self.last = now
+        self.checks = 0
+
+    def next(self, running):
+        """
+        The next step and when it is due: ``("ack", at)`` (the first
+        check: a notify B asking for an ack), ``("ping", at)`` (a
+        retransmission) or ``("dead", at)``.  C{running}: the relay has
+        told its period (before that, only the deadline counts).
+        """
+        if not running or self.checks > self.RETRANSMITS:
+            return "dead", self.last + self.dead_after
+        at = self.last + self.quiet + self.checks * self.window / (self.RETRANSMITS + 1)
+        return ("ack" if self.checks == 0 else "ping"), at
+
+    def checked(self):
+        """A check was sent."""
+        self.checks += 1
+
+
 class Notifier:
     """
     The agent's relay-facing protocol logic (used as the handler of a
@@ -46,13 +98,29 @@ class Notifier:
     seconds and notify A at least three times per access-check period
     (and at once when the relay asks for one).
 
+    Dead-relay detection (with C{dead_after}): a relay that has not
+    answered for C{dead_after} seconds, retransmitted checks included, is
+    dead, and C{on_dead(relay_addr)} is called (by default the agent starts
+    over with the same address).  A relay that has told nothing for the
+    quiet time (L{Liveness}) is checked: the notify B due then goes out at
+    once with the frame flag L{wire.ACK_REQUESTED}, which the relay answers
+    with a NotifyAck, and then up to L{Liveness.RETRANSMITS} L{wire.Ping}s
+    (answered by relays of any version).  What counts as an answer: the
+    period, an ack of a notify sent to this relay, a pong to our ping.
+    Until the relay has told its period, the period requests are the
+    checks.
+
     @param on_connect: called with a verified L{wire.ConnectRequest}.
+    @param dead_after: seconds of silence, retransmitted checks included,
+        after which the relay counts as dead; None turns the detection off.
+    @param on_dead: called with the address of a relay found dead; it
+        calls L{switch} to report elsewhere.
     """
 
     log = Logger(namespace="p2pnat.agent")
 
     def __init__(self, device_id, mac_key, relay_addr, clock, b_interval=20.0,
-                 on_connect=None):
+                 on_connect=None, dead_after=None, on_dead=None):
         self.device_id = device_id
         self.mac_key = mac_key
         self.relay_addr = relay_addr
@@ -75,26 +143,56 @@ class Notifier:
         self._period_call = None
         self._a_loop = None
         self._b_loop = None
+        self.liveness = Liveness(dead_after) if dead_after is not None else None
+        self.on_dead = on_dead or (lambda relay_addr: self.switch(relay_addr, self.proto))
+        self._live_call = None
+        self._pinged = {}  # ping timestamp -> local send time
+        self._since = None  # our first notify stamp to this relay
 
     # -- timers ---------------------------------------------------------------
 
     def start(self, proto):
         """Begin talking to the relay through C{proto}."""
         self.proto = proto
+        if self.liveness is not None:
+            self.liveness.restart(self.clock.seconds())
+            self._arm(self.liveness.dead_after)  # for the first answer
         self._ask_period()
 
     def stop(self):
         for loop in (self._a_loop, self._b_loop):
             if loop is not None and loop.running:
                 loop.stop()
-        if self._period_call is not None and self._period_call.active():
-            self._period_call.cancel()
-        self._period_call = None
+        for call in (self._period_call, self._live_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._period_call = self._live_call = None
 
-    def _send(self, message, stamp=None):
+    def switch(self, relay_addr, proto):
+        """
+        Report to the relay at C{relay_addr} through C{proto} from now on,
+        as from a fresh start: learn its period and clock, then send it a
+        notify A at once (it owns the device's mapping from then on).
+        """
+        self.stop()
+        self.relay_addr = relay_addr
+        self.period = self.advised_b = self.public_addr = None
+        self._period_asked.clear()
+        self._pinged.clear()
+        self._retry = 1.0
+        self._since = None
+        # The new relay's timestamps follow its own clock, which may be
+        # behind the old one's: start its replay mark afresh.
+        self.replay.forget(self.device_id)
+        self.start(proto)
+
+    def _send(self, message, stamp=None, flags=0):
         """Send C{message} to the relay; False if it could not be sent."""
-        stamp = stamp or self.stamper()
-        data = wire.seal(message, self.device_id, self.mac_key, stamp)
+        if stamp is None:
+            stamp = self.stamper()
+            if self._since is None:
+                self._since = stamp
+        data = wire.seal(message, self.device_id, self.mac_key, stamp, flags)
         try:
             self.proto.send(data, self.relay_addr, type(message).__name__)
         except OSError as e:
@@ -105,21 +203,29 @@ class Notifier:
         return True
 
     def _ask_period(self):
-        self._period_call = None
-        try:
-            # A clock probe (we may not know the relay's clock yet): the
-            # relay answers each probe stamp at most once.  Remember the
-            # request before sending: the answer may come at once.
-            stamp = self.stamper.probe()
-            self._period_asked[stamp] = self.clock.seconds()
-            while len(self._period_asked) > 16:
-                del self._period_asked[next(iter(self._period_asked))]
-            if not self._send(wire.PeriodRequest(), stamp):
-                self.stamper.probe_unsent()
-        except Exception:
-            self.log.failure("period request failed")
+        # The next try is set before this one goes out: an answer that comes
+        # back at once (in-memory tests) must find it to cancel it.
         self._period_call = self.clock.callLater(self._retry, self._ask_period)
         self._retry = min(self._retry * 2, 30.0)
+        try:
+            # A clock probe: we may not know the relay's clock yet.
+            self._send_probe(wire.PeriodRequest(), self._period_asked, 16)
+        except Exception:
+            self.log.failure("period request failed")
+
+    def _send_probe(self, message, asked, limit):
+        """
+        Send the clock probe C{message} (answered at most once per stamp),
+        remembering its stamp and our send time in C{asked} (the latest
+        C{limit}) for the answer's echo.  Remembered before it is sent: the
+        answer may come at once.
+        """
+        stamp = self.stamper.probe()
+        asked[stamp] = self.clock.seconds()
+        while len(asked) > limit:
+            del asked[next(iter(asked))]
+        if not self._send(message, stamp):
+            self.stamper.probe_unsent()
 
     def _safely(self, what):
         def run():
@@ -139,8 +245,8 @@ class Notifier:
         self._mapped_a_at = self.clock.seconds() if mapped is not None else None
         self._send(wire.NotifyA(local=self._local(), mapped=mapped))
 
-    def notify_b(self):
-        self._send(wire.NotifyB(local=self._local(), mapped=self._mapped_told()))
+    def notify_b(self, flags=0):
+        self._send(wire.NotifyB(local=self._local(), mapped=self._mapped_told()), flags=flags)
 
     def _relay_takes_mapped(self):
         # Only a relay that said so: an older one drops a notify that tells it.
@@ -183,9 +289,71 @@ class Notifier:
         self._a_loop = LoopingCall(self._safely(self.notify_a))
         self._a_loop.clock = self.clock
         self._a_loop.start(self.a_interval, now=True)
-        self._b_loop = LoopingCall(self._safely(self.notify_b))
+        self._b_loop = LoopingCall(self._safely(self._b_tick))
         self._b_loop.clock = self.clock
         self._b_loop.start(self.b_interval, now=False)
+
+    # -- dead-relay detection ----------------------------------------------------
+
+    def _arm(self, delay):
+        if self._live_call is not None and self._live_call.active():
+            self._live_call.cancel()
+        self._live_call = self.clock.callLater(max(0.0, delay), self._live_tick)
+
+    def _live_tick(self):
+        self._live_call = None
+        try:
+            now = self.clock.seconds()
+            running = self.period is not None
+            action, at = self.liveness.next(running)
+            if at - now > 1e-6:
+                return self._arm(at - now)
+            if action == "dead":
+                return self.on_dead(self.relay_addr)
+            self.liveness.checked()
+            self._check(action)
+            self._arm(self.liveness.next(running)[1] - now)
+        except Exception:
+            self.log.failure("liveness check failed; will retry")
+            if self._live_call is None:
+                self._arm(1.0)
+
+    def _b_tick(self):
+        """
+        The periodic notify B.  It is the check too when one is due before
+        the next B would be half-way: so the checks replace notifies B
+        rather than come on top of them.
+        """
+        if self.liveness is not None:
+            now = self.clock.seconds()
+            action, at = self.liveness.next(True)
+            if action == "ack" and at - now <= self.b_interval / 2:
+                self.liveness.checked()
+                self.notify_b(wire.ACK_REQUESTED)
+                return self._arm(self.liveness.next(True)[1] - now)
+        self.notify_b()
+
+    def _check(self, action):
+        """Ask the relay for a sign of life: a notify B it acks, or a ping."""
+        if action == "ack":
+            self.notify_b(wire.ACK_REQUESTED)
+            if self._b_loop is not None and self._b_loop.running:
+                self._b_loop.reset()  # this was the notify B: the next one is due later
+            return
+        self._send_probe(wire.Ping(), self._pinged, 8)
+
+    def _heard(self):
+        """The current relay answered us."""
+        if self.liveness is not None:
+            self.liveness.heard(self.clock.seconds())
+
+    def _got_pong(self, message):
+        sent = self._pinged.pop(message.echo, None)
+        if sent is None:
+            return
+        self._pinged.clear()
+        self.stamper.sync(sent, self.clock.seconds(), message.server_time)
+        self._heard()
 
     # -- datagrams from the relay ----------------------------------------------
 
@@ -204,6 +372,8 @@ class Notifier:
             self._got_ack(message, addr)
         elif isinstance(message, wire.ConnectRequest):
             self._got_connect(message, addr)
+        elif isinstance(message, wire.Pong):
+            self._got_pong(message)
         return None
 
     def _got_period(self, message):
@@ -213,6 +383,7 @@ class Notifier:
             return
         self._period_asked.clear()
         self.stamper.sync(sent, self.clock.seconds(), message.server_time)
+        self._heard()
         first = self.period is None
         changed = message.period != self.period or message.notify_b_max != self.advised_b
         self.period = message.period
@@ -221,6 +392,9 @@ class Notifier:
             self._period_call.cancel()
         self._period_call = None
         self._retry = 1.0
+        if first and self.liveness is not None:
+            # From the deadline for a first answer to the quiet-time checks.
+            self._arm(self.liveness.next(True)[1] - self.clock.seconds())
         if first or changed:
             self.log.info(
                 "relay {relay} access-check period {period}s; notify A every {a:.0f}s,"
@@ -230,6 +404,10 @@ class Notifier:
 
     def _got_ack(self, message, addr):
         self.last_ack = self.clock.seconds()
+        # Stamps only increase: an ack of a notify sent before we moved to
+        # this relay came from the one before.
+        if self._since is not None and message.echo >= self._since:
+            self._heard()
         if message.observed != self.public_addr:
             self.log.info("public address is {addr}", addr=wire.format_addr(message.observed))
             self.public_addr = message.observed

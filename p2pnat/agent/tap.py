@@ -1,15 +1,20 @@
-# -*- test-case-name: tests.unit.test_taps -*-
+# -*- test-case-name: tests.unit.test_taps,tests.unit.test_agent_failover,tests.unit.test_agent_relays -*-
 """
 ``twistd device-agent``: keeps a device reachable through its relay.
 """
 
-import ipaddress
 import os
+import socket
 import stat
 
+from prometheus_client import Counter
 from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IResolutionReceiver
+from zope.interface import implementer
 
-from p2pnat.agent import portmap
+from p2pnat.agent import portmap, relays
 from p2pnat.agent.notifier import Notifier
 from p2pnat.agent.tunnel import AgentTunnel
 from p2pnat.daemon import config as C
@@ -22,10 +27,28 @@ from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import wire
 from p2pnat.protocol.tunnel import alpn_for as tunnel_alpn
 
+#: Bounds of agent.dead_after: room for a check and its retransmissions;
+#: a day at most.
+MIN_DEAD_AFTER, MAX_DEAD_AFTER = 5.0, 86400.0
+
+
+def _dead_after(value):
+    if not MIN_DEAD_AFTER <= value <= MAX_DEAD_AFTER:
+        raise ValueError(f"must be {MIN_DEAD_AFTER:.0f} to {MAX_DEAD_AFTER:.0f} seconds,"
+                         f" got {value!r}")
+
+
 SCHEMA = [
     C.Setting("agent.device_id", str, "", "this device's ID, as registered with the relay"),
-    C.Setting("agent.relay", str, "relay.localhost:7478", "the relay's UDP notify address",
-              C.hostport),
+    # A string or a list (the config's types have no "either"): the check says
+    # what is allowed.
+    C.Setting("agent.relay", object, "relay.localhost:7478",
+              'the relay\'s UDP notify address, "host:port" ("[ipv6]:port"), or a list of'
+              " relays to move along when one stops answering (a name may resolve to"
+              " several)", relays.check_relays),
+    C.Setting("agent.dead_after", float, 30.0,
+              "seconds without an answer (checks retransmitted) after which the relay counts"
+              " as dead and the agent moves to the next one", _dead_after),
     C.Setting("agent.relay_hostname", str, "",
               "name checked in the relay's TLS certificate (default: the host of agent.relay)"),
     C.Setting("agent.mac_key_file", str, "mac.key", "file holding the device's MAC key (hex)"),
@@ -43,7 +66,10 @@ SCHEMA = [
               "seconds an idle tunnel is kept open for the relay's later requests", C.positive),
     C.Setting("agent.notify_b_interval", float, 20.0,
               "seconds between notify B (keep it below the NAT's UDP timeout)", C.positive),
-    C.Setting("udp.listen", str, "0.0.0.0:0", "local UDP address for notifies", C.hostport),
+    C.Setting("udp.listen", object, "0.0.0.0:0",
+              "local UDP address for notifies, or a list with one per family (IPv4, IPv6);"
+              " a family not given is bound to its wildcard address when a relay needs it",
+              relays.check_listen),
     C.Setting("tls.fast_path", bool, True, fastio.SETTING_HELP),
 ] + portmap.SCHEMA + C.COMMON
 
@@ -105,22 +131,77 @@ def client_tls_options(config):
     except Exception:
         raise C.ConfigError(f"{where}: agent.cert_file/agent.key_file: not a matching PEM"
                             " certificate and key")
-    hostname = config["agent.relay_hostname"] or C.parse_hostport(config["agent.relay"])[0]
+    hostname = config["agent.relay_hostname"] or relays.parse_relays(config["agent.relay"])[0][0]
     return optionsForClientTLS(hostname, trustRoot=ca, clientCertificate=mine)
 
 
-#: Kept here too: tests and tools import it from the agent's tap.
+def resolve_all(reactor, name):
+    """
+    Every address, IPv4 and IPv6, that host C{name} resolves to (the
+    system's resolver, as Twisted's C{nameResolver} gives it).
 
+    @return: a Deferred list of IP literals, empty when it resolves to
+        nothing or not at all.
+    """
+    found = []
+    done = defer.Deferred()
+
+    @implementer(IResolutionReceiver)
+    class Receiver:
+        def resolutionBegan(self, resolution):
+            pass
+
+        def addressResolved(self, address):
+            found.append(address.host)
+
+        def resolutionComplete(self):
+            done.callback(found)
+
+    reactor.nameResolver.resolveHostName(Receiver(), name, 0, (IPv4Address, IPv6Address), "UDP")
+    return done
+
+
+def has_route(addr):
+    """
+    Whether this host has a route to C{addr} (an ``(ip, port)``): a UDP
+    socket's connect() asks the kernel and sends nothing.  A host with no
+    IPv6 route says no at once for an IPv6 relay.
+    """
+    family = socket.AF_INET6 if relays.family_of(addr[0]) == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+    except OSError:
+        return False
+    return True
 
 
 class AgentService(service.MultiService):
     """
-    The device agent: its notify socket and timers.
+    The device agent: its notify sockets (one per address family in use),
+    its timers, and the relay it reports to.
+
+    The relays of C{agent.relay} are tried in the order of
+    L{relays.RelayRing}; the agent reports to one at a time and moves to
+    the next when the L{Notifier} finds it dead, never back by itself.
+    Tunnels already open stay as they are.
+
+    Addresses this host has no route to (an IPv6 relay on a host without
+    IPv6) are passed over at once rather than after C{agent.dead_after}.
+
+    @param resolve: C{resolve(name)} returns a Deferred list of the IP
+        addresses of host C{name} (by default L{resolve_all}).
+    @param routable: C{routable((ip, port))}, whether there is a route to
+        that address (by default L{has_route}).
     """
 
     log = Logger(namespace="p2pnat.agent")
 
-    def __init__(self, config, mac_key, reactor, services=None, tls=None):
+    #: Seconds before trying again when no relay address could be used.
+    RETRY = 5.0
+
+    def __init__(self, config, mac_key, reactor, services=None, tls=None, resolve=None,
+                 routable=has_route):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -134,46 +215,137 @@ class AgentService(service.MultiService):
         self.max_tunnels = config["agent.max_tunnels"]
         self.tunnels = set()
         self.metrics = Metrics("device-agent")
-        self.relay_host, self.relay_port = C.parse_hostport(config["agent.relay"])
-        self.notifier = Notifier(config["agent.device_id"], mac_key, None, reactor,
-                                 config["agent.notify_b_interval"], self.connect_requested)
-        self.proto = ControlProtocol(self.notifier, reactor, self.metrics,
-                                     self.notifier.replay, name="agent.udp", stun_rate=0,
-                                     stamper=self.notifier.stamper)
-        host, port = C.parse_hostport(config["udp.listen"])
-        udp = UDPService(reactor, host, port, self.proto)
-        udp.setServiceParent(self)
+        self.relay_moves = Counter(
+            "p2pnat_agent_relay_moves", "moves to the next relay after one stopped answering",
+            registry=self.metrics.registry)
+        self.device_id = config["agent.device_id"]
+        self.ring = relays.RelayRing(relays.parse_relays(config["agent.relay"]))
+        self.resolve = resolve or (lambda name: resolve_all(reactor, name))
+        self.routable = routable
+        self._unroutable = set()  # addresses logged as having no route, until we report
+        self._waiting = False  # no address to report to was logged
+        self.notifier = Notifier(self.device_id, mac_key, None, reactor,
+                                 config["agent.notify_b_interval"], self.connect_requested,
+                                 config["agent.dead_after"], self.relay_dead)
+        #: Notify sockets (their protocols) and their UDPServices by address
+        #: family; the other family's are made when a relay of that family
+        #: comes first (L{_socket_for}).
+        self.sockets = {}
+        self.listeners = {}
+        self._listen = relays.parse_listen(config["udp.listen"])
+        for family, (host, port) in self._listen.items():
+            self._add_socket(family, host, port)
+        #: The socket of udp.listen's first address.
+        self.proto = self.sockets[next(iter(self._listen))]
         common_services(config, self.metrics, reactor, self)
-        self.port_mapping = portmap.add_port_mapping(config, reactor, udp, self.notifier, self)
+        self.port_mapping = portmap.add_port_mapping(
+            config, reactor, self.listeners[next(iter(self._listen))], self.notifier, self)
         self._resolving = None
+        self._reporting = False
+        self._dead = None  # the relay found dead, until we report elsewhere
+
+    def _add_socket(self, family, host, port):
+        proto = ControlProtocol(self.notifier, self.reactor, self.metrics,
+                                self.notifier.replay, name=f"agent.udp{'6' if family == 6 else ''}",
+                                stun_rate=0, stamper=self.notifier.stamper)
+        listener = UDPService(self.reactor, host, port, proto)
+        try:
+            listener.setServiceParent(self)  # started at once when we run already
+        except Exception:
+            listener.disownServiceParent()
+            raise
+        self.sockets[family] = proto
+        self.listeners[family] = listener
+        return proto
+
+    def _socket_for(self, family):
+        """Our notify socket of C{family}, bound now if need be; None if it cannot be."""
+        proto = self.sockets.get(family)
+        if proto is not None:
+            return proto
+        host = relays.WILDCARD[family]
+        try:
+            return self._add_socket(family, host, 0)
+        except Exception as e:
+            self.log.warn("cannot open an IPv{family} notify socket on {host}: {error}",
+                          family=family, host=host, error=e)
+            return None
 
     def startService(self):
         super().startService()
         self._resolve()
 
     def _resolve(self):
+        """Resolve the relays' names (if any), then report to the current relay."""
         self._resolving = None
-        try:
-            ipaddress.ip_address(self.relay_host)
-        except ValueError:
-            d = self.reactor.resolve(self.relay_host)
-            d.addCallbacks(self._resolved, self._resolve_failed)
-        else:
-            self._resolved(self.relay_host)
+        names = self.ring.names
+        d = defer.gatherResults([
+            defer.maybeDeferred(self.resolve, name).addErrback(lambda failure: [])
+            for name in names])
+        d.addCallback(lambda found: self._resolved(dict(zip(names, found))))
+        d.addErrback(lambda failure: self.log.failure("resolving relays failed", failure))
 
-    def _resolved(self, ip):
+    def _resolved(self, resolved=None):
+        """
+        Report to the current relay, or the first after it that we can
+        use; with C{resolved} (name -> addresses), with those addresses.
+        """
         if not self.running:
             return
-        self.notifier.relay_addr = (ip, self.relay_port)
-        self.log.info("device {device_id} reporting to relay {host}:{port}",
-                      device_id=self.config["agent.device_id"], host=ip, port=self.relay_port)
-        self.notifier.start(self.proto)
+        if resolved is not None:
+            for name in self.ring.names:
+                if not resolved.get(name):
+                    self.log.warn("cannot resolve relay {host}", host=name)
+            self.ring.reload(resolved)
+        # Past the addresses we have no route or socket for; once round at most.
+        for _ in range(len(self.ring.addresses)):
+            addr = self.ring.current
+            if not self.routable(addr):
+                if addr not in self._unroutable:
+                    self._unroutable.add(addr)
+                    self.log.info("no route to relay {relay}; trying the next",
+                                  relay=wire.format_addr(addr))
+            else:
+                proto = self._socket_for(relays.family_of(addr[0]))
+                if proto is not None:
+                    self._unroutable.clear()
+                    self._waiting = False
+                    return self._report_to(addr, proto)
+            self.ring.advance()
+        if not self._waiting:
+            # Once until it reports again: the network may be down for hours.
+            self._waiting = True
+            self.log.warn("no relay address to report to; trying again every {secs:.0f}s",
+                          secs=self.RETRY)
+        self._resolving = self.reactor.callLater(self.RETRY, self._resolve)
 
-    def _resolve_failed(self, failure):
-        self.log.warn("cannot resolve relay {host}: {error}; retrying in 5s",
-                      host=self.relay_host, error=failure.getErrorMessage())
-        if self.running:
-            self._resolving = self.reactor.callLater(5, self._resolve)
+    def _report_to(self, addr, proto):
+        dead, self._dead = self._dead, None
+        if not self._reporting:
+            self._reporting = True
+            self.log.info("device {device_id} reporting to relay {relay}",
+                          device_id=self.device_id, relay=wire.format_addr(addr))
+            # As a fresh start also after a restart of the service.
+            self.notifier.switch(addr, proto)
+            return
+        self.relay_moves.inc()
+        self.log.warn("relay {old_relay} did not answer for {secs:.0f}s; device {device_id}"
+                      " now reporting to relay {new_relay}", old_relay=wire.format_addr(dead),
+                      new_relay=wire.format_addr(addr), secs=self.notifier.liveness.dead_after,
+                      device_id=self.device_id)
+        self.notifier.switch(addr, proto)
+
+    def relay_dead(self, addr):
+        """
+        The L{Notifier} found the relay at C{addr} dead: report to the next
+        one (after resolving the names again when the list starts over).
+        """
+        self.notifier.stop()
+        self._dead = addr
+        if self.ring.advance() and self.ring.names:
+            self._resolve()
+        else:
+            self._resolved()
 
     def connect_requested(self, request, addr):
         """Open the TLS tunnel a verified connect request asks for."""
@@ -181,7 +353,10 @@ class AgentService(service.MultiService):
             self.log.warn("{n} tunnels open already; ignoring a connect request",
                           n=len(self.tunnels))
             return
-        host = request.tunnel_host or self.notifier.relay_addr[0]
+        # The relay that sent it waits for the tunnel: normally the current
+        # one, or one we left that still had the device's mapping.
+        relay = self.notifier.relay_addr
+        host = request.tunnel_host or (relay[0] if addr == relay else addr[0])
         endpoint = fastio.wrap_client(
             self.tls, client_endpoint(self.reactor, host, request.tunnel_port),
             self.tls_sessions, alpn=[tunnel_alpn(request.session_id)])
@@ -207,6 +382,7 @@ class AgentService(service.MultiService):
 
     def stopService(self):
         self.notifier.stop()
+        self._reporting, self._dead = False, None
         for tun in list(self.tunnels):
             if tun.transport is not None:
                 tun.transport.abortConnection()

@@ -337,6 +337,11 @@ NEED_NOTIFY_A = 0x01
 #: NotifyAck flag: the relay takes a notify's L{Notify.mapped} address.
 TAKES_MAPPED = 0x02
 
+#: Frame flag (the header's flags byte) on a notify B: answer it with a
+#: NotifyAck even if nothing changed.  A device asks now and then to learn
+#: that its relay is still alive; relays that predate it ignore the flag.
+ACK_REQUESTED = 0x01
+
 
 @dataclass
 class NotifyAck(Message):

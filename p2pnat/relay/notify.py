@@ -88,8 +88,10 @@ class NotifyHandler:
             # outgoing packet refreshes.  It is answered only when the
             # device must act (send a notify A now) or learn its new public
             # address: at 100 000 devices, an ack for every B was a third
-            # of the relay's CPU (bench/notify_scale.py).
-            if flags & wire.NEED_NOTIFY_A or changed:
+            # of the relay's CPU (bench/notify_scale.py).  Or when the
+            # device asks (wire.ACK_REQUESTED): it checks that we are alive
+            # after a quiet spell, at most once per its notify B.
+            if flags & wire.NEED_NOTIFY_A or changed or frame.flags & wire.ACK_REQUESTED:
                 return wire.NotifyAck(frame.timestamp, addr, flags)
             return None
         if isinstance(message, wire.PeriodRequest):
