@@ -52,15 +52,17 @@ def parse_address(text, what="address"):
 
     @raise ValueError: naming C{text} and what is wrong with it.
     """
+    if isinstance(text, str):
+        # Said in the agent's words before parse_hostport's general ones.
+        if not text.startswith("[") and text.count(":") > 1:
+            # "2001:db8::1:7478" reads as an address with or without a port.
+            raise ValueError(f"{text!r}: write an IPv6 {what} as [address]:port")
+        if text.startswith("[") and ":" not in text[1:].partition("]")[0]:
+            raise ValueError(f"{text!r}: brackets are for IPv6 addresses only")
     host, port = C.parse_hostport(text)
-    if ":" in host and not text.startswith("["):
-        # "2001:db8::1:7478" reads as an address with or without a port.
-        raise ValueError(f"{text!r}: write an IPv6 {what} as [address]:port")
     if not 1 <= port <= 65535:
         raise ValueError(f"{text!r}: port must be 1-65535")
     literal = ip_literal(host)
-    if text.startswith("[") and ":" not in host:
-        raise ValueError(f"{text!r}: brackets are for IPv6 addresses only")
     if literal is None:
         name = host[:-1] if host.endswith(".") else host
         if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):

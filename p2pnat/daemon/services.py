@@ -13,6 +13,7 @@ from twisted.application import service
 from twisted.application.internet import TimerService
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorSocket
 from twisted.python import usage
 
 from p2pnat.daemon import config as _config
@@ -241,8 +242,10 @@ class UDPService(_Listener):
     receive_buffer = 4 * 1024 * 1024
 
     def _listen(self):
-        if ":" in self.host:
-            # IPv6 only (see bound_socket): listenUDP cannot say so.
+        if ":" in self.host and IReactorSocket.providedBy(self.reactor):
+            # IPv6 only (see bound_socket): listenUDP cannot say so.  A
+            # reactor that cannot adopt sockets (a simulated network) has no
+            # IPv4-mapped addresses to keep apart anyway.
             sock = bound_socket(self.host, self.portnum)
             try:
                 self.port = self.reactor.adoptDatagramPort(sock.fileno(), sock.family,

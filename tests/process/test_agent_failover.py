@@ -58,7 +58,7 @@ class AgentFailoverTests(DaemonTestCase):
                            "--relay-state-dir", state, "--udp-listen", udp,
                            "--terminal-https", "", "--terminal-http",
                            "tcp:0:interface=127.0.0.1", "--tunnel-listen", tunnel)
-        m = relay.wait_for(r"notifies on (\S+):(\d+); terminals on http port (\d+)")
+        m = relay.wait_for(r"notifies on \[?([^\s\]]+)\]?:(\d+); terminals on http port (\d+)")
         return relay, (m.group(1), int(m.group(2))), int(m.group(3))
 
     def get(self, http_port):

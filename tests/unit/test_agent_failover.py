@@ -341,7 +341,9 @@ class AgentServiceTests(SynchronousTestCase):
     def agent(self, relay="relays.test:7478"):
         config = C.load(None, tap.SCHEMA, {
             "agent.device_id": "dev-1", "agent.relay": relay,
-            "udp.listen": "192.168.1.10:0", "metrics.listen": "", "log.json": ""})
+            "udp.listen": "192.168.1.10:0", "metrics.listen": "", "log.json": "",
+            # No gateway on this simulated network (tests.unit.test_agent_portmap).
+            "agent.port_mapping": False})
         svc = tap.AgentService(config, KEY, self.net, services={}, tls=object(),
                                resolve=self.resolve, routable=lambda addr: addr not in self.no_route)
         svc.startService()
