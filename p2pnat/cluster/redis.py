@@ -48,8 +48,7 @@ from p2pnat.cluster.state import (
     Signer,
     cluster_keys,
 )
-from p2pnat.daemon.logs import Logger
-from p2pnat.relay.limits import Throttle
+from p2pnat.daemon.logs import Logger, Throttle
 
 PREFIX = "p2pnat:"
 REGISTRY = PREFIX + "registry"

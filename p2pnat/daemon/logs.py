@@ -84,4 +84,34 @@ def redact(secret, keep=4):
     return f"{secret[:keep]}…"
 
 
-__all__ = ["Logger", "set_level", "json", "add_json_file", "redact", "FilteringLogObserver"]
+class Throttle:
+    """
+    At most one log line per key every C{interval} seconds: L{__call__}
+    answers whether to log now, and how many were held back since the
+    last line.  What keeps a flood of bad input from flooding the logs.
+    """
+
+    def __init__(self, clock, interval=10.0, max_keys=64):
+        self.clock = clock
+        self.interval = interval
+        self.max_keys = max_keys
+        self._last = {}  # key -> [time of the last line, held back since]
+
+    def __call__(self, key):
+        """
+        @return: None (do not log), or the number held back since the last
+            line of C{key}.
+        """
+        now = self.clock.seconds()
+        entry = self._last.get(key)
+        if entry is not None and now - entry[0] < self.interval:
+            entry[1] += 1
+            return None
+        if entry is None and len(self._last) >= self.max_keys:
+            self._last.clear()  # bounded: keys are few (kind x reason) anyway
+        held = entry[1] if entry is not None else 0
+        self._last[key] = [now, 0]
+        return held
+
+
+__all__ = ["Throttle", "Logger", "set_level", "json", "add_json_file", "redact", "FilteringLogObserver"]

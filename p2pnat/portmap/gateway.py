@@ -20,10 +20,9 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 
-from p2pnat.daemon.logs import Logger
+from p2pnat.daemon.logs import Logger, Throttle
 from p2pnat.portmap.common import Attempt, Mapping
 from p2pnat.protocol import portmap as wire
-from p2pnat.relay.limits import Throttle
 
 #: What an exchange fires with when it ends without an accepted answer.
 NO_ANSWER = "no-answer"

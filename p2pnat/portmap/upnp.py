@@ -27,11 +27,10 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from p2pnat.daemon.logs import Logger
+from p2pnat.daemon.logs import Logger, Throttle
 from p2pnat.portmap.common import DESCRIPTION, Attempt, Mapping
 from p2pnat.portmap.gateway import Asking
 from p2pnat.protocol import portmap as wire
-from p2pnat.relay.limits import Throttle
 
 #: Threads in our pool: one mapping and one deletion or probe at a time.
 POOL_THREADS = 2

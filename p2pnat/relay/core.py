@@ -14,13 +14,13 @@ from zope.interface import Attribute, Interface, implementer
 
 from p2pnat.cluster.embedded import EmbeddedState
 from p2pnat.cluster.state import ClusterUnavailable
-from p2pnat.daemon.logs import Logger, redact
+from p2pnat.daemon.logs import Logger, Throttle, redact
 from p2pnat.deployment.registry import device_id_problem, verify_stored
 from p2pnat.protocol import wire
 from p2pnat.relay import access
 from p2pnat.relay.credentials import CredentialChecker, CredentialLimits, source_of
 from p2pnat.relay.devices import NEVER_SEEN, STALE, Refusal
-from p2pnat.relay.limits import StreamShares, Throttle, TooManyStreams
+from p2pnat.relay.limits import StreamShares, TooManyStreams
 from p2pnat.relay.sessions import SessionTable, TooBusy
 
 __all__ = ["IRelay", "Relay", "Timeouts", "TooBusy", "TunnelRequest", "Unreachable",

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import fail, succeed
 
-from p2pnat.daemon.logs import Logger
-from p2pnat.relay.limits import Throttle, source_of_host
+from p2pnat.daemon.logs import Logger, Throttle
+from p2pnat.net.sources import source_of_host
 
 __all__ = ["CheckerBusy", "CredentialChecker", "CredentialLimits", "GuessLimiter",
            "NotChecked", "TooManyGuesses", "source_of"]

@@ -30,7 +30,7 @@ call it once per connection or per stream event, never per byte.
 
 from dataclasses import dataclass
 
-from p2pnat.daemon.logs import Logger
+from p2pnat.daemon.logs import Logger, Throttle  # noqa: F401 (Throttle re-exported)
 from p2pnat.net.sources import source_of_host  # noqa: F401 (re-exported)
 from p2pnat.relay.sessions import TooBusy
 
@@ -97,36 +97,6 @@ def size(nofile, max_connections=0, tunnel_share=0.5, terminals_per_source=256,
     total = room if max_connections == 0 or clamped else max_connections
     reserve = min(total - 1, int(total * tunnel_share))
     return Sizes(total, reserve, terminals_per_source, tunnels_per_source), clamped
-
-
-class Throttle:
-    """
-    At most one log line per key every C{interval} seconds: L{__call__}
-    answers whether to log now, and how many were held back since the
-    last line.
-    """
-
-    def __init__(self, clock, interval=LOG_INTERVAL, max_keys=64):
-        self.clock = clock
-        self.interval = interval
-        self.max_keys = max_keys
-        self._last = {}  # key -> [time of the last line, held back since]
-
-    def __call__(self, key):
-        """
-        @return: None (do not log), or the number held back since the last
-            line of C{key}.
-        """
-        now = self.clock.seconds()
-        entry = self._last.get(key)
-        if entry is not None and now - entry[0] < self.interval:
-            entry[1] += 1
-            return None
-        if entry is None and len(self._last) >= self.max_keys:
-            self._last.clear()  # bounded: keys are few (kind x reason) anyway
-        held = entry[1] if entry is not None else 0
-        self._last[key] = [now, 0]
-        return held
 
 
 class Slot:

@@ -5,9 +5,8 @@ notify A and notify B; the relay answers and later sends connect requests
 from the same socket.
 """
 
-from p2pnat.daemon.logs import Logger
+from p2pnat.daemon.logs import Logger, Throttle
 from p2pnat.protocol import wire
-from p2pnat.relay.limits import Throttle
 
 _DEVICE_TYPES = frozenset({wire.Ping.TYPE, wire.PeriodRequest.TYPE, wire.NotifyA.TYPE,
                            wire.NotifyB.TYPE})
