@@ -154,9 +154,9 @@ def read_single(config, now):
     try:
         with open(os.path.join(state_dir, STATS_FILE)) as f:
             s = NodeStats.from_json(f.read())
-        if s is not None:
-            stats[node] = s
+        if s is not None:  # the node's name as the relay knows it
             node = s.node
+            stats[node] = s
     except OSError:
         pass
     entries = [LiveEntry(e.device_id, node, e.host, e.port, e.last_access) for e in entries]
