@@ -600,6 +600,10 @@ class RelayService(service.MultiService):
                                 if port),
             tunnel=self.relay.tunnel_port)
         self.relay.warn_unreachable_ids()
+        if self.admin is not None:
+            hosts = [port.getHost() for port in self.admin.ports]
+            self.log.info("admin page on {addr} (https)", addr=", ".join(
+                wire.format_addr((h.host, h.port)) for h in hosts))
         sizes = self.limits.sizes
         self.log.info(
             "open-file limit {nofile}: at most {total} connections, {terminals} of them"
