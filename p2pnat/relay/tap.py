@@ -417,9 +417,9 @@ class RelayService(service.MultiService):
             return None
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
+        from p2pnat.deployment.registry import verify_stored
         from p2pnat.relay.admin.auth import AdminSessions
         from p2pnat.relay.admin.web import AdminResource, AdminSite, RelayView
-        from p2pnat.deployment.registry import verify_stored
         from p2pnat.relay.credentials import CredentialChecker
 
         path = config.path_of("admin.credential_file")

@@ -133,6 +133,7 @@ class PageTests(SynchronousTestCase):
         # Over the limit: refused before any hashing, the right password too.
         response, body = self.request("POST", "/login", {"password": PASSWORD}, ORIGIN)
         self.assertEqual(response.code, 429)
+        self.assertIn(b"Too many attempts", body)
         self.assertEqual(response.headers.getRawHeaders("retry-after"), ["30"])
         self.assertEqual(len(self.sessions), 0)
         self.clock.advance(30)

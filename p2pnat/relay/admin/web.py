@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from p2pnat.cluster.state import ClusterUnavailable
+from p2pnat.cluster.state import ClusterUnavailable, NodeInfo
 from p2pnat.cluster.stats import read_stats
 from p2pnat.daemon.logs import Logger, Throttle
 from p2pnat.relay.admin import view
@@ -68,13 +68,10 @@ class RelayView:
                        " devices and traffic are shown.")
             nodes, entries, stats = [], s.own_live(), {}
         stats[cluster.node] = here
+        # This node as it is now (Redis may not list it at the moment).
         host, port = s.tunnel_address()
-        if not any(n.name == cluster.node for n in nodes):
-            # A single node, or one that Redis does not list (now).
-            from p2pnat.cluster.state import NodeInfo
-
-            nodes = [NodeInfo(cluster.node, tuple(cluster.addresses), host, port,
-                              now if cluster.shared else 0.0)] + list(nodes)
+        nodes = [NodeInfo(cluster.node, tuple(cluster.addresses), host, port, now)] + [
+            n for n in nodes if n.name != cluster.node]
         owned = {}
         for e in entries:
             owned[e.node] = owned.get(e.node, 0) + 1
