@@ -24,8 +24,11 @@ from p2pnat.cli import CommandError
 __all__ = ["Snapshot", "read_cluster", "read_single", "summarize", "format_text",
            "add_parser"]
 
-#: Lobby nodes' hash (the lobby cluster's), node name -> JSON with "clients", "seen".
+#: The lobby cluster's keys: a set of its nodes' names, each node's set of
+#: registered client IDs, and each logged-in client's node (with expiry).
 LOBBY_NODES = "p2pnat:lobby:nodes"
+LOBBY_CLIENTS = "p2pnat:lobby:clients:"
+LOBBY_PRESENCE = "p2pnat:lobby:presence:"
 #: Seconds the command waits for Redis in all.
 TIMEOUT = 5.0
 #: Live entries read at most (a status command, not an export).
@@ -37,8 +40,8 @@ class Snapshot:
     """
     What was read, before it is summarized: C{nodes} (name -> L{NodeInfo}),
     C{entries} (L{LiveEntry} list), C{stats} (name -> L{NodeStats}),
-    C{lobby} (name -> dict), C{redis} (health, or None on a single node),
-    C{registered} (active devices in the registry, or None if unknown).
+    C{lobby} (lobby node name -> its clients ``registered`` and ``online``),
+    C{redis} (health, or None on a single node), C{registered} (devices in the registry, revoked ones included).
     """
 
     mode: str
@@ -62,14 +65,27 @@ def parse_info(text):
     return info
 
 
-def _lobby_nodes(found):
+async def _scan(command, prefix):
+    """C{(key, value)} of every string key under C{prefix}, in pages (at most L{MAX_ENTRIES})."""
+    found, cursor = [], "0"
+    while True:
+        cursor, keys = await command("SCAN", cursor, "MATCH", prefix + "*", "COUNT", 1000)
+        values = await command("MGET", *keys) if keys else []
+        found += [(key, value) for key, value in zip(keys, values) if value]
+        if str(cursor) == "0" or len(found) >= MAX_ENTRIES:
+            return found
+
+
+async def _lobby(command):
+    """Lobby node name -> {"registered": clients in its registry, "online": logged in}."""
+    if await command("TYPE", LOBBY_NODES) != "set":
+        return {}
     nodes = {}
-    for name, text in found.items():
-        try:
-            v = json.loads(text)
-        except (TypeError, ValueError):
-            v = None
-        nodes[str(name)] = v if isinstance(v, dict) else {}
+    for name in sorted(await command("SMEMBERS", LOBBY_NODES) or []):
+        nodes[name] = {"registered": int(await command("SCARD", LOBBY_CLIENTS + name)),
+                       "online": 0}
+    for _, node in await _scan(command, LOBBY_PRESENCE):
+        nodes.setdefault(node, {"registered": 0, "online": 0})["online"] += 1
     return nodes
 
 
@@ -94,28 +110,15 @@ async def read_cluster(command, seconds, url, period=300.0):
         n = NodeInfo.from_json(name, text)
         if n is not None:
             nodes[name] = n
-    entries, cursor, prefix = [], "0", live_key("")
-    while True:
-        cursor, keys = await command("SCAN", cursor, "MATCH", live_key("*"), "COUNT", 1000)
-        values = await command("MGET", *keys) if keys else []
-        for key, text in zip(keys, values):
-            e = text and LiveEntry.from_json(key[len(prefix):], text)
-            if e:
-                entries.append(e)
-        if str(cursor) == "0" or len(entries) >= MAX_ENTRIES:
-            break
-    registered = 0
-    for text in pairs(await command("HGETALL", REGISTRY)).values():
-        try:
-            registered += json.loads(text).get("revoked") is None
-        except (TypeError, ValueError, AttributeError):
-            pass
+    prefix = live_key("")
+    entries = [e for e in (LiveEntry.from_json(key[len(prefix):], text)
+                           for key, text in await _scan(command, prefix)) if e is not None]
+    registered = int(await command("HLEN", REGISTRY))
     health = {"reachable": True, "version": info.get("redis_version"),
               "memory_used": info.get("used_memory_human"),
               "aof": info.get("aof_enabled") == "1", "rtt_ms": round(rtt * 1000, 2)}
     return Snapshot("cluster", nodes, entries, await read_stats(command),
-                    _lobby_nodes(pairs(await command("HGETALL", LOBBY_NODES))), health,
-                    registered, period, _display_url(url))
+                    await _lobby(command), health, registered, period, _display_url(url))
 
 
 def _display_url(url):
@@ -163,7 +166,7 @@ def read_single(config, now):
     info = NodeInfo(node, tuple(config["cluster.addresses"] or config["udp.listen"]), "", 0,
                     stats[node].at if node in stats else 0.0)
     return Snapshot("single", {node: info}, entries, stats, {}, None,
-                    sum(1 for r in records if r.active), period, state_dir)
+                    len(records), period, state_dir)
 
 
 def summarize(snap, now, devices=False):
@@ -200,8 +203,8 @@ def summarize(snap, now, devices=False):
                 "nat_address": f"[{e.host}]:{e.port}" if ":" in e.host else f"{e.host}:{e.port}",
                 "stale": e.stale(now, snap.period)} for e in owned.get(name, [])]
         nodes.append(row)
-    lobby = [{"name": name, "clients": v.get("clients"), "seen": v.get("seen")}
-             for name, v in sorted(snap.lobby.items())]
+    lobby = [{"name": name, "clients_online": v["online"],
+              "clients_registered": v["registered"]} for name, v in sorted(snap.lobby.items())]
     alive = [n for n in nodes if n["alive"]]
     return {
         "mode": snap.mode, "where": snap.where, "time": now, "nodes": nodes,
@@ -234,8 +237,8 @@ def format_text(status):
         out.append(f"redis: reachable, version {r['version']}, {r['memory_used']} used,"
                    f" AOF {'on' if r['aof'] else 'OFF (a restart loses the registry)'},"
                    f" round trip {r['rtt_ms']} ms")
-    out.append(f"devices: {status['devices_registered']} registered,"
-               f" {status['devices_live']} live")
+    out.append(f"devices: {status['devices_registered']} in the registry (revoked ones"
+               f" included), {status['devices_live']} live")
     s = status["sessions"]
     out.append(f"traffic (nodes alive): {s['sessions']} sessions waiting, {s['tunnels']}"
                f" tunnels ({s['streams']} carrying streams), {s['terminals']} terminals;"
@@ -262,8 +265,8 @@ def format_text(status):
         if not status["lobby_nodes"]:
             out.append("lobby: no lobby nodes")
         for lob in status["lobby_nodes"]:
-            clients = "?" if lob["clients"] is None else lob["clients"]
-            out.append(f"lobby node {lob['name']}: {clients} clients")
+            out.append(f"lobby node {lob['name']}: {lob['clients_online']} clients logged in"
+                       f" ({lob['clients_registered']} registered)")
     return out
 
 

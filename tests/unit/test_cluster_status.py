@@ -34,6 +34,7 @@ class FakeRedis:
     def __init__(self):
         self.strings = {}
         self.hashes = {}
+        self.sets = {}
 
     def command(self, *args):
         name, rest = args[0], args[1:]
@@ -47,10 +48,19 @@ class FakeRedis:
             for k, v in self.hashes.get(rest[0], {}).items():
                 flat += [k, v]
             return succeed(flat)
+        if name == "TYPE":
+            return succeed("set" if rest[0] in self.sets else
+                           "hash" if rest[0] in self.hashes else "none")
+        if name == "SMEMBERS":
+            return succeed(sorted(self.sets.get(rest[0], ())))
+        if name == "SCARD":
+            return succeed(len(self.sets.get(rest[0], ())))
         if name == "SCAN":  # two pages, to walk the cursor
-            keys = sorted(k for k in self.strings if k.startswith(live_key("")))
+            keys = sorted(k for k in self.strings if k.startswith(rest[2][:-1]))
             half = len(keys) // 2
             return succeed(["7", keys[:half]] if rest[0] == "0" else ["0", keys[half:]])
+        if name == "HLEN":
+            return succeed(len(self.hashes.get(rest[0], {})))
         if name == "MGET":
             return succeed([self.strings.get(k) for k in rest])
         raise AssertionError(f"unexpected command {args!r}")
@@ -93,7 +103,7 @@ class ClusterStatusTests(SynchronousTestCase):
         self.assertEqual(s["nodes"][0]["addresses"], ["192.0.2.1:7478"])
         self.assertEqual(s["nodes"][0]["tunnels_to"], "192.0.2.1:7443")
         self.assertEqual(s["nodes_alive"], 1)
-        self.assertEqual((s["devices_registered"], s["devices_live"]), (2, 3))
+        self.assertEqual((s["devices_registered"], s["devices_live"]), (4, 3))
 
     def test_sessions_of_live_nodes_only(self):
         s = self.status()
@@ -130,14 +140,24 @@ class ClusterStatusTests(SynchronousTestCase):
 
     def test_lobby_nodes(self):
         r = cluster_redis()
-        r.hashes[status_cli.LOBBY_NODES] = {"l1": json.dumps({"clients": 12, "seen": NOW}),
-                                            "l2": "???"}
+        r.sets[status_cli.LOBBY_NODES] = {"l1", "l2"}
+        r.sets[status_cli.LOBBY_CLIENTS + "l1"] = {"alice", "bob", "carol"}
+        r.sets[status_cli.LOBBY_CLIENTS + "l2"] = {"dave"}
+        r.strings[status_cli.LOBBY_PRESENCE + "alice"] = "l1"
+        r.strings[status_cli.LOBBY_PRESENCE + "bob"] = "l1"
+        r.strings[status_cli.LOBBY_PRESENCE + "dave"] = "l2"
         s = self.status(r)
-        self.assertEqual(s["lobby_nodes"], [{"name": "l1", "clients": 12, "seen": NOW},
-                                            {"name": "l2", "clients": None, "seen": None}])
+        self.assertEqual(s["lobby_nodes"], [
+            {"name": "l1", "clients_online": 2, "clients_registered": 3},
+            {"name": "l2", "clients_online": 1, "clients_registered": 1}])
+        self.assertEqual(s["devices_live"], 3, "lobby keys are not live entries")
         text = "\n".join(status_cli.format_text(s))
-        self.assertIn("lobby node l1: 12 clients", text)
-        self.assertIn("lobby node l2: ? clients", text)
+        self.assertIn("lobby node l1: 2 clients logged in (3 registered)", text)
+
+    def test_lobby_key_of_another_kind(self):
+        r = cluster_redis()
+        r.hashes[status_cli.LOBBY_NODES] = {"l1": "?"}
+        self.assertEqual(self.status(r)["lobby_nodes"], [])
 
     def test_empty_cluster(self):
         s = self.status(FakeRedis())
