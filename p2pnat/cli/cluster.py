@@ -41,7 +41,8 @@ class Snapshot:
     What was read, before it is summarized: C{nodes} (name -> L{NodeInfo}),
     C{entries} (L{LiveEntry} list), C{stats} (name -> L{NodeStats}),
     C{lobby} (lobby node name -> its clients ``registered`` and ``online``),
-    C{redis} (health, or None on a single node), C{registered} (devices in the registry, revoked ones included).
+    C{redis} (health, or None on a single node), C{registered} (devices in
+    the registry, revoked ones included).
     """
 
     mode: str
