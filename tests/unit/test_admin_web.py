@@ -243,3 +243,41 @@ class ServiceTests(SynchronousTestCase):
                               "admin.credential_file": path})
         self.assertIs(svc.admin.parent, svc)
         self.assertEqual(svc.admin.description, "tcp:9443:interface=127.0.0.1")
+
+
+class BodyLimitTests(SynchronousTestCase):
+    """A request body over MAX_BODY closes the connection before it is read whole."""
+
+    def connect(self):
+        from twisted.internet.testing import StringTransport
+
+        from p2pnat.relay.admin.web import AdminSite
+
+        relay = FakeRelay()
+        clock = Clock()
+        page = AdminResource(relay, AdminSessions(clock), CredentialChecker(
+            clock, synchronous, verify_stored), HASH)
+        channel = AdminSite(page).buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        return channel, transport
+
+    def post(self, size, sent):
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /login HTTP/1.1\r\nHost: relay.test:9443\r\n"
+                             b"Origin: https://relay.test:9443\r\n"
+                             b"Content-Type: application/x-www-form-urlencoded\r\n"
+                             + f"Content-Length: {size}\r\n\r\n".encode() + b"p" * sent)
+        return transport
+
+    def test_over_the_limit(self):
+        from p2pnat.relay.admin.web import MAX_BODY
+
+        transport = self.post(MAX_BODY * 4, MAX_BODY + 1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"", "nothing answered")
+
+    def test_within_the_limit(self):
+        transport = self.post(10, 10)
+        self.assertIn(b"HTTP/1.1 401", transport.value())
