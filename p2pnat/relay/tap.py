@@ -474,11 +474,15 @@ class RelayService(service.MultiService):
         return host or self.hostname, self.relay.tunnel_port
 
     def own_live(self):
-        """The L{LiveEntry} of every device live on this node (its notifies reach it)."""
+        """
+        The L{LiveEntry} of every device live on this node (its notifies
+        reach it; a revoked device is live nowhere).
+        """
         now = self.reactor.seconds()
         return [LiveEntry(d.id, self.cluster.node, d.addr[0], d.addr[1], d.last_access)
                 for d in self.table if d.addr is not None and d.socket is not None
-                and d.last_access is not None and now - d.last_access <= self.table.period]
+                and not d.revoked and d.last_access is not None
+                and now - d.last_access <= self.table.period]
 
     def _live(self, state, kind, now):
         self.cluster.notified(state.id, kind, state.addr, state.last_access, now)

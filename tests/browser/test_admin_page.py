@@ -101,7 +101,10 @@ class AdminPageTests(AdminTestCase):
         self.wait_for("#confirm").click()
         self.wait_for("#notice")
         self.assertEqual(self.find("#notice").text, "Device cam revoked.")
-        self.assertIn("revoked", self.find('tr[data-device="cam"]').text)
+        cells = [td.text for td in self.find('tr[data-device="cam"]').find_elements(
+            "tag name", "td")]
+        self.assertEqual((cells[1], cells[2], cells[3]), ("revoked", "\u2014", "\u2014"),
+                         "a revoked device is live on no node")
         self.assertIn("online", self.find('tr[data-device="printer"]').text)
         self.driver.save_screenshot(os.path.join(self.tmp, "admin-page-revoked.png"))
         self.assert_refused(self.relay, "cam")

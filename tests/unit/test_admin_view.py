@@ -65,9 +65,10 @@ class EscapingTests(SynchronousTestCase):
 class RowsTests(SynchronousTestCase):
     def test_states(self):
         entries = {"a": LiveEntry("a", "n2", "198.51.100.1", 4000, NOW - 10),
+                   "r": LiveEntry("r", "n2", "198.51.100.2", 4000, NOW - 10),
                    "s": LiveEntry("s", "n1", "2001:db8::1", 4001, NOW - 1000)}
         rows = view.device_rows([("a", False, None), ("o", False, NOW - 5000),
-                                 ("r", True, None), ("s", False, None)],
+                                 ("r", True, NOW - 7), ("s", False, None)],
                                 entries, {"a": 2}, 300, NOW)
         self.assertEqual([(r.id, r.state, r.node, r.nat, r.tunnels) for r in rows], [
             ("a", "online", "n2", "198.51.100.1:4000", 2),

@@ -30,7 +30,8 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #1d2430; }
 header { display: flex; align-items: baseline; gap: 1.5em; flex-wrap: wrap; }
 h1 { font-size: 1.4em; margin: 0; } h2 { font-size: 1.1em; margin-top: 1.6em; }
 table { border-collapse: collapse; min-width: 60%; }
-th, td { text-align: left; padding: .3em .8em; border-bottom: 1px solid #dde2ea; }
+th, td { text-align: left; padding: .3em .8em; border-bottom: 1px solid #dde2ea;
+         white-space: nowrap; }
 th { background: #eef1f6; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .online { color: #116b2e; font-weight: 600; } .revoked { color: #9b1c1c; }
 .stale, .offline, .gone { color: #6b7280; }
@@ -119,7 +120,8 @@ def device_rows(devices, entries, tunnels, period, now):
     """
     rows = []
     for device_id, revoked, last_access in sorted(devices):
-        entry = entries.get(device_id)
+        # A revoked device's live entry may outlive it (until it expires): not shown.
+        entry = None if revoked else entries.get(device_id)
         if revoked:
             state = "revoked"
         elif entry is None:
