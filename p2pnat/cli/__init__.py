@@ -19,6 +19,7 @@ _GROUPS = [
     "p2pnat.cli.forward",
     "p2pnat.cli.peer",
     "p2pnat.cli.netcheck",
+    "p2pnat.cli.cluster",
 ]
 
 

@@ -3,6 +3,7 @@
 ``twistd relay``: the relay of the relay method.
 """
 
+import dataclasses
 import ipaddress
 import os
 import resource
@@ -16,8 +17,10 @@ from twisted.python.threadpool import ThreadPool
 
 from p2pnat.cluster.embedded import EmbeddedState
 from p2pnat.cluster.state import LiveEntry, check_node_name, newer
+from p2pnat.cluster.stats import INTERVAL as STATS_INTERVAL
+from p2pnat.cluster.stats import STATS_FILE, NodeStats, Traffic, write_stats
 from p2pnat.daemon import config as C
-from p2pnat.daemon.logs import Logger
+from p2pnat.daemon.logs import Logger, Throttle
 from p2pnat.daemon.metrics import Metrics
 from p2pnat.daemon.services import (
     EndpointListener,
@@ -40,7 +43,7 @@ from p2pnat.relay.devices import DeviceState, DeviceTable
 from p2pnat.relay.notify import NotifyHandler
 from p2pnat.relay.store import StoreSync
 from p2pnat.relay.terminal import TerminalFactory, Tokens
-from p2pnat.relay.tunnel import RelayTunnelFactory
+from p2pnat.relay.tunnel import RelayTunnel, RelayTunnelFactory
 
 
 def _share(value):
@@ -155,6 +158,15 @@ SCHEMA = [
               " first one's host is where other nodes' devices open tunnels to this node"
               " (unless tunnel.public_host); []: the addresses of udp.listen",
               _public_addresses, item=str),
+    C.Setting("admin.listen", str, "",
+              "where the admin page listens over HTTPS (the relay's certificate), e.g."
+              ' "tcp:9443:interface=127.0.0.1"; "" (the default): no admin page',
+              C.endpoints_or_empty),
+    C.Setting("admin.credential_file", str, "admin.credential",
+              "file (mode 0600) with the admin page's password hash, made by `p2pnat cluster"
+              " admin-password`; relative to the config file"),
+    C.Setting("admin.session_lifetime", float, 3600.0,
+              "seconds an admin stays signed in to the admin page", C.positive),
     C.Setting("tls.fast_path", bool, True, fastio.SETTING_HELP),
     C.Setting("credentials.threads", int, 1,
               "threads hashing access credentials (scrypt: ~50 ms of CPU and 16 MiB each)",
@@ -259,6 +271,41 @@ def credential_limits(config):
         running=config["credentials.threads"], waiting=config["credentials.waiting"])
 
 
+class _CountedTunnel(RelayTunnel):
+    """A device tunnel that adds the bytes it carries to its node's L{Traffic}."""
+
+    def __init__(self, relay, slot, traffic):
+        super().__init__(relay, slot)
+        self._traffic = traffic
+
+    def dataReceived(self, data):
+        self._traffic.from_devices += len(data)
+        super().dataReceived(data)
+
+    def send_data(self, data):
+        if self._direct:  # else it reaches write_data through the machine
+            self._traffic.to_devices += len(data)
+        super().send_data(data)
+
+    def write(self, data):
+        self._traffic.to_devices += len(data)
+        super().write(data)
+
+    def write_data(self, data):
+        self._traffic.to_devices += len(data)
+        super().write_data(data)
+
+
+class _CountedTunnelFactory(RelayTunnelFactory):
+    def __init__(self, relay, traffic):
+        super().__init__(relay)
+        self.traffic = traffic
+
+    def buildProtocol(self, addr):
+        slot, self.admitted = self.admitted, None
+        return _CountedTunnel(self.relay, slot, self.traffic)
+
+
 class RelayService(service.MultiService):
     """
     The relay: its device table kept in step with the registry, its UDP
@@ -295,6 +342,10 @@ class RelayService(service.MultiService):
                                      on_moved=lambda device_id: self.relay.device_moved(device_id),
                                      on_live=self._live)
         self._local_records = {}  # this node's own registry (SQLite), as last read
+        self._revoked_here = {}  # revocations of devices this node's SQLite lacks
+        self.traffic = Traffic()
+        self._stats_written = None  # when this node's stats record was last written
+        self._stats_throttle = Throttle(reactor, interval=600.0)
         self.cluster = self._cluster(config, reactor)
         https, http = config["terminal.https"], config["terminal.http"]
         self.pools = []
@@ -338,7 +389,7 @@ class RelayService(service.MultiService):
         self.tls = server_tls(self.state_dir)
         self.tunnel_listener = self.terminal_https = self.terminal_http = None
         if config["tunnel.listen"]:
-            app = RelayTunnelFactory(self.relay)
+            app = _CountedTunnelFactory(self.relay, self.traffic)
             self.tunnel_listener = EndpointListener(
                 reactor, config["tunnel.listen"], Admission(
                     self.limits, limits.TUNNEL,
@@ -356,8 +407,35 @@ class RelayService(service.MultiService):
             self.terminal_http = EndpointListener(
                 reactor, http, Admission(self.limits, limits.TERMINAL, app, app))
             self.terminal_http.setServiceParent(self)
+        self.admin = self._admin(config, reactor)
         every(self, config["relay.sync_interval"], self._sync_round, reactor)
         common_services(config, self.metrics, reactor, self)
+
+    def _admin(self, config, reactor):
+        """The admin page's listener (p2pnat.relay.admin), if ``admin.listen`` is set."""
+        if not config["admin.listen"]:
+            return None
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from p2pnat.deployment.registry import verify_stored
+        from p2pnat.relay.admin.auth import AdminSessions
+        from p2pnat.relay.admin.web import AdminResource, AdminSite, RelayView
+        from p2pnat.relay.credentials import CredentialChecker
+
+        path = config.path_of("admin.credential_file")
+        stored = pki.read_secret(path).decode("utf-8", "replace").strip()
+        if not stored.startswith("scrypt$"):
+            raise C.ConfigError(f"{path}: not an admin password hash (make one with"
+                                " `p2pnat cluster admin-password`)")
+        checker = CredentialChecker(reactor, self.relay.credentials.run_blocking,
+                                    verify_stored, credential_limits(config))
+        page = AdminResource(RelayView(self),
+                             AdminSessions(reactor, config["admin.session_lifetime"]),
+                             checker, stored)
+        listener = EndpointListener(reactor, config["admin.listen"], TLSMemoryBIOFactory(
+            self.tls.terminal, False, AdminSite(page)))
+        listener.setServiceParent(self)
+        return listener
 
     def _pool(self, minthreads, maxthreads, name):
         """A runner on a thread pool of the relay's own (run while the service runs)."""
@@ -370,7 +448,7 @@ class RelayService(service.MultiService):
         node = config["cluster.node"] or socket.gethostname().split(".")[0].lower()
         url = config["cluster.redis"]
         if not url:
-            return EmbeddedState(node, config["cluster.addresses"], self._own_live)
+            return EmbeddedState(node, config["cluster.addresses"], self.own_live)
         from p2pnat.cluster.redis import RedisState
 
         check_node_name(node)
@@ -395,11 +473,16 @@ class RelayService(service.MultiService):
                 host = bound
         return host or self.hostname, self.relay.tunnel_port
 
-    def _own_live(self):
+    def own_live(self):
+        """
+        The L{LiveEntry} of every device live on this node (its notifies
+        reach it; a revoked device is live nowhere).
+        """
         now = self.reactor.seconds()
         return [LiveEntry(d.id, self.cluster.node, d.addr[0], d.addr[1], d.last_access)
                 for d in self.table if d.addr is not None and d.socket is not None
-                and d.last_access is not None and now - d.last_access <= self.table.period]
+                and not d.revoked and d.last_access is not None
+                and now - d.last_access <= self.table.period]
 
     def _live(self, state, kind, now):
         self.cluster.notified(state.id, kind, state.addr, state.last_access, now)
@@ -410,7 +493,41 @@ class RelayService(service.MultiService):
             # Not waited for: a cluster round waiting for an absent Redis
             # must not hold up the store's.
             self.cluster.round()
+        self._write_stats()
         return d
+
+    def stats(self, now):
+        """This node's L{NodeStats} now."""
+        relay = self.relay
+        tunnels = sum(len(t) for t in relay.tunnels.values())
+        return NodeStats(self.cluster.node, now, len(relay.sessions), tunnels,
+                         tunnels - sum(len(t) for t in relay.idle.values()),
+                         len(relay.terminals), self.traffic.from_devices,
+                         self.traffic.to_devices)
+
+    def _write_stats(self):
+        """
+        Every few seconds, this node's stats record for `p2pnat cluster
+        status`: in Redis on a cluster, else a file in the state directory.
+        """
+        now = self.reactor.seconds()
+        if self._stats_written is not None and now - self._stats_written < STATS_INTERVAL:
+            return
+        self._stats_written = now
+        stats = self.stats(now)
+        if self.cluster.shared:
+            if self.cluster.available():
+                write_stats(self.cluster.link.command, stats).addErrback(lambda f: None)
+            return
+        path = os.path.join(self.state_dir, STATS_FILE)
+        try:
+            with open(path + ".new", "w") as f:
+                f.write(stats.to_json() + "\n")
+            os.replace(path + ".new", path)
+        except OSError as e:
+            held = self._stats_throttle("write")
+            if held is not None:
+                self.log.warn("cannot write {path}: {error}", path=path, error=e.strerror)
 
     # -- what the cluster asks of this node (p2pnat.cluster.redis.RedisState) --------
 
@@ -421,8 +538,13 @@ class RelayService(service.MultiService):
         self.relay.device_left(device_id)
 
     def local_records(self):
-        """This node's own registry (its SQLite), as last read: device ID -> record."""
-        return self._local_records
+        """
+        This node's own registry (its SQLite), as last read: device ID ->
+        record; with the revocations made here of devices it lacks.
+        """
+        if not self._revoked_here:
+            return self._local_records
+        return {**self._revoked_here, **self._local_records}
 
     def apply_records(self, records):
         """
@@ -441,6 +563,17 @@ class RelayService(service.MultiService):
         this node at once and, in a cluster, on every node as soon as the
         change is merged (one Redis round trip).  For the admin page.
         """
+        if self.registry.device(device_id) is None and self.cluster.shared:
+            # Provisioned on another node: this node's SQLite has no row to
+            # mark, so the revocation goes to the shared registry, where it
+            # wins over the active record (p2pnat.cluster.state.newer).
+            d = self.table.get(device_id)
+            if d is not None and d.record is not None and not d.revoked:
+                record = dataclasses.replace(d.record, revoked=self.reactor.seconds())
+                self._revoked_here[device_id] = record
+                self.apply_records({device_id: record})
+                self.cluster.publish_registry({device_id: record})
+            return
         self.registry.revoke_device(device_id)
         self.sync()
 
@@ -471,6 +604,10 @@ class RelayService(service.MultiService):
                                 if port),
             tunnel=self.relay.tunnel_port)
         self.relay.warn_unreachable_ids()
+        if self.admin is not None:
+            hosts = [port.getHost() for port in self.admin.ports]
+            self.log.info("admin page on {addr} (https)", addr=", ".join(
+                wire.format_addr((h.host, h.port)) for h in hosts))
         sizes = self.limits.sizes
         self.log.info(
             "open-file limit {nofile}: at most {total} connections, {terminals} of them"
