@@ -57,8 +57,9 @@ class NetcheckLabTestCase(LabTestCase):
         return P.P2PLab(workdir, addresses=2)
 
     def lobby(self):
-        """Start the lobby; its addresses as ``--lobby`` options, primary first."""
-        self.env.start_lobby(timeout=15)
+        """Start the lobby (once per lab); its addresses as ``--lobby`` options, primary first."""
+        if self.env.lobby is None:
+            self.env.start_lobby(timeout=15)
         (a1, a2), (p1, p2) = self.env.server.ips, P.LOBBY_PORTS
         order = [f"{a1}:{p1}", f"{a2}:{p1}", f"{a2}:{p2}", f"{a1}:{p2}"]
         return [a for addr in order for a in ("--lobby", addr)]
@@ -240,3 +241,28 @@ class PortmapTests(NetcheckLabTestCase):
         measured(", ".join(f"{p} {w:.2f} s" for p, w in walls.items()))
         for protocol, wall in walls.items():
             self.assertLess(wall, LIMIT, protocol)
+
+    def test_home_router_behind_a_carrier_grade_nat(self):
+        """
+        miniupnpd on the home router of a double NAT: netcheck names what
+        it offers and its external address (the carrier's 100.64/10 side),
+        and the paths stay those of the carrier's sequential NAT, since
+        nobody outside can reach a port mapped on an address behind it.
+        """
+        from p2pnat.lab import upnp
+
+        lobby = self.lobby()
+        router = self.lab.add_router("rdbl", kind="double")
+        upnp.start_miniupnpd(router)
+        r, wall = self.netcheck(self.lab.add_host("hdbl", behind=router), *lobby)
+        measured(f"{wall:.2f} s")
+        self.assertEqual(r["nat"]["kind"], "symmetric-sequential", r)
+        self.assertEqual(r["portmap"], {"pcp": True, "nat-pmp": True, "upnp": True,
+                                        "external": router.wan_ip}, r)
+        self.assertNotEqual(r["nat"]["public"].rpartition(":")[0], router.wan_ip, r)
+        for path in r["paths"]:
+            if path["peer"] != "same-nat":
+                self.assertEqual(path["direct"],
+                                 P.expect_direct("double", PEER_KIND[path["peer"]]), path)
+            self.assertNotIn("port mapping", path["words"], path)
+        self.assertLess(wall, LIMIT)
