@@ -227,7 +227,8 @@ class LobbyClient:
                 self.log.info("no port mapping granted")
             else:
                 self.log.info("port mapping by {protocol}: {external} -> {port}",
-                              protocol=mapping.protocol, external=mapping.external, port=port)
+                              protocol=mapping.protocol,
+                              external=wire.format_addr(tuple(mapping.external)), port=port)
 
         def failed(failure):
             self.log.failure("port mapping failed", failure)

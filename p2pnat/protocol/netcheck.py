@@ -46,6 +46,7 @@ __all__ = [
     "lifetime_intervals",
     "lifetime_untestable",
     "lifetime_verdict",
+    "mapping_helps",
     "nat_kind",
 ]
 
@@ -292,9 +293,16 @@ class PathExpectation:
     strategy: str
     direct: bool
     reason: str
+    #: ``"mapped"`` when the path is direct only through the port mapping
+    #: our gateway grants (the peer sends to it), as ``peer connect``'s
+    #: ``path`` event names that candidate; ``None`` otherwise.
+    candidate: str | None = None
 
     @property
     def words(self) -> str:
+        if self.candidate == "mapped":
+            return (f"{self.description}: direct, the peer sending to the port mapping our"
+                    f" gateway grants; without it {_WORDS[self.strategy]} ({self.reason})")
         return f"{self.description}: {_WORDS[self.strategy]}; {self.reason}"
 
     def to_json(self) -> dict:
@@ -307,20 +315,43 @@ def _info(b) -> NatInfo:
     return NatInfo(b.mapping, b.filtering, b.allocation, b.step or 0, b.rate or 0.0)
 
 
-def expected_paths(behaviour) -> tuple[PathExpectation, ...]:
+def mapping_helps(behaviour, portmap) -> bool:
+    """
+    Whether ``p2pnat peer`` would get a direct path from a port mapping
+    here: the gateway offers one of :data:`PORTMAP_PROTOCOLS` (``portmap``
+    as :class:`Report` holds it), we are behind a NAT, and the gateway's
+    external address, when it told one, is our public address (a home
+    router behind a carrier-grade NAT maps a port of an address nobody
+    outside can reach).  The client offers a granted mapping to every
+    peer, whose fresh socket sends to it: a path no NAT kind of the peer's
+    stops.
+    """
+    if not portmap or not any(portmap.get(p) for p in PORTMAP_PROTOCOLS):
+        return False
+    if behaviour is None or behaviour.mapping in (N.NONE, N.UNKNOWN):
+        return False
+    external = portmap.get("external")
+    return external is None or behaviour.public is None or external == behaviour.public[0]
+
+
+def expected_paths(behaviour, portmap=None) -> tuple[PathExpectation, ...]:
     """
     For each kind of peer in :data:`PEERS`, and for a peer behind this
     same NAT, the plan ``p2pnat peer connect`` makes (this host asking),
     with the planner and the parameters the P2P client uses.  An unknown
     behaviour is planned as it is, which is as the client would: for the
-    worst.
+    worst.  Where the plan relays but a port mapping would be granted
+    (:func:`mapping_helps` of ``portmap``), the path is direct on the
+    mapped candidate, as the client's is.
     """
     mine = _info(behaviour)
+    mapped = mapping_helps(behaviour, portmap)
     out = []
     for key, (description, peer) in PEERS.items():
         p = N.plan(mine, peer, False, initiator=True, delay=PREDICTION_DELAY)
-        out.append(PathExpectation(key, description, p.strategy, p.strategy != "relay",
-                                   p.reason))
+        direct = p.strategy != "relay"
+        out.append(PathExpectation(key, description, p.strategy, direct or mapped, p.reason,
+                                   "mapped" if mapped and not direct else None))
     if behaviour.mapping not in (N.NONE, N.UNKNOWN):
         same = N.plan(mine, mine, True, initiator=True, delay=PREDICTION_DELAY)
         out.append(PathExpectation("same-nat", "a peer behind this same NAT", same.strategy,
@@ -374,7 +405,7 @@ class Report:
         """:func:`expected_paths` for what was measured; none when nothing answered."""
         if not self.answered:
             return ()
-        return expected_paths(self.behaviour or N.NatBehaviour())
+        return expected_paths(self.behaviour or N.NatBehaviour(), self.portmap)
 
     def summary(self) -> str:
         """One sentence: the kind, and with whom a direct path is out of reach."""
@@ -394,6 +425,9 @@ class Report:
         nat = b.to_json() if b is not None else N.NatBehaviour().to_json()
         for k in ("hairpin", "lifetime"):
             nat.pop(k, None)
+        for k in ("public", "local"):
+            # As every other address of the report: [v6]:port for IPv6.
+            nat[k] = format_addr(getattr(b, k, None))
         nat["kind"] = self.kind
         return {
             "version": 1,

@@ -6,6 +6,15 @@ NAT.  Each verdict must be what the router's nftables recipe does, the
 paths it announces must be the ones the P2P matrix proves, and each run
 must take under 3 s (measured and printed).
 
+- :class:`KindsTests`: every router kind of the lab, one host behind each;
+- :class:`LifetimeTests`: the mapping lifetime of a router with a short
+  UDP timeout;
+- :class:`DualStackTests`: a lobby on IPv4 and IPv6, a dual-stack host and
+  an IPv6-only host behind a stateful IPv6 firewall;
+- :class:`PortmapTests`: routers running miniupnpd with PCP, NAT-PMP or
+  UPnP alone: the exact ``portmap`` verdict, and the paths a granted
+  mapping opens.
+
 Needs root, ``ip``, ``nft`` and ``conntrack``: skips with the reason
 otherwise, and fails instead when the environment variable ``CI`` is set.
 """
@@ -13,6 +22,7 @@ otherwise, and fails instead when the environment variable ``CI`` is set.
 import json
 import time
 
+from p2pnat.lab.topology import hostport
 from p2pnat.protocol.netcheck import PORTMAP_PROTOCOLS
 from tests.support import procs
 from tests.support.lab import p2p as P
@@ -47,8 +57,9 @@ class NetcheckLabTestCase(LabTestCase):
         return P.P2PLab(workdir, addresses=2)
 
     def lobby(self):
-        """Start the lobby; its addresses as ``--lobby`` options, primary first."""
-        self.env.start_lobby(timeout=15)
+        """Start the lobby (once per lab); its addresses as ``--lobby`` options, primary first."""
+        if self.env.lobby is None:
+            self.env.start_lobby(timeout=15)
         (a1, a2), (p1, p2) = self.env.server.ips, P.LOBBY_PORTS
         order = [f"{a1}:{p1}", f"{a2}:{p1}", f"{a2}:{p2}", f"{a1}:{p2}"]
         return [a for addr in order for a in ("--lobby", addr)]
@@ -131,4 +142,127 @@ class LifetimeTests(NetcheckLabTestCase):
         r, wall = self.netcheck(self.lab.add_host("hcone", behind=cone), *lobby, "--lifetime",
                                 "--no-portmap")
         self.assertIn("keeps the local port", r["lifetime"]["note"])
+        self.assertLess(wall, LIMIT)
+
+
+class DualStackTests(NetcheckLabTestCase):
+    """
+    A dual-stack lab whose lobby listens on two IPv4 and two IPv6
+    addresses (two ports each): hosts behind home routers with a stateful
+    IPv6 firewall (no NAT66).
+    """
+
+    @classmethod
+    def make_env(cls, workdir):
+        return P.DualStackP2PLab(workdir, addresses=2)
+
+    def lobbies(self):
+        """The lobby's IPv4 addresses (as :meth:`lobby`) and its IPv6 ones, both ports."""
+        v4 = self.lobby()
+        (a1, a2), (p1, p2) = self.env.server.ip6s, P.LOBBY_PORTS
+        v6 = [hostport(a, p) for a, p in ((a1, p1), (a2, p1), (a2, p2), (a1, p2))]
+        return v4, [a for addr in v6 for a in ("--lobby", addr)]
+
+    def test_dual_stack_and_ipv6_only(self):
+        """
+        A dual-stack host behind a symmetric-random router with an IPv6
+        firewall: its IPv4 NAT as before, IPv4 and IPv6 both reachable,
+        the IPv6 address seen as it is (no NAT66).  An IPv6-only host
+        behind the same router, its lobby's IPv6 addresses first: no NAT,
+        but a stateful firewall (``firewall``), IPv6 reachable, IPv4 not
+        (no route).  Each under 3 s.
+        """
+        v4, v6 = self.lobbies()
+        router = self.lab.add_router("rds", kind="symmetric-random", ipv6=True)
+        dual = self.lab.add_host("hds", behind=router)
+        only6 = self.lab.add_host("hsix", behind=router, ipv4=False)
+        r, wall_dual = self.netcheck(dual, *v4, *v6, "--no-portmap")
+        nat = r["nat"]
+        self.assertEqual((nat["kind"], nat["filtering"]), EXPECTED["symmetric-random"][:1]
+                         + EXPECTED["symmetric-random"][2:3], r)
+        self.assertEqual(nat["public"].rpartition(":")[0], router.wan_ip, r)
+        self.assertIs(r["ipv4"]["reachable"], True, r)
+        self.assertIs(r["ipv6"]["reachable"], True, r)
+        self.assertEqual(r["ipv6"]["public"].rpartition(":")[0], f"[{dual.ip6}]", r)
+        self.assertEqual(r["ipv6"]["servers"], 4, r)
+        for s in r["servers"]:
+            self.assertEqual((s["reachable"], s["answered"]), (True, 3), s)
+        self.assertEqual(r["notes"], [], r)
+
+        r, wall_six = self.netcheck(only6, *v6, *v4, "--no-portmap")
+        nat = r["nat"]
+        self.assertEqual((nat["kind"], nat["mapping"], nat["filtering"]),
+                         ("firewall", "none", "address-and-port-dependent"), r)
+        self.assertEqual(nat["public"].rpartition(":")[0], f"[{only6.ip6}]", r)
+        self.assertIs(r["ipv6"]["reachable"], True, r)
+        self.assertIs(r["ipv4"]["reachable"], False, r)
+        self.assertEqual(r["ipv6"]["public"].rpartition(":")[0], f"[{only6.ip6}]", r)
+        for s in r["servers"]:
+            self.assertEqual(s["reachable"], s["family"] == "ipv6", s)
+        measured(f"dual-stack {wall_dual:.2f} s, IPv6-only {wall_six:.2f} s")
+        self.assertLess(wall_dual, LIMIT)
+        self.assertLess(wall_six, LIMIT)
+
+
+class PortmapTests(NetcheckLabTestCase):
+    def test_each_protocol(self):
+        """
+        Hosts behind symmetric-random routers running miniupnpd with only
+        PCP, only NAT-PMP or only UPnP IGD on: netcheck names exactly that
+        protocol (and the external address, which PCP's ANNOUNCE does not
+        tell), leaves no mapping behind, and expects a direct path with
+        every kind of peer (the peer sends to the port mapping the gateway
+        grants, as ``p2pnat peer`` offers it), under 3 s each.
+        """
+        from p2pnat.lab import upnp
+
+        lobby = self.lobby()
+        walls = {}
+        for protocol, external in (("pcp", False), ("nat-pmp", True), ("upnp", True)):
+            name = {"pcp": "pcp", "nat-pmp": "pmp", "upnp": "upnp"}[protocol]
+            router = self.lab.add_router(f"r{name}", kind="symmetric-random")
+            daemon = upnp.start_miniupnpd(router, upnp=protocol == "upnp",
+                                          natpmp=protocol == "nat-pmp", pcp=protocol == "pcp")
+            r, walls[protocol] = self.netcheck(self.lab.add_host(f"h{name}", behind=router),
+                                               *lobby)
+            self.assertEqual(r["nat"]["kind"], "symmetric-random", r)
+            expected = {p: p == protocol for p in PORTMAP_PROTOCOLS}
+            expected["external"] = router.wan_ip if external else None
+            self.assertEqual(r["portmap"], expected, r)
+            self.assertIsNone(r["portmap_note"], r)
+            self.assertEqual(daemon.mappings(), [], daemon.describe())
+            for path in r["paths"]:
+                self.assertTrue(path["direct"], (protocol, path))
+            random_peer = next(p for p in r["paths"] if p["peer"] == "symmetric-random")
+            self.assertEqual(random_peer["strategy"], "relay", r)  # the plan without it
+            self.assertIn("direct, the peer sending to the port mapping our gateway grants",
+                          random_peer["words"], r)
+            self.assertEqual(r["notes"], [], r)
+        measured(", ".join(f"{p} {w:.2f} s" for p, w in walls.items()))
+        for protocol, wall in walls.items():
+            self.assertLess(wall, LIMIT, protocol)
+
+    def test_home_router_behind_a_carrier_grade_nat(self):
+        """
+        miniupnpd on the home router of a double NAT: netcheck names what
+        it offers and its external address (the carrier's 100.64/10 side),
+        and the paths stay those of the carrier's sequential NAT, since
+        nobody outside can reach a port mapped on an address behind it.
+        """
+        from p2pnat.lab import upnp
+
+        lobby = self.lobby()
+        router = self.lab.add_router("rdbl", kind="double")
+        upnp.start_miniupnpd(router)
+        r, wall = self.netcheck(self.lab.add_host("hdbl", behind=router), *lobby)
+        measured(f"{wall:.2f} s")
+        self.assertEqual(r["nat"]["kind"], "symmetric-sequential", r)
+        self.assertEqual(r["portmap"], {"pcp": True, "nat-pmp": True, "upnp": True,
+                                        "external": router.wan_ip}, r)
+        self.assertNotEqual(r["nat"]["public"].rpartition(":")[0], router.wan_ip, r)
+        for path in r["paths"]:
+            if path["peer"] != "same-nat":
+                self.assertEqual(path["direct"],
+                                 P.expect_direct("double", PEER_KIND[path["peer"]]), path)
+            self.assertNotIn("port mapping", path["words"], path)
         self.assertLess(wall, LIMIT)

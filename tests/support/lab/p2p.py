@@ -23,6 +23,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 
+from p2pnat.lab.topology import hostport
 from tests.support import procs
 from tests.support.lab.cases import LabSetup
 from tests.support.lab.running import events, first, wait_event, wait_output
@@ -162,9 +163,13 @@ class P2PLab(LabSetup):
         self.clients[cid] = bundle
         return bundle
 
+    def lobby_listen(self):
+        """The lobby's listen addresses: every IPv4 address of its server, both ports."""
+        return [f"{ip}:{port}" for ip in self.server.ips for port in LOBBY_PORTS]
+
     def start_lobby(self, timeout=20):
         """Start ``twistd lobby`` on every address and port; wait until it listens."""
-        listen = [f"{ip}:{port}" for ip in self.server.ips for port in LOBBY_PORTS]
+        listen = self.lobby_listen()
         self.lobby = self.server.popen(
             procs.twistd("lobby", "--lobby-state-dir", self.state, "--udp-listen",
                          ",".join(listen)), cwd=procs.REPO, env=procs.env())
@@ -226,6 +231,25 @@ class P2PLab(LabSetup):
         c = self.clients[cid]
         return c.host.popen(self.connect_argv(cid, peer, *args), cwd=procs.REPO,
                             env=procs.env(), **kwargs)
+
+
+class DualStackP2PLab(P2PLab):
+    """
+    A :class:`P2PLab` in a dual-stack lab (``Lab(ipv6=True)``): the lobby's
+    server has as many IPv6 addresses as IPv4 ones, and the lobby listens
+    on all of them (:attr:`lobby_addr6`: the first IPv6 one, port 3478).
+    Clients still log in and run discovery over IPv4, as provisioned.
+    """
+
+    lab_options = {"ipv6": True}
+
+    def setup(self):
+        super().setup()
+        self.lobby_addr6 = hostport(self.server.ip6s[0], LOBBY_PORTS[0])
+
+    def lobby_listen(self):
+        return super().lobby_listen() + [hostport(ip, port) for ip in self.server.ip6s
+                                         for port in LOBBY_PORTS]
 
 
 # -- running jobs a few at a time ---------------------------------------------------
