@@ -462,13 +462,13 @@ class Lobby:
         d = self.cluster.send(p.b_node, fields)
         d.addCallbacks(sent, failed).addErrback(self._failed, "forwarding a request")
 
-    def _drop_pending(self, p, code, why, **fields):
+    def _drop_pending(self, p, refusal, why, **fields):
         if self.pending.get((p.a, p.request_id)) is not p:
             return
         del self.pending[(p.a, p.request_id)]
         self._warn("forward", "request from {a} for {b} refused: " + why, a=p.a, b=p.b,
                    node=p.b_node, **fields)
-        self._refuse(p.a, p.request_id, p.a_addr, p.a_socket, code)
+        self._refuse(p.a, p.request_id, p.a_addr, p.a_socket, refusal)
 
     def cluster_message(self, fields):
         """
