@@ -153,6 +153,10 @@ class LobbyService(service.MultiService):
             raise C.ConfigError(f"cluster.secret_file: {e}")
         return RedisLobbyCluster(reactor, url, node, secret, config["lobby.keepalive"], self)
 
+    def cluster_message(self, fields):
+        """A message from another node (L{p2pnat.lobby.server.Lobby.cluster_message})."""
+        self.lobby.cluster_message(fields)
+
     def client_ids(self):
         """This node's clients, revoked ones left out (the cluster's client list)."""
         return list(self.keys.keys)

@@ -18,7 +18,10 @@ lists, one channel per node; messages go through JSON as over Redis).
   the signed messages (forged ones do nothing).
 """
 
+import io
 import json
+import os
+import sys
 
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
@@ -41,6 +44,7 @@ from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
 from tests.support.udp import FakeNetwork
+from tests.unit.test_taps import TapTestCase, UDPMemoryReactor
 from tests.unit import test_lobby_server
 
 NODE1, NODE2 = ("198.18.1.1", 3478), ("198.18.2.1", 3478)
@@ -483,3 +487,51 @@ class SecretTests(SynchronousTestCase):
         with open(path, "wb") as f:
             f.write(b"a" * 64 + b"\n")
         self.assertEqual(lobby_secret(path), b"a" * 64)
+
+
+class TapTests(TapTestCase):
+    """``[cluster]`` in ``twistd lobby``: none by default; a clear line for what is missing."""
+
+    from p2pnat.lobby import tap
+
+    daemon = "lobby"
+
+    def make(self, *more, secret=True):
+        state = os.path.join(self.tmpdir(), "state")
+        os.makedirs(state)
+        if secret:
+            with open(os.path.join(state, "cluster.secret"), "w") as f:
+                f.write("ab" * 32)
+        options = self.options("--config", self.etc(), "--lobby-state-dir", state,
+                               "--udp-listen", "127.0.0.1:13478", *more)
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        try:
+            svc = self.tap.makeService(options, UDPMemoryReactor())
+        except SystemExit as e:
+            self.assertEqual(e.code, 1)
+            return err.getvalue()
+        self.addCleanup(svc.registry.close)
+        return svc
+
+    def test_single_lobby_by_default(self):
+        svc = self.make()
+        self.assertIsNone(svc.cluster)
+        self.assertIsNone(svc.lobby.cluster)
+
+    def test_cluster(self):
+        svc = self.make("--cluster-redis", "redis://127.0.0.1:1/0", "--cluster-node", "n1")
+        self.assertIsInstance(svc.cluster, RedisLobbyCluster)
+        self.assertIs(svc.lobby.cluster, svc.cluster)
+        self.assertEqual(svc.cluster.node, "n1")
+
+    def test_errors(self):
+        line = self.make("--cluster-redis", "redis://127.0.0.1:1/0", secret=False)
+        self.assertTrue(line.startswith("twistd lobby: cluster.secret_file: cannot read the"
+                                        " cluster secret"), line)
+        line = self.make("--cluster-redis", "redis://127.0.0.1:1/0", "--udp-listen",
+                         "0.0.0.0:13478")
+        self.assertIn("cluster.addresses: needed when the first udp.listen address is a"
+                      " wildcard", line)
+        self.assertIn("cluster.redis", self.config_error("--config", self.etc(),
+                                                         "--cluster-redis", "http://x"))
