@@ -81,11 +81,11 @@ return 0
 _CLIENTS = """
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[1])
-for i = 2, #ARGV, %d do
-  redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + %d - 1, #ARGV)))
+for i = 2, #ARGV, BATCH do
+  redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + BATCH - 1, #ARGV)))
 end
 return #ARGV - 1
-""" % (ID_BATCH, ID_BATCH)
+""".replace("BATCH", str(ID_BATCH))
 
 
 class PresenceWrites:
@@ -367,5 +367,5 @@ def lobby_secret(path):
     return secret
 
 
-__all__ = ["ILobbyCluster", "RedisLobbyCluster", "PresenceWrites", "KeySeal",
-           "REFUSAL_CLUSTER_DOWN", "ClusterUnavailable", "lobby_secret"]
+__all__ = ["REFUSAL_CLUSTER_DOWN", "ClusterUnavailable", "ILobbyCluster", "KeySeal",
+           "PresenceWrites", "RedisLobbyCluster", "lobby_secret"]

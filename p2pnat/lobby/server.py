@@ -429,7 +429,6 @@ class Lobby:
 
         d = self.cluster.locate(m.peer).addBoth(done)
         d.addCallbacks(found, failed).addErrback(self._failed, "locating a peer")
-        return None
 
     def _refuse(self, a, request_id, addr, proto, code):
         """Refuse A's request later than as a reply (after a cluster round trip)."""

@@ -9,6 +9,7 @@ import socket
 
 from twisted.application import service
 
+from p2pnat.cluster.state import check_node_name
 from p2pnat.daemon import config as C
 from p2pnat.daemon.logs import Logger
 from p2pnat.daemon.metrics import Metrics
@@ -20,7 +21,6 @@ from p2pnat.daemon.services import (
     open_state_registry,
     startup_errors,
 )
-from p2pnat.cluster.state import check_node_name
 from p2pnat.lobby.server import Lobby
 from p2pnat.net.udp import link_siblings
 from p2pnat.protocol import wire

@@ -6,6 +6,8 @@ logged into different nodes.
 
 - Alice on node 1 connects to Bob on node 2 (``peer connect`` against
   ``peer wait --echo``): introduced, a direct path (loopback), an echo;
+  an ID no node knows is refused as such, one known on node 2 but logged
+  in nowhere as offline;
 - Redis killed: Alice's request for Bob gets a clear refusal at once, her
   request for Dave (on her own node) still connects; Redis back: Bob is
   reached again, with nothing done by hand.
@@ -64,7 +66,7 @@ class LobbyClusterTests(DaemonTestCase):
 
     def connect(self, config, peer, timeout=30):
         """``p2pnat peer connect PEER --send ping``: (exit status, events, stderr)."""
-        done = subprocess.run(
+        done = subprocess.run(  # noqa: PLW1510 (the status is part of the result)
             procs.p2pnat("peer", "connect", peer, "--config", config, "--send", "ping",
                          "--no-stdin", "--wait", "2", "--timeout", "8", *PEER_FLAGS),
             cwd=procs.REPO, env=procs.env(), capture_output=True, text=True, timeout=timeout)
@@ -93,6 +95,14 @@ class LobbyClusterTests(DaemonTestCase):
         n1["daemon"].wait_for(r"alice asks for bob \(on node n2\)")
         n2["daemon"].wait_for(r"alice \(on node n1\) asks for bob")
         n2["daemon"].wait_for(r"bob accepts alice")
+        # What the refusals need comes from Redis in one round trip: an ID
+        # no node knows, and one node 2 knows that is logged in nowhere.
+        self.client("carol", n2)
+        time.sleep(0.5)  # node 2's next sync writes its client list
+        for peer, why in (("nobody", "no such client"), ("carol", "peer offline")):
+            status, evs, stderr = self.connect(alice, peer)
+            self.assertEqual((first(evs, "error") or {}).get("error"), why,
+                             f"{evs} {stderr[-2000:]}")
 
     def test_redis_down_then_back(self):
         n1, n2, alice, bob = self.cluster()

@@ -44,8 +44,8 @@ from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
 from tests.support.udp import FakeNetwork
-from tests.unit.test_taps import TapTestCase, UDPMemoryReactor
 from tests.unit import test_lobby_server
+from tests.unit.test_taps import TapTestCase, UDPMemoryReactor
 
 NODE1, NODE2 = ("198.18.1.1", 3478), ("198.18.2.1", 3478)
 #: Each node's registry: alice and dave on node 1, bob and carol on node 2.
