@@ -30,7 +30,6 @@ import os
 from twisted.internet.defer import succeed
 from zope.interface import Attribute, Interface, implementer
 
-from p2pnat.cluster.redis import RedisLink
 from p2pnat.cluster.state import ClusterUnavailable, Signer, cluster_keys
 from p2pnat.daemon.logs import Logger, Throttle
 from p2pnat.protocol import p2p as M
@@ -234,6 +233,10 @@ class RedisLobbyCluster:
     log = Logger(namespace="p2pnat.cluster.lobby")
 
     def __init__(self, reactor, url, node, secret, keepalive, lobby, random=None):
+        # Here, not at the top: a single lobby (which imports this module's
+        # pure helpers) never loads the Redis client.
+        from p2pnat.cluster.redis import RedisLink
+
         self.clock = reactor
         self.node = node
         self.lobby = lobby
