@@ -6,12 +6,27 @@ the relay of datagrams between two peers that cannot go direct.
 
 Driven by L{p2pnat.net.udp.ControlProtocol}: every message here has passed
 its MAC and replay checks.  Times come from the clock given.
+
+In a cluster of lobby nodes (L{p2pnat.cluster.lobby}) a request for a
+client logged into another node is forwarded to that node, which sends
+the Invite from the socket the client's presence uses and returns its
+Answer; each node relays its own client's leg of a relayed session, and
+the two nodes pass the session's datagrams to each other (L{Session.remote}).
 """
 
 import os
 from collections import OrderedDict
 
-from p2pnat.daemon.logs import Logger
+from p2pnat.cluster.lobby import (
+    REFUSAL_CLUSTER_DOWN,
+    ClusterUnavailable,
+    addr_in,
+    addr_out,
+    candidates_in,
+    nat_in,
+    nat_out,
+)
+from p2pnat.daemon.logs import Logger, Throttle
 from p2pnat.net.udp import TokenBucket
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
@@ -60,7 +75,8 @@ class Pending:
     """A connect request waiting for B's answer (and its retransmissions)."""
 
     __slots__ = ("a", "b", "request_id", "a_addr", "a_socket", "a_local", "a_nat", "session_id",
-                 "session_key", "created", "answer", "a_candidates", "a_reads")
+                 "session_key", "created", "answer", "a_candidates", "a_reads", "a_node",
+                 "b_node", "peer_relay")
 
     def __init__(self, a, b, request_id, a_addr, a_socket, a_local, a_nat, session_id,
                  session_key, created, a_candidates=(), a_reads=False):
@@ -71,6 +87,9 @@ class Pending:
         self.a_candidates, self.a_reads = a_candidates, a_reads
         #: (accepted, b_addr, b_local, b_nat, b_candidates, b_reads) once B answered.
         self.answer = None
+        #: In a cluster: the node A or B is logged into when not this one
+        #: (None: here), and that node's relay address (L{Session.remote}).
+        self.a_node = self.b_node = self.peer_relay = None
 
 
 class Session:
@@ -80,9 +99,10 @@ class Session:
     address that role may be relayed to), and where each role is bound.
     """
 
-    __slots__ = ("id", "key", "peers", "observed", "binds", "created", "used", "budget")
+    __slots__ = ("id", "key", "peers", "observed", "binds", "created", "used", "budget",
+                 "remote")
 
-    def __init__(self, id, key, a, b, created, budget, observed):
+    def __init__(self, id, key, a, b, created, budget, observed, remote=None):
         self.id = id
         self.key = key
         self.peers = {"a": a, "b": b}
@@ -91,6 +111,10 @@ class Session:
         self.created = created
         self.used = created
         self.budget = budget
+        #: In a cluster, the role logged into another node: that node relays
+        #: its client's leg, and this one stands for that role with the
+        #: other node's relay address (its observed address here).
+        self.remote = remote
 
 
 class Lobby:
@@ -99,6 +123,8 @@ class Lobby:
     @param keepalive: seconds between a client's keepalives; presence
         expires after three missed ones.
     @param relay_rate: bytes per second one session may have relayed.
+    @param cluster: the L{p2pnat.cluster.lobby.ILobbyCluster} of a lobby
+        node, or None: a single lobby, exactly as before clusters.
     """
 
     log = Logger(namespace="p2pnat.lobby")
@@ -109,7 +135,8 @@ class Lobby:
                              M.PathClose.TYPE})
 
     def __init__(self, client_key, clock, metrics, *, keepalive=20, relay_rate=512 * 1024,
-                 request_rate=5.0, session_ttl=600.0, max_sessions=100_000, random=os.urandom):
+                 request_rate=5.0, session_ttl=600.0, max_sessions=100_000, random=os.urandom,
+                 cluster=None):
         self.client_key = client_key
         self.clock = clock
         self.metrics = metrics
@@ -124,6 +151,15 @@ class Lobby:
         #: Sessions by ID, least recently active first (see L{_touch}).
         self.sessions = OrderedDict()
         self.request_limit = TokenBucket(clock, request_rate, request_rate * 2)
+        self.cluster = cluster
+        #: In a cluster: requests from another node's clients for ours, by (a, request ID).
+        self.remote = {}
+        self.locating = set()  # (a, request ID) being looked up in the cluster
+        #: The socket this node sends to other nodes from, and its address as
+        #: they see it (the tap sets both once the sockets are bound).
+        self.relay_socket = None
+        self.relay_address = None
+        self._throttle = Throttle(clock)
 
     # -- ControlProtocol handler -------------------------------------------------
 
@@ -157,6 +193,8 @@ class Lobby:
         self.presence[cid] = Presence(cid, addr, proto, m.local, m.nat, now,
                                       bool(frame.flags & M.FLAG_CANDIDATES))
         self.metrics.online.set(len(self.presence))
+        if self.cluster is not None:
+            self.cluster.present(cid, addr, now)
         return self._welcome(frame, addr, proto, now)
 
     def _welcome(self, frame, addr, proto, now):
@@ -181,12 +219,16 @@ class Lobby:
         if p.addr != addr:
             self.log.info("client {client} now at {addr}", client=p.id, addr=wire.format_addr(addr))
         p.addr, p.socket, p.seen = addr, proto, now
+        if self.cluster is not None:
+            self.cluster.present(p.id, addr, now)
         return self._welcome(frame, addr, proto, now)
 
     def _on_Logout(self, frame, m, addr, proto, now):
         if self.presence.pop(frame.key_id, None) is not None:
             self.log.info("client {client} logged out", client=frame.key_id)
             self.metrics.online.set(len(self.presence))
+            if self.cluster is not None:
+                self.cluster.gone(frame.key_id)
 
     def expire(self):
         """Forget clients that missed three keepalives, stale requests and idle sessions."""
@@ -194,9 +236,13 @@ class Lobby:
         for cid in [c for c, p in self.presence.items() if now - p.seen > 3 * self.keepalive]:
             del self.presence[cid]
             self.log.info("client {client} timed out", client=cid)
-        for key in [k for k, p in self.pending.items() if now - p.created > 60]:
-            p = self.pending.pop(key)
-            self.by_request.pop((p.b, p.request_id), None)
+            if self.cluster is not None:
+                self.cluster.gone(cid)
+        for table in (self.pending, self.remote):
+            for key in [k for k, p in table.items() if now - p.created > 60]:
+                p = table.pop(key)
+                if self.by_request.get((p.b, p.request_id)) is p:
+                    del self.by_request[(p.b, p.request_id)]
         while self.sessions:
             # Least recently active first: stop at the first one still live.
             oldest = next(iter(self.sessions.values()))
@@ -214,39 +260,58 @@ class Lobby:
             return M.Refusal(m.request_id, 5)
         p = self.pending.get((a, m.request_id))
         if p is None:
+            if (a, m.request_id) in self.locating:
+                return None  # a retransmission while the cluster is asked
             if not self.request_limit.allow(a):
                 return M.Refusal(m.request_id, 4)
+            b = self.presence.get(m.peer)
+            if b is None and m.peer != a and self.cluster is not None:
+                # Not logged in here: perhaps on another node.
+                return self._locate(frame, m, addr, proto)
             if self.client_key(m.peer) is None:
                 return M.Refusal(m.request_id, 1)
-            b = self.presence.get(m.peer)
             if b is None or m.peer == a:
                 return M.Refusal(m.request_id, 2)
             if (m.peer, m.request_id) in self.by_request:
                 return M.Refusal(m.request_id, 4)
-            p = Pending(a, m.peer, m.request_id, addr, proto, m.local, m.nat, self._random(16),
-                        self._random(32), now, self._valid_candidates(m, addr, proto),
-                        bool(frame.flags & M.FLAG_CANDIDATES))
-            self.pending[(a, m.request_id)] = p
+            p = self._pending(frame, m, addr, proto, now)
             self.by_request[(m.peer, m.request_id)] = p
-            self.metrics.sessions.labels("requested").inc()
-            self.log.info("{a} asks for {b}: A's fresh mapping {addr}", a=a, b=m.peer,
-                          addr=wire.format_addr(addr))
         elif p.a_addr != addr:
             return None  # a retransmission must come from the same fresh mapping
         if p.answer is not None:
             # B already answered: the Introduce was lost; send it again.
             self._introduce(p)
             return None
+        if p.b_node is not None:
+            self._invite_remote(p)
+            return None
         b = self.presence.get(p.b)
         if b is None:
             return M.Refusal(m.request_id, 2)
+        self._invite(p, b)
+        return None
+
+    def _pending(self, frame, m, addr, proto, now, b_node=None):
+        """A's request, its session ID and key made (once, here): a new L{Pending}."""
+        p = Pending(frame.key_id, m.peer, m.request_id, addr, proto, m.local, m.nat,
+                    self._random(16), self._random(32), now,
+                    self._valid_candidates(m, addr, proto), bool(frame.flags & M.FLAG_CANDIDATES))
+        p.b_node = b_node
+        self.pending[(p.a, p.request_id)] = p
+        self.metrics.sessions.labels("requested").inc()
+        self.log.info("{a} asks for {b}{where}: A's fresh mapping {addr}", a=p.a, b=p.b,
+                      addr=wire.format_addr(addr),
+                      where=f" (on node {b_node})" if b_node is not None else "")
+        return p
+
+    def _invite(self, p, b):
+        """Send B (logged in here, as C{b}) the Invite, from the socket its presence uses."""
         key = self.client_key(p.b)
-        invite = M.Invite(p.request_id, a, p.a_addr, p.a_local, p.a_nat, p.session_id,
+        invite = M.Invite(p.request_id, p.a, p.a_addr, p.a_local, p.a_nat, p.session_id,
                           M.seal_session_key(key, p.session_id, p.session_key),
                           candidates=p.a_candidates if b.candidates_ok else ())
         # The flag tells B whether A gets B's candidates.
         self._send(b.socket, invite, p.b, key, b.addr, M.FLAG_CANDIDATES if p.a_reads else 0)
-        return None
 
     def _valid_candidates(self, m, addr, proto):
         """
@@ -269,29 +334,51 @@ class Lobby:
         if p.answer is None:
             p.answer = (m.accepted, addr, m.local, m.nat, self._valid_candidates(m, addr, proto),
                         bool(frame.flags & M.FLAG_CANDIDATES))
-            if m.accepted:
-                while len(self.sessions) >= self.max_sessions:
-                    # At the cap, the least recently active session makes
-                    # room (the table is kept in that order): O(1), where a
-                    # full expiry scan per answer made the lobby fall over
-                    # at 100 000 sessions; and a session still relaying
-                    # outlives any number of idle ones made after it.
-                    self.sessions.popitem(last=False)
-                    self.metrics.sessions.labels("evicted").inc()
-                self.sessions[p.session_id] = Session(
-                    p.session_id, p.session_key, p.a, p.b, now,
-                    ByteBudget(self.clock, self.relay_rate), {"a": p.a_addr, "b": addr})
-                self.metrics.sessions.labels("introduced").inc()
-                self.metrics.active_sessions.set(len(self.sessions))
-            else:
-                self.metrics.sessions.labels("refused").inc()
+            self._answered(p, addr, now)
             self.log.info("{b} {verb} {a}: B's fresh mapping {addr}", b=b, a=p.a, addr=wire.format_addr(addr),
                           verb="accepts" if m.accepted else "refuses")
         self._introduce(p)
         return M.AnswerAck(m.request_id, addr)
 
+    def _answered(self, p, b_observed, now):
+        """
+        B answered A's request C{p}: an accepted one becomes a session,
+        relayed from A's and B's fresh mappings (or, for a client on
+        another node, from that node's relay address).
+        """
+        if not p.answer[0]:
+            self.metrics.sessions.labels("refused").inc()
+            return
+        while len(self.sessions) >= self.max_sessions:
+            # At the cap, the least recently active session makes
+            # room (the table is kept in that order): O(1), where a
+            # full expiry scan per answer made the lobby fall over
+            # at 100 000 sessions; and a session still relaying
+            # outlives any number of idle ones made after it.
+            self.sessions.popitem(last=False)
+            self.metrics.sessions.labels("evicted").inc()
+        observed = {"a": p.peer_relay if p.a_node is not None else p.a_addr, "b": b_observed}
+        remote = "a" if p.a_node is not None else "b" if p.b_node is not None else None
+        self.sessions[p.session_id] = Session(
+            p.session_id, p.session_key, p.a, p.b, now, ByteBudget(self.clock, self.relay_rate),
+            observed, remote)
+        self.metrics.sessions.labels("introduced").inc()
+        self.metrics.active_sessions.set(len(self.sessions))
+
     def _introduce(self, p):
         accepted, b_addr, b_local, b_nat, b_candidates, b_reads = p.answer
+        if p.a_node is not None:
+            # A is on another node: it introduces; the session key stays
+            # with the two nodes (A's made it).
+            d = self.cluster.send(p.a_node, {
+                "t": "answer", "a": p.a, "rid": p.request_id, "accepted": accepted,
+                "b_addr": addr_out(b_addr), "b_local": addr_out(b_local),
+                "b_nat": nat_out(b_nat), "cands": [addr_out(c) for c in b_candidates],
+                "reads": b_reads, "relay": addr_out(self.relay_address)})
+            d.addErrback(lambda f: self._warn(
+                "answer", "cannot pass {b}'s answer to node {node}: {error}", b=p.b,
+                node=p.a_node, error=f.getErrorMessage()))
+            return
         key = self.client_key(p.a)
         if key is None:
             return
@@ -304,6 +391,152 @@ class Lobby:
     def _send(self, proto, message, key_id, key, addr, flags=0):
         data = wire.seal(message, key_id, key, proto.stamper(), flags=flags)
         proto.send(data, addr, type(message).__name__)
+
+    # -- across lobby nodes (a cluster) -------------------------------------------
+
+    def _locate(self, frame, m, addr, proto):
+        """
+        Ask the cluster where B is; then forward A's request to B's node, or
+        refuse it.  Retransmissions meanwhile are ignored (L{locating}).
+        """
+        a, rid = frame.key_id, m.request_id
+        self.locating.add((a, rid))
+
+        def found(where):
+            status, node = where
+            if a not in self.presence:
+                return
+            if status == "online" and node != self.cluster.node:
+                if (a, rid) not in self.pending:
+                    p = self._pending(frame, m, addr, proto, self.clock.seconds(), node)
+                    self._invite_remote(p)
+                return
+            # An entry naming this node is one this node has already
+            # forgotten (it expires by itself).
+            known = status != "unknown" or self.client_key(m.peer) is not None
+            self._refuse(a, rid, addr, proto, 2 if known else 1)
+
+        def failed(failure):
+            failure.trap(ClusterUnavailable)
+            self._warn("locate", "request from {a} for {b} refused: cannot reach the"
+                       " cluster's shared state ({error})", a=a, b=m.peer,
+                       error=failure.getErrorMessage())
+            self._refuse(a, rid, addr, proto, REFUSAL_CLUSTER_DOWN)
+
+        def done(result):
+            self.locating.discard((a, rid))
+            return result
+
+        d = self.cluster.locate(m.peer).addBoth(done)
+        d.addCallbacks(found, failed).addErrback(self._failed, "locating a peer")
+
+    def _refuse(self, a, request_id, addr, proto, code):
+        """Refuse A's request later than as a reply (after a cluster round trip)."""
+        key = self.client_key(a)
+        if key is not None:
+            self._send(proto, M.Refusal(request_id, code), a, key, addr)
+
+    def _invite_remote(self, p):
+        """
+        Ask B's node to invite B (again, for each retransmission of A's
+        request): it alone can send from the socket B's presence uses.
+        """
+        fields = {"t": "invite", "a": p.a, "b": p.b, "rid": p.request_id,
+                  "a_addr": addr_out(p.a_addr), "a_local": addr_out(p.a_local),
+                  "a_nat": nat_out(p.a_nat), "sid": p.session_id.hex(),
+                  "key": self.cluster.seal_key(p.session_key, p.session_id, p.a, p.b),
+                  "cands": [addr_out(c) for c in p.a_candidates], "reads": p.a_reads,
+                  "relay": addr_out(self.relay_address)}
+
+        def sent(receivers):
+            if receivers == 0 and p.answer is None:
+                self._drop_pending(p, 2, "node {node} is gone")
+
+        def failed(failure):
+            failure.trap(ClusterUnavailable)
+            if p.answer is None:
+                self._drop_pending(p, REFUSAL_CLUSTER_DOWN, "cannot reach the cluster ({error})",
+                                   error=failure.getErrorMessage())
+
+        d = self.cluster.send(p.b_node, fields)
+        d.addCallbacks(sent, failed).addErrback(self._failed, "forwarding a request")
+
+    def _drop_pending(self, p, refusal, why, **fields):
+        if self.pending.get((p.a, p.request_id)) is not p:
+            return
+        del self.pending[(p.a, p.request_id)]
+        self._warn("forward", "request from {a} for {b} refused: " + why, a=p.a, b=p.b,
+                   node=p.b_node, **fields)
+        self._refuse(p.a, p.request_id, p.a_addr, p.a_socket, refusal)
+
+    def cluster_message(self, fields):
+        """
+        A signed message from another node (L{p2pnat.cluster.lobby}): an
+        invitation for a client of ours, the answer to a request of ours,
+        or its refusal.
+
+        @raise KeyError, TypeError, ValueError: a malformed message (the
+            cluster logs it, rate-limited).
+        """
+        kind = fields["t"]
+        if kind == "invite":
+            self._remote_invite(fields)
+        elif kind == "answer":
+            self._remote_answer(fields)
+        elif kind == "refuse":
+            p = self.pending.get((str(fields["a"]), int(fields["rid"])))
+            if p is not None and p.b_node == fields["from"] and p.answer is None:
+                self._drop_pending(p, int(fields["code"]), "node {node} says {code}",
+                                   code=M.REFUSALS.get(int(fields["code"]), fields["code"]))
+
+    def _remote_invite(self, fields):
+        a, b, rid, node = str(fields["a"]), str(fields["b"]), int(fields["rid"]), fields["from"]
+        present = self.presence.get(b)
+        if present is None:
+            d = self.cluster.send(node, {"t": "refuse", "a": a, "rid": rid, "code": 2})
+            d.addErrback(lambda f: None)  # A's node refuses at its own deadline
+            return
+        p = self.by_request.get((b, rid))
+        if p is None:
+            sid = bytes.fromhex(fields["sid"])
+            if len(sid) != 16:
+                raise ValueError("session ID of the wrong length")
+            p = Pending(a, b, rid, addr_in(fields["a_addr"]), None, addr_in(fields["a_local"]),
+                        nat_in(fields["a_nat"]), sid,
+                        self.cluster.open_key(fields["key"], sid, a, b), self.clock.seconds(),
+                        candidates_in(fields["cands"]), bool(fields["reads"]))
+            p.a_node, p.peer_relay = node, addr_in(fields["relay"])
+            self.remote[(a, rid)] = p
+            self.by_request[(b, rid)] = p
+            self.log.info("{a} (on node {node}) asks for {b}", a=a, b=b, node=node)
+        elif p.a_node != node:
+            return  # another request with the same ID: the first one stands
+        if p.answer is not None:
+            self._introduce(p)  # A's node missed the answer
+        else:
+            self._invite(p, present)
+
+    def _remote_answer(self, fields):
+        a, rid = str(fields["a"]), int(fields["rid"])
+        p = self.pending.get((a, rid))
+        if p is None or p.b_node != fields["from"]:
+            return
+        if p.answer is None:
+            accepted = bool(fields["accepted"])
+            p.answer = (accepted, addr_in(fields["b_addr"]), addr_in(fields["b_local"]),
+                        nat_in(fields["b_nat"]), candidates_in(fields["cands"]),
+                        bool(fields["reads"]))
+            p.peer_relay = addr_in(fields["relay"])
+            self._answered(p, p.peer_relay, self.clock.seconds())
+        self._introduce(p)
+
+    def _failed(self, failure, doing):
+        self.log.failure("lobby: {doing} failed", failure, doing=doing)
+
+    def _warn(self, kind, text, **fields):
+        held = self._throttle(("lobby", kind))
+        if held is not None:
+            self.log.warn(text + " ({held} more since the last such line)", held=held, **fields)
 
     # -- relay --------------------------------------------------------------------
 
@@ -326,18 +559,42 @@ class Lobby:
             # and have the lobby send the other's datagrams there.
             proto.drop("relay-bind-elsewhere", addr, f"{role} of session {s.id.hex()[:8]}")
             return None
+        if role == s.remote:
+            # The other node passes its client's bind on: that role is
+            # reached through it.  No answer: its client has had one.
+            self._bind_remote(s, role)
+            self._touch(s, now)
+            return None
         if s.binds.get(role, (None,))[0] != addr:
             self.log.info("relaying session {sid} for {client} at {addr}", sid=s.id.hex()[:8],
                           client=s.peers[role], addr=wire.format_addr(addr))
         s.binds[role] = (addr, proto)
         self._touch(s, now)
+        if s.remote is not None:
+            # The other node learns that this role is bound (each of the
+            # client's retransmissions, until it is told both are).
+            self.relay_socket.send(frame.signed + frame.mac, s.observed[s.remote],
+                                   "RelayBind-forwarded")
         return M.RelayBound(len(s.binds) == 2)
+
+    def _bind_remote(self, s, role):
+        """The remote C{role} of C{s} is bound: its datagrams go to the other node."""
+        if role not in s.binds:
+            self.log.info("relaying session {sid} for {client} through node at {addr}",
+                          sid=s.id.hex()[:8], client=s.peers[role],
+                          addr=wire.format_addr(s.observed[role]))
+        s.binds[role] = (s.observed[role], self.relay_socket)
 
     def _forward(self, frame, addr, now, raw_size):
         s, role = self._session(frame)
         if s is None:
             return "no-session"
         mine = s.binds.get(role)
+        if mine is None and role == s.remote and addr == s.observed[role]:
+            # The other node's forwarded bind was lost, not its client's
+            # datagram: it binds the role as the bind would have.
+            self._bind_remote(s, role)
+            mine = s.binds[role]
         if mine is None or mine[0] != addr:
             return "relay-unbound"  # only from the bound address: no reflection
         other = s.binds.get("b" if role == "a" else "a")

@@ -3,8 +3,13 @@
 ``twistd lobby``: introduces peers for hole punching.
 """
 
+import ipaddress
+import os
+import socket
+
 from twisted.application import service
 
+from p2pnat.cluster.state import check_node_name
 from p2pnat.daemon import config as C
 from p2pnat.daemon.logs import Logger
 from p2pnat.daemon.metrics import Metrics
@@ -19,6 +24,24 @@ from p2pnat.daemon.services import (
 from p2pnat.lobby.server import Lobby
 from p2pnat.net.udp import link_siblings
 from p2pnat.protocol import wire
+
+
+def _redis_url(value):
+    if value:
+        from p2pnat.cluster.redis import parse_url
+
+        parse_url(value)
+
+
+def _node_name(value):
+    if value:
+        check_node_name(value)
+
+
+def _addresses(value):
+    for item in value:
+        C.parse_hostport(item)
+
 
 SCHEMA = [
     C.Setting("lobby.state_dir", str, "/var/lib/p2pnat/lobby",
@@ -41,6 +64,19 @@ SCHEMA = [
     C.Setting("lobby.sync_interval", float, 1.0,
               "seconds between checks for registry changes (clients added or removed)",
               C.positive),
+    C.Setting("cluster.redis", str, "",
+              "redis://HOST:PORT/DB of the Redis lobby nodes share (presence, messages);"
+              ' "": a single lobby (the default)', _redis_url),
+    C.Setting("cluster.node", str, "",
+              "this node's name, unique among the lobby nodes (\"\": the machine's host name)",
+              _node_name),
+    C.Setting("cluster.addresses", list, [],
+              "this node's UDP address (host:port) as other lobby nodes reach it: the first"
+              " udp.listen socket's, to and from which nodes pass relayed datagrams;"
+              " []: that socket's bound address", _addresses, item=str),
+    C.Setting("cluster.secret_file", str, "",
+              "file holding the secret every lobby node shares (at least 32 bytes)"
+              ' ("": cluster.secret in lobby.state_dir)'),
 ] + C.COMMON
 
 
@@ -89,10 +125,41 @@ class LobbyService(service.MultiService):
         self.handler = self.lobby = Lobby(
             self.keys.get, reactor, self.metrics, keepalive=config["lobby.keepalive"],
             relay_rate=config["lobby.relay_rate"], request_rate=config["lobby.request_rate"])
+        self.cluster = self._cluster(config, reactor)
+        self.lobby.cluster = self.cluster
         self.udp = control_sockets(self, config, reactor, self.handler, self.metrics,
                                    wire.ReplayGuard(reactor), wire.Stamper(reactor), "lobby.udp")
         every(self, config["lobby.sync_interval"], self.sync, reactor)
         common_services(config, self.metrics, reactor, self)
+
+    def _cluster(self, config, reactor):
+        """The node's L{p2pnat.cluster.lobby.RedisLobbyCluster}, or None (no ``cluster.redis``)."""
+        url = config["cluster.redis"]
+        if not url:
+            return None
+        from p2pnat.cluster.lobby import RedisLobbyCluster, lobby_secret
+
+        node = config["cluster.node"] or socket.gethostname().split(".")[0].lower()
+        check_node_name(node)
+        if not config["cluster.addresses"] and ipaddress.ip_address(
+                C.listen_address(config["udp.listen"][0])[0]).is_unspecified:
+            raise C.ConfigError("cluster.addresses: needed when the first udp.listen address"
+                                " is a wildcard (other nodes must know where to reach this one)")
+        path = (config.path_of("cluster.secret_file") if config["cluster.secret_file"]
+                else os.path.join(config.path_of("lobby.state_dir"), "cluster.secret"))
+        try:
+            secret = lobby_secret(path)
+        except ValueError as e:
+            raise C.ConfigError(f"cluster.secret_file: {e}")
+        return RedisLobbyCluster(reactor, url, node, secret, config["lobby.keepalive"], self)
+
+    def cluster_message(self, fields):
+        """A message from another node (L{p2pnat.lobby.server.Lobby.cluster_message})."""
+        self.lobby.cluster_message(fields)
+
+    def client_ids(self):
+        """This node's clients, revoked ones left out (the cluster's client list)."""
+        return list(self.keys.keys)
 
     def sync(self):
         """
@@ -102,6 +169,8 @@ class LobbyService(service.MultiService):
         try:
             self.keys.sync()
             self.lobby.expire()
+            if self.cluster is not None:
+                self.cluster.sync_clients()
         except Exception:
             self.log.failure("lobby housekeeping failed; retrying next round")
 
@@ -110,10 +179,23 @@ class LobbyService(service.MultiService):
         # Now that every socket is bound: answer RFC 5780 CHANGE-REQUESTs
         # from the socket with the other port or IP.
         link_siblings([udp.protocol for udp in self.udp])
+        if self.cluster is not None:
+            # Other nodes send this node's share of relayed sessions to the
+            # first socket, and take datagrams from there only.
+            first = self.udp[0]
+            self.lobby.relay_socket = first.protocol
+            listed = self.config["cluster.addresses"]
+            self.lobby.relay_address = (C.parse_hostport(listed[0]) if listed
+                                        else tuple(first.address[:2]))
+            self.log.info("lobby node {node}: other nodes reach it at {addr}",
+                          node=self.cluster.node, addr=wire.format_addr(self.lobby.relay_address))
+            self.cluster.start()
 
     def stopService(self):
         d = super().stopService()
-        self.registry.close()
+        if self.cluster is not None:
+            d.addCallback(lambda _: self.cluster.stop())
+        d.addCallback(lambda _: self.registry.close())
         return d
 
 
