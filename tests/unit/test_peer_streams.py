@@ -158,7 +158,7 @@ class DirectTests(SynchronousTestCase):
         """
         p = Peers(self)
         path, incoming = p.connect()
-        a, b = p.quic(path, incoming)
+        a, _b = p.quic(path, incoming)
         proto = path.direct[0]
         self.assertIn("datagramReceived", vars(proto))
         closed = []
@@ -193,7 +193,7 @@ class RelayedTests(SynchronousTestCase):
                                                                lobby_in(data, addr))
         path, incoming = p.connect()
         self.assertEqual((path.mode, incoming.mode), ("relayed", "relayed"))
-        a, b = p.quic(path, incoming)
+        a, _b = p.quic(path, incoming)
         self.assertIsInstance(a, S.PathStreams)
         data = MARKER * 8000  # 184 kB, well under the lobby's relay rate in 2 s
         before = len(seen)
@@ -219,7 +219,7 @@ class RelayedTests(SynchronousTestCase):
         p.w.net.lose = lambda src, dst, data: {src[0], dst[0]} == blocked
         path, incoming = p.connect()
         self.assertEqual((path.mode, incoming.mode), ("relayed", "relayed"))
-        a, b = p.quic(path, incoming)
+        a, _b = p.quic(path, incoming)
         collect = Collect()
         a.open_stream("echo", collect)
         first, second = payload(100_000, seed=5), payload(100_000, seed=6)
