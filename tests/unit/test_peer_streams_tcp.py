@@ -165,7 +165,8 @@ class ForwardTests(TestCase):
         yield client.done
         self.assertEqual(client.count, 0)
         yield self.settle("alice", "stream-closed")
-        [(_, opened), (_, closed)] = self.events["alice"]
+        [(first, _), (_, closed)] = self.events["alice"]
+        self.assertEqual(first, "stream-opened")
         self.assertIn("refused service 'nothing-here'", closed["error"])
         self.assertEqual(self.events["bob"], [])
 
