@@ -357,6 +357,19 @@ def issue_server_cert(ca_cert, ca_key, hostname, *, now=None, years=SERVER_YEARS
                   ExtendedKeyUsageOID.SERVER_AUTH, san)
 
 
+def _issue_peer_cert(ca_cert, ca_key, kind, uri_prefix, peer_id, now, years):
+    """A device's or lobby client's certificate (see the module)."""
+    if not isinstance(peer_id, str) or not wire.valid_key_id(peer_id):
+        raise PKIError(f"not a valid {kind} ID: {peer_id!r}")
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"p2pnat {kind}"),
+        x509.NameAttribute(NameOID.COMMON_NAME, peer_id),
+    ])
+    return _issue(ca_cert, ca_key, subject, generate_key(), now, years * _YEAR,
+                  ExtendedKeyUsageOID.CLIENT_AUTH,
+                  [x509.UniformResourceIdentifier(uri_prefix + peer_id)])
+
+
 def issue_device_cert(ca_cert, ca_key, device_id, *, now=None, years=DEVICE_YEARS):
     """
     Issue a device's TLS client certificate: common name C{device_id} and
@@ -365,15 +378,7 @@ def issue_device_cert(ca_cert, ca_key, device_id, *, now=None, years=DEVICE_YEAR
     @return: C{(certificate, private_key)}.
     @raise PKIError: if C{device_id} is not a valid key ID.
     """
-    if not isinstance(device_id, str) or not wire.valid_key_id(device_id):
-        raise PKIError(f"not a valid device ID: {device_id!r}")
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "p2pnat device"),
-        x509.NameAttribute(NameOID.COMMON_NAME, device_id),
-    ])
-    return _issue(ca_cert, ca_key, subject, generate_key(), now, years * _YEAR,
-                  ExtendedKeyUsageOID.CLIENT_AUTH,
-                  [x509.UniformResourceIdentifier(DEVICE_URI_PREFIX + device_id)])
+    return _issue_peer_cert(ca_cert, ca_key, "device", DEVICE_URI_PREFIX, device_id, now, years)
 
 
 def issue_client_cert(ca_cert, ca_key, client_id, *, now=None, years=CLIENT_YEARS):
@@ -385,15 +390,7 @@ def issue_client_cert(ca_cert, ca_key, client_id, *, now=None, years=CLIENT_YEAR
     @return: C{(certificate, private_key)}.
     @raise PKIError: if C{client_id} is not a valid key ID.
     """
-    if not isinstance(client_id, str) or not wire.valid_key_id(client_id):
-        raise PKIError(f"not a valid client ID: {client_id!r}")
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "p2pnat client"),
-        x509.NameAttribute(NameOID.COMMON_NAME, client_id),
-    ])
-    return _issue(ca_cert, ca_key, subject, generate_key(), now, years * _YEAR,
-                  ExtendedKeyUsageOID.CLIENT_AUTH,
-                  [x509.UniformResourceIdentifier(CLIENT_URI_PREFIX + client_id)])
+    return _issue_peer_cert(ca_cert, ca_key, "client", CLIENT_URI_PREFIX, client_id, now, years)
 
 
 # -- reading certificates ----------------------------------------------------

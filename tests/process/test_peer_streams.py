@@ -11,7 +11,6 @@ the machine) and the NAT is given (``--nat``), so no discovery runs.
 """
 
 import hashlib
-import json
 import os
 import socket
 import socketserver
@@ -21,6 +20,7 @@ import time
 
 from tests.process.test_daemons import ETC, LOOPBACK, Daemon, DaemonTestCase
 from tests.support import procs
+from tests.support.lab.running import events
 from tests.support.procs import provision
 
 NAT = "endpoint-independent/preserving"
@@ -51,18 +51,6 @@ class Echo(socketserver.ThreadingTCPServer):
         self.received = []
 
 
-def events(daemon):
-    """The JSON events a ``p2pnat peer --json`` process printed so far."""
-    found = []
-    for line in daemon.output().splitlines():
-        if line.startswith("{"):
-            try:
-                found.append(json.loads(line))
-            except ValueError:
-                pass
-    return found
-
-
 class PeerStreamsProcessTests(DaemonTestCase):
     def setUp(self):
         super().setUp()
@@ -83,7 +71,7 @@ class PeerStreamsProcessTests(DaemonTestCase):
     def wait_event(self, daemon, kind, timeout=30.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = [e for e in events(daemon) if e["event"] == kind]
+            found = [e for e in events(daemon.output()) if e["event"] == kind]
             if found:
                 return found[0]
             if daemon.proc.poll() is not None:

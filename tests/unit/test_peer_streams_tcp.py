@@ -126,6 +126,15 @@ class ForwardTests(TestCase):
         return port.getHost().port
 
     @defer.inlineCallbacks
+    def through(self, service, data):
+        """A TCP client sending C{data} through a forward to C{service}, once it ended."""
+        client = Client(data)
+        yield protocol.ClientCreator(reactor, lambda: client).connectTCP(
+            "127.0.0.1", self.forward(service))
+        yield client.done
+        return client
+
+    @defer.inlineCallbacks
     def settle(self, name, event):
         for _ in range(100):
             if any(e == event for e, _ in self.events[name]):
@@ -136,10 +145,7 @@ class ForwardTests(TestCase):
     def test_forwarded_both_ways(self):
         """1 MB through the forward to bob's echo and back, sha256-checked at each end."""
         data = payload(1_000_000, seed=11)
-        client = Client(data)
-        yield protocol.ClientCreator(reactor, lambda: client).connectTCP(
-            "127.0.0.1", self.forward("echo"))
-        yield client.done
+        client = yield self.through("echo", data)
         expected = hashlib.sha256(data).hexdigest()
         [echo] = self.echo.made
         self.assertEqual((echo.count, echo.hash.hexdigest()), (len(data), expected))
@@ -159,10 +165,7 @@ class ForwardTests(TestCase):
     @defer.inlineCallbacks
     def test_unknown_service_refused(self):
         """A stream for a service bob does not serve is refused: the TCP connection ends."""
-        client = Client(b"hello")
-        yield protocol.ClientCreator(reactor, lambda: client).connectTCP(
-            "127.0.0.1", self.forward("nothing-here"))
-        yield client.done
+        client = yield self.through("nothing-here", b"hello")
         self.assertEqual(client.count, 0)
         yield self.settle("alice", "stream-closed")
         [(first, _), (_, closed)] = self.events["alice"]
@@ -173,10 +176,7 @@ class ForwardTests(TestCase):
     @defer.inlineCallbacks
     def test_service_unreachable(self):
         """bob cannot reach the service's TCP address: the stream is reset, alice's TCP ends."""
-        client = Client(b"hello")
-        yield protocol.ClientCreator(reactor, lambda: client).connectTCP(
-            "127.0.0.1", self.forward("closed"))
-        yield client.done
+        client = yield self.through("closed", b"hello")
         self.assertEqual(client.count, 0)
         yield self.settle("bob", "stream-failed")
         yield self.settle("alice", "stream-closed")
