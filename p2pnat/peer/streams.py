@@ -296,9 +296,12 @@ class PathStreams:
 
     def _path_datagram(self, payload):
         if payload[:1] == bytes([FRAGMENT]):
+            malformed = self.reassembly.malformed
             packet = self.reassembly.add(payload)
             if packet is not None:
                 self.packet_received(packet)
+            elif self.reassembly.malformed > malformed:
+                self.socket.drop_log("malformed-fragment", self.address, f"{len(payload)} bytes")
         else:
             self.on_datagram(payload)
 

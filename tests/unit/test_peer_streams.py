@@ -170,6 +170,19 @@ class DirectTests(SynchronousTestCase):
         self.assertIsNone(a.endpoint)
         self.assertRaises(ConnectionError, a.open_stream, "echo", Source(b""))
 
+    def test_malformed_fragment_dropped(self):
+        """A fragment that cannot be one is dropped, counted, and reaches no one."""
+        p = Peers(self)
+        path, incoming = p.connect()
+        _, b = p.quic(path, incoming)
+        got = []
+        b.on_datagram = got.append
+        path.send(b"\xff\x00")
+        path.send(b"\xff\x00\x01\x21" + bytes(10))  # fragment 2 of 1
+        p.w.advance(0.1)
+        self.assertEqual((got, b.reassembly.malformed), ([], 2))
+        self.assertIsNotNone(b.endpoint)  # the connection is unharmed
+
     def test_closed_path_refused(self):
         p = Peers(self)
         path, _ = p.connect()
