@@ -10,13 +10,23 @@
   a chat, or with ``--forward-udp-listen HOST:PORT`` a local UDP port whose
   datagrams go to the peer's service (WireGuard, a game server …).
 
+TCP goes over end-to-end encrypted QUIC streams (L{p2pnat.peer.streams};
+the certificate ``p2pnat client add`` puts in the bundle):
+``peer connect bob --forward-tcp 127.0.0.1:2222=ssh`` listens on a local
+TCP port and makes each connection a stream to bob's service ``ssh``;
+``peer wait --service ssh=127.0.0.1:22`` (any number of them) connects
+each incoming stream for a named service to its TCP address, and refuses
+streams for any other name.
+
 Both ask the gateway for a port mapping (PCP, NAT-PMP, UPnP; off with
 ``--no-portmap``) and open an IPv6 socket on the host's global IPv6
 address if it has one (off with ``--no-ipv6``); each is a candidate the
 peer may punch to, and a direct IPv6 path is preferred.
 
 ``--json`` prints one JSON object per event (for scripts and tests); the
-``path`` events say which candidate the direct path runs on.
+``path`` events say which candidate the direct path runs on; ``quic``,
+``forward-tcp`` and ``stream-opened`` / ``stream-closed`` /
+``stream-failed`` events tell of the QUIC connection and its streams.
 """
 
 import ipaddress
@@ -26,6 +36,7 @@ import time
 
 from p2pnat.cli import CommandError
 from p2pnat.daemon import config as C
+
 
 def _ipv6_setting(value):
     if value in ("auto", "off"):
@@ -66,7 +77,113 @@ CLIENT_SCHEMA = [
     C.Setting("client.ipv6", str, "auto",
               "the IPv6 address for direct IPv6 paths: auto (this host's global address, if"
               " any), off, or an address", _ipv6_setting),
+    C.Setting("client.cert_file", str, "",
+              "the client's certificate for QUIC streams between peers (from `p2pnat client"
+              " add`)"),
+    C.Setting("client.key_file", str, "", "its private key (mode 0600)"),
+    C.Setting("client.ca_file", str, "", "the deployment's CA, that peers' certificates"
+                                         " must chain to"),
 ]
+
+
+def load_credentials(config):
+    """
+    The client's QUIC credentials, for ``--forward-tcp`` and ``--service``.
+
+    @raise CommandError: the bundle has none (made before ``client add``
+        issued certificates) or they cannot be read.
+    """
+    from p2pnat.deployment.pki import PKIError
+    from p2pnat.quic import Credentials
+
+    missing = [name for name in ("client.cert_file", "client.key_file", "client.ca_file")
+               if not config[name]]
+    if missing:
+        raise CommandError(
+            f"{config.path}: no {', '.join(missing)}: this bundle has no certificate for QUIC"
+            " streams (--forward-tcp, --service); issue one with `p2pnat client add ID"
+            " --replace` on the lobby's host (the datagram path, chat and --forward-udp work"
+            " without)")
+    try:
+        creds = Credentials.from_files(config.path_of("client.cert_file"),
+                                       config.path_of("client.key_file"),
+                                       config.path_of("client.ca_file"))
+    except PKIError as e:
+        raise CommandError(f"{config.path}: {e}")
+    if creds.identity is None or creds.identity.id != config["client.id"]:
+        raise CommandError(f"{config.path_of('client.cert_file')}: not a certificate for"
+                           f" client {config['client.id']}")
+    return creds
+
+
+def _service_name(name, option):
+    from p2pnat.quic import header
+
+    if not header.valid_service(name):
+        raise CommandError(f"{option}: not a valid service name: {name!r} (1-"
+                           f"{header.MAX_SERVICE} of a-z 0-9 - _ ., starting with a letter or"
+                           " digit)")
+    return name
+
+
+def parse_forwards(specs):
+    """
+    ``--forward-tcp HOST:PORT=SERVICE`` options: ``[((host, port), service)]``.
+
+    @raise CommandError: a malformed one, or one local address twice.
+    """
+    forwards = []
+    for spec in specs or []:
+        listen, sep, service = spec.rpartition("=")
+        if not sep:
+            raise CommandError(f"--forward-tcp: expected HOST:PORT=SERVICE, got {spec!r}")
+        try:
+            addr = C.parse_hostport(listen)
+        except ValueError as e:
+            raise CommandError(f"--forward-tcp: {e}")
+        if addr in [a for a, _ in forwards]:
+            raise CommandError(f"--forward-tcp: {listen} given twice")
+        forwards.append((addr, _service_name(service, "--forward-tcp")))
+    return forwards
+
+
+def parse_services(specs):
+    """
+    ``--service NAME=HOST:PORT`` options: ``{name: (host, port)}``.
+
+    @raise CommandError: a malformed one, or one name twice.
+    """
+    services = {}
+    for spec in specs or []:
+        name, sep, target = spec.partition("=")
+        if not sep:
+            raise CommandError(f"--service: expected NAME=HOST:PORT, got {spec!r}")
+        _service_name(name, "--service")
+        if name in services:
+            raise CommandError(f"--service: {name} given twice")
+        try:
+            host, port = C.parse_hostport(target)
+        except ValueError as e:
+            raise CommandError(f"--service {name}: {e}")
+        if port == 0:
+            raise CommandError(f"--service {name}: port 0")
+        services[name] = (host, port)
+    return services
+
+
+def _streams_options(args, config):
+    """
+    What ``--forward-tcp`` and ``--service`` ask for, checked before anything
+    starts: C{(forwards, services, credentials or None)}.
+    """
+    forwards = parse_forwards(getattr(args, "forward_tcp", None))
+    services = parse_services(getattr(args, "service", None))
+    if forwards and (args.send or args.forward_udp_listen):
+        raise CommandError("--forward-tcp goes with neither --send nor --forward-udp-listen")
+    if services and (args.echo or args.forward_udp):
+        raise CommandError("--service goes with neither --echo nor --forward-udp")
+    creds = load_credentials(config) if forwards or services else None
+    return forwards, services, creds
 
 
 def load_client(path):
@@ -98,6 +215,7 @@ class Output:
 
 def _run(args, connect):
     from twisted.internet import defer, reactor, stdio
+    from twisted.internet.error import ReactorNotRunning
     from twisted.logger import (
         FilteringLogObserver,
         LogLevel,
@@ -107,11 +225,13 @@ def _run(args, connect):
     )
     from twisted.protocols.basic import LineReceiver
 
+    from p2pnat.peer import streams as S
     from p2pnat.peer.client import LobbyClient
     from p2pnat.peer.discovery import discover_nat
     from p2pnat.protocol import wire
 
     config, key = load_client(args.config)
+    forwards, services, creds = _streams_options(args, config)
     host, port = C.parse_hostport(config["client.lobby"])
     lobby = (host, port)
     out = Output(args.json)
@@ -124,12 +244,29 @@ def _run(args, connect):
     def stop():
         if reactor.running and not status.get("stopping"):
             status["stopping"] = True
-            reactor.stop()
+            try:
+                reactor.stop()
+            except ReactorNotRunning:
+                pass  # shutting down already (SIGTERM, Ctrl-C): closing the path got us here
 
     def fail(failure):
         out.event("error", f"error: {failure.getErrorMessage()}", error=failure.getErrorMessage())
         status["code"] = 1
         stop()
+
+    def stream_event(name, **fields):
+        text = {"stream-opened": "[stream {stream} {direction} for {service}: opened]",
+                "stream-closed": "[stream {stream} {direction} for {service}: closed, {sent}"
+                                 " bytes sent, {received} received]",
+                "stream-failed": "[stream {direction} for {service} failed]"}[name]
+        text = text.format(**fields)
+        if fields.get("error"):
+            text = text[:-1] + f": {fields['error']}]"
+        out.event(name, text, **fields)
+
+    def quic_up(endpoint):
+        out.event("quic", f"[QUIC with {endpoint.peer} up: end-to-end encrypted streams]",
+                  peer=str(endpoint.peer))
 
     def attach(path, forward_to=None):
         path.opened_at = time.monotonic()
@@ -141,6 +278,16 @@ def _run(args, connect):
                 stop()
 
         path.on_mode = on_mode
+        if forwards and connect:
+            return  # the path carries QUIC streams; nothing reads its datagrams
+        if services and not connect:
+            factories = {name: S.TcpServiceFactory(reactor, name, h, p, stream_event)
+                         for name, (h, p) in services.items()}
+            try:
+                S.accept_streams(path, creds, factories, on_connection=quic_up)
+            except S.StreamsUnavailable as e:
+                out.event("error", f"error: {e}", error=str(e), peer=path.peer)
+            return
         if forward_to is not None:
             _udp_forward_to(reactor, path, forward_to)
         elif args.echo:
@@ -234,7 +381,18 @@ def _run(args, connect):
                   total=round(time.monotonic() - t0, 4), strategy=strategy, probes=path.probes,
                   rounds=path.rounds, candidate=path.candidate)
         listen = getattr(args, "forward_udp_listen", None)
-        if listen:
+        if forwards:
+            attach(path)  # mode events; the path's own datagrams are not read
+            streams = yield S.connect_streams(path, creds)
+            quic_up(streams.endpoint)
+            for (h, p), service in forwards:
+                tcp = reactor.listenTCP(p, S.TcpForwardFactory(streams, service, stream_event),
+                                        interface=h)
+                a = tcp.getHost()
+                out.event("forward-tcp", f"forwarding TCP {wire.format_addr((a.host, a.port))}"
+                                         f" to {args.peer}'s {service}", host=a.host,
+                          port=a.port, service=service, peer=args.peer)
+        elif listen:
             _udp_listen_to(reactor, path, C.parse_hostport(listen), out)
         else:
             attach(path)
@@ -349,6 +507,9 @@ def add_parser(subparsers):
     w.add_argument("--accept", action="append", help="accept only this peer (repeatable)")
     w.add_argument("--forward-udp", metavar="HOST:PORT",
                    help="forward each peer's datagrams to this local UDP service")
+    w.add_argument("--service", action="append", metavar="NAME=HOST:PORT",
+                   help="connect each QUIC stream a peer opens for service NAME to this TCP"
+                        " address (repeatable; streams for other names are refused)")
     w.set_defaults(func=lambda args: _run(args, connect=False))
     c = sub.add_parser("connect", help="connect to a peer and chat")
     _common(c)
@@ -361,5 +522,8 @@ def add_parser(subparsers):
     c.add_argument("--no-stdin", action="store_true", help="do not read lines to send")
     c.add_argument("--forward-udp-listen", metavar="HOST:PORT",
                    help="forward datagrams sent to this local UDP port to the peer")
+    c.add_argument("--forward-tcp", action="append", metavar="HOST:PORT=SERVICE",
+                   help="listen on this local TCP address; each connection becomes a QUIC"
+                        " stream to the peer's SERVICE (repeatable)")
     c.set_defaults(func=lambda args: _run(args, connect=True))
     p.set_defaults(func=lambda args: p.print_help() or 2)

@@ -21,7 +21,9 @@ from p2pnat.deployment.provision import (
     AGENT_CONFIG,
     CA_CERT,
     CA_KEY,
+    CLIENT_CERT,
     CLIENT_CONFIG,
+    CLIENT_KEY,
     DEPLOYMENT,
     DEVICE_CERT,
     DEVICE_KEY,
@@ -161,10 +163,16 @@ def device_remove(args, out):
 
 @_command
 def client_add(args, out):
-    replaced = provision.add_client(args.state_dir, args.id, args.out, lobby=args.lobby,
-                                    replace=args.replace)
-    print(f"client {args.id}: {'re-provisioned' if replaced else 'added'};"
-          f" {CLIENT_CONFIG} and {MAC_KEY} (0600) in {os.path.abspath(args.out)}", file=out)
+    bundle = provision.add_client(args.state_dir, args.id, args.out, lobby=args.lobby,
+                                  replace=args.replace, years=args.years)
+    if bundle.made_ca:
+        print(f"made a CA for lobby clients: {os.path.join(args.state_dir, CA_CERT)}"
+              f" and {CA_KEY} (0600)", file=out)
+    print(f"client {args.id}: {'re-provisioned' if bundle.replaced else 'added'};"
+          f" {CLIENT_CONFIG}, {MAC_KEY} (0600), {CLIENT_KEY} (0600), {CLIENT_CERT}"
+          f" (valid until {bundle.cert.not_valid_after_utc:%Y-%m-%d}) and {CA_CERT} in"
+          f" {os.path.abspath(args.out)}",
+          file=out)
     return 0
 
 
@@ -272,8 +280,11 @@ def add_parser(subparsers):
     p.add_argument("--lobby", required=True, metavar="HOST:PORT",
                    help="the lobby's UDP address")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="directory for client.toml and mac.key (created 0700)")
+                   help="directory for client.toml, its keys and certificate (created 0700)")
+    p.add_argument("--years", type=int, default=pki.CLIENT_YEARS,
+                   help=f"certificate lifetime, 1-5 years (default {pki.CLIENT_YEARS})")
     p.add_argument("--replace", action="store_true",
-                   help="re-provision an existing or revoked client with a new key")
+                   help="re-provision an existing or revoked client with a new key and"
+                        " certificate")
     p.set_defaults(func=client_add)
     _list_and_remove(client, "lobby client", client_list, client_remove, "revoke a lobby client")

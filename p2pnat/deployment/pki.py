@@ -11,7 +11,10 @@ A deployment trusts one CA of its own (made by ``p2pnat relay init``):
   entry), ``extendedKeyUsage serverAuth``;
 - one client certificate per device: common name = device ID, plus the
   URI ``p2pnat:device:<id>`` in ``subjectAltName``,
-  ``extendedKeyUsage clientAuth``.
+  ``extendedKeyUsage clientAuth``;
+- one per lobby client (``p2pnat client add``), of the same shape with
+  the URI ``p2pnat:client:<id>``: what a peer presents on QUIC
+  (L{p2pnat.quic.identity}).
 
 Revocation is not done with CRLs: the relay's registry keeps the SHA-256
 L{fingerprint} of the one certificate each device may present, and a
@@ -45,14 +48,18 @@ RELAY_CERT_FILE = "relay.crt"
 RELAY_KEY_FILE = "relay.key"
 DEVICE_CERT_FILE = "device.crt"
 DEVICE_KEY_FILE = "device.key"
+CLIENT_CERT_FILE = "client.crt"
+CLIENT_KEY_FILE = "client.key"
 MAC_KEY_FILE = "mac.key"
 
 #: URI put in a device certificate's subjectAltName, followed by the ID.
 DEVICE_URI_PREFIX = "p2pnat:device:"
+CLIENT_URI_PREFIX = "p2pnat:client:"
 
 CA_YEARS = 10
 SERVER_YEARS = 5
 DEVICE_YEARS = 5
+CLIENT_YEARS = 5
 #: Certificates start this long before "now", for peers whose clock is behind.
 BACKDATE = datetime.timedelta(hours=1)
 
@@ -202,7 +209,7 @@ def key_pem(key):
 
 def cert_pem(cert):
     """PEM of a certificate (cryptography or pyOpenSSL)."""
-    return _as_cryptography(cert).public_bytes(serialization.Encoding.PEM)
+    return as_cryptography(cert).public_bytes(serialization.Encoding.PEM)
 
 
 def load_key(path):
@@ -289,7 +296,7 @@ def create_ca(name="p2pnat CA", *, now=None, years=CA_YEARS):
 
 
 def _issue(ca_cert, ca_key, subject, key, now, lifetime, usage, san):
-    ca_cert = _as_cryptography(ca_cert)
+    ca_cert = as_cryptography(ca_cert)
     ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (_builder(subject, ca_cert.subject, key.public_key(), now, lifetime,
                         ca_cert.not_valid_after_utc)
@@ -350,6 +357,19 @@ def issue_server_cert(ca_cert, ca_key, hostname, *, now=None, years=SERVER_YEARS
                   ExtendedKeyUsageOID.SERVER_AUTH, san)
 
 
+def _issue_peer_cert(ca_cert, ca_key, kind, uri_prefix, peer_id, now, years):
+    """A device's or lobby client's certificate (see the module)."""
+    if not isinstance(peer_id, str) or not wire.valid_key_id(peer_id):
+        raise PKIError(f"not a valid {kind} ID: {peer_id!r}")
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"p2pnat {kind}"),
+        x509.NameAttribute(NameOID.COMMON_NAME, peer_id),
+    ])
+    return _issue(ca_cert, ca_key, subject, generate_key(), now, years * _YEAR,
+                  ExtendedKeyUsageOID.CLIENT_AUTH,
+                  [x509.UniformResourceIdentifier(uri_prefix + peer_id)])
+
+
 def issue_device_cert(ca_cert, ca_key, device_id, *, now=None, years=DEVICE_YEARS):
     """
     Issue a device's TLS client certificate: common name C{device_id} and
@@ -358,20 +378,24 @@ def issue_device_cert(ca_cert, ca_key, device_id, *, now=None, years=DEVICE_YEAR
     @return: C{(certificate, private_key)}.
     @raise PKIError: if C{device_id} is not a valid key ID.
     """
-    if not isinstance(device_id, str) or not wire.valid_key_id(device_id):
-        raise PKIError(f"not a valid device ID: {device_id!r}")
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "p2pnat device"),
-        x509.NameAttribute(NameOID.COMMON_NAME, device_id),
-    ])
-    return _issue(ca_cert, ca_key, subject, generate_key(), now, years * _YEAR,
-                  ExtendedKeyUsageOID.CLIENT_AUTH,
-                  [x509.UniformResourceIdentifier(DEVICE_URI_PREFIX + device_id)])
+    return _issue_peer_cert(ca_cert, ca_key, "device", DEVICE_URI_PREFIX, device_id, now, years)
+
+
+def issue_client_cert(ca_cert, ca_key, client_id, *, now=None, years=CLIENT_YEARS):
+    """
+    Issue a lobby client's certificate, for QUIC between peers: common name
+    C{client_id}, subjectAltName URI C{p2pnat:client:<client_id>},
+    clientAuth; the same shape as a device's.
+
+    @return: C{(certificate, private_key)}.
+    @raise PKIError: if C{client_id} is not a valid key ID.
+    """
+    return _issue_peer_cert(ca_cert, ca_key, "client", CLIENT_URI_PREFIX, client_id, now, years)
 
 
 # -- reading certificates ----------------------------------------------------
 
-def _as_cryptography(cert):
+def as_cryptography(cert):
     """
     Accept a cryptography certificate, a pyOpenSSL C{X509}, or a Twisted
     L{twisted.internet.ssl.Certificate} (which wraps one in C{.original}).
@@ -388,7 +412,7 @@ def _as_cryptography(cert):
 
 def fingerprint(cert):
     """Lower-case hex SHA-256 of the certificate's DER encoding."""
-    der = _as_cryptography(cert).public_bytes(serialization.Encoding.DER)
+    der = as_cryptography(cert).public_bytes(serialization.Encoding.DER)
     return hashlib.sha256(der).hexdigest()
 
 
@@ -408,7 +432,7 @@ def device_id_of(cert):
         Twisted C{Certificate}.
     @raise TypeError: if C{cert} is not a certificate at all.
     """
-    cert = _as_cryptography(cert)
+    cert = as_cryptography(cert)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -437,7 +461,7 @@ def covers_hostname(cert, hostname):
         verify_certificate_ip_address,
     )
 
-    cert = _as_cryptography(cert)
+    cert = as_cryptography(cert)
     try:
         try:
             ip = ipaddress.ip_address(hostname.strip("[]"))

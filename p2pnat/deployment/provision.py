@@ -27,7 +27,18 @@ A device bundle (L{add_device}'s C{out}, mode 0700)::
     ca.crt       the CA, to check the relay's certificate
     mac.key      the 32-byte MAC key for UDP control frames, hex (0600)
 
-A lobby client bundle (L{add_client}): ``client.toml`` and ``mac.key``.
+A lobby client bundle (L{add_client}, mode 0700)::
+
+    client.toml  run with: p2pnat peer wait|connect --config OUT/client.toml
+    mac.key      the 32-byte MAC key for the lobby's UDP frames, hex (0600)
+    client.key   the client's private key for QUIC between peers (0600)
+    client.crt   its certificate (``p2pnat:client:<id>``), signed by the CA
+    ca.crt       the CA, to check peers' certificates
+
+A lobby's state directory holds the CA its clients' certificates come
+from: the relay's (``relay init`` in the same directory, so that clients
+and devices share one CA), or one that the first ``client add`` makes
+there (``ca.crt``, ``ca.key`` 0600).
 
 Nothing here returns or prints a private key or a MAC key; a generated
 access credential is returned once, by the call that made it.
@@ -57,10 +68,12 @@ DEVICE_KEY = pki.DEVICE_KEY_FILE
 DEVICE_CERT = pki.DEVICE_CERT_FILE
 MAC_KEY = pki.MAC_KEY_FILE
 CLIENT_CONFIG = "client.toml"
+CLIENT_CERT = pki.CLIENT_CERT_FILE
+CLIENT_KEY = pki.CLIENT_KEY_FILE
 
 #: The files of a device bundle, and of a lobby client bundle.
 DEVICE_BUNDLE = (AGENT_CONFIG, DEVICE_KEY, DEVICE_CERT, CA_CERT, MAC_KEY)
-CLIENT_BUNDLE = (CLIENT_CONFIG, MAC_KEY)
+CLIENT_BUNDLE = (CLIENT_CONFIG, MAC_KEY, CLIENT_KEY, CLIENT_CERT, CA_CERT)
 
 
 class ProvisionError(Exception):
@@ -517,33 +530,81 @@ id = {_toml_str(client_id)}
 lobby = {_toml_str(lobby)}
 # 32-byte MAC key (hex) for the UDP control frames.
 mac_key_file = "{MAC_KEY}"
+# Certificate and key for end-to-end encrypted QUIC streams between peers,
+# and the deployment's CA that peers' certificates must chain to.
+cert_file = "{CLIENT_CERT}"
+key_file = "{CLIENT_KEY}"
+ca_file = "{CA_CERT}"
 """
 
 
+def _client_ca(state_dir):
+    """
+    The CA of C{state_dir} for client certificates: the one there, or a
+    new one made there for a lobby that has none (no relay shares the
+    directory).  C{(cert, key, made)}.
+    """
+    if os.path.lexists(os.path.join(state_dir, CA_KEY)) or os.path.lexists(
+            os.path.join(state_dir, CA_CERT)):
+        return (*_load_ca(state_dir), False)
+    ca_cert, ca_key = pki.create_ca("p2pnat CA for lobby clients")
+    pki.write_secret(os.path.join(state_dir, CA_KEY), pki.key_pem(ca_key))
+    pki.write_public(os.path.join(state_dir, CA_CERT), pki.cert_pem(ca_cert))
+    return ca_cert, ca_key, True
+
+
+@dataclass(frozen=True)
+class ClientBundle:
+    """
+    What L{add_client} made.
+
+    @ivar cert: the client's new certificate.
+    @ivar replaced: whether the client existed before (re-provisioned).
+    @ivar made_ca: whether this call made the state directory's CA.
+    """
+
+    client_id: str
+    out: str
+    cert: object
+    replaced: bool
+    made_ca: bool
+
+
 @_user_errors
-def add_client(state_dir, client_id, out, *, lobby, replace=False):
+def add_client(state_dir, client_id, out, *, lobby, replace=False, years=pki.CLIENT_YEARS):
     """
     Register lobby client C{client_id} in C{state_dir} (made, with an empty
-    registry, if missing: clients need no CA) and write its bundle to
-    C{out} (``p2pnat client add``).
+    registry, if missing) and write its bundle to C{out} (``p2pnat client
+    add``): its MAC key for the lobby, and a certificate and key from the
+    state directory's CA (made there if missing) for QUIC between peers.
 
     @param lobby: the lobby's UDP address, ``HOST:PORT``.
-    @param replace: re-provision an existing or revoked client with a new key.
-    @return: whether the client existed before (re-provisioned).
+    @param replace: re-provision an existing or revoked client with a new
+        key and certificate.
+    @param years: certificate lifetime, 1 to 5.
+    @return: a L{ClientBundle}.
     @raise ProvisionError: as for L{add_device}.
     """
     registry.check_id("client", client_id)
     lobby = _canonical_hostport(lobby, "--lobby")
+    if not 1 <= years <= 5:
+        raise ProvisionError(f"--years must be 1 to 5, got {years}")
     pki.make_private_dir(state_dir)
     with _open_registry(state_dir, create=True) as reg:
         old = reg.client(client_id)
-        _refuse_existing(old, "client", client_id, replace, "issues it a new key")
+        _refuse_existing(old, "client", client_id, replace,
+                         "issues it a new key and certificate")
+        ca_cert, ca_key, made_ca = _client_ca(state_dir)
         mac_key = secrets.token_bytes(wire.KEY_LEN)
+        cert, key = pki.issue_client_cert(ca_cert, ca_key, client_id, years=years)
         _write_bundle(out, CLIENT_BUNDLE, [
             (MAC_KEY, mac_key.hex() + "\n", True),
+            (CLIENT_KEY, pki.key_pem(key), True),
+            (CLIENT_CERT, pki.cert_pem(cert), False),
+            (CA_CERT, pki.cert_pem(ca_cert), False),
             (CLIENT_CONFIG, _client_toml(client_id, lobby), False),
         ], lambda: reg.add_client(client_id, mac_key, replace=replace))
-    return old is not None
+    return ClientBundle(client_id, out, cert, old is not None, made_ca)
 
 
 @_user_errors

@@ -20,6 +20,9 @@ class Path:
         up) are kept, up to L{BACKLOG}, and handed over when it is.
     @ivar on_mode: called with the new mode when it changes (``direct``
         after an upgrade, ``closed``).
+    @ivar route_changed: called (no arguments) after the sockets or
+        addresses the path runs on changed, closing included: the QUIC
+        layer over the path (L{p2pnat.peer.streams}) follows them.
     """
 
     log = Logger(namespace="p2pnat.path")
@@ -33,6 +36,7 @@ class Path:
         self._on_datagram = None
         self._backlog = []
         self.on_mode = lambda mode: None
+        self.route_changed = lambda: None
         self.direct = None  # (proto, addr, session)
         #: Sockets of the other address family that the peer may send on
         #: (see L{use_direct}).
@@ -88,6 +92,7 @@ class Path:
                 p.transport.stopListening()
         self._set_mode("direct")
         self._schedule_keepalive()
+        self.route_changed()
 
     def use_relay(self, proto, lobby_addr, session):
         old, self.relayed = self.relayed, (proto, lobby_addr, session)
@@ -106,6 +111,7 @@ class Path:
         if self.direct is None:
             self._set_mode("relayed")
             self._schedule_keepalive()
+        self.route_changed()
 
     def _set_mode(self, mode):
         if mode != self.mode:
@@ -155,6 +161,7 @@ class Path:
         self.standby = []
         self.client.path_closed(self)
         self._set_mode("closed")
+        self.route_changed()
 
     def _schedule_keepalive(self):
         if self._keepalive is not None and self._keepalive.active():
@@ -182,6 +189,7 @@ class Path:
             self.standby = [p for p in self.standby if p is not proto] + [self.direct[0]]
             self.direct = (proto, addr, self.direct[2])
             self.candidate = "ipv6"
+            self.route_changed()
         if (isinstance(message, (M.Data, M.PathKeepalive)) and self.direct is not None
                 and proto is self.direct[0] and addr != self.direct[1]):
             # The peer's NAT gave its path socket a new mapping: follow it

@@ -7,7 +7,8 @@ deployment's own CA (L{p2pnat.deployment.pki}).  A certificate names one
 peer with one URI in its subjectAltName, equal to its common name:
 
 - a device: ``p2pnat:device:<id>`` (what ``p2pnat device add`` issues);
-- a lobby client: ``p2pnat:client:<id>`` (L{issue_client_cert}).
+- a lobby client: ``p2pnat:client:<id>`` (what ``p2pnat client add``
+  issues: L{pki.issue_client_cert}).
 
 A connection is made to reach one named peer, so a certificate that merely
 chains to the CA is not enough: L{check_peer} also requires that it names
@@ -29,9 +30,12 @@ from p2pnat.deployment import pki
 from p2pnat.protocol import wire
 
 #: The kinds of peer a certificate can name, with their URI prefixes.
-KINDS = {"device": pki.DEVICE_URI_PREFIX, "client": "p2pnat:client:"}
+KINDS = {"device": pki.DEVICE_URI_PREFIX, "client": pki.CLIENT_URI_PREFIX}
 
-CLIENT_YEARS = pki.DEVICE_YEARS
+#: Issued by the deployment's CA (L{p2pnat.deployment.pki}); importable
+#: from here as well, where peers' certificates are read.
+issue_client_cert = pki.issue_client_cert
+CLIENT_YEARS = pki.CLIENT_YEARS
 
 
 class PeerCertificateError(Exception):
@@ -91,7 +95,7 @@ def identity_of(cert):
     p2pnat peer URI, an ID equal to its common name, and allows clientAuth
     (as every device certificate does).
     """
-    cert = pki._as_cryptography(cert)
+    cert = pki.as_cryptography(cert)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -134,7 +138,7 @@ def check_peer(cert, chain, ca_certs, expected, now):
     """
     store = crypto.X509Store()
     for ca in ca_certs:
-        store.add_cert(crypto.X509.from_cryptography(pki._as_cryptography(ca)))
+        store.add_cert(crypto.X509.from_cryptography(pki.as_cryptography(ca)))
     store.set_time(datetime.datetime.fromtimestamp(now, datetime.UTC)
                    .replace(tzinfo=None))
     ctx = crypto.X509StoreContext(store, crypto.X509.from_cryptography(cert),
@@ -157,28 +161,6 @@ def check_peer(cert, chain, ca_certs, expected, now):
         raise PeerCertificateError(
             f"peer certificate names {identity}, expected {wanted}")
     return identity
-
-
-def issue_client_cert(ca_cert, ca_key, client_id, *, now=None, years=CLIENT_YEARS):
-    """
-    Issue a lobby client's certificate: common name C{client_id}, URI
-    ``p2pnat:client:<id>``, clientAuth, the same shape as a device's.
-
-    (Belongs in L{p2pnat.deployment.pki} beside C{issue_device_cert}, for
-    ``p2pnat client add``; kept here until that moves.)
-
-    @return: C{(certificate, private_key)}.
-    @raise pki.PKIError: if C{client_id} is not a valid ID.
-    """
-    if not isinstance(client_id, str) or not wire.valid_key_id(client_id):
-        raise pki.PKIError(f"not a valid client ID: {client_id!r}")
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "p2pnat client"),
-        x509.NameAttribute(NameOID.COMMON_NAME, client_id),
-    ])
-    return pki._issue(ca_cert, ca_key, subject, pki.generate_key(), now,
-                      years * pki._YEAR, ExtendedKeyUsageOID.CLIENT_AUTH,
-                      [x509.UniformResourceIdentifier(KINDS["client"] + client_id)])
 
 
 @dataclass(frozen=True)

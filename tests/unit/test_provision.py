@@ -11,6 +11,7 @@ import os
 import sqlite3
 import stat
 import sys
+import time
 import tomllib
 
 from OpenSSL import crypto
@@ -18,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat import cli
 from p2pnat.deployment import pki, provision, registry
+from p2pnat.quic.identity import Credentials, PeerIdentity, check_peer
 from tests.support import procs
 
 AGENT_KEYS = {"device_id", "relay", "relay_hostname", "mac_key_file", "cert_file", "key_file",
@@ -434,22 +436,41 @@ class DeviceTests(CommandTestCase):
 class ClientTests(CommandTestCase):
 
     def test_add_list_remove(self):
-        """Clients need no CA: client add creates the state directory and registry."""
+        """
+        client add creates the state directory, its registry and (none being
+        there) a CA, and writes the client's MAC key, certificate and key.
+        """
         out = self.ok("client", "add", "alice", "--state-dir", self.state,
                       "--lobby", "lobby.example.org:3479", "--out", self.path("alice"))
         self.assertIn("alice", out)
-        self.assertEqual(sorted(os.listdir(self.path("alice"))), ["client.toml", "mac.key"])
-        self.assertEqual(_mode(self.path("alice", "mac.key")), 0o600)
+        self.assertIn("made a CA", out)
+        self.assertEqual(sorted(os.listdir(self.path("alice"))),
+                         ["ca.crt", "client.crt", "client.key", "client.toml", "mac.key"])
+        for secret in ("mac.key", "client.key"):
+            self.assertEqual(_mode(self.path("alice", secret)), 0o600)
+        self.assertEqual(_mode(os.path.join(self.state, "ca.key")), 0o600)
         self.assertEqual(_mode(os.path.join(self.state, "registry.sqlite3")), 0o600)
         with open(self.path("alice", "client.toml"), "rb") as f:
             config = tomllib.load(f)
         self.assertEqual(config, {"client": {"id": "alice", "lobby": "lobby.example.org:3479",
-                                             "mac_key_file": "mac.key"}})
+                                             "mac_key_file": "mac.key",
+                                             "cert_file": "client.crt",
+                                             "key_file": "client.key", "ca_file": "ca.crt"}})
+        creds = Credentials.from_files(self.path("alice", "client.crt"),
+                                       self.path("alice", "client.key"),
+                                       self.path("alice", "ca.crt"))
+        self.assertEqual(str(creds.identity), "client:alice")
+        ca = pki.load_cert(os.path.join(self.state, "ca.crt"))
+        self.assertEqual(pki.fingerprint(creds.ca_certs[0]), pki.fingerprint(ca))
+        check_peer(creds.cert, [], [ca], PeerIdentity("client", "alice"), time.time())
         key = pki.read_mac_key(self.path("alice", "mac.key"))
         self.assertEqual(self.registry().client("alice").mac_key, key)
 
-        self.ok("client", "add", "bob", "--state-dir", self.state,
-                "--lobby", "lobby.example.org:3479", "--out", self.path("bob"))
+        out = self.ok("client", "add", "bob", "--state-dir", self.state,
+                      "--lobby", "lobby.example.org:3479", "--out", self.path("bob"))
+        self.assertNotIn("made a CA", out)  # alice's CA issues bob's certificate too
+        bob = pki.load_cert(self.path("bob", "client.crt"))
+        check_peer(bob, [], [ca], PeerIdentity("client", "bob"), time.time())
         self.assertIn("already exists", self.fails(
             "client", "add", "bob", "--state-dir", self.state,
             "--lobby", "lobby.example.org:3479", "--out", self.path("bob2")))
@@ -561,15 +582,37 @@ class LibraryTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(self.path("b1")))
 
     def test_client_lifecycle(self):
-        """Clients need no CA: the state directory and registry are made."""
-        self.assertFalse(provision.add_client(self.state, "alice", self.path("alice"),
-                                              lobby="lobby.example.org:3479"))
+        """The state directory, its registry and a CA are made for a first client."""
+        first = provision.add_client(self.state, "alice", self.path("alice"),
+                                     lobby="lobby.example.org:3479")
+        self.assertEqual((first.replaced, first.made_ca), (False, True))
         with open(self.path("alice", "client.toml"), "rb") as f:
             self.assertEqual(tomllib.load(f)["client"]["lobby"], "lobby.example.org:3479")
-        self.assertTrue(provision.add_client(self.state, "alice", self.path("alice2"),
-                                             lobby="[::1]:3479", replace=True))
+        again = provision.add_client(self.state, "alice", self.path("alice2"),
+                                     lobby="[::1]:3479", replace=True)
+        self.assertEqual((again.replaced, again.made_ca), (True, False))
+        self.assertNotEqual(pki.fingerprint(again.cert), pki.fingerprint(first.cert))
         self.assertEqual([c.id for c in provision.clients(self.state)], ["alice"])
         self.assertIsNone(provision.remove_client(self.state, "alice").revoked)
         e = self.assertRaises(provision.ProvisionError, provision.add_client, self.state,
                               "_bad", self.path("bad"), lobby="lobby.example.org:3479")
         self.assertIn("invalid client ID", str(e))
+        e = self.assertRaises(provision.ProvisionError, provision.add_client, self.state,
+                              "carol", self.path("carol"), lobby="lobby.example.org:3479",
+                              years=6)
+        self.assertIn("--years must be 1 to 5", str(e))
+        self.assertFalse(os.path.exists(self.path("carol")))
+
+    def test_client_certificate_from_the_relays_ca(self):
+        """In a relay's state directory, clients and devices share the relay's CA."""
+        relay = provision.init_relay(self.state, "relay.example.org", udp="0.0.0.0:7478")
+        bundle = provision.add_client(self.state, "alice", self.path("alice"),
+                                      lobby="lobby.example.org:3479", years=2)
+        self.assertFalse(bundle.made_ca)
+        identity = check_peer(bundle.cert, [], [relay.ca_cert], PeerIdentity("client", "alice"),
+                              time.time())
+        self.assertEqual(str(identity), "client:alice")
+        lifetime = bundle.cert.not_valid_after_utc - bundle.cert.not_valid_before_utc
+        self.assertLess(lifetime.days, 3 * 365)
+        with open(self.path("alice", "ca.crt"), "rb") as f:
+            self.assertEqual(f.read(), pki.cert_pem(relay.ca_cert))

@@ -1,0 +1,606 @@
+# -*- test-case-name: tests.unit.test_peer_streams,tests.process.test_peer_streams -*-
+"""
+End-to-end encrypted streams between two peers, over the P2P path the
+lobby set up: QUIC (L{p2pnat.quic}) on the path's own sockets, and TCP
+port forwarding over its streams.
+
+    path = yield client.connect("bob")                     # alice, who connected
+    streams = yield connect_streams(path, credentials)     # QUIC to client:bob
+    streams.open_stream("ssh", protocol)
+
+    def on_path(path):                                     # bob, who was connected to
+        accept_streams(path, credentials, {"ssh": factory})
+
+The side that asked the lobby for the path opens the QUIC connection; the
+other accepts exactly the peer the lobby introduced (``client:PEERID``):
+a certificate from the deployment's CA naming anyone else is refused in
+the handshake.  Neither the lobby nor a relay can read or alter what the
+streams carry: they see QUIC packets only.
+
+How the packets travel (L{PathStreams}):
+
+- on a direct path, as QUIC datagrams on the punched socket itself, beside
+  the path's p2pnat frames (the first byte tells them apart, as
+  ``docs/quic.rst`` says: QUIC has bit 0x40 set, p2pnat frames and STUN do
+  not);
+- on a path the lobby relays, inside the path's own datagrams (the lobby
+  relays nothing else): a QUIC packet is up to 1200 bytes and a path
+  datagram carries at most L{M.MAX_PAYLOAD}, so each packet goes in
+  fragments (L{fragments}, L{Reassembly}).  On such a path, the path's
+  datagrams that begin with L{FRAGMENT} belong to QUIC; the application's
+  other datagrams still reach C{on_datagram}.
+
+QUIC itself sees one fixed peer address: the path picks the route of each
+packet (direct when it is, else relayed) and follows the peer's NAT
+rebinding and a later upgrade from relayed to direct, so the connection
+carries on across those without QUIC's own migration.
+
+The TCP side: L{TcpForwardFactory} (each accepted TCP connection becomes a
+stream to one service of the peer) and L{TcpServiceFactory} (each
+incoming stream for a service is connected to a TCP address), both with
+back-pressure both ways and half-close passed on.
+"""
+
+import collections
+import struct
+import weakref
+
+from twisted.internet import defer, endpoints, error, interfaces, protocol
+from zope.interface import implementer
+
+from p2pnat.daemon.logs import Logger
+from p2pnat.peer.sockets import SessionPort
+from p2pnat.protocol import p2p as M
+from p2pnat.quic import HandshakeFailed, PeerIdentity, QuicSocket, is_quic
+
+#: First byte of a path datagram that carries a fragment of a QUIC packet
+#: (a relayed path).  0xFF begins no UTF-8 text and no WireGuard message.
+FRAGMENT = 0xFF
+_FRAGMENT_HEAD = struct.Struct("!BHB")  # FRAGMENT, packet number, index << 4 | count
+#: Fragment payload: what fits a path datagram after the fragment header.
+FRAGMENT_DATA = M.MAX_PAYLOAD - _FRAGMENT_HEAD.size
+#: A QUIC packet is at most this long (aioquic's datagrams are 1200 bytes).
+MAX_PACKET = 15 * FRAGMENT_DATA
+#: QUIC connections one path's socket holds (a reconnect may overlap the
+#: connection it replaces until that one times out).
+MAX_CONNECTIONS = 4
+
+
+class StreamsUnavailable(Exception):
+    """QUIC streams cannot run on this path (closed); the message says why."""
+
+
+def fragments(packet, number):
+    """
+    Split a QUIC packet into the path datagrams that carry it on a relayed
+    path, numbered C{number} (mod 2**16).
+    """
+    if not 0 < len(packet) <= MAX_PACKET:
+        raise ValueError(f"a QUIC packet of {len(packet)} bytes")
+    count = -(-len(packet) // FRAGMENT_DATA)
+    return [_FRAGMENT_HEAD.pack(FRAGMENT, number & 0xFFFF, i << 4 | count)
+            + packet[i * FRAGMENT_DATA:(i + 1) * FRAGMENT_DATA] for i in range(count)]
+
+
+class Reassembly:
+    """
+    Put relayed QUIC packets together again from their L{fragments}.
+
+    At most C{limit} packets wait for missing fragments; beyond that the
+    oldest is forgotten (a lost fragment loses its packet, and QUIC sends
+    the data again).  Malformed fragments are counted in C{malformed} and
+    dropped.
+    """
+
+    def __init__(self, limit=32):
+        self.limit = limit
+        self.pending = collections.OrderedDict()  # number -> [count, {index: data}]
+        self.malformed = 0
+
+    def add(self, datagram):
+        """Take one fragment; return the whole packet once it is complete, else None."""
+        if len(datagram) <= _FRAGMENT_HEAD.size:
+            self.malformed += 1
+            return None
+        tag, number, part = _FRAGMENT_HEAD.unpack_from(datagram)
+        index, count = part >> 4, part & 0x0F
+        if tag != FRAGMENT or not index < count:
+            self.malformed += 1
+            return None
+        data = datagram[_FRAGMENT_HEAD.size:]
+        if count == 1:
+            return data
+        entry = self.pending.get(number)
+        if entry is None or entry[0] != count:
+            entry = self.pending[number] = [count, {}]
+            while len(self.pending) > self.limit:
+                self.pending.popitem(last=False)
+        entry[1][index] = data
+        if len(entry[1]) < count:
+            return None
+        del self.pending[number]
+        return b"".join(entry[1][i] for i in range(count))
+
+
+class _Tap:
+    """
+    The QUIC datagrams that arrive on one of a path's sockets.
+
+    A path's sockets belong to L{p2pnat.net.udp.ControlProtocol}s, which
+    drop whatever is neither a p2pnat frame nor STUN.  A tap stands in
+    front of one (it replaces the instance's C{datagramReceived}, and puts
+    it back when the last path using it goes), hands QUIC datagrams to the
+    L{PathStreams} of the path they came for and everything else, as
+    before, to the C{ControlProtocol}.  A socket shared by many sessions
+    (L{p2pnat.peer.sockets.SharedSocket}) may carry many paths: a QUIC
+    datagram goes to the path whose peer sends from its address, or, with
+    one path only, to that path (its peer's NAT may have rebound; QUIC
+    authenticates every packet anyway).
+    """
+
+    @classmethod
+    def on(cls, proto):
+        """The tap on C{proto}, made if there is none."""
+        tap = _TAPS.get(proto)
+        if tap is None:
+            tap = _TAPS[proto] = cls(proto)
+        return tap
+
+    def __init__(self, proto):
+        self.proto = proto
+        self.streams = []
+        self.own = "datagramReceived" in vars(proto)  # not the class's method
+        self.passed = proto.datagramReceived
+        proto.datagramReceived = self.datagramReceived
+
+    def add(self, streams):
+        if streams not in self.streams:
+            self.streams.append(streams)
+
+    def remove(self, streams):
+        if streams in self.streams:
+            self.streams.remove(streams)
+        if not self.streams and _TAPS.get(self.proto) is self:
+            del _TAPS[self.proto]
+            if self.own:
+                self.proto.datagramReceived = self.passed
+            else:
+                del self.proto.datagramReceived  # the class's method again
+
+    def datagramReceived(self, data, addr):
+        if data and is_quic(data) and self.streams:
+            addr = addr[:2]
+            for streams in self.streams:
+                if streams.peer_address() == addr:
+                    return streams.packet_received(data)
+            if len(self.streams) == 1:
+                return self.streams[0].packet_received(data)
+        return self.passed(data, addr)
+
+
+#: ControlProtocol -> its L{_Tap}.
+_TAPS = weakref.WeakKeyDictionary()
+
+
+def _raw(proto):
+    """The ControlProtocol under a path's socket (a shared socket's lease is not one)."""
+    return proto.shared.proto if isinstance(proto, SessionPort) else proto
+
+
+class _PathTransport:
+    """The transport of a path's L{QuicSocket}: every packet takes the path's route now."""
+
+    def __init__(self, streams):
+        self.streams = streams
+
+    def write(self, data, addr):
+        self.streams.send_packet(data)
+
+    def getHost(self):
+        path = self.streams.path
+        route = path.direct or path.relayed
+        if route is None or route[0].transport is None:
+            return None
+        return route[0].transport.getHost()
+
+
+class PathStreams:
+    """
+    QUIC over one L{p2pnat.peer.path.Path} (see the module): made by
+    L{connect_streams} or L{accept_streams}.
+
+    @ivar socket: the L{QuicSocket} of the path.
+    @ivar endpoint: the L{p2pnat.quic.QuicEndpoint} of the connection once
+        it is up (on the accepting side, the latest one the peer opened).
+    @ivar on_datagram: the application's handler of the path's datagrams
+        that are not QUIC (the path's own C{on_datagram} before).
+    @ivar on_connection: called with each QUIC endpoint that comes up.
+    """
+
+    log = Logger(namespace="p2pnat.streams")
+
+    def __init__(self, path, credentials, **options):
+        if path.mode == "closed" or (path.direct is None and path.relayed is None):
+            raise StreamsUnavailable(f"the path to {path.peer} is not up")
+        if credentials.identity is None:
+            raise StreamsUnavailable("our certificate names no p2pnat peer")
+        self.path = path
+        self.peer = PeerIdentity("client", path.peer)
+        self.endpoint = None
+        self.on_connection = lambda endpoint: None
+        self.on_datagram = path.on_datagram or (lambda payload: None)
+        self.reassembly = Reassembly()
+        self.packets_sent = {"direct": 0, "relayed": 0}
+        self._number = 0
+        self._taps = []
+        route = path.direct or path.relayed
+        #: What QUIC takes for the peer's address, always: the path routes.
+        self.address = route[1]
+        options.setdefault("max_connections", MAX_CONNECTIONS)
+        self.socket = QuicSocket(path.clock, credentials, **options)
+        self.socket.makeConnection(_PathTransport(self))
+        path.on_datagram = self._path_datagram
+        path.route_changed = self._route_changed
+        self._route_changed()
+
+    # -- for applications ----------------------------------------------------------
+
+    def open_stream(self, service, protocol):
+        """
+        Open a stream to the peer's C{service} (see
+        L{p2pnat.quic.QuicEndpoint.open_stream}).
+
+        @raise ConnectionError: if no QUIC connection is up.
+        """
+        if self.endpoint is None:
+            raise ConnectionError(f"no QUIC connection to {self.peer}")
+        return self.endpoint.open_stream(service, protocol)
+
+    def close(self, reason="closed"):
+        """Close the QUIC connections and let go of the path's sockets; the path stays."""
+        self.socket.close_all(reason)
+        if self.path.route_changed == self._route_changed:
+            self.path.route_changed = lambda: None
+        if self.path.on_datagram == self._path_datagram:
+            self.path.on_datagram = self.on_datagram
+        for tap in self._taps:
+            tap.remove(self)
+        self._taps = []
+
+    # -- the path's side -------------------------------------------------------------
+
+    def peer_address(self):
+        """Where the peer's direct traffic comes from now (None if relayed)."""
+        return self.path.direct[1] if self.path.direct is not None else None
+
+    def send_packet(self, data):
+        """Send one QUIC packet by the path's route now (see the module)."""
+        path = self.path
+        if path.mode == "closed":
+            raise ConnectionError("path closed")
+        if path.direct is not None:
+            proto, addr, _ = path.direct
+            proto.send(data, addr, "quic")
+            self.packets_sent["direct"] += 1
+        elif path.relayed is not None:
+            self._number += 1
+            for part in fragments(data, self._number):
+                path.send(part)
+            self.packets_sent["relayed"] += 1
+        else:
+            raise ConnectionError("path not up")
+
+    def packet_received(self, data):
+        """A QUIC packet from the peer, by either route."""
+        self.socket.datagramReceived(data, self.address)
+
+    def _path_datagram(self, payload):
+        if payload[:1] == bytes([FRAGMENT]):
+            malformed = self.reassembly.malformed
+            packet = self.reassembly.add(payload)
+            if packet is not None:
+                self.packet_received(packet)
+            elif self.reassembly.malformed > malformed:
+                self.socket.drop_log("malformed-fragment", self.address, f"{len(payload)} bytes")
+        else:
+            self.on_datagram(payload)
+
+    def _route_changed(self):
+        path = self.path
+        if path.mode == "closed":
+            self.log.info("path to {peer} closed: closing its QUIC connections",
+                          peer=path.peer)
+            self.close("path closed")
+            return
+        protos = [route[0] for route in (path.direct,) if route is not None] + list(path.standby)
+        wanted = []
+        for proto in protos:
+            raw = _raw(proto)
+            if raw.transport is not None and all(raw is not t.proto for t in wanted):
+                wanted.append(_Tap.on(raw))
+        for tap in self._taps:
+            if tap not in wanted:
+                tap.remove(self)
+        for tap in wanted:
+            tap.add(self)
+        self._taps = wanted
+
+    def _accepted(self, endpoint):
+        self.endpoint = endpoint
+        self.on_connection(endpoint)
+
+
+def connect_streams(path, credentials, *, services=None, **options):
+    """
+    Open the QUIC connection over C{path} to the peer it leads to
+    (``client:PEER``), as the side that asked for the path.
+
+    @param credentials: our L{p2pnat.quic.Credentials} (``p2pnat client
+        add`` writes them into the client's bundle).
+    @param services: service name -> factory, for streams the peer opens.
+    @return: a Deferred firing with the L{PathStreams} once both sides are
+        authenticated, or failing with L{HandshakeFailed} (the peer
+        refused us, or its certificate names someone else) or
+        L{StreamsUnavailable}.
+    """
+    try:
+        streams = PathStreams(path, credentials, **options)
+    except StreamsUnavailable:
+        return defer.fail()
+    d = streams.socket.connect(streams.address, streams.peer, services=services)
+
+    def up(endpoint):
+        streams._accepted(endpoint)
+        endpoint.closed.addCallback(lambda closed: _forget(streams, endpoint))
+        return streams
+
+    def failed(reason):
+        streams.close("handshake failed")
+        return reason
+
+    return d.addCallbacks(up, failed)
+
+
+def _forget(streams, endpoint):
+    if streams.endpoint is endpoint:
+        streams.endpoint = None
+
+
+def accept_streams(path, credentials, services, *, on_connection=None, **options):
+    """
+    Accept the QUIC connection of the peer C{path} leads to, as the side
+    that was connected to: only a certificate naming ``client:PEER`` (the
+    peer the lobby introduced) is accepted.
+
+    @param services: service name -> factory for the peer's streams; a
+        stream for any other name is refused.
+    @param on_connection: called with each L{p2pnat.quic.QuicEndpoint}
+        once it is up.
+    @return: the L{PathStreams}.
+    @raise StreamsUnavailable: the path is closed.
+    """
+    streams = PathStreams(path, credentials, **options)
+    if on_connection is not None:
+        streams.on_connection = on_connection
+
+    def accepted(endpoint):
+        streams._accepted(endpoint)
+        endpoint.closed.addCallback(lambda closed: _forget(streams, endpoint))
+
+    streams.socket.listen([streams.peer], accepted, services=services)
+    return streams
+
+
+# -- TCP over streams ---------------------------------------------------------------
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class _Half(protocol.Protocol):
+    """
+    One half of a L{_Splice}: a TCP connection's protocol or a QUIC
+    stream's.  What it reads, the other half's transport writes; the end of
+    its input ends the other's output.
+    """
+
+    other = None
+    closed = False
+    input_ended = False
+
+    def __init__(self, splice):
+        self.splice = splice
+        self.early = []
+
+    def dataReceived(self, data):
+        self.splice.count(self, len(data))
+        if self.other is None:
+            # Only a stream before its TCP connection is made: the stream is
+            # paused, so the peer can send at most one window.
+            self.early.append(data)
+        elif self.other.transport is not None:
+            self.other.transport.write(data)
+
+    def readConnectionLost(self):
+        self.input_ended = True
+        if self.other is not None:
+            self.splice.pass_end(self)
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        self.closed = True
+        self.splice.half_lost(self, reason)
+
+
+class _Splice:
+    """
+    A TCP connection and a QUIC stream, joined (L{join}): each transport is
+    the producer of the other, so a slow reader on one side slows the
+    writer on the other instead of filling memory; half-close is passed
+    on; an error on one side aborts the other.  Reports its end once.
+    """
+
+    def __init__(self, events, peer, service, direction):
+        self.events = events
+        self.peer = peer
+        self.service = service
+        self.direction = direction
+        self.tcp = _Half(self)
+        self.stream = _Half(self)
+        self.bytes = {"sent": 0, "received": 0}
+        self.stream_id = None
+        self.error = None
+        self.done = False
+
+    def count(self, half, n):
+        self.bytes["sent" if half is self.tcp else "received"] += n
+
+    def opened(self):
+        self.stream_id = self.stream.transport.stream_id
+        self.events("stream-opened", peer=str(self.peer), service=self.service,
+                    stream=self.stream_id, direction=self.direction)
+
+    def join(self):
+        """Both transports are connected: start passing bytes."""
+        tcp, stream = self.tcp, self.stream
+        tcp.other, stream.other = stream, tcp
+        stream.transport.registerProducer(tcp.transport, True)
+        tcp.transport.registerProducer(stream.transport, True)
+        for half in (tcp, stream):
+            early, half.early = half.early, []
+            for data in early:
+                half.other.transport.write(data)
+            if half.input_ended:
+                self.pass_end(half)
+
+    def pass_end(self, half):
+        """C{half}'s input ended: end the other's output once it wrote what came before."""
+        other = half.other
+        if other.transport is None or other.closed:
+            return
+        # A TCP transport with a paused producer would wait for it instead
+        # of closing (Twisted's FileDescriptor.doWrite); nothing comes from
+        # this half any more anyway.
+        other.transport.unregisterProducer()
+        other.transport.loseWriteConnection()
+
+    def half_lost(self, half, reason):
+        other = self.stream if half is self.tcp else self.tcp
+        if not reason.check(error.ConnectionDone):
+            self.error = self.error or reason.getErrorMessage()
+        if other.transport is not None and not other.closed:
+            for h in (half, other):
+                if h.transport is not None:
+                    h.transport.unregisterProducer()
+            if self.error:
+                other.transport.abortConnection()
+            else:
+                other.transport.loseConnection()
+        if self.tcp.closed and self.stream.closed and not self.done:
+            self.done = True
+            fields = dict(peer=str(self.peer), service=self.service, stream=self.stream_id,
+                          direction=self.direction, **self.bytes)
+            if self.error:
+                fields["error"] = self.error
+            self.events("stream-closed", **fields)
+
+    def fail(self, why):
+        """The splice could not be made (no connection, TCP connect refused)."""
+        self.error = why
+        self.done = True
+        self.events("stream-failed", peer=str(self.peer), service=self.service,
+                    stream=self.stream_id, direction=self.direction, error=why)
+        for half in (self.tcp, self.stream):
+            if half.transport is not None and not half.closed:
+                half.transport.abortConnection()
+
+
+def _no_events(name, **fields):
+    pass
+
+
+class TcpForwardFactory(protocol.Factory):
+    """
+    Listen side of a forward (``peer connect --forward-tcp``): each TCP
+    connection accepted becomes a stream to C{service} of the peer that
+    C{streams} (a L{PathStreams}) leads to, spliced both ways.
+
+    @param events: called as C{events(name, **fields)} for
+        ``stream-opened``, ``stream-closed`` (with bytes sent and received,
+        and an error if it ended by one) and ``stream-failed``.
+    """
+
+    def __init__(self, streams, service, events=_no_events):
+        self.streams = streams
+        self.service = service
+        self.events = events
+
+    def buildProtocol(self, addr):
+        splice = _Splice(self.events, self.streams.peer, self.service, "out")
+        tcp = splice.tcp
+        tcp.connectionMade = lambda: self._open(splice)
+        return tcp
+
+    def _open(self, splice):
+        try:
+            self.streams.open_stream(self.service, splice.stream)
+        except ConnectionError as e:
+            return splice.fail(str(e))
+        splice.opened()
+        splice.join()
+
+
+class TcpServiceFactory(protocol.Factory):
+    """
+    Accepting side (``peer wait --service NAME=HOST:PORT``): each stream
+    for the service is connected to the TCP address C{(host, port)}; the
+    stream waits (paused: QUIC's flow control holds the peer) until the
+    TCP connection is made, and is reset if it cannot be.
+
+    @param events: as for L{TcpForwardFactory}.
+    """
+
+    def __init__(self, reactor, service, host, port, events=_no_events):
+        self.reactor = reactor
+        self.service = service
+        self.target = (host, port)
+        self.events = events
+
+    def buildProtocol(self, addr):
+        splice = _Splice(self.events, addr.peer, self.service, "in")
+        stream = splice.stream
+        stream.connectionMade = lambda: self._connect(splice)
+        return stream
+
+    def _connect(self, splice):
+        splice.stream.transport.pauseProducing()
+        splice.opened()
+        endpoint = endpoints.HostnameEndpoint(self.reactor, *self.target)
+        d = endpoint.connect(_Once(splice.tcp))
+
+        def connected(_):
+            if splice.stream.closed:
+                splice.tcp.transport.loseConnection()
+                return
+            splice.join()
+            splice.stream.transport.resumeProducing()
+
+        def failed(reason):
+            splice.fail(f"cannot connect to {self.target[0]}:{self.target[1]}:"
+                        f" {reason.getErrorMessage()}")
+
+        d.addCallbacks(connected, failed)
+
+
+class _Once(protocol.Factory):
+    """A client factory for one protocol made beforehand."""
+
+    def __init__(self, proto):
+        self.proto = proto
+
+    def buildProtocol(self, addr):
+        return self.proto
+
+
+__all__ = ["FRAGMENT", "HandshakeFailed", "PathStreams", "Reassembly", "StreamsUnavailable",
+           "TcpForwardFactory", "TcpServiceFactory", "accept_streams", "connect_streams",
+           "fragments"]
