@@ -401,7 +401,7 @@ class AnswerAck(Message):
 
 #: Reasons of a L{Refusal}.
 REFUSALS = {1: "no such client", 2: "peer offline", 3: "refused by the peer",
-            4: "too many requests", 5: "not logged in"}
+            4: "too many requests", 5: "not logged in", 6: "lobby cluster unavailable"}
 
 
 @register

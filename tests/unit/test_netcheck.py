@@ -268,3 +268,25 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("IPV4:          yes", untested)
         self.assertIn("  hairpinning: not tested", untested)
         self.assertNotIn("lifetime", untested)
+
+
+class MappingHelpsTests(SynchronousTestCase):
+    """When a port mapping the gateway offers makes a path direct (as p2pnat peer uses one)."""
+
+    OFFERED = {"pcp": True, "nat-pmp": False, "upnp": False, "external": None}
+
+    def test_offered_behind_a_nat(self):
+        self.assertTrue(V.mapping_helps(BEHAVIOURS["random"], self.OFFERED))
+        self.assertTrue(V.mapping_helps(BEHAVIOURS["random"], dict(self.OFFERED, external=PUBLIC[0])))
+
+    def test_not_offered(self):
+        self.assertFalse(V.mapping_helps(BEHAVIOURS["random"], dict(self.OFFERED, pcp=False)))
+        self.assertFalse(V.mapping_helps(BEHAVIOURS["random"], None))
+
+    def test_no_nat_or_unknown(self):
+        self.assertFalse(V.mapping_helps(BEHAVIOURS["public"], self.OFFERED))
+        self.assertFalse(V.mapping_helps(None, self.OFFERED))
+
+    def test_gateway_behind_another_nat(self):
+        """A home router behind a carrier-grade NAT maps a port of an address nobody reaches."""
+        self.assertFalse(V.mapping_helps(BEHAVIOURS["random"], dict(self.OFFERED, external="100.64.0.7")))
