@@ -19,10 +19,10 @@ One dual-stack lab for the whole module (:class:`CandidateTests`):
   attempt adds no more than its budget to the time to the path (measured
   against ``--no-portmap`` runs and printed);
 - dual-stack hosts behind routers with ``ipv6=True`` (stateful IPv6
-  firewall, no NAT66) whose IPv4 side is cone (``c6``), symmetric
-  sequential (``q6``) or symmetric random (``r6``, ``s6``) connect in four
-  pairs, symmetric random on both ends among them: every path is direct
-  over IPv6.
+  firewall, no NAT66) whose IPv4 side is cone, symmetric sequential,
+  symmetric random or double NAT connect in every pair of those kinds,
+  each kind with itself too (symmetric random on both ends among them):
+  every path is direct over IPv6.
 
 Needs root, ``ip``, ``nft``, ``conntrack`` and ``miniupnpd``
 (``miniupnpd-nftables``): skips with the reason otherwise, and fails
@@ -44,9 +44,12 @@ SLACK = 0.5
 #: The routers granting mappings: host name -> the one protocol on.
 MAPPING_HOSTS = {"apcp": "pcp", "apmp": "nat-pmp", "aupnp": "upnp"}
 #: The dual-stack hosts' IPv4 NAT kinds, and the pairs (A, B) that connect.
-V6_HOSTS = {"c6": "cone", "q6": "symmetric-sequential", "r6": "symmetric-random",
-            "s6": "symmetric-random"}
-V6_PAIRS = (("c6", "q6"), ("c6", "r6"), ("q6", "r6"), ("s6", "r6"))
+V6_HOSTS = {"c6": "cone", "c7": "cone", "q6": "symmetric-sequential",
+            "q7": "symmetric-sequential", "r6": "symmetric-random", "s6": "symmetric-random",
+            "d6": "double", "d7": "double"}
+#: Every pair of kinds, each kind with itself too.
+V6_PAIRS = (("c6", "c7"), ("c6", "q6"), ("c6", "r6"), ("c6", "d6"), ("q6", "q7"),
+            ("q6", "r6"), ("q6", "d6"), ("s6", "r6"), ("r6", "d6"), ("d6", "d7"))
 #: Runs with and without port mapping for the relayed timing.
 TIMING_RUNS = 2
 
