@@ -178,6 +178,12 @@ def _run(args, work, P):
     nodes = [Node(P, name, states[name], redis.url(), node_args) for name in NODES]
     S.wait_until(lambda: redis.command("HLEN", "p2pnat:registry") >= 3 * n, 300,
                  "the registry merged into redis", nodes[0].proc, interval=0.5)
+    # Every node merges its (identical) registry at start: done when no
+    # merge script has run for 3 s.
+    evals = []
+    S.wait_until(lambda: evals.append(redis.commandstats().get("eval", 0))
+                 or (len(evals) > 6 and evals[-1] == evals[-7]), 300,
+                 "the nodes' start-up merges done", nodes[0].proc, interval=0.5)
     S.say(f"cluster_notify: 3 nodes with {3 * n} devices up and merged in"
           f" {time.monotonic() - t:.1f}s")
     sims = start_sims(P, args, seed, 3 * n, [x.udp_port for x in nodes], "cluster")
