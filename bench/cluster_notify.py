@@ -39,13 +39,12 @@ lower N.
 import argparse
 import os
 import shutil
-import socket
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _support as S  # noqa: E402
-from cluster_session import Node, Redis, cluster_states  # noqa: E402
+from cluster_session import Node, Redis, cluster_states, in_workdir  # noqa: E402
 from notify_scale import SIM, last_status, register, udp_drops  # noqa: E402
 
 NODES = ("n1", "n2", "n3")
@@ -138,15 +137,7 @@ def main():
         raise S.BenchError("--devices 100-300000 and --window 5-600 s, please")
     if not 30 <= args.period <= 3600:
         raise S.BenchError("--period 30-3600 s, please")
-    work = S.workdir("cluster-notify")
-    try:
-        with S.Processes(work) as P:
-            _run(args, work, P)
-    finally:
-        if args.keep:
-            S.say(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    in_workdir("cluster-notify", args, _run)
 
 
 def _run(args, work, P):

@@ -228,10 +228,15 @@ def main():
     args = ap.parse_args()
     if not 5 <= args.rounds <= 5000:
         raise S.BenchError("--rounds 5-5000, please")
-    work = S.workdir("cluster-session")
+    in_workdir("cluster-session", args, _run)
+
+
+def in_workdir(name, args, run):
+    """C{run(args, work, processes)} in a new work directory, removed after unless --keep."""
+    work = S.workdir(name)
     try:
         with S.Processes(work) as P:
-            _run(args, work, P)
+            run(args, work, P)
     finally:
         if args.keep:
             S.say(f"work directory kept: {work}")

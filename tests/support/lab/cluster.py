@@ -187,11 +187,7 @@ class ClusterLab(RelayLab):
         starts = {name: len(proc.stdout()) for name, proc in self.daemons.items()}
         self.relay = None  # RelayLab's single relay: none here
         for device in devices:
-            device.agent = device.host.popen(
-                procs.twistd("device-agent", "--config", os.path.join(device.bundle, "agent.toml"),
-                             "--agent-notify-b-interval", str(device.b_interval),
-                             *device.agent_args),
-                cwd=procs.REPO, env=procs.env())
+            self.spawn_agent(device)
         for device in devices:
             node = device.order[0]
             self.wait_online_at(node, device.id, starts[node], timeout)
