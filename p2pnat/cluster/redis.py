@@ -67,6 +67,8 @@ COMMAND_TIMEOUT = 2.0
 PUSH_BATCH = 200
 #: Devices named in one registry message.
 MESSAGE_IDS = 100
+#: Records read (and decoded) per page when a node reads the whole registry.
+RELOAD_PAGE = 500
 
 
 def live_key(device_id):
@@ -506,8 +508,26 @@ class RedisState:
                                             "v": str(reply[0])})
 
     async def _reload(self, version):
-        found = await self.link.command("HGETALL", REGISTRY)
-        self.relay.apply_records(self._decode(pairs(found)))
+        """
+        Read the whole registry again.  A registry larger than a page is
+        read in pages (HSCAN), each decoded and applied before the next is
+        asked for: read at once, tens of thousands of records held the
+        reactor (parsing, unsealing) longer than L{COMMAND_TIMEOUT}, other
+        commands' timers fired before their answers were read, the node
+        dropped its connection, and the reconnection read everything again.
+        """
+        size = await self.link.command("HLEN", REGISTRY)
+        if int(size or 0) <= RELOAD_PAGE:
+            found = await self.link.command("HGETALL", REGISTRY)
+            self.relay.apply_records(self._decode(pairs(found)))
+        else:
+            cursor = "0"
+            while True:
+                cursor, found = await self.link.command("HSCAN", REGISTRY, cursor,
+                                                        "COUNT", RELOAD_PAGE)
+                self.relay.apply_records(self._decode(pairs(found)))
+                if str(cursor) == "0":
+                    break
         self._seen_version = version
 
     def _decode(self, texts):

@@ -317,8 +317,13 @@ class Relay:
             self.count("reused")
             return TunnelRequest(succeed((t, True)))
         local = self.devices.reachable(device_id, self.clock.seconds())
-        if isinstance(local, Refusal) and self.cluster.shared:
-            return self._request_remote(device_id)
+        if self.cluster.shared and (isinstance(local, Refusal) or local.socket is None):
+            # No notify reached this node since it started: the address and
+            # last access it has came from its own store, and the device may
+            # report to another node now (it moved while this one was down).
+            # The live entry says who owns it.
+            return self._request_remote(device_id, heard_before=local is not None
+                                        and not isinstance(local, Refusal))
         return self._start_session(device_id, self._send_connect)
 
     def _start_session(self, device_id, send):
@@ -336,13 +341,19 @@ class Relay:
 
         return TunnelRequest(session.ready.addCallback(lambda t: (t, False)), cancel)
 
-    def _request_remote(self, device_id):
+    def _request_remote(self, device_id, heard_before=False):
         """
         A tunnel to a device not live on this node: its live entry names
         the node its notifies reach, which sends the connect request for a
         session of this node (the tunnel lands here, where the terminal
         waits).  Fails with L{Unreachable} when no node has it live, or the
         shared state cannot be reached.
+
+        With C{heard_before} (this node's store has a recent notify A of the
+        device, but no notify reached this process yet: it restarted) an
+        entry naming this node means the device still reports here: the
+        session waits for its next notify, as a single relay does after a
+        restart.
         """
         ready = Deferred()
         inner = []  # the session's TunnelRequest, once located
@@ -360,13 +371,16 @@ class Relay:
             if entry is None:
                 return ready.errback(Unreachable(NEVER_SEEN))
             if entry.stale(self.clock.seconds(), self.devices.period) \
-                    or entry.node == self.cluster.node:
+                    or (entry.node == self.cluster.node and not heard_before):
                 return ready.errback(Unreachable(STALE))
             d = self.devices.get(device_id)
             if d is None or d.revoked:  # revoked while it was looked up
                 return ready.errback(Unreachable(self.devices.reachable(device_id, 0)))
-            self.count("connect-forwarded")
-            request = self._start_session(device_id, lambda s: forward(entry, s))
+            if entry.node == self.cluster.node:
+                request = self._start_session(device_id, self._send_connect)
+            else:
+                self.count("connect-forwarded")
+                request = self._start_session(device_id, lambda s: forward(entry, s))
             inner.append(request)
             request.ready.chainDeferred(ready)
 

@@ -191,13 +191,17 @@ class RelayLab(LabSetup):
         """Run several devices' agents at once; return once all are online."""
         start = len(self.relay.stdout())
         for device in devices:
-            device.agent = device.host.popen(
-                procs.twistd("device-agent", "--config", os.path.join(device.bundle, "agent.toml"),
-                             "--agent-notify-b-interval", str(device.b_interval),
-                             *device.agent_args),
-                cwd=procs.REPO, env=procs.env())
+            self.spawn_agent(device)
         for device in devices:
             self.wait_online(device.id, start, timeout)
+
+    def spawn_agent(self, device):
+        """Start ``device``'s agent in its host (not waiting for anything)."""
+        device.agent = device.host.popen(
+            procs.twistd("device-agent", "--config", os.path.join(device.bundle, "agent.toml"),
+                         "--agent-notify-b-interval", str(device.b_interval),
+                         *device.agent_args),
+            cwd=procs.REPO, env=procs.env())
 
     def wait_online(self, device_id, start=0, timeout=30):
         """Wait for the relay's "device ID online at ADDR" line; return ADDR."""
