@@ -150,7 +150,7 @@ def cluster_states(work, names, service_port=None, udp_port=9):
     directory copied for the other nodes (as docs/cluster.rst says); their
     paths by node name, and the device's bundle.
     """
-    from p2pnat.relay.tap import terminal_secret
+    from p2pnat.deployment.provision import terminal_secret
 
     first = os.path.join(work, f"state-{names[0]}")
     S.run_cli(["relay", "init", "--state-dir", first, "--hostname", S.HOSTNAME,

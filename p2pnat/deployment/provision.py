@@ -62,6 +62,8 @@ RELAY_CERT = pki.RELAY_CERT_FILE
 RELAY_KEY = pki.RELAY_KEY_FILE
 REGISTRY = registry.REGISTRY_FILE
 DEPLOYMENT = "deployment.toml"
+#: The relay's own secret (terminal_secret).
+TERMINAL_SECRET = "terminal.secret"
 
 AGENT_CONFIG = "agent.toml"
 DEVICE_KEY = pki.DEVICE_KEY_FILE
@@ -227,6 +229,21 @@ def _revoke(state_dir, kind, key_id):
 
 # -- the relay ---------------------------------------------------------------
 
+def terminal_secret(state_dir):
+    """
+    The relay's own secret (0600): it signs terminals' login cookies, and a
+    cluster's nodes derive their shared keys from it.  Made on first use
+    (by ``p2pnat relay init``, or a relay's first start), read afterwards;
+    every node of a cluster must have the same one.
+    """
+    path = os.path.join(state_dir, TERMINAL_SECRET)
+    if os.path.exists(path):
+        return bytes.fromhex(pki.read_secret(path).decode().strip())
+    secret = os.urandom(32)
+    pki.write_secret(path, secret.hex().encode() + b"\n")
+    return secret
+
+
 @_user_errors
 def init_relay_state(state, hostname, *, udp=None, tunnel_port=None, replace=False):
     """
@@ -246,6 +263,9 @@ def init_relay_state(state, hostname, *, udp=None, tunnel_port=None, replace=Fal
     pki.write_public(os.path.join(state, CA_CERT), pki.cert_pem(ca_cert), replace=replace)
     _write_relay_cert(state, relay_cert, relay_key, replace)
     _write_deployment(state, hostname, udp, tunnel_port)
+    # Now, not at the relay's first start: a cluster's nodes are copies of
+    # this directory and must share it.  Kept when it exists (re-init).
+    terminal_secret(state)
     with _open_registry(state, create=True) as reg:
         old_devices = len(reg.devices())
     return ca_cert, relay_cert, old_devices

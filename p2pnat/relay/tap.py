@@ -33,6 +33,7 @@ from p2pnat.daemon.services import (
     startup_errors,
 )
 from p2pnat.deployment import pki
+from p2pnat.deployment.provision import terminal_secret
 from p2pnat.net import fastio
 from p2pnat.net.udp import link_siblings
 from p2pnat.protocol import wire
@@ -694,16 +695,6 @@ def ensure_state(state_dir, hostname):
     RelayService.log.info("no CA in {state_dir}: creating one, and a certificate for"
                           " {hostname}", state_dir=state_dir, hostname=hostname)
     init_relay_state(state_dir, hostname)
-
-
-def terminal_secret(state_dir):
-    """The key signing terminals' login cookies, made on first use (0600)."""
-    path = os.path.join(state_dir, "terminal.secret")
-    if os.path.exists(path):
-        return bytes.fromhex(pki.read_secret(path).decode().strip())
-    secret = os.urandom(32)
-    pki.write_secret(path, secret.hex().encode() + b"\n")
-    return secret
 
 
 #: Seconds a tunnel's TLS session ticket can be resumed.

@@ -123,6 +123,20 @@ class RelayInitTests(CommandTestCase):
             self.assertEqual(tomllib.load(f), {"deployment": {
                 "hostname": "relay.example.org", "udp": "0.0.0.0:3478", "tunnel_port": 443}})
 
+    def test_init_makes_the_relay_secret(self):
+        """
+        relay init makes the relay's own secret (0600), not the relay's first
+        start: the nodes of a cluster are copies of this directory and must
+        share it.  A re-init keeps it.
+        """
+        self.init()
+        path = os.path.join(self.state, "terminal.secret")
+        self.assertEqual(_mode(path), 0o600)
+        secret = open(path).read()
+        self.assertEqual(len(bytes.fromhex(secret.strip())), 32)
+        self.init("--force")
+        self.assertEqual(open(path).read(), secret)
+
     def test_refuses_overwrite(self):
         """An existing CA is kept unless --force; --force replaces it and keeps the registry."""
         self.init()

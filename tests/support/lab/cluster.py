@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 
-from p2pnat.relay.tap import terminal_secret
+from p2pnat.deployment.provision import terminal_secret
 from tests.support import procs
 from tests.support.lab.relay import (HTTPS_PORT, RELAY_HOSTNAME, TUNNEL_PORT, UDP_PORT,
                                      RelayLab, parse_curl)
