@@ -875,7 +875,8 @@ def _schedule_upgrade(client, path, delay=None):
 
         def again(result):
             if path.mode == "relayed":
-                _schedule_upgrade(client, path, min(delay * 2, 300))
+                # A silent path's first attempt comes at once; then the usual pace.
+                _schedule_upgrade(client, path, min(max(delay * 2, client.upgrade_interval), 300))
 
         d.addBoth(again)
 
