@@ -24,7 +24,11 @@ address if it has one (off with ``--no-ipv6``); each is a candidate the
 peer may punch to, and a direct IPv6 path is preferred.
 
 ``--json`` prints one JSON object per event (for scripts and tests); the
-``path`` events say which candidate the direct path runs on; ``quic``,
+``path`` events say which candidate the direct path runs on; ``path``,
+``mode``, ``path-silent`` (the peer was not heard within the detection
+bound: the path recovers over the relay and punches again) and
+``path-back`` events carry ``keepalive``, the path's keepalive interval
+in seconds as learnt from the NAT; ``quic``,
 ``forward-tcp`` and ``stream-opened`` / ``stream-closed`` /
 ``stream-failed`` events tell of the QUIC connection and its streams.
 """
@@ -273,11 +277,18 @@ def _run(args, connect):
 
         def on_mode(mode):
             out.event("mode", f"[{path.peer}: {mode}{_via(path)}]", peer=path.peer, mode=mode,
-                      candidate=path.candidate)
+                      candidate=path.candidate, keepalive=path.keepalive_interval)
             if mode == "closed" and connect:
                 stop()
 
+        def on_event(name, fields):
+            text = {"path-silent": "[{peer}: silent for {silence:g}s; recovering over the"
+                                   " relay, keepalive now {keepalive:g}s]",
+                    "path-back": "[{peer}: heard again after {silence:g}s]"}[name]
+            out.event(name, text.format(peer=path.peer, **fields), peer=path.peer, **fields)
+
         path.on_mode = on_mode
+        path.on_event = on_event
         if forwards and connect:
             return  # the path carries QUIC streams; nothing reads its datagrams
         if services and not connect:
@@ -334,7 +345,8 @@ def _run(args, connect):
 
         def on_path(path):
             out.event("path", f"[{path.peer} connected: {path.mode}{_via(path)}]",
-                      peer=path.peer, mode=path.mode, incoming=True, candidate=path.candidate)
+                      peer=path.peer, mode=path.mode, incoming=True, candidate=path.candidate,
+                      keepalive=path.keepalive_interval)
             forward = C.parse_hostport(args.forward_udp) if getattr(args, "forward_udp",
                                                                       None) else None
             attach(path, forward)
@@ -379,7 +391,8 @@ def _run(args, connect):
                           f" {time.monotonic() - t1:.3f}s]",
                   peer=args.peer, mode=path.mode, seconds=round(time.monotonic() - t1, 4),
                   total=round(time.monotonic() - t0, 4), strategy=strategy, probes=path.probes,
-                  rounds=path.rounds, candidate=path.candidate)
+                  rounds=path.rounds, candidate=path.candidate,
+                  keepalive=path.keepalive_interval)
         listen = getattr(args, "forward_udp_listen", None)
         if forwards:
             attach(path)  # mode events; the path's own datagrams are not read

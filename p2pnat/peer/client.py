@@ -19,6 +19,7 @@ import weakref
 
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.daemon.metrics import Metrics
@@ -67,6 +68,9 @@ class LobbyClient:
         ``"auto"`` (bound to this host's global IPv6 address, if it has
         one: L{p2pnat.peer.discovery.global_ipv6}) or the address to bind.
         Its address is offered to peers as a candidate.
+    @param mapping_lifetime: this NAT's UDP mapping lifetime (seconds) if
+        it was measured (L{p2pnat.peer.netcheck}): every path's keepalive
+        interval starts below it.
     @param portmap: ask the gateway to map a port to a socket of ours:
         None or False (do not), True (with L{p2pnat.portmap.PortMapper}),
         or C{portmap(reactor, internal_port) -> mapper} with that API (a
@@ -85,7 +89,8 @@ class LobbyClient:
 
     def __init__(self, client_id, key, lobby, reactor, *, interface=None, nat=None,
                  accept=None, on_path=None, punch_deadline=None, connect_timeout=12.0,
-                 upgrade_interval=20.0, low_ttl=0, ipv6=None, portmap=None):
+                 upgrade_interval=20.0, low_ttl=0, ipv6=None, portmap=None,
+                 mapping_lifetime=None):
         self.id = client_id
         self.key = key
         self.lobby = lobby
@@ -102,6 +107,8 @@ class LobbyClient:
         self.punch_deadline = punch_deadline
         self.connect_timeout = connect_timeout
         self.upgrade_interval = upgrade_interval
+        self.mapping_lifetime = mapping_lifetime
+        self._recovering = weakref.WeakSet()  # paths with a recovery attempt under way
         self.metrics = Metrics("client")
         self.stamper = wire.Stamper(reactor)
         self.replay = wire.ReplayGuard(self.stamper)
@@ -435,8 +442,47 @@ class LobbyClient:
         path = self.paths.get(peer)
         if path is None or path.mode == "closed":
             path = Path(self, peer)
+            path.health.mapping_lifetime(self.mapping_lifetime)
             self.paths[peer] = path
         return path
+
+    # -- paths that went silent ---------------------------------------------------------
+
+    def path_silent(self, path):
+        """
+        C{path} heard nothing from its peer for its C{dead_after}: connect
+        afresh, relay first (traffic moves to the lobby's relay as soon as
+        both sides are bound), then punch at once for a direct path again.
+
+        Both ends see the silence; the side that made the path (role a)
+        recovers at once, the other only if still silent after a second
+        C{dead_after} (the first side's recovery did not reach it), so
+        that the two do not race with two sessions.  The side invited
+        while its own path is suspect binds the relay at once
+        (L{_Answer}).
+        """
+        if self.paths.get(path.peer) is not path or path in self._recovering:
+            return
+        route = path.direct or path.relayed
+        if route is None or self.proto is None:
+            return
+        if route[2].role != "a" and path.health.silence() < 2 * path.health.dead_after:
+            self.log.info("path to {peer} silent; waiting for the peer to reconnect",
+                          peer=path.peer)
+            return
+        self._recovering.add(path)
+        attempt = _Attempt(self, path.peer, self.connect_timeout, relay_first=path)
+
+        def done(result):
+            self._recovering.discard(path)
+            if isinstance(result, Path):
+                self.log.info("path to {peer} recovered: {mode}", peer=path.peer,
+                              mode=result.mode)
+            else:
+                self.log.info("path to {peer}: recovery failed ({why}); trying again later",
+                              peer=path.peer, why=result.getErrorMessage())
+
+        attempt.start().addBoth(done)
 
 
 class _Side:
@@ -491,7 +537,7 @@ class _Side:
 
     def _relay(self, failure):
         failure.trap(PunchFailed)
-        if self.strategy != "relay":
+        if not self.strategy.startswith("relay"):
             self.strategy = f"relay (after {self.strategy})"
         self.log.info("no direct path to {peer} ({why}); relaying through the lobby",
                       peer=self.session.peer, why=failure.getErrorMessage())
@@ -509,11 +555,16 @@ class _Attempt(_Side):
     #: Seconds kept at the end for the relay fallback.
     RELAY_RESERVE = 3.0
 
-    def __init__(self, client, peer, timeout, path=None):
+    #: Seconds from a silent path's recovery over the relay to its punch.
+    RECOVERY_UPGRADE = 0.5
+
+    def __init__(self, client, peer, timeout, path=None, relay_first=None):
         self.client = client
         self.peer = peer
         self.timeout = timeout
         self.upgrade_of = path
+        #: The silent L{Path} this attempt recovers: relay at once, no punch.
+        self.relay_first = relay_first
         self.result = defer.Deferred()
         self.rounds = 0
         self.probes = 0
@@ -569,9 +620,15 @@ class _Attempt(_Side):
         c = self.client
         key = M.open_session_key(c.key, m.session_id, m.sealed_key)
         self.session = Session(c, m.session_id, key, "a", self.peer)
-        d = self._punch("a", m, self.offered, flags)
-        d.addCallback(self._direct)
-        d.addErrback(self._punch_failed)
+        if self.relay_first is not None:
+            # The path went silent: the relay now, the punch right after
+            # (an upgrade), so that traffic flows meanwhile.
+            self.strategy = "relay (path silent)"
+            d = self._relay(Failure(PunchFailed("the path went silent")))
+        else:
+            d = self._punch("a", m, self.offered, flags)
+            d.addCallback(self._direct)
+            d.addErrback(self._punch_failed)
         d.addBoth(self._finish)
 
     def _punch_failed(self, failure):
@@ -610,7 +667,11 @@ class _Attempt(_Side):
             if result.mode == "relayed":
                 result.rounds = self.rounds
                 result.probes = self.probes  # every round's (the relay sends none)
-                _schedule_upgrade(self.client, result)
+                _schedule_upgrade(self.client, result,
+                                  self.RECOVERY_UPGRADE if self.relay_first is not None else None)
+            # The application holds this Path: the peer's own recovery
+            # (an introduction the other way) must not announce it again.
+            self.client._announced.add(result)
             self.result.callback(result)
         else:
             self.result.errback(result)
@@ -665,9 +726,17 @@ class _Answer(_Side):
         m = self.invite
         key = M.open_session_key(c.key, m.session_id, m.sealed_key)
         self.session = Session(c, m.session_id, key, "b", m.peer)
-        # The seed: B sends its probe right after answering.
-        d = self._punch("b", m, self.offered, self.flags)
-        d.addCallback(self._direct)
+        current = c.paths.get(m.peer)
+        if current is not None and current.mode != "closed" and current.health.suspect():
+            # Our path to this peer missed its keepalives, and the peer
+            # connects afresh: it found the path dead and recovers relay
+            # first (L{LobbyClient.path_silent}); bind at once.
+            self.strategy = "relay (path silent)"
+            d = defer.fail(PunchFailed("the path went silent"))
+        else:
+            # The seed: B sends its probe right after answering.
+            d = self._punch("b", m, self.offered, self.flags)
+            d.addCallback(self._direct)
         # Always offer the relay, even with a path to this peer already up:
         # that path may be stale (the peer crashed, or its PathClose was
         # lost) and the peer is connecting afresh.  When the peer is only
@@ -806,7 +875,8 @@ def _schedule_upgrade(client, path, delay=None):
 
         def again(result):
             if path.mode == "relayed":
-                _schedule_upgrade(client, path, min(delay * 2, 300))
+                # A silent path's first attempt comes at once; then the usual pace.
+                _schedule_upgrade(client, path, min(max(delay * 2, client.upgrade_interval), 300))
 
         d.addBoth(again)
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_peer_path,tests.lab.test_p2p_lab -*-
+# -*- test-case-name: tests.unit.test_peer_path,tests.unit.test_peer_health,tests.lab.test_p2p_lab -*-
 """
 A path between two peers, for applications: send and receive datagrams,
 direct when a punch succeeded, relayed by the lobby otherwise, upgraded
@@ -6,6 +6,7 @@ from relayed to direct when a later punch succeeds.
 """
 
 from p2pnat.daemon.logs import Logger
+from p2pnat.peer.health import PathHealth
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
 
@@ -23,16 +24,25 @@ class Path:
     @ivar route_changed: called (no arguments) after the sockets or
         addresses the path runs on changed, closing included: the QUIC
         layer over the path (L{p2pnat.peer.streams}) follows them.
+    @ivar on_event: called as C{on_event(name, fields)} on liveness events:
+        ``"path-silent"`` (the peer was not heard for C{dead_after}: the
+        route is dead, a recovery starts) and ``"path-back"`` (the peer is
+        heard again on the route that was silent).  C{fields} carries
+        ``mode``, ``keepalive`` (the interval now) and ``silence``.
+    @ivar health: the L{PathHealth} of the route in use: liveness and the
+        keepalive interval learnt.
     """
 
     log = Logger(namespace="p2pnat.path")
 
-    def __init__(self, client, peer, keepalive=15.0):
+    def __init__(self, client, peer, keepalive=15.0, dead_after=None):
         self.client = client
         self.clock = client.clock
         self.peer = peer
         self.mode = "connecting"
-        self.keepalive_interval = keepalive
+        self.health = PathHealth(self.clock, keepalive, dead_after)
+        self.on_event = lambda name, fields: None
+        self._watchdog = None
         self._on_datagram = None
         self._backlog = []
         self.on_mode = lambda mode: None
@@ -54,6 +64,11 @@ class Path:
         self.rounds = 0
 
     BACKLOG = 64
+
+    @property
+    def keepalive_interval(self):
+        """Seconds between keepalives now (learnt: see L{PathHealth})."""
+        return self.health.interval
 
     @property
     def on_datagram(self):
@@ -91,7 +106,7 @@ class Path:
             if p.transport is not None and not any(p is k for k in keep):
                 p.transport.stopListening()
         self._set_mode("direct")
-        self._schedule_keepalive()
+        self._new_route()
         self.route_changed()
 
     def use_relay(self, proto, lobby_addr, session):
@@ -110,7 +125,7 @@ class Path:
                     p.transport.stopListening()
         if self.direct is None:
             self._set_mode("relayed")
-            self._schedule_keepalive()
+            self._new_route()
         self.route_changed()
 
     def _set_mode(self, mode):
@@ -152,8 +167,9 @@ class Path:
         self._closed()
 
     def _closed(self):
-        if self._keepalive is not None and self._keepalive.active():
-            self._keepalive.cancel()
+        for call in (self._keepalive, self._watchdog):
+            if call is not None and call.active():
+                call.cancel()
         protos = [route[0] for route in (self.direct, self.relayed) if route is not None]
         for proto in {id(p): p for p in protos + self.standby}.values():
             if proto.transport is not None:
@@ -163,10 +179,55 @@ class Path:
         self._set_mode("closed")
         self.route_changed()
 
+    def _new_route(self):
+        """The path runs on a new route: its silence and keepalives start now."""
+        self.health.reset()
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+        self._keepalive = None
+        self._schedule_keepalive()
+        self._schedule_watchdog()
+
     def _schedule_keepalive(self):
         if self._keepalive is not None and self._keepalive.active():
             return
         self._keepalive = self.clock.callLater(self.keepalive_interval, self._tick)
+
+    def _schedule_watchdog(self):
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        # Once silent, look again a dead_after later: a recovery that
+        # failed leaves the path silent, and that asks for another.
+        delay = self.health.next_check() or self.health.dead_after
+        self._watchdog = self.clock.callLater(delay, self._watch)
+
+    def _watch(self):
+        self._watchdog = None
+        if self.mode == "closed":
+            return
+        try:
+            if self.health.check() or (self.health.state == "silent"
+                                        and self.health.silence() >= 2 * self.health.dead_after):
+                self._silent()
+        except Exception:
+            self.log.failure("path liveness check failed")
+        self._schedule_watchdog()
+
+    def _silent(self):
+        self.log.info("path to {peer} silent for {silence:.1f}s ({mode}): recovering;"
+                      " keepalive now {keepalive:g}s", peer=self.peer, mode=self.mode,
+                      silence=self.health.silence(), keepalive=self.health.interval)
+        self._event("path-silent", self.health.silence())
+        if self._keepalive is not None and self._keepalive.active():
+            # The shorter interval counts from now.
+            self._keepalive.cancel()
+            self._keepalive = None
+            self._schedule_keepalive()
+        self.client.path_silent(self)
+
+    def _event(self, name, silence):
+        self.on_event(name, {"mode": self.mode, "keepalive": self.health.interval,
+                             "silence": round(silence, 3)})
 
     def _tick(self):
         self._keepalive = None
@@ -181,6 +242,14 @@ class Path:
     # -- from the sockets --------------------------------------------------------------
 
     def _received(self, message, proto, addr):
+        if isinstance(message, (M.Data, M.PathKeepalive)):
+            # Only the peer's path traffic: a late probe or ack of the
+            # punch says nothing about the route in use.
+            silence = self.health.silence()
+            if self.health.heard():
+                self.log.info("path to {peer} back after {silence:.1f}s of silence",
+                              peer=self.peer, silence=silence)
+                self._event("path-back", silence)
         if (self.direct is not None and ":" in addr[0] and ":" not in self.direct[1][0]
                 and any(proto is p for p in self.standby)):
             # The peer reached us over IPv6 (authenticated): it settled on the

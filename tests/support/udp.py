@@ -88,12 +88,23 @@ class SimNat:
     ``address-and-port-dependent``), C{allocation} ``preserving`` (the local
     port when free), ``sequential`` (C{base}, C{base + step}, ...) or
     ``random``.  L{take} lets other traffic take ports; L{forget} drops
-    every mapping (a NAT reboot, or its timeout).
+    every mapping (a NAT reboot).
+
+    With C{timeout} (seconds, on C{clock}) a mapping idle that long is
+    dropped, as a conntrack entry times out: traffic either way through
+    it (outbound, or inbound that passed the filter) refreshes it, and
+    traffic after the timeout gets a new mapping (a new port, unless the
+    allocation preserves it).
     """
 
     def __init__(self, public_ip, mapping="endpoint-independent",
                  filtering="address-and-port-dependent", allocation="preserving", step=1,
-                 base=20000, seed=1):
+                 base=20000, seed=1, timeout=None, clock=None):
+        if timeout is not None and clock is None:
+            raise ValueError("a mapping timeout needs a clock")
+        self.timeout, self.clock = timeout, clock
+        self.used = {}  # public port -> when traffic last went through it
+        self.expired = 0  # mappings dropped by the timeout
         self.ip = public_ip
         self.mapping, self.filtering, self.allocation = mapping, filtering, allocation
         self.step = step
@@ -129,8 +140,26 @@ class SimNat:
         self.owner.clear()
         self.sent_to.clear()
 
+    def _expire(self):
+        """Drop the mappings idle for longer than the timeout."""
+        if self.timeout is None:
+            return
+        now = self.clock.seconds()
+        for port in [p for p, t in self.used.items() if now - t > self.timeout]:
+            del self.used[port]
+            self.owner.pop(port, None)
+            self.sent_to.pop(port, None)
+            for key in [k for k, p in self.by_key.items() if p == port]:
+                del self.by_key[key]
+            self.expired += 1
+
+    def _refresh(self, port):
+        if self.timeout is not None:
+            self.used[port] = self.clock.seconds()
+
     def outbound(self, src, dst):
         """The public source of a datagram from private C{src} to C{dst}."""
+        self._expire()
         key = self._key(src, dst)
         port = self.by_key.get(key)
         if port is None:
@@ -138,10 +167,12 @@ class SimNat:
             self.by_key[key] = port
             self.owner[port] = src
         self.sent_to.setdefault(port, set()).add(dst)
+        self._refresh(port)
         return self.ip, port
 
     def inbound(self, port, src):
         """The private destination of a datagram from C{src} to public C{port}, or None."""
+        self._expire()
         private = self.owner.get(port)
         if private is None or private == OTHER_TRAFFIC:
             return None
@@ -149,7 +180,10 @@ class SimNat:
         allowed = {"endpoint-independent": True,
                    "address-dependent": any(d[0] == src[0] for d in seen),
                    "address-and-port-dependent": src in seen}
-        return private if allowed[self.filtering] else None
+        if not allowed[self.filtering]:
+            return None
+        self._refresh(port)
+        return private
 
 
 class SimPort:

@@ -170,6 +170,31 @@ class PathTests(SynchronousTestCase):
         self.assertEqual(self.a.got, [b"answer"])
         del self.net.nats["203.0.113.1"]
 
+    def test_silence_seen_within_the_bound_and_the_way_back(self):
+        """
+        Keepalives both ways keep the path alive however long it idles; a
+        route that loses everything is reported silent once, within
+        C{dead_after}, with the keepalive halved; the peer heard again is
+        reported back.
+        """
+        events = []
+        times = []
+        self.a.path.on_event = lambda name, fields: (events.append(
+            (name, fields["keepalive"], fields["mode"])), times.append(self.clock.seconds()))
+        self.advance(100, step=0.05)
+        self.assertEqual(events, [])
+        cut = self.clock.seconds()
+        self.net.lose = lambda src, dst, data: True
+        bound = self.a.path.health.dead_after
+        self.advance(bound + 5, step=0.05)
+        self.assertEqual(events, [("path-silent", 7.5, "direct")])
+        # Last heard at most one 15 s keepalive before the cut: 18-33 s after it.
+        self.assertTrue(cut + bound - 15.1 <= times[0] <= cut + bound + 0.1, times[0] - cut)
+        self.net.lose = lambda src, dst, data: False
+        self.advance(8, step=0.05)  # the peer's next keepalive (7.5 s now)
+        self.assertEqual(events[1:], [("path-back", 7.5, "direct")])
+        self.assertEqual(self.a.path.keepalive_interval, 7.5)
+
     def test_relayed_then_upgraded(self):
         """
         A path relayed by the lobby sends there; an upgrade makes it direct
