@@ -506,10 +506,18 @@ class _SharedClient:
         return await S.connect_streams(path, self.settings.credentials)
 
     def stop(self):
-        """Close every QUIC connection and log out; a Deferred."""
+        """
+        Close every QUIC connection and log out; a Deferred that fires once
+        the connections' draining periods are over (QUIC bounds them) and
+        the client logged out.
+        """
+        closing = []
         for outcome in self._streams.values():
             if outcome.done and not outcome.failed:
-                outcome.result.close("endpoint client stopping")
+                streams = outcome.result
+                if streams.endpoint is not None:
+                    closing.append(streams.endpoint.closed)
+                streams.close("endpoint client stopping")
         self._streams = {}
         self._login = None
         if self._trigger is not None:
@@ -519,7 +527,21 @@ class _SharedClient:
                 pass  # it is the trigger running now
             self._trigger = None
         client, self.client = self.client, None
-        return client.stop() if client is not None else defer.succeed(None)
+        if client is not None:
+            closing.append(client.stop())
+        return defer.gatherResults([_branch(d) for d in closing], consumeErrors=True)
+
+
+def _branch(d):
+    """A Deferred firing (with None) when C{d} does, leaving C{d}'s own result alone."""
+    branch = defer.Deferred()
+
+    def fire(result):
+        branch.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return branch
 
 
 #: (reactor, config path) -> its L{_SharedClient}.
