@@ -173,7 +173,10 @@ def _device_endpoint(reactor, kw, timeout):
             raise ValueError(f"p2pnat: credential_file={kw['credential_file']}: {e.strerror}")
     tls = None
     if not _yes("plain_http", kw.get("plain_http"), False):
-        tls = relay_tls(kw.get("relay_hostname") or host, kw.get("ca"))
+        try:
+            tls = relay_tls(kw.get("relay_hostname") or host, kw.get("ca"))
+        except ValueError as e:
+            raise ValueError(f"p2pnat: ca={kw['ca']}: {e}")
     relay = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
     if tls is not None:
         relay = endpoints.wrapClientTLS(tls, relay)
@@ -368,7 +371,8 @@ class DeviceEndpoint:
         attempt = self.relay.connect(_Once(handshake))
 
         def cannot(failure):
-            if not result.called:
+            # A cancelled attempt is our own canceller's: result says why.
+            if not result.called and not failure.check(defer.CancelledError):
                 result.errback(EndpointConnectError(
                     f"device {target}: cannot reach the relay: {failure.getErrorMessage()}"))
 
