@@ -193,7 +193,7 @@ class DeviceEndpointProcessTests(TestCase):
 
         def check(f):
             f.trap(E.EndpointConnectError)
-            self.assertTrue(str(f.value).startswith("device nobody:echo: the relay refused:"
-                                                    " HTTP/1.1 4"), str(f.value))
+            self.assertEqual(str(f.value),
+                             "device nobody:echo: the relay refused: HTTP/1.1 401 Unauthorized")
 
         return d.addCallbacks(lambda p: self.fail(f"connected: {p}"), check)
