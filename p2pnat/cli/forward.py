@@ -20,8 +20,19 @@ from twisted.internet.protocol import Factory, Protocol
 from p2pnat.cli import CommandError
 from p2pnat.daemon import config as C
 from p2pnat.daemon.logs import Logger
-from p2pnat.net.streams import Gate, OneShotFactory, client_endpoint, close_after_writes, nodelay
-from p2pnat.peer.endpoint import AnswerTooLong, connect_answer, connect_request, relay_tls
+from p2pnat.net.streams import (
+    Gate,
+    OneShotFactory,
+    client_endpoint,
+    close_after_writes,
+    nodelay,
+)
+from p2pnat.peer.endpoint import (
+    AnswerTooLong,
+    connect_answer,
+    connect_request,
+    relay_tls,
+)
 
 
 class _RelaySide(Protocol):

@@ -32,8 +32,8 @@ import os
 import types
 
 from twisted.internet import defer, endpoints, error, interfaces
-from twisted.python import failure
 from twisted.internet.protocol import Protocol
+from twisted.python import failure
 from zope.interface import implementer, providedBy
 
 from p2pnat.daemon import config as C
@@ -193,6 +193,7 @@ def relay_tls(hostname, ca_file=None):
 
     @raise ValueError: the CA file cannot be read or is no certificate.
     """
+    from OpenSSL import crypto
     from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 
     if ca_file:
@@ -201,7 +202,7 @@ def relay_tls(hostname, ca_file=None):
                 trust = Certificate.loadPEM(f.read())
         except OSError as e:
             raise ValueError(f"cannot read {ca_file}: {e.strerror}")
-        except Exception:
+        except (ValueError, crypto.Error):
             raise ValueError(f"{ca_file} is not a PEM certificate")
     else:
         trust = platformTrust()

@@ -16,7 +16,6 @@ the machine and no discovery runs.
 import os
 
 from twisted.internet import defer, endpoints, protocol, reactor
-from twisted.internet.ssl import Certificate
 from twisted.trial.unittest import TestCase
 
 from p2pnat.peer import endpoint as E
@@ -68,6 +67,16 @@ async def wait_for(predicate, what, seconds=30.0):
     raise AssertionError(f"no {what} in {seconds}s")
 
 
+async def echo_through(testcase, ep, size):
+    """Send C{size} random bytes through C{ep} to an echo; check they come back."""
+    data = os.urandom(size)
+    c = Collect(data)
+    proto = await endpoints.connectProtocol(ep, c)
+    testcase.assertIs(proto, c)
+    got, _ = await c.done
+    testcase.assertEqual(got, data)
+
+
 def deferLater(seconds):
     from twisted.internet import task
 
@@ -116,14 +125,6 @@ class PeerEndpointProcessTests(TestCase):
         bob.wait_for(r'"event": "login"')
         return bob
 
-    async def echo_through(self, ep, size):
-        data = os.urandom(size)
-        c = Collect(data)
-        proto = await endpoints.connectProtocol(ep, c)
-        self.assertIs(proto, c)
-        got, _ = await c.done
-        self.assertEqual(got, data)
-
     def test_peer_service(self):
         """
         Two streams to bob's echo through one lobby client and one QUIC
@@ -133,10 +134,10 @@ class PeerEndpointProcessTests(TestCase):
 
         async def run():
             ep = self.endpoint("bob", "echo")
-            await self.echo_through(ep, 500_000)
+            await echo_through(self, ep, 500_000)
             client = ep.shared.client
             streams = await ep.shared.streams("bob")
-            await self.echo_through(self.endpoint("bob", "echo"), 1000)
+            await echo_through(self, self.endpoint("bob", "echo"), 1000)
             self.assertIs(self.endpoint("bob", "echo").shared.client, client)
             self.assertIs(await ep.shared.streams("bob"), streams)
             c = Collect(b"hello", until=1)
@@ -175,8 +176,6 @@ class DeviceEndpointProcessTests(TestCase):
             self, self.relay, "cam", os.path.join(self.dir, "cam"), echo.getHost().port,
             **{"agent.extra_services": f"echo=127.0.0.1:{echo.getHost().port}"}))
         self.ca = os.path.join(self.relay.state_dir, "ca.crt")
-        with open(self.ca) as f:
-            Certificate.loadPEM(f.read())  # the relay's CA is where the docs say
 
     def endpoint(self, device, service="echo"):
         port = self.relay.terminal_https.address[1]
@@ -186,7 +185,7 @@ class DeviceEndpointProcessTests(TestCase):
 
     def test_device_service(self):
         return defer.Deferred.fromCoroutine(
-            PeerEndpointProcessTests.echo_through(self, self.endpoint("cam"), 500_000))
+            echo_through(self, self.endpoint("cam"), 500_000))
 
     def test_unknown_device(self):
         d = self.endpoint("nobody").connect(protocol.Factory.forProtocol(Echo))

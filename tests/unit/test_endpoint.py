@@ -174,7 +174,7 @@ class DeviceEndpointTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_answer_too_long(self):
-        handshake, transport = self.relay.succeed()
+        handshake, _ = self.relay.succeed()
         handshake.dataReceived(b"x" * (E.MAX_ANSWER + 1))
         f = self.failureResultOf(self.d, E.EndpointConnectError)
         self.assertIn("longer than", str(f.value))
@@ -185,7 +185,7 @@ class DeviceEndpointTests(SynchronousTestCase):
         self.assertEqual(str(f.value), "device cam:ssh: cannot reach the relay: refused")
 
     def test_closed_before_answer(self):
-        handshake, transport = self.relay.succeed()
+        handshake, _ = self.relay.succeed()
         handshake.connectionLost(Failure(ConnectionResetError("reset")))
         f = self.failureResultOf(self.d, E.EndpointConnectError)
         self.assertIn("the relay closed the connection before answering", str(f.value))
