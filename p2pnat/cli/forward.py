@@ -6,10 +6,11 @@ through the relay (for SSH and other non-HTTP services).
 Each connection to the local port opens a TLS connection to the relay's
 terminal port and asks ``CONNECT DEVICE[:SERVICE] HTTP/1.1``, with the
 device's access credential when it has one; once the relay answers 200,
-bytes flow both ways as they are, with back-pressure.
+bytes flow both ways as they are, with back-pressure.  The request and
+the answer's reading are L{p2pnat.peer.endpoint}'s, which the ``p2pnat:``
+endpoint's device form shares.
 """
 
-import base64
 import os
 import sys
 
@@ -19,9 +20,19 @@ from twisted.internet.protocol import Factory, Protocol
 from p2pnat.cli import CommandError
 from p2pnat.daemon import config as C
 from p2pnat.daemon.logs import Logger
-from p2pnat.net.streams import Gate, OneShotFactory, client_endpoint, close_after_writes, nodelay
-
-MAX_ANSWER = 16 * 1024
+from p2pnat.net.streams import (
+    Gate,
+    OneShotFactory,
+    client_endpoint,
+    close_after_writes,
+    nodelay,
+)
+from p2pnat.peer.endpoint import (
+    AnswerTooLong,
+    connect_answer,
+    connect_request,
+    relay_tls,
+)
 
 
 class _RelaySide(Protocol):
@@ -44,15 +55,16 @@ class _RelaySide(Protocol):
             self.local.transport.write(data)
             return
         self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buf) > MAX_ANSWER:
-                self.transport.abortConnection()
+        try:
+            answer = connect_answer(self.buf)
+        except AnswerTooLong:
+            self.transport.abortConnection()
             return
-        head, rest = self.buf[:end], self.buf[end + 4:]
-        status = head.split(b"\r\n", 1)[0].split(b" ", 2)
-        if len(status) < 2 or status[1] != b"200":
-            self.local.refused(head.split(b"\r\n", 1)[0].decode("latin-1"))
+        if answer is None:
+            return
+        status_line, ok, rest = answer
+        if not ok:
+            self.local.refused(status_line)
             self.transport.loseConnection()
             return
         self.open = True
@@ -125,12 +137,7 @@ class Forwarder(Factory):
         self.relay_host = relay_host
         self.relay_port = relay_port
         self.tls = tls
-        target = f"{device}:{service}" if service else device
-        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
-        if credential:
-            token = base64.b64encode(b":" + credential.encode()).decode()
-            lines.append(f"Proxy-Authorization: Basic {token}")
-        self.request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        self.request = connect_request(device, service, credential)
 
     def relay_endpoint(self):
         ep = client_endpoint(self.reactor, self.relay_host, self.relay_port)
@@ -142,19 +149,10 @@ class Forwarder(Factory):
 
 def client_tls(hostname, ca_file):
     """TLS options checking the relay's certificate (CA file, or the system's)."""
-    from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
-
-    if ca_file:
-        try:
-            with open(ca_file) as f:
-                trust = Certificate.loadPEM(f.read())
-        except OSError as e:
-            raise CommandError(f"--ca: cannot read {ca_file}: {e.strerror}")
-        except Exception:
-            raise CommandError(f"--ca: {ca_file} is not a PEM certificate")
-    else:
-        trust = platformTrust()
-    return optionsForClientTLS(hostname, trustRoot=trust)
+    try:
+        return relay_tls(hostname, ca_file)
+    except ValueError as e:
+        raise CommandError(f"--ca: {e}")
 
 
 def run(args):
