@@ -32,7 +32,7 @@ from tests.support import procs
 
 ETC = os.path.join(procs.REPO, "etc")
 BUILD_TIMEOUT = 600  # seconds, for each of: build, venv creation, install
-PLUGINS = ("p2pnat_lobby.py", "p2pnat_relay.py", "p2pnat_device_agent.py")
+PLUGINS = ("p2pnat_lobby.py", "p2pnat_relay.py", "p2pnat_device_agent.py", "p2pnat_endpoints.py")
 
 _made = {}  # what was built once: name -> value, or the exception it raised
 timings = {}  # step -> seconds, for the curious (see the module docstring)
