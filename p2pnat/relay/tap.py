@@ -145,7 +145,7 @@ SCHEMA = [
     C.Setting("session.timeout", float, 10.0,
               "seconds to wait for a device's tunnel after its connect request (then 504)",
               C.positive),
-    C.Setting("relay.sync_interval", float, 1.0,
+    C.Setting("relay.sync_interval", float, 0.5,
               "seconds between writes of notify A times to the store and checks for"
               " registry changes (devices added or removed)", C.positive),
     C.Setting("cluster.redis", str, "",
