@@ -14,11 +14,10 @@ import re
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from urllib.parse import urlencode
 
-from tests.process.test_cluster import HOSTNAME, NOTIFY_B, PERIOD, Service, http_get
+from tests.process.test_cluster import HOSTNAME, NOTIFY_B, PERIOD, http_get, start_device
 from tests.process.test_daemons import ETC, LOOPBACK, DaemonTestCase
 from tests.support.procs import REPO, env, p2pnat, provision
 from tests.support.redis import RedisServer, require_redis
@@ -123,18 +122,7 @@ class AdminTestCase(DaemonTestCase):
         return info
 
     def device(self, device_id, node):
-        service = Service(device_id)
-        threading.Thread(target=service.serve_forever, daemon=True).start()
-        self.addCleanup(service.server_close)
-        self.addCleanup(service.shutdown)
-        self.addCleanup(service.stop.set)
-        bundle = os.path.join(self.tmpdir(), device_id)
-        provision("device", "add", device_id, "--state-dir", node["state"],
-                  "--relay", f"{LOOPBACK}:{node['udp']}",
-                  "--service", f"{LOOPBACK}:{service.server_address[1]}", "--out", bundle)
-        self.start("device-agent", "--config", os.path.join(bundle, "agent.toml"),
-                   "--udp-listen", f"{LOOPBACK}:0")
-        node["daemon"].wait_for(re.escape(f"device {device_id} online at"), timeout=TIMEOUT)
+        start_device(self, device_id, node, TIMEOUT)
 
     def admin(self, node):
         return AdminClient(node["admin"], os.path.join(self.state, "ca.crt"))

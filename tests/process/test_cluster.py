@@ -84,6 +84,27 @@ def http_get(port, device_id, path="/", timeout=5.0):
     return (int(line[1]) if len(line) > 1 else None), head + b"\r\n\r\n" + body
 
 
+def start_device(case, device_id, node, timeout):
+    """
+    Provision C{device_id} on C{node}'s registry (C{node}: a dict with the
+    relay's C{"state"}, C{"udp"} port and C{"daemon"}) and start its agent
+    reporting there, in front of a L{Service} of its own; the service.
+    """
+    service = Service(device_id)
+    threading.Thread(target=service.serve_forever, daemon=True).start()
+    case.addCleanup(service.server_close)
+    case.addCleanup(service.shutdown)
+    case.addCleanup(service.stop.set)
+    bundle = os.path.join(case.tmpdir(), device_id)
+    provision("device", "add", device_id, "--state-dir", node["state"],
+              "--relay", f"{LOOPBACK}:{node['udp']}",
+              "--service", f"{LOOPBACK}:{service.server_address[1]}", "--out", bundle)
+    case.start("device-agent", "--config", os.path.join(bundle, "agent.toml"),
+               "--udp-listen", f"{LOOPBACK}:0")
+    node["daemon"].wait_for(re.escape(f"device {device_id} online at"), timeout=timeout)
+    return service
+
+
 class ClusterTests(DaemonTestCase):
     def setUp(self):
         require_redis()
@@ -115,21 +136,7 @@ class ClusterTests(DaemonTestCase):
         return info
 
     def device(self, device_id, node):
-        """Provision C{device_id} on C{node}'s registry, start its agent reporting there."""
-        service = Service(device_id)
-        threading.Thread(target=service.serve_forever, daemon=True).start()
-        self.addCleanup(service.server_close)
-        self.addCleanup(service.shutdown)
-        self.addCleanup(service.stop.set)
-        bundle = os.path.join(self.tmpdir(), device_id)
-        provision("device", "add", device_id, "--state-dir", node["state"],
-                  "--relay", f"{LOOPBACK}:{node['udp']}",
-                  "--service", f"{LOOPBACK}:{service.server_address[1]}", "--out", bundle)
-        self.start("device-agent", "--config", os.path.join(bundle, "agent.toml"),
-                   "--udp-listen", f"{LOOPBACK}:0")
-        node["daemon"].wait_for(re.escape(f"device {device_id} online at"),
-                                timeout=REACH_TIMEOUT)
-        return service
+        return start_device(self, device_id, node, REACH_TIMEOUT)
 
     def reach(self, node, device_id, timeout=REACH_TIMEOUT):
         """Wait until a terminal on C{node} gets the device's page; the seconds it took."""
