@@ -209,8 +209,9 @@ class AgentService(service.MultiService):
         self.local_services = services if services is not None else services_of(config)
         self.tls = tls if tls is not None else client_tls_options(config)
         fastio.configure(config["tls.fast_path"])
-        # The relay's last TLS session, resumed by the next tunnel.
-        self.tls_sessions = fastio.SessionCache()
+        # Each tunnel host's last TLS session, resumed by the next tunnel
+        # there (a cluster's nodes each have their own).
+        self.tls_sessions = fastio.SessionCaches()
         self.idle_timeout = config["agent.idle_timeout"]
         self.max_tunnels = config["agent.max_tunnels"]
         self.tunnels = set()
@@ -359,7 +360,8 @@ class AgentService(service.MultiService):
         host = request.tunnel_host or (relay[0] if addr == relay else addr[0])
         endpoint = fastio.wrap_client(
             self.tls, client_endpoint(self.reactor, host, request.tunnel_port),
-            self.tls_sessions, alpn=[tunnel_alpn(request.session_id)])
+            self.tls_sessions.for_server(host, request.tunnel_port),
+            alpn=[tunnel_alpn(request.session_id)])
         tun = AgentTunnel(self, request.session_id, request.nonce)
         self.tunnels.add(tun)
         d = endpoint.connect(OneShotFactory(tun))

@@ -810,6 +810,31 @@ class SessionCache:
     session = None
 
 
+class SessionCaches:
+    """
+    One L{SessionCache} per server (a tunnel host and port), the
+    C{limit} most recently used: a client that reaches several servers
+    (the nodes of a relay cluster) resumes with each its own session,
+    instead of offering one server's ticket to another.
+    """
+
+    def __init__(self, limit=16):
+        self.limit = limit
+        self._caches = {}
+
+    def __len__(self):
+        return len(self._caches)
+
+    def for_server(self, host, port):
+        """The L{SessionCache} of the server at C{host}:C{port}."""
+        key = (host.lower(), port)
+        cache = self._caches.pop(key, None) or SessionCache()
+        self._caches[key] = cache  # the most recently used last
+        while len(self._caches) > self.limit:
+            del self._caches[next(iter(self._caches))]
+        return cache
+
+
 def wrap_client(options, endpoint, sessions=None, alpn=None):
     """
     Like C{endpoints.wrapClientTLS}, with the lean data path when it is

@@ -13,7 +13,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.test.proto_helpers import StringTransport
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pnat.deployment import pki
 from p2pnat.net import fastio
@@ -479,3 +479,26 @@ class SessionOfAnotherContextTests(TestCase):
             proto.transport.loseConnection()
             yield proto.lost
         self.assertIsNotNone(cache.session)
+
+
+class SessionCachesTests(SynchronousTestCase):
+    """A client of several servers keeps each server's session apart, for the latest few."""
+
+    def test_one_cache_per_server(self):
+        caches = fastio.SessionCaches(limit=2)
+        a = caches.for_server("n1.example", 443)
+        a.session = "ticket of n1"
+        b = caches.for_server("n2.example", 443)
+        self.assertIsNot(a, b)
+        self.assertIsNone(b.session)
+        self.assertIs(caches.for_server("N1.example", 443), a)
+        self.assertIsNot(caches.for_server("n1.example", 8443), a)
+
+    def test_bounded_least_recently_used_first(self):
+        caches = fastio.SessionCaches(limit=2)
+        a = caches.for_server("a", 1)
+        caches.for_server("b", 1)
+        caches.for_server("a", 1)  # a used again: b is the oldest
+        caches.for_server("c", 1)
+        self.assertEqual(len(caches), 2)
+        self.assertIs(caches.for_server("a", 1), a)
