@@ -20,7 +20,9 @@ change.  The URLs go to standard output once the device is online; logs go
 to standard error.  Ctrl-C stops everything and exits with status 0.
 """
 
+import faulthandler
 import os
+import signal
 import sys
 
 from p2pnat.cli import CommandError
@@ -319,6 +321,9 @@ def run(args, out=None, reactor=None):
         from twisted.internet import reactor
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
                                      redirectStandardIO=False)
+    # `kill -USR1 PID` prints every thread's stack to standard error: what a
+    # demo that does not stop is doing (tests.process.test_demo asks for it).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     demo = Demo(StateDir(args.dir), args, reactor, out)
     demo.start()
     reactor.run()

@@ -130,6 +130,10 @@ class DemoProcess:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            # Every thread's stack (the demo registers SIGUSR1 with
+            # faulthandler), so that the failure says where it hangs.
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
             self.testcase.fail(f"p2pnat demo did not stop within {timeout}s of SIGINT"
                                + self.output())
 
