@@ -167,6 +167,20 @@ class IClusterState(Interface):
         """Disconnect; a Deferred firing when done."""
 
 
+def check_redis_setting(value):
+    """The C{cluster.redis} setting's check: empty (a single node) or a URL L{parse_url} takes."""
+    if value:
+        from p2pnat.cluster.redis import parse_url
+
+        parse_url(value)
+
+
+def check_node_setting(value):
+    """The C{cluster.node} setting's check: empty (the host name) or a valid node name."""
+    if value:
+        check_node_name(value)
+
+
 def check_node_name(name):
     """A node name: 1-64 characters of a-z, 0-9, '-', '_' and '.' (it names Redis keys)."""
     ok = 0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_.")

@@ -9,7 +9,7 @@ import socket
 
 from twisted.application import service
 
-from p2pnat.cluster.state import check_node_name
+from p2pnat.cluster.state import check_node_name, check_node_setting, check_redis_setting
 from p2pnat.daemon import config as C
 from p2pnat.daemon.logs import Logger
 from p2pnat.daemon.metrics import Metrics
@@ -24,18 +24,6 @@ from p2pnat.daemon.services import (
 from p2pnat.lobby.server import Lobby
 from p2pnat.net.udp import link_siblings
 from p2pnat.protocol import wire
-
-
-def _redis_url(value):
-    if value:
-        from p2pnat.cluster.redis import parse_url
-
-        parse_url(value)
-
-
-def _node_name(value):
-    if value:
-        check_node_name(value)
 
 
 def _addresses(value):
@@ -66,10 +54,10 @@ SCHEMA = [
               C.positive),
     C.Setting("cluster.redis", str, "",
               "redis://HOST:PORT/DB of the Redis lobby nodes share (presence, messages);"
-              ' "": a single lobby (the default)', _redis_url),
+              ' "": a single lobby (the default)', check_redis_setting),
     C.Setting("cluster.node", str, "",
               "this node's name, unique among the lobby nodes (\"\": the machine's host name)",
-              _node_name),
+              check_node_setting),
     C.Setting("cluster.addresses", list, [],
               "this node's UDP address (host:port) as other lobby nodes reach it: the first"
               " udp.listen socket's, to and from which nodes pass relayed datagrams;"

@@ -16,7 +16,13 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from p2pnat.cluster.embedded import EmbeddedState
-from p2pnat.cluster.state import LiveEntry, check_node_name, newer
+from p2pnat.cluster.state import (
+    LiveEntry,
+    check_node_name,
+    check_node_setting,
+    check_redis_setting,
+    newer,
+)
 from p2pnat.cluster.stats import INTERVAL as STATS_INTERVAL
 from p2pnat.cluster.stats import STATS_FILE, NodeStats, Traffic, write_stats
 from p2pnat.daemon import config as C
@@ -50,18 +56,6 @@ from p2pnat.relay.tunnel import RelayTunnel, RelayTunnelFactory
 def _share(value):
     if not 0 <= value < 1:
         raise ValueError(f"must be at least 0 and below 1, got {value!r}")
-
-
-def _redis_url(value):
-    if value:
-        from p2pnat.cluster.redis import parse_url
-
-        parse_url(value)
-
-
-def _node_name(value):
-    if value:
-        check_node_name(value)
 
 
 def _public_addresses(value):
@@ -150,10 +144,10 @@ SCHEMA = [
               " registry changes (devices added or removed)", C.positive),
     C.Setting("cluster.redis", str, "",
               "redis://HOST:PORT/DB of the Redis relay nodes share (registry, live entries,"
-              ' messages); "": a single node with its own registry (the default)', _redis_url),
+              ' messages); "": a single node with its own registry (the default)', check_redis_setting),
     C.Setting("cluster.node", str, "",
               "this node's name, unique in the cluster (\"\": the machine's host name)",
-              _node_name),
+              check_node_setting),
     C.Setting("cluster.addresses", list, [],
               "this node's public UDP addresses (host:port) devices send notifies to; the"
               " first one's host is where other nodes' devices open tunnels to this node"
