@@ -31,6 +31,12 @@ class Path:
         ``mode``, ``keepalive`` (the interval now) and ``silence``.
     @ivar health: the L{PathHealth} of the route in use: liveness and the
         keepalive interval learnt.
+    @ivar channel: what carries the application's datagrams when not None
+        (L{p2pnat.peer.streams}: QUIC DATAGRAM frames, end to end
+        encrypted): L{send} hands them to its C{send_datagram}, and the
+        peer's L{M.Data} payloads go to its C{clear_received}.  None: they
+        travel in the path's own frames, MAC'd with the session key the
+        lobby made (so the lobby could read or forge them).
     """
 
     log = Logger(namespace="p2pnat.path")
@@ -47,6 +53,7 @@ class Path:
         self._backlog = []
         self.on_mode = lambda mode: None
         self.route_changed = lambda: None
+        self.channel = None
         self.direct = None  # (proto, addr, session)
         #: Sockets of the other address family that the peer may send on
         #: (see L{use_direct}).
@@ -137,11 +144,31 @@ class Path:
     # -- for applications -----------------------------------------------------------
 
     def send(self, payload):
-        """Send one datagram (at most L{M.MAX_PAYLOAD} bytes) to the peer."""
-        if len(payload) > M.MAX_PAYLOAD:
-            raise ValueError(f"payload larger than {M.MAX_PAYLOAD} bytes")
-        self._send(M.Data(payload))
+        """
+        Send one datagram to the peer: on the L{channel} if there is one,
+        else in the clear (L{send_clear}).
+
+        @raise ValueError: too large for the way it goes (the message says
+            the limit).
+        @raise ConnectionError: the path is closed.
+        """
+        if self.mode == "closed":
+            raise ConnectionError("path closed")
+        if self.channel is not None:
+            self.channel.send_datagram(payload)
+        else:
+            self.send_clear(payload)
         self.sent += 1
+
+    def send_clear(self, payload):
+        """
+        Send one datagram (at most L{M.MAX_PAYLOAD} bytes) in the path's own
+        frames: authenticated with the lobby's session key, not encrypted.
+        """
+        if len(payload) > M.MAX_PAYLOAD:
+            raise ValueError(f"datagram of {len(payload)} bytes: the path's own frames carry"
+                             f" at most {M.MAX_PAYLOAD}")
+        self._send(M.Data(payload))
 
     def _send(self, message):
         route = self.direct or self.relayed
@@ -270,7 +297,10 @@ class Path:
             self.direct = (proto, addr, self.direct[2])
         if isinstance(message, M.Data):
             self.received += 1
-            self.deliver(message.payload)
+            if self.channel is not None:
+                self.channel.clear_received(message.payload)
+            else:
+                self.deliver(message.payload)
         elif isinstance(message, M.PathClose):
             self.log.info("path to {peer} closed by the peer", peer=self.peer)
             self._closed()
