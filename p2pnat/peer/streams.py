@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_peer_streams,tests.process.test_peer_streams -*-
+# -*- test-case-name: tests.unit.test_peer_streams,tests.unit.test_peer_streams_datagrams,tests.process.test_peer_streams,tests.process.test_peer_secure_datagrams -*-
 """
 End-to-end encrypted streams between two peers, over the P2P path the
 lobby set up: QUIC (L{p2pnat.quic}) on the path's own sockets, and TCP

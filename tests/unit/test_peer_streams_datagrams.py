@@ -94,7 +94,10 @@ class EncryptedTests(SynchronousTestCase):
         self.assertTrue(seen)
 
     def test_largest_datagram_both_routes(self):
-        """L{S.MAX_DATAGRAM} bytes pass, direct and relayed; one more is a ValueError saying the limit."""
+        """
+        L{S.MAX_DATAGRAM} bytes pass, direct and relayed; one more is a
+        ValueError that says the limit.
+        """
         for nat in (CONE, RANDOM):
             p, path, incoming, _, _, _ = self.exchange(nat=nat)
             got = []
