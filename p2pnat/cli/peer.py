@@ -403,13 +403,16 @@ def _run(args, connect):
         def on_path(path):
             forward = C.parse_hostport(args.forward_udp) if getattr(args, "forward_udp",
                                                                       None) else None
-            attach(path, forward)
             factories = {name: S.TcpServiceFactory(reactor, name, h, p, stream_event)
                          for name, (h, p) in services.items()}
+            # The channel first: the peer's first datagrams may be waiting
+            # (QUIC's), and they are the channel's to read, not the
+            # application's.
             secure(path, (f"[{path.peer} connected: {path.mode}{_via(path)}",
                           dict(peer=path.peer, mode=path.mode, incoming=True,
                                candidate=path.candidate, keepalive=path.keepalive_interval)),
                    factories)
+            attach(path, forward)
 
         client = LobbyClient(config["client.id"], key, lobby, reactor,
                              interface=interface, nat=nat,
@@ -457,8 +460,9 @@ def _run(args, connect):
                        keepalive=path.keepalive_interval))
         listen = getattr(args, "forward_udp_listen", None)
         if forwards:
+            settled = secure(path, opened)
             attach(path)  # mode events; the path's own datagrams are not read
-            streams = yield secure(path, opened)
+            streams = yield settled
             quic_up(streams.endpoint)
             for (h, p), service in forwards:
                 tcp = reactor.listenTCP(p, S.TcpForwardFactory(streams, service, stream_event),
@@ -468,12 +472,14 @@ def _run(args, connect):
                                          f" to {args.peer}'s {service}", host=a.host,
                           port=a.port, service=service, peer=args.peer)
         elif listen:
+            settled = _settled(secure(path, opened), quic_up)
             _udp_listen_to(reactor, path, C.parse_hostport(listen), out)
-            yield _settled(secure(path, opened), quic_up)
+            yield settled
         else:
-            attach(path)
-            # Lines sent from here on wait (bounded) until the channel is settled.
+            # The channel before the application (see on_path); lines sent
+            # from here on wait (bounded) until it is settled.
             _settled(secure(path, opened), quic_up)
+            attach(path)
             answered = defer.Deferred()
             if args.send and not args.stay:
                 # Leave once each message had an answer, or after --wait.

@@ -53,7 +53,7 @@ class Path:
         self._backlog = []
         self.on_mode = lambda mode: None
         self.route_changed = lambda: None
-        self.channel = None
+        self._channel = None
         self.direct = None  # (proto, addr, session)
         #: Sockets of the other address family that the peer may send on
         #: (see L{use_direct}).
@@ -85,15 +85,30 @@ class Path:
     def on_datagram(self, callback):
         self._on_datagram = callback
         backlog, self._backlog = self._backlog, []
-        for payload in backlog:
+        for payload, _ in backlog:
             callback(payload)
+
+    @property
+    def channel(self):
+        return self._channel
+
+    @channel.setter
+    def channel(self, channel):
+        old, self._channel = self._channel, channel
+        if channel is not None and old is None:
+            # What came in the path's own frames before the channel (the
+            # peer's first QUIC fragments, say) is the channel's to read.
+            early = [payload for payload, clear in self._backlog if clear]
+            self._backlog = [entry for entry in self._backlog if not entry[1]]
+            for payload in early:
+                channel.clear_received(payload)
 
     def deliver(self, payload):
         """Hand a received payload to the application (or keep it until there is one)."""
         if self._on_datagram is not None:
             self._on_datagram(payload)
         elif len(self._backlog) < self.BACKLOG:
-            self._backlog.append(payload)
+            self._backlog.append((payload, self._channel is None))
 
     # -- set up by the client -----------------------------------------------------
 

@@ -310,7 +310,9 @@ class _PathTransport:
 class PathStreams:
     """
     QUIC over one L{p2pnat.peer.path.Path} (see the module): made by
-    L{connect_streams} or L{accept_streams}.
+    L{connect_streams} or L{accept_streams}, which make it the path's
+    C{channel} once the socket connects or listens (what came before in the
+    path's frames is then read: see L{p2pnat.peer.path.Path.channel}).
 
     @ivar socket: the L{QuicSocket} of the path.
     @ivar endpoint: the L{p2pnat.quic.QuicEndpoint} of the connection once
@@ -356,7 +358,6 @@ class PathStreams:
         self.socket = QuicSocket(path.clock, credentials, **options)
         self.socket.makeConnection(_PathTransport(self))
         self.drop_log = DropLog(self.log, path.clock)
-        path.channel = self
         path.route_changed = self._route_changed
         self._route_changed()
 
@@ -562,6 +563,7 @@ def connect_streams(path, credentials, *, services=None, on_settled=None, **opti
         # The peer may send a datagram as soon as its side is up, in the
         # packet that confirms the handshake to us.
         endpoint.on_datagram = streams._quic_datagram
+    path.channel = streams
 
     def up(endpoint):
         streams._accepted(endpoint)
@@ -612,6 +614,7 @@ def accept_streams(path, credentials, services, *, on_connection=None, on_settle
         endpoint.closed.addCallback(lambda closed: _forget(streams, endpoint))
 
     streams.socket.listen([streams.peer], accepted, services=services)
+    path.channel = streams
     return streams
 
 

@@ -301,3 +301,28 @@ class HelloTests(SynchronousTestCase):
         clear.clear_received(S.CLEAR_HELLO)
         self.assertEqual(path.sent, [S.CLEAR_HELLO, S.CLEAR_HELLO])
         self.assertEqual((path.delivered, clear.fragments_dropped), ([], 6))
+
+
+class EarlyTests(SynchronousTestCase):
+    def test_early_clear_payloads_go_to_the_channel(self):
+        """
+        What came in the path's own frames before it had a channel or an
+        application (the peer's first QUIC fragments through the relay)
+        goes to the channel when it comes, not to the application; what the
+        channel delivers before the application waits for it.
+        """
+        p = Peers(self, RANDOM, RANDOM)
+        path, incoming = p.connect()
+        fragment = S.fragments(b"\xc0" + bytes(1199), 1)[0]
+        incoming.deliver(fragment)  # as the client does with a session's early payloads
+        incoming.deliver(S.CLEAR_HELLO)
+        settled = Settled()
+        b = S.accept_streams(incoming, p.creds("bob"), {}, on_settled=settled)
+        p.streams.append(b)
+        self.assertEqual(settled.calls, [(False, "the peer has no certificate for QUIC")])
+        self.assertEqual(b.reassembly.malformed, 0)
+        path.send(b"clear from alice")
+        p.w.advance(0.5)
+        got = []
+        incoming.on_datagram = got.append
+        self.assertEqual(got, [b"clear from alice"])
