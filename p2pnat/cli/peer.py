@@ -31,7 +31,8 @@ peer may punch to, and a direct IPv6 path is preferred.
 ``--json`` prints one JSON object per event (for scripts and tests); the
 ``path`` events say which candidate the direct path runs on and whether its
 datagrams are end-to-end encrypted (``encrypted``: true or false, with
-``clear_reason``); an ``encrypted`` event follows if a path that fell back
+``clear_reason``; null if the command ended before the QUIC handshake
+did: the event waits for it); an ``encrypted`` event follows if a path that fell back
 to the clear gets its QUIC connection after all; ``path``,
 ``mode``, ``path-silent`` (the peer was not heard within the detection
 bound: the path recovers over the relay and punches again) and
@@ -293,6 +294,10 @@ def _run(args, connect):
             text = text[:-1] + f": {fields['error']}]"
         out.event(name, text, **fields)
 
+    #: Paths whose event waits for their channel: told at shutdown if still waiting.
+    unsettled = []
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: [f() for f in unsettled])
+
     def quic_up(endpoint):
         out.event("quic", f"[QUIC with {endpoint.peer} up: end-to-end encrypted streams]",
                   peer=str(endpoint.peer))
@@ -310,6 +315,15 @@ def _run(args, connect):
         text, fields = opened
         told = []
 
+        def left():
+            # Leaving with the handshake still going: the path was made all
+            # the same (what waited was never sent, in the clear or not).
+            if not told:
+                told.append(None)
+                out.event("path", text + ", channel not settled]", encrypted=None, **fields)
+
+        unsettled.append(left)
+
         def settled(encrypted, reason):
             if told:
                 if encrypted:
@@ -317,6 +331,7 @@ def _run(args, connect):
                               peer=path.peer, encrypted=True)
                 return
             told.append(encrypted)
+            unsettled.remove(left)
             out.event("path", text + ("" if encrypted else ", NOT encrypted") + "]",
                       encrypted=encrypted, **fields, **({} if encrypted else
                                                       {"clear_reason": reason}))

@@ -312,7 +312,12 @@ class Path:
             self.direct = (proto, addr, self.direct[2])
         if isinstance(message, M.Data):
             self.received += 1
-            if self.channel is not None:
+            if self.mode == "closed":
+                # Read from a socket not yet released after the close (the
+                # reactor lets go of it an iteration later): the application
+                # was told the path closed, and its channel is gone.
+                pass
+            elif self.channel is not None:
                 self.channel.clear_received(message.payload)
             else:
                 self.deliver(message.payload)

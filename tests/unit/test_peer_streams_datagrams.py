@@ -11,6 +11,7 @@ from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat.peer import streams as S
+from p2pnat.protocol import p2p as M
 from p2pnat.quic import HandshakeFailed
 from tests.unit.test_peer_client import CONE, RANDOM
 from tests.unit.test_peer_streams import MARKER, Peers
@@ -326,3 +327,23 @@ class EarlyTests(SynchronousTestCase):
         got = []
         incoming.on_datagram = got.append
         self.assertEqual(got, [b"clear from alice"])
+
+    def test_nothing_delivered_after_close(self):
+        """
+        A datagram read after the path closed (its socket is released a
+        reactor iteration later) reaches neither the application nor, as a
+        QUIC fragment, the application in the clear.
+        """
+        p = Peers(self, RANDOM, RANDOM)
+        path, incoming = p.connect()
+        start_quic(p, path, incoming)
+        p.w.advance(2)
+        got = []
+        path.on_datagram = got.append
+        proto, lobby, _ = path.relayed
+        path.close()
+        self.assertIsNone(path.channel)
+        fragment = S.fragments(b"\xc0" + bytes(100), 9)[0]
+        for payload in (fragment, b"late"):
+            path._received(M.Data(payload), proto, lobby)
+        self.assertEqual(got, [])
