@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_peer_streams,tests.unit.test_peer_streams_datagrams,tests.process.test_peer_streams,tests.process.test_peer_secure_datagrams -*-
+# -*- test-case-name: tests.unit.test_peer_streams,tests.unit.test_peer_streams_datagrams -*-
 """
 End-to-end encrypted streams between two peers, over the P2P path the
 lobby set up: QUIC (L{p2pnat.quic}) on the path's own sockets, and TCP
@@ -57,6 +57,7 @@ import struct
 import weakref
 
 from twisted.internet import defer, endpoints, error, interfaces, protocol
+from twisted.python import failure
 from zope.interface import implementer
 
 from p2pnat.daemon.logs import Logger
@@ -93,6 +94,11 @@ CLEAR_HELLO = bytes([FRAGMENT, 0, 0, 0])
 #: before its datagrams fall back to the clear (the connecting side gives
 #: up after HANDSHAKE_TIMEOUT).
 SETTLE_TIMEOUT = HANDSHAKE_TIMEOUT + 2.0
+#: The side that connected opens a new connection this long after its
+#: connection ended with the path still up (the path's datagrams wait for
+#: it), doubling while attempts fail, up to L{REDIAL_MAX} seconds.
+REDIAL_DELAY = 1.0
+REDIAL_MAX = 30.0
 #: A side without QUIC answers the peer's QUIC fragments with
 #: L{CLEAR_HELLO} at most this often (seconds).
 HELLO_INTERVAL = 1.0
@@ -346,7 +352,9 @@ class PathStreams:
         self.clear_reason = None
         self.queue = DatagramQueue()
         self.clear_dropped = 0
+        self.closed = False
         self._settle_call = None
+        self._redial = None  # the connecting side: [services, delay, call]
         self.reassembly = Reassembly()
         self.packets_sent = {"direct": 0, "relayed": 0}
         self._number = 0
@@ -384,9 +392,11 @@ class PathStreams:
 
     def close(self, reason="closed"):
         """Close the QUIC connections and let go of the path's sockets; the path stays."""
+        self.closed = True
         self.socket.close_all(reason)
-        if self._settle_call is not None and self._settle_call.active():
-            self._settle_call.cancel()
+        for call in (self._settle_call, self._redial and self._redial[2]):
+            if call is not None and call.active():
+                call.cancel()
         if self.path.route_changed == self._route_changed:
             self.path.route_changed = lambda: None
         if self.path.channel is self:
@@ -534,13 +544,63 @@ class PathStreams:
         self._settle(True, None)
         self.on_connection(endpoint)
 
+    # -- the connecting side -------------------------------------------------------------
+
+    def _dial(self, services):
+        """Open a connection to the peer: L{QuicSocket.connect}'s Deferred."""
+        before = self.socket.endpoints
+        d = self.socket.connect(self.address, self.peer, services=services)
+        for endpoint in self.socket.endpoints - before:
+            # The peer may send a datagram as soon as its side is up, in the
+            # packet that confirms the handshake to us.
+            endpoint.on_datagram = self._quic_datagram
+        return d
+
+    def _up(self, endpoint):
+        """A connection we opened is up: the channel's, until it ends."""
+        self._accepted(endpoint)
+        endpoint.closed.addCallback(lambda closed: self._ended(endpoint, closed))
+        if self._redial is not None:
+            self._redial[1] = REDIAL_DELAY
+
+    def _ended(self, endpoint, closed):
+        _forget(self, endpoint)
+        if self._redial is None or self.closed or self.path.mode == "closed" \
+                or self.endpoint is not None:
+            return
+        self.log.info("QUIC connection to {peer} ended ({reason}): a new one in {delay:g}s",
+                      peer=self.peer, reason=closed.reason, delay=self._redial[1])
+        self._redial[2] = self.path.clock.callLater(self._redial[1], self._redial_now)
+
+    def _redial_now(self):
+        self._redial[2] = None
+        if self.closed or self.path.mode == "closed":
+            return
+
+        def failed(reason):
+            reason.trap(HandshakeFailed)
+            delay = self._redial[1] = min(2 * self._redial[1], REDIAL_MAX)
+            if not (self.closed or self.path.mode == "closed"):
+                self.log.info("QUIC connection to {peer} failed again ({why}): next in"
+                              " {delay:g}s", peer=self.peer, why=reason.getErrorMessage(),
+                              delay=delay)
+                self._redial[2] = self.path.clock.callLater(delay, self._redial_now)
+
+        try:
+            d = self._dial(self._redial[0])
+        except ConnectionError as e:  # the socket holds too many connections
+            return failed(failure.Failure(HandshakeFailed(str(e))))
+        d.addCallbacks(self._up, failed)
+
 
 def connect_streams(path, credentials, *, services=None, on_settled=None, **options):
     """
     Open the QUIC connection over C{path} to the peer it leads to
     (``client:PEER``), as the side that asked for the path.  The path's
     datagrams ride it (see the module); if it cannot be made, they fall
-    back to the clear.
+    back to the clear.  If it ends later with the path still up (the
+    peer's side restarted, a long outage timed it out), a new one is
+    opened (L{REDIAL_DELAY}, L{REDIAL_MAX}); the datagrams wait for it.
 
     @param credentials: our L{p2pnat.quic.Credentials} (``p2pnat client
         add`` writes them into the client's bundle).
@@ -557,17 +617,12 @@ def connect_streams(path, credentials, *, services=None, on_settled=None, **opti
         return defer.fail()
     if on_settled is not None:
         streams.on_settled = on_settled
-    before = streams.socket.endpoints
-    d = streams.socket.connect(streams.address, streams.peer, services=services)
-    for endpoint in streams.socket.endpoints - before:
-        # The peer may send a datagram as soon as its side is up, in the
-        # packet that confirms the handshake to us.
-        endpoint.on_datagram = streams._quic_datagram
+    d = streams._dial(services)
     path.channel = streams
 
     def up(endpoint):
-        streams._accepted(endpoint)
-        endpoint.closed.addCallback(lambda closed: _forget(streams, endpoint))
+        streams._redial = [services, REDIAL_DELAY, None]
+        streams._up(endpoint)
         return streams
 
     def failed(reason):

@@ -347,3 +347,49 @@ class EarlyTests(SynchronousTestCase):
         for payload in (fragment, b"late"):
             path._received(M.Data(payload), proto, lobby)
         self.assertEqual(got, [])
+
+
+class RedialTests(SynchronousTestCase):
+    def test_new_connection_after_one_ended(self):
+        """
+        The connection ends with the path up (bob's side closed it): alice
+        opens a new one after L{S.REDIAL_DELAY}; a datagram sent meanwhile
+        waits and arrives on the new one; a closed channel dials no more.
+        """
+        p = Peers(self)
+        path, incoming = p.connect()
+        got = []
+        incoming.on_datagram = got.append
+        results, b, _, _ = start_quic(p, path, incoming)
+        p.w.advance(2)
+        a = results[0]
+        p.streams.append(a)
+        first = a.endpoint
+        b.endpoint.close("bob's side restarts")
+        p.w.advance(0.5)
+        self.assertIsNone(a.endpoint)
+        path.send(MARKER + b" in the gap")
+        self.assertEqual(len(a.queue), 1)
+        p.w.advance(S.REDIAL_DELAY + 1)
+        self.assertIsNotNone(a.endpoint)
+        self.assertIsNot(a.endpoint, first)
+        self.assertEqual(str(b.endpoint.peer), "client:alice")
+        self.assertEqual(got, [MARKER + b" in the gap"])
+        a.close("over")
+        p.w.advance(S.REDIAL_MAX + 5)
+        self.assertIsNone(a.endpoint)
+        self.assertEqual(a.socket.endpoints, frozenset())
+
+    def test_redial_backs_off(self):
+        """While attempts fail (bob no longer listens), the delay doubles up to L{S.REDIAL_MAX}."""
+        p = Peers(self)
+        path, incoming = p.connect()
+        results, b, _, _ = start_quic(p, path, incoming)
+        p.w.advance(2)
+        a = results[0]
+        p.streams.append(a)
+        b.socket.listen((), None)
+        b.endpoint.close("gone")
+        p.w.advance(120, step=0.05)
+        self.assertIsNone(a.endpoint)
+        self.assertEqual(a._redial[1], S.REDIAL_MAX)
