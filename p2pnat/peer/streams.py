@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_peer_streams,tests.process.test_peer_streams -*-
+# -*- test-case-name: tests.unit.test_peer_streams,tests.unit.test_peer_streams_datagrams -*-
 """
 End-to-end encrypted streams between two peers, over the P2P path the
 lobby set up: QUIC (L{p2pnat.quic}) on the path's own sockets, and TCP
@@ -30,6 +30,17 @@ How the packets travel (L{PathStreams}):
   datagrams that begin with L{FRAGMENT} belong to QUIC; the application's
   other datagrams still reach C{on_datagram}.
 
+The path's datagrams (L{p2pnat.peer.path.Path.send}, C{on_datagram}) move
+onto the connection too: a L{PathStreams} is the path's C{channel}, and
+each datagram goes in a QUIC DATAGRAM frame (RFC 9221), by either route.
+Until the handshake is over they wait (L{DatagramQueue}); a path on
+which QUIC cannot run (a side has no certificate: L{ClearDatagrams} says
+so to the peer with L{CLEAR_HELLO}; or the handshake failed or never
+came) falls back to the path's own frames, which the lobby could read,
+and says so (C{on_settled}).  Once the connection is up, datagrams that
+come in the clear are dropped: the lobby, which holds the path's session
+key, could have forged them.
+
 QUIC itself sees one fixed peer address: the path picks the route of each
 packet (direct when it is, else relayed) and follows the peer's NAT
 rebinding and a later upgrade from relayed to direct, so the connection
@@ -46,12 +57,16 @@ import struct
 import weakref
 
 from twisted.internet import defer, endpoints, error, interfaces, protocol
+from twisted.python import failure
 from zope.interface import implementer
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.peer.sockets import SessionPort
 from p2pnat.protocol import p2p as M
+from p2pnat.net.udp import DropLog
 from p2pnat.quic import HandshakeFailed, PeerIdentity, QuicSocket, is_quic
+from p2pnat.quic.connection import MAX_DATAGRAM_PAYLOAD
+from p2pnat.quic.endpoint import HANDSHAKE_TIMEOUT
 
 #: First byte of a path datagram that carries a fragment of a QUIC packet
 #: (a relayed path).  0xFF begins no UTF-8 text and no WireGuard message.
@@ -64,6 +79,29 @@ MAX_PACKET = 15 * FRAGMENT_DATA
 #: QUIC connections one path's socket holds (a reconnect may overlap the
 #: connection it replaces until that one times out).
 MAX_CONNECTIONS = 4
+
+
+#: The largest datagram the encrypted channel carries: what one QUIC
+#: DATAGRAM frame holds in a 1200-byte packet.
+MAX_DATAGRAM = MAX_DATAGRAM_PAYLOAD
+#: Datagrams the application sends before the channel is settled (the
+#: handshake is not over) wait, at most this many: the oldest is dropped.
+QUEUE = 32
+#: A path datagram that says "I run no QUIC on this path" (a side without
+#: a certificate sends it): index 0 of 0 fragments, which no packet has.
+CLEAR_HELLO = bytes([FRAGMENT, 0, 0, 0])
+#: The side that accepts QUIC waits this long for the peer's connection
+#: before its datagrams fall back to the clear (the connecting side gives
+#: up after HANDSHAKE_TIMEOUT).
+SETTLE_TIMEOUT = HANDSHAKE_TIMEOUT + 2.0
+#: The side that connected opens a new connection this long after its
+#: connection ended with the path still up (the path's datagrams wait for
+#: it), doubling while attempts fail, up to L{REDIAL_MAX} seconds.
+REDIAL_DELAY = 1.0
+REDIAL_MAX = 30.0
+#: A side without QUIC answers the peer's QUIC fragments with
+#: L{CLEAR_HELLO} at most this often (seconds).
+HELLO_INTERVAL = 1.0
 
 
 class StreamsUnavailable(Exception):
@@ -120,6 +158,77 @@ class Reassembly:
             return None
         del self.pending[number]
         return b"".join(entry[1][i] for i in range(count))
+
+
+class DatagramQueue:
+    """
+    The datagrams that wait for a channel, oldest first: at most C{limit};
+    one more drops the oldest, counted in C{dropped}.
+    """
+
+    def __init__(self, limit=QUEUE):
+        self.limit = limit
+        self.items = collections.deque()
+        self.dropped = 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def push(self, payload):
+        """Keep C{payload}; True if the oldest had to go for it."""
+        self.items.append(payload)
+        if len(self.items) > self.limit:
+            self.items.popleft()
+            self.dropped += 1
+            return True
+        return False
+
+    def drain(self):
+        """Everything waiting, oldest first; the queue is empty after."""
+        items = list(self.items)
+        self.items.clear()
+        return items
+
+
+class ClearDatagrams:
+    """
+    The datagram channel of a path on which this side runs no QUIC (its
+    bundle has no certificate): datagrams go in the path's own frames,
+    which the lobby could read.  It tells the peer with L{CLEAR_HELLO} (at
+    once, and again when the peer's QUIC fragments come), so that a peer
+    waiting for a QUIC connection falls back without waiting for a
+    timeout, and drops those fragments, which it cannot read.
+    """
+
+    encrypted = False
+
+    def __init__(self, path):
+        self.path = path
+        self.fragments_dropped = 0
+        self._hello_at = None
+        path.channel = self
+        self._hello()
+
+    def send_datagram(self, payload):
+        self.path.send_clear(payload)
+
+    def clear_received(self, payload):
+        if payload[:1] == bytes([FRAGMENT]):
+            if payload != CLEAR_HELLO:
+                self.fragments_dropped += 1
+                self._hello()
+            return
+        self.path.deliver(payload)
+
+    def _hello(self):
+        now = self.path.clock.seconds()
+        if self._hello_at is not None and now - self._hello_at < HELLO_INTERVAL:
+            return
+        self._hello_at = now
+        try:
+            self.path.send_clear(CLEAR_HELLO)
+        except (ConnectionError, OSError):
+            pass  # closed: nothing to tell
 
 
 class _Tap:
@@ -207,14 +316,24 @@ class _PathTransport:
 class PathStreams:
     """
     QUIC over one L{p2pnat.peer.path.Path} (see the module): made by
-    L{connect_streams} or L{accept_streams}.
+    L{connect_streams} or L{accept_streams}, which make it the path's
+    C{channel} once the socket connects or listens (what came before in the
+    path's frames is then read: see L{p2pnat.peer.path.Path.channel}).
 
     @ivar socket: the L{QuicSocket} of the path.
     @ivar endpoint: the L{p2pnat.quic.QuicEndpoint} of the connection once
         it is up (on the accepting side, the latest one the peer opened).
-    @ivar on_datagram: the application's handler of the path's datagrams
-        that are not QUIC (the path's own C{on_datagram} before).
+    @ivar on_datagram: the path's C{on_datagram}: the application's
+        handler of the path's datagrams.
     @ivar on_connection: called with each QUIC endpoint that comes up.
+    @ivar encrypted: how the path's datagrams travel: None until settled
+        (they wait in C{queue}), True once they ride the QUIC connection,
+        False if they fell back to the clear (C{clear_reason} says why).
+    @ivar on_settled: called as C{on_settled(encrypted, reason)} when
+        C{encrypted} changes from None, or from False to True (the peer's
+        connection came after all).
+    @ivar clear_dropped: the clear datagrams dropped because the channel
+        is encrypted (only the lobby or an old peer sends those).
     """
 
     log = Logger(namespace="p2pnat.streams")
@@ -228,7 +347,14 @@ class PathStreams:
         self.peer = PeerIdentity("client", path.peer)
         self.endpoint = None
         self.on_connection = lambda endpoint: None
-        self.on_datagram = path.on_datagram or (lambda payload: None)
+        self.on_settled = lambda encrypted, reason: None
+        self.encrypted = None
+        self.clear_reason = None
+        self.queue = DatagramQueue()
+        self.clear_dropped = 0
+        self.closed = False
+        self._settle_call = None
+        self._redial = None  # the connecting side: [services, delay, call]
         self.reassembly = Reassembly()
         self.packets_sent = {"direct": 0, "relayed": 0}
         self._number = 0
@@ -239,9 +365,17 @@ class PathStreams:
         options.setdefault("max_connections", MAX_CONNECTIONS)
         self.socket = QuicSocket(path.clock, credentials, **options)
         self.socket.makeConnection(_PathTransport(self))
-        path.on_datagram = self._path_datagram
+        self.drop_log = DropLog(self.log, path.clock)
         path.route_changed = self._route_changed
         self._route_changed()
+
+    @property
+    def on_datagram(self):
+        return self.path.on_datagram
+
+    @on_datagram.setter
+    def on_datagram(self, callback):
+        self.path.on_datagram = callback
 
     # -- for applications ----------------------------------------------------------
 
@@ -258,11 +392,15 @@ class PathStreams:
 
     def close(self, reason="closed"):
         """Close the QUIC connections and let go of the path's sockets; the path stays."""
+        self.closed = True
         self.socket.close_all(reason)
+        for call in (self._settle_call, self._redial and self._redial[2]):
+            if call is not None and call.active():
+                call.cancel()
         if self.path.route_changed == self._route_changed:
             self.path.route_changed = lambda: None
-        if self.path.on_datagram == self._path_datagram:
-            self.path.on_datagram = self.on_datagram
+        if self.path.channel is self:
+            self.path.channel = None
         for tap in self._taps:
             tap.remove(self)
         self._taps = []
@@ -285,7 +423,7 @@ class PathStreams:
         elif path.relayed is not None:
             self._number += 1
             for part in fragments(data, self._number):
-                path.send(part)
+                path.send_clear(part)
             self.packets_sent["relayed"] += 1
         else:
             raise ConnectionError("path not up")
@@ -294,16 +432,91 @@ class PathStreams:
         """A QUIC packet from the peer, by either route."""
         self.socket.datagramReceived(data, self.address)
 
-    def _path_datagram(self, payload):
+    # -- the path's datagrams (its channel) -----------------------------------------------
+
+    def send_datagram(self, payload):
+        """
+        Send one of the application's datagrams (L{p2pnat.peer.path.Path.send}):
+        in a QUIC DATAGRAM frame once the connection is up, queued until
+        the channel is settled (or while a connection is replaced), in the
+        path's own frames if it fell back to the clear.
+
+        @raise ValueError: larger than L{MAX_DATAGRAM} bytes (or, in the
+            clear, than the path's frames carry).
+        """
+        if self.encrypted is False:
+            return self.path.send_clear(payload)
+        if len(payload) > MAX_DATAGRAM:
+            raise ValueError(f"datagram of {len(payload)} bytes: a QUIC datagram frame holds"
+                             f" at most {MAX_DATAGRAM}")
+        if self.encrypted and self.endpoint is not None:
+            try:
+                return self.endpoint.send_datagram(payload)
+            except ConnectionError:
+                pass  # the connection just ended: wait for the next one
+        if self.queue.push(bytes(payload)):
+            self.drop_log("queue-full", self.address, f"{self.queue.limit} waiting")
+
+    def clear_received(self, payload):
+        """One of the path's own datagrams (an L{M.Data} payload) from the peer."""
         if payload[:1] == bytes([FRAGMENT]):
+            if payload == CLEAR_HELLO:
+                if self.encrypted is None:
+                    self.fall_back("the peer has no certificate for QUIC")
+                return
             malformed = self.reassembly.malformed
             packet = self.reassembly.add(payload)
             if packet is not None:
                 self.packet_received(packet)
             elif self.reassembly.malformed > malformed:
                 self.socket.drop_log("malformed-fragment", self.address, f"{len(payload)} bytes")
-        else:
-            self.on_datagram(payload)
+            return
+        if self.encrypted:
+            # Only the lobby (it holds the session key) or a peer that runs
+            # no QUIC sends these; the peer runs QUIC.
+            self.clear_dropped += 1
+            self.drop_log("clear-datagram", self.address, "the channel is encrypted")
+            return
+        if self.encrypted is None:
+            self.fall_back("the peer sends its datagrams in the clear")
+        self.path.deliver(payload)
+
+    def fall_back(self, reason):
+        """
+        No QUIC connection for the path's datagrams (C{reason} says why):
+        they go in the path's own frames from now on, those that waited
+        first.  A connection that comes up later takes them back.
+        """
+        if self.encrypted is None:
+            self._settle(False, reason)
+
+    def _quic_datagram(self, payload):
+        self.path.deliver(payload)
+
+    def _settle(self, encrypted, reason):
+        if self._settle_call is not None and self._settle_call.active():
+            self._settle_call.cancel()
+        self._settle_call = None
+        changed = encrypted != self.encrypted
+        self.encrypted, self.clear_reason = encrypted, reason
+        if changed:
+            if encrypted:
+                self.log.info("datagrams with {peer} end-to-end encrypted", peer=self.path.peer)
+            else:
+                self.log.warn("datagrams with {peer} in the clear: {reason}",
+                              peer=self.path.peer, reason=reason)
+            self.on_settled(encrypted, reason)
+        for payload in self.queue.drain():
+            try:
+                self.send_datagram(payload)
+            except ValueError:
+                self.queue.dropped += 1  # fits QUIC's datagrams, not the clear ones
+            except (ConnectionError, OSError):
+                break
+
+    def _no_connection(self):
+        self._settle_call = None
+        self.fall_back(f"no QUIC connection from the peer within {SETTLE_TIMEOUT:g}s")
 
     def _route_changed(self):
         path = self.path
@@ -327,17 +540,72 @@ class PathStreams:
 
     def _accepted(self, endpoint):
         self.endpoint = endpoint
+        endpoint.on_datagram = self._quic_datagram
+        self._settle(True, None)
         self.on_connection(endpoint)
 
+    # -- the connecting side -------------------------------------------------------------
 
-def connect_streams(path, credentials, *, services=None, **options):
+    def _dial(self, services):
+        """Open a connection to the peer: L{QuicSocket.connect}'s Deferred."""
+        before = self.socket.endpoints
+        d = self.socket.connect(self.address, self.peer, services=services)
+        for endpoint in self.socket.endpoints - before:
+            # The peer may send a datagram as soon as its side is up, in the
+            # packet that confirms the handshake to us.
+            endpoint.on_datagram = self._quic_datagram
+        return d
+
+    def _up(self, endpoint):
+        """A connection we opened is up: the channel's, until it ends."""
+        self._accepted(endpoint)
+        endpoint.closed.addCallback(lambda closed: self._ended(endpoint, closed))
+        if self._redial is not None:
+            self._redial[1] = REDIAL_DELAY
+
+    def _ended(self, endpoint, closed):
+        _forget(self, endpoint)
+        if self._redial is None or self.closed or self.path.mode == "closed" \
+                or self.endpoint is not None:
+            return
+        self.log.info("QUIC connection to {peer} ended ({reason}): a new one in {delay:g}s",
+                      peer=self.peer, reason=closed.reason, delay=self._redial[1])
+        self._redial[2] = self.path.clock.callLater(self._redial[1], self._redial_now)
+
+    def _redial_now(self):
+        self._redial[2] = None
+        if self.closed or self.path.mode == "closed":
+            return
+
+        def failed(reason):
+            reason.trap(HandshakeFailed)
+            delay = self._redial[1] = min(2 * self._redial[1], REDIAL_MAX)
+            if not (self.closed or self.path.mode == "closed"):
+                self.log.info("QUIC connection to {peer} failed again ({why}): next in"
+                              " {delay:g}s", peer=self.peer, why=reason.getErrorMessage(),
+                              delay=delay)
+                self._redial[2] = self.path.clock.callLater(delay, self._redial_now)
+
+        try:
+            d = self._dial(self._redial[0])
+        except ConnectionError as e:  # the socket holds too many connections
+            return failed(failure.Failure(HandshakeFailed(str(e))))
+        d.addCallbacks(self._up, failed)
+
+
+def connect_streams(path, credentials, *, services=None, on_settled=None, **options):
     """
     Open the QUIC connection over C{path} to the peer it leads to
-    (``client:PEER``), as the side that asked for the path.
+    (``client:PEER``), as the side that asked for the path.  The path's
+    datagrams ride it (see the module); if it cannot be made, they fall
+    back to the clear.  If it ends later with the path still up (the
+    peer's side restarted, a long outage timed it out), a new one is
+    opened (L{REDIAL_DELAY}, L{REDIAL_MAX}); the datagrams wait for it.
 
     @param credentials: our L{p2pnat.quic.Credentials} (``p2pnat client
         add`` writes them into the client's bundle).
     @param services: service name -> factory, for streams the peer opens.
+    @param on_settled: the L{PathStreams}'s C{on_settled}.
     @return: a Deferred firing with the L{PathStreams} once both sides are
         authenticated, or failing with L{HandshakeFailed} (the peer
         refused us, or its certificate names someone else) or
@@ -347,15 +615,21 @@ def connect_streams(path, credentials, *, services=None, **options):
         streams = PathStreams(path, credentials, **options)
     except StreamsUnavailable:
         return defer.fail()
-    d = streams.socket.connect(streams.address, streams.peer, services=services)
+    if on_settled is not None:
+        streams.on_settled = on_settled
+    d = streams._dial(services)
+    path.channel = streams
 
     def up(endpoint):
-        streams._accepted(endpoint)
-        endpoint.closed.addCallback(lambda closed: _forget(streams, endpoint))
+        streams._redial = [services, REDIAL_DELAY, None]
+        streams._up(endpoint)
         return streams
 
     def failed(reason):
+        streams.fall_back(f"the QUIC handshake failed: {reason.getErrorMessage()}")
         streams.close("handshake failed")
+        if path.mode != "closed":
+            ClearDatagrams(path)
         return reason
 
     return d.addCallbacks(up, failed)
@@ -366,28 +640,36 @@ def _forget(streams, endpoint):
         streams.endpoint = None
 
 
-def accept_streams(path, credentials, services, *, on_connection=None, **options):
+def accept_streams(path, credentials, services, *, on_connection=None, on_settled=None,
+                   **options):
     """
     Accept the QUIC connection of the peer C{path} leads to, as the side
     that was connected to: only a certificate naming ``client:PEER`` (the
-    peer the lobby introduced) is accepted.
+    peer the lobby introduced) is accepted.  The path's datagrams ride it
+    (see the module); without one within L{SETTLE_TIMEOUT}, they fall back
+    to the clear until one comes.
 
     @param services: service name -> factory for the peer's streams; a
         stream for any other name is refused.
     @param on_connection: called with each L{p2pnat.quic.QuicEndpoint}
         once it is up.
+    @param on_settled: the L{PathStreams}'s C{on_settled}.
     @return: the L{PathStreams}.
     @raise StreamsUnavailable: the path is closed.
     """
     streams = PathStreams(path, credentials, **options)
     if on_connection is not None:
         streams.on_connection = on_connection
+    if on_settled is not None:
+        streams.on_settled = on_settled
+    streams._settle_call = path.clock.callLater(SETTLE_TIMEOUT, streams._no_connection)
 
     def accepted(endpoint):
         streams._accepted(endpoint)
         endpoint.closed.addCallback(lambda closed: _forget(streams, endpoint))
 
     streams.socket.listen([streams.peer], accepted, services=services)
+    path.channel = streams
     return streams
 
 
@@ -601,6 +883,6 @@ class _Once(protocol.Factory):
         return self.proto
 
 
-__all__ = ["FRAGMENT", "HandshakeFailed", "PathStreams", "Reassembly", "StreamsUnavailable",
-           "TcpForwardFactory", "TcpServiceFactory", "accept_streams", "connect_streams",
-           "fragments"]
+__all__ = ["CLEAR_HELLO", "ClearDatagrams", "DatagramQueue", "FRAGMENT", "HandshakeFailed",
+           "MAX_DATAGRAM", "PathStreams", "Reassembly", "StreamsUnavailable", "TcpForwardFactory",
+           "TcpServiceFactory", "accept_streams", "connect_streams", "fragments"]

@@ -78,6 +78,17 @@ class CredentialTests(SynchronousTestCase):
         e = self.assertRaises(CommandError, P.load_credentials, config)
         self.assertIn("no client.cert_file, client.key_file, client.ca_file", str(e))
         self.assertIn("`p2pnat client add ID --replace`", str(e))
+        # Chat and UDP forwards go on, in the clear (and say so).
+        self.assertIsNone(P.optional_credentials(config))
+
+    def test_optional_credentials(self):
+        """A bundle with its certificate: datagrams go on QUIC, so they are loaded."""
+        out = self.bundle()
+        config, _ = P.load_client(os.path.join(out, "client.toml"))
+        self.assertEqual(str(P.optional_credentials(config).identity), "client:alice")
+        # A certificate named but unusable is an error, not a silent fall to the clear.
+        os.chmod(os.path.join(out, "client.key"), 0o644)
+        self.assertRaises(CommandError, P.optional_credentials, config)
 
     def test_certificate_of_another_client(self):
         out = self.bundle()
