@@ -187,12 +187,7 @@ class SecureDatagramTests(DaemonTestCase):
         self.fail(f"fewer than {n} {kind} event(s) from {daemon.name} in {timeout}s")
 
     def without_certificate(self, name):
-        config = os.path.join(self.bundles[name], "client.toml")
-        with open(config) as f:
-            lines = [line for line in f if not line.startswith(("cert_file", "key_file",
-                                                                  "ca_file"))]
-        with open(config, "w") as f:
-            f.writelines(lines)
+        procs.without_certificate(os.path.join(self.bundles[name], "client.toml"))
 
     def chat_and_forward(self, nat, mode, direct=True):
         """

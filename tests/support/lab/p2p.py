@@ -149,13 +149,19 @@ class P2PLab(LabSetup):
         self.server = self.lab.add_server("lobby", addresses=self.addresses)
         self.lobby_addr = f"{self.server.ips[0]}:{LOBBY_PORTS[0]}"
 
-    def add_client(self, cid, host):
-        """Provision client ``cid`` (as ``p2pnat client add``) for ``host``."""
+    def add_client(self, cid, host, certificate=True):
+        """
+        Provision client ``cid`` (as ``p2pnat client add``) for ``host``;
+        with ``certificate=False`` its bundle is one from before client
+        certificates, so its paths carry MAC'd clear datagrams.
+        """
         from p2pnat.deployment import provision
 
         out = os.path.join(self.workdir, f"client-{cid}")
         provision.add_client(self.state, cid, out, lobby=self.lobby_addr)
         config = os.path.join(out, "client.toml")
+        if not certificate:
+            procs.without_certificate(config)
         discovery = ", ".join(f'"{ip}:{port}"' for ip in self.server.ips for port in LOBBY_PORTS)
         with open(config, "a") as f:
             f.write(f"discovery = [{discovery}]\n")
