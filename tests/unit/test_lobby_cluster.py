@@ -43,10 +43,12 @@ from p2pnat.cluster.state import ClusterUnavailable, Signer, cluster_keys
 from p2pnat.daemon.metrics import Metrics
 from p2pnat.lobby.server import Lobby
 from p2pnat.net.udp import ControlProtocol
+from p2pnat.peer.client import LobbyClient
+from p2pnat.peer.path import Path
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
-from tests.support.udp import FakeNetwork
-from tests.unit import test_lobby_server
+from tests.support.udp import FakeNetwork, SimNat, SimNet
+from tests.unit import test_lobby_server, test_peer_client
 from tests.unit.test_taps import TapTestCase, UDPMemoryReactor
 
 NODE1, NODE2 = ("198.18.1.1", 3478), ("198.18.2.1", 3478)
@@ -142,7 +144,7 @@ class Cluster:
             keys = {c: KEYS[c] for c in REGISTRY[name]}
             lobby = Lobby(keys.get, self.clock, metrics, keepalive=20,
                           cluster=BusCluster(self.bus, name, self.clock), **options)
-            proto = self.net.attach(
+            self.net.attach(
                 ControlProtocol(lobby, self.clock, metrics, wire.ReplayGuard(self.clock),
                                 stamper=wire.Stamper(self.clock)), *addr)
             lobby.relay_address = addr
@@ -437,6 +439,115 @@ class RelayTests(_TwoNodes, SynchronousTestCase):
         passed = len(self.received(self.b3, M.Data))
         self.assertTrue(10 <= passed <= 20, passed)
         self.assertGreater(self.c.dropped("n1", "relay-rate-limited"), 0)
+
+
+class ClientsTests(SynchronousTestCase):
+    """
+    L{p2pnat.peer.client.LobbyClient}s on a simulated internet, each behind
+    a symmetric NAT with random ports (a mapping per destination), Alice
+    logged into node 1 and Bob into node 2: no punch can work, and the
+    session is relayed by node 1 alone.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.net = SimNet(self.clock, 0.005)
+        self.bus = Bus()
+        self.metrics = {}
+        for name, addr in (("n1", NODE1), ("n2", NODE2)):
+            self.metrics[name] = metrics = Metrics("lobby")
+            keys = {c: KEYS[c] for c in REGISTRY[name]}
+            lobby = Lobby(keys.get, self.clock, metrics, keepalive=20,
+                          cluster=BusCluster(self.bus, name, self.clock))
+            lobby.relay_address = addr
+            self.net.listen(addr[0], ControlProtocol(
+                lobby, self.clock, metrics, wire.ReplayGuard(self.clock), name=name,
+                stamper=wire.Stamper(self.clock)), addr[1])
+            self.bus.nodes[name] = lobby
+            self.bus.clients[name] = set(keys)
+        self.clients, self.incoming = {}, {}
+        for i, (name, node) in enumerate((("alice", NODE1), ("bob", NODE2))):
+            host, public = test_peer_client.HOSTS[name]
+            self.net.nats[host] = SimNat(public, base=20000 + 1000 * i, seed=i,
+                                         **test_peer_client.SIM[test_peer_client.RANDOM])
+            self.incoming[name] = []
+            c = LobbyClient(name, KEYS[name], node, self.net, interface=host,
+                            nat=test_peer_client.RANDOM, on_path=self.incoming[name].append,
+                            upgrade_interval=600)
+            self.clients[name] = c
+            d = c.start()
+            self.advance(0.05)
+            self.successResultOf(d)
+        self.addCleanup(self.stop)
+
+    def stop(self):
+        for c in self.clients.values():
+            c.stop()
+        self.advance(0.05)
+
+    def advance(self, seconds, step=0.005):
+        for _ in range(round(seconds / step)):
+            self.clock.advance(step)
+
+    def relayed(self, node):
+        return self.metrics[node].value("p2pnat_udp_sent_total", kind="relayed")
+
+    def test_relayed_by_one_node(self):
+        results = []
+        self.clients["alice"].connect("bob").addBoth(results.append)
+        self.advance(15)
+        [path] = results
+        self.assertIsInstance(path, Path, path)
+        [incoming] = self.incoming["bob"]
+        self.assertEqual((path.mode, incoming.mode), ("relayed", "relayed"))
+        # Both routes lead to node 1.
+        self.assertEqual((path.relayed[1], incoming.relayed[1]), (NODE1, NODE1))
+        got_a, got_b = [], []
+        path.on_datagram, incoming.on_datagram = got_a.append, got_b.append
+        before, relayed = len(self.net.sent), self.relayed("n1")
+        path.send(b"ping")
+        self.advance(0.05)
+        incoming.send(b"pong")
+        self.advance(0.05)
+        self.assertEqual((got_a, got_b), ([b"pong"], [b"ping"]))
+        data = [x for x in self.net.sent[before:] if test_peer_client.kind(x.data) == "Data"]
+        # Each datagram: its sender to node 1, node 1 to its receiver; no hop
+        # between the nodes, nothing through node 2.
+        self.assertEqual(len(data), 4)
+        self.assertTrue(all(NODE1 in (x.src, x.dst) for x in data), data)
+        # (node 1 may relay a path keepalive meanwhile)
+        self.assertGreaterEqual(self.relayed("n1") - relayed, 2)
+        self.assertEqual(self.relayed("n2"), 0)
+        # Bob bound with his proof from a mapping node 2 never saw.
+        binds = [x for x in self.net.sent if test_peer_client.kind(x.data) == "RelayBind"
+                 and x.src[0] == test_peer_client.HOSTS["bob"][1]]
+        self.assertTrue(binds)
+        self.assertEqual({x.dst for x in binds}, {NODE1})
+        self.assertTrue(all(M.RelayBind.decode_body(wire.parse(x.data).body).proof
+                            for x in binds))
+
+    def test_relay_traffic_from_the_relay_only(self):
+        """
+        Bob takes RelayBound from node 1 only: one from his own node (which
+        his fresh socket's NAT lets in: he answered from it) is ignored.
+        """
+        bob_ip = test_peer_client.HOSTS["bob"][1]
+        self.net.lose = lambda src, dst, data: (
+            src == NODE1 and dst[0] == bob_ip and test_peer_client.kind(data) == "RelayBound")
+        self.clients["alice"].connect("bob").addBoth(lambda r: None)
+        lobby2 = self.bus.nodes["n2"]
+        self.advance(0.3)
+        [p] = lobby2.remote.values()
+        kid = M.session_key_id(p.session_id, "b")
+        genuine = wire.seal(M.RelayBound(True), kid, p.session_key, wire.Stamper(self.clock)())
+        self.net.send(NODE2, p.answer[1], genuine)  # to Bob's fresh socket
+        self.advance(0.1)
+        self.assertEqual(self.net.errors, [])
+        self.assertEqual(self.incoming["bob"], [])
+        self.net.lose = lambda src, dst, data: False  # node 1's next answer arrives
+        self.advance(1)
+        self.assertEqual(len(self.incoming["bob"]), 1)
 
 
 class SingleNodeBindTests(_TwoNodes, SynchronousTestCase):
