@@ -241,6 +241,9 @@ class IntroductionTests(_TwoNodes, SynchronousTestCase):
         invites = self.received(self.b, M.Invite)
         self.assertEqual(len(invites), 2)
         self.assertEqual(invites[0][0].session_id, invites[1][0].session_id)
+        # The relay and Bob's bind secret, made once by node 1.
+        self.assertEqual({(m.relay, m.sealed_secret) for m, _ in invites},
+                         {(NODE1, invites[0][0].sealed_secret)})
         self.answer()
         self.answer()  # B's answer again: acknowledged and passed on again
         self.assertEqual(len(self.received(self.b2, M.AnswerAck)), 2)
