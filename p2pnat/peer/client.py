@@ -490,6 +490,11 @@ class _Side:
 
     log = Logger(namespace="p2pnat.client")
 
+    #: Where the session is relayed when not by our own lobby: the relay
+    #: lobby node's address and our role's bind secret, from the
+    #: introduction (L{_relay_of}).
+    relay_at = None
+
     def _punch(self, role, intro, offered, flags):
         """
         Run this side's punch against the peer of the introduction
@@ -541,7 +546,19 @@ class _Side:
             self.strategy = f"relay (after {self.strategy})"
         self.log.info("no direct path to {peer} ({why}); relaying through the lobby",
                       peer=self.session.peer, why=failure.getErrorMessage())
-        return _RelayBind(self.client, self.session, self.fresh, self.strategy).start()
+        return _RelayBind(self.client, self.session, self.fresh, self.strategy,
+                          self.relay_at).start()
+
+
+def _relay_of(client, intro):
+    """
+    C{(address, bind secret)} of the lobby node that relays the session of
+    the Invite or Introduce C{intro}, when it names one (a lobby cluster:
+    not our own node); else None.
+    """
+    if intro.relay is None:
+        return None
+    return intro.relay, M.open_bind_secret(client.key, intro.session_id, intro.sealed_secret)
 
 
 class _Attempt(_Side):
@@ -620,6 +637,7 @@ class _Attempt(_Side):
         c = self.client
         key = M.open_session_key(c.key, m.session_id, m.sealed_key)
         self.session = Session(c, m.session_id, key, "a", self.peer)
+        self.relay_at = _relay_of(c, m)
         if self.relay_first is not None:
             # The path went silent: the relay now, the punch right after
             # (an upgrade), so that traffic flows meanwhile.
@@ -726,6 +744,7 @@ class _Answer(_Side):
         m = self.invite
         key = M.open_session_key(c.key, m.session_id, m.sealed_key)
         self.session = Session(c, m.session_id, key, "b", m.peer)
+        self.relay_at = _relay_of(c, m)
         current = c.paths.get(m.peer)
         if current is not None and current.mode != "closed" and current.health.suspect():
             # Our path to this peer missed its keepalives, and the peer
@@ -798,13 +817,22 @@ class _Answer(_Side):
 
 
 class _RelayBind:
-    """Ask the lobby to relay the session; fire with the relayed L{Path}."""
+    """
+    Ask the lobby to relay the session; fire with the relayed L{Path}.
 
-    def __init__(self, client, session, proto, strategy="relay"):
+    @param relay_at: None (our own lobby relays), or C{(address, secret)}:
+        the lobby node that relays the session, and our role's bind secret,
+        whose proof (L{M.bind_proof}) each bind carries.  Binds go to that
+        address, and L{M.RelayBound} and relayed datagrams are taken from
+        there only.
+    """
+
+    def __init__(self, client, session, proto, strategy="relay", relay_at=None):
         self.client = client
         self.session = session
         self.proto = proto
         self.strategy = strategy
+        self.relay, self.secret = relay_at or (client.lobby, None)
         self.done = defer.Deferred()
         self._tries = 0
         self._call = None
@@ -833,8 +861,11 @@ class _RelayBind:
             return self.done.errback(Refused("the lobby does not relay this session"))
         self._tries += 1
         s = self.session
-        data = wire.seal(M.RelayBind(), s.my_key_id, s.key, s.stamper())
-        self.proto.send(data, self.client.lobby, "RelayBind")
+        stamp = s.stamper()
+        bind = M.RelayBind()
+        if self.secret is not None:
+            bind = M.RelayBind(padding=0, proof=M.bind_proof(self.secret, s.my_key_id, stamp))
+        self.proto.send(wire.seal(bind, s.my_key_id, s.key, stamp), self.relay, "RelayBind")
         self._call = self.client.clock.callLater(0.25, self._bind)
 
     def key_for(self, key_id, mtype):
@@ -845,12 +876,14 @@ class _RelayBind:
         return self.client.lobby_key_for(key_id, mtype)
 
     def handle(self, frame, message, addr, proto):
-        if isinstance(message, M.RelayBound) and addr == self.client.lobby:
+        if addr != self.relay:
+            return None  # the relay's traffic comes from the relay only
+        if isinstance(message, M.RelayBound):
             if message.ready and not self.done.called:
                 if self._call is not None and self._call.active():
                     self._call.cancel()
                 path = self.client._path_for(self.session.peer)
-                path.use_relay(proto, self.client.lobby, self.session)
+                path.use_relay(proto, self.relay, self.session)
                 path.strategy = self.strategy
                 for payload in self.session.early:
                     path.deliver(payload)
