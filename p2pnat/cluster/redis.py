@@ -7,7 +7,9 @@ Keys (``docs/cluster.rst`` has the operations each costs):
 
 - ``p2pnat:registry``: hash, device ID -> record (L{RecordCodec});
   ``p2pnat:registry:version``: bumped by every change;
-- ``p2pnat:live:ID``: the device's L{LiveEntry}, with an expiry;
+- ``p2pnat:live:ID``: the device's L{LiveEntry} (with the owner's access-check
+  period, which tells other nodes how often it is rewritten), with an
+  expiry (L{LiveWrites.expiry});
 - ``p2pnat:nodes``: hash, node name -> L{NodeInfo} (refreshed every
   L{HEARTBEAT} seconds; a node not heard from in L{NODE_TTL} is gone).
 
@@ -374,7 +376,10 @@ class RedisState:
         if not self.writes.due(device_id, kind, addr, last_access):
             return
         self.writes.wrote(device_id, addr, last_access)
-        entry = LiveEntry(device_id, self.node, addr[0], addr[1], last_access)
+        # With the period: other nodes judge the entry by how often it is
+        # rewritten (LiveEntry.stale), not as if it were this node's table.
+        entry = LiveEntry(device_id, self.node, addr[0], addr[1], last_access,
+                          self.writes.period)
         d = self.link.command("SET", live_key(device_id), entry.to_json(),
                               "EX", self.writes.expiry(), "GET")
         d.addCallbacks(self._live_written, self._live_failed,
