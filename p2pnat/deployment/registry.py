@@ -304,6 +304,11 @@ def _check_mac_key(mac_key):
         raise RegistryError(f"a MAC key is {wire.KEY_LEN} bytes")
 
 
+def _check_access_mode(mode):
+    if mode not in ACCESS_MODES:
+        raise RegistryError(f"access mode must be one of {', '.join(ACCESS_MODES)}, got {mode!r}")
+
+
 def _check_fingerprint(fp):
     if (not isinstance(fp, str) or len(fp) != 64
             or any(c not in "0123456789abcdef" for c in fp.lower())):
@@ -505,9 +510,7 @@ class Registry:
             check_new_device_id(device_id)
         _check_mac_key(mac_key)
         cert_fingerprint = _check_fingerprint(cert_fingerprint)
-        if access_mode not in ACCESS_MODES:
-            raise RegistryError(f"access mode must be one of {', '.join(ACCESS_MODES)},"
-                                f" got {access_mode!r}")
+        _check_access_mode(access_mode)
         if access_mode == "relay" and credential is None:
             raise RegistryError("access mode 'relay' needs an access credential")
         if access_mode == "device" and credential is not None:
@@ -559,9 +562,7 @@ class Registry:
         check_id("device", record.id)
         _check_mac_key(record.mac_key)
         fingerprint = _check_fingerprint(record.cert_fingerprint)
-        if record.access_mode not in ACCESS_MODES:
-            raise RegistryError(f"access mode must be one of {', '.join(ACCESS_MODES)},"
-                                f" got {record.access_mode!r}")
+        _check_access_mode(record.access_mode)
         try:
             created = float(record.created)
             revoked = None if record.revoked is None else float(record.revoked)
