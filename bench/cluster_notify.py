@@ -235,6 +235,16 @@ def _report(args, n, alone, cluster, rss0_single, rss0_cluster, memory, live):
         print(f"note: the SET prediction is for a window of one period ({args.period:g}s)"
               f" starting more than {args.period / 6:g}s into phase B, when every device"
               " rewrites its entry exactly once in it")
+    # Each connection a node makes selects its database once: connections
+    # made in the window are nodes that lost Redis (a command unanswered
+    # for 2 s) and reconnected, then rewrote entries and read the registry
+    # again; the figures above are then not a steady state.
+    reconnects = round(cluster["calls"].get("select", 0.0) * cluster["secs"])
+    merges = round(cluster["calls"].get("eval", 0.0) * cluster["secs"])
+    if reconnects or merges:
+        print(f"warning: in the window the nodes made {reconnects} connections to redis"
+              f" again and ran {merges} registry merge scripts: a node was too slow to read"
+              " a reply within the command timeout (a machine too busy for this N)")
     used = int(memory.get("used_memory", 0))
     print(f"redis: {cluster['redis_cpu']:.1f}% of one core; used_memory"
           f" {used / 1e6:.1f} MB for {devices} registry records and {live} live entries"

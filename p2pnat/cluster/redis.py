@@ -201,6 +201,7 @@ class RedisLink:
         self.on_change = on_change
         self.timeout = timeout
         self.commands = None  # the command connection, when up
+        self._abandoned = None  # the command connection dropped for not answering
         self.subscriber = None  # the subscribed connection, when up
         endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
         policy = backoffPolicy(initialDelay=0.1, maxDelay=5.0)
@@ -258,11 +259,16 @@ class RedisLink:
         return d.addBoth(done).addErrback(failed)
 
     def _timed_out(self, conn, d):
-        self.log.warn("redis {url} did not answer in {timeout}s; reconnecting",
-                      url=self.where, timeout=self.timeout)
         if not d.called:
             d.errback(ClusterUnavailable(f"redis {self.where}: no answer in {self.timeout}s"))
-        conn.transport.abortConnection()
+        if conn is not self._abandoned:
+            # One line and one abort per connection: the commands sent after
+            # the first unanswered one time out in the same few moments, and
+            # a busy node had thousands (a line each, bench/cluster_notify.py).
+            self._abandoned = conn
+            self.log.warn("redis {url} did not answer in {timeout}s; reconnecting",
+                          url=self.where, timeout=self.timeout)
+            conn.transport.abortConnection()
 
     # -- the connections ------------------------------------------------------
 

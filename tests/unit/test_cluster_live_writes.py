@@ -219,3 +219,62 @@ class RemoteRoutingTests(SynchronousTestCase):
         self.at(self.t0 + self.owner.writes.expiry())
         routed, t = self.ask()
         self.assertIn("not contacted the relay", t.transport.value().decode())
+
+
+class _Silent:
+    """A command connection that never answers."""
+
+    def __init__(self):
+        from twisted.internet.defer import Deferred
+
+        self.sent = []
+        self.aborts = 0
+        self.transport = self
+        self._deferred = Deferred
+
+    def execute_command(self, *args):
+        self.sent.append(args)
+        return self._deferred()
+
+    def abortConnection(self):
+        self.aborts += 1
+
+
+class _Warnings:
+    def __init__(self):
+        self.lines = []
+
+    def warn(self, text, **fields):
+        self.lines.append(text)
+
+
+class CommandTimeoutTests(SynchronousTestCase):
+    def test_one_line_and_one_abort_per_connection(self):
+        """
+        A thousand entry writes on a connection that stopped answering: each
+        fails, but the node logs one line and drops the connection once (it
+        logged a line per command, thousands at a time under load).
+        """
+        from p2pnat.cluster.state import ClusterUnavailable
+
+        clock = MemoryReactorClock()
+        link = R.RedisLink(clock, "redis://127.0.0.1:1/0", [], lambda c, m: None,
+                           lambda available: None)
+        link.log = _Warnings()
+        conn = link.commands = _Silent()
+        link.subscriber = object()
+        failed = []
+        for i in range(1000):
+            link.command("SET", f"k{i}", "v").addErrback(
+                lambda f: failed.append(f.check(ClusterUnavailable)))
+            clock.advance(0.001)
+        clock.advance(R.COMMAND_TIMEOUT)
+        self.assertEqual(failed, [ClusterUnavailable] * 1000)
+        self.assertEqual(conn.aborts, 1)
+        self.assertEqual(len(link.log.lines), 1)
+        # The next connection that stops answering is dropped too.
+        conn2 = link.commands = _Silent()
+        d = link.command("GET", "k")
+        clock.advance(R.COMMAND_TIMEOUT)
+        self.failureResultOf(d, ClusterUnavailable)
+        self.assertEqual((conn2.aborts, len(link.log.lines)), (1, 2))
