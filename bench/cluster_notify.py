@@ -50,7 +50,12 @@ import _support as S  # noqa: E402
 from cluster_session import Node, Redis, cluster_states, in_workdir  # noqa: E402
 from notify_scale import SIM, last_status, register, udp_drops  # noqa: E402
 
+from p2pnat.cluster.redis import HEARTBEAT  # noqa: E402
+from p2pnat.cluster.stats import INTERVAL as STATS_INTERVAL  # noqa: E402
+
 NODES = ("n1", "n2", "n3")
+#: The relays' defaults the Redis prediction counts with: relay.sync_interval.
+SYNC_INTERVAL = 0.5
 
 
 def start_sims(P, args, seed, total, ports, tag):
@@ -130,8 +135,10 @@ def main():
     ap.add_argument("--warmup", type=float, default=-1.0,
                     help="seconds of phase B before the window (default: period / 2; at"
                          " least period / 6 for the steady state)")
-    ap.add_argument("--a-rate", type=float, default=2000.0,
-                    help="notify A per second per simulator in phase A")
+    ap.add_argument("--a-rate", type=float, default=500.0,
+                    help="notify A per second per simulator in phase A (500; each writes a"
+                         " live entry: at 2000 a node on a busy machine fell behind its"
+                         " command timeout, reconnected and started over)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
     args.window = args.window or args.period
@@ -216,12 +223,15 @@ def _report(args, n, alone, cluster, rss0_single, rss0_cluster, memory, live):
           f" {cluster['sent']:.0f} per s; machine busy {alone['busy']:.2f} /"
           f" {cluster['busy']:.2f} of {os.cpu_count()} cores")
 
-    # What docs/cluster.rst predicts, per second, for 3N devices and 3 nodes.
+    # What docs/cluster.rst predicts, per second, for 3N devices and 3 nodes:
+    # live entries; each node's round (relay.sync_interval) checks the epoch
+    # (SET NX GET) and reads the version (GET); every 5 s a node writes its
+    # heartbeat and its stats record (HSET each).
     devices = 3 * n
-    predicted = {"set": devices * (3600 / args.period) / 3600
-                 + len(NODES) * 1.0,  # live entries; the epoch check of each node's round
-                 "get": len(NODES) * 1.0,  # each round's version read (1 s rounds)
-                 "hset": len(NODES) / 5.0}  # heartbeats
+    rounds = len(NODES) / SYNC_INTERVAL
+    predicted = {"set": devices * (3600 / args.period) / 3600 + rounds,
+                 "get": rounds,
+                 "hset": len(NODES) * (1 / HEARTBEAT + 1 / STATS_INTERVAL)}
     print()
     rows = []
     for cmd in sorted(set(cluster["calls"]) | set(predicted)):
