@@ -124,3 +124,16 @@ class RestartTests(SynchronousTestCase):
         # the revocation, which wins over the provisioning node's active row.
         self.assertIsInstance(x.cluster, R.RedisState)
         self.assertEqual(x.local_records()["cam"].revoked, 150.0)
+
+    def test_revoke_keeps_it(self):
+        """RelayService.revoke of a device only the shared registry had: kept in SQLite."""
+        state_dir = self.mktemp()
+        first = self.service(state_dir)
+        first.reactor.advance(1_700_000_000)
+        first.apply_records({"cam": imported()})  # as read from Redis
+        first.revoke("cam")
+        self.assertIsNotNone(first.registry.device("cam").revoked)
+        first.registry.close()
+        x = self.service(state_dir)
+        self.assertEqual(status(self.terminal(x).transport), 403)
+        self.assertIsNotNone(x.local_records()["cam"].revoked)
