@@ -235,7 +235,15 @@ class QuicEndpoint:
         """A QUIC datagram for this connection arrived (from the socket)."""
         if self._ended:
             return
-        self.connection.receive_datagram(data, addr, now=self.clock.seconds())
+        conn = self.connection
+        moves = conn.peer_moves
+        if not conn.receive_datagram(data, addr, now=self.clock.seconds()):
+            # Forged, corrupted, replayed, or for discarded keys: aioquic
+            # changed nothing.
+            self.socket.count_drop("unauthenticated", addr, f"{len(data)} bytes")
+        if conn.peer_moves != moves:
+            self.log.info("QUIC peer {peer} now sends from {addr}: following it",
+                          peer=str(self.peer), addr=wire.format_addr(addr))
         self._process_events()
         self._check_up()
         self.schedule_transmit()
@@ -623,16 +631,18 @@ class QuicSocket(DatagramProtocol):
         """The connections on this socket now."""
         return frozenset(self._endpoints)
 
-    def _drop(self, reason, addr, detail=""):
+    def count_drop(self, reason, addr, detail=""):
+        """A QUIC datagram was dropped: count it in C{dropped}, log (rate-limited)."""
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         self.drop_log(reason, addr, detail)
+
 
     def datagramReceived(self, data, addr):
         addr = addr[:2]
         if not is_quic(data):
             if self.other is not None:
                 return self.other(data, addr)
-            return self._drop("not-quic", addr)
+            return self.count_drop("not-quic", addr)
         try:
             self._quic_received(data, addr)
         except Exception:
@@ -644,23 +654,23 @@ class QuicSocket(DatagramProtocol):
         try:
             head = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError as e:
-            return self._drop("bad-quic-header", addr, str(e))
+            return self.count_drop("bad-quic-header", addr, str(e))
         endpoint = self._routes.get(head.destination_cid)
         if endpoint is not None:
             return endpoint.datagram_received(data, addr)
         if head.packet_type != QuicPacketType.INITIAL or self._accept is None:
-            return self._drop("unknown-connection", addr)
+            return self.count_drop("unknown-connection", addr)
         if len(data) < MIN_INITIAL:
-            return self._drop("short-initial", addr, f"{len(data)} bytes")
+            return self.count_drop("short-initial", addr, f"{len(data)} bytes")
         if head.version not in (1, 0x6B3343CF):  # QUIC v1, v2
-            return self._drop("quic-version", addr, f"{head.version:#x}")
+            return self.count_drop("quic-version", addr, f"{head.version:#x}")
         peers, on_connection, services, options = self._accept
         conn = self._connection(is_client=False, expected=peers,
                                 original_destination_connection_id=head.destination_cid)
         try:
             endpoint = self._endpoint(conn, addr, services, options)
         except ConnectionError as e:
-            return self._drop("too-many-connections", addr, str(e))
+            return self.count_drop("too-many-connections", addr, str(e))
         for cid in (head.destination_cid, conn.host_cid):
             self.register(cid, endpoint)
             endpoint._cids.add(cid)
