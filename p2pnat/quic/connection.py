@@ -182,6 +182,8 @@ class PeerConnection(_connection.QuicConnection):
         discarded): they changed nothing.
     @ivar peer_moves: how many times the connecting side followed the
         peer to a new address (see L{receive_datagram}).
+    @ivar fresh: whether the last datagram received brought the newest
+        authenticated 1-RTT packet so far.
     """
 
     def __init__(self, *, configuration, credentials, expected, clock,
@@ -202,6 +204,7 @@ class PeerConnection(_connection.QuicConnection):
         self.refusal = None
         self.unauthenticated = 0
         self.peer_moves = 0
+        self.fresh = False
         self._passed = []  # (network path, is_probing) of each packet that passed
         self.stream_window = stream_window
         # Bytes of each stream the application has taken: the window is
@@ -262,10 +265,15 @@ class PeerConnection(_connection.QuicConnection):
         changed nothing and, on the connecting side, follows the peer to a
         new address (see the module).
 
-        @return: True if at least one packet in it passed authentication.
+        @return: True if at least one packet in it passed authentication;
+            C{fresh} then says whether it brought the newest 1-RTT packet
+            received so far (what proves that the peer sends from C{addr}
+            now, where a delayed or replayed packet proves nothing).
         """
         passed = self._passed = []
         path = None
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        newest = space.largest_received_packet if space is not None else None
         if (self._is_client and self._handshake_confirmed and self._network_paths
                 and self._network_paths[0].addr != addr):
             path = next((p for p in self._network_paths if p.addr == addr), None)
@@ -278,6 +286,9 @@ class PeerConnection(_connection.QuicConnection):
         super().receive_datagram(data, addr, now)
         if not passed:
             self.unauthenticated += 1
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        self.fresh = bool(passed) and space is not None and (
+            newest is None or space.largest_received_packet > newest)
         if path is None or path not in self._network_paths:
             return bool(passed)
         mine = [probing for p, probing in passed if p is path]

@@ -232,9 +232,14 @@ class QuicEndpoint:
     # -- driving aioquic ---------------------------------------------------------------
 
     def datagram_received(self, data, addr):
-        """A QUIC datagram for this connection arrived (from the socket)."""
+        """
+        A QUIC datagram for this connection arrived (from the socket).
+
+        @return: True if it brought the newest authenticated packet of the
+            connection so far: the peer sends from C{addr} now.
+        """
         if self._ended:
-            return
+            return False
         conn = self.connection
         moves = conn.peer_moves
         if not conn.receive_datagram(data, addr, now=self.clock.seconds()):
@@ -247,6 +252,7 @@ class QuicEndpoint:
         self._process_events()
         self._check_up()
         self.schedule_transmit()
+        return conn.fresh
 
     def schedule_transmit(self):
         """Send what aioquic has, soon (coalescing many writes into one pass)."""
@@ -643,12 +649,32 @@ class QuicSocket(DatagramProtocol):
             if self.other is not None:
                 return self.other(data, addr)
             return self.count_drop("not-quic", addr)
+        self.receive(data, addr)
+
+    def receive(self, data, addr):
+        """
+        Handle one QUIC datagram from C{addr}.
+
+        @return: True if it brought the newest authenticated packet of its
+            connection so far (see L{QuicEndpoint.datagram_received}): a
+            layer below QUIC may take that as proof that the peer sends
+            from C{addr} now.
+        """
         try:
-            self._quic_received(data, addr)
+            return bool(self._quic_received(data, addr))
         except Exception:
             self.dropped["internal-error"] = self.dropped.get("internal-error", 0) + 1
             self.log.failure("error handling a QUIC datagram from {addr}",
                              addr=wire.format_addr(addr))
+            return False
+
+    def owns(self, data):
+        """Whether QUIC datagram C{data} is for one of this socket's connections (by its ID)."""
+        try:
+            head = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+        except ValueError:
+            return False
+        return head.destination_cid in self._routes
 
     def _quic_received(self, data, addr):
         try:
@@ -677,7 +703,7 @@ class QuicSocket(DatagramProtocol):
         if on_connection is not None:
             endpoint.connected.addCallback(self._accepted, on_connection)
         endpoint.connected.addErrback(lambda f: None)  # the endpoint logged it
-        endpoint.datagram_received(data, addr)
+        return endpoint.datagram_received(data, addr)
 
     def _accepted(self, endpoint, on_connection):
         try:
