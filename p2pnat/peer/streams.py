@@ -252,6 +252,7 @@ class PathStreams:
         #: Times the direct route followed the peer to a new address.
         self.follows = 0
         self._recover_call = None
+        self._route = None  # (mode, socket, address) QUIC's packets take now
         #: Times QUIC's silence started the path's recovery.
         self.recoveries = 0
         self._number = 0
@@ -349,6 +350,16 @@ class PathStreams:
         # address: same socket, same session, the peer's new address.
         path.direct = (route_proto, addr, session)
         self.follows += 1
+        self._probe_route()
+
+    def _probe_route(self):
+        """QUIC's packets take a new route: have it probe there now (see L{_route_changed})."""
+        route = self.path.direct or self.path.relayed
+        key = (self.path.mode, id(route[0]), route[1]) if route is not None else None
+        if key != self._route:
+            self._route = key
+            for endpoint in self.socket.endpoints:
+                endpoint.route_changed()
 
     def _path_datagram(self, payload):
         if payload[:1] == bytes([FRAGMENT]):
@@ -380,6 +391,10 @@ class PathStreams:
         for tap in wanted:
             tap.add(self)
         self._taps = wanted
+        # After a dead route, QUIC's probe timeout has backed off for
+        # seconds: without a probe now the first packets on the new route
+        # (relayed, or direct again) would wait that long.
+        self._probe_route()
 
     def _accepted(self, endpoint):
         self.endpoint = endpoint

@@ -113,7 +113,9 @@ _CONNECTION_INTERNALS = ("_initialize", "_handshake_confirmed", "_loss", "_max_d
                          "_on_max_stream_data_delivery",
                          # following the peer to a new address:
                          "_payload_received", "_network_paths", "_add_network_path",
-                         "_use_reserved_peer_cid", "_spaces", "_is_client")
+                         "_use_reserved_peer_cid", "_spaces", "_is_client",
+                         # probing a new route at once:
+                         "_send_probe")
 #: QuicNetworkPath attributes the same relies on.
 _PATH_INTERNALS = ("addr", "is_validated", "peer_cid", "local_challenge_sent",
                    "validation_deadline")
@@ -138,6 +140,8 @@ def check_internals():
     if not all(hasattr(pacer, name) for name in ("packet_time", "bucket_max",
                                                   "_max_datagram_size")):
         missing.append("QuicPacketRecovery._pacer (packet_time, bucket_max)")
+    if not hasattr(getattr(conn, "_loss", None), "_pto_count"):
+        missing.append("QuicPacketRecovery._pto_count")
     network_path = _connection.QuicNetworkPath(("192.0.2.1", 1))
     missing += [f"QuicNetworkPath.{name}" for name in _PATH_INTERNALS
                 if not hasattr(network_path, name)]
@@ -313,6 +317,18 @@ class PeerConnection(_connection.QuicConnection):
             network_path.local_challenge_sent = False
             network_path.validation_deadline = None
         self.peer_moves += 1
+
+    def probe_now(self):
+        """
+        Send a probe (an ack-eliciting PING) at the next transmission, and
+        forget the probe timeout's backoff: the route under the connection
+        changed (a layer below QUIC moved it), and the backoff that grew
+        while the old route was dead would otherwise hold back the first
+        packets on the new one for seconds.  The probe's acknowledgement
+        then lets loss recovery resend what was lost at once.
+        """
+        self._loss._pto_count = 0
+        self._send_probe()
 
     def _payload_received(self, context, *args, **kwargs):
         # Called for each packet that decrypted and is not a duplicate.

@@ -229,6 +229,17 @@ class QuicEndpoint:
         self.connection.send_ping(next(self._ping_ids))
         self.schedule_transmit()
 
+    def route_changed(self):
+        """
+        The route to the peer changed below QUIC (the peer's address stays
+        what QUIC knows, a lower layer moved its packets): probe the new
+        route now (L{p2pnat.quic.connection.PeerConnection.probe_now}).
+        """
+        if not self._up or self._ended:
+            return
+        self.connection.probe_now()
+        self.schedule_transmit()
+
     # -- driving aioquic ---------------------------------------------------------------
 
     def datagram_received(self, data, addr):

@@ -91,15 +91,24 @@ class PathRebindTests(SynchronousTestCase):
         long before the path's own keepalives would (33 s): the relay
         carries the same connection, a new punch makes the path direct
         again, and the transfer finishes intact within 20 s, with no error
-        and one connection throughout.
+        and one connection throughout.  QUIC hears bob again within a
+        second of the route's change to the relay: it probes the new route
+        at once instead of waiting out the probe timeout's backoff.
         """
-        modes = []
-        self.path.on_mode = modes.append
+        clock = self.p.w.clock
+        modes, alive = [], []
+        self.path.on_mode = lambda mode: modes.append((mode, clock.seconds()))
+        endpoint = self.a.endpoint
+        on_alive = endpoint.on_alive
+        endpoint.on_alive = lambda: (alive.append(clock.seconds()), on_alive())
         data, source = self.start(600_000)
         self.rebind("alice")
         self.assertLess(self.finish(data, source, within=60), 20)
         self.assertGreaterEqual(self.a.recoveries, 1)
-        self.assertIn("relayed", modes)
+        relayed = [t for mode, t in modes if mode == "relayed"]
+        self.assertTrue(relayed, modes)
+        self.assertTrue(alive)
+        self.assertLess(alive[0] - relayed[0], 1.0)
         self.assertEqual(len(self.p.accepted), 1)
         self.p.w.advance(10)
         self.assertEqual(self.path.mode, "direct")

@@ -293,7 +293,7 @@ class InternalsTests(SynchronousTestCase):
         following uses, and fails, naming it, when one is missing.
         """
         for name in ("_payload_received", "_network_paths", "_add_network_path",
-                     "_use_reserved_peer_cid", "_spaces", "_is_client"):
+                     "_use_reserved_peer_cid", "_spaces", "_is_client", "_send_probe"):
             self.assertIn(name, quic_connection._CONNECTION_INTERNALS)
         quic_connection.check_internals()  # the installed aioquic has them
 
