@@ -275,9 +275,9 @@ class PeerConnection(_connection.QuicConnection):
             now, where a delayed or replayed packet proves nothing).
         """
         passed = self._passed = []
-        path = None
         space = self._spaces.get(tls.Epoch.ONE_RTT)
-        newest = space.largest_received_packet if space is not None else None
+        largest = space.largest_received_packet if space is not None else None
+        path = None
         if (self._is_client and self._handshake_confirmed and self._network_paths
                 and self._network_paths[0].addr != addr):
             path = next((p for p in self._network_paths if p.addr == addr), None)
@@ -286,21 +286,19 @@ class PeerConnection(_connection.QuicConnection):
                 # a path of its own, which stays only if a packet passes.
                 path = _connection.QuicNetworkPath(addr)
                 self._add_network_path(path)
-            largest = self._spaces[tls.Epoch.ONE_RTT].largest_received_packet
         super().receive_datagram(data, addr, now)
         if not passed:
             self.unauthenticated += 1
         space = self._spaces.get(tls.Epoch.ONE_RTT)
         self.fresh = bool(passed) and space is not None and (
-            newest is None or space.largest_received_packet > newest)
+            largest is None or space.largest_received_packet > largest)
         if path is None or path not in self._network_paths:
             return bool(passed)
         mine = [probing for p, probing in passed if p is path]
         if not mine:
             if not (path.is_validated or path.local_challenge_sent or path.peer_cid):
                 self._network_paths.remove(path)  # nothing came from there
-        elif (not all(mine)
-              and self._spaces[tls.Epoch.ONE_RTT].largest_received_packet > largest):
+        elif self.fresh and not all(mine):
             self._follow(path)
         return bool(passed)
 
