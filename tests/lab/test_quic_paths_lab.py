@@ -41,8 +41,13 @@ import time
 from tests.support import procs
 from tests.support.lab import p2p as P
 from tests.support.lab.cases import LabTestCase, measured
-from tests.support.lab.running import (events, finish_python, start_python, wait_event,
-                                       wait_output)
+from tests.support.lab.running import (
+    events,
+    finish_python,
+    start_python,
+    wait_event,
+    wait_output,
+)
 
 MODULE = "tests.lab.test_quic_paths_lab"
 #: Bytes each transfer sends.
@@ -76,8 +81,8 @@ class QuicPathsLab(P.P2PLab):
 
 
 class PathChangeTests(LabTestCase):
-    #: (alice's router kind, bob's) of each test's pair.
-    PAIRS = {"up": ("cone", "symmetric-random"), "fl": ("cone", "symmetric-random")}
+    #: (name, alice's router kind, bob's) of each test's pair.
+    PAIRS = (("up", "cone", "symmetric-random"), ("fl", "cone", "symmetric-random"))
 
     @classmethod
     def make_env(cls, workdir):
@@ -86,17 +91,17 @@ class PathChangeTests(LabTestCase):
     @classmethod
     def build(cls, pl):
         pl.routers = {}
-        for name, (a_kind, b_kind) in cls.PAIRS.items():
+        for name, a_kind, b_kind in cls.PAIRS:
             for side, kind in (("a", a_kind), ("b", b_kind)):
                 r = pl.routers[f"{side}{name}"] = pl.lab.add_router(f"r{side}{name}", kind=kind)
                 pl.add_client(f"{side}{name}", pl.lab.add_host(f"{side}{name}", behind=r))
         pl.start_lobby()
-        for name in cls.PAIRS:
+        for name, _, _ in cls.PAIRS:
             bob = pl.clients[f"b{name}"]
             sink = start_python(bob.host, MODULE, "sink", "--port", SINK_PORT)
             wait_event(sink, "listening", timeout=20)
             pl.start_wait(f"b{name}", "--service", f"bulk=127.0.0.1:{SINK_PORT}")
-        for name in cls.PAIRS:
+        for name, _, _ in cls.PAIRS:
             pl.wait_login(f"b{name}")
 
     # -- helpers ---------------------------------------------------------------------

@@ -15,14 +15,14 @@ must do nothing, on a simulated network and a L{task.Clock}:
 
 import hashlib
 
-from twisted.internet import error, task
+from twisted.internet import error
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat.quic import connection as quic_connection
-from tests.support.quic import T0, Deployment, QuicPair, SinkFactory, Source, payload
-from tests.support.udp import SimNat, SimNet
+from tests.support.quic import QuicPair, SinkFactory, Source, payload
+from tests.support.udp import SimNat
+from tests.unit.test_quic_sim import OPTIONS, SimTestCase
 
-OPTIONS = {"keepalive_interval": 1.0, "silence_timeout": 3.0, "idle_timeout": 10.0}
 MALLORY = ("203.0.113.66", 4444)
 
 
@@ -30,18 +30,7 @@ def sha(data):
     return hashlib.sha256(data).hexdigest()
 
 
-class RebindTestCase(SynchronousTestCase):
-
-    def setUp(self):
-        self.clock = task.Clock()
-        self.clock.advance(T0 + 60)
-        self.net = SimNet(self.clock, latency=0.005)
-        self.deployment = Deployment(now=T0)
-
-    def run_for(self, seconds, step=0.001):
-        end = self.clock.seconds() + seconds
-        while self.clock.seconds() < end:
-            self.clock.advance(step)
+class RebindTestCase(SimTestCase):
 
     def pair(self, a_nat=None, b_nat=None):
         """
@@ -98,7 +87,7 @@ class ListenerRebindTests(RebindTestCase):
         """
         nat = SimNat("198.51.100.7", filtering="endpoint-independent",
                      allocation="sequential", base=31000)
-        pair, alice, bob = self.pair(b_nat=nat)
+        _, alice, _ = self.pair(b_nat=nat)
         before = alice.peer_address
         self.assertEqual(before, ("198.51.100.7", 31000))
         self.transfer(alice, 2_000_000, nat.forget)
@@ -116,7 +105,7 @@ class ListenerRebindTests(RebindTestCase):
                        allocation="sequential", base=30000)
         b_nat = SimNat("198.51.100.7", filtering="endpoint-independent",
                        allocation="sequential", base=31000)
-        pair, alice, bob = self.pair(a_nat=a_nat, b_nat=b_nat)
+        _, alice, bob = self.pair(a_nat=a_nat, b_nat=b_nat)
 
         def both():
             a_nat.forget()
@@ -137,7 +126,7 @@ class ListenerRebindTests(RebindTestCase):
         intact and alice sent mallory little (the anti-amplification bound:
         at most three times what came from her).
         """
-        pair, alice, bob = self.pair()
+        _, alice, _ = self.pair()
         bob_addr = alice.peer_address
         self.net.listen(MALLORY[0], _Recorder(), MALLORY[1])
         mallory = self.net.ports[MALLORY]
