@@ -20,7 +20,7 @@ In both, the application sees no error (the forward's ``stream-closed``
 event has none, the TCP client gets the sink's digest), and it is one QUIC
 connection throughout (one ``quic`` event).  The lobby asks for presence
 keepalives every 5 s, so that a client whose NAT forgot its lobby mapping
-is found again soon, and relays 2 MB/s per session, so that the relayed
+is found again soon, and relays 1 MB/s per session, so that the relayed
 part of a transfer does not take the whole budget.
 
 Run as ``python -m tests.lab.test_quic_paths_lab sink|source ...`` it is
@@ -58,7 +58,7 @@ FORWARD_PORT = 7000
 #: The source prints its progress every this many bytes.
 STEP = 1024 * 1024
 #: The lobby's relay rate in these tests (bytes per second per session).
-RELAY_RATE = 2 * 1024 * 1024
+RELAY_RATE = 1024 * 1024
 
 
 def expected():
