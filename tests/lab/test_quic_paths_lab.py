@@ -187,7 +187,8 @@ class PathChangeTests(LabTestCase):
         """
         ``conntrack -F`` on alice's router, then on bob's, in the middle of
         one transfer: the bytes arrive intact, on one QUIC connection, and
-        the application sees no error.
+        the application sees no error; after bob's, the path went through
+        the relay and is direct again.
         """
         pl = self.env
         a, path = self.connect("fl")
@@ -197,6 +198,7 @@ class PathChangeTests(LabTestCase):
         pl.lab.flush_conntrack(pl.routers["afl"])
         flushed_a = self.sent(source)
         self.wait_sent(source, flushed_a + 3 * STEP, timeout=40)
+        modes_before = len(self.modes(a))
         pl.lab.flush_conntrack(pl.routers["bfl"])
         flushed_b = self.sent(source)
         line = (f"cone -> symmetric-random: conntrack -F on alice's NAT at"
@@ -206,6 +208,10 @@ class PathChangeTests(LabTestCase):
         silent = [e for e in events(a.stdout()) + b_events if e.get("event") == "path-silent"]
         measured(f"{line}; {SIZE / STEP:.0f} MB intact in {result['seconds']:.1f}s;"
                  f" modes {self.modes(a)}, path-silent events {len(silent)}")
+        # Bob's new random port is one alice's NAT filters: the relay carried
+        # the connection until a new punch made the path direct again.
+        self.assertEqual(self.modes(a)[modes_before:][:1], ["relayed"], line)
+        self.assertEqual(self.modes(a)[-1:], ["direct"], line)
         a.stop()
 
 
