@@ -5,8 +5,11 @@ L{tests.unit.test_peer_streams}: the peer's NAT rebinds to a port our NAT
 lets in (the path follows at QUIC's first authenticated packet from
 there, not at the peer's next path keepalive), to a port our NAT filters
 (QUIC's silence starts the path's recovery: the relay carries the
-connection, then a new punch makes it direct again), and a forged packet
-from a new address moves nothing.
+connection, then a new punch makes it direct again); a forged packet
+from a new address moves nothing, a genuine one raced from elsewhere
+moves the route only until the peer's next packet; and on a socket that
+several paths share, a datagram from an unknown address finds its path
+by connection ID.
 """
 
 import hashlib
@@ -14,6 +17,7 @@ import hashlib
 from twisted.internet import error
 from twisted.trial.unittest import SynchronousTestCase
 
+from p2pnat.net.udp import ControlProtocol
 from p2pnat.peer import streams as S
 from tests.support.quic import Source, payload
 from tests.unit.test_peer_client import EI, HOSTS
@@ -132,6 +136,35 @@ class PathRebindTests(SynchronousTestCase):
         self.p.w.advance(10)
         self.assertEqual(self.path.mode, "direct")
 
+    def test_raced_packet_moves_the_route_until_the_next_one(self):
+        """
+        Mallory, on the way, sends one of bob's QUIC packets to alice from
+        her own address before bob's copy arrives (alice's NAT lets anyone
+        in): it authenticates, so alice's path sends there, until bob's
+        next packet brings it back; the transfer is intact.
+        """
+        self.nats["alice"].filtering = EI
+        net = self.p.w.net
+        mallory = ("192.0.2.66", 6666)
+        net.listen(mallory[0], _Bare(), mallory[1])
+        bob = self.path.direct[1]
+        raced = []
+
+        def lose(src, dst, data):
+            if raced == [None] and src == bob and data[:1] and data[0] & 0xC0 == 0x40:
+                raced[0] = data
+                net.ports[mallory].write(data, dst)
+                return True
+            return False
+
+        data, source = self.start(300_000)
+        net.lose = lose
+        raced.append(None)
+        self.finish(data, source, within=10)
+        self.assertIsNotNone(raced[0])
+        self.assertEqual(self.a.follows, 2)  # to mallory, and back to bob
+        self.assertEqual(self.path.direct[1], bob)
+
     def test_forged_packet_from_a_new_address_moves_nothing(self):
         """
         Random bytes with bob's connection ID for alice, sent from a new
@@ -148,3 +181,70 @@ class PathRebindTests(SynchronousTestCase):
         self.assertEqual(self.path.direct[1], before)
         self.assertEqual(self.a.follows, 0)
         self.assertEqual(self.a.socket.dropped.get("unauthenticated", 0) - dropped, 5)
+
+
+class TapRoutingTests(SynchronousTestCase):
+    """Which path's QUIC a datagram on a socket shared by two paths goes to."""
+
+    def test_by_address_then_by_connection_id(self):
+        """
+        A QUIC datagram from a path's peer address goes to that path; one
+        from an address no path has goes to the path whose connection its
+        connection ID names (that peer's NAT rebound), with its source;
+        one whose connection ID nobody has goes on to the
+        C{ControlProtocol}, which drops it.
+        """
+        got = []
+        proto = ControlProtocol(_NoKeys(), None, None, None, stun_rate=0)
+        proto.datagramReceived = lambda data, addr: got.append(("control", data))
+
+        class Streams:
+            def __init__(self, name, addr, cid):
+                self.name, self.addr, self.cid = name, addr, cid
+                self.socket = self
+
+            def peer_address(self):
+                return self.addr
+
+            def owns(self, data):
+                return data[1:9] == self.cid
+
+            def packet_received(self, data):
+                got.append((self.name, data))
+
+            def packet_from(self, data, raw, addr):
+                got.append((self.name, data, raw is proto, addr))
+
+        one = Streams("one", ("192.0.2.1", 4000), b"1" * 8)
+        two = Streams("two", ("192.0.2.2", 4000), b"2" * 8)
+        tap = S._Tap.on(proto)
+        tap.add(one)
+        tap.add(two)
+        to_two = b"\x40" + b"2" * 8 + b"rest"
+        proto.datagramReceived(to_two, ("192.0.2.2", 4000))
+        proto.datagramReceived(to_two, ("192.0.2.1", 4000))  # by address: one's peer
+        proto.datagramReceived(to_two, ("198.51.100.9", 5000))
+        proto.datagramReceived(b"\x40" + b"3" * 8 + b"rest", ("198.51.100.9", 5000))
+        self.assertEqual(got, [("two", to_two), ("one", to_two),
+                               ("two", to_two, True, ("198.51.100.9", 5000)),
+                               ("control", b"\x40" + b"3" * 8 + b"rest")])
+        tap.remove(one)
+        tap.remove(two)
+
+
+class _NoKeys:
+    def key_for(self, key_id, mtype):
+        return None
+
+
+class _Bare:
+    """A datagram protocol that ignores what it receives."""
+
+    def makeConnection(self, transport):
+        self.transport = transport
+
+    def datagramReceived(self, data, addr):
+        pass
+
+    def doStop(self):
+        pass
