@@ -34,7 +34,7 @@ QUIC itself sees one fixed peer address: the path picks the route of each
 packet (direct when it is, else relayed) and follows a later upgrade from
 relayed to direct, so the connection carries on across it without QUIC's
 own migration.  The peer's NAT rebinding is followed as soon as QUIC
-authenticates a packet from the new address (L{PathStreams.packet_received});
+authenticates a packet from the new address (L{PathStreams.packet_from});
 a direct route that falls silent for QUIC (a new port that our NAT
 filters) starts the path's recovery over the relay at once
 (L{PathStreams._quic_silent}), long before QUIC's idle timeout.
@@ -152,7 +152,7 @@ class _Tap:
     datagram goes to the path whose peer sends from its address, else to
     the path whose QUIC connection its connection ID names (its peer's
     NAT may have rebound: QUIC authenticates every packet, and the path
-    then follows the peer there, L{PathStreams.packet_received}).
+    then follows the peer there, L{PathStreams.packet_from}).
     """
 
     @classmethod

@@ -4,7 +4,7 @@ aioquic's sans-IO QUIC connection, made to authenticate both peers and to
 apply real flow control.
 
 L{PeerConnection} is an C{aioquic.quic.connection.QuicConnection} with
-four changes, all through aioquic internals that L{check_internals}
+five changes, all through aioquic internals that L{check_internals}
 verifies (the package refuses to start on an aioquic whose internals
 moved, with one clear message, rather than run without them):
 

@@ -34,9 +34,12 @@ its timer on the injected clock, and turns its events into:
 
 A packet that fails authentication (forged, corrupted, from an old
 connection) or repeats one already received is dropped by aioquic
-without effect; one that comes from a new address with valid protection
-moves the connection there after path validation (RFC 9000 section 9),
-which is how a peer whose NAT rebinds keeps its connection.
+without effect (a datagram with no packet that passed is counted in
+C{QuicSocket.dropped["unauthenticated"]}); one that comes from a new
+address with valid protection, and is the newest, moves the connection
+there after path validation (RFC 9000 section 9), which is how a peer
+whose NAT rebinds keeps its connection, on either side
+(L{p2pnat.quic.connection.PeerConnection.receive_datagram}).
 """
 
 import itertools
