@@ -42,9 +42,13 @@ come in the clear are dropped: the lobby, which holds the path's session
 key, could have forged them.
 
 QUIC itself sees one fixed peer address: the path picks the route of each
-packet (direct when it is, else relayed) and follows the peer's NAT
-rebinding and a later upgrade from relayed to direct, so the connection
-carries on across those without QUIC's own migration.
+packet (direct when it is, else relayed) and follows a later upgrade from
+relayed to direct, so the connection carries on across it without QUIC's
+own migration.  The peer's NAT rebinding is followed as soon as QUIC
+authenticates a packet from the new address (L{PathStreams.packet_from});
+a direct route that falls silent for QUIC (a new port that our NAT
+filters) starts the path's recovery over the relay at once
+(L{PathStreams._quic_silent}), long before QUIC's idle timeout.
 
 The TCP side: L{TcpForwardFactory} (each accepted TCP connection becomes a
 stream to one service of the peer) and L{TcpServiceFactory} (each
@@ -64,6 +68,7 @@ from p2pnat.daemon.logs import Logger
 from p2pnat.peer.sockets import SessionPort
 from p2pnat.protocol import p2p as M
 from p2pnat.net.udp import DropLog
+from p2pnat.protocol import wire
 from p2pnat.quic import HandshakeFailed, PeerIdentity, QuicSocket, is_quic
 from p2pnat.quic.connection import MAX_DATAGRAM_PAYLOAD
 from p2pnat.quic.endpoint import HANDSHAKE_TIMEOUT
@@ -79,6 +84,17 @@ MAX_PACKET = 15 * FRAGMENT_DATA
 #: QUIC connections one path's socket holds (a reconnect may overlap the
 #: connection it replaces until that one times out).
 MAX_CONNECTIONS = 4
+#: QUIC's keepalive and silence timeout on a path (seconds): a direct
+#: route that falls silent this long (a NAT rebound to a port the peer's
+#: NAT filters) is recovered over the relay well before QUIC's idle
+#: timeout would end the connection.
+KEEPALIVE_INTERVAL = 2.0
+SILENCE_TIMEOUT = 6.0
+#: QUIC's idle timeout on a path (seconds): longer than the path's own
+#: recovery can take (its silence bound, 33 s by default, and a connect
+#: attempt, 12 s), so that the connection outlives any recovery that
+#: succeeds.  A path that closes closes its connections at once anyway.
+IDLE_TIMEOUT = 60.0
 
 
 #: The largest datagram the encrypted channel carries: what one QUIC
@@ -242,9 +258,10 @@ class _Tap:
     L{PathStreams} of the path they came for and everything else, as
     before, to the C{ControlProtocol}.  A socket shared by many sessions
     (L{p2pnat.peer.sockets.SharedSocket}) may carry many paths: a QUIC
-    datagram goes to the path whose peer sends from its address, or, with
-    one path only, to that path (its peer's NAT may have rebound; QUIC
-    authenticates every packet anyway).
+    datagram goes to the path whose peer sends from its address, else to
+    the path whose QUIC connection its connection ID names (its peer's
+    NAT may have rebound: QUIC authenticates every packet, and the path
+    then follows the peer there, L{PathStreams.packet_from}).
     """
 
     @classmethod
@@ -282,8 +299,9 @@ class _Tap:
             for streams in self.streams:
                 if streams.peer_address() == addr:
                     return streams.packet_received(data)
-            if len(self.streams) == 1:
-                return self.streams[0].packet_received(data)
+            for streams in self.streams:
+                if streams.socket.owns(data):
+                    return streams.packet_from(data, self.proto, addr)
         return self.passed(data, addr)
 
 
@@ -357,12 +375,21 @@ class PathStreams:
         self._redial = None  # the connecting side: [services, delay, call]
         self.reassembly = Reassembly()
         self.packets_sent = {"direct": 0, "relayed": 0}
+        #: Times the direct route followed the peer to a new address.
+        self.follows = 0
+        self._recover_call = None
+        self._route = None  # (mode, socket, address) QUIC's packets take now
+        #: Times QUIC's silence started the path's recovery.
+        self.recoveries = 0
         self._number = 0
         self._taps = []
         route = path.direct or path.relayed
         #: What QUIC takes for the peer's address, always: the path routes.
         self.address = route[1]
         options.setdefault("max_connections", MAX_CONNECTIONS)
+        options.setdefault("keepalive_interval", KEEPALIVE_INTERVAL)
+        options.setdefault("silence_timeout", SILENCE_TIMEOUT)
+        options.setdefault("idle_timeout", IDLE_TIMEOUT)
         self.socket = QuicSocket(path.clock, credentials, **options)
         self.socket.makeConnection(_PathTransport(self))
         self.drop_log = DropLog(self.log, path.clock)
@@ -397,6 +424,7 @@ class PathStreams:
         for call in (self._settle_call, self._redial and self._redial[2]):
             if call is not None and call.active():
                 call.cancel()
+        self._quic_alive()  # no more recoveries
         if self.path.route_changed == self._route_changed:
             self.path.route_changed = lambda: None
         if self.path.channel is self:
@@ -430,7 +458,46 @@ class PathStreams:
 
     def packet_received(self, data):
         """A QUIC packet from the peer, by either route."""
-        self.socket.datagramReceived(data, self.address)
+        self.socket.receive(data, self.address)
+
+    def packet_from(self, data, proto, addr):
+        """
+        A QUIC packet for our connection that came direct, on the socket of
+        C{proto} (the raw C{ControlProtocol}), from C{addr}, which is not
+        where the path has the peer.
+
+        If QUIC authenticates it as the newest packet of the connection,
+        the path's direct route moves to C{addr}: the peer's NAT rebound,
+        and the answers must follow at once rather than at the peer's next
+        path keepalive.  A forged, replayed or late packet moves nothing.
+        """
+        if self.socket.receive(data, self.address):
+            self._follow(proto, addr)
+
+    def _follow(self, proto, addr):
+        path = self.path
+        if path.mode == "closed" or path.direct is None:
+            return
+        route_proto, old, session = path.direct
+        if addr == old or _raw(route_proto) is not proto:
+            return
+        self.log.info("path to {peer}: the peer now sends from {addr} (was {old}):"
+                      " following it", peer=path.peer, addr=wire.format_addr(addr),
+                      old=wire.format_addr(old))
+        # What Path does itself on an authenticated keepalive from a new
+        # address: same socket, same session, the peer's new address.
+        path.direct = (route_proto, addr, session)
+        self.follows += 1
+        self._probe_route()
+
+    def _probe_route(self):
+        """QUIC's packets take a new route: have it probe there now (see L{_route_changed})."""
+        route = self.path.direct or self.path.relayed
+        key = (self.path.mode, id(route[0]), route[1]) if route is not None else None
+        if key != self._route:
+            self._route = key
+            for endpoint in self.socket.endpoints:
+                endpoint.route_changed()
 
     # -- the path's datagrams (its channel) -----------------------------------------------
 
@@ -537,12 +604,48 @@ class PathStreams:
         for tap in wanted:
             tap.add(self)
         self._taps = wanted
+        # After a dead route, QUIC's probe timeout has backed off for
+        # seconds: without a probe now the first packets on the new route
+        # (relayed, or direct again) would wait that long.
+        self._probe_route()
 
     def _accepted(self, endpoint):
         self.endpoint = endpoint
         endpoint.on_datagram = self._quic_datagram
+        endpoint.on_silent = lambda: self._quic_silent(endpoint)
+        endpoint.on_alive = self._quic_alive
         self._settle(True, None)
         self.on_connection(endpoint)
+
+    def _quic_silent(self, endpoint):
+        """
+        QUIC heard nothing authenticated for its C{silence_timeout}, far
+        sooner than the path's own keepalives notice (and long before
+        QUIC's idle timeout ends the connection): on a direct path, start
+        the path's recovery now (relay first, then a new punch; the
+        connection follows the route the path takes), and again every
+        C{silence_timeout} while QUIC stays silent on a direct route (an
+        attempt fails when the peer's lobby presence is stale: its own
+        NAT forgot it too).
+        """
+        self._recover_call = None
+        path = self.path
+        if endpoint is not self.endpoint or not endpoint.silent or path.mode != "direct":
+            return
+        silent = getattr(path.client, "path_silent", None)
+        if silent is None:
+            return
+        self.log.info("QUIC to {peer} silent on the direct path: recovering the path",
+                      peer=path.peer)
+        self.recoveries += 1
+        silent(path)
+        self._recover_call = path.clock.callLater(endpoint.silence_timeout,
+                                                  self._quic_silent, endpoint)
+
+    def _quic_alive(self):
+        if self._recover_call is not None and self._recover_call.active():
+            self._recover_call.cancel()
+        self._recover_call = None
 
     # -- the connecting side -------------------------------------------------------------
 
