@@ -150,48 +150,6 @@ def actions_for(role, mine, peer, peer_observed, peer_local, my_public, low_ttl=
         target = _add(peer_observed, p.n * p.step)
         if target is None:
             return Actions(), plan, 0
-
-
-#: Rounds of the seed's window, counted from the last one before the
-#: relay's reserve, that run with the relay already carrying the traffic.
-LAST_ROUNDS = 1
-
-
-def relay_first(plan, rounds_left=None, hairpin=None):
-    """
-    Whether this punch is uncertain enough that the pair should talk
-    through the relay while it runs (the path is relayed at once and
-    upgraded to direct if the punch succeeds), and why.
-
-    Uncertain are:
-
-    - the same public IP on both sides (``direct`` to the local addresses):
-      one LAN, or two homes behind one carrier NAT, which only
-      hairpinning (unknown unless C{hairpin} says so) lets meet;
-    - a ``birthday`` punch: random ports, a hit by chance;
-    - the seed's window (``predict``) in its last C{LAST_ROUNDS} rounds
-      before the relay (C{rounds_left}: rounds that still fit).
-
-    Both sides compute the same plan, mirrored, and so the same answer
-    for the first two; only the asker (A) counts rounds.
-
-    @param plan: the L{p2pnat.protocol.nat.Plan} of this round.
-    @param rounds_left: rounds after this one that fit before the relay's
-        reserve (None: not counted, as on the answering side).
-    @param hairpin: whether the shared NAT is known to hairpin.
-    @return: the reason (text), or None when the punch goes first.
-    """
-    s = plan.strategy
-    if s == "direct" and isinstance(plan.params, N.Direct) and plan.params.local:
-        if hairpin:
-            return None
-        return ("same public IP: only one LAN or a hairpinning NAT lets the punch through"
-                + (", and this NAT does not hairpin" if hairpin is False else ""))
-    if s == "birthday":
-        return "birthday punch: random ports meet by chance"
-    if s == "predict" and rounds_left is not None and rounds_left < LAST_ROUNDS:
-        return "the last round of the seed's window"
-    return None
         if p.one_step:
             return Actions(new_sockets=1, new_to=[target], first_ttl=ttl), plan, ROUND[s]
         return Actions(from_fresh=[target], first_ttl=ttl), plan, ROUND[s]
@@ -205,6 +163,7 @@ def relay_first(plan, rounds_left=None, hairpin=None):
     return Actions(), plan, 0
 
 
+
 #: Rounds of the seed's window, counted from the last one before the
 #: relay's reserve, that run with the relay already carrying the traffic.
 LAST_ROUNDS = 1
@@ -226,11 +185,14 @@ def relay_first(plan, rounds_left=None, hairpin=None):
       before the relay (C{rounds_left}: rounds that still fit).
 
     Both sides compute the same plan, mirrored, and so the same answer
-    for the first two; only the asker (A) counts rounds.
+    for the first two.  Only the asker (A) counts its rounds; the
+    answering side cannot, and binds at once for every round of the
+    window: the lobby relays only once both sides are bound, so the
+    asker decides, and a round the punch wins cancels the bind.
 
     @param plan: the L{p2pnat.protocol.nat.Plan} of this round.
     @param rounds_left: rounds after this one that fit before the relay's
-        reserve (None: not counted, as on the answering side).
+        reserve; None on the answering side, which does not count them.
     @param hairpin: whether the shared NAT is known to hairpin.
     @return: the reason (text), or None when the punch goes first.
     """
@@ -238,10 +200,3 @@ def relay_first(plan, rounds_left=None, hairpin=None):
     if s == "direct" and isinstance(plan.params, N.Direct) and plan.params.local:
         if hairpin:
             return None
-        return ("same public IP: only one LAN or a hairpinning NAT lets the punch through"
-                + (", and this NAT does not hairpin" if hairpin is False else ""))
-    if s == "birthday":
-        return "birthday punch: random ports meet by chance"
-    if s == "predict" and rounds_left is not None and rounds_left < LAST_ROUNDS:
-        return "the last round of the seed's window"
-    return None
