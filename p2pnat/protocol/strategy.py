@@ -163,7 +163,6 @@ def actions_for(role, mine, peer, peer_observed, peer_local, my_public, low_ttl=
     return Actions(), plan, 0
 
 
-
 #: Rounds of the seed's window, counted from the last one before the
 #: relay's reserve, that run with the relay already carrying the traffic.
 LAST_ROUNDS = 1
@@ -200,3 +199,12 @@ def relay_first(plan, rounds_left=None, hairpin=None):
     if s == "direct" and isinstance(plan.params, N.Direct) and plan.params.local:
         if hairpin:
             return None
+        return ("same public IP: only one LAN or a hairpinning NAT lets the punch through"
+                + (", and this NAT does not hairpin" if hairpin is False else ""))
+    if s == "birthday":
+        return "birthday punch: random ports meet by chance"
+    if s == "predict" and rounds_left is None:
+        return "the seed's window: the asker relays in its last round"
+    if s == "predict" and rounds_left < LAST_ROUNDS:
+        return "the last round of the seed's window"
+    return None
