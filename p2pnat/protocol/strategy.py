@@ -163,9 +163,16 @@ def actions_for(role, mine, peer, peer_observed, peer_local, my_public, low_ttl=
     return Actions(), plan, 0
 
 
-#: Rounds of the seed's window, counted from the last one before the
-#: relay's reserve, that run with the relay already carrying the traffic.
+#: Rounds of a punch that repeats (the seed's window, the birthday punch),
+#: counted back from the last one before the relay's reserve, that run
+#: with the relay already carrying the traffic.
 LAST_ROUNDS = 1
+
+#: A birthday punch planned with less chance than this of a hit in its
+#: round is uncertain from its first round.  The default plan aims at
+#: 99.9 %: relaying first would only delay the direct path it nearly
+#: always finds in its first round.
+CERTAIN = 0.99
 
 
 def relay_first(plan, rounds_left=None, hairpin=None):
@@ -179,15 +186,16 @@ def relay_first(plan, rounds_left=None, hairpin=None):
     - the same public IP on both sides (``direct`` to the local addresses):
       one LAN, or two homes behind one carrier NAT, which only
       hairpinning (unknown unless C{hairpin} says so) lets meet;
-    - a ``birthday`` punch: random ports, a hit by chance;
-    - the seed's window (``predict``) in its last C{LAST_ROUNDS} rounds
-      before the relay (C{rounds_left}: rounds that still fit).
+    - a ``birthday`` punch whose plan gives it less than L{CERTAIN} chance
+      of a hit in the round;
+    - the last L{LAST_ROUNDS} rounds of a punch that repeats (the seed's
+      window, ``predict``, or ``birthday``) before the relay's reserve.
 
     Both sides compute the same plan, mirrored, and so the same answer
     for the first two.  Only the asker (A) counts its rounds; the
-    answering side cannot, and binds at once for every round of the
-    window: the lobby relays only once both sides are bound, so the
-    asker decides, and a round the punch wins cancels the bind.
+    answering side cannot, and binds at once in every round of a
+    repeating punch: the lobby relays only once both sides are bound, so
+    the asker decides, and a round the punch wins cancels the bind.
 
     @param plan: the L{p2pnat.protocol.nat.Plan} of this round.
     @param rounds_left: rounds after this one that fit before the relay's
@@ -201,10 +209,13 @@ def relay_first(plan, rounds_left=None, hairpin=None):
             return None
         return ("same public IP: only one LAN or a hairpinning NAT lets the punch through"
                 + (", and this NAT does not hairpin" if hairpin is False else ""))
-    if s == "birthday":
-        return "birthday punch: random ports meet by chance"
-    if s == "predict" and rounds_left is None:
-        return "the seed's window: the asker relays in its last round"
-    if s == "predict" and rounds_left < LAST_ROUNDS:
-        return "the last round of the seed's window"
+    if s not in ("predict", "birthday"):
+        return None
+    if s == "birthday" and plan.params.hit_probability < CERTAIN:
+        return (f"birthday punch with a {plan.params.hit_probability:.1%} chance of a hit"
+                " in its round")
+    if rounds_left is None:
+        return f"{s}: the asker relays in its last round"
+    if rounds_left < LAST_ROUNDS:
+        return f"the last round of the {s} punch"
     return None

@@ -15,13 +15,15 @@ NAT:
   reachable.
 """
 
+from dataclasses import replace
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat.peer.health import FLOOR, MappingWatch
-from p2pnat.protocol.strategy import actions_for, relay_first
+from p2pnat.protocol.strategy import CERTAIN, actions_for, relay_first
 from tests.support.udp import SimNat
 from tests.unit.test_p2p_strategy import A_PUBLIC, B_LOCAL, B_PUBLIC, CONE, RANDOM, SEQ, both
-from tests.unit.test_peer_client import HOSTS, SIM, World, exchange, kind
+from tests.unit.test_peer_client import HOSTS, SEQUENTIAL, SIM, World, exchange, kind
 from tests.unit.test_peer_client import CONE as WIRE_CONE
 from tests.unit.test_peer_client import RANDOM as WIRE_RANDOM
 from tests.unit.test_peer_health import TimeoutWorld, until
@@ -35,11 +37,16 @@ class RuleTests(SynchronousTestCase):
         self.assertIn("does not hairpin", relay_first(plan, hairpin=False))
         self.assertIsNone(relay_first(plan, hairpin=True))
 
-    def test_birthday(self):
+    def test_birthday_when_unlikely_or_in_its_last_round(self):
         (_, plan, _), (_, mirrored, _) = both(CONE, RANDOM)
         self.assertEqual((plan.strategy, mirrored.strategy), ("birthday", "birthday"))
-        self.assertIn("birthday", relay_first(plan, rounds_left=4))
-        self.assertIn("birthday", relay_first(mirrored))
+        # As planned, a hit in the round is nearly certain: punch first.
+        self.assertGreaterEqual(plan.params.hit_probability, CERTAIN)
+        self.assertIsNone(relay_first(plan, rounds_left=2))
+        self.assertIn("last round", relay_first(plan, rounds_left=0))
+        self.assertIn("last round", relay_first(mirrored))  # the answerer binds: A decides
+        unlikely = replace(plan, params=replace(plan.params, hit_probability=0.6))
+        self.assertIn("60.0%", relay_first(unlikely, rounds_left=2))
 
     def test_window_in_its_last_round(self):
         (_, plan, _), (_, mirrored, _) = both(SEQ, SEQ)
@@ -162,9 +169,22 @@ class SharedNatTests(SynchronousTestCase):
 
 
 class BirthdayTests(SynchronousTestCase):
-    def test_relayed_first_then_direct(self):
+    def test_first_round_punches_first(self):
+        """A birthday punch as planned (a 99.9 % hit) is direct from its first byte."""
         w = World(self)
         w.client("alice")
+        w.client("bob", WIRE_RANDOM)
+        path = w.connect("alice", "bob")
+        self.assertEqual((path.mode, path.strategy), ("direct", "birthday"))
+        w.advance(12)
+
+    def test_last_round_relayed_first_then_direct(self):
+        """
+        With time for one round only (its 2.7 s and the relay's reserve),
+        the round is the last: relayed first, direct when the punch hits.
+        """
+        w = World(self)
+        w.client("alice", connect_timeout=6.0)
         w.client("bob", WIRE_RANDOM)
         path = w.connect("alice", "bob")
         self.assertEqual((path.mode, path.strategy), ("relayed", "relay first (birthday)"))
@@ -227,3 +247,27 @@ class KeepaliveLearningTests(SynchronousTestCase):
         self.assertLess(w.clock.seconds() - start, 1.0)
         self.assertEqual(path.mode, "direct")
         self.assertLessEqual(bob.keepalive, 10)
+
+
+class WindowTests(SynchronousTestCase):
+    def test_last_round_relayed_at_its_start(self):
+        """
+        Two sequential NATs, nothing passes between them: the window's
+        rounds miss; the last one starts with the relay, which carries the
+        path from then on (before, only once that round had missed too).
+        """
+        w = World(self)
+        w.client("alice", SEQUENTIAL, connect_timeout=12.0)
+        w.client("bob", SEQUENTIAL)
+        blocked = {HOSTS["alice"][1], HOSTS["bob"][1]}
+        w.net.lose = lambda src, dst, data: {src[0], dst[0]} == blocked
+        start = w.clock.seconds()
+        path = w.connect("alice", "bob")
+        took = w.clock.seconds() - start
+        self.assertEqual((path.mode, path.strategy), ("relayed", "relay first (predict)"))
+        self.assertGreater(path.rounds, 3)
+        # The last round starts with at most a round and the reserve left.
+        self.assertLess(took, 12.0 - 3.5 - 0.5)
+        w.advance(0.3)
+        exchange(self, w, path, w.incoming["bob"][-1], via_lobby=True)
+        w.advance(12)
