@@ -552,6 +552,7 @@ class _Side:
         self.strategy = plan.strategy
         deadline = c.punch_deadline or deadline
         self.plan, self.round_seconds = plan, deadline
+        self.translated = tuple(intro.observed) != tuple(intro.local)
         self.log.info("punching {peer} ({role}): {strategy}: {reason}; candidates: ours {mine},"
                       " theirs {theirs}", peer=self.session.peer, role=role,
                       strategy=plan.strategy, reason=plan.reason,
@@ -589,7 +590,7 @@ class _Side:
         """Why this side relays while it punches (L{relay_first}), or None."""
         if self.punch is None:
             return None  # nothing to punch: the plain relay fallback
-        return relay_first(self.plan)
+        return relay_first(self.plan, translated=self.translated)
 
     def _alongside(self, punched, reason):
         """
@@ -792,7 +793,7 @@ class _Attempt(_Side):
             # (as L{_punch_failed} decides).
             rounds_left = max(0, math.ceil(
                 (left - self.RELAY_RESERVE - 0.5) / self.round_seconds) - 1)
-        return relay_first(self.plan, rounds_left)
+        return relay_first(self.plan, rounds_left, translated=self.translated)
 
     def _punch_failed(self, failure):
         failure.trap(PunchFailed)
@@ -977,12 +978,18 @@ class _Split:
         self.lobby = lobby
         self.relay = relay
         self.punch = punch
+        s = punch.session
+        self._session_keys = (s.my_key_id, s.peer_key_id)
 
     def key_for(self, key_id, mtype):
         return self.relay.key_for(key_id, mtype) or self.punch.key_for(key_id, mtype)
 
     def handle(self, frame, message, addr, proto):
-        target = self.relay if addr == self.lobby else self.punch
+        # The lobby's own messages (a retransmitted Introduce, the AnswerAck
+        # that stops an answer's retransmissions) go where the punch sends
+        # them: to the client.
+        relayed = addr == self.lobby and frame.key_id in self._session_keys
+        target = self.relay if relayed else self.punch
         return target.handle(frame, message, addr, proto)
 
 

@@ -175,7 +175,7 @@ LAST_ROUNDS = 1
 CERTAIN = 0.99
 
 
-def relay_first(plan, rounds_left=None, hairpin=None):
+def relay_first(plan, rounds_left=None, hairpin=None, translated=True):
     """
     Whether this punch is uncertain enough that the pair should talk
     through the relay while it runs (the path is relayed at once and
@@ -201,11 +201,15 @@ def relay_first(plan, rounds_left=None, hairpin=None):
     @param rounds_left: rounds after this one that fit before the relay's
         reserve; None on the answering side, which does not count them.
     @param hairpin: whether the shared NAT is known to hairpin.
+    @param translated: whether the peer's address as the lobby saw it
+        differs from its own: False means no NAT in between (the lobby
+        on the peers' own network, or on their host), where the same
+        IP reaches the peer for certain.
     @return: the reason (text), or None when the punch goes first.
     """
     s = plan.strategy
     if s == "direct" and isinstance(plan.params, N.Direct) and plan.params.local:
-        if hairpin:
+        if hairpin or not translated:
             return None
         return ("same public IP: only one LAN or a hairpinning NAT lets the punch through"
                 + (", and this NAT does not hairpin" if hairpin is False else ""))

@@ -36,6 +36,9 @@ class RuleTests(SynchronousTestCase):
         self.assertIn("same public IP", relay_first(mirrored))  # both sides bind
         self.assertIn("does not hairpin", relay_first(plan, hairpin=False))
         self.assertIsNone(relay_first(plan, hairpin=True))
+        # No NAT between the peers and the lobby (one host, one network):
+        # their own addresses reach each other.
+        self.assertIsNone(relay_first(plan, translated=False))
 
     def test_birthday_when_unlikely_or_in_its_last_round(self):
         (_, plan, _), (_, mirrored, _) = both(CONE, RANDOM)
@@ -144,6 +147,9 @@ class SharedNatTests(SynchronousTestCase):
         self.assertEqual(incoming.mode, "relayed")
         self.assertIs(bob.paths["alice"], incoming)
         exchange(self, w, path, incoming, via_lobby=True)
+        # The lobby's AnswerAck reached bob's answer through the socket that
+        # both punches and relays: one Answer, not retransmitted.
+        self.assertEqual(len([s for s in w.net.sent if kind(s.data) == "Answer"]), 1)
         # The punch went on meanwhile, and missed; the path stays relayed.
         w.advance(3)
         self.assertEqual((path.mode, incoming.mode), ("relayed", "relayed"))
