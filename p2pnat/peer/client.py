@@ -583,8 +583,11 @@ class _Side:
 
     #: Seconds a relay that became ready waits for the punch under way
     #: before it carries the traffic: local addresses (one LAN) answer
-    #: within it, and that path is direct from its first byte.
-    RELAY_GRACE = 0.05
+    #: within it, also from a busy host, and that path is direct from its
+    #: first byte.  It delays no byte: the answering side, bound first,
+    #: learns that the relay is ready at its next bind (L{_RelayBind}, every
+    #: 0.25 s) and keeps what was relayed to it until then.
+    RELAY_GRACE = 0.2
 
     def _relay_first(self):
         """Why this side relays while it punches (L{relay_first}), or None."""
