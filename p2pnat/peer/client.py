@@ -582,12 +582,9 @@ class _Side:
         return path
 
     #: Seconds a relay that became ready waits for the punch under way
-    #: before it carries the traffic: local addresses (one LAN) answer
-    #: within it, also from a busy host, and that path is direct from its
-    #: first byte.  It delays no byte: the answering side, bound first,
-    #: learns that the relay is ready at its next bind (L{_RelayBind}, every
-    #: 0.25 s) and keeps what was relayed to it until then.
-    RELAY_GRACE = 0.2
+    #: before this side uses it (see L{_Attempt.RELAY_GRACE}); none for
+    #: the answering side, whose path carries the asker's first bytes.
+    RELAY_GRACE = 0.0
 
     def _relay_first(self):
         """Why this side relays while it punches (L{relay_first}), or None."""
@@ -605,7 +602,7 @@ class _Side:
         @param punched: the punch's Deferred (L{Punch.done}).
         @return: a Deferred that fires with the path as soon as one route
             is up: direct if the punch won, else relayed once the relay is
-            ready (and L{RELAY_GRACE} passed), upgraded in place to direct
+            ready and the punch had L{RELAY_GRACE}, upgraded in place to direct
             if the punch succeeds later.  It fails only when both failed.
         """
         c = self.client
@@ -615,6 +612,7 @@ class _Side:
         bind = _RelayBind(c, self.session, fresh, f"relay first ({self.strategy})")
         split = _Split(c.lobby, bind, self.punch)
         out = defer.Deferred()
+        started = c.clock.seconds()
         state = {"punch": None, "relayed": None, "grace": None}
 
         def give(result):
@@ -656,7 +654,11 @@ class _Side:
             state["relayed"] = path
             split.relay = fresh.handler
             fresh.handler = split
-            state["grace"] = c.clock.callLater(self.RELAY_GRACE, give, path)
+            wait = self.RELAY_GRACE - (c.clock.seconds() - started)
+            if wait > 0:
+                state["grace"] = c.clock.callLater(wait, give, path)
+            else:
+                give(path)
 
         def unbound(failure):
             if state["punch"] == "missed":
@@ -703,6 +705,15 @@ class _Attempt(_Side):
 
     #: Seconds from a silent path's recovery over the relay to its punch.
     RECOVERY_UPGRADE = 0.5
+
+    #: The asker's relay, ready first, is used only once the punch had this
+    #: long: a LAN's local probes answer within it, also from a busy host,
+    #: and that path is direct from its first byte.  It delays no byte:
+    #: the answering side, bound first, learns that the relay is ready only
+    #: at its next bind (L{_RelayBind}, every 0.25 s), and keeps what was
+    #: relayed to it until then; bound second, the asker learns it at its
+    #: own next bind, after the grace.
+    RELAY_GRACE = 0.2
 
     def __init__(self, client, peer, timeout, path=None, relay_first=None):
         self.client = client
