@@ -613,7 +613,7 @@ class _Side:
         split = _Split(c.lobby, bind, self.punch)
         out = defer.Deferred()
         started = c.clock.seconds()
-        state = {"punch": None, "relayed": None, "grace": None}
+        state = {"punch": None, "relayed": None, "grace": None, "unbound": None}
 
         def give(result):
             if state["grace"] is not None and state["grace"].active():
@@ -629,7 +629,8 @@ class _Side:
             state["punch"] = "won"
             bind.cancel()
             path = self._direct(result)
-            if path.relayed is not None and path.relayed[0] is fresh and path.direct[0] is not fresh:
+            relay = path.relayed[0] if path.relayed is not None else None
+            if relay is fresh and path.direct[0] is not fresh:
                 fresh.handler = split.relay  # the relayed route's own handler now
             give(path)
 
@@ -644,7 +645,7 @@ class _Side:
             elif not bind.done.called:
                 fresh.handler = bind  # the lobby's RelayBound still to come
             else:
-                give(failure)  # the relay failed first
+                give(state["unbound"])  # the relay failed first: its reason
             return None
 
         def relayed(path):
@@ -661,14 +662,19 @@ class _Side:
                 give(path)
 
         def unbound(failure):
+            state["unbound"] = failure
             if state["punch"] == "missed":
                 give(failure)
             return None  # otherwise the punch decides
 
         bind.start().addCallbacks(relayed, unbound)
         fresh.handler = split
+        def broken(failure):
+            self.log.failure("relaying while punching failed", failure)
+            give(failure)
+
         punched.addCallbacks(direct, missed)
-        punched.addErrback(lambda f: self.log.failure("relaying while punching failed", f))
+        punched.addErrback(broken)
         return out
 
     def _relay(self, failure):
