@@ -609,8 +609,9 @@ class _Side:
         self.log.info("relaying to {peer} while punching ({strategy}): {why}",
                       peer=self.session.peer, strategy=self.strategy, why=reason)
         fresh = self.fresh
-        bind = _RelayBind(c, self.session, fresh, f"relay first ({self.strategy})")
-        split = _Split(c.lobby, bind, self.punch)
+        bind = _RelayBind(c, self.session, fresh, f"relay first ({self.strategy})",
+                          self.relay_at)
+        split = _Split(bind.relay, bind, self.punch)
         out = defer.Deferred()
         started = c.clock.seconds()
         state = {"punch": None, "relayed": None, "grace": None, "unbound": None}
@@ -989,13 +990,13 @@ class _Answer(_Side):
 class _Split:
     """
     The handler of a fresh socket that punches while it is bound to the
-    lobby's relay (L{_Side._alongside}): what comes from the lobby goes to
-    C{relay} (the L{_RelayBind}, then the relayed path's handler), the
-    rest to the punch.
+    lobby's relay (L{_Side._alongside}): what the session gets from the
+    relaying lobby node C{relay_addr} goes to C{relay} (the L{_RelayBind},
+    then the relayed path's handler), the rest to the punch.
     """
 
-    def __init__(self, lobby, relay, punch):
-        self.lobby = lobby
+    def __init__(self, relay_addr, relay, punch):
+        self.relay_addr = relay_addr
         self.relay = relay
         self.punch = punch
         s = punch.session
@@ -1008,7 +1009,7 @@ class _Split:
         # The lobby's own messages (a retransmitted Introduce, the AnswerAck
         # that stops an answer's retransmissions) go where the punch sends
         # them: to the client.
-        relayed = addr == self.lobby and frame.key_id in self._session_keys
+        relayed = addr == self.relay_addr and frame.key_id in self._session_keys
         target = self.relay if relayed else self.punch
         return target.handle(frame, message, addr, proto)
 
