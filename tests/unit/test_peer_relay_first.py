@@ -23,6 +23,7 @@ from p2pnat.peer.health import FLOOR, MappingWatch
 from p2pnat.protocol.strategy import CERTAIN, actions_for, relay_first
 from tests.support.udp import SimNat
 from tests.unit.test_p2p_strategy import A_PUBLIC, B_LOCAL, B_PUBLIC, CONE, RANDOM, SEQ, both
+from tests.unit import test_peer_client
 from tests.unit.test_peer_client import HOSTS, SEQUENTIAL, SIM, World, exchange, kind
 from tests.unit.test_peer_client import CONE as WIRE_CONE
 from tests.unit.test_peer_client import RANDOM as WIRE_RANDOM
@@ -282,3 +283,38 @@ class WindowTests(SynchronousTestCase):
         w.advance(0.3)
         exchange(self, w, path, w.incoming["bob"][-1], via_lobby=True)
         w.advance(12)
+
+
+class ClusterTests(SynchronousTestCase):
+    def test_carrier_nat_relayed_at_once_by_one_node(self):
+        """
+        A lobby cluster (L{tests.unit.test_lobby_cluster.ClientsTests}'s
+        world: alice on node 1, bob on node 2, which relays nothing) with
+        alice and bob behind one carrier NAT that does not hairpin: both
+        bind the relay at once, at node 1, while the punch goes on.
+        """
+        from tests.unit import test_lobby_cluster as cluster
+
+        public = HOSTS["alice"][1]
+        nats = {}
+        self.patch(test_peer_client, "HOSTS", {**HOSTS, "bob": (HOSTS["bob"][0], public)})
+        self.patch(cluster, "SimNat", lambda ip, **kw: nats.setdefault(ip, SimNat(ip, **kw)))
+        world = cluster.ClientsTests("test_relayed_by_one_node")
+        world.setUp()
+        self.addCleanup(world.stop)
+        world.net.lose = lambda src, dst, data: (src[0] == dst[0] == public
+                                                 or dst[0].startswith("10."))
+        results = []
+        world.clients["alice"].connect("bob").addBoth(results.append)
+        world.advance(0.5)
+        [path] = results
+        self.assertEqual((path.mode, path.strategy), ("relayed", "relay first (direct)"))
+        [incoming] = world.incoming["bob"]
+        self.assertEqual((path.relayed[1], incoming.relayed[1]), (cluster.NODE1, cluster.NODE1))
+        got = []
+        incoming.on_datagram = got.append
+        path.send(b"ping")
+        world.advance(0.05)
+        self.assertEqual(got, [b"ping"])
+        world.advance(5)  # the punch missed meanwhile: still relayed
+        self.assertEqual((path.mode, incoming.mode), ("relayed", "relayed"))
