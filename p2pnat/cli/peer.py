@@ -37,7 +37,11 @@ to the clear gets its QUIC connection after all; ``path``,
 ``mode``, ``path-silent`` (the peer was not heard within the detection
 bound: the path recovers over the relay and punches again) and
 ``path-back`` events carry ``keepalive``, the path's keepalive interval
-in seconds as learnt from the NAT; ``quic``,
+in seconds as learnt from the NAT; a ``keepalive`` event tells that
+the lobby saw this client at a new address between two presence
+keepalives (the NAT dropped the mapping within the interval), with the
+presence keepalive now (``interval``), the paths' (``path``), the
+interval before (``was``) and ``why``; ``quic``,
 ``forward-tcp`` and ``stream-opened`` / ``stream-closed`` /
 ``stream-failed`` events tell of the QUIC connection and its streams.
 """
@@ -434,6 +438,9 @@ def _run(args, connect):
                              accept=accept, on_path=on_path, connect_timeout=args.timeout,
                              upgrade_interval=args.upgrade_interval,
                              low_ttl=config["client.low_ttl"], **candidate_options(config, args))
+        client.on_event = lambda name, fields: out.event(
+            name, f"[keepalive now {fields['interval']:g}s, paths' {fields['path']:g}s:"
+                  f" {fields['why']}]", **fields)
         reactor.addSystemEventTrigger("before", "shutdown", client.stop)
         login = client.start()
         timer = reactor.callLater(args.timeout, lambda: login.called or login.errback(

@@ -13,6 +13,7 @@ upgraded when a later punch succeeds).
     path.send(b"hello")
 """
 
+import math
 import os
 import struct
 import weakref
@@ -24,12 +25,13 @@ from twisted.python.failure import Failure
 from p2pnat.daemon.logs import Logger
 from p2pnat.daemon.metrics import Metrics
 from p2pnat.net.sources import is_loopback
+from p2pnat.peer.health import FLOOR, MappingWatch
 from p2pnat.peer.path import Path
 from p2pnat.peer.punch import Punch, PunchFailed, new_socket
 from p2pnat.peer.sockets import SharedSocket
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
-from p2pnat.protocol.strategy import actions_for, with_candidates
+from p2pnat.protocol.strategy import actions_for, relay_first, with_candidates
 
 
 class Refused(Exception):
@@ -76,6 +78,13 @@ class LobbyClient:
         or C{portmap(reactor, internal_port) -> mapper} with that API (a
         service with C{map()}, C{current}, C{subscribe}).  A granted
         mapping is offered to peers as a candidate.
+
+    @ivar on_event: called as C{on_event(name, fields)} on the client's own
+        events: ``"keepalive"`` when the lobby saw us at a new address
+        between two keepalives (the NAT dropped the mapping within the
+        interval) and the intervals were halved; C{fields} carries
+        ``interval`` (the presence keepalive now), ``path`` (the paths'
+        keepalive now), ``was`` and ``why``.
     """
 
     log = Logger(namespace="p2pnat.client")
@@ -114,6 +123,11 @@ class LobbyClient:
         self.replay = wire.ReplayGuard(self.stamper)
         self.public = None  # our address as the lobby sees it
         self.keepalive = 20
+        #: The presence keepalive, as the lobby asks and as learnt from the NAT.
+        self.watch = MappingWatch(self.keepalive)
+        #: The paths' keepalive interval learnt from the NAT (None: not yet).
+        self.path_keepalive = None
+        self.on_event = lambda name, fields: None
         self.paths = {}  # peer -> Path
         self._logged_in = defer.Deferred()
         self._pings = {}  # clock probe stamp -> local send time
@@ -386,8 +400,12 @@ class LobbyClient:
             self._login_call.cancel()
         self._login_call = None
         self._login_retry = 0.5
-        if m.keepalive != self.keepalive or self._keepalive_loop is None:
-            self.keepalive = max(1, m.keepalive)
+        self.watch.ask(m.keepalive)
+        shorter = self.watch.answer(m.observed)
+        if shorter is not None:
+            self._mapping_dropped(shorter)
+        if self.watch.interval != self.keepalive or self._keepalive_loop is None:
+            self.keepalive = self.watch.interval
             if self._keepalive_loop is not None and self._keepalive_loop.running:
                 self._keepalive_loop.stop()
             self._keepalive_loop = LoopingCall(self._keepalive)
@@ -395,6 +413,26 @@ class LobbyClient:
             self._keepalive_loop.start(self.keepalive, now=False)
         if not self._logged_in.called:
             self._logged_in.callback(self)
+
+    def _mapping_dropped(self, interval):
+        """
+        The lobby saw us at a new address: our NAT dropped the mapping
+        within the presence keepalive (and the lobby could not reach us
+        until the next one).  The presence keepalive is now C{interval};
+        halve the paths' too, which run through the same NAT.  The lobby
+        already follows the new address (every keepalive refreshes it).
+        """
+        was = self.keepalive
+        self.path_keepalive = max(FLOOR, (self.path_keepalive or Path.KEEPALIVE) / 2)
+        for path in list(self.paths.values()):
+            if path.mode != "closed":
+                path.shorten_keepalive()
+        why = (f"the lobby saw us at a new address ({wire.format_addr(self.watch.last)}):"
+               f" the NAT dropped the mapping within {was:g}s")
+        self.log.info("keepalive now {interval:g}s, paths' {path:g}s: {why}", interval=interval,
+                      path=self.path_keepalive, why=why)
+        self.on_event("keepalive", {"interval": interval, "path": self.path_keepalive,
+                                    "was": was, "why": why})
 
     # -- connecting (we are A) ---------------------------------------------------------
 
@@ -443,6 +481,7 @@ class LobbyClient:
         if path is None or path.mode == "closed":
             path = Path(self, peer)
             path.health.mapping_lifetime(self.mapping_lifetime)
+            path.health.at_most(self.path_keepalive)
             self.paths[peer] = path
         return path
 
@@ -512,6 +551,8 @@ class _Side:
         actions, deadline = with_candidates(actions, deadline, mine, theirs)
         self.strategy = plan.strategy
         deadline = c.punch_deadline or deadline
+        self.plan, self.round_seconds = plan, deadline
+        self.translated = tuple(intro.observed) != tuple(intro.local)
         self.log.info("punching {peer} ({role}): {strategy}: {reason}; candidates: ours {mine},"
                       " theirs {theirs}", peer=self.session.peer, role=role,
                       strategy=plan.strategy, reason=plan.reason,
@@ -539,6 +580,103 @@ class _Side:
                 self.fresh is p for p in standby):
             self.fresh.transport.stopListening()  # the path does not use it
         return path
+
+    #: Seconds a relay that became ready waits for the punch under way
+    #: before this side uses it (see L{_Attempt.RELAY_GRACE}); none for
+    #: the answering side, whose path carries the asker's first bytes.
+    RELAY_GRACE = 0.0
+
+    def _relay_first(self):
+        """Why this side relays while it punches (L{relay_first}), or None."""
+        if self.punch is None:
+            return None  # nothing to punch: the plain relay fallback
+        return relay_first(self.plan, translated=self.translated)
+
+    def _alongside(self, punched, reason):
+        """
+        Bind the relay now, from the fresh socket the punch runs on, and
+        let the punch go on: the lobby's frames on that socket (its
+        RelayBound, the peer's relayed traffic) go to the relay, all
+        others to the punch (L{_Split}).
+
+        @param punched: the punch's Deferred (L{Punch.done}).
+        @return: a Deferred that fires with the path as soon as one route
+            is up: direct if the punch won, else relayed once the relay is
+            ready and the punch had L{RELAY_GRACE}, upgraded in place to direct
+            if the punch succeeds later.  It fails only when both failed.
+        """
+        c = self.client
+        self.log.info("relaying to {peer} while punching ({strategy}): {why}",
+                      peer=self.session.peer, strategy=self.strategy, why=reason)
+        fresh = self.fresh
+        bind = _RelayBind(c, self.session, fresh, f"relay first ({self.strategy})",
+                          self.relay_at)
+        split = _Split(bind.relay, bind, self.punch)
+        out = defer.Deferred()
+        started = c.clock.seconds()
+        state = {"punch": None, "relayed": None, "grace": None, "unbound": None}
+
+        def give(result):
+            if state["grace"] is not None and state["grace"].active():
+                state["grace"].cancel()
+            if out.called:
+                return
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+
+        def direct(result):
+            state["punch"] = "won"
+            bind.cancel()
+            path = self._direct(result)
+            relay = path.relayed[0] if path.relayed is not None else None
+            if relay is fresh and path.direct[0] is not fresh:
+                fresh.handler = split.relay  # the relayed route's own handler now
+            give(path)
+
+        def missed(failure):
+            if not failure.check(PunchFailed):
+                return failure
+            state["punch"] = "missed"
+            path = state["relayed"]
+            if path is not None:
+                fresh.handler = split.relay
+                give(path)  # no need to wait out the grace
+            elif not bind.done.called:
+                fresh.handler = bind  # the lobby's RelayBound still to come
+            else:
+                give(state["unbound"])  # the relay failed first: its reason
+            return None
+
+        def relayed(path):
+            if state["punch"] is not None:
+                return give(path) if state["punch"] == "missed" else None
+            # The punch goes on: its traffic still reaches it.
+            state["relayed"] = path
+            split.relay = fresh.handler
+            fresh.handler = split
+            wait = self.RELAY_GRACE - (c.clock.seconds() - started)
+            if wait > 0:
+                state["grace"] = c.clock.callLater(wait, give, path)
+            else:
+                give(path)
+
+        def unbound(failure):
+            state["unbound"] = failure
+            if state["punch"] == "missed":
+                give(failure)
+            return None  # otherwise the punch decides
+
+        bind.start().addCallbacks(relayed, unbound)
+        fresh.handler = split
+        def broken(failure):
+            self.log.failure("relaying while punching failed", failure)
+            give(failure)
+
+        punched.addCallbacks(direct, missed)
+        punched.addErrback(broken)
+        return out
 
     def _relay(self, failure):
         failure.trap(PunchFailed)
@@ -574,6 +712,15 @@ class _Attempt(_Side):
 
     #: Seconds from a silent path's recovery over the relay to its punch.
     RECOVERY_UPGRADE = 0.5
+
+    #: The asker's relay, ready first, is used only once the punch had this
+    #: long: a LAN's local probes answer within it, also from a busy host,
+    #: and that path is direct from its first byte.  It delays no byte:
+    #: the answering side, bound first, learns that the relay is ready only
+    #: at its next bind (L{_RelayBind}, every 0.25 s), and keeps what was
+    #: relayed to it until then; bound second, the asker learns it at its
+    #: own next bind, after the grace.
+    RELAY_GRACE = 0.2
 
     def __init__(self, client, peer, timeout, path=None, relay_first=None):
         self.client = client
@@ -645,9 +792,29 @@ class _Attempt(_Side):
             d = self._relay(Failure(PunchFailed("the path went silent")))
         else:
             d = self._punch("a", m, self.offered, flags)
-            d.addCallback(self._direct)
-            d.addErrback(self._punch_failed)
+            reason = self._relay_first()
+            if reason is not None:
+                d = self._alongside(d, reason)
+            else:
+                d.addCallback(self._direct)
+                d.addErrback(self._punch_failed)
         d.addBoth(self._finish)
+
+    def _relay_first(self):
+        """
+        As L{_Side._relay_first}, counting the rounds that still fit: never
+        for an upgrade (the path is relayed already).
+        """
+        if self.upgrade_of is not None or self.punch is None:
+            return None
+        left = self.timeout - (self.client.clock.seconds() - self.started)
+        rounds_left = 0
+        if not self.only_candidates and self.round_seconds > 0:
+            # Rounds after this one start while more than the reserve is left
+            # (as L{_punch_failed} decides).
+            rounds_left = max(0, math.ceil(
+                (left - self.RELAY_RESERVE - 0.5) / self.round_seconds) - 1)
+        return relay_first(self.plan, rounds_left, translated=self.translated)
 
     def _punch_failed(self, failure):
         failure.trap(PunchFailed)
@@ -755,7 +922,11 @@ class _Answer(_Side):
         else:
             # The seed: B sends its probe right after answering.
             d = self._punch("b", m, self.offered, self.flags)
-            d.addCallback(self._direct)
+            reason = self._relay_first()
+            if reason is not None:
+                d = self._alongside(d, reason)  # the relay too, at once
+            else:
+                d.addCallback(self._direct)
         # Always offer the relay, even with a path to this peer already up:
         # that path may be stale (the peer crashed, or its PathClose was
         # lost) and the peer is connecting afresh.  When the peer is only
@@ -814,6 +985,33 @@ class _Answer(_Side):
             self._call.cancel()
         if self.punch is not None:
             self.punch.cancel()
+
+
+class _Split:
+    """
+    The handler of a fresh socket that punches while it is bound to the
+    lobby's relay (L{_Side._alongside}): what the session gets from the
+    relaying lobby node C{relay_addr} goes to C{relay} (the L{_RelayBind},
+    then the relayed path's handler), the rest to the punch.
+    """
+
+    def __init__(self, relay_addr, relay, punch):
+        self.relay_addr = relay_addr
+        self.relay = relay
+        self.punch = punch
+        s = punch.session
+        self._session_keys = (s.my_key_id, s.peer_key_id)
+
+    def key_for(self, key_id, mtype):
+        return self.relay.key_for(key_id, mtype) or self.punch.key_for(key_id, mtype)
+
+    def handle(self, frame, message, addr, proto):
+        # The lobby's own messages (a retransmitted Introduce, the AnswerAck
+        # that stops an answer's retransmissions) go where the punch sends
+        # them: to the client.
+        relayed = addr == self.relay_addr and frame.key_id in self._session_keys
+        target = self.relay if relayed else self.punch
+        return target.handle(frame, message, addr, proto)
 
 
 class _RelayBind:

@@ -41,7 +41,10 @@ class Path:
 
     log = Logger(namespace="p2pnat.path")
 
-    def __init__(self, client, peer, keepalive=15.0, dead_after=None):
+    #: The starting keepalive interval (seconds), until one is learnt.
+    KEEPALIVE = 15.0
+
+    def __init__(self, client, peer, keepalive=KEEPALIVE, dead_after=None):
         self.client = client
         self.clock = client.clock
         self.peer = peer
@@ -260,12 +263,28 @@ class Path:
                       " keepalive now {keepalive:g}s", peer=self.peer, mode=self.mode,
                       silence=self.health.silence(), keepalive=self.health.interval)
         self._event("path-silent", self.health.silence())
+        self._restart_keepalive()
+        self.client.path_silent(self)
+
+    def _restart_keepalive(self):
+        """A shorter interval counts from now."""
         if self._keepalive is not None and self._keepalive.active():
-            # The shorter interval counts from now.
             self._keepalive.cancel()
             self._keepalive = None
             self._schedule_keepalive()
-        self.client.path_silent(self)
+
+    def shorten_keepalive(self):
+        """
+        The NAT dropped a mapping of ours within the keepalive interval
+        (the client saw it on its lobby socket, see
+        L{p2pnat.peer.health.MappingWatch}): halve this path's interval, not
+        below the floor, counting from now.
+
+        @return: the interval now (seconds).
+        """
+        if self.health.shorten():
+            self._restart_keepalive()
+        return self.health.interval
 
     def _event(self, name, silence):
         self.on_event(name, {"mode": self.mode, "keepalive": self.health.interval,
