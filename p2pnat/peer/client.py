@@ -508,6 +508,11 @@ class LobbyClient:
         if route[2].role != "a" and path.health.silence() < 2 * path.health.dead_after:
             self.log.info("path to {peer} silent; waiting for the peer to reconnect",
                           peer=path.peer)
+            # Our NAT may have dropped its mappings (the path's and the
+            # lobby's alike): a presence keepalive now tells the lobby where
+            # we are, so the peer's recovery finds us without waiting for
+            # the next one (up to a keepalive interval).
+            self._keepalive()
             return
         self._recovering.add(path)
         attempt = _Attempt(self, path.peer, self.connect_timeout, relay_first=path)
