@@ -79,11 +79,12 @@ def stream_chunks(marker, size, chunk=1 << 20):
 
 def _tool_sink(args):
     """
-    Accept TCP connections on 127.0.0.1:``--port``, one at a time; read
-    each to its end, answer one JSON line (bytes, sha256, seconds) and
-    close.  Each connection's record is printed too.
+    Accept TCP connections on ``--host``:``--port``, one at a time; read
+    each to its end, answer one JSON line (bytes, sha256, seconds, this
+    process's CPU seconds) and close.  Each connection's record is printed
+    too.
     """
-    server = socket.create_server(("127.0.0.1", args.port))
+    server = socket.create_server((args.host, args.port))
     _emit({"listening": args.port})
     deadline = time.monotonic() + args.duration
     while time.monotonic() < deadline:
@@ -94,7 +95,7 @@ def _tool_sink(args):
             break
         with conn:
             conn.settimeout(args.idle)
-            digest, count, t0 = hashlib.sha256(), 0, time.monotonic()
+            digest, count, t0, cpu = hashlib.sha256(), 0, time.monotonic(), time.process_time()
             error = None
             try:
                 while True:
@@ -106,7 +107,8 @@ def _tool_sink(args):
             except OSError as e:  # a stalled or reset stream: say so, keep serving
                 error = str(e)
             record = {"received": count, "sha256": digest.hexdigest(),
-                      "seconds": round(time.monotonic() - t0, 4), "error": error}
+                      "seconds": round(time.monotonic() - t0, 4),
+                      "cpu": round(time.process_time() - cpu, 4), "error": error}
             try:
                 conn.sendall(json.dumps(record).encode() + b"\n")
                 conn.shutdown(socket.SHUT_WR)
@@ -118,16 +120,17 @@ def _tool_sink(args):
 
 def _tool_source(args):
     """
-    Connect to 127.0.0.1:``--port``, send ``--size`` bytes (marker blocks),
-    half-close, and read the sink's answer up to the end of the stream.
-    Exit 0 with a JSON result in any case (its ``error`` says what failed).
+    Connect to ``--host``:``--port``, send ``--size`` bytes (marker
+    blocks), half-close, and read the sink's answer up to the end of the
+    stream.  Exit 0 with a JSON result in any case (its ``error`` says what
+    failed); ``cpu`` is this process's CPU seconds from the connect on.
     """
     marker = bytes.fromhex(args.marker)
     digest, sent, answer, error = hashlib.sha256(), 0, b"", None
     chunks = stream_chunks(marker, args.size)
-    t0 = time.monotonic()
+    t0, cpu = time.monotonic(), time.process_time()
     try:
-        with socket.create_connection(("127.0.0.1", args.port), timeout=args.idle) as s:
+        with socket.create_connection((args.host, args.port), timeout=args.idle) as s:
             for piece in chunks:
                 s.sendall(piece)
                 digest.update(piece)
@@ -140,14 +143,14 @@ def _tool_source(args):
                 answer += data
     except OSError as e:
         error = f"{type(e).__name__}: {e}"
-    seconds = time.monotonic() - t0
+    seconds, cpu = time.monotonic() - t0, time.process_time() - cpu
     try:
         sink = json.loads(answer.decode())
     except ValueError:
         sink = None
         error = error or f"no answer from the sink: {answer[:200]!r}"
     _emit({"sent": sent, "sha256": digest.hexdigest(), "seconds": round(seconds, 4),
-           "sink": sink, "error": error})
+           "cpu": round(cpu, 4), "sink": sink, "error": error})
     return 0
 
 
@@ -206,11 +209,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     sub = parser.add_subparsers(dest="tool", required=True)
     p = sub.add_parser("sink")
+    p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=SINK_PORT)
     p.add_argument("--duration", type=float, default=3600)
     p.add_argument("--idle", type=float, default=60, help="seconds a stream may stall")
     p.set_defaults(func=_tool_sink)
     p = sub.add_parser("source")
+    p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--size", type=int, required=True)
     p.add_argument("--marker", required=True, help="16 bytes in hex")
@@ -396,11 +401,8 @@ class StreamLab(P2PLab):
         as :meth:`P2PLab.start_checked_wait` does).  Return the list of
         wrong classifications seen.
         """
-        from tests.support.lab.running import start_python, wait_for_log
-
         c = self.clients[cid]
-        c.sink = start_python(c.host, MODULE, "sink")
-        wait_for_log(c.sink, r'"listening"', timeout=20)
+        c.sink = start_sink(c.host)
         service = ("--service", f"{SERVICE}=127.0.0.1:{SINK_PORT}", *args)
         if expected_nat is None:
             self.start_wait(cid, *service)
@@ -416,7 +418,7 @@ class StreamLab(P2PLab):
         connect process stopped.  A :class:`StreamResult`; a failure is in
         its ``error`` and ``ok``, not raised.  ``timeout`` bounds the whole.
         """
-        from tests.support.lab.running import LogTimeout, events, run_python, wait_event
+        from tests.support.lab.running import LogTimeout, events, wait_event
 
         marker = marker or new_marker()
         pair = pair or f"{a_id} -> {b_id}"
@@ -436,12 +438,8 @@ class StreamLab(P2PLab):
             pids = {"a": proc.pid, "b": waiter.pid, "lobby": self.lobby.pid}
             before = {k: proc_cpu(p) for k, p in pids.items()}
             left = timeout - (time.monotonic() - t0)
-            try:
-                source = run_python(self.clients[a_id].host, MODULE, "source", "--port",
-                                    forward["port"], "--size", size, "--marker", marker.hex(),
-                                    timeout=max(5, left))
-            except (AssertionError, subprocess.TimeoutExpired) as e:
-                error = f"source: {e}"
+            source = push(self.clients[a_id].host, "127.0.0.1", forward["port"], size, marker,
+                          timeout=max(5, left))
             after = {k: proc_cpu(p) for k, p in pids.items()}
             cpu = {k: round(after[k] - before[k], 3) for k in pids
                    if before[k] is not None and after[k] is not None}
@@ -452,6 +450,32 @@ class StreamLab(P2PLab):
             proc.stop(grace=3)
             log = proc.describe(3000) if error else ""
         return StreamResult(pair, size, path, modes, source, cpu, error, log)
+
+
+def start_sink(node, host="127.0.0.1", port=SINK_PORT):
+    """The sink tool on ``host``:``port`` in ``node``, listening when this returns."""
+    from tests.support.lab.running import start_python, wait_for_log
+
+    sink = start_python(node, MODULE, "sink", "--host", host, "--port", port)
+    wait_for_log(sink, r'"listening"', timeout=20)
+    return sink
+
+
+def push(node, host, port, size, marker=None, timeout=180):
+    """
+    Run the source tool in ``node``: ``size`` bytes to ``host``:``port``
+    (a sink, or a forward to one).  Its result (``sent``, ``sha256``,
+    ``seconds``, ``cpu``, ``sink``: the sink's answer, ``error``); a
+    failure to run is in ``error`` too.
+    """
+    from tests.support.lab.running import run_python
+
+    marker = marker or new_marker()
+    try:
+        return run_python(node, MODULE, "source", "--host", host, "--port", port, "--size",
+                          size, "--marker", marker.hex(), timeout=timeout)
+    except (AssertionError, subprocess.TimeoutExpired) as e:
+        return {"sent": 0, "sink": None, "error": str(e)}
 
 
 def first_path(proc):
