@@ -65,6 +65,10 @@ def parse_args(argv=None):
     ap.add_argument("--hold", type=float, default=30.0,
                     help="seconds of the lobby CPU windows (30)")
     ap.add_argument("--skip-nebula", action="store_true", help="QUIC and TCP only")
+    ap.add_argument("--py-spy", metavar="DIR",
+                    help="record the two p2pnat processes with py-spy during the first QUIC"
+                         " transfer (raw collapsed stacks in DIR) and print where the time"
+                         " goes")
     args = ap.parse_args(argv)
     if not 0.001 <= args.size_mb <= 1000 or not 1 <= args.rounds <= 50 or \
             not 0 <= args.hold <= 600:
@@ -133,6 +137,71 @@ def tcp_port_forward(router, host, port):
             raise S.BenchError(f"port forward on {router.name}: {done.stderr.strip()}")
 
 
+def py_spy(out_dir, pids):
+    """
+    Start ``py-spy record`` (raw collapsed stacks, 250 samples/s) on each
+    of ``pids`` ({name: pid}); return a function that stops them and
+    returns {name: path}.
+    """
+    import signal
+    import subprocess
+
+    os.makedirs(out_dir, exist_ok=True)
+    spy = S.need("py-spy")
+    running = {}
+    for name, pid in pids.items():
+        path = os.path.join(out_dir, f"{name}.txt")
+        running[name] = (subprocess.Popen([spy, "record", "--format", "raw", "--rate", "250",
+                                           "--pid", str(pid), "--output", path],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE),
+                         path)
+
+    def stop():
+        for proc, _ in running.values():
+            proc.send_signal(signal.SIGINT)  # py-spy writes its file on ^C
+        for proc, _ in running.values():
+            proc.wait(30)
+        return {name: path for name, (_, path) in running.items()}
+
+    return stop
+
+
+#: How the innermost frame's file names its owner, for py-spy's summary.
+OWNERS = (("aioquic/", "aioquic"), ("cryptography/", "cryptography"),
+          ("/p2pnat/", "p2pnat"), ("twisted/", "twisted"))
+#: Innermost frames that are a thread waiting, not working: left out.
+IDLE = ("EPollReactor.doPoll", "Condition.wait")
+
+
+def where_time_goes(path, top=12):
+    """
+    From a py-spy raw file, leaving out samples of a thread waiting (the
+    reactor's epoll, the thread pool): each owner's share of the rest (the
+    innermost frame's package; a system call shows as the Python frame
+    that made it) and the innermost frames with the most samples.
+    """
+    owners, inner, total = {}, {}, 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack:
+                continue
+            frame = stack.split(";")[-1]
+            if frame.startswith(IDLE):
+                continue
+            n = int(count)
+            total += n
+            owner = next((o for key, o in OWNERS if key in frame), "other")
+            owners[owner] = owners.get(owner, 0) + n
+            inner[frame] = inner.get(frame, 0) + n
+    total = total or 1
+    lines = [f"  {o:13} {100 * n / total:5.1f} %" for o, n in
+             sorted(owners.items(), key=lambda x: -x[1])]
+    ranked = sorted(inner.items(), key=lambda x: -x[1])[:top]
+    lines += [f"  {100 * n / total:5.1f} % in  {frame[:110]}" for frame, n in ranked]
+    return total, "\n".join(lines)
+
+
 def run(args):
     S.need_root("network namespaces for the NAT lab")
     S.need("ip", "nft", "conntrack", "ping")
@@ -150,6 +219,7 @@ def run(args):
     work = S.workdir("nebula-bulk")
     sl = None
     results = {t: [] for t in TRANSPORTS}
+    profiles = {}
     try:
         sl = ST.StreamLab(work)
         rb = sl.lab.add_router("rb", kind="cone")
@@ -188,7 +258,17 @@ def run(args):
 
         for i in range(args.rounds):
             S.say(f"round {i + 1}/{args.rounds}")
-            r = sl.transfer("a", "b", size, pair="cone -> cone")
+            hook = None
+            if args.py_spy and i == 0:
+                def hook(proc):
+                    stop = py_spy(args.py_spy, {"a-connect": proc.pid,
+                                                "b-wait": sl.clients["b"].waiter.pid})
+
+                    def done():
+                        profiles.update(stop())
+
+                    return done
+            r = sl.transfer("a", "b", size, pair="cone -> cone", on_forward=hook)
             if r.route != "direct":
                 raise S.BenchError(f"the QUIC stream was not direct: {r.describe()}")
             record("quic", r.source, r.cpu["a"] + r.cpu["b"])
@@ -230,12 +310,17 @@ def run(args):
     S.table(["transport", "MB/s (median)", "CPU s/MB (median, both ends)"], rows)
     if "nebula" in medians:
         share = medians["quic"] / medians["nebula"] * 100
-        S.say(f"QUIC: {share:.0f} % of nebula's MB/s (target >= 25 %: "
+        S.say(f"QUIC: {share:.1f} % of nebula's MB/s (target >= 25 %: "
               f"{'met' if share >= 25 else 'MISSED'}); {medians['quic'] / medians['tcp'] * 100:.0f}"
               " % of plain TCP's")
     if args.hold:
         S.say(f"lobby CPU over {args.hold:g} s: {lobby_idle:.2f} s with no session,"
               f" {lobby_session:.2f} s with a direct session up ({args.size_mb:g} MB through it)")
+    for name, path in profiles.items():
+        total, text = where_time_goes(path)
+        S.say(f"py-spy, {name} during the first QUIC transfer ({total} samples not idle;"
+              f" {path}):")
+        S.say(text)
     S.say(f"(load average {S.load_average()})")
 
 

@@ -411,12 +411,15 @@ class StreamLab(P2PLab):
         return self.start_checked_wait(cid, expected_nat, *service)
 
     def transfer(self, a_id, b_id, size, marker=None, timeout=180, connect_args=(),
-                 pair=None):
+                 pair=None, on_forward=None):
         """
         ``peer connect b_id --forward-tcp 127.0.0.1:0=bulk`` on ``a_id``'s
         host, then ``size`` bytes through it (the source tool), then the
         connect process stopped.  A :class:`StreamResult`; a failure is in
         its ``error`` and ``ok``, not raised.  ``timeout`` bounds the whole.
+        ``on_forward(connect_process)`` is called once the forward listens,
+        before the bytes go (to attach a profiler, say); what it returns is
+        called after them.
         """
         from tests.support.lab.running import LogTimeout, events, wait_event
 
@@ -438,8 +441,11 @@ class StreamLab(P2PLab):
             pids = {"a": proc.pid, "b": waiter.pid, "lobby": self.lobby.pid}
             before = {k: proc_cpu(p) for k, p in pids.items()}
             left = timeout - (time.monotonic() - t0)
+            after_push = on_forward(proc) if on_forward else None
             source = push(self.clients[a_id].host, "127.0.0.1", forward["port"], size, marker,
                           timeout=max(5, left))
+            if after_push:
+                after_push()
             after = {k: proc_cpu(p) for k, p in pids.items()}
             cpu = {k: round(after[k] - before[k], 3) for k in pids
                    if before[k] is not None and after[k] is not None}
