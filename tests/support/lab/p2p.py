@@ -173,12 +173,15 @@ class P2PLab(LabSetup):
         """The lobby's listen addresses: every IPv4 address of its server, both ports."""
         return [f"{ip}:{port}" for ip in self.server.ips for port in LOBBY_PORTS]
 
-    def start_lobby(self, timeout=20):
-        """Start ``twistd lobby`` on every address and port; wait until it listens."""
+    def start_lobby(self, *options, timeout=20):
+        """
+        Start ``twistd lobby`` on every address and port, with ``options``
+        (more of its command-line options); wait until it listens.
+        """
         listen = self.lobby_listen()
         self.lobby = self.server.popen(
             procs.twistd("lobby", "--lobby-state-dir", self.state, "--udp-listen",
-                         ",".join(listen)), cwd=procs.REPO, env=procs.env())
+                         ",".join(listen), *options), cwd=procs.REPO, env=procs.env())
         wait_output(self.lobby, lambda out: out.count("ControlProtocol starting on") >= len(listen),
                     f"the lobby listening on {len(listen)} sockets", timeout)
         return self.lobby

@@ -380,18 +380,9 @@ class StreamLab(P2PLab):
         self.relay_rate = relay_rate
         super().__init__(workdir, addresses=addresses)
 
-    def start_lobby(self, timeout=20):
-        from tests.support import procs
-        from tests.support.lab.running import wait_output
-
-        listen = self.lobby_listen()
+    def start_lobby(self, *options, timeout=20):
         extra = ["--lobby-relay-rate", str(self.relay_rate)] if self.relay_rate else []
-        self.lobby = self.server.popen(
-            procs.twistd("lobby", "--lobby-state-dir", self.state, "--udp-listen",
-                         ",".join(listen), *extra), cwd=procs.REPO, env=procs.env())
-        wait_output(self.lobby, lambda out: out.count("ControlProtocol starting on") >= len(listen),
-                    f"the lobby listening on {len(listen)} sockets", timeout)
-        return self.lobby
+        return super().start_lobby(*extra, *options, timeout=timeout)
 
     def serve(self, cid, expected_nat=None, *args):
         """
