@@ -38,7 +38,6 @@ import socket
 import sys
 import time
 
-from tests.support import procs
 from tests.support.lab import p2p as P
 from tests.support.lab.cases import LabTestCase, measured
 from tests.support.lab.running import (
@@ -69,15 +68,8 @@ def expected():
 class QuicPathsLab(P.P2PLab):
     def start_lobby(self, timeout=20):
         """The lobby: presence keepalives every 5 s, relaying RELAY_RATE per session."""
-        listen = self.lobby_listen()
-        self.lobby = self.server.popen(
-            procs.twistd("lobby", "--lobby-state-dir", self.state, "--udp-listen",
-                         ",".join(listen), "--lobby-keepalive", "5",
-                         "--lobby-relay-rate", str(RELAY_RATE)),
-            cwd=procs.REPO, env=procs.env())
-        wait_output(self.lobby, lambda out: out.count("ControlProtocol starting on") >= len(listen),
-                    f"the lobby listening on {len(listen)} sockets", timeout)
-        return self.lobby
+        return super().start_lobby("--lobby-keepalive", "5", "--lobby-relay-rate",
+                                   str(RELAY_RATE), timeout=timeout)
 
 
 class PathChangeTests(LabTestCase):
