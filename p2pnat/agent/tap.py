@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IResolutionReceiver
 from zope.interface import implementer
 
 from p2pnat.agent import portmap, relays
+from p2pnat.agent.direct import AgentSocket, DirectServer
 from p2pnat.agent.notifier import Notifier
 from p2pnat.agent.tunnel import AgentTunnel
 from p2pnat.daemon import config as C
@@ -23,7 +24,6 @@ from p2pnat.daemon.metrics import Metrics
 from p2pnat.daemon.services import UDPService, common_services, make_options, startup_errors
 from p2pnat.net import fastio
 from p2pnat.net.streams import OneShotFactory, client_endpoint
-from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import wire
 from p2pnat.protocol.tunnel import alpn_for as tunnel_alpn
 
@@ -66,6 +66,10 @@ SCHEMA = [
               "seconds an idle tunnel is kept open for the relay's later requests", C.positive),
     C.Setting("agent.notify_b_interval", float, 20.0,
               "seconds between notify B (keep it below the NAT's UDP timeout)", C.positive),
+    C.Setting("agent.direct", bool, True,
+              "take direct sessions: a terminal that asks the relay for one reaches the"
+              " services over QUIC from the notify socket, the relay out of the data path"
+              " (docs/relay.rst, \"Direct sessions\")"),
     C.Setting("udp.listen", object, "0.0.0.0:0",
               "local UDP address for notifies, or a list with one per family (IPv4, IPv6);"
               " a family not given is bound to its wildcard address when a relay needs it",
@@ -225,9 +229,11 @@ class AgentService(service.MultiService):
         self.routable = routable
         self._unroutable = set()  # addresses logged as having no route, until we report
         self._waiting = False  # no address to report to was logged
+        self.direct = self._direct_server(config)
         self.notifier = Notifier(self.device_id, mac_key, None, reactor,
                                  config["agent.notify_b_interval"], self.connect_requested,
-                                 config["agent.dead_after"], self.relay_dead)
+                                 config["agent.dead_after"], self.relay_dead,
+                                 self.direct.requested if self.direct is not None else None)
         #: Notify sockets (their protocols) and their UDPServices by address
         #: family; the other family's are made when a relay of that family
         #: comes first (L{_socket_for}).
@@ -245,8 +251,29 @@ class AgentService(service.MultiService):
         self._reporting = False
         self._dead = None  # the relay found dead, until we report elsewhere
 
+    def _direct_server(self, config):
+        """The L{DirectServer}, unless ``agent.direct`` is off or our certificate cannot serve."""
+        if not config["agent.direct"]:
+            return None
+        from p2pnat.deployment.pki import PKIError
+        from p2pnat.quic import Credentials
+
+        try:
+            credentials = Credentials.from_files(config.path_of("agent.cert_file"),
+                                                 config.path_of("agent.key_file"),
+                                                 config.path_of("agent.ca_file"))
+        except (PKIError, OSError) as e:
+            self.log.warn("no direct sessions: cannot read the device certificate: {error}",
+                          error=e)
+            return None
+        if credentials.identity is None or credentials.identity.id != self.device_id:
+            self.log.warn("no direct sessions: agent.cert_file does not name device {device_id}",
+                          device_id=self.device_id)
+            return None
+        return DirectServer(self, credentials)
+
     def _add_socket(self, family, host, port):
-        proto = ControlProtocol(self.notifier, self.reactor, self.metrics,
+        proto = AgentSocket(self.notifier, self.reactor, self.metrics,
                                 self.notifier.replay, name=f"agent.udp{'6' if family == 6 else ''}",
                                 stun_rate=0, stamper=self.notifier.stamper)
         listener = UDPService(self.reactor, host, port, proto)
@@ -384,6 +411,8 @@ class AgentService(service.MultiService):
 
     def stopService(self):
         self.notifier.stop()
+        if self.direct is not None:
+            self.direct.stop()
         self._reporting, self._dead = False, None
         for tun in list(self.tunnels):
             if tun.transport is not None:
