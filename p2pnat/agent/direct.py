@@ -34,11 +34,13 @@ its QUIC server amplifies nothing.
 
 import hmac
 
+from aioquic.quic.connection import QuicConnection
 from twisted.internet.protocol import Factory
 
 from p2pnat.daemon.logs import Logger, Throttle, redact
 from p2pnat.net.udp import ControlProtocol
 from p2pnat.peer import streams as S
+from p2pnat.peer.direct import gather
 from p2pnat.protocol import wire
 from p2pnat.quic import QuicSocket, is_quic
 from p2pnat.quic import connection as _connection
@@ -150,7 +152,7 @@ class _ServerConnection(_connection.PeerConnection):
 
     def _initialize(self, peer_cid):
         # Not PeerConnection's: it would ask for and require a client certificate.
-        _connection.QuicConnection._initialize(self, peer_cid)
+        QuicConnection._initialize(self, peer_cid)
         self.peer_identity = TERMINAL
 
 
@@ -214,6 +216,19 @@ class _SecretHalf(S._Half):
             self.server.sessions.finish(self.offer)
 
 
+class _Splice(S._Splice):
+    """A direct stream's splice: the server forgets it once both halves are closed."""
+
+    def __init__(self, server):
+        super().__init__(S._no_events, TERMINAL, "", "in")
+        self.server = server
+
+    def half_lost(self, half, reason):
+        super().half_lost(half, reason)
+        if self.tcp.closed and self.stream.closed:
+            self.server.splices.discard(self)
+
+
 class DirectServer:
     """
     The agent's direct sessions (see the module).
@@ -234,6 +249,7 @@ class DirectServer:
         self._sockets = {}  # AgentSocket -> its _DirectQuicSocket
         self._calls = set()
         self._throttle = Throttle(self.clock)
+        self.splices = set()  # direct streams joined (or joining) to a local service
 
     # -- the relay's request --------------------------------------------------------------
 
@@ -310,6 +326,7 @@ class DirectServer:
             return
         half.offer = offer
         splice = half.splice
+        self.splices.add(splice)
         splice.service = offer.service
         address = self.agent.local_services[offer.service]
         stream.pauseProducing()
@@ -335,14 +352,24 @@ class DirectServer:
         d.addCallbacks(connected, failed)
 
     def stop(self):
+        """
+        Stop punching, end every direct stream and QUIC connection: a
+        Deferred that fires once their draining periods are over.
+        """
         for call in self._calls:
             if call.active():
                 call.cancel()
         self._calls = set()
+        for splice in list(self.splices):
+            if splice.tcp.transport is not None:
+                splice.tcp.transport.abortConnection()
+        closing = []
         for proto, quic in self._sockets.items():
+            closing.extend(e.closed for e in quic.endpoints)
             quic.close_all("device agent stopping")
             proto.direct = None
         self._sockets = {}
+        return gather(closing)
 
 
 class _StreamFactory(Factory):
@@ -352,7 +379,7 @@ class _StreamFactory(Factory):
         self.server = server
 
     def buildProtocol(self, addr):
-        splice = S._Splice(S._no_events, TERMINAL, "", "in")
+        splice = _Splice(self.server)
         splice.stream = _SecretHalf(splice, self.server)
         return splice.stream
 

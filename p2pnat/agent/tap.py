@@ -411,15 +411,18 @@ class AgentService(service.MultiService):
 
     def stopService(self):
         self.notifier.stop()
-        if self.direct is not None:
-            self.direct.stop()
+        draining = self.direct.stop() if self.direct is not None else None
         self._reporting, self._dead = False, None
         for tun in list(self.tunnels):
             if tun.transport is not None:
                 tun.transport.abortConnection()
         if self._resolving is not None and self._resolving.active():
             self._resolving.cancel()
-        return super().stopService()
+        stopped = super().stopService()
+        if draining is None:
+            return stopped
+        # The direct QUIC connections' draining periods end before their socket closes.
+        return defer.gatherResults([draining, defer.maybeDeferred(lambda: stopped)])
 
 
 def makeService(config, reactor=None):

@@ -34,6 +34,8 @@ relayed connection serves at once, as before.
 """
 
 
+import os
+
 from twisted.internet import defer, error, interfaces
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer, providedBy
@@ -112,6 +114,12 @@ def _hostport(text):
     return host, port
 
 
+def gather(deferreds):
+    """A Deferred firing (with None) once every one of C{deferreds} has fired."""
+    return defer.DeferredList([d.addErrback(lambda f: None) for d in deferreds]).addCallback(
+        lambda _: None)
+
+
 class DirectSocket:
     """
     The terminal's UDP socket for direct sessions, one per process: STUN
@@ -139,13 +147,21 @@ class DirectSocket:
         return self.port
 
     def stop(self):
-        """Close every QUIC connection and the socket; a Deferred that fires once it is closed."""
+        """
+        Close every QUIC connection, then the socket: a Deferred that fires
+        once their draining periods are over and the socket is closed.
+        """
+        closing = [e.closed for e in self.quic.endpoints]
         self.quic.close_all("terminal stopping")
-        port, self.port = self.port, None
         for d, _ in list(self._bindings.values()):
             if not d.called:
                 d.cancel()
-        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+
+        def close(_):
+            port, self.port = self.port, None
+            return port.stopListening() if port is not None else None
+
+        return gather(closing).addCallback(close)
 
     def mapping(self, relay_udp):
         """
