@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_direct_agent -*-
+# -*- test-case-name: tests.unit.test_direct,tests.process.test_forward_direct -*-
 """
 The device agent's end of a direct session: a terminal (``p2pnat
 forward``, a ``p2pnat:`` device endpoint) reaches the device's service

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_direct_terminal,tests.process.test_forward_direct -*-
+# -*- test-case-name: tests.unit.test_direct,tests.process.test_forward_direct -*-
 """
 Direct-first connections to a device's service: the terminal's side
 (``p2pnat forward``, the ``p2pnat:`` endpoint's device form).
