@@ -44,6 +44,7 @@ from p2pnat.daemon.logs import Logger
 from p2pnat.peer import endpoint as E
 from p2pnat.protocol import stun, wire
 from p2pnat.quic import Credentials, QuicSocket
+from p2pnat.quic import connection as _connection
 
 #: The relay's UDP (notify and STUN) port when none is given.
 DEFAULT_UDP_PORT = 7478
@@ -120,6 +121,37 @@ def gather(deferreds):
         lambda _: None)
 
 
+class _TerminalConnection(_connection.PeerConnection):
+    """
+    The terminal's side of a direct QUIC connection: it checks the
+    device's certificate and presents none (the secret is its proof, and
+    the device's acceptance byte its answer), so it is up as soon as its
+    handshake is complete, not one round trip later at the device's
+    HANDSHAKE_DONE (which a client waits for where the server checks its
+    certificate).
+    """
+
+    @property
+    def handshake_confirmed(self):
+        complete = getattr(self, "_handshake_complete", None)
+        if complete is None:  # an aioquic without it: wait for HANDSHAKE_DONE, as peers do
+            return super().handshake_confirmed
+        return complete and self.peer_identity is not None
+
+
+class _TerminalQuicSocket(QuicSocket):
+    """A L{QuicSocket} whose client connections are L{_TerminalConnection}s."""
+
+    def _connection(self, *, is_client, expected, **kw):
+        config = _connection.make_configuration(
+            self.credentials, is_client=is_client, idle_timeout=self.idle_timeout,
+            stream_window=self.stream_window)
+        config.connection_id_length = 8
+        return _TerminalConnection(
+            configuration=config, credentials=self.credentials, expected=expected,
+            clock=self.clock, stream_window=self.stream_window, **kw)
+
+
 class DirectSocket:
     """
     The terminal's UDP socket for direct sessions, one per process: STUN
@@ -136,7 +168,7 @@ class DirectSocket:
     def __init__(self, reactor, ca_certs, interface="0.0.0.0"):
         self.reactor = reactor
         self.interface = interface
-        self.quic = QuicSocket(reactor, Credentials(None, None, tuple(ca_certs)),
+        self.quic = _TerminalQuicSocket(reactor, Credentials(None, None, tuple(ca_certs)),
                                other=self._other, max_connections=MAX_CONNECTIONS)
         self.port = None
         self._bindings = {}  # transaction ID -> (Deferred, sent at)
@@ -334,22 +366,36 @@ class _Handshake(E._RelayHandshake):
     def dataReceived(self, data):
         if self.app is not None:
             return self.app.dataReceived(data)
-        if self.result.called:
-            return
         if self.choosing:
             self.held += data
             return
-        self.buf += data
-        try:
-            answer = E.connect_answer(self.buf)
-        except E.AnswerTooLong as e:
-            return self._fail(str(e))
-        if answer is None:
+        if self.result.called and not self.attempt.chosen == "direct":
             return
-        line, ok, rest = answer
-        head = self.buf[:len(self.buf) - len(rest)]
+        self.buf += data
+        while True:
+            try:
+                answer = E.connect_answer(self.buf)
+            except E.AnswerTooLong as e:
+                return self._fail(str(e))
+            if answer is None:
+                return
+            line, ok, rest = answer
+            head = self.buf[:len(self.buf) - len(rest)]
+            self.buf = rest
+            code = line.split(" ", 2)[1:2]
+            if code and len(code[0]) == 3 and code[0].startswith("1"):
+                # Interim (103 Early Hints with the direct offer): the final one follows.
+                self.attempt.early(parse_offer(head))
+                continue
+            break
         self.buf = b""
+        if self.attempt.chosen == "direct":
+            # The direct path serves already; this stream is not needed.
+            self.app = _Discard()
+            self.transport.loseConnection()
+            return
         if not ok:
+            self.attempt.relay_refused()
             return self._fail(f"the relay refused: {line}")
         self.held = rest
         self.choosing = True
@@ -399,6 +445,8 @@ class _Attempt:
         self.quic = None
         self.timer = None
         self.chosen = None
+        self.final = False  # the relay's final answer (200) came
+        self.failed = None  # why the direct attempt failed before it
 
     def start(self):
         if self.ep.direct is not None:
@@ -428,18 +476,36 @@ class _Attempt:
         self.relay.send_request(E.connect_request(self.ep.device, self.ep.service,
                                                   self.ep.credential, extra))
 
+    def early(self, offer):
+        """The relay's interim answer (103) offers a direct session: start QUIC now."""
+        if offer is not None and self.offer is None and self.mapped is not None:
+            self._start_direct(offer)
+
+    def _start_direct(self, offer):
+        self.offer = offer
+        wait = budget(self.rtt)
+        d = self.ep.direct.socket.connect(offer[0], self.ep.device, max(wait, 1.0) * 4)
+        d.addCallbacks(self._quic_up, lambda f: self.direct_failed(
+            f"QUIC: {f.getErrorMessage()}"))
+
     def answered(self, handshake, offer):
         """The relay said 200, with C{offer} (the device's mapping and the secret) or None."""
-        if offer is None or self.mapped is None:
+        self.final = True
+        if self.offer is None and offer is not None and self.mapped is not None:
+            self._start_direct(offer)
+        if self.offer is None:
             return self._choose("relayed", "no direct offer")
-        self.offer = offer
+        if self.failed is not None:
+            return self._choose("relayed", self.failed)
         handshake.transport.pauseProducing()  # the device's bytes wait until we choose
         wait = budget(self.rtt)
         self.timer = self.clock.callLater(wait, self._choose, "relayed",
                                           f"no direct stream within {wait:.2f}s")
-        d = self.ep.direct.socket.connect(offer[0], self.ep.device, max(wait, 1.0) * 4)
-        d.addCallbacks(self._quic_up, lambda f: self.direct_failed(
-            f"QUIC: {f.getErrorMessage()}"))
+
+    def relay_refused(self):
+        """The relay's final answer is a refusal: the direct attempt goes with it."""
+        self.chosen = "failed"
+        self._drop_direct()
 
     def _quic_up(self, endpoint):
         if self.chosen is not None:
@@ -459,8 +525,12 @@ class _Attempt:
         self._choose("direct", "")
 
     def direct_failed(self, why):
-        if self.chosen is None:
+        if self.chosen is not None:
+            return
+        if self.final:
             self._choose("relayed", why)
+        else:
+            self.failed = why  # the relayed path serves once the relay said 200
 
     def relay_lost(self):
         """The relay closed while we chose: only the direct path may still serve."""
@@ -499,10 +569,13 @@ class _Attempt:
                 transport.loseConnection()
                 self.result.errback(error.ConnectingCancelledError(transport.getPeer()))
                 return
-            # The relayed stream is not needed: closing it ends it at the device too.
-            self.relay.choosing = False
-            self.relay.transport.loseConnection()
-            self.relay.app = _Discard()
+            # The relayed stream is not needed: closing it ends it at the device
+            # too.  Before the relay's 200, it is closed when that comes (so the
+            # device's tunnel, on its way, ends as a stream, not as a refusal).
+            if self.final:
+                self.relay.choosing = False
+                self.relay.app = _Discard()
+                self.relay.transport.loseConnection()
             self.probe.bind(app)
             self.result.callback(app)
         else:

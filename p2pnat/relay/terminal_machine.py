@@ -771,8 +771,13 @@ def _open(m, c):
     c.cancel_head_timer()
     if c.tcp:
         c.buf = c.buf[c.request.head_size:]
-        # Before the tunnel: the device punches while its tunnel comes up.
+        # Before the tunnel: the device punches while its tunnel comes up,
+        # and the terminal, told at once (an interim 103 whose hint the 200
+        # repeats), tries QUIC meanwhile.
         c.offer_direct()
+        if c.direct is not None:
+            c.io.write(b"HTTP/1.1 103 Early Hints\r\n" + direct_answer_header(c.direct)
+                       + b"\r\n")
     c.request_tunnel(m, reuse=True)
 
 

@@ -44,7 +44,7 @@ KINDS = {
 }
 
 #: Runs twistd with the relay's notify handler telling its core the notifies' flags.
-_RELAY = ("from p2pnat.relay import tap\n"
+RELAY_LAUNCHER = ("from p2pnat.relay import tap\n"
           "init = tap.RelayService.__init__\n"
           "def __init__(self, *a, **kw):\n"
           "    init(self, *a, **kw)\n"
@@ -55,10 +55,12 @@ _RELAY = ("from p2pnat.relay import tap\n"
           "run()\n")
 
 
-class _Lab(F.RelayLab):
+class DirectRelayLab(F.RelayLab):
+    """A L{F.RelayLab} whose relay tells its core the notifies' flags (L{RELAY_LAUNCHER})."""
+
     def relay_argv(self):
         argv = super().relay_argv()
-        return [sys.executable, "-c", _RELAY, *argv[3:]]
+        return [sys.executable, "-c", RELAY_LAUNCHER, *argv[3:]]
 
 
 class ForwardDirectLabTests(LabTestCase):
@@ -72,7 +74,7 @@ class ForwardDirectLabTests(LabTestCase):
         with open(os.path.join(docroot, "mb.bin"), "wb") as f:
             f.write(data)
         cls.sha256 = hashlib.sha256(data).hexdigest()
-        return _Lab(workdir, docroot)
+        return DirectRelayLab(workdir, docroot)
 
     @classmethod
     def build(cls, rl):

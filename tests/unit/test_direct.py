@@ -95,10 +95,14 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual((m.service, m.terminal, addr),
                          ("ssh", ("198.51.100.9", 40001), ("203.0.113.5", 40000)))
         secret = wire.mask_secret(KEY, m.direct_id, m.secret)
-        head = self.answer(t)
-        self.assertEqual(head, b"HTTP/1.1 200 Connection established\r\nP2P-Direct:"
-                               b" 203.0.113.5:40000; secret=" + secret.hex().encode())
-        self.assertEqual(D.parse_offer(head), (("203.0.113.5", 40000), secret))
+        hint = b"P2P-Direct: 203.0.113.5:40000; secret=" + secret.hex().encode()
+        # At once, before the tunnel: an interim answer with the offer ...
+        self.assertEqual(t.transport.value(), b"HTTP/1.1 103 Early Hints\r\n" + hint
+                         + b"\r\n\r\n")
+        self.assertEqual(D.parse_offer(t.transport.value()), (("203.0.113.5", 40000), secret))
+        t.transport.clear()
+        # ... which the 200 repeats once the tunnel is up.
+        self.assertEqual(self.answer(t), b"HTTP/1.1 200 Connection established\r\n" + hint)
         # A second copy goes out a moment later, for a lost first one.
         self.w.clock.advance(0.3)
         self.assertEqual(len(self.sent("DirectConnectRequest")), 2)
