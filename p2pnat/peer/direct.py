@@ -121,6 +121,37 @@ def gather(deferreds):
         lambda _: None)
 
 
+class History:
+    """
+    Which devices the direct path failed to lately (pure: the clock is
+    given): a connection to such a device skips it, so it does not wait
+    out the budget again.  The skip lasts C{first} seconds after a
+    failure, twice as long after each further one, at most C{longest};
+    a direct success forgets the device.
+    """
+
+    def __init__(self, clock, first=60.0, longest=900.0, limit=4096):
+        self.clock = clock
+        self.first = first
+        self.longest = longest
+        self.limit = limit
+        self._failed = {}  # device -> (skip until, last skip length)
+
+    def skip(self, device):
+        entry = self._failed.get(device)
+        return entry is not None and self.clock.seconds() < entry[0]
+
+    def failed(self, device):
+        last = self._failed.pop(device, (0, 0))[1]
+        length = min(self.longest, 2 * last) if last else self.first
+        if len(self._failed) >= self.limit:
+            del self._failed[next(iter(self._failed))]
+        self._failed[device] = (self.clock.seconds() + length, length)
+
+    def worked(self, device):
+        self._failed.pop(device, None)
+
+
 class _TerminalConnection(_connection.PeerConnection):
     """
     The terminal's side of a direct QUIC connection: it checks the
@@ -172,6 +203,8 @@ class DirectSocket:
                                other=self._other, max_connections=MAX_CONNECTIONS)
         self.port = None
         self._bindings = {}  # transaction ID -> (Deferred, sent at)
+        #: The devices the direct path failed to lately (L{History}).
+        self.history = History(reactor)
 
     def start(self):
         if self.port is None:
@@ -439,7 +472,10 @@ class _Attempt:
         self.relay = None
         self.mapped = None
         self.rtt = None
-        self.mapping_done = endpoint.direct is None
+        self.direct = endpoint.direct
+        if self.direct is not None and self.direct.socket.history.skip(endpoint.device):
+            self.direct = None  # it failed lately: the relayed path at once
+        self.mapping_done = self.direct is None
         self.offer = None
         self.probe = None
         self.quic = None
@@ -449,8 +485,8 @@ class _Attempt:
         self.failed = None  # why the direct attempt failed before it
 
     def start(self):
-        if self.ep.direct is not None:
-            d = self.ep.direct.mapping(self.clock)
+        if self.direct is not None:
+            d = self.direct.mapping(self.clock)
             d.addCallbacks(self._mapped, self._unmapped)
         return self.ep.relay.connect(E._Once(_Handshake(self)))
 
@@ -484,7 +520,7 @@ class _Attempt:
     def _start_direct(self, offer):
         self.offer = offer
         wait = budget(self.rtt)
-        d = self.ep.direct.socket.connect(offer[0], self.ep.device, max(wait, 1.0) * 4)
+        d = self.direct.socket.connect(offer[0], self.ep.device, max(wait, 1.0) * 4)
         d.addCallbacks(self._quic_up, lambda f: self.direct_failed(
             f"QUIC: {f.getErrorMessage()}"))
 
@@ -494,7 +530,9 @@ class _Attempt:
         if self.offer is None and offer is not None and self.mapped is not None:
             self._start_direct(offer)
         if self.offer is None:
-            return self._choose("relayed", "no direct offer")
+            lately = self.direct is None and self.ep.direct is not None
+            return self._choose("relayed", "the direct path failed lately" if lately
+                                else "no direct offer")
         if self.failed is not None:
             return self._choose("relayed", self.failed)
         handshake.transport.pauseProducing()  # the device's bytes wait until we choose
@@ -581,6 +619,9 @@ class _Attempt:
         else:
             self._drop_direct()
             self.relay.use()
+        if self.offer is not None:
+            history = self.direct.socket.history
+            history.worked(self.ep.device) if path == "direct" else history.failed(self.ep.device)
         self.ep.on_path(path, self.ep.target, why)
 
 

@@ -296,3 +296,25 @@ class TerminalTests(SynchronousTestCase):
                     b"HTTP/1.1 200 OK\r\nP2P-Direct: 1.2.3.4:0; secret=" + SECRET.hex().encode(),
                     b"HTTP/1.1 200 OK\r\nP2P-Direct: x:9; secret=" + SECRET.hex().encode()):
             self.assertIsNone(D.parse_offer(bad), bad)
+
+    def test_history_backs_off(self):
+        clock = Clock()
+        h = D.History(clock, first=60, longest=200)
+        self.assertFalse(h.skip("cam"))
+        h.failed("cam")
+        self.assertTrue(h.skip("cam"))
+        self.assertFalse(h.skip("other"))
+        clock.advance(60)
+        self.assertFalse(h.skip("cam"))  # tried again: fails again, skipped twice as long
+        h.failed("cam")
+        clock.advance(119)
+        self.assertTrue(h.skip("cam"))
+        clock.advance(1)
+        h.failed("cam")
+        clock.advance(199)
+        self.assertTrue(h.skip("cam"))  # at most 200 s
+        clock.advance(1)
+        self.assertFalse(h.skip("cam"))
+        h.failed("cam")
+        h.worked("cam")
+        self.assertFalse(h.skip("cam"))
