@@ -203,13 +203,35 @@ class DirectSocket:
                                other=self._other, max_connections=MAX_CONNECTIONS)
         self.port = None
         self._bindings = {}  # transaction ID -> (Deferred, sent at)
-        #: The devices the direct path failed to lately (L{History}).
+        #: The devices the direct path failed to lately, and the relays'
+        #: UDP addresses that did not answer STUN (L{History}).
         self.history = History(reactor)
+        self.users = 0
 
     def start(self):
         if self.port is None:
             self.port = self.reactor.listenUDP(0, self.quic, interface=self.interface)
         return self.port
+
+    def acquire(self):
+        """A connect attempt uses the socket (opened if need be) until L{release}."""
+        self.users += 1
+        self.start()
+
+    def release(self):
+        """
+        An attempt is done with the socket: closed once no attempt and no
+        QUIC connection uses it (a process that forwards nothing holds no
+        UDP port; the next attempt opens a new one and asks STUN again).
+        """
+        self.users = max(0, self.users - 1)
+        self._maybe_close()
+
+    def _maybe_close(self):
+        if self.users or self.quic.endpoints or self.port is None:
+            return
+        port, self.port = self.port, None
+        port.stopListening()
 
     def stop(self):
         """
@@ -241,6 +263,8 @@ class DirectSocket:
         calls = []
 
         def send():
+            if self.port is None:
+                return
             sent[0] = self.reactor.seconds()  # the RTT of the copy answered, roughly
             try:
                 self.port.write(request, relay_udp)
@@ -280,7 +304,11 @@ class DirectSocket:
     def connect(self, addr, device_id, timeout):
         """QUIC to the device C{device_id} at C{addr}: a Deferred of the L{QuicEndpoint}."""
         self.start()
-        return self.quic.connect(addr, f"device:{device_id}", handshake_timeout=timeout)
+        before = self.quic.endpoints
+        d = self.quic.connect(addr, f"device:{device_id}", handshake_timeout=timeout)
+        for endpoint in self.quic.endpoints - before:
+            endpoint.closed.addBoth(lambda _: self._maybe_close())
+        return d
 
 
 class Direct:
@@ -473,9 +501,14 @@ class _Attempt:
         self.mapped = None
         self.rtt = None
         self.direct = endpoint.direct
-        if self.direct is not None and self.direct.socket.history.skip(endpoint.device):
-            self.direct = None  # it failed lately: the relayed path at once
+        if self.direct is not None:
+            history = self.direct.socket.history
+            if history.skip(endpoint.device) or history.skip(("stun", self.direct.relay_udp)):
+                self.direct = None  # it failed lately: the relayed path at once
         self.mapping_done = self.direct is None
+        self.started = self.clock.seconds()
+        self.stun_wait = None
+        self.mapping = None  # the STUN Binding's Deferred
         self.offer = None
         self.probe = None
         self.quic = None
@@ -486,28 +519,65 @@ class _Attempt:
 
     def start(self):
         if self.direct is not None:
-            d = self.direct.mapping(self.clock)
+            socket = self.direct.socket
+            socket.acquire()
+            self.result.addBoth(self._done, socket)
+            d = self.mapping = self.direct.mapping(self.clock)
             d.addCallbacks(self._mapped, self._unmapped)
         return self.ep.relay.connect(E._Once(_Handshake(self)))
 
+    def _done(self, result, socket):
+        """The connect fired (or failed): no timer of ours outlives it."""
+        self._stop_stun()
+        if self.chosen is None:
+            self.chosen = "failed"
+            self._cancel_timer()
+            self._drop_direct()
+        socket.release()
+        return result
+
+    def _stop_stun(self):
+        if self.stun_wait is not None and self.stun_wait.active():
+            self.stun_wait.cancel()
+        if self.mapping is not None:
+            # Also once "called": it may wait on the Binding's own Deferred,
+            # which cancel() then reaches.
+            self.mapping.cancel()
+
     def _mapped(self, found):
+        if self.mapping_done:
+            return  # given up waiting (relay_connected)
+        self.direct.socket.history.worked(("stun", self.direct.relay_udp))
         self.mapped, self.rtt = found
         self.mapping_done = True
         self._maybe_request()
 
-    def _unmapped(self, failure):
-        self.log.info("{target}: no UDP mapping from the relay ({why}); relayed",
-                      target=self.target, why=failure.getErrorMessage() or "no STUN answer")
+    def _unmapped(self, failure=None):
+        if self.mapping_done:
+            return
+        why = "no STUN answer" if failure is None else failure.getErrorMessage()
+        self.log.info("{target}: no UDP mapping from the relay's {udp} ({why}); relayed",
+                      target=self.target, udp=wire.format_addr(self.direct.relay_udp),
+                      why=why or "no STUN answer")
+        # Asked again only after a while (History): each wait costs a round trip.
+        self.direct.socket.history.failed(("stun", self.direct.relay_udp))
         self.mapping_done = True
+        self._stop_stun()
         self._maybe_request()
 
     def relay_connected(self, handshake):
         self.relay = handshake
+        if not self.mapping_done:
+            # The STUN answer normally comes well before the TLS handshake is
+            # over (one round trip against two): wait about one more.
+            grace = min(STUN_TIMEOUT, max(0.05, (self.clock.seconds() - self.started) / 2))
+            self.stun_wait = self.clock.callLater(grace, self._unmapped)
         self._maybe_request()
 
     def _maybe_request(self):
         if self.relay is None or not self.mapping_done or self.result.called:
             return
+        self._stop_stun()
         extra = [request_header(self.mapped)] if self.mapped is not None else []
         self.relay.send_request(E.connect_request(self.ep.device, self.ep.service,
                                                   self.ep.credential, extra))
