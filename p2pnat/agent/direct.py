@@ -35,21 +35,22 @@ its QUIC server amplifies nothing.
 import hmac
 
 from aioquic.quic.connection import QuicConnection
-from twisted.internet.protocol import Factory
+from twisted.internet import defer, interfaces
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
 
 from p2pnat.daemon.logs import Logger, Throttle, redact
+from p2pnat.net import streams
 from p2pnat.net.udp import ControlProtocol
-from p2pnat.peer import streams as S
-from p2pnat.peer.direct import gather
 from p2pnat.protocol import wire
 from p2pnat.quic import QuicSocket, is_quic
 from p2pnat.quic import connection as _connection
 from p2pnat.quic.identity import PeerIdentity
 
 #: The QUIC stream's service header name of a direct stream.
-SERVICE = "p2pnat-direct"
+SERVICE = wire.DIRECT_SERVICE
 #: The byte the agent sends once the stream is connected to the service.
-ACCEPTED = b"\x00"
+ACCEPTED = wire.DIRECT_ACCEPTED
 #: Seconds after the request at which the agent sends a punch datagram.
 PUNCH_SCHEDULE = (0.0, 0.1, 0.3, 0.6, 1.0)
 #: What a punch datagram carries: one byte no receiver takes for anything.
@@ -182,51 +183,101 @@ class _SocketTransport:
         return self.proto.transport.getHost()
 
 
-class _SecretHalf(S._Half):
+@implementer(interfaces.IHalfCloseableProtocol)
+class _Stream(Protocol):
     """
-    The stream half of a direct splice: its first L{wire.SECRET_LEN}
-    bytes are the secret, which the server checks before anything else.
+    The device's end of one direct QUIC stream: its first
+    L{wire.SECRET_LEN} bytes are the secret, which the server checks
+    before anything else; then the bytes go to the local service and
+    back, each side the producer of the other (back-pressure), the
+    terminal's end of input passed on as a half-close.
     """
 
-    def __init__(self, splice, server):
-        super().__init__(splice)
+    def __init__(self, server):
         self.server = server
         self.secret = b""
         self.offer = None
-
-    def connectionMade(self):
-        self.server.stream_opened(self)
+        self.local = None
+        self.early = []  # bytes after the secret, before the service is connected
+        self.input_ended = False
+        self.closed = False
 
     def dataReceived(self, data):
         if self.offer is None:
             need = wire.SECRET_LEN - len(self.secret)
-            self.secret += data[:need]
-            data = data[need:]
+            self.secret, data = self.secret + data[:need], data[need:]
             if len(self.secret) < wire.SECRET_LEN:
                 return
             self.server.secret_given(self)
             if self.offer is None:
                 return
-        if data:
-            super().dataReceived(data)
+        if not data:
+            return
+        if self.local is None:
+            self.early.append(data)  # the stream is paused: at most a window
+        elif self.local.transport is not None:
+            self.local.transport.write(data)
+
+    def local_connected(self, local):
+        """The service is connected: say so, then pass bytes both ways."""
+        self.local = local
+        self.transport.write(ACCEPTED)
+        for data in self.early:
+            local.transport.write(data)
+        self.early = []
+        self.transport.registerProducer(local.transport, True)
+        local.transport.registerProducer(self.transport, True)
+        self.transport.resumeProducing()
+        if self.input_ended:
+            self._end_local()
+
+    def readConnectionLost(self):
+        self.input_ended = True
+        if self.local is not None:
+            self._end_local()
+
+    def _end_local(self):
+        transport = self.local.transport
+        if transport is not None:
+            # A TCP transport with a paused producer would wait for it
+            # rather than send its FIN; nothing comes from the stream now.
+            transport.unregisterProducer()
+            transport.loseWriteConnection()
+
+    def writeConnectionLost(self):
+        pass
 
     def connectionLost(self, reason):
-        super().connectionLost(reason)
+        self.closed = True
         if self.offer is not None:
-            self.server.sessions.finish(self.offer)
+            self.server.stream_done(self)
+        local = self.local
+        if local is not None and local.transport is not None:
+            local.transport.unregisterProducer()
+            streams.close_after_writes(local.transport)
 
 
-class _Splice(S._Splice):
-    """A direct stream's splice: the server forgets it once both halves are closed."""
+class _Local(Protocol):
+    """The agent's connection to the local service for one direct stream."""
 
-    def __init__(self, server):
-        super().__init__(S._no_events, TERMINAL, "", "in")
-        self.server = server
+    def __init__(self, stream):
+        self.stream = stream
 
-    def half_lost(self, half, reason):
-        super().half_lost(half, reason)
-        if self.tcp.closed and self.stream.closed:
-            self.server.splices.discard(self)
+    def connectionMade(self):
+        streams.tune(self.transport)
+        if self.stream.closed:
+            self.transport.loseConnection()
+            return
+        self.stream.local_connected(self)
+
+    def dataReceived(self, data):
+        self.stream.transport.write(data)
+
+    def connectionLost(self, reason):
+        stream = self.stream.transport
+        if stream is not None and not self.stream.closed:
+            stream.unregisterProducer()
+            stream.loseConnection()  # our FIN after what was written
 
 
 class DirectServer:
@@ -249,7 +300,7 @@ class DirectServer:
         self._sockets = {}  # AgentSocket -> its _DirectQuicSocket
         self._calls = set()
         self._throttle = Throttle(self.clock)
-        self.splices = set()  # direct streams joined (or joining) to a local service
+        self.streams = set()  # direct streams whose secret was accepted
 
     # -- the relay's request --------------------------------------------------------------
 
@@ -314,42 +365,33 @@ class DirectServer:
 
     # -- streams --------------------------------------------------------------------------------
 
-    def stream_opened(self, half):
-        pass  # the secret comes first
-
-    def secret_given(self, half):
-        offer = self.sessions.take(half.secret)
-        stream = half.transport
+    def secret_given(self, stream):
+        offer = self.sessions.take(stream.secret)
         if offer is None:
             self._note("bad-secret", "a direct stream gave no valid secret; refused")
-            stream.abortConnection()
+            stream.transport.abortConnection()
             return
-        half.offer = offer
-        splice = half.splice
-        self.splices.add(splice)
-        splice.service = offer.service
+        stream.offer = offer
+        self.streams.add(stream)
         address = self.agent.local_services[offer.service]
-        stream.pauseProducing()
-        d = self.agent.local_endpoint(address).connect(S._Once(splice.tcp))
-
-        def connected(_):
-            if splice.stream.closed:
-                splice.tcp.transport.loseConnection()
-                return
-            stream.write(ACCEPTED)
-            self.agent.metrics.sessions.labels("direct").inc()
-            self.log.info("direct session {oid} to service {service!r} from {terminal}",
-                          oid=redact(offer.direct_id), service=offer.service,
-                          terminal=wire.format_addr(offer.terminal))
-            splice.join()
-            stream.resumeProducing()
+        stream.transport.pauseProducing()  # until the service is there
+        d = self.agent.local_endpoint(address).connect(streams.OneShotFactory(_Local(stream)))
 
         def failed(reason):
             self.log.warn("local service {host}:{port} not answering: {error}",
                           host=address[0], port=address[1], error=reason.getErrorMessage())
-            splice.fail(f"cannot connect to {address[0]}:{address[1]}")
+            if not stream.closed:
+                stream.transport.abortConnection()  # the terminal goes through the relay
 
-        d.addCallbacks(connected, failed)
+        d.addErrback(failed)
+        self.agent.metrics.sessions.labels("direct").inc()
+        self.log.info("direct session {oid} to service {service!r} from {terminal}",
+                      oid=redact(offer.direct_id), service=offer.service,
+                      terminal=wire.format_addr(offer.terminal))
+
+    def stream_done(self, stream):
+        self.streams.discard(stream)
+        self.sessions.finish(stream.offer)
 
     def stop(self):
         """
@@ -360,28 +402,26 @@ class DirectServer:
             if call.active():
                 call.cancel()
         self._calls = set()
-        for splice in list(self.splices):
-            if splice.tcp.transport is not None:
-                splice.tcp.transport.abortConnection()
+        for stream in list(self.streams):
+            if stream.local is not None and stream.local.transport is not None:
+                stream.local.transport.abortConnection()
         closing = []
         for proto, quic in self._sockets.items():
             closing.extend(e.closed for e in quic.endpoints)
             quic.close_all("device agent stopping")
             proto.direct = None
         self._sockets = {}
-        return gather(closing)
+        return defer.DeferredList([d.addErrback(lambda f: None) for d in closing])
 
 
 class _StreamFactory(Factory):
-    """Direct streams: each one's secret is checked, then it is spliced to the service."""
+    """Direct streams: each one's secret is checked, then it goes to the service."""
 
     def __init__(self, server):
         self.server = server
 
     def buildProtocol(self, addr):
-        splice = _Splice(self.server)
-        splice.stream = _SecretHalf(splice, self.server)
-        return splice.stream
+        return _Stream(self.server)
 
 
 __all__ = ["ACCEPTED", "AgentSocket", "DirectServer", "DirectSessions", "SERVICE"]

@@ -131,8 +131,7 @@ class Notifier:
         self.clock = clock
         self.b_interval_config = b_interval
         self.on_connect = on_connect or (lambda request: None)
-        self.on_direct = on_direct
-        self._notify_flags = wire.DIRECT_CAPABLE if on_direct is not None else 0
+        self.take_direct(on_direct)
         self.stamper = wire.Stamper(clock)
         self.replay = wire.ReplayGuard(self.stamper)
         self.seen = SeenSessions(clock)
@@ -173,6 +172,14 @@ class Notifier:
             if call is not None and call.active():
                 call.cancel()
         self._period_call = self._live_call = None
+
+    def take_direct(self, on_direct):
+        """
+        Take direct requests with C{on_direct} from now on, or none (None):
+        every notify from now on says so (L{wire.DIRECT_CAPABLE}).
+        """
+        self.on_direct = on_direct
+        self._notify_flags = wire.DIRECT_CAPABLE if on_direct is not None else 0
 
     def switch(self, relay_addr, proto):
         """

@@ -66,10 +66,6 @@ SCHEMA = [
               "seconds an idle tunnel is kept open for the relay's later requests", C.positive),
     C.Setting("agent.notify_b_interval", float, 20.0,
               "seconds between notify B (keep it below the NAT's UDP timeout)", C.positive),
-    C.Setting("agent.direct", bool, True,
-              "take direct sessions: a terminal that asks the relay for one reaches the"
-              " services over QUIC from the notify socket, the relay out of the data path"
-              " (docs/relay.rst, \"Direct sessions\")"),
     C.Setting("udp.listen", object, "0.0.0.0:0",
               "local UDP address for notifies, or a list with one per family (IPv4, IPv6);"
               " a family not given is bound to its wildcard address when a relay needs it",
@@ -197,6 +193,9 @@ class AgentService(service.MultiService):
         addresses of host C{name} (by default L{resolve_all}).
     @param routable: C{routable((ip, port))}, whether there is a route to
         that address (by default L{has_route}).
+    @param direct: take direct sessions (L{p2pnat.agent.direct}): terminals
+        that ask the relay for one reach the services over QUIC from the
+        notify socket (see L{stop_direct}).
     """
 
     log = Logger(namespace="p2pnat.agent")
@@ -205,7 +204,7 @@ class AgentService(service.MultiService):
     RETRY = 5.0
 
     def __init__(self, config, mac_key, reactor, services=None, tls=None, resolve=None,
-                 routable=has_route):
+                 routable=has_route, direct=True):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -229,7 +228,7 @@ class AgentService(service.MultiService):
         self.routable = routable
         self._unroutable = set()  # addresses logged as having no route, until we report
         self._waiting = False  # no address to report to was logged
-        self.direct = self._direct_server(config)
+        self.direct = self._direct_server(config) if direct else None
         self.notifier = Notifier(self.device_id, mac_key, None, reactor,
                                  config["agent.notify_b_interval"], self.connect_requested,
                                  config["agent.dead_after"], self.relay_dead,
@@ -251,10 +250,18 @@ class AgentService(service.MultiService):
         self._reporting = False
         self._dead = None  # the relay found dead, until we report elsewhere
 
+    def stop_direct(self):
+        """
+        Take no more direct sessions: from the next notify on, the relay
+        sends no direct requests (the running ones end); a Deferred that
+        fires once their QUIC connections have drained.
+        """
+        direct, self.direct = self.direct, None
+        self.notifier.take_direct(None)
+        return direct.stop() if direct is not None else defer.succeed(None)
+
     def _direct_server(self, config):
-        """The L{DirectServer}, unless ``agent.direct`` is off or our certificate cannot serve."""
-        if not config["agent.direct"]:
-            return None
+        """The L{DirectServer}, unless our certificate cannot serve."""
         from p2pnat.deployment.pki import PKIError
         from p2pnat.quic import Credentials
 

@@ -58,9 +58,8 @@ STUN_TIMEOUT = 1.0
 STUN_RESENDS = (0.25, 0.5)
 #: QUIC connections the terminal's socket holds at once.
 MAX_CONNECTIONS = 64
-#: The device's stream header service and its acceptance byte (L{p2pnat.agent.direct}).
-SERVICE = "p2pnat-direct"
-ACCEPTED = b"\x00"
+SERVICE = wire.DIRECT_SERVICE
+ACCEPTED = wire.DIRECT_ACCEPTED
 
 
 def budget(rtt):

@@ -408,6 +408,11 @@ DIRECT_CAPABLE = 0x02
 
 #: A direct secret's length, bytes.
 SECRET_LEN = 16
+#: The service header (L{p2pnat.quic.header}) of a direct session's QUIC
+#: stream, which opens with the secret ...
+DIRECT_SERVICE = "p2pnat-direct"
+#: ... and the one byte the device answers once the stream reaches its service.
+DIRECT_ACCEPTED = b"\x00"
 
 
 def mask_secret(key, direct_id, secret):

@@ -7,8 +7,8 @@ which path the connection took:
 
 - the agent takes direct sessions: ``direct`` (QUIC from the forward's
   socket to the agent's notify socket, the relay only the lobby);
-- the agent's direct sessions are off (``agent.direct = false``):
-  ``relayed``, as before;
+- the agent's direct sessions are off (L{AgentService.stop_direct}; its
+  notifies no longer say it takes them): ``relayed``, as before;
 - ``p2pnat:`` endpoint's device form in this process: direct too.
 """
 
@@ -88,11 +88,18 @@ class ForwardDirectTests(TestCase):
         self.ca = os.path.join(self.relay.state_dir, "ca.crt")
         yield defer.succeed(None)
 
-    def start_device(self, device_id, direct=True):
-        return defer.Deferred.fromCoroutine(start_agent(
+    async def start_device(self, device_id, direct=True):
+        agent = await start_agent(
             self, self.relay, device_id, os.path.join(self.dir, device_id), self.echo_port,
-            **{"agent.extra_services": f"echo=127.0.0.1:{self.echo_port}",
-               "agent.direct": direct}))
+            **{"agent.extra_services": f"echo=127.0.0.1:{self.echo_port}"})
+        await wait_for(lambda: device_id in self.relay.relay.direct_capable,
+                       "a notify saying the device takes direct requests")
+        if not direct:
+            await agent.stop_direct()
+            agent.notifier.notify_a()  # tells the relay at once
+            await wait_for(lambda: device_id not in self.relay.relay.direct_capable,
+                           "a notify without the flag")
+        return agent
 
     async def forward(self, target):
         fwd = _Forward()
@@ -145,7 +152,7 @@ class ForwardDirectTests(TestCase):
         return defer.Deferred.fromCoroutine(run())
 
     def test_relayed_when_direct_is_off(self):
-        """The agent's direct sessions are off: the relay is never asked, the relay serves."""
+        """The agent's direct sessions are off: the relay offers none, and serves."""
         async def run():
             await self.start_device("cam", direct=False)
             fwd, port = await self.forward("cam:echo")
