@@ -225,8 +225,11 @@ class _Stream(Protocol):
         for data in self.early:
             local.transport.write(data)
         self.early = []
-        self.transport.registerProducer(local.transport, True)
-        local.transport.registerProducer(self.transport, True)
+        # Gates: pause and resume only.  A transport that ends stops its
+        # producer, and the other side must end after what it has written,
+        # not be aborted.
+        self.transport.registerProducer(streams.Gate(local.transport), True)
+        local.transport.registerProducer(streams.Gate(self.transport), True)
         self.transport.resumeProducing()
         if self.input_ended:
             self._end_local()
@@ -277,7 +280,7 @@ class _Local(Protocol):
         stream = self.stream.transport
         if stream is not None and not self.stream.closed:
             stream.unregisterProducer()
-            stream.loseConnection()  # our FIN after what was written
+            stream.loseWriteConnection()  # our FIN after what was written
 
 
 class DirectServer:

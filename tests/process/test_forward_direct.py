@@ -47,6 +47,17 @@ def tell_flags(relay):
     handler.handle = handle_and_tell
 
 
+class Source(protocol.Protocol):
+    """Sends L{SOURCE} once the client's first byte came, then closes (as HTTP/1.0 does)."""
+
+    def dataReceived(self, data):
+        self.transport.write(SOURCE)
+        self.transport.loseConnection()
+
+
+SOURCE = os.urandom(SIZE)
+
+
 class _Forward(protocol.ProcessProtocol):
     """A ``p2pnat forward --json`` process: its JSON events as they come."""
 
@@ -82,6 +93,9 @@ class ForwardDirectTests(TestCase):
         echo = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface=LOOPBACK)
         self.addCleanup(echo.stopListening)
         self.echo_port = echo.getHost().port
+        source = reactor.listenTCP(0, protocol.Factory.forProtocol(Source), interface=LOOPBACK)
+        self.addCleanup(source.stopListening)
+        self.source_port = source.getHost().port
         self.relay = start_relay(self, self.dir, **{
             "terminal.https": f"tcp:0:interface={LOOPBACK}"})
         tell_flags(self.relay)
@@ -91,7 +105,8 @@ class ForwardDirectTests(TestCase):
     async def start_device(self, device_id, direct=True):
         agent = await start_agent(
             self, self.relay, device_id, os.path.join(self.dir, device_id), self.echo_port,
-            **{"agent.extra_services": f"echo=127.0.0.1:{self.echo_port}"})
+            **{"agent.extra_services": f"echo=127.0.0.1:{self.echo_port},"
+                                      f"source=127.0.0.1:{self.source_port}"})
         await wait_for(lambda: device_id in self.relay.relay.direct_capable,
                        "a notify saying the device takes direct requests")
         if not direct:
@@ -149,6 +164,21 @@ class ForwardDirectTests(TestCase):
             # A second connection goes direct too (a new offer, a new secret).
             path = await self.one_transfer(fwd, port)
             self.assertEqual(path["path"], "direct", path)
+        return defer.Deferred.fromCoroutine(run())
+
+    def test_service_closes_first(self):
+        """The service sends 1 MB and closes: all of it arrives, then the end."""
+        async def run():
+            await self.start_device("cam")
+            fwd, port = await self.forward("cam:source")
+            c = Collect(b"go", until=SIZE + 1)
+            await endpoints.connectProtocol(
+                endpoints.TCP4ClientEndpoint(reactor, LOOPBACK, port), c)
+            got, _ = await c.done
+            self.assertEqual(hashlib.sha256(got).hexdigest(), hashlib.sha256(SOURCE).hexdigest(),
+                             f"{len(got)} of {SIZE} bytes; forward said {fwd.events} {fwd.err[-3000:]}")
+            await wait_for(lambda: any(e["event"] == "path" for e in fwd.events), "path event")
+            self.assertEqual([e["path"] for e in fwd.events if e["event"] == "path"], ["direct"])
         return defer.Deferred.fromCoroutine(run())
 
     def test_relayed_when_direct_is_off(self):
