@@ -139,6 +139,11 @@ class AgentSocket(ControlProtocol):
 
     direct = None
 
+    def logPrefix(self):
+        # "ControlProtocol starting on PORT", as before: operators and
+        # scripts read the notify port from that line.
+        return "ControlProtocol"
+
     def datagramReceived(self, data, addr):
         if self.direct is not None and data and is_quic(data):
             return self.direct.quic_received(data, addr[:2], self)
