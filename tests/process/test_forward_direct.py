@@ -9,6 +9,9 @@ which path the connection took:
   socket to the agent's notify socket, the relay only the lobby);
 - the agent's direct sessions are off (L{AgentService.stop_direct}; its
   notifies no longer say it takes them): ``relayed``, as before;
+- the relay offers a session the agent no longer takes: ``relayed`` after
+  the budget;
+- a service that sends 1 MB and closes first: all of it arrives;
 - ``p2pnat:`` endpoint's device form in this process: direct too.
 """
 
@@ -188,6 +191,22 @@ class ForwardDirectTests(TestCase):
             fwd, port = await self.forward("cam:echo")
             path = await self.one_transfer(fwd, port)
             self.assertEqual((path["path"], path.get("why")), ("relayed", "no direct offer"))
+        return defer.Deferred.fromCoroutine(run())
+
+    def test_relayed_after_the_budget(self):
+        """
+        The relay offers a direct session the device no longer takes (it
+        stopped, and no notify told the relay yet): no QUIC answer, so the
+        relayed connection, held meanwhile, serves after the budget.
+        """
+        async def run():
+            agent = await self.start_device("cam")
+            await agent.stop_direct()
+            self.assertIn("cam", self.relay.relay.direct_capable)
+            fwd, port = await self.forward("cam:echo")
+            path = await self.one_transfer(fwd, port)
+            self.assertEqual((path["path"], path.get("why")),
+                             ("relayed", "no direct stream within 0.50s"))
         return defer.Deferred.fromCoroutine(run())
 
     def test_endpoint_direct(self):
