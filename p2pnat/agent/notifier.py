@@ -115,18 +115,23 @@ class Notifier:
         after which the relay counts as dead; None turns the detection off.
     @param on_dead: called with the address of a relay found dead; it
         calls L{switch} to report elsewhere.
+    @param on_direct: called with a verified L{wire.DirectConnectRequest}
+        (the first copy of each), the relay's address and the socket it
+        came on; when given, every notify carries L{wire.DIRECT_CAPABLE}
+        so that the relay sends them.
     """
 
     log = Logger(namespace="p2pnat.agent")
 
     def __init__(self, device_id, mac_key, relay_addr, clock, b_interval=20.0,
-                 on_connect=None, dead_after=None, on_dead=None):
+                 on_connect=None, dead_after=None, on_dead=None, on_direct=None):
         self.device_id = device_id
         self.mac_key = mac_key
         self.relay_addr = relay_addr
         self.clock = clock
         self.b_interval_config = b_interval
         self.on_connect = on_connect or (lambda request: None)
+        self.take_direct(on_direct)
         self.stamper = wire.Stamper(clock)
         self.replay = wire.ReplayGuard(self.stamper)
         self.seen = SeenSessions(clock)
@@ -167,6 +172,14 @@ class Notifier:
             if call is not None and call.active():
                 call.cancel()
         self._period_call = self._live_call = None
+
+    def take_direct(self, on_direct):
+        """
+        Take direct requests with C{on_direct} from now on, or none (None):
+        every notify from now on says so (L{wire.DIRECT_CAPABLE}).
+        """
+        self.on_direct = on_direct
+        self._notify_flags = wire.DIRECT_CAPABLE if on_direct is not None else 0
 
     def switch(self, relay_addr, proto):
         """
@@ -243,10 +256,11 @@ class Notifier:
             self._takes_mapped = None
         mapped = self._mapped_told()
         self._mapped_a_at = self.clock.seconds() if mapped is not None else None
-        self._send(wire.NotifyA(local=self._local(), mapped=mapped))
+        self._send(wire.NotifyA(local=self._local(), mapped=mapped), flags=self._notify_flags)
 
     def notify_b(self, flags=0):
-        self._send(wire.NotifyB(local=self._local(), mapped=self._mapped_told()), flags=flags)
+        self._send(wire.NotifyB(local=self._local(), mapped=self._mapped_told()),
+                   flags=flags | self._notify_flags)
 
     def _relay_takes_mapped(self):
         # Only a relay that said so: an older one drops a notify that tells it.
@@ -361,7 +375,10 @@ class Notifier:
                              wire.Pong.TYPE})
 
     def key_for(self, key_id, mtype):
-        if key_id != self.device_id or mtype not in self._FROM_RELAY:
+        if key_id != self.device_id:
+            return None
+        if mtype not in self._FROM_RELAY and not (
+                mtype == wire.DirectConnectRequest.TYPE and self.on_direct is not None):
             return None
         return self.mac_key
 
@@ -374,7 +391,15 @@ class Notifier:
             self._got_connect(message, addr)
         elif isinstance(message, wire.Pong):
             self._got_pong(message)
+        elif isinstance(message, wire.DirectConnectRequest):
+            self._got_direct(message, addr, proto)
         return None
+
+    def _got_direct(self, message, addr, proto):
+        # The relay sends each twice: act on the first copy.
+        if self.on_direct is None or not self.seen.add(b"direct" + message.direct_id):
+            return
+        self.on_direct(message, addr, proto)
 
     def _got_period(self, message):
         sent = self._period_asked.pop(message.echo, None)

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IResolutionReceiver
 from zope.interface import implementer
 
 from p2pnat.agent import portmap, relays
+from p2pnat.agent.direct import AgentSocket, DirectServer
 from p2pnat.agent.notifier import Notifier
 from p2pnat.agent.tunnel import AgentTunnel
 from p2pnat.daemon import config as C
@@ -23,7 +24,6 @@ from p2pnat.daemon.metrics import Metrics
 from p2pnat.daemon.services import UDPService, common_services, make_options, startup_errors
 from p2pnat.net import fastio
 from p2pnat.net.streams import OneShotFactory, client_endpoint
-from p2pnat.net.udp import ControlProtocol
 from p2pnat.protocol import wire
 from p2pnat.protocol.tunnel import alpn_for as tunnel_alpn
 
@@ -193,6 +193,9 @@ class AgentService(service.MultiService):
         addresses of host C{name} (by default L{resolve_all}).
     @param routable: C{routable((ip, port))}, whether there is a route to
         that address (by default L{has_route}).
+    @param direct: take direct sessions (L{p2pnat.agent.direct}): terminals
+        that ask the relay for one reach the services over QUIC from the
+        notify socket (see L{stop_direct}).
     """
 
     log = Logger(namespace="p2pnat.agent")
@@ -201,7 +204,7 @@ class AgentService(service.MultiService):
     RETRY = 5.0
 
     def __init__(self, config, mac_key, reactor, services=None, tls=None, resolve=None,
-                 routable=has_route):
+                 routable=has_route, direct=True):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -225,9 +228,11 @@ class AgentService(service.MultiService):
         self.routable = routable
         self._unroutable = set()  # addresses logged as having no route, until we report
         self._waiting = False  # no address to report to was logged
+        self.direct = self._direct_server(config) if direct else None
         self.notifier = Notifier(self.device_id, mac_key, None, reactor,
                                  config["agent.notify_b_interval"], self.connect_requested,
-                                 config["agent.dead_after"], self.relay_dead)
+                                 config["agent.dead_after"], self.relay_dead,
+                                 self.direct.requested if self.direct is not None else None)
         #: Notify sockets (their protocols) and their UDPServices by address
         #: family; the other family's are made when a relay of that family
         #: comes first (L{_socket_for}).
@@ -245,8 +250,37 @@ class AgentService(service.MultiService):
         self._reporting = False
         self._dead = None  # the relay found dead, until we report elsewhere
 
+    def stop_direct(self):
+        """
+        Take no more direct sessions: from the next notify on, the relay
+        sends no direct requests (the running ones end); a Deferred that
+        fires once their QUIC connections have drained.
+        """
+        direct, self.direct = self.direct, None
+        self.notifier.take_direct(None)
+        return direct.stop() if direct is not None else defer.succeed(None)
+
+    def _direct_server(self, config):
+        """The L{DirectServer}, unless our certificate cannot serve."""
+        from p2pnat.deployment.pki import PKIError
+        from p2pnat.quic import Credentials
+
+        try:
+            credentials = Credentials.from_files(config.path_of("agent.cert_file"),
+                                                 config.path_of("agent.key_file"),
+                                                 config.path_of("agent.ca_file"))
+        except (PKIError, OSError) as e:
+            self.log.warn("no direct sessions: cannot read the device certificate: {error}",
+                          error=e)
+            return None
+        if credentials.identity is None or credentials.identity.id != self.device_id:
+            self.log.warn("no direct sessions: agent.cert_file does not name device {device_id}",
+                          device_id=self.device_id)
+            return None
+        return DirectServer(self, credentials)
+
     def _add_socket(self, family, host, port):
-        proto = ControlProtocol(self.notifier, self.reactor, self.metrics,
+        proto = AgentSocket(self.notifier, self.reactor, self.metrics,
                                 self.notifier.replay, name=f"agent.udp{'6' if family == 6 else ''}",
                                 stun_rate=0, stamper=self.notifier.stamper)
         listener = UDPService(self.reactor, host, port, proto)
@@ -384,13 +418,18 @@ class AgentService(service.MultiService):
 
     def stopService(self):
         self.notifier.stop()
+        draining = self.direct.stop() if self.direct is not None else None
         self._reporting, self._dead = False, None
         for tun in list(self.tunnels):
             if tun.transport is not None:
                 tun.transport.abortConnection()
         if self._resolving is not None and self._resolving.active():
             self._resolving.cancel()
-        return super().stopService()
+        stopped = super().stopService()
+        if draining is None:
+            return stopped
+        # The direct QUIC connections' draining periods end before their socket closes.
+        return defer.gatherResults([draining, defer.maybeDeferred(lambda: stopped)])
 
 
 def makeService(config, reactor=None):

@@ -1,16 +1,21 @@
-# -*- test-case-name: tests.unit.test_relay_loopback -*-
+# -*- test-case-name: tests.unit.test_relay_loopback,tests.process.test_forward_direct -*-
 """
 ``p2pnat forward``: forward a local TCP port to a device's TCP service
-through the relay (for SSH and other non-HTTP services).
+(for SSH and other non-HTTP services), directly when it can, else through
+the relay.
 
 Each connection to the local port opens a TLS connection to the relay's
 terminal port and asks ``CONNECT DEVICE[:SERVICE] HTTP/1.1``, with the
-device's access credential when it has one; once the relay answers 200,
-bytes flow both ways as they are, with back-pressure.  The request and
-the answer's reading are L{p2pnat.peer.endpoint}'s, which the ``p2pnat:``
-endpoint's device form shares.
+device's access credential when it has one, and with the terminal's UDP
+mapping to ask for a direct session; once the relay answers 200, the
+connection goes over QUIC straight to the device if that comes up within
+a short budget, else through the relay as it always did.  Bytes flow
+both ways as they are, with back-pressure.  The path logic is
+L{p2pnat.peer.direct}'s, which the ``p2pnat:`` endpoint's device form
+shares.
 """
 
+import json
 import os
 import sys
 
@@ -27,54 +32,32 @@ from p2pnat.net.streams import (
     close_after_writes,
     nodelay,
 )
-from p2pnat.peer.endpoint import (
-    AnswerTooLong,
-    connect_answer,
-    connect_request,
-    relay_tls,
-)
+from p2pnat.peer.direct import DEFAULT_UDP_PORT, Direct, DirectFirstEndpoint, shared_socket
+from p2pnat.peer.endpoint import relay_tls
+
+#: Seconds a local connection waits for the device (the relay's session
+#: timeout is 10 s; the TLS connection and the request come first).
+FORWARD_TIMEOUT = 30.0
 
 
-class _RelaySide(Protocol):
-    """The connection to the relay for one local connection."""
+class _Remote(Protocol):
+    """The device's end for one local connection: direct (QUIC) or through the relay."""
 
-    def __init__(self, local, request):
+    def __init__(self, local):
         self.local = local
-        self.request = request
-        self.buf = b""
-        self.open = False
 
     def connectionMade(self):
         nodelay(self.transport)
         self.gate = Gate(self.transport)
         self.local.fwd.active.add(self)
-        self.transport.write(self.request)
+        self.local.remote_ready(self)
 
     def dataReceived(self, data):
-        if self.open:
-            self.local.transport.write(data)
-            return
-        self.buf += data
-        try:
-            answer = connect_answer(self.buf)
-        except AnswerTooLong:
-            self.transport.abortConnection()
-            return
-        if answer is None:
-            return
-        status_line, ok, rest = answer
-        if not ok:
-            self.local.refused(status_line)
-            self.transport.loseConnection()
-            return
-        self.open = True
-        self.local.relay_ready(self)
-        if rest:
-            self.local.transport.write(rest)
+        self.local.transport.write(data)
 
     def connectionLost(self, reason):
         self.local.fwd.active.discard(self)
-        self.local.relay_lost()
+        self.local.remote_lost()
 
 
 class _Local(Protocol):
@@ -82,66 +65,73 @@ class _Local(Protocol):
 
     def __init__(self, forwarder):
         self.fwd = forwarder
-        self.relay = None
-        self.pending = []
+        self.remote = None
 
     def connectionMade(self):
         nodelay(self.transport)
         self.gate = Gate(self.transport)
-        self.transport.pauseProducing()  # until the relay said yes
-        d = self.fwd.relay_endpoint().connect(OneShotFactory(_RelaySide(self, self.fwd.request)))
+        # Nothing is read until the path is chosen: the kernel holds the
+        # application's bytes meanwhile (bounded, with back-pressure).
+        self.transport.pauseProducing()
+        d = self.fwd.endpoint.connect(OneShotFactory(_Remote(self)))
         d.addErrback(self._cannot)
 
     def _cannot(self, failure):
-        self.log.warn("cannot reach the relay: {error}", error=failure.getErrorMessage())
+        self.log.warn("{error}", error=failure.getErrorMessage())
         self.transport.loseConnection()
 
-    def refused(self, status_line):
-        self.log.warn("relay refused: {status}", status=status_line)
-        self.transport.loseConnection()
-
-    def relay_ready(self, relay):
-        self.relay = relay
-        relay.transport.registerProducer(self.gate, True)
-        self.transport.registerProducer(relay.gate, True)
+    def remote_ready(self, remote):
+        self.remote = remote
+        remote.transport.registerProducer(self.gate, True)
+        self.transport.registerProducer(remote.gate, True)
         self.transport.resumeProducing()
 
     def dataReceived(self, data):
-        if self.relay is not None:
-            self.relay.transport.write(data)
+        if self.remote is not None:
+            self.remote.transport.write(data)
 
-    def relay_lost(self):
+    def remote_lost(self):
         close_after_writes(self.transport)
 
     def connectionLost(self, reason):
-        if self.relay is not None:
-            close_after_writes(self.relay.transport)
+        if self.remote is not None and self.remote.transport is not None:
+            close_after_writes(self.remote.transport)
 
 
 class Forwarder(Factory):
     """
-    Listens locally; each connection is carried to C{device}'s C{service}
-    through the relay's terminal port.
+    Listens locally; each connection is carried to C{device}'s C{service},
+    directly over QUIC when C{direct} (a L{p2pnat.peer.direct.Direct})
+    reaches it within the budget, else through the relay's terminal port.
 
     @param tls: client TLS options (relay certificate checked), or None for
         a plain-HTTP terminal port.
+    @param on_path: called as C{on_path(path, target, why)} for each
+        connection (``direct`` or ``relayed``).
     """
 
     noisy = False
+    log = Logger(namespace="p2pnat.cli.forward")
 
     def __init__(self, reactor, relay_host, relay_port, device, service="", credential=None,
-                 tls=None):
+                 tls=None, direct=None, on_path=None):
         self.reactor = reactor
-        #: connections to the relay now open
+        #: connections to the device (either path) now open
         self.active = set()
         self.relay_host = relay_host
         self.relay_port = relay_port
         self.tls = tls
-        self.request = connect_request(device, service, credential)
+        self.endpoint = DirectFirstEndpoint(reactor, self.relay_endpoint(), device, service,
+                                            credential, FORWARD_TIMEOUT, direct=direct,
+                                            on_path=on_path or self._path)
 
     def relay_endpoint(self):
         ep = client_endpoint(self.reactor, self.relay_host, self.relay_port)
         return endpoints.wrapClientTLS(self.tls, ep) if self.tls is not None else ep
+
+    def _path(self, path, target, why):
+        self.log.info("connection to {target}: {path}{why}", target=target, path=path,
+                      why=f" ({why})" if why else "")
 
     def buildProtocol(self, addr):
         return _Local(self)
@@ -153,6 +143,25 @@ def client_tls(hostname, ca_file):
         return relay_tls(hostname, ca_file)
     except ValueError as e:
         raise CommandError(f"--ca: {e}")
+
+
+def direct_of(reactor, args, relay_host):
+    """
+    The direct path's settings (a L{Direct}), or None: C{--no-direct}, or
+    no CA to check the device's certificate with (C{--device-ca}, else
+    C{--ca}).
+    """
+    ca = args.device_ca or args.ca
+    if args.no_direct or not ca:
+        return None
+    try:
+        relay_udp = C.parse_hostport(args.relay_udp or f"{relay_host}:{DEFAULT_UDP_PORT}")
+    except ValueError as e:
+        raise CommandError(f"--relay-udp: {e}")
+    try:
+        return Direct(shared_socket(reactor, ca), relay_udp)
+    except Exception as e:
+        raise CommandError(f"--device-ca: {e}")
 
 
 def run(args):
@@ -175,14 +184,29 @@ def run(args):
     elif os.environ.get("P2PNAT_CREDENTIAL"):
         credential = os.environ["P2PNAT_CREDENTIAL"]
     tls = None if args.plain_http else client_tls(args.relay_hostname or relay_host, args.ca)
-    fwd = Forwarder(reactor, relay_host, relay_port, device, service, credential, tls)
+    direct = direct_of(reactor, args, relay_host)
+    on_path = None
+    if args.json:
+        def on_path(path, target, why):
+            event = {"event": "path", "path": path, "target": target}
+            if why:
+                event["why"] = why
+            print(json.dumps(event), flush=True)
+    fwd = Forwarder(reactor, relay_host, relay_port, device, service, credential, tls,
+                    direct=direct, on_path=on_path)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     try:
         port = reactor.listenTCP(listen_port, fwd, interface=listen_host)
     except Exception as e:
         raise CommandError(f"cannot listen on {args.listen}: {e}")
-    print(f"forwarding {port.getHost().host}:{port.getHost().port} to {args.target} through"
-          f" {args.relay}", flush=True)
+    how = "directly or through" if direct is not None else "through"
+    if args.json:
+        print(json.dumps({"event": "forwarding", "host": port.getHost().host,
+                          "port": port.getHost().port, "target": args.target,
+                          "relay": args.relay, "direct": direct is not None}), flush=True)
+    else:
+        print(f"forwarding {port.getHost().host}:{port.getHost().port} to {args.target} {how}"
+              f" {args.relay}", flush=True)
     reactor.run()
     return 0
 
@@ -206,4 +230,15 @@ def add_parser(subparsers):
     p.add_argument("--credential-file", help="file holding the device's access credential")
     p.add_argument("--plain-http", action="store_true",
                    help="the relay's terminal port is plain HTTP (no TLS)")
+    p.add_argument("--no-direct", action="store_true",
+                   help="always through the relay (by default each connection goes directly"
+                        " to the device over QUIC when it can, the relay as the lobby)")
+    p.add_argument("--relay-udp", help="the relay's UDP port HOST:PORT, for the direct path"
+                                       " (default: the host of --relay, port 7478)")
+    p.add_argument("--device-ca", help="the deployment's CA certificate, which issued the"
+                                       " devices' (default: --ca); without either, no direct"
+                                       " path")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON lines: the listening address, then which path each"
+                        " connection took")
     p.set_defaults(func=run)

@@ -48,7 +48,7 @@ MAX_ANSWER = 16 * 1024
 
 _PEER_KEYS = {"peer", "service", "config", "timeout", "nat", "portmap", "ipv6"}
 _DEVICE_KEYS = {"device", "service", "relay", "relay_hostname", "ca", "credential_file",
-                "plain_http", "timeout"}
+                "plain_http", "timeout", "direct", "relay_udp"}
 _YES = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
 
 
@@ -177,10 +177,45 @@ def _device_endpoint(reactor, kw, timeout):
             tls = relay_tls(kw.get("relay_hostname") or host, kw.get("ca"))
         except ValueError as e:
             raise ValueError(f"p2pnat: ca={kw['ca']}: {e}")
+    direct = _direct(reactor, kw, host)
     relay = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
     if tls is not None:
         relay = endpoints.wrapClientTLS(tls, relay)
-    return DeviceEndpoint(reactor, relay, kw["device"], service, credential, timeout)
+    from p2pnat.peer.direct import DirectFirstEndpoint
+
+    return DirectFirstEndpoint(reactor, relay, kw["device"], service, credential, timeout,
+                               direct=direct, on_path=_log_path)
+
+
+def _direct(reactor, kw, relay_host):
+    """
+    The device form's direct path (L{p2pnat.peer.direct}): on unless
+    C{direct=no}; it needs the deployment's CA (C{ca=}) to check the
+    device's certificate.  C{relay_udp=HOST\\:PORT} is the relay's UDP
+    port (default: the relay's host, port 7478).
+    """
+    from p2pnat.peer import direct as D
+
+    if not _yes("direct", kw.get("direct"), True) or not kw.get("ca"):
+        if "relay_udp" in kw and _yes("direct", kw.get("direct"), True):
+            raise ValueError("p2pnat: relay_udp= needs ca= (the deployment's CA checks the"
+                             " device's certificate on the direct path)")
+        return None
+    udp = kw.get("relay_udp") or f"{relay_host}:{D.DEFAULT_UDP_PORT}"
+    try:
+        relay_udp = C.parse_hostport(udp)
+    except ValueError as e:
+        raise ValueError(f"p2pnat: relay_udp={udp}: {e}")
+    try:
+        socket = D.shared_socket(reactor, kw["ca"])
+    except Exception as e:
+        raise ValueError(f"p2pnat: ca={kw['ca']}: {e}")
+    return D.Direct(socket, relay_udp)
+
+
+def _log_path(path, target, why):
+    Logger(namespace="p2pnat.endpoint").info(
+        "device {target}: {path}{why}", target=target, path=path, why=f" ({why})" if why else "")
 
 
 # -- the relay path to a device --------------------------------------------------------
@@ -209,17 +244,19 @@ def relay_tls(hostname, ca_file=None):
     return optionsForClientTLS(hostname, trustRoot=trust)
 
 
-def connect_request(device, service="", credential=None):
+def connect_request(device, service="", credential=None, extra=()):
     """
     The request that asks the relay's terminal port for a TCP stream to
     C{device}'s C{service} (its main service if empty), with the device's
-    access credential if it has one.
+    access credential if it has one, and the header lines C{extra}
+    (L{p2pnat.peer.direct.request_header}).
     """
     target = f"{device}:{service}" if service else device
     lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
     if credential:
         token = base64.b64encode(b":" + credential.encode()).decode()
         lines.append(f"Proxy-Authorization: Basic {token}")
+    lines.extend(extra)
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 

@@ -401,8 +401,80 @@ class ConnectRequest(Message):
         return cls(bytes(body[:16]), bytes(body[16:32]), port, host)
 
 
+#: Frame flag on a notify A or B: this device takes L{DirectConnectRequest}s.
+#: A relay sends them only to a device whose latest notify had it, so an
+#: agent that predates them never sees a type it would drop.
+DIRECT_CAPABLE = 0x02
+
+#: A direct secret's length, bytes.
+SECRET_LEN = 16
+#: The service header (L{p2pnat.quic.header}) of a direct session's QUIC
+#: stream, which opens with the secret ...
+DIRECT_SERVICE = "p2pnat-direct"
+#: ... and the one byte the device answers once the stream reaches its service.
+DIRECT_ACCEPTED = b"\x00"
+
+
+def mask_secret(key, direct_id, secret):
+    """
+    The direct secret as L{DirectConnectRequest} carries it, or back again
+    (XOR is its own inverse): XORed with HMAC-SHA256(device key,
+    ``"p2pnat direct secret" || direct_id``), so that the secret, which
+    lets a terminal reach the device's service, does not cross the
+    network in clear.  The key stream differs for every (fresh, random)
+    C{direct_id}.
+    """
+    if len(secret) != SECRET_LEN or len(direct_id) != 16:
+        raise WireError("bad-body", "direct secret fields")
+    pad = hmac.new(key, b"p2pnat direct secret" + bytes(direct_id), hashlib.sha256).digest()
+    return bytes(a ^ b for a, b in zip(secret, pad))
+
+
+@dataclass
+class DirectConnectRequest(Message):
+    """
+    Relay to device: a terminal at ``terminal`` (its (host, port) as the
+    relay's STUN answer showed it) wants C{service} directly.  The device
+    punches toward that address from the socket this request arrived on
+    and accepts one QUIC connection whose first stream opens with the
+    direct secret (``secret`` is L{mask_secret}ed with the device's key).
+    ``direct_id`` names the offer (fresh and random; repeats are ignored).
+    Sent only to devices that said they take it (L{DIRECT_CAPABLE}).
+    """
+
+    TYPE = 0x16
+    direct_id: bytes = bytes(16)
+    secret: bytes = bytes(SECRET_LEN)
+    service: str = ""
+    terminal: tuple = ("0.0.0.0", 0)
+
+    def encode_body(self):
+        service = self.service.encode("ascii")
+        if len(self.direct_id) != 16 or len(self.secret) != SECRET_LEN or len(service) > 255:
+            raise WireError("bad-body", "direct connect request fields")
+        return (self.direct_id + self.secret + bytes([len(service)]) + service
+                + pack_addr(*self.terminal))
+
+    @classmethod
+    def decode_body(cls, body):
+        if len(body) < 33:
+            raise WireError("bad-body", "direct connect request truncated")
+        slen = body[32]
+        end = 33 + slen
+        if len(body) < end:
+            raise WireError("bad-body", "direct connect request truncated")
+        raw = bytes(body[33:end])
+        if not raw.isascii() or not all(0x21 <= c < 0x7F for c in raw):
+            raise WireError("bad-body", "service is not printable ASCII")
+        terminal, end = unpack_addr(body, end)
+        expect_end(body, end, "direct connect request")
+        if not terminal[1]:
+            raise WireError("bad-body", "terminal port 0")
+        return cls(bytes(body[:16]), bytes(body[16:32]), raw.decode("ascii"), terminal)
+
+
 MESSAGES = {cls.TYPE: cls for cls in (Ping, Pong, PeriodRequest, Period, NotifyA, NotifyB,
-                                      NotifyAck, ConnectRequest)}
+                                      NotifyAck, ConnectRequest, DirectConnectRequest)}
 
 
 def register(cls):

@@ -7,6 +7,8 @@ tunnels, and sends connect requests from the socket each device's notifies
 arrive at.  The protocols reach it only through L{IRelay}.
 """
 
+import ipaddress
+import os
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -20,10 +22,11 @@ from p2pnat.protocol import wire
 from p2pnat.relay import access
 from p2pnat.relay.credentials import CredentialChecker, CredentialLimits, source_of
 from p2pnat.relay.devices import NEVER_SEEN, STALE, Refusal
+from p2pnat.net.udp import TokenBucket
 from p2pnat.relay.limits import StreamShares, TooManyStreams
 from p2pnat.relay.sessions import SessionTable, TooBusy
 
-__all__ = ["IRelay", "Relay", "Timeouts", "TooBusy", "TunnelRequest", "Unreachable",
+__all__ = ["DirectOffer", "DirectLimits", "IRelay", "Relay", "Timeouts", "TooBusy", "TunnelRequest", "Unreachable",
            "CLUSTER_DOWN", "synchronous"]
 
 #: A device live on another node while this node cannot reach the cluster's shared state.
@@ -71,6 +74,46 @@ class Timeouts:
     session: float = 10.0
     #: an idle tunnel is kept this long for the device's later requests
     idle: float = 60.0
+
+
+@dataclass(frozen=True)
+class DirectOffer:
+    """
+    What the relay tells a terminal that asked for a direct session
+    (L{Relay.direct_offer}): the device's address as the relay sees its
+    notifies (the NAT's mapping) and the single-use secret the device
+    expects as the first bytes of the terminal's QUIC stream.
+    """
+
+    device_addr: tuple
+    secret: bytes
+
+
+@dataclass(frozen=True)
+class DirectLimits:
+    """How often terminals may make the relay send a device direct requests."""
+
+    #: offers per second from one terminal source (bursts of twice that)
+    per_source: float = 2.0
+    #: offers per second to one device (bursts of twice that)
+    per_device: float = 5.0
+    #: seconds after the first copy of a direct request that a second goes out
+    resend_after: float = 0.25
+
+
+def _plain(addr):
+    """C{addr} with an IPv4-mapped IPv6 host written as IPv4 (what the device's NAT shows)."""
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        return (host[len("::ffff:"):], addr[1])
+    return (host, addr[1])
+
+
+def _family(host):
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
 
 
 def synchronous(f, *args):
@@ -129,6 +172,14 @@ class IRelay(Interface):
 
     def request_tunnel(device_id, reuse=True):
         """A L{TunnelRequest} for a tunnel to the device."""
+
+    def direct_offer(device_id, service, terminal_addr, source):
+        """
+        A terminal at C{terminal_addr} (its UDP mapping) asks for a direct
+        session to C{device_id}'s C{service}: a L{DirectOffer} once the
+        device was sent a direct request, else None (the relayed path
+        serves alone).
+        """
 
     def claim(session_id, device_id, nonce):
         """Bind a hello to its session: ``(session, None)`` or ``(None, error code)``."""
@@ -196,7 +247,8 @@ class Relay:
                  run_blocking, timeouts=Timeouts(), tunnel_host="", https_port=443,
                  http_port=0, max_idle_per_device=8, max_sessions=10000,
                  max_sessions_per_device=64, credential_limits=CredentialLimits(),
-                 trusted_proxies=access.NO_PROXIES, max_streams_per_source=0, cluster=None):
+                 trusted_proxies=access.NO_PROXIES, max_streams_per_source=0, cluster=None,
+                 direct_limits=DirectLimits()):
         self.clock = clock
         self.metrics = metrics
         self.devices = devices
@@ -226,6 +278,16 @@ class Relay:
         self.tunnels = {}  # device ID -> set of live tunnels
         self.idle = {}  # device ID -> list of idle tunnels, most recent last
         self.cluster = cluster if cluster is not None else EmbeddedState()
+        # Direct sessions: which devices take direct requests (their latest
+        # notify said so, wire.DIRECT_CAPABLE), and how often terminals may
+        # have them sent.
+        self.direct_capable = set()
+        self.direct_limits = direct_limits
+        self._direct_sources = TokenBucket(clock, direct_limits.per_source,
+                                           max(1.0, 2 * direct_limits.per_source))
+        self._direct_devices = TokenBucket(clock, direct_limits.per_device,
+                                           max(1.0, 2 * direct_limits.per_device))
+        self._direct_calls = set()  # second copies not sent yet
 
     # -- what the terminal side asks -------------------------------------------
 
@@ -434,6 +496,85 @@ class Relay:
                 self.log.warn("cannot send connect request to {device_id} at {addr}: {error}",
                               device_id=d.id, addr=wire.format_addr(addr), error=e)
 
+    # -- direct sessions -------------------------------------------------------------
+
+    def notified(self, device_id, flags):
+        """
+        An authenticated notify A or B of C{device_id} came with frame
+        C{flags}: remember whether the device takes direct requests
+        (L{wire.DIRECT_CAPABLE}); an agent downgraded to an older release
+        stops getting them with its next notify.
+        """
+        if flags & wire.DIRECT_CAPABLE:
+            self.direct_capable.add(device_id)
+        else:
+            self.direct_capable.discard(device_id)
+
+    def direct_offer(self, device_id, service, terminal_addr, source):
+        """
+        Send C{device_id} a L{wire.DirectConnectRequest} for a terminal at
+        C{terminal_addr} (checked by the caller: an IP literal, a port) and
+        C{service}, with a fresh secret, and return the L{DirectOffer} for
+        the terminal; None (nothing sent) when the device does not take
+        direct requests, is not live on this node (a cluster's other node
+        owns its mapping), has no address of the terminal's family, or the
+        terminal's C{source} or the device is over its rate.
+        """
+        d = self.devices.reachable(device_id, self.clock.seconds())
+        if isinstance(d, Refusal) or d.socket is None or d.addr is None \
+                or device_id not in self.direct_capable:
+            return None
+        device_addr = _plain(d.addr)
+        if _family(device_addr[0]) != _family(terminal_addr[0]):
+            return None
+        if not self._direct_sources.allow(source):
+            self._direct_refused("source", device_id, source)
+            return None
+        if not self._direct_devices.allow(device_id):
+            self._direct_refused("device", device_id, source)
+            return None
+        direct_id, secret = os.urandom(16), os.urandom(wire.SECRET_LEN)
+        # The device's socket may be dual-stack: send to the terminal's
+        # address as the device's family knows it (plain IPv4).
+        message = wire.DirectConnectRequest(direct_id, wire.mask_secret(d.mac_key, direct_id,
+                                                                        secret),
+                                            service, terminal_addr)
+        self.count("direct-offer")
+        self.log.debug("direct request for {device_id} from terminal {terminal}, offer {oid}",
+                       device_id=device_id, terminal=wire.format_addr(terminal_addr),
+                       oid=redact(direct_id))
+        self._send_direct(device_id, message)
+        # One more copy a moment later: a lost request costs the direct path.
+        call = self.clock.callLater(self.direct_limits.resend_after, self._resend_direct,
+                                    device_id, message)
+        self._direct_calls.add(call)
+        return DirectOffer(device_addr, secret)
+
+    def _resend_direct(self, device_id, message):
+        self._direct_calls = {c for c in self._direct_calls if c.active()}
+        self._send_direct(device_id, message)
+
+    def _send_direct(self, device_id, message):
+        d = self.devices.get(device_id)
+        if d is None or d.revoked or d.socket is None or d.addr is None:
+            return
+        proto = d.socket
+        data = wire.seal(message, d.id, d.mac_key, proto.stamper())
+        for addr in d.targets():
+            try:
+                proto.send(data, addr, "DirectConnectRequest")
+            except OSError as e:
+                self.log.warn("cannot send direct request to {device_id} at {addr}: {error}",
+                              device_id=d.id, addr=wire.format_addr(addr), error=e)
+
+    def _direct_refused(self, what, device_id, source):
+        self.count(f"direct-limited-{what}")
+        held = self._throttle(("direct-limited", what))
+        if held is not None:
+            self.log.info("direct request for {device_id} from {source} not sent: over the"
+                          " {what} rate ({held} more since the last such line)",
+                          device_id=device_id, source=source, what=what, held=held)
+
     # -- what other nodes of a cluster ask ----------------------------------------
 
     def send_connect(self, device_id, session_id, nonce, host, port):
@@ -501,6 +642,10 @@ class Relay:
 
     def close_all(self):
         """Shutting down: drop every terminal and tunnel connection."""
+        for call in self._direct_calls:
+            if call.active():
+                call.cancel()
+        self._direct_calls = set()
         for t in list(self.terminals):
             t.abort_connection()
         for live in list(self.tunnels.values()):

@@ -108,6 +108,10 @@ class Terminal(MachineProtocol, Protocol):
         p = self.transport.getPeer()
         return wire.format_addr((getattr(p, "host", "?"), getattr(p, "port", "?")))
 
+    def peer_host(self):
+        """The terminal's IP address (its TCP source), or None."""
+        return getattr(self.transport.getPeer(), "host", None)
+
     def stream_to(self, send):
         self._send = send
 

@@ -71,6 +71,48 @@ from p2pnat.relay.sessions import DeviceRevoked, SessionTimeout, TooBusy
 RETRY_AFTER = 5
 
 
+#: The header a terminal adds to CONNECT to ask for a direct session (its UDP
+#: mapping, ``IP:PORT`` or ``[IPv6]:PORT``), and the 200 answer's header
+#: giving the device's mapping and the session's secret (docs/relay.rst).
+DIRECT_HEADER = "p2p-direct"
+
+
+def parse_direct_address(value):
+    """
+    The (host, port) of a P2P-Direct request header: ``IP:PORT`` or
+    ``[IPv6]:PORT``, the IP a literal that can be a host's (not
+    unspecified, multicast or broadcast), the port 1..65535.
+
+    @raise ValueError: saying what is wrong.
+    """
+    import ipaddress
+
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        if ":" in host:
+            raise ValueError("an IPv6 address goes in brackets")
+    if not sep or not port.isdigit() or len(port) > 5:
+        raise ValueError("expected IP:PORT")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError("not an IP address") from None
+    if ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255":
+        raise ValueError("not a host's address")
+    if not 0 < int(port) < 65536:
+        raise ValueError("port out of range")
+    return (str(ip), int(port))
+
+
+def direct_answer_header(offer):
+    """The 200 answer's P2P-Direct header line for a L{p2pnat.relay.core.DirectOffer}."""
+    return (f"P2P-Direct: {wire.format_addr(offer.device_addr)};"
+            f" secret={offer.secret.hex()}\r\n").encode("ascii")
+
+
 def valid_service(name):
     """
     Whether C{name} can be a device's service name: printable ASCII
@@ -182,6 +224,8 @@ class TerminalCore:
         self.streaming_device = None  # the device of the stream a next head came on
         self.parsed = None  # (head bytes, Request): the fast path's parse, for the machine
         self.prechecked = None  # (Request, Deferred): a check the fast path began
+        self.direct_to = None  # the terminal's UDP mapping, if it asked for a direct session
+        self.direct = None  # the relay's DirectOffer for this stream, if any
         # A connection that sends nothing gets the short first-byte timeout;
         # one that does has the head timeout in all, from its start (a slow
         # head cannot hold a descriptor longer).
@@ -222,6 +266,8 @@ class TerminalCore:
             device_id = device_id.lower()  # device IDs are host names: case-insensitive
             if not valid_service(service):
                 return m.reply(400, "Bad request", "That is not a service name.")
+            if not self._direct_asked(m, req):
+                return
             return self._device(m, device_id, service, tcp=True)
         host = req.host
         if host.endswith("." + relay_host):
@@ -238,6 +284,36 @@ class TerminalCore:
                            "Open a device at https://DEVICE." + relay_host + "/ or "
                            "/connect?ID=DEVICE.")
         return m.reply(404, "Not found", "No such page on the relay.")
+
+    def _direct_asked(self, m, req):
+        """
+        Read a CONNECT's P2P-Direct header, if any (C{direct_to}); a
+        malformed one is answered 400 (and False returned).  An address
+        that is not the terminal's own (another IP than its TCP source)
+        is ignored: the relay would make the device send to someone else.
+        """
+        value = req.headers.get(DIRECT_HEADER)
+        if value is None:
+            return True
+        try:
+            addr = parse_direct_address(value)
+        except ValueError as e:
+            m.reply(400, "Bad request", f"P2P-Direct: {e}.")
+            return False
+        own = self.io.peer_host() if hasattr(self.io, "peer_host") else None
+        if own is None or own.removeprefix("::ffff:") != addr[0]:
+            self.log.info("terminal {peer}: P2P-Direct address {addr} is not its own; no"
+                          " direct session", peer=self.io.peer(), addr=wire.format_addr(addr))
+            return True
+        self.direct_to = addr
+        return True
+
+    def offer_direct(self):
+        """Ask the relay for a direct session, if the terminal asked for one."""
+        if self.direct_to is None or self.direct is not None:
+            return
+        self.direct = self.relay.direct_offer(self.device_id, self.service, self.direct_to,
+                                              self.io.source)
 
     def _valid_id(self, m, device_id):
         """Whether C{device_id} can name a device at all; if not, answer 404."""
@@ -695,6 +771,13 @@ def _open(m, c):
     c.cancel_head_timer()
     if c.tcp:
         c.buf = c.buf[c.request.head_size:]
+        # Before the tunnel: the device punches while its tunnel comes up,
+        # and the terminal, told at once (an interim 103 whose hint the 200
+        # repeats), tries QUIC meanwhile.
+        c.offer_direct()
+        if c.direct is not None:
+            c.io.write(b"HTTP/1.1 103 Early Hints\r\n" + direct_answer_header(c.direct)
+                       + b"\r\n")
     c.request_tunnel(m, reuse=True)
 
 
@@ -707,7 +790,8 @@ def _stream(m, c, tunnel, reused):
     tunnel.start_stream(c.io, c.service, reused)
     if c.tcp and not c.answered:
         c.answered = True
-        c.io.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        direct = direct_answer_header(c.direct) if c.direct is not None else b""
+        c.io.write(b"HTTP/1.1 200 Connection established\r\n" + direct + b"\r\n")
     resend, c.resend = c.resend, b""
     pending, c.buf = bytes(c.buf), bytearray()
     if c.tcp:

@@ -1,0 +1,785 @@
+# -*- test-case-name: tests.unit.test_direct,tests.process.test_forward_direct -*-
+"""
+Direct-first connections to a device's service: the terminal's side
+(``p2pnat forward``, the ``p2pnat:`` endpoint's device form).
+
+Each connect (L{DirectFirstEndpoint.connect}):
+
+1. learns the terminal's UDP mapping from a STUN Binding to the relay's
+   UDP port, from the process's one L{DirectSocket}, while the TLS
+   connection to the relay's terminal port comes up (in parallel, so it
+   costs no round trip); the Binding's round trip is the RTT to the
+   relay;
+2. sends ``CONNECT DEVICE[:SERVICE]`` as ever, with ``P2P-Direct:
+   IP:PORT`` (that mapping) when it has one;
+3. on the relay's 200, whose ``P2P-Direct: IP:PORT; secret=HEX`` gives the
+   device's mapping and a single-use secret, opens a QUIC connection to
+   the device from the same socket (its Initial also opens our NAT),
+   checks the device's certificate (the deployment's CA, ``device:ID``),
+   and opens one stream that starts with the secret.  The device answers
+   one byte once the stream reaches its service;
+4. if that byte comes within the budget, L{budget} (max(0.5 s, 4 × the
+   RTT), counted from the 200), the application's protocol is connected
+   to the QUIC stream and the relayed connection is closed; otherwise the
+   relayed connection, held meanwhile (read paused: the device's bytes
+   wait in the kernel), serves as it always did, and the QUIC attempt is
+   dropped.
+
+The application sees no difference but speed: its protocol is connected
+once, to one transport or the other, and nothing it writes is sent before
+the choice (the connect has not fired yet).  C{on_path} tells which path
+each connection took.  Without a direct answer (a relay that predates
+it, a device that does not take direct sessions, no STUN answer) the
+relayed connection serves at once, as before.
+"""
+
+
+import os
+
+from twisted.internet import defer, error, interfaces
+from twisted.internet.protocol import Protocol
+from zope.interface import implementer, providedBy
+
+from p2pnat.daemon.logs import Logger
+from p2pnat.peer import endpoint as E
+from p2pnat.protocol import stun, wire
+from p2pnat.quic import Credentials, QuicSocket
+from p2pnat.quic import connection as _connection
+
+#: The relay's UDP (notify and STUN) port when none is given.
+DEFAULT_UDP_PORT = 7478
+#: The budget's floor, seconds (L{budget}).
+MIN_BUDGET = 0.5
+#: The budget in RTTs to the relay (L{budget}).
+BUDGET_RTTS = 4
+#: Seconds after which the STUN Binding is given up (CONNECT goes without P2P-Direct).
+STUN_TIMEOUT = 1.0
+#: Seconds after the first Binding at which it is sent again.
+STUN_RESENDS = (0.25, 0.5)
+#: QUIC connections the terminal's socket holds at once.
+MAX_CONNECTIONS = 64
+SERVICE = wire.DIRECT_SERVICE
+ACCEPTED = wire.DIRECT_ACCEPTED
+
+
+def budget(rtt):
+    """How long to wait for the direct stream after the 200: max(0.5 s, 4 × C{rtt})."""
+    return max(MIN_BUDGET, BUDGET_RTTS * rtt) if rtt is not None else MIN_BUDGET
+
+
+def request_header(addr):
+    """The CONNECT's header line asking for a direct session from UDP mapping C{addr}."""
+    return f"P2P-Direct: {wire.format_addr(addr)}"
+
+
+def parse_offer(head):
+    """
+    The relay's direct offer in the head of its 200 answer (bytes up to the
+    blank line): ``((host, port), secret)``, or None when there is none or
+    it is malformed (the relayed path serves).
+    """
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or name.strip().lower() != b"p2p-direct":
+            continue
+        try:
+            text = value.decode("ascii")
+            where, _, rest = text.strip().partition(";")
+            key, _, hexed = rest.strip().partition("=")
+            if key.strip() != "secret":
+                return None
+            secret = bytes.fromhex(hexed.strip())
+            host, port = _hostport(where.strip())
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if len(secret) != wire.SECRET_LEN:
+            return None
+        return (host, port), secret
+    return None
+
+
+def _hostport(text):
+    import ipaddress
+
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError("no port")
+    host = str(ipaddress.ip_address(host))
+    port = int(port)
+    if not 0 < port < 65536:
+        raise ValueError("port")
+    return host, port
+
+
+def gather(deferreds):
+    """A Deferred firing (with None) once every one of C{deferreds} has fired."""
+    return defer.DeferredList([d.addErrback(lambda f: None) for d in deferreds]).addCallback(
+        lambda _: None)
+
+
+class History:
+    """
+    Which devices the direct path failed to lately (pure: the clock is
+    given): a connection to such a device skips it, so it does not wait
+    out the budget again.  The skip lasts C{first} seconds after a
+    failure, twice as long after each further one, at most C{longest};
+    a direct success forgets the device.
+    """
+
+    def __init__(self, clock, first=60.0, longest=900.0, limit=4096):
+        self.clock = clock
+        self.first = first
+        self.longest = longest
+        self.limit = limit
+        self._failed = {}  # device -> (skip until, last skip length)
+
+    def skip(self, device):
+        entry = self._failed.get(device)
+        return entry is not None and self.clock.seconds() < entry[0]
+
+    def failed(self, device):
+        last = self._failed.pop(device, (0, 0))[1]
+        length = min(self.longest, 2 * last) if last else self.first
+        if len(self._failed) >= self.limit:
+            del self._failed[next(iter(self._failed))]
+        self._failed[device] = (self.clock.seconds() + length, length)
+
+    def worked(self, device):
+        self._failed.pop(device, None)
+
+
+class _TerminalConnection(_connection.PeerConnection):
+    """
+    The terminal's side of a direct QUIC connection: it checks the
+    device's certificate and presents none (the secret is its proof, and
+    the device's acceptance byte its answer), so it is up as soon as its
+    handshake is complete, not one round trip later at the device's
+    HANDSHAKE_DONE (which a client waits for where the server checks its
+    certificate).
+    """
+
+    @property
+    def handshake_confirmed(self):
+        complete = getattr(self, "_handshake_complete", None)
+        if complete is None:  # an aioquic without it: wait for HANDSHAKE_DONE, as peers do
+            return super().handshake_confirmed
+        return complete and self.peer_identity is not None
+
+
+class _TerminalQuicSocket(QuicSocket):
+    """A L{QuicSocket} whose client connections are L{_TerminalConnection}s."""
+
+    def _connection(self, *, is_client, expected, **kw):
+        config = _connection.make_configuration(
+            self.credentials, is_client=is_client, idle_timeout=self.idle_timeout,
+            stream_window=self.stream_window)
+        config.connection_id_length = 8
+        return _TerminalConnection(
+            configuration=config, credentials=self.credentials, expected=expected,
+            clock=self.clock, stream_window=self.stream_window, **kw)
+
+
+class DirectSocket:
+    """
+    The terminal's UDP socket for direct sessions, one per process: STUN
+    Bindings to the relay (our mapping, the RTT) and the QUIC connections
+    to devices, all from the one port (so the mapping the relay saw is the
+    one the device punches to).  Started on first use; L{stop} closes it.
+
+    @param ca_certs: the deployment's CA certificates: a device's QUIC
+        certificate must chain to one of them.
+    """
+
+    log = Logger(namespace="p2pnat.direct")
+
+    def __init__(self, reactor, ca_certs, interface="0.0.0.0"):
+        self.reactor = reactor
+        self.interface = interface
+        self.quic = _TerminalQuicSocket(reactor, Credentials(None, None, tuple(ca_certs)),
+                               other=self._other, max_connections=MAX_CONNECTIONS)
+        self.port = None
+        self._bindings = {}  # transaction ID -> (Deferred, sent at)
+        #: The devices the direct path failed to lately, and the relays'
+        #: UDP addresses that did not answer STUN (L{History}).
+        self.history = History(reactor)
+        self.users = 0
+
+    def start(self):
+        if self.port is None:
+            self.port = self.reactor.listenUDP(0, self.quic, interface=self.interface)
+        return self.port
+
+    def acquire(self):
+        """A connect attempt uses the socket (opened if need be) until L{release}."""
+        self.users += 1
+        self.start()
+
+    def release(self):
+        """
+        An attempt is done with the socket: closed once no attempt and no
+        QUIC connection uses it (a process that forwards nothing holds no
+        UDP port; the next attempt opens a new one and asks STUN again).
+        """
+        self.users = max(0, self.users - 1)
+        self._maybe_close()
+
+    def _maybe_close(self):
+        if self.users or self.quic.endpoints or self.port is None:
+            return
+        port, self.port = self.port, None
+        port.stopListening()
+
+    def stop(self):
+        """
+        Close every QUIC connection, then the socket: a Deferred that fires
+        once their draining periods are over and the socket is closed.
+        """
+        closing = [e.closed for e in self.quic.endpoints]
+        self.quic.close_all("terminal stopping")
+        for d, _ in list(self._bindings.values()):
+            if not d.called:
+                d.cancel()
+
+        def close(_):
+            port, self.port = self.port, None
+            return port.stopListening() if port is not None else None
+
+        return gather(closing).addCallback(close)
+
+    def mapping(self, relay_udp):
+        """
+        A Deferred firing with C{(mapped (host, port), rtt seconds)} from a
+        STUN Binding to C{relay_udp} (an IP address and port), sent again
+        at L{STUN_RESENDS}; it fails with L{defer.TimeoutError} after
+        L{STUN_TIMEOUT}.
+        """
+        self.start()
+        tid, request = stun.binding_request()
+        sent = [self.reactor.seconds()]
+        calls = []
+
+        def send():
+            if self.port is None:
+                return
+            sent[0] = self.reactor.seconds()  # the RTT of the copy answered, roughly
+            try:
+                self.port.write(request, relay_udp)
+            except (OSError, error.MessageLengthError) as e:
+                self.log.debug("STUN to {addr} not sent: {error}",
+                               addr=wire.format_addr(relay_udp), error=e)
+
+        def done(result):
+            self._bindings.pop(tid, None)
+            for call in calls:
+                if call.active():
+                    call.cancel()
+            return result
+
+        d = defer.Deferred()
+        self._bindings[tid] = (d, sent)
+        send()
+        calls.extend(self.reactor.callLater(t, send) for t in STUN_RESENDS)
+        d.addTimeout(STUN_TIMEOUT, self.reactor)
+        return d.addBoth(done)
+
+    def _other(self, data, addr):
+        if not data or not stun.is_stun(data[0]) or len(data) < 20:
+            return  # a device's punch, or noise
+        tid = bytes(data[8:20])
+        entry = self._bindings.get(tid)
+        if entry is None:
+            return
+        try:
+            result = stun.parse_binding_response(data, tid)
+        except stun.StunError:
+            return
+        d, sent = entry
+        if not d.called:
+            d.callback((result.mapped, self.reactor.seconds() - sent[0]))
+
+    def connect(self, addr, device_id, timeout):
+        """QUIC to the device C{device_id} at C{addr}: a Deferred of the L{QuicEndpoint}."""
+        self.start()
+        before = self.quic.endpoints
+        d = self.quic.connect(addr, f"device:{device_id}", handshake_timeout=timeout)
+        for endpoint in self.quic.endpoints - before:
+            endpoint.closed.addBoth(lambda _: self._maybe_close())
+        return d
+
+
+class Direct:
+    """
+    How an endpoint goes direct: the process's L{DirectSocket} and the
+    relay's UDP address (an IP literal and a port, or a host name the
+    reactor resolves).
+    """
+
+    def __init__(self, socket, relay_udp):
+        self.socket = socket
+        self.relay_udp = relay_udp
+
+    def mapping(self, reactor):
+        host, port = self.relay_udp
+        d = defer.maybeDeferred(reactor.resolve, host) if not _is_ip(host) \
+            else defer.succeed(host)
+        return d.addCallback(lambda ip: self.socket.mapping((ip, port)))
+
+
+def _is_ip(host):
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class _Probe(Protocol):
+    """
+    The direct stream: sends the secret, waits for the device's
+    acceptance byte, then passes everything to the application's protocol
+    (L{bind}) as its transport's protocol would.
+    """
+
+    def __init__(self, attempt, secret):
+        self.attempt = attempt
+        self.secret = secret
+        self.accepted = False
+        self.app = None
+        self.early = b""
+
+    def connectionMade(self):
+        self.transport.write(self.secret)
+
+    def dataReceived(self, data):
+        if self.app is not None:
+            return self.app.dataReceived(data)
+        if not self.accepted:
+            if data[:1] != ACCEPTED:
+                self.transport.abortConnection()
+                return
+            self.accepted = True
+            data = data[1:]
+            self.attempt.direct_ready(self)
+            if self.app is not None:
+                if data:
+                    self.app.dataReceived(data)
+                return
+        self.early += data
+
+    def bind(self, app):
+        self.app = app
+        app.makeConnection(self.transport)
+        early, self.early = self.early, b""
+        if early:
+            app.dataReceived(early)
+
+    def readConnectionLost(self):
+        if self.app is not None and interfaces.IHalfCloseableProtocol in providedBy(self.app):
+            self.app.readConnectionLost()
+        elif self.app is not None:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        if self.app is not None and interfaces.IHalfCloseableProtocol in providedBy(self.app):
+            self.app.writeConnectionLost()
+
+    def connectionLost(self, reason):
+        endpoint = self.transport.endpoint if self.transport is not None else None
+        if self.app is not None:
+            self.app.connectionLost(reason)
+        else:
+            self.attempt.direct_failed(reason.getErrorMessage())
+        if endpoint is not None:
+            endpoint.close("stream done")  # one connection per stream
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class _Handshake(E._RelayHandshake):
+    """
+    The relayed connection of one direct-first attempt: L{E._RelayHandshake}
+    that waits for our mapping before its CONNECT, and hands the 200 to
+    the attempt, which picks the path.
+    """
+
+    def __init__(self, attempt):
+        super().__init__(attempt.factory, b"", attempt.result, attempt.target)
+        self.attempt = attempt
+        self.held = b""
+        self.choosing = False
+
+    def connectionMade(self):
+        from p2pnat.net.streams import nodelay
+
+        nodelay(self.transport)
+        self.attempt.relay_connected(self)
+
+    def send_request(self, request):
+        if self.transport is not None and not self.transport.disconnecting:
+            self.transport.write(request)
+
+    def dataReceived(self, data):
+        if self.app is not None:
+            return self.app.dataReceived(data)
+        if self.choosing:
+            self.held += data
+            return
+        if self.result.called and not self.attempt.chosen == "direct":
+            return
+        self.buf += data
+        while True:
+            try:
+                answer = E.connect_answer(self.buf)
+            except E.AnswerTooLong as e:
+                return self._fail(str(e))
+            if answer is None:
+                return
+            line, ok, rest = answer
+            head = self.buf[:len(self.buf) - len(rest)]
+            self.buf = rest
+            code = line.split(" ", 2)[1:2]
+            if code and len(code[0]) == 3 and code[0].startswith("1"):
+                # Interim (103 Early Hints with the direct offer): the final one follows.
+                self.attempt.early(parse_offer(head))
+                continue
+            break
+        self.buf = b""
+        if self.attempt.chosen == "direct":
+            # The direct path serves already; this stream is not needed.
+            self.app = _Discard()
+            self.transport.loseConnection()
+            return
+        if not ok:
+            self.attempt.relay_refused()
+            return self._fail(f"the relay refused: {line}")
+        self.held = rest
+        self.choosing = True
+        self.attempt.answered(self, parse_offer(head))
+
+    def use(self):
+        """The relayed path is chosen: connect the application here."""
+        self.choosing = False
+        if self.transport is None or self.result.called:
+            return
+        self.app = self.factory.buildProtocol(self.transport.getPeer())
+        if self.app is None:
+            self.transport.loseConnection()
+            return self.result.errback(error.ConnectingCancelledError(self.transport.getPeer()))
+        self.app.makeConnection(self.transport)
+        self.transport.resumeProducing()
+        self.result.callback(self.app)
+        held, self.held = self.held, b""
+        if held and self.app is not None:
+            self.app.dataReceived(held)
+
+    def connectionLost(self, reason):
+        if self.choosing:
+            self.choosing = False
+            self.attempt.relay_lost()
+            return
+        super().connectionLost(reason)
+
+
+class _Attempt:
+    """One direct-first connect (see the module)."""
+
+    log = Logger(namespace="p2pnat.direct")
+
+    def __init__(self, endpoint, factory, result):
+        self.ep = endpoint
+        self.clock = endpoint.clock
+        self.factory = factory
+        self.result = result
+        self.target = f"device {endpoint.target}"
+        self.relay = None
+        self.mapped = None
+        self.rtt = None
+        self.direct = endpoint.direct
+        if self.direct is not None:
+            history = self.direct.socket.history
+            if history.skip(endpoint.device) or history.skip(("stun", self.direct.relay_udp)):
+                self.direct = None  # it failed lately: the relayed path at once
+        self.mapping_done = self.direct is None
+        self.started = self.clock.seconds()
+        self.stun_wait = None
+        self.mapping = None  # the STUN Binding's Deferred
+        self.offer = None
+        self.probe = None
+        self.quic = None
+        self.timer = None
+        self.chosen = None
+        self.final = False  # the relay's final answer (200) came
+        self.failed = None  # why the direct attempt failed before it
+
+    def start(self):
+        if self.direct is not None:
+            socket = self.direct.socket
+            socket.acquire()
+            self.result.addBoth(self._done, socket)
+            d = self.mapping = self.direct.mapping(self.clock)
+            d.addCallbacks(self._mapped, self._unmapped)
+        return self.ep.relay.connect(E._Once(_Handshake(self)))
+
+    def _done(self, result, socket):
+        """The connect fired (or failed): no timer of ours outlives it."""
+        self._stop_stun()
+        if self.chosen is None:
+            self.chosen = "failed"
+            self._cancel_timer()
+            self._drop_direct()
+        socket.release()
+        return result
+
+    def _stop_stun(self):
+        if self.stun_wait is not None and self.stun_wait.active():
+            self.stun_wait.cancel()
+        if self.mapping is not None:
+            # Also once "called": it may wait on the Binding's own Deferred,
+            # which cancel() then reaches.
+            self.mapping.cancel()
+
+    def _mapped(self, found):
+        if self.mapping_done:
+            return  # given up waiting (relay_connected)
+        self.direct.socket.history.worked(("stun", self.direct.relay_udp))
+        self.mapped, self.rtt = found
+        self.mapping_done = True
+        self._maybe_request()
+
+    def _unmapped(self, failure=None):
+        if self.mapping_done:
+            return
+        why = "no STUN answer" if failure is None else failure.getErrorMessage()
+        self.log.info("{target}: no UDP mapping from the relay's {udp} ({why}); relayed",
+                      target=self.target, udp=wire.format_addr(self.direct.relay_udp),
+                      why=why or "no STUN answer")
+        # Asked again only after a while (History): each wait costs a round trip.
+        self.direct.socket.history.failed(("stun", self.direct.relay_udp))
+        self.mapping_done = True
+        self._stop_stun()
+        self._maybe_request()
+
+    def relay_connected(self, handshake):
+        self.relay = handshake
+        if not self.mapping_done:
+            # The STUN answer normally comes well before the TLS handshake is
+            # over (one round trip against two): wait about one more.
+            grace = min(STUN_TIMEOUT, max(0.05, (self.clock.seconds() - self.started) / 2))
+            self.stun_wait = self.clock.callLater(grace, self._unmapped)
+        self._maybe_request()
+
+    def _maybe_request(self):
+        if self.relay is None or not self.mapping_done or self.result.called:
+            return
+        self._stop_stun()
+        extra = [request_header(self.mapped)] if self.mapped is not None else []
+        self.relay.send_request(E.connect_request(self.ep.device, self.ep.service,
+                                                  self.ep.credential, extra))
+
+    def early(self, offer):
+        """The relay's interim answer (103) offers a direct session: start QUIC now."""
+        if offer is not None and self.offer is None and self.mapped is not None:
+            self._start_direct(offer)
+
+    def _start_direct(self, offer):
+        self.offer = offer
+        wait = budget(self.rtt)
+        d = self.direct.socket.connect(offer[0], self.ep.device, max(wait, 1.0) * 4)
+        d.addCallbacks(self._quic_up, lambda f: self.direct_failed(
+            f"QUIC: {f.getErrorMessage()}"))
+
+    def answered(self, handshake, offer):
+        """The relay said 200, with C{offer} (the device's mapping and the secret) or None."""
+        self.final = True
+        if self.offer is None and offer is not None and self.mapped is not None:
+            self._start_direct(offer)
+        if self.offer is None:
+            lately = self.direct is None and self.ep.direct is not None
+            return self._choose("relayed", "the direct path failed lately" if lately
+                                else "no direct offer")
+        if self.failed is not None:
+            return self._choose("relayed", self.failed)
+        handshake.transport.pauseProducing()  # the device's bytes wait until we choose
+        wait = budget(self.rtt)
+        self.timer = self.clock.callLater(wait, self._choose, "relayed",
+                                          f"no direct stream within {wait:.2f}s")
+
+    def relay_refused(self):
+        """The relay's final answer is a refusal: the direct attempt goes with it."""
+        self.chosen = "failed"
+        self._drop_direct()
+
+    def _quic_up(self, endpoint):
+        if self.chosen is not None:
+            endpoint.close("not needed")
+            return
+        self.quic = endpoint
+        self.probe = _Probe(self, self.offer[1])
+        try:
+            endpoint.open_stream(SERVICE, self.probe)
+        except ConnectionError as e:
+            self.direct_failed(str(e))
+
+    def direct_ready(self, probe):
+        if self.chosen is not None:
+            probe.transport.abortConnection()
+            return
+        self._choose("direct", "")
+
+    def direct_failed(self, why):
+        if self.chosen is not None:
+            return
+        if self.final:
+            self._choose("relayed", why)
+        else:
+            self.failed = why  # the relayed path serves once the relay said 200
+
+    def relay_lost(self):
+        """The relay closed while we chose: only the direct path may still serve."""
+        if self.chosen is None and self.probe is not None and self.probe.accepted:
+            return self._choose("direct", "")
+        self.chosen = "failed"
+        self._cancel_timer()
+        self._drop_direct()
+        if not self.result.called:
+            self.result.errback(E.EndpointConnectError(
+                f"{self.target}: the relay closed the connection"))
+
+    def _cancel_timer(self):
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _drop_direct(self):
+        if self.probe is not None and self.probe.transport is not None:
+            self.probe.transport.abortConnection()
+        elif self.quic is not None:
+            self.quic.close("relayed instead")
+
+    def _choose(self, path, why):
+        if self.chosen is not None:
+            return
+        self.chosen = path
+        self._cancel_timer()
+        if self.result.called:  # given up meanwhile (timeout, cancel)
+            self._drop_direct()
+            return
+        if path == "direct":
+            transport = self.probe.transport
+            app = self.factory.buildProtocol(transport.getPeer())
+            if app is None:
+                transport.loseConnection()
+                self.result.errback(error.ConnectingCancelledError(transport.getPeer()))
+                return
+            # The relayed stream is not needed: closing it ends it at the device
+            # too.  Before the relay's 200, it is closed when that comes (so the
+            # device's tunnel, on its way, ends as a stream, not as a refusal).
+            if self.final:
+                self.relay.choosing = False
+                self.relay.app = _Discard()
+                self.relay.transport.loseConnection()
+            self.probe.bind(app)
+            self.result.callback(app)
+        else:
+            self._drop_direct()
+            self.relay.use()
+        if self.offer is not None:
+            history = self.direct.socket.history
+            history.worked(self.ep.device) if path == "direct" else history.failed(self.ep.device)
+        self.ep.on_path(path, self.ep.target, why)
+
+
+class _Discard(Protocol):
+    """Takes what the relayed connection still brings after the direct path won."""
+
+    def dataReceived(self, data):
+        pass
+
+
+@implementer(interfaces.IStreamClientEndpoint)
+class DirectFirstEndpoint(E.DeviceEndpoint):
+    """
+    A device's TCP service, direct when the device can be reached over
+    QUIC, else through the relay (see the module); the same contract as
+    L{p2pnat.peer.endpoint.DeviceEndpoint}, whose relayed path it keeps.
+
+    @param direct: a L{Direct}, or None for the relayed path only.
+    @param on_path: called as C{on_path(path, target, why)} for each
+        connection, C{path} ``"direct"`` or ``"relayed"`` (C{why} says why
+        not direct).
+    """
+
+    def __init__(self, reactor, relay, device, service="", credential=None,
+                 timeout=E.DEFAULT_TIMEOUT, direct=None, on_path=None):
+        super().__init__(reactor, relay, device, service, credential, timeout)
+        self.credential = credential
+        self.direct = direct
+        self.target = f"{device}:{service}" if service else device
+        self.on_path = on_path or (lambda path, target, why: None)
+
+    def __repr__(self):
+        return f"<DirectFirstEndpoint {self.target}>"
+
+    def connect(self, factory):
+        attempt = None
+
+        def cancel(result):
+            if attempt.relay is not None and attempt.relay.transport is not None:
+                attempt.relay.transport.abortConnection()
+            else:
+                connecting.cancel()
+            attempt._drop_direct()
+
+        result = defer.Deferred(cancel)
+        attempt = _Attempt(self, factory, result)
+        connecting = attempt.start()
+
+        def cannot(failure):
+            if not result.called and not failure.check(defer.CancelledError):
+                result.errback(E.EndpointConnectError(
+                    f"device {self.target}: cannot reach the relay: {failure.getErrorMessage()}"))
+
+        connecting.addErrback(cannot)
+
+        def expired(failure):
+            failure.trap(defer.TimeoutError)
+            raise E.EndpointConnectError(f"device {self.target}: no answer within"
+                                         f" {self.timeout:g}s")
+
+        return result.addTimeout(self.timeout, self.clock).addErrback(expired)
+
+
+#: (reactor, CA file) -> its L{DirectSocket}.
+_SOCKETS = {}
+
+
+def shared_socket(reactor, ca_file):
+    """
+    The process's L{DirectSocket} for devices of the CA in PEM file
+    C{ca_file}, made on first use and closed at reactor shutdown.
+
+    @raise p2pnat.deployment.pki.PKIError: the file is no certificate.
+    """
+    from p2pnat.deployment import pki
+
+    key = (id(reactor), os.path.abspath(ca_file))
+    found = _SOCKETS.get(key)
+    if found is None or found.reactor is not reactor:
+        found = _SOCKETS[key] = DirectSocket(reactor, (pki.load_cert(ca_file),))
+
+        def stop():
+            if _SOCKETS.get(key) is found:
+                del _SOCKETS[key]
+            return found.stop()
+
+        reactor.addSystemEventTrigger("before", "shutdown", stop)
+    return found
+
+
+__all__ = ["DEFAULT_UDP_PORT", "Direct", "DirectFirstEndpoint", "DirectSocket", "budget",
+           "parse_offer", "request_header", "shared_socket"]

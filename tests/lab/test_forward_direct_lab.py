@@ -1,0 +1,128 @@
+"""
+``p2pnat forward`` across the kernel's real NATs: direct where physics
+allows, relayed otherwise, the transfer intact either way.
+
+One lab: the relay on the internet segment; devices behind a cone NAT,
+a symmetric NAT with sequential ports, one with random ports, and a
+double NAT (a cone home router behind a sequential carrier-grade NAT),
+each running ``python -m http.server`` and the device agent; two
+terminals, one on the internet segment and one behind its own cone NAT.
+Each terminal runs ``p2pnat forward DEVICE --json`` to each device and
+fetches a 1 MB file through it with ``curl``, checked by SHA-256, and the
+forward's JSON event says which path the connection took:
+
+- a device behind the cone NAT: ``direct``.  The agent punched from its
+  notify socket toward the terminal's STUN mapping, so its NAT lets the
+  terminal's QUIC Initial in through the very mapping the relay knows;
+- behind a symmetric NAT (sequential, random, or the double NAT's outer
+  one): ``relayed``.  Its punch leaves from another public port than the
+  relay's mapping, which takes packets from the relay only: the QUIC
+  attempt finds nothing within the budget, and the relayed connection,
+  held meanwhile, serves.
+
+The relay runs with its notify handler telling its core each notify's
+flags (L{tests.process.test_forward_direct.tell_flags}).
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+from tests.support import procs
+from tests.support.lab import relay as F
+from tests.support.lab.cases import LabTestCase, measured
+from tests.support.lab.running import wait_for_log
+
+SIZE = 1024 * 1024
+#: device: (router kind, the path expected from either terminal)
+KINDS = {
+    "cone": ("cone", "direct"),
+    "seq": ("symmetric-sequential", "relayed"),
+    "rand": ("symmetric-random", "relayed"),
+    "double": ("double", "relayed"),
+}
+
+#: Runs twistd with the relay's notify handler telling its core the notifies' flags.
+RELAY_LAUNCHER = ("from p2pnat.relay import tap\n"
+          "init = tap.RelayService.__init__\n"
+          "def __init__(self, *a, **kw):\n"
+          "    init(self, *a, **kw)\n"
+          "    from tests.process.test_forward_direct import tell_flags\n"
+          "    tell_flags(self)\n"
+          "tap.RelayService.__init__ = __init__\n"
+          "from twisted.scripts.twistd import run\n"
+          "run()\n")
+
+
+class DirectRelayLab(F.RelayLab):
+    """A L{F.RelayLab} whose relay tells its core the notifies' flags (L{RELAY_LAUNCHER})."""
+
+    def relay_argv(self):
+        argv = super().relay_argv()
+        return [sys.executable, "-c", RELAY_LAUNCHER, *argv[3:]]
+
+
+class ForwardDirectLabTests(LabTestCase):
+    tools = ("curl",)
+
+    @classmethod
+    def make_env(cls, workdir):
+        docroot = os.path.join(workdir, "www")
+        F.make_docroot(docroot)
+        data = os.urandom(SIZE)
+        with open(os.path.join(docroot, "mb.bin"), "wb") as f:
+            f.write(data)
+        cls.sha256 = hashlib.sha256(data).hexdigest()
+        return DirectRelayLab(workdir, docroot)
+
+    @classmethod
+    def build(cls, rl):
+        lab = rl.lab
+        cls.terminals = {"public": lab.add_host("tpub"),
+                         "cone": lab.add_host("tcone", behind=lab.add_router("tnat"))}
+        hosts = {name: lab.add_host(f"d{name}", behind=lab.add_router(f"r{name}", kind=kind))
+                 for name, (kind, _) in KINDS.items()}
+        rl.start_relay()
+        for host in hosts.values():
+            rl.start_web(host)
+        rl.start_agents([rl.add_device(name, host, start=False) for name, host in hosts.items()])
+
+    def forward(self, terminal, device, port):
+        rl = self.env
+        proc = terminal.popen(procs.p2pnat(
+            "forward", device, "--relay", f"{rl.relay_ip}:{F.HTTPS_PORT}", "--relay-hostname",
+            F.RELAY_HOSTNAME, "--ca", rl.ca, "--listen", f"127.0.0.1:{port}", "--json"),
+            cwd=procs.REPO, env=procs.env())
+        self.addCleanup(proc.stop)
+        wait_for_log(proc, '"event": "forwarding"', timeout=20)
+        return proc
+
+    def through(self, terminal_name):
+        """Every device from one terminal: 1 MB each, the path as expected."""
+        terminal = self.terminals[terminal_name]
+        seen = {}
+        for i, (device, (_, expected)) in enumerate(KINDS.items()):
+            port = 2300 + i
+            fwd = self.forward(terminal, device, port)
+            out = os.path.join(self.env.workdir, f"{terminal_name}-{device}.bin")
+            done = terminal.run(["curl", "-sS", "--max-time", "30", "-o", out, "-w",
+                                 "%{http_code} %{time_starttransfer}",
+                                 f"http://127.0.0.1:{port}/mb.bin"], timeout=45)
+            code, first = (done.stdout.split() + ["", ""])[:2]
+            self.assertEqual((done.returncode, code), (0, "200"),
+                             f"{device}: {done.stderr} {fwd.stderr()[-2000:]}")
+            self.assertEqual(F.sha256_file(out), self.sha256, device)
+            os.unlink(out)
+            paths = [json.loads(line) for line in fwd.stdout().splitlines()
+                     if '"event": "path"' in line]
+            self.assertEqual([p["path"] for p in paths], [expected],
+                             f"{terminal_name} to {device}: {paths}")
+            seen[device] = f"{paths[0]['path']} {float(first):.3f}s"
+        measured(", ".join(f"{d} {s}" for d, s in seen.items()))
+
+    def test_from_the_internet(self):
+        self.through("public")
+
+    def test_from_behind_a_cone_nat(self):
+        self.through("cone")
