@@ -84,10 +84,12 @@ MAX_PACKET = 15 * FRAGMENT_DATA
 #: QUIC connections one path's socket holds (a reconnect may overlap the
 #: connection it replaces until that one times out).
 MAX_CONNECTIONS = 4
-#: QUIC's keepalive and silence timeout on a path (seconds): a direct
-#: route that falls silent this long (a NAT rebound to a port the peer's
-#: NAT filters) is recovered over the relay well before QUIC's idle
-#: timeout would end the connection.
+#: QUIC's keepalive and silence timeout on a path (seconds), while the
+#: application sends: a direct route that falls silent this long (a NAT
+#: rebound to a port the peer's NAT filters) is recovered over the relay
+#: well before QUIC's idle timeout would end the connection.  An idle
+#: connection PINGs once per path keepalive interval, and its path's
+#: liveness (L{p2pnat.peer.health}) watches it.
 KEEPALIVE_INTERVAL = 2.0
 SILENCE_TIMEOUT = 6.0
 #: QUIC's idle timeout on a path (seconds): longer than the path's own
@@ -390,6 +392,9 @@ class PathStreams:
         options.setdefault("keepalive_interval", KEEPALIVE_INTERVAL)
         options.setdefault("silence_timeout", SILENCE_TIMEOUT)
         options.setdefault("idle_timeout", IDLE_TIMEOUT)
+        # Fast PINGs only while the application sends; idle, one per path
+        # keepalive interval (which the path learns from its NATs).
+        options.setdefault("idle_ping", lambda: path.keepalive_interval)
         self.socket = QuicSocket(path.clock, credentials, **options)
         self.socket.makeConnection(_PathTransport(self))
         self.drop_log = DropLog(self.log, path.clock)

@@ -28,7 +28,12 @@ its timer on the injected clock, and turns its events into:
 - liveness: a PING every C{keepalive_interval}; C{on_silent} when no
   authenticated packet (a PING's ACK, stream data, a datagram) arrived
   for C{silence_timeout} seconds, C{on_alive} when one does again; the
-  connection itself ends after C{idle_timeout} seconds of silence;
+  connection itself ends after C{idle_timeout} seconds of silence.  With
+  C{idle_ping} (a path's keepalive interval, which the path learns from
+  its NATs) the fast PINGs run only while the application sends, and
+  silence is declared only then: an idle connection PINGs every
+  C{idle_ping()} seconds, enough to outlive C{idle_timeout} and keep the
+  NATs' mappings, and the path's own liveness watches it;
 - C{closed}, a Deferred that fires with a L{ConnectionClosed} once the
   connection is over, for whatever reason.
 
@@ -118,7 +123,7 @@ class QuicEndpoint:
 
     def __init__(self, socket, conn, addr, *, clock, services=None,
                  keepalive_interval=KEEPALIVE_INTERVAL, silence_timeout=SILENCE_TIMEOUT,
-                 handshake_timeout=HANDSHAKE_TIMEOUT):
+                 handshake_timeout=HANDSHAKE_TIMEOUT, idle_ping=None):
         if not 0 < keepalive_interval < silence_timeout:
             raise ValueError("keepalive_interval must be positive and below silence_timeout")
         self.socket = socket
@@ -149,6 +154,11 @@ class QuicEndpoint:
         self._ping_ids = itertools.count(1)
         self._ping_call = None
         self._silence_call = None
+        #: With C{idle_ping}: when the application last sent, and when an
+        #: authenticated packet last arrived (L{_fell_silent}).
+        self.idle_ping = idle_ping
+        self._app_sent = None
+        self._heard = clock.seconds()
         self._handshake_call = clock.callLater(handshake_timeout, self._handshake_timeout)
 
     # -- for applications ------------------------------------------------------------
@@ -202,6 +212,7 @@ class QuicEndpoint:
         if not self.connection.send_datagram_frame(bytes(payload)):
             self.datagrams_dropped += 1
             return
+        self.app_sent()
         self.schedule_transmit()
 
     def close(self, reason="closed"):
@@ -422,7 +433,30 @@ class QuicEndpoint:
 
     # -- liveness ------------------------------------------------------------------------
 
+    def app_sent(self):
+        """
+        The application sent (stream data, a datagram): with C{idle_ping},
+        PING at the fast cadence again and watch for silence.
+        """
+        if self.idle_ping is None or self._ended or not self._up:
+            return
+        self._app_sent = self.clock.seconds()
+        if self._ping_call is not None and self._ping_call.active():
+            left = self._ping_call.getTime() - self._app_sent
+            if left > self.keepalive_interval:
+                self._ping_call.reset(self.keepalive_interval)
+        if self._silence_call is None:
+            self._silence_call = self.clock.callLater(self.silence_timeout, self._fell_silent)
+
+    def _idle(self):
+        """Whether PINGs go at the idle cadence now (see the module)."""
+        if self.idle_ping is None:
+            return False
+        return (self._app_sent is None
+                or self.clock.seconds() - self._app_sent >= self.silence_timeout)
+
     def _alive(self):
+        self._heard = self.clock.seconds()
         if self._silence_call is not None and self._silence_call.active():
             self._silence_call.reset(self.silence_timeout)
         elif not self._ended:
@@ -436,6 +470,13 @@ class QuicEndpoint:
         self._silence_call = None
         if self._ended or self.silent:
             return
+        if self.idle_ping is not None and (
+                self._app_sent is None
+                or self._app_sent <= self._heard - self.silence_timeout):
+            # The application sent nothing for a silence timeout before we
+            # last heard the peer: an idle connection, whose path's own
+            # keepalives watch it.
+            return
         self.silent = True
         self.log.info("QUIC path to {peer} silent for {secs}s", peer=str(self.peer),
                       secs=self.silence_timeout)
@@ -445,11 +486,14 @@ class QuicEndpoint:
         self._ping_call = None
         if self._ended:
             return
+        interval = self.keepalive_interval
+        if self._idle():
+            interval = max(interval, self.idle_ping())
         try:
             self.connection.send_ping(next(self._ping_ids))
             self.schedule_transmit()
         finally:
-            self._ping_call = self.clock.callLater(self.keepalive_interval, self._keepalive)
+            self._ping_call = self.clock.callLater(interval, self._keepalive)
 
     # -- streams ---------------------------------------------------------------------------
 

@@ -121,6 +121,7 @@ class StreamTransport:
         if not data:
             return
         self._conn.send_stream_data(self.stream_id, data)
+        self.endpoint.app_sent()
         self.endpoint.schedule_transmit()
         self._check_backlog()
 

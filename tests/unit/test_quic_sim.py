@@ -131,6 +131,51 @@ class LivenessTests(SimTestCase):
         self.assertIsInstance(self.successResultOf(sink.sinks[0].done)[2], error.ConnectionLost)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_idle_pings_at_the_path_cadence(self):
+        """
+        With C{idle_ping} (a path's keepalive interval), an idle connection
+        PINGs once per that interval, not once per keepalive_interval, and
+        still outlives idle_timeout; sending goes back to the fast cadence.
+        """
+        options = dict(OPTIONS, idle_ping=lambda: 4.0)
+        pair = self.pair(a_options=options, b_options=options)
+        alice = self.connect(pair)
+        sent = []
+        self.net.lose = lambda src, dst, data: sent.append(self.clock.seconds()) and False
+        self.run_for(40, step=0.01)
+        # Each side: a PING every 4 s and the peer's ACK of it.
+        self.assertLessEqual(len(sent), 2 * 2 * (40 / 4 + 1))
+        self.assertNoResult(alice.closed)
+        del sent[:]
+        alice.send_datagram(b"x")
+        self.run_for(2.5, step=0.01)
+        # Active again: alice PINGs every keepalive_interval (and is ACKed).
+        self.assertGreaterEqual(len(sent), 4)
+        self.close(pair)
+
+    def test_idle_cut_is_silent_only_once_the_application_sends(self):
+        """
+        With C{idle_ping}, a path cut while idle is not reported silent (the
+        path's own keepalives watch an idle path); once the application
+        sends, it is, within silence_timeout.
+        """
+        options = dict(OPTIONS, idle_ping=lambda: 4.0)
+        pair = self.pair(a_options=options, b_options=options)
+        alice = self.connect(pair)
+        self.run_for(8, step=0.01)
+        self.net.lose = lambda src, dst, data: True
+        # Longer than silence_timeout; the sending below ends before
+        # idle_timeout ends the connection.
+        self.run_for(5, step=0.01)
+        self.assertFalse(alice.silent)
+        sent = self.clock.seconds()
+        silent = []
+        alice.on_silent = lambda: silent.append(self.clock.seconds())
+        alice.send_datagram(b"into the void")
+        self.run_for(OPTIONS["silence_timeout"] + 0.5, step=0.01)
+        self.assertEqual(len(silent), 1)
+        self.assertLessEqual(silent[0] - sent, OPTIONS["silence_timeout"] + 0.01)
+
     def test_handshake_timeout(self):
         """A peer that never answers fails the connect after the handshake timeout."""
         pair = self.pair()
