@@ -36,7 +36,6 @@ import sys
 
 import _support as S  # noqa: E402
 
-from tests.lab.test_forward_direct_lab import DirectRelayLab  # noqa: E402
 from tests.support.lab import relay as F  # noqa: E402
 
 DELAYLINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "delayline.py")
@@ -95,7 +94,7 @@ def run(args):
     rl = None
     try:
         os.makedirs(os.path.join(work, "www"))
-        rl = DirectRelayLab(work, os.path.join(work, "www"))
+        rl = F.RelayLab(work, os.path.join(work, "www"))
         lab = rl.lab
         hosts = {"cone": lab.add_host("dcone", behind=lab.add_router("rcone", kind="cone")),
                  "rand": lab.add_host("drand", behind=lab.add_router(

@@ -34,7 +34,8 @@ class NotifyHandler:
 
     log = Logger(namespace="p2pnat.relay.notify")
 
-    def __init__(self, table, clock, metrics, notify_b_max=25, on_moved=None, on_live=None):
+    def __init__(self, table, clock, metrics, notify_b_max=25, on_moved=None, on_live=None,
+                 on_flags=None):
         self.table = table
         self.clock = clock
         self.metrics = metrics
@@ -42,6 +43,7 @@ class NotifyHandler:
         self.on_moved = on_moved or (lambda device_id: None)
         self._throttle = Throttle(clock)
         self.on_live = on_live or (lambda state, kind, now: None)
+        self.on_flags = on_flags or (lambda device_id, flags: None)
 
     def key_for(self, key_id, mtype):
         if mtype not in _DEVICE_TYPES:
@@ -54,6 +56,7 @@ class NotifyHandler:
         if isinstance(message, (wire.NotifyA, wire.NotifyB)):
             d = self.table.get(device_id)
             d.stamp, d.disputed = frame.timestamp, False
+            self.on_flags(device_id, frame.flags)
         if isinstance(message, wire.NotifyA):
             d = self.table.get(device_id)
             was = d.addr, d.last_access, d.mapped

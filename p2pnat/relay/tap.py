@@ -335,7 +335,8 @@ class RelayService(service.MultiService):
         self.handler = NotifyHandler(self.table, reactor, self.metrics,
                                      config["relay.notify_b_interval"],
                                      on_moved=lambda device_id: self.relay.device_moved(device_id),
-                                     on_live=self._live)
+                                     on_live=self._live,
+                                     on_flags=lambda i, f: self.relay.notified(i, f))
         self._local_records = {}  # this node's own registry (SQLite), as last read
         self._revoked_here = {}  # revocations of devices this node's SQLite lacks
         self.traffic = Traffic()

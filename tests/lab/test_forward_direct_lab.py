@@ -19,15 +19,11 @@ forward's JSON event says which path the connection took:
   relay's mapping, which takes packets from the relay only: the QUIC
   attempt finds nothing within the budget, and the relayed connection,
   held meanwhile, serves.
-
-The relay runs with its notify handler telling its core each notify's
-flags (L{tests.process.test_forward_direct.tell_flags}).
 """
 
 import hashlib
 import json
 import os
-import sys
 
 from tests.support import procs
 from tests.support.lab import relay as F
@@ -43,26 +39,6 @@ KINDS = {
     "double": ("double", "relayed"),
 }
 
-#: Runs twistd with the relay's notify handler telling its core the notifies' flags.
-RELAY_LAUNCHER = ("from p2pnat.relay import tap\n"
-          "init = tap.RelayService.__init__\n"
-          "def __init__(self, *a, **kw):\n"
-          "    init(self, *a, **kw)\n"
-          "    from tests.process.test_forward_direct import tell_flags\n"
-          "    tell_flags(self)\n"
-          "tap.RelayService.__init__ = __init__\n"
-          "from twisted.scripts.twistd import run\n"
-          "run()\n")
-
-
-class DirectRelayLab(F.RelayLab):
-    """A L{F.RelayLab} whose relay tells its core the notifies' flags (L{RELAY_LAUNCHER})."""
-
-    def relay_argv(self):
-        argv = super().relay_argv()
-        return [sys.executable, "-c", RELAY_LAUNCHER, *argv[3:]]
-
-
 class ForwardDirectLabTests(LabTestCase):
     tools = ("curl",)
 
@@ -74,7 +50,7 @@ class ForwardDirectLabTests(LabTestCase):
         with open(os.path.join(docroot, "mb.bin"), "wb") as f:
             f.write(data)
         cls.sha256 = hashlib.sha256(data).hexdigest()
-        return DirectRelayLab(workdir, docroot)
+        return F.RelayLab(workdir, docroot)
 
     @classmethod
     def build(cls, rl):

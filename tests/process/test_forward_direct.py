@@ -23,31 +23,12 @@ from twisted.internet import defer, endpoints, error, protocol, reactor
 from twisted.trial.unittest import TestCase
 
 from p2pnat.peer import direct as D
-from p2pnat.protocol import wire
 from tests.process.test_endpoint import Collect, Echo, deferLater, escape, wait_for
 from tests.support import procs
 from tests.support.relay import start_agent, start_relay
 
 LOOPBACK = "127.0.0.1"
 SIZE = 1_000_000
-
-
-def tell_flags(relay):
-    """
-    Make C{relay} (a started RelayService) tell its core each notify's
-    frame flags (L{p2pnat.relay.core.Relay.notified}), as the notify
-    handler is to do itself (the lead wires it in p2pnat/relay/notify.py);
-    harmless once it does.
-    """
-    handler = relay.handler
-    handle = handler.handle
-
-    def handle_and_tell(frame, message, addr, proto):
-        if isinstance(message, (wire.NotifyA, wire.NotifyB)):
-            relay.relay.notified(frame.key_id, frame.flags)
-        return handle(frame, message, addr, proto)
-
-    handler.handle = handle_and_tell
 
 
 class Source(protocol.Protocol):
@@ -101,7 +82,6 @@ class ForwardDirectTests(TestCase):
         self.source_port = source.getHost().port
         self.relay = start_relay(self, self.dir, **{
             "terminal.https": f"tcp:0:interface={LOOPBACK}"})
-        tell_flags(self.relay)
         self.ca = os.path.join(self.relay.state_dir, "ca.crt")
         yield defer.succeed(None)
 

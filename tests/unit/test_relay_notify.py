@@ -188,6 +188,28 @@ class NotifyExchangeTests(SynchronousTestCase):
         self.assertEqual(h.notifier.period, 300)
 
 
+class NotifyFlagsTests(SynchronousTestCase):
+    def test_direct_capability_reaches_the_relay(self):
+        """
+        The handler tells C{on_flags} each authenticated notify's frame
+        flags: a device that takes direct requests says so with every
+        notify, and one that stops taking them stops saying so.
+        """
+        h = Harness(self)
+        told = []
+        h.handler.on_flags = lambda device_id, flags: told.append((device_id, flags))
+        h.notifier.take_direct(lambda request, addr: None)
+        h.notifier.start(h.agent)
+        h.advance(40)
+        self.assertTrue(told)
+        self.assertTrue(all(i == "dev-1" and f & wire.DIRECT_CAPABLE for i, f in told))
+        h.notifier.take_direct(None)
+        del told[:]
+        h.advance(40)
+        self.assertTrue(told)
+        self.assertFalse(any(f & wire.DIRECT_CAPABLE for _, f in told))
+
+
 class RelayDropTests(SynchronousTestCase):
     """What the relay does with datagrams that are not genuine notifies."""
 
