@@ -290,12 +290,28 @@ class Path:
         self.on_event(name, {"mode": self.mode, "keepalive": self.health.interval,
                              "silence": round(silence, 3)})
 
+    def heard(self):
+        """
+        A sign of the peer on the route in use: its path traffic, or what
+        the path's QUIC connection authenticated (its channel's
+        C{on_heard}).
+        """
+        silence = self.health.silence()
+        if self.health.heard():
+            self.log.info("path to {peer} back after {silence:.1f}s of silence",
+                          peer=self.peer, silence=silence)
+            self._event("path-back", silence)
+
     def _tick(self):
         self._keepalive = None
         if self.mode == "closed":
             return
         try:
-            self._send(M.PathKeepalive())
+            # An encrypted channel sends it as a QUIC PING (one keepalive
+            # for the NATs and for QUIC's idle timer, not two).
+            keepalive = getattr(self.channel, "keepalive", None)
+            if keepalive is None or not keepalive():
+                self._send(M.PathKeepalive())
         except Exception:
             self.log.failure("path keepalive failed")
         self._schedule_keepalive()
@@ -306,11 +322,7 @@ class Path:
         if isinstance(message, (M.Data, M.PathKeepalive)):
             # Only the peer's path traffic: a late probe or ack of the
             # punch says nothing about the route in use.
-            silence = self.health.silence()
-            if self.health.heard():
-                self.log.info("path to {peer} back after {silence:.1f}s of silence",
-                              peer=self.peer, silence=silence)
-                self._event("path-back", silence)
+            self.heard()
         if (self.direct is not None and ":" in addr[0] and ":" not in self.direct[1][0]
                 and any(proto is p for p in self.standby)):
             # The peer reached us over IPv6 (authenticated): it settled on the

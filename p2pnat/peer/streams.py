@@ -392,9 +392,10 @@ class PathStreams:
         options.setdefault("keepalive_interval", KEEPALIVE_INTERVAL)
         options.setdefault("silence_timeout", SILENCE_TIMEOUT)
         options.setdefault("idle_timeout", IDLE_TIMEOUT)
-        # Fast PINGs only while the application sends; idle, one per path
-        # keepalive interval (which the path learns from its NATs).
-        options.setdefault("idle_ping", lambda: path.keepalive_interval)
+        # PINGs only while the application sends; idle, the path's own
+        # keepalive goes as a QUIC PING (keepalive()), at the interval the
+        # path learns from its NATs.
+        options.setdefault("pings_when_idle", False)
         self.socket = QuicSocket(path.clock, credentials, **options)
         self.socket.makeConnection(_PathTransport(self))
         self.drop_log = DropLog(self.log, path.clock)
@@ -529,6 +530,19 @@ class PathStreams:
         if self.queue.push(bytes(payload)):
             self.drop_log("queue-full", self.address, f"{self.queue.limit} waiting")
 
+    def keepalive(self):
+        """
+        The path's keepalive (L{p2pnat.peer.path.Path}), as a QUIC PING on
+        an encrypted channel: one packet refreshes the NATs' mappings and
+        QUIC's idle timer alike, and its ACK tells the path the peer is
+        there (L{p2pnat.quic.QuicEndpoint.on_heard}).
+
+        @return: whether it went (if not, the path sends its own).
+        """
+        if self.encrypted and self.endpoint is not None:
+            return self.endpoint.ping()
+        return False
+
     def clear_received(self, payload):
         """One of the path's own datagrams (an L{M.Data} payload) from the peer."""
         if payload[:1] == bytes([FRAGMENT]):
@@ -617,6 +631,7 @@ class PathStreams:
     def _accepted(self, endpoint):
         self.endpoint = endpoint
         endpoint.on_datagram = self._quic_datagram
+        endpoint.on_heard = self.path.heard
         endpoint.on_silent = lambda: self._quic_silent(endpoint)
         endpoint.on_alive = self._quic_alive
         self._settle(True, None)

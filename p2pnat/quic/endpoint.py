@@ -29,11 +29,12 @@ its timer on the injected clock, and turns its events into:
   authenticated packet (a PING's ACK, stream data, a datagram) arrived
   for C{silence_timeout} seconds, C{on_alive} when one does again; the
   connection itself ends after C{idle_timeout} seconds of silence.  With
-  C{idle_ping} (a path's keepalive interval, which the path learns from
-  its NATs) the fast PINGs run only while the application sends, and
-  silence is declared only then: an idle connection PINGs every
-  C{idle_ping()} seconds, enough to outlive C{idle_timeout} and keep the
-  NATs' mappings, and the path's own liveness watches it;
+  C{pings_when_idle=False} (a lobby path's connection) the PINGs run, and
+  silence is declared, only while the application sends; idle, the
+  connection is kept by whoever calls L{QuicEndpoint.ping} (the path's
+  keepalive, at the interval it learns from its NATs: one keepalive, not
+  two that together refresh the mappings twice as often), and
+  C{on_heard} tells it of every sign of the peer;
 - C{closed}, a Deferred that fires with a L{ConnectionClosed} once the
   connection is over, for whatever reason.
 
@@ -123,7 +124,7 @@ class QuicEndpoint:
 
     def __init__(self, socket, conn, addr, *, clock, services=None,
                  keepalive_interval=KEEPALIVE_INTERVAL, silence_timeout=SILENCE_TIMEOUT,
-                 handshake_timeout=HANDSHAKE_TIMEOUT, idle_ping=None):
+                 handshake_timeout=HANDSHAKE_TIMEOUT, pings_when_idle=True):
         if not 0 < keepalive_interval < silence_timeout:
             raise ValueError("keepalive_interval must be positive and below silence_timeout")
         self.socket = socket
@@ -154,9 +155,12 @@ class QuicEndpoint:
         self._ping_ids = itertools.count(1)
         self._ping_call = None
         self._silence_call = None
-        #: With C{idle_ping}: when the application last sent, and when an
-        #: authenticated packet last arrived (L{_fell_silent}).
-        self.idle_ping = idle_ping
+        #: Called (no arguments) on every sign of the peer: stream data, a
+        #: datagram, the ACK of a PING.
+        self.on_heard = lambda: None
+        #: Without PINGs when idle: when the application last sent, and
+        #: when the peer was last heard (L{_fell_silent}).
+        self.pings_when_idle = pings_when_idle
         self._app_sent = None
         self._heard = clock.seconds()
         self._handshake_call = clock.callLater(handshake_timeout, self._handshake_timeout)
@@ -435,28 +439,39 @@ class QuicEndpoint:
 
     def app_sent(self):
         """
-        The application sent (stream data, a datagram): with C{idle_ping},
-        PING at the fast cadence again and watch for silence.
+        The application sent (stream data, a datagram): without PINGs when
+        idle, PING every C{keepalive_interval} again and watch for silence.
         """
-        if self.idle_ping is None or self._ended or not self._up:
+        if self.pings_when_idle or self._ended or not self._up:
             return
         self._app_sent = self.clock.seconds()
-        if self._ping_call is not None and self._ping_call.active():
-            left = self._ping_call.getTime() - self._app_sent
-            if left > self.keepalive_interval:
-                self._ping_call.reset(self.keepalive_interval)
+        if self._ping_call is None:
+            self._ping_call = self.clock.callLater(self.keepalive_interval, self._keepalive)
         if self._silence_call is None:
             self._silence_call = self.clock.callLater(self.silence_timeout, self._fell_silent)
 
+    def ping(self):
+        """
+        Send a PING now (its ACK is a sign of the peer, L{on_heard}).
+
+        @return: whether it went (False once the connection is not up).
+        """
+        if self._ended or not self._up:
+            return False
+        self.connection.send_ping(next(self._ping_ids))
+        self.schedule_transmit()
+        return True
+
     def _idle(self):
-        """Whether PINGs go at the idle cadence now (see the module)."""
-        if self.idle_ping is None:
+        """Whether the PINGs stop now (see the module)."""
+        if self.pings_when_idle:
             return False
         return (self._app_sent is None
                 or self.clock.seconds() - self._app_sent >= self.silence_timeout)
 
     def _alive(self):
         self._heard = self.clock.seconds()
+        self.on_heard()
         if self._silence_call is not None and self._silence_call.active():
             self._silence_call.reset(self.silence_timeout)
         elif not self._ended:
@@ -470,7 +485,7 @@ class QuicEndpoint:
         self._silence_call = None
         if self._ended or self.silent:
             return
-        if self.idle_ping is not None and (
+        if not self.pings_when_idle and (
                 self._app_sent is None
                 or self._app_sent <= self._heard - self.silence_timeout):
             # The application sent nothing for a silence timeout before we
@@ -486,14 +501,13 @@ class QuicEndpoint:
         self._ping_call = None
         if self._ended:
             return
-        interval = self.keepalive_interval
         if self._idle():
-            interval = max(interval, self.idle_ping())
+            return  # app_sent() starts them again
         try:
             self.connection.send_ping(next(self._ping_ids))
             self.schedule_transmit()
         finally:
-            self._ping_call = self.clock.callLater(interval, self._keepalive)
+            self._ping_call = self.clock.callLater(self.keepalive_interval, self._keepalive)
 
     # -- streams ---------------------------------------------------------------------------
 

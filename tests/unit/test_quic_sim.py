@@ -131,42 +131,53 @@ class LivenessTests(SimTestCase):
         self.assertIsInstance(self.successResultOf(sink.sinks[0].done)[2], error.ConnectionLost)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_idle_pings_at_the_path_cadence(self):
+    def test_no_pings_when_idle(self):
         """
-        With C{idle_ping} (a path's keepalive interval), an idle connection
-        PINGs once per that interval, not once per keepalive_interval, and
-        still outlives idle_timeout; sending goes back to the fast cadence.
+        With C{pings_when_idle=False} (a lobby path's connection), an idle
+        connection sends nothing of its own: the path's keepalive calls
+        L{ping}, whose ACK is heard (C{on_heard}), and that keeps it past
+        idle_timeout.  Sending brings the PINGs back, every
+        keepalive_interval, until a silence timeout after the last send.
         """
-        options = dict(OPTIONS, idle_ping=lambda: 4.0)
+        options = dict(OPTIONS, pings_when_idle=False)
         pair = self.pair(a_options=options, b_options=options)
         alice = self.connect(pair)
+        heard = []
+        alice.on_heard = lambda: heard.append(self.clock.seconds())
         sent = []
         self.net.lose = lambda src, dst, data: sent.append(self.clock.seconds()) and False
-        self.run_for(40, step=0.01)
-        # Each side: a PING every 4 s and the peer's ACK of it.
-        self.assertLessEqual(len(sent), 2 * 2 * (40 / 4 + 1))
-        self.assertNoResult(alice.closed)
+        self.run_for(5, step=0.01)
+        self.assertEqual(sent, [])
+        for _ in range(8):  # a keepalive every 4 s, as a path would
+            self.assertTrue(alice.ping())
+            self.run_for(4, step=0.01)
+        self.assertEqual(len(heard), 8)
+        self.assertNoResult(alice.closed)  # 37 s > idle_timeout
         del sent[:]
         alice.send_datagram(b"x")
-        self.run_for(2.5, step=0.01)
-        # Active again: alice PINGs every keepalive_interval (and is ACKed).
-        self.assertGreaterEqual(len(sent), 4)
+        self.run_for(OPTIONS["silence_timeout"] + 3, step=0.01)
+        # The datagram and its ACK, then a PING and its ACK every second
+        # for a silence timeout.
+        self.assertGreaterEqual(len(sent), 2 + 2 * 2)
+        self.assertLessEqual(len(sent), 2 + 2 * (OPTIONS["silence_timeout"] + 1))
         self.close(pair)
 
     def test_idle_cut_is_silent_only_once_the_application_sends(self):
         """
-        With C{idle_ping}, a path cut while idle is not reported silent (the
-        path's own keepalives watch an idle path); once the application
-        sends, it is, within silence_timeout.
+        With C{pings_when_idle=False}, a path cut while idle is not
+        reported silent (the path's own keepalives watch an idle path);
+        once the application sends, it is, within silence_timeout.
         """
-        options = dict(OPTIONS, idle_ping=lambda: 4.0)
+        options = dict(OPTIONS, pings_when_idle=False)
         pair = self.pair(a_options=options, b_options=options)
         alice = self.connect(pair)
-        self.run_for(8, step=0.01)
+        self.run_for(3, step=0.01)
+        alice.ping()  # a path keepalive
+        self.run_for(1, step=0.01)
         self.net.lose = lambda src, dst, data: True
         # Longer than silence_timeout; the sending below ends before
         # idle_timeout ends the connection.
-        self.run_for(5, step=0.01)
+        self.run_for(4, step=0.01)
         self.assertFalse(alice.silent)
         sent = self.clock.seconds()
         silent = []
