@@ -49,7 +49,7 @@ from p2pnat.protocol.nat import UNKNOWN, NatBehaviour, Observations, Probe, clas
 from p2pnat.protocol.p2p import ALLOCATIONS, MAPPINGS, NatInfo
 
 __all__ = ["StunSocket", "Discovery", "DiscoveryResult", "NatCache", "discover", "discover_nat",
-           "nat_cache", "parse_nat", "source_address", "timers", "to_nat_info", "main"]
+           "nat_cache", "cached_for", "parse_nat", "source_address", "timers", "to_nat_info", "main"]
 
 #: Seconds after the first send at which a request is sent (again).
 SCHEDULE = (0.0, 0.1, 0.3)
@@ -358,7 +358,7 @@ class Discovery:
             # come at all come about now.  A moment's grace, then the
             # classification is decided without the filtering (the rest
             # may stay silent until given up).
-            grace = min(max(FILTER_GRACE[0], 0.5 * (self.rtt.srtt or 0.0)), FILTER_GRACE[1])
+            grace = min(max(FILTER_GRACE[0], 0.25 * (self.rtt.srtt or 0.0)), FILTER_GRACE[1])
             pending = defer.DeferredList(list(changes.values()))
             waited = task.deferLater(self.clock, grace, lambda: None)
             waited.addErrback(lambda f: f.trap(defer.CancelledError))
@@ -392,9 +392,10 @@ GIVE_UP_RTOS = 5.0
 RETRANSMIT_FLOOR = 0.03
 GIVE_UP_FLOOR = 0.15
 #: Seconds (least, most) a fast run waits for change requests' answers
-#: after the plain ones before it decides without the filtering: half the
-#: RTT within these bounds.
-FILTER_GRACE = (0.003, 0.05)
+#: after the plain ones before it decides without the filtering: a
+#: quarter of the RTT within these bounds (the answers left the lobby
+#: together; only scheduling spreads them).
+FILTER_GRACE = (0.003, 0.02)
 
 
 def timers(rtt, schedule=SCHEDULE, give_up=GIVE_UP):
@@ -635,7 +636,10 @@ def nat_cache(reactor, servers, interface=None):
     servers = tuple(tuple(s) for s in servers)
     if interface is None:
         interface = source_address(servers[0])
-    caches = _CACHES.setdefault(reactor, {})
+    try:
+        caches = _CACHES.setdefault(reactor, {})
+    except TypeError:  # a reactor that cannot be weakly referenced: no sharing
+        return NatCache(reactor, servers, interface)
     cache = caches.get((interface, servers))
     if cache is None:
         cache = caches[(interface, servers)] = NatCache(reactor, servers, interface)
@@ -664,6 +668,23 @@ def parse_nat(text):
     if not -32768 <= step <= 32767 or not 0 <= rate <= 6553.5:
         raise ValueError(f"--nat: STEP must be -32768..32767 and RATE 0..6553.5, got {text!r}")
     return NatInfo(parts[0], "unknown", parts[1], step, rate)
+
+
+def cached_for(reactor, lobby, interface=None):
+    """
+    The process's :class:`NatCache` (see :func:`nat_cache`) whose primary
+    lobby address is ``lobby`` (and interface ``interface`` if given), or
+    None when discovery never ran from one.
+    """
+    lobby = tuple(lobby)
+    try:
+        caches = _CACHES.get(reactor, {})
+    except TypeError:
+        return None
+    for (iface, servers), cache in caches.items():
+        if servers[0] == lobby and (interface is None or iface == interface):
+            return cache
+    return None
 
 
 def discover_nat(reactor, servers, *, interface=None, given=None, **options):

@@ -141,20 +141,58 @@ class LoginTests(SynchronousTestCase):
         self.assertEqual(len([s for s in w.net.sent if kind(s.data) == "Login"]), 1)
 
     def test_login_retransmitted_with_backoff(self):
+        """
+        Before the RTT to the lobby is known (every Ping lost), login is
+        retried after 0.5 s, doubling: the old fixed times.
+        """
         w = World(self)
-        lost = []
-        w.net.lose = lambda src, dst, data: (kind(data) == "Login" and len(lost) < 3
-                                             and not lost.append(data))
+        lost, pings = [], []
+        t0 = w.clock.seconds()
+
+        def lose(src, dst, data):
+            if kind(data) == "Ping":
+                pings.append(round(w.clock.seconds() - t0, 2))
+                return len(lost) < 3 and not lost.append(data)
+            return False
+
+        w.net.lose = lose
         alice = w.client("alice", login=False)
         d = alice.start()
         w.advance(3.4)
         self.assertNoResult(d)
         w.advance(0.2)
         self.successResultOf(d)
-        logins = [round(w.clock.seconds(), 2) for s in w.net.sent if kind(s.data) == "Login"]
-        self.assertEqual(len(logins), 4)  # at 0, 0.5, 1.5, 3.5 s
+        self.assertEqual(pings, [0, 0.5, 1.5, 3.5])
+        self.assertEqual(alice.rtt.samples, 2)  # the last Ping's Pong, the Welcome
         self.assertEqual([c for c in w.clock.getDelayedCalls()
                           if "_login" in repr(c)], [])
+
+    def test_login_retried_after_the_measured_rtt(self):
+        """
+        Once a Pong measured the RTT (10 ms here), a lost Login is retried
+        after two RTOs (at least LOGIN_FLOOR, 0.1 s), doubling, instead of
+        after 0.5, 1 and 2 s.
+        """
+        w = World(self)
+        lost, logins = [], []
+        t0 = w.clock.seconds()
+
+        def lose(src, dst, data):
+            if kind(data) == "Login":
+                logins.append(round(w.clock.seconds() - t0, 2))
+                return len(lost) < 3 and not lost.append(data)
+            return False
+
+        w.net.lose = lose
+        alice = w.client("alice", login=False)
+        d = alice.start()
+        w.advance(0.7)
+        self.assertNoResult(d)
+        w.advance(0.05)
+        self.successResultOf(d)
+        # Each retry's timer is set again once its Pong measured the RTT.
+        self.assertEqual(logins, [0.01, 0.12, 0.32, 0.72])
+        self.assertAlmostEqual(alice.rtt.srtt, 0.01, places=3)
 
     def test_login_again_after_the_lobby_forgot(self):
         w = World(self)
