@@ -365,7 +365,7 @@ class LobbyClient:
         if sent is None:
             return  # not the answer to a probe of ours still outstanding
         self._pings.clear()
-        self.rtt.sample(self.clock.seconds() - sent)  # each Ping has its own stamp: no ambiguity
+        self.rtt.since(sent)  # each Ping has its own stamp: no ambiguity (Karn)
         self.stamper.sync(sent, self.clock.seconds(), m.server_time)
         if self._login_call is None:
             return  # logged in already: a late answer
@@ -463,7 +463,7 @@ class LobbyClient:
         if sent is None:
             return  # not the answer to a request of ours still outstanding
         self._welcomed = self.clock.seconds()
-        self.rtt.sample(self._welcomed - sent)
+        self.rtt.since(sent)
         self.lobby_candidates = bool(flags & M.FLAG_CANDIDATES)
         self.stamper.sync(sent, self.clock.seconds(), m.server_time)
         if self.public is not None and self.public != m.observed and self.discovery is not None:

@@ -29,26 +29,24 @@ class RttEstimator:
     """
     The smoothed RTT to one other end (the lobby), RFC 6298 section 2.
 
-    @param clock: an C{IReactorTime}, for L{sent} / L{answered}.
+    @param clock: an C{IReactorTime}, the clock the callers' send times
+        are on (L{since}).
     @param alpha: the weight of a new sample in C{srtt} (1/8).
     @param beta: the weight of a new deviation in C{rttvar} (1/4).
     @param k: the multiple of C{rttvar} in L{rto} (4).
-    @param max_pending: bound on requests remembered by L{sent}.
     @ivar srtt: the smoothed RTT in seconds, None before the first sample.
     @ivar rttvar: its mean deviation, None before the first sample.
     @ivar samples: how many samples were taken.
     """
 
-    def __init__(self, clock, *, alpha=0.125, beta=0.25, k=4, max_pending=16):
+    def __init__(self, clock, *, alpha=0.125, beta=0.25, k=4):
         self.clock = clock
         self.alpha = alpha
         self.beta = beta
         self.k = k
-        self.max_pending = max_pending
         self.srtt = None
         self.rttvar = None
         self.samples = 0
-        self._pending = {}  # token -> send time
 
     # -- samples ----------------------------------------------------------------------
 
@@ -69,21 +67,12 @@ class RttEstimator:
             self.srtt = (1 - self.alpha) * self.srtt + self.alpha * rtt
         self.samples += 1
 
-    def sent(self, token):
-        """Note that the request C{token} (any hashable) left now."""
-        self._pending[token] = self.clock.seconds()
-        while len(self._pending) > self.max_pending:
-            del self._pending[next(iter(self._pending))]
-
-    def answered(self, token):
+    def since(self, sent):
         """
-        The answer to C{token} arrived: take the sample, and return it
-        (None for a token not sent, or answered already).
+        Take the round trip of a request first sent at C{sent} (seconds on
+        this estimator's clock) whose answer arrived now; return it.
         """
-        started = self._pending.pop(token, None)
-        if started is None:
-            return None
-        rtt = self.clock.seconds() - started
+        rtt = self.clock.seconds() - sent
         self.sample(rtt)
         return rtt
 
@@ -111,14 +100,6 @@ class RttEstimator:
         if self.srtt is None:
             return cap
         return _within(multiple * self.rto(0.0, MAX_SAMPLE), floor, cap)
-
-    def backoff(self, tries, floor, cap):
-        """
-        The wait before retransmission number C{tries} + 1 of a request
-        sent C{tries} times: the RTO doubled for each earlier try (RFC 6298
-        5.5), within C{[floor, cap]}.
-        """
-        return _within(self.rto(floor, cap) * 2 ** max(0, tries - 1), floor, cap)
 
     def to_json(self):
         """The figures, for logs and reports (milliseconds)."""
