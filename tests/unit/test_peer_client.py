@@ -480,3 +480,87 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(f.getErrorMessage(), "the lobby did not answer in time")
         self.assertAlmostEqual(w.clock.seconds() - start, 5.0, places=1)
         self.assertEqual(alice._requests, {})
+
+
+class RttTimerTests(SynchronousTestCase):
+    """Timers that follow the RTT to the lobby (L{LobbyClient.rtt})."""
+
+    def test_connect_request_retransmitted_after_the_rtt(self):
+        """
+        A lost ConnectRequest goes again after REQUEST_RTOS RTOs (10 ms
+        RTT: at the floor, 0.15 s), then twice that, instead of 0.5 s, 1 s.
+        """
+        w = World(self)
+        alice = w.client("alice")
+        w.client("bob")
+        self.assertEqual(alice.rtt.samples, 2)  # the Pong, the Welcome
+        sent = []
+
+        def lose(src, dst, data):
+            if kind(data) == "ConnectRequest":
+                sent.append(w.clock.seconds())
+                return len(sent) <= 2
+            return False
+
+        w.net.lose = lose
+        path = w.connect("alice", "bob")
+        self.assertEqual(path.mode, "direct")
+        self.assertEqual([round(t - sent[0], 3) for t in sent], [0, 0.15, 0.45])
+
+    def test_discovery_alongside_the_login(self):
+        """
+        With a NAT cache (two lobby addresses answering STUN), start()
+        learns the NAT during the login, shares its RTT, does not wait for
+        a port mapping behind a cone NAT, and has the cache refresh when the
+        lobby sees us at another address; stop() ends the refreshes.
+        """
+        from p2pnat.net.udp import link_siblings
+        from p2pnat.peer.discovery import NatCache
+        from tests.unit.test_discovery import NoHandler
+
+        w = World(self)
+        other = (LOBBY[0], LOBBY[1] + 1)
+        sibling = ControlProtocol(NoHandler(), w.clock, w.metrics, wire.ReplayGuard(w.clock),
+                                  name="lobby")
+        w.net.listen(other[0], sibling, other[1])
+        link_siblings([w.lobby_proto, sibling])
+        host = HOSTS["alice"][0]
+        cache = NatCache(w.clock, [LOBBY, other], host,
+                         listen=lambda proto: w.net.listen(host, proto))
+        asked = []
+        alice = w.client("alice", nat=CONE, login=False, discovery=cache,
+                         portmap=lambda reactor, port: asked.append(port) or _NoMapping())
+        self.assertIs(alice.rtt, cache.rtt)
+        d = alice.start()
+        w.advance(0.03)
+        self.assertIs(self.successResultOf(d), alice)
+        self.assertEqual((alice.nat.mapping, alice.nat.allocation), (EI, "preserving"))
+        self.assertEqual(len(asked), 1)  # asked once logged in, not waited for
+        w.advance(0.3)
+        self.assertEqual(alice.nat.filtering, APD)  # the run's end told the rest
+        self.assertEqual(cache.runs, 1)
+        nat = w.net.nats[host]
+        nat.allocation = "sequential"  # the NAT reboots, and maps us to a new public port
+        nat.forget()
+        w.advance(21)
+        self.assertEqual(cache.runs, 2)
+        alice.stop()
+        w.advance(3)
+        self.assertEqual([c for c in w.clock.getDelayedCalls() if "NatCache" in repr(c)], [])
+
+
+class _NoMapping:
+    """A port mapper whose gateway grants nothing, at once."""
+
+    current = None
+
+    def startService(self):
+        pass
+
+    def stopService(self):
+        pass
+
+    def map(self):
+        from twisted.internet import defer
+
+        return defer.succeed(None)
