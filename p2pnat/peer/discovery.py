@@ -508,8 +508,11 @@ class NatCache:
     - :attr:`current` / :attr:`result`: the latest answer (a run that got
       no answer at all does not replace a known one: the lobby may be
       down for a moment, the NAT has not changed for that).
-    - :meth:`start` refreshes every ``refresh`` seconds with a full run
-      (both bursts: the port consumption rate too); :meth:`refresh` does
+    - A full run (both bursts: the port consumption rate too) follows a
+      fast one that found sequential ports at once, in the background:
+      the prediction window is sized from the rate.
+    - :meth:`start` refreshes every ``refresh`` seconds with a full run;
+      :meth:`refresh` does
       one now (a path died, the lobby saw us at another address), at most
       once every :data:`MIN_GAP` seconds; :meth:`stop` ends the refreshes.
     - :meth:`subscribe`: C{callback(NatInfo)} on every change.
@@ -622,6 +625,11 @@ class NatCache:
         waiters, self._waiters = self._waiters, []
         for d in waiters:  # a run that ended without deciding (it failed)
             d.callback(self.current or NatInfo())
+        if run.fast and self.result is not None and \
+                self.result.behaviour.allocation == "sequential":
+            # A fast run has one burst, so no rate; a sequential NAT's
+            # prediction window needs it: a full run now, in the background.
+            self._run(fast=False, why="the rate of a sequential NAT")
 
 
 _CACHES = weakref.WeakKeyDictionary()  # reactor -> {(interface, servers): NatCache}

@@ -224,22 +224,23 @@ class DiscoverNatTests(SynchronousTestCase):
         Measured once per reactor, interface and lobby: the first answer
         comes after a round trip, with the filtering still unknown (its
         change requests may be silent until given up); the run goes on and
-        the cache learns it; a second call answers at once, sending nothing.
+        the cache learns it (and, the ports being sequential, the rate from
+        a full run right after); a second call answers at once, sending
+        nothing.
         """
         h = Harness(self, SimNat(WAN, APD, APD, "sequential", step=2))
         info = h.wait(discovery.discover_nat(h.net, FOUR_ORDER, interface=HOST))
         self.assertEqual(info, NatInfo(APD, UNKNOWN, "sequential", 2, 0.0))
         self.assertLess(h.clock.seconds() - 1000, 0.02)
         cache = discovery.nat_cache(h.net, FOUR_ORDER, HOST)
-        h.clock.advance(discovery.GIVE_UP_FLOOR)
-        h.clock.advance(0.01)
+        step(h, 1.0)
         self.assertEqual(cache.current, NatInfo(APD, APD, "sequential", 2, 0.0))
-        ports = len(h.net.ports)
+        self.assertEqual(cache.runs, 2)
         again = discovery.discover_nat(h.net, FOUR_ORDER, interface=HOST)
         self.assertEqual(self.successResultOf(again), cache.current)
-        self.assertEqual((len(h.net.ports), cache.runs), (ports, 1))
+        self.assertEqual(cache.runs, 2)
+        self.assertEqual([a for a in h.net.ports if a[0] == HOST], [])
         self.assertIsNot(discovery.nat_cache(h.net, FOUR_ORDER, "10.0.1.3"), cache)
-        h.clock.advance(0.1)  # the last answers in flight
 
     def test_given(self):
         # Nothing is measured: no reactor is needed.
@@ -578,17 +579,18 @@ class NatCacheTests(SynchronousTestCase):
         refresh(): a full run (both bursts) at once, not while one is under
         way nor within MIN_GAP of the last; start() every REFRESH seconds.
         """
-        h = Harness(self, SimNat(WAN, APD, APD, "sequential"))
+        h = Harness(self, SimNat(WAN))
         cache = self.cache(h, refresh=60.0)
         h.wait(cache.get())
-        self.assertFalse(cache.refresh("too soon"))
+        self.assertFalse(cache.refresh("under way"))
         step(h, 0.3)  # the fast run's end
+        self.assertFalse(cache.refresh("too soon"))
         h.clock.advance(discovery.NatCache.MIN_GAP)
         self.assertTrue(cache.refresh("a path went silent"))
         self.assertFalse(cache.refresh("again"))
         step(h, 1.0)
         self.assertEqual(cache.runs, 2)
-        self.assertEqual(cache.result.behaviour.rate, 0.0)  # the full run measured it
+        self.assertEqual(len({p.socket for p in cache.result.observations.probes}), 10)  # both bursts
         cache.start()
         cache.start()
         h.clock.advance(59.9)
@@ -599,6 +601,28 @@ class NatCacheTests(SynchronousTestCase):
         h.clock.advance(61)
         self.assertEqual(cache.runs, 3)
         self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_sequential_rate_measured_next(self):
+        """
+        A fast run has no rate; behind a sequential NAT a full run follows
+        at once and measures it (other traffic taking 20 ports a second).
+        """
+        nat = SimNat(WAN, APD, APD, "sequential")
+        h = Harness(self, nat)
+        background = LoopingCall(nat.take)
+        background.clock = h.clock
+        background.start(1.0 / 20, now=False)
+        cache = self.cache(h)
+        seen = []
+        cache.subscribe(seen.append)
+        self.assertEqual(h.wait(cache.get()).rate, 0.0)
+        step(h, 1.0)
+        background.stop()
+        self.assertEqual(cache.runs, 2)
+        self.assertTrue(16 <= cache.current.rate <= 24, cache.current)
+        self.assertEqual(seen[-1], cache.current)
+        step(h, 0.5)
+        self.assertEqual(cache.runs, 2)  # and no more
 
     def test_unanswered_keeps_the_known(self):
         """A run with no answer (the lobby down a moment) does not forget the NAT."""
