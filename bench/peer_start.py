@@ -31,6 +31,7 @@ Every namespace is removed at the end (also on ^C).
 
 import argparse
 import json
+import math
 import os
 import select
 import shutil
@@ -46,33 +47,12 @@ KINDS = ["public", "cone", "symmetric-sequential"]
 
 
 class StartLab(PM.MatrixLab):
-    """The matrix's lab (one lobby, an A and a B router per kind), any code tree."""
+    """The matrix's lab (one lobby, an A and a B router per kind), clients of any code tree."""
 
     def start_lobby(self):
-        state = os.path.join(self.work, "lobby-state")
-        ips = self.server.ips
-        lobby = f"{ips[0]}:{PM.LOBBY_PORTS[0]}"
-        discovery = ", ".join(f'"{ip}:{p}"' for ip in ips for p in PM.LOBBY_PORTS)
-        for ep in self.endpoints:
-            out = os.path.join(self.work, "clients", ep.name)
-            S.run_cli(["client", "add", ep.name, "--state-dir", state, "--lobby", lobby,
-                       "--out", out])
-            ep.config = os.path.join(out, "client.toml")
-            with open(ep.config, "a") as f:
-                f.write(f"discovery = [{discovery}]\n")
-        self.lobby = self.server.popen(S.procs.twistd(
-            "lobby", "--lobby-state-dir", state, "--log-level", "warn",
-            "--udp-listen", ",".join(f"{ip}:{p}" for ip in ips for p in PM.LOBBY_PORTS)),
-            cwd=S.procs.REPO, env=S.procs.env())
-        want = {f"{ip}:{p}" for ip in ips for p in PM.LOBBY_PORTS}
-
-        def listening():
-            if self.lobby.poll() is not None:
-                raise S.BenchError(f"the lobby exited\n{self.lobby.describe()}")
-            done = self.server.run([S.which("ss"), "-Hlun"], timeout=10)
-            return want <= {f.split()[3] for f in done.stdout.splitlines() if len(f.split()) > 3}
-
-        S.wait_until(listening, 60, "the lobby's UDP sockets")
+        """The lobby and the client bundles (the matrix's own start, whose waiters then stop)."""
+        self.start_p2pnat()
+        self.stop_waiters()
 
     def start_waiters(self, tree):
         """Every B runs ``peer wait --echo`` with the code of C{tree}."""
@@ -150,7 +130,7 @@ def baseline_tree(ref, work):
     dest = os.path.join(work, "baseline")
     os.makedirs(dest)
     archive = subprocess.run([S.which("git"), "-C", S.REPO, "archive", ref], capture_output=True,
-                             timeout=120)
+                             timeout=120, check=False)
     if archive.returncode != 0:
         raise S.BenchError(f"git archive {ref}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True, timeout=120)
@@ -158,7 +138,7 @@ def baseline_tree(ref, work):
 
 
 def fmt(v):
-    return "-" if v is None or v != v else f"{v:.3f}"
+    return "-" if v is None or math.isnan(v) else f"{v:.3f}"
 
 
 def med(rows, key):
@@ -255,8 +235,8 @@ def report(args, results):
                      f"{sum(t['ok'] for t in trials)}/{len(trials)}",
                      fmt(med(trials, "nat")), fmt(med(trials, "login")),
                      fmt(med(trials, "path")), fmt(echo), fmt(med(trials, "wall")),
-                     f"{echo / (rtt / 1000):.1f}" if echo == echo and rtt > 1 else "-",
-                     f"{echo / b:.2f}" if code == "after" and b and b == b else "-"])
+                     f"{echo / (rtt / 1000):.1f}" if not math.isnan(echo) and rtt > 1 else "-",
+                     f"{echo / b:.2f}" if code == "after" and b and not math.isnan(b) else "-"])
     S.table(["+ms", "RTT ms", "code", "pair", "echoed", "nat", "login", "path", "echo",
              "wall", "RTTs", "ratio"], rows)
     print("nat/login/path/echo: when the command reported its NAT, logged in, had the path,"

@@ -350,7 +350,10 @@ class LobbyClient:
         self._login_retry = min(self._login_retry * 2, 10.0)
 
     def _login_wait(self):
-        """This attempt's wait for a Welcome: doubling from two RTOs (Ping and Pong, Login and Welcome)."""
+        """
+        This login attempt's wait for a Welcome: two RTOs (Ping and Pong,
+        Login and Welcome), doubled as the attempts' fixed waits are.
+        """
         return min(self._login_tried, self._login_tried / self.LOGIN_RETRY * self.rtt.scaled(
             2, self.LOGIN_FLOOR, self.LOGIN_RETRY))
 

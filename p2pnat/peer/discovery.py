@@ -49,7 +49,8 @@ from p2pnat.protocol.nat import UNKNOWN, NatBehaviour, Observations, Probe, clas
 from p2pnat.protocol.p2p import ALLOCATIONS, MAPPINGS, NatInfo
 
 __all__ = ["StunSocket", "Discovery", "DiscoveryResult", "NatCache", "discover", "discover_nat",
-           "nat_cache", "cached_for", "parse_nat", "source_address", "timers", "to_nat_info", "main"]
+           "nat_cache", "cached_for", "parse_nat", "source_address", "timers", "to_nat_info",
+           "main"]
 
 #: Seconds after the first send at which a request is sent (again).
 SCHEDULE = (0.0, 0.1, 0.3)
@@ -108,7 +109,7 @@ class StunSocket(DatagramProtocol):
 
     def _timers(self, tid, schedule, give_up):
         """(Re)arm the retransmissions and the give-up of C{tid}, timed from its first send."""
-        d, fields, calls = self._pending[tid]
+        _, fields, calls = self._pending[tid]
         for call in calls:
             if call.active():
                 call.cancel()
@@ -299,7 +300,10 @@ class Discovery:
         return result
 
     def _result(self, sent, filtering=True):
-        """The classification of the probes so far (without the change requests' if not C{filtering})."""
+        """
+        The classification of the probes so far; without the change
+        requests' (filtering unknown) if not C{filtering}.
+        """
         probes = tuple(p for _, p in sorted(self.probes, key=lambda sp: (sp[1].sent, sp[0]))
                        if filtering or not p.change)
         obs = Observations(tuple(self.servers), probes)

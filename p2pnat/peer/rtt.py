@@ -16,7 +16,9 @@ Pure logic: the clock is injected (C{IReactorTime}, C{task.Clock} in
 tests), and no I/O.
 """
 
-__all__ = ["RttEstimator", "MIN_SAMPLE", "MAX_SAMPLE"]
+import math
+
+__all__ = ["MAX_SAMPLE", "MIN_SAMPLE", "RttEstimator"]
 
 #: Samples are clamped into this range (seconds): a zero RTT (the lab, a
 #: lobby on loopback) would make every timer its floor anyway, and a
@@ -57,7 +59,7 @@ class RttEstimator:
         stepped back, is ignored).  Only an answer to a request sent once
         should be measured (Karn's rule): the caller decides that.
         """
-        if rtt is None or rtt < 0 or rtt != rtt:
+        if rtt is None or rtt < 0 or math.isnan(rtt):
             return
         rtt = min(max(rtt, MIN_SAMPLE), MAX_SAMPLE)
         if self.srtt is None:

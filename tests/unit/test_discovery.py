@@ -416,7 +416,7 @@ class FastTests(SynchronousTestCase):
         """
         for name, make, want, _ in KindsTests.CASES:
             h = Harness(self, make())
-            run, early, full = self.fast(h)
+            _, early, full = self.fast(h)
             b = early.behaviour
             self.assertEqual((b.mapping, b.allocation, b.step), (want[0], want[2], want[3]), name)
             self.assertIn(b.filtering, (want[1], UNKNOWN), name)
@@ -590,7 +590,8 @@ class NatCacheTests(SynchronousTestCase):
         self.assertFalse(cache.refresh("again"))
         step(h, 1.0)
         self.assertEqual(cache.runs, 2)
-        self.assertEqual(len({p.socket for p in cache.result.observations.probes}), 10)  # both bursts
+        sockets = {p.socket for p in cache.result.observations.probes}
+        self.assertEqual(len(sockets), 10)  # main, filtering, two bursts of 4
         cache.start()
         cache.start()
         h.clock.advance(59.9)

@@ -140,22 +140,26 @@ class LoginTests(SynchronousTestCase):
         # No Login after the first.
         self.assertEqual(len([s for s in w.net.sent if kind(s.data) == "Login"]), 1)
 
+    def lost(self, w, name, times):
+        """Lose the first three C{name} messages; note when each one was sent."""
+        t0 = w.clock.seconds()
+
+        def lose(src, dst, data):
+            if kind(data) != name:
+                return False
+            times.append(round(w.clock.seconds() - t0, 2))
+            return len(times) <= 3
+
+        w.net.lose = lose
+
     def test_login_retransmitted_with_backoff(self):
         """
         Before the RTT to the lobby is known (every Ping lost), login is
         retried after 0.5 s, doubling: the old fixed times.
         """
         w = World(self)
-        lost, pings = [], []
-        t0 = w.clock.seconds()
-
-        def lose(src, dst, data):
-            if kind(data) == "Ping":
-                pings.append(round(w.clock.seconds() - t0, 2))
-                return len(lost) < 3 and not lost.append(data)
-            return False
-
-        w.net.lose = lose
+        pings = []
+        self.lost(w, "Ping", pings)
         alice = w.client("alice", login=False)
         d = alice.start()
         w.advance(3.4)
@@ -174,16 +178,8 @@ class LoginTests(SynchronousTestCase):
         after 0.5, 1 and 2 s.
         """
         w = World(self)
-        lost, logins = [], []
-        t0 = w.clock.seconds()
-
-        def lose(src, dst, data):
-            if kind(data) == "Login":
-                logins.append(round(w.clock.seconds() - t0, 2))
-                return len(lost) < 3 and not lost.append(data)
-            return False
-
-        w.net.lose = lose
+        logins = []
+        self.lost(w, "Login", logins)
         alice = w.client("alice", login=False)
         d = alice.start()
         w.advance(0.7)
