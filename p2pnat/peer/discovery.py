@@ -104,7 +104,7 @@ class StunSocket(DatagramProtocol):
         self._pending[tid] = (d, fields, [])
         self._requests[tid] = [data, tuple(server), 0]
         self._timers(tid, self.schedule, self.give_up)
-        self._send(tid)
+        self._resend(tid)
         return d
 
     def _timers(self, tid, schedule, give_up):
@@ -115,7 +115,7 @@ class StunSocket(DatagramProtocol):
                 call.cancel()
         calls.clear()
         elapsed = self.clock.seconds() - fields["sent"]
-        calls.extend(self.clock.callLater(t - elapsed, self._send, tid)
+        calls.extend(self.clock.callLater(t - elapsed, self._resend, tid)
                      for t in schedule[1:] if t > elapsed)
         calls.append(self.clock.callLater(max(0.0, give_up - elapsed), self._finish, tid, {}))
 
@@ -130,17 +130,23 @@ class StunSocket(DatagramProtocol):
         for tid in list(self._pending):
             self._timers(tid, schedule, give_up)
 
-    def _send(self, tid):
+    def _resend(self, tid):
+        """Send the request C{tid} (again), counting its copies for Karn's rule."""
         request = self._requests.get(tid)
-        if self.transport is None or request is None:
-            return
-        data, server, _ = request
-        try:
-            self.transport.write(data, server)
-            self.sent += 1
+        if request is not None and self._send(*request[:2]):
             request[2] += 1
+
+    def _send(self, data, server):
+        """Send C{data} to C{server}; whether it left (subclasses send their own probes)."""
+        if self.transport is None:
+            return False
+        try:
+            self.transport.write(data, tuple(server))
+            self.sent += 1
+            return True
         except OSError as e:  # no route, say: the same as lost
             self.log.debug("discovery: cannot send to {server}: {e}", server=server, e=e)
+            return False
 
     def _finish(self, tid, result):
         entry = self._pending.pop(tid, None)
