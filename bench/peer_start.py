@@ -33,15 +33,16 @@ import argparse
 import json
 import math
 import os
-import select
 import shutil
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _support as S  # noqa: E402
-import p2p_matrix as PM  # noqa: E402
+import _support as S
+import p2p_matrix as PM
+
+from p2pnat.lab import LabError  # (_support put this tree on the path)
 
 KINDS = ["public", "cone", "symmetric-sequential"]
 
@@ -65,8 +66,8 @@ class StartLab(PM.MatrixLab):
         for pair in self.pairs:
             try:
                 pair.b.waiter.wait_for_output('"event": "login"', 40)
-            except Exception as e:
-                raise S.BenchError(f"B ({pair.b.name}) did not log in: {e}")
+            except LabError as e:
+                raise S.BenchError(f"B ({pair.b.name}) did not log in: {e}") from None
 
     def stop_waiters(self):
         for pair in self.pairs:
@@ -83,31 +84,22 @@ class StartLab(PM.MatrixLab):
                 "--config", pair.a.config, "--json", "--send", "ping", "--wait", "2",
                 "--timeout", str(self.args.timeout)]
         t0 = time.monotonic()
-        proc = pair.a.host.popen(argv, cwd=tree, env=tree_env(tree), stdout=subprocess.PIPE)
-        events, wall, buf = {}, None, b""
-        fd = proc.popen.stdout.fileno()
+        proc = pair.a.host.popen(argv, cwd=tree, env=tree_env(tree))
         try:
-            while time.monotonic() < t0 + self.args.timeout + 10 and wall is None:
-                ready, _, _ = select.select([fd], [], [], 0.2)
-                if ready:
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        try:
-                            ev = json.loads(line)
-                        except ValueError:
-                            continue
-                        events.setdefault(ev.get("event"), ev)
-                        if ev.get("event") == "data" and wall is None:
-                            wall = time.monotonic() - t0
-                elif proc.poll() is not None:
-                    break
+            # Polled every 10 ms: "wall" is that coarse, the events' own "t" is not.
+            proc.wait_for_output('"event": "data"', self.args.timeout + 10)
+            wall = time.monotonic() - t0
+        except LabError:
+            wall = None
         finally:
             proc.stop()
-            proc.popen.stdout.close()
+        events = {}
+        for line in proc.stdout().splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            events.setdefault(ev.get("event"), ev)
         if proc in self.lab.processes:
             self.lab.processes.remove(proc)
             proc._finish()

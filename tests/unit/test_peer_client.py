@@ -152,24 +152,32 @@ class LoginTests(SynchronousTestCase):
 
         w.net.lose = lose
 
+    def login_losing(self, name, before, after):
+        """
+        Log in losing the first three C{name} messages: not logged in
+        C{before} seconds after the start, logged in C{after} more; the
+        client and when each C{name} was sent.
+        """
+        w = World(self)
+        times = []
+        self.lost(w, name, times)
+        alice = w.client("alice", login=False)
+        d = alice.start()
+        w.advance(before)
+        self.assertNoResult(d)
+        w.advance(after)
+        self.successResultOf(d)
+        self.assertEqual([c for c in w.clock.getDelayedCalls() if "_login" in repr(c)], [])
+        return alice, times
+
     def test_login_retransmitted_with_backoff(self):
         """
         Before the RTT to the lobby is known (every Ping lost), login is
         retried after 0.5 s, doubling: the old fixed times.
         """
-        w = World(self)
-        pings = []
-        self.lost(w, "Ping", pings)
-        alice = w.client("alice", login=False)
-        d = alice.start()
-        w.advance(3.4)
-        self.assertNoResult(d)
-        w.advance(0.2)
-        self.successResultOf(d)
+        alice, pings = self.login_losing("Ping", 3.4, 0.2)
         self.assertEqual(pings, [0, 0.5, 1.5, 3.5])
         self.assertEqual(alice.rtt.samples, 2)  # the last Ping's Pong, the Welcome
-        self.assertEqual([c for c in w.clock.getDelayedCalls()
-                          if "_login" in repr(c)], [])
 
     def test_login_retried_after_the_measured_rtt(self):
         """
@@ -177,15 +185,7 @@ class LoginTests(SynchronousTestCase):
         after two RTOs (at least LOGIN_FLOOR, 0.1 s), doubling, instead of
         after 0.5, 1 and 2 s.
         """
-        w = World(self)
-        logins = []
-        self.lost(w, "Login", logins)
-        alice = w.client("alice", login=False)
-        d = alice.start()
-        w.advance(0.7)
-        self.assertNoResult(d)
-        w.advance(0.05)
-        self.successResultOf(d)
+        alice, logins = self.login_losing("Login", 0.7, 0.05)
         # Each retry's timer is set again once its Pong measured the RTT.
         self.assertEqual(logins, [0.01, 0.12, 0.32, 0.72])
         self.assertAlmostEqual(alice.rtt.srtt, 0.01, places=3)
