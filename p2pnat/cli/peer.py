@@ -18,17 +18,30 @@ TCP port and makes each connection a stream to bob's service ``ssh``;
 each incoming stream for a named service to its TCP address, and refuses
 streams for any other name.
 
+Datagrams (chat, ``--echo``, ``--forward-udp``, ``--forward-udp-listen``)
+ride the same end-to-end encrypted QUIC connection when both peers' bundles
+have a certificate; when one has none, they go in the path's own frames,
+which the lobby could read, and the command says so once, on stderr.
+
 Both ask the gateway for a port mapping (PCP, NAT-PMP, UPnP; off with
 ``--no-portmap``) and open an IPv6 socket on the host's global IPv6
 address if it has one (off with ``--no-ipv6``); each is a candidate the
 peer may punch to, and a direct IPv6 path is preferred.
 
 ``--json`` prints one JSON object per event (for scripts and tests); the
-``path`` events say which candidate the direct path runs on; ``path``,
+``path`` events say which candidate the direct path runs on and whether its
+datagrams are end-to-end encrypted (``encrypted``: true or false, with
+``clear_reason``; null if the command ended before the QUIC handshake
+did: the event waits for it); an ``encrypted`` event follows if a path that fell back
+to the clear gets its QUIC connection after all; ``path``,
 ``mode``, ``path-silent`` (the peer was not heard within the detection
 bound: the path recovers over the relay and punches again) and
 ``path-back`` events carry ``keepalive``, the path's keepalive interval
-in seconds as learnt from the NAT; ``quic``,
+in seconds as learnt from the NAT; a ``keepalive`` event tells that
+the lobby saw this client at a new address between two presence
+keepalives (the NAT dropped the mapping within the interval), with the
+presence keepalive now (``interval``), the paths' (``path``), the
+interval before (``was``) and ``why``; ``quic``,
 ``forward-tcp`` and ``stream-opened`` / ``stream-closed`` /
 ``stream-failed`` events tell of the QUIC connection and its streams.
 """
@@ -120,6 +133,23 @@ def load_credentials(config):
     return creds
 
 
+def optional_credentials(config):
+    """
+    The client's QUIC credentials if its bundle has them (L{load_credentials}),
+    None if it names none at all (made before ``client add`` issued
+    certificates): its datagrams then go in the clear.
+    """
+    if not any(config[name] for name in ("client.cert_file", "client.key_file",
+                                         "client.ca_file")):
+        return None
+    return load_credentials(config)
+
+
+#: What a path without an encrypted channel is told, once.
+CLEAR_WARNING = ("warning: datagrams with {peer} are NOT end-to-end encrypted ({reason}): the"
+                 " lobby could read and alter them")
+
+
 def _service_name(name, option):
     from p2pnat.quic import header
 
@@ -186,7 +216,7 @@ def _streams_options(args, config):
         raise CommandError("--forward-tcp goes with neither --send nor --forward-udp-listen")
     if services and (args.echo or args.forward_udp):
         raise CommandError("--service goes with neither --echo nor --forward-udp")
-    creds = load_credentials(config) if forwards or services else None
+    creds = load_credentials(config) if forwards or services else optional_credentials(config)
     return forwards, services, creds
 
 
@@ -268,9 +298,63 @@ def _run(args, connect):
             text = text[:-1] + f": {fields['error']}]"
         out.event(name, text, **fields)
 
+    #: Paths whose event waits for their channel: told at shutdown if still waiting.
+    unsettled = []
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: [f() for f in unsettled])
+
     def quic_up(endpoint):
         out.event("quic", f"[QUIC with {endpoint.peer} up: end-to-end encrypted streams]",
                   peer=str(endpoint.peer))
+
+    def secure(path, opened, factories=None):
+        """
+        Put the path's datagrams on its QUIC connection, if we have a
+        certificate; the C{path} event (C{opened}: its text and fields)
+        goes out once that is settled, saying whether they are encrypted.
+
+        @return: a Deferred firing with the L{S.PathStreams} (None without
+            a certificate) once settled; on the connecting side, it fails as
+            L{S.connect_streams} does if the handshake fails.
+        """
+        text, fields = opened
+        told = []
+
+        def left():
+            # Leaving with the handshake still going: the path was made all
+            # the same (what waited was never sent, in the clear or not).
+            if not told:
+                told.append(None)
+                out.event("path", text + ", channel not settled]", encrypted=None, **fields)
+
+        unsettled.append(left)
+
+        def settled(encrypted, reason):
+            if told:
+                if encrypted:
+                    out.event("encrypted", f"[{path.peer}: datagrams now end-to-end encrypted]",
+                              peer=path.peer, encrypted=True)
+                return
+            told.append(encrypted)
+            unsettled.remove(left)
+            out.event("path", text + ("" if encrypted else ", NOT encrypted") + "]",
+                      encrypted=encrypted, **fields, **({} if encrypted else
+                                                      {"clear_reason": reason}))
+            if not encrypted:
+                print(CLEAR_WARNING.format(peer=path.peer, reason=reason), file=sys.stderr,
+                      flush=True)
+
+        if creds is None:
+            S.ClearDatagrams(path)
+            settled(False, "this client's bundle has no certificate")
+            return defer.succeed(None)
+        if connect:
+            return S.connect_streams(path, creds, on_settled=settled)
+        try:
+            return defer.succeed(S.accept_streams(path, creds, factories or {},
+                                                  on_connection=quic_up, on_settled=settled))
+        except S.StreamsUnavailable as e:
+            out.event("error", f"error: {e}", error=str(e), peer=path.peer)
+            return defer.succeed(None)
 
     def attach(path, forward_to=None):
         path.opened_at = time.monotonic()
@@ -289,16 +373,8 @@ def _run(args, connect):
 
         path.on_mode = on_mode
         path.on_event = on_event
-        if forwards and connect:
+        if forwards and connect or services and not connect:
             return  # the path carries QUIC streams; nothing reads its datagrams
-        if services and not connect:
-            factories = {name: S.TcpServiceFactory(reactor, name, h, p, stream_event)
-                         for name, (h, p) in services.items()}
-            try:
-                S.accept_streams(path, creds, factories, on_connection=quic_up)
-            except S.StreamsUnavailable as e:
-                out.event("error", f"error: {e}", error=str(e), peer=path.peer)
-            return
         if forward_to is not None:
             _udp_forward_to(reactor, path, forward_to)
         elif args.echo:
@@ -344,11 +420,17 @@ def _run(args, connect):
         accept = (lambda peer: peer in args.accept) if getattr(args, "accept", None) else None
 
         def on_path(path):
-            out.event("path", f"[{path.peer} connected: {path.mode}{_via(path)}]",
-                      peer=path.peer, mode=path.mode, incoming=True, candidate=path.candidate,
-                      keepalive=path.keepalive_interval)
             forward = C.parse_hostport(args.forward_udp) if getattr(args, "forward_udp",
                                                                       None) else None
+            factories = {name: S.TcpServiceFactory(reactor, name, h, p, stream_event)
+                         for name, (h, p) in services.items()}
+            # The channel first: the peer's first datagrams may be waiting
+            # (QUIC's), and they are the channel's to read, not the
+            # application's.
+            secure(path, (f"[{path.peer} connected: {path.mode}{_via(path)}",
+                          dict(peer=path.peer, mode=path.mode, incoming=True,
+                               candidate=path.candidate, keepalive=path.keepalive_interval)),
+                   factories)
             attach(path, forward)
 
         client = LobbyClient(config["client.id"], key, lobby, reactor,
@@ -356,6 +438,9 @@ def _run(args, connect):
                              accept=accept, on_path=on_path, connect_timeout=args.timeout,
                              upgrade_interval=args.upgrade_interval,
                              low_ttl=config["client.low_ttl"], **candidate_options(config, args))
+        client.on_event = lambda name, fields: out.event(
+            name, f"[keepalive now {fields['interval']:g}s, paths' {fields['path']:g}s:"
+                  f" {fields['why']}]", **fields)
         reactor.addSystemEventTrigger("before", "shutdown", client.stop)
         login = client.start()
         timer = reactor.callLater(args.timeout, lambda: login.called or login.errback(
@@ -387,16 +472,19 @@ def _run(args, connect):
         t1 = time.monotonic()
         path = yield client.connect(args.peer)
         strategy = path.strategy
-        out.event("path", f"[connected to {args.peer}: {path.mode}{_via(path)},"
-                          f" {time.monotonic() - t1:.3f}s]",
-                  peer=args.peer, mode=path.mode, seconds=round(time.monotonic() - t1, 4),
-                  total=round(time.monotonic() - t0, 4), strategy=strategy, probes=path.probes,
-                  rounds=path.rounds, candidate=path.candidate,
-                  keepalive=path.keepalive_interval)
+        # The punch's figures; the event goes once the datagrams' channel
+        # is settled (L{secure}), saying whether they are encrypted.
+        opened = (f"[connected to {args.peer}: {path.mode}{_via(path)},"
+                  f" {time.monotonic() - t1:.3f}s",
+                  dict(peer=args.peer, mode=path.mode, seconds=round(time.monotonic() - t1, 4),
+                       total=round(time.monotonic() - t0, 4), strategy=strategy,
+                       probes=path.probes, rounds=path.rounds, candidate=path.candidate,
+                       keepalive=path.keepalive_interval))
         listen = getattr(args, "forward_udp_listen", None)
         if forwards:
+            settled = secure(path, opened)
             attach(path)  # mode events; the path's own datagrams are not read
-            streams = yield S.connect_streams(path, creds)
+            streams = yield settled
             quic_up(streams.endpoint)
             for (h, p), service in forwards:
                 tcp = reactor.listenTCP(p, S.TcpForwardFactory(streams, service, stream_event),
@@ -406,8 +494,13 @@ def _run(args, connect):
                                          f" to {args.peer}'s {service}", host=a.host,
                           port=a.port, service=service, peer=args.peer)
         elif listen:
+            settled = _settled(secure(path, opened), quic_up)
             _udp_listen_to(reactor, path, C.parse_hostport(listen), out)
+            yield settled
         else:
+            # The channel before the application (see on_path); lines sent
+            # from here on wait (bounded) until it is settled.
+            _settled(secure(path, opened), quic_up)
             attach(path)
             answered = defer.Deferred()
             if args.send and not args.stay:
@@ -447,6 +540,22 @@ def _run(args, connect):
     return status["code"]
 
 
+def _settled(d, quic_up):
+    """
+    What L{secure} gave on the connecting side without streams asked for:
+    a failed handshake only means the datagrams went clear (and it said
+    so); a connection that came up is told as C{quic}.
+    """
+    from p2pnat.peer.streams import StreamsUnavailable
+    from p2pnat.quic import HandshakeFailed
+
+    def up(streams):
+        if streams is not None and streams.endpoint is not None:
+            quic_up(streams.endpoint)
+
+    return d.addCallbacks(up, lambda f: f.trap(HandshakeFailed, StreamsUnavailable) and None)
+
+
 def _via(path):
     """How a direct path runs, for the text output: `` via ipv6`` …"""
     return f" via {path.candidate}" if path.mode == "direct" and path.candidate else ""
@@ -458,14 +567,39 @@ def _sleep(reactor, seconds):
     return task.deferLater(reactor, seconds, lambda: None)
 
 
+def _forward(path, data, addr, drops):
+    """
+    One datagram of a local UDP service to the peer (on the path's
+    encrypted channel when it has one): one too large for it, or sent as
+    the path closes, is dropped and logged (L{DropLog}), not a traceback.
+    """
+    if path.mode == "closed":
+        return
+    try:
+        path.send(data)
+    except ValueError as e:
+        drops("too-large", addr, str(e))
+    except ConnectionError as e:
+        drops("path-closed", addr, str(e))
+
+
+def _drop_log(reactor):
+    from p2pnat.daemon.logs import Logger
+    from p2pnat.net.udp import DropLog
+
+    return DropLog(Logger(namespace="p2pnat.peer.forward"), reactor)
+
+
 def _udp_forward_to(reactor, path, target):
     """Peer's datagrams go to the local service C{target}; its answers go back."""
     from twisted.internet.protocol import DatagramProtocol
 
+    drops = _drop_log(reactor)
+
     class Out(DatagramProtocol):
         def datagramReceived(self, data, addr):
-            if addr == target and path.mode != "closed":
-                path.send(data)
+            if addr == target:
+                _forward(path, data, addr, drops)
 
     proto = Out()
     port = reactor.listenUDP(0, proto, interface="127.0.0.1" if target[0].startswith("127.")
@@ -477,13 +611,14 @@ def _udp_listen_to(reactor, path, listen, out):
     """Datagrams to the local port C{listen} go to the peer; answers come back."""
     from twisted.internet.protocol import DatagramProtocol
 
+    drops = _drop_log(reactor)
+
     class In(DatagramProtocol):
         last = None
 
         def datagramReceived(self, data, addr):
             self.last = addr
-            if path.mode != "closed":
-                path.send(data)
+            _forward(path, data, addr, drops)
 
     proto = In()
     port = reactor.listenUDP(listen[1], proto, interface=listen[0])

@@ -17,9 +17,11 @@ What is shared (``docs/cluster.rst``, "Lobby nodes"):
 Channels: ``p2pnat:lobby:ch:node:NAME``, what other nodes ask of node
 NAME, every message signed (L{p2pnat.cluster.state.Signer}): ``invite``
 (send the Invite to a client logged in here), ``answer`` (that client's
-Answer, for the asking node to introduce), ``refuse``.  The session key
-travels sealed under the cluster's seal key (L{KeySeal}): Redis never sees
-it, and only the two nodes of the request receive it.
+Answer, for the asking node to introduce), ``refuse``.  The session key,
+and the invitee's bind secret for the relay, travel sealed under the
+cluster's seal key (L{KeySeal}): Redis never sees them, and only the two
+nodes of the request receive them.  A relayed session runs on the asking
+node alone (L{p2pnat.lobby.server}).
 
 This module is the Redis side (L{RedisLobbyCluster}) and its pure rules;
 the introduction logic is in L{p2pnat.lobby.server.Lobby}.
@@ -122,12 +124,22 @@ class PresenceWrites:
         return int(4 * self.keepalive)
 
 
+#: What L{KeySeal} seals: purpose -> (associated data prefix, length).
+_PURPOSES = {"session": (b"p2pnat lobby session\0", 32),
+             "bind": (b"p2pnat lobby bind secret\0", M.BIND_SECRET_LEN)}
+
+
 class KeySeal:
     """
-    A session key as it travels between two nodes: AES-256-GCM under the
-    cluster's seal key, bound (associated data) to the session ID and both
-    clients, so that Redis (and whoever reads it) never sees the key, and a
-    sealed key cannot be moved to another session.
+    A session's secret as it travels between two nodes: AES-256-GCM under
+    the cluster's seal key, bound (associated data) to what it is (its
+    C{purpose}), the session ID and both clients, so that Redis (and
+    whoever reads it) never sees it, and a sealed secret cannot be moved to
+    another session nor stand for another secret.
+
+    Purposes: ``"session"``, the session key (32 bytes); ``"bind"``, the
+    bind secret of the session's role on the other node (16 bytes, see
+    L{M.bind_proof}).
     """
 
     def __init__(self, seal_key):
@@ -135,24 +147,25 @@ class KeySeal:
 
         self._aead = AESGCM(seal_key)
 
-    @staticmethod
-    def _ad(session_id, a, b):
-        return b"p2pnat lobby session\0" + session_id + f"\0{a}\0{b}".encode()
+    def _ad(self, purpose, session_id, a, b):
+        return _PURPOSES[purpose][0] + session_id + f"\0{a}\0{b}".encode()
 
-    def seal(self, session_key, session_id, a, b, nonce):
-        return (nonce + self._aead.encrypt(nonce, session_key, self._ad(session_id, a, b))).hex()
+    def seal(self, secret, session_id, a, b, nonce, purpose="session"):
+        return (nonce + self._aead.encrypt(nonce, secret,
+                                           self._ad(purpose, session_id, a, b))).hex()
 
-    def open(self, text, session_id, a, b):
-        """The session key; raises ValueError if it was not sealed for this session."""
+    def open(self, text, session_id, a, b, purpose="session"):
+        """The secret; raises ValueError if it was not sealed for this session and purpose."""
         from cryptography.exceptions import InvalidTag
 
         try:
             sealed = bytes.fromhex(text)
-            key = self._aead.decrypt(sealed[:12], sealed[12:], self._ad(session_id, a, b))
+            key = self._aead.decrypt(sealed[:12], sealed[12:],
+                                     self._ad(purpose, session_id, a, b))
         except (InvalidTag, ValueError, TypeError):
-            raise ValueError("session key not sealed for this session")
-        if len(key) != 32:
-            raise ValueError("session key of the wrong length")
+            raise ValueError(f"{purpose} key not sealed for this session")
+        if len(key) != _PURPOSES[purpose][1]:
+            raise ValueError(f"{purpose} key of the wrong length")
         return key
 
 
@@ -211,11 +224,11 @@ class ILobbyCluster(Interface):
         nodes got it (0: that node is gone), failing with L{ClusterUnavailable}.
         """
 
-    def seal_key(session_key, session_id, a, b):
-        """The session key as an introduction message carries it (L{KeySeal})."""
+    def seal_key(secret, session_id, a, b, purpose="session"):
+        """The session key, or another secret of the session, as a message carries it (L{KeySeal})."""
 
-    def open_key(text, session_id, a, b):
-        """The session key from a message; ValueError if it is not one."""
+    def open_key(text, session_id, a, b, purpose="session"):
+        """The secret from a message; ValueError if it is not one sealed for that purpose."""
 
 
 @implementer(ILobbyCluster)
@@ -317,11 +330,11 @@ class RedisLobbyCluster:
         text = self.signer.seal({**fields, "from": self.node}, self.clock.seconds())
         return self.link.command("PUBLISH", node_channel(node), text).addCallback(int)
 
-    def seal_key(self, session_key, session_id, a, b):
-        return self.keys.seal(session_key, session_id, a, b, self._random(12))
+    def seal_key(self, secret, session_id, a, b, purpose="session"):
+        return self.keys.seal(secret, session_id, a, b, self._random(12), purpose)
 
-    def open_key(self, text, session_id, a, b):
-        return self.keys.open(text, session_id, a, b)
+    def open_key(self, text, session_id, a, b, purpose="session"):
+        return self.keys.open(text, session_id, a, b, purpose)
 
     def _message(self, channel, text):
         fields = self.signer.open(text, self.clock.seconds())

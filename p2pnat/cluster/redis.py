@@ -7,7 +7,9 @@ Keys (``docs/cluster.rst`` has the operations each costs):
 
 - ``p2pnat:registry``: hash, device ID -> record (L{RecordCodec});
   ``p2pnat:registry:version``: bumped by every change;
-- ``p2pnat:live:ID``: the device's L{LiveEntry}, with an expiry;
+- ``p2pnat:live:ID``: the device's L{LiveEntry} (with the owner's access-check
+  period, which tells other nodes how often it is rewritten), with an
+  expiry (L{LiveWrites.expiry});
 - ``p2pnat:nodes``: hash, node name -> L{NodeInfo} (refreshed every
   L{HEARTBEAT} seconds; a node not heard from in L{NODE_TTL} is gone).
 
@@ -199,6 +201,7 @@ class RedisLink:
         self.on_change = on_change
         self.timeout = timeout
         self.commands = None  # the command connection, when up
+        self._abandoned = None  # the command connection dropped for not answering
         self.subscriber = None  # the subscribed connection, when up
         endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
         policy = backoffPolicy(initialDelay=0.1, maxDelay=5.0)
@@ -256,11 +259,16 @@ class RedisLink:
         return d.addBoth(done).addErrback(failed)
 
     def _timed_out(self, conn, d):
-        self.log.warn("redis {url} did not answer in {timeout}s; reconnecting",
-                      url=self.where, timeout=self.timeout)
         if not d.called:
             d.errback(ClusterUnavailable(f"redis {self.where}: no answer in {self.timeout}s"))
-        conn.transport.abortConnection()
+        if conn is not self._abandoned:
+            # One line and one abort per connection: the commands sent after
+            # the first unanswered one time out in the same few moments, and
+            # a busy node had thousands (a line each, bench/cluster_notify.py).
+            self._abandoned = conn
+            self.log.warn("redis {url} did not answer in {timeout}s; reconnecting",
+                          url=self.where, timeout=self.timeout)
+            conn.transport.abortConnection()
 
     # -- the connections ------------------------------------------------------
 
@@ -374,7 +382,10 @@ class RedisState:
         if not self.writes.due(device_id, kind, addr, last_access):
             return
         self.writes.wrote(device_id, addr, last_access)
-        entry = LiveEntry(device_id, self.node, addr[0], addr[1], last_access)
+        # With the period: other nodes judge the entry by how often it is
+        # rewritten (LiveEntry.stale), not as if it were this node's table.
+        entry = LiveEntry(device_id, self.node, addr[0], addr[1], last_access,
+                          self.writes.period)
         d = self.link.command("SET", live_key(device_id), entry.to_json(),
                               "EX", self.writes.expiry(), "GET")
         d.addCallbacks(self._live_written, self._live_failed,

@@ -36,11 +36,28 @@ from dataclasses import dataclass
 from zope.interface import Attribute, Interface
 
 __all__ = ["IClusterState", "ClusterUnavailable", "LiveEntry", "NodeInfo", "LiveWrites",
-           "Signer", "RecordCodec", "newer", "cluster_keys", "check_node_name"]
+           "Signer", "RecordCodec", "newer", "cluster_keys", "check_node_name",
+           "rewrite_interval"]
 
 
 class ClusterUnavailable(Exception):
     """The shared state cannot be reached now (Redis down or restarting)."""
+
+
+#: The longest access-check period an entry in the shared store may carry
+#: (30 days); a larger one is taken for garbage.
+MAX_PERIOD = 30 * 86400.0
+
+
+def rewrite_interval(period):
+    """
+    Seconds of access time after which the owning node rewrites a device's
+    live entry on a notify A: five sixths of the access-check period.
+    Agents send notify A every third of a period, so every third notify A
+    writes (C{3600 / period} writes per device and hour), even when
+    network delays bring it early or late by up to a sixth of a period.
+    """
+    return period * 5 / 6
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,11 @@ class LiveEntry:
     Where a device is live: the node its notifies reach (which owns its NAT
     mapping and sends its connect requests), the mapping, and the time of
     its last notify A (POSIX seconds; None if only notify B was seen).
+
+    An entry read from the shared store carries C{period}, the owning
+    node's access-check period, from which the other nodes know how often
+    the owner rewrites it (L{LiveWrites}) and so how old it may be while
+    the device is live (L{stale}).  An entry of a node's own table has none.
     """
 
     device_id: str
@@ -56,26 +78,48 @@ class LiveEntry:
     host: str
     port: int
     last_access: float | None
+    period: float | None = None
 
     def to_json(self):
-        return json.dumps({"node": self.node, "host": self.host, "port": self.port,
-                           "access": self.last_access}, separators=(",", ":"))
+        v = {"node": self.node, "host": self.host, "port": self.port,
+             "access": self.last_access}
+        if self.period is not None:
+            v["period"] = self.period
+        return json.dumps(v, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, device_id, text):
         """The entry stored as C{text}, or None if it is not one (never raises)."""
         try:
             v = json.loads(text)
-            access = v["access"]
+            access, period = v["access"], v.get("period")
             entry = cls(device_id, str(v["node"]), str(v["host"]), int(v["port"]),
-                        None if access is None else float(access))
-        except (ValueError, TypeError, KeyError):
+                        None if access is None else float(access),
+                        None if period is None else float(period))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+        if entry.period is not None and not 0 < entry.period <= MAX_PERIOD:
             return None
         return entry
 
     def stale(self, now, period):
-        """Whether a terminal must be refused: no notify A within the access-check period."""
-        return self.last_access is None or now - self.last_access > period
+        """
+        Whether a terminal must be refused: no notify A within the
+        access-check period C{period}, as the owning node would judge it.
+
+        An entry from the shared store holds the last access its owner
+        I{wrote}, which is up to L{rewrite_interval} older than the last one
+        the owner saw (L{LiveWrites}): it is stale only when even that
+        allowance is spent, so that no node refuses a device its owner
+        holds live.  An entry without a period (a node's own table, or one
+        written by a node that rewrote every half period) keeps the plain
+        rule.
+        """
+        if self.last_access is None:
+            return True
+        if self.period is None:
+            return now - self.last_access > period
+        return now - self.last_access > self.period + rewrite_interval(self.period)
 
 
 @dataclass(frozen=True)
@@ -200,9 +244,13 @@ class LiveWrites:
       store (so a restarted Redis is refilled within one notify-B
       interval);
     - a notify A writes when the address changed or the last written
-      access time is half an access-check period old (the agent sends
-      notify A about once per half period: NEED_NOTIFY_A), so other nodes
-      never see a live device as stale.
+      access time is L{rewrite_interval} old: once per access-check period
+      for an agent's notify A every third of a period.
+
+    So the last access written is always less than L{rewrite_interval}
+    older than the last one this node saw, and another node holds the
+    device live for that much longer than the period (L{LiveEntry.stale});
+    the entry's expiry (L{expiry}) outlasts that.
 
     Pure: the caller says what it wrote (L{wrote}) and when a write failed
     or the store was lost (L{forget}, L{forget_all}).
@@ -212,6 +260,7 @@ class LiveWrites:
 
     def __init__(self, period):
         self.period = period
+        self.rewrite = rewrite_interval(period)
         self._written = {}  # device ID -> (addr, last_access) as last written
 
     def __len__(self):
@@ -224,7 +273,7 @@ class LiveWrites:
             return True
         if kind != "A" or last_access is None:
             return False
-        return w[1] is None or last_access - w[1] >= self.period / 2
+        return w[1] is None or last_access - w[1] >= self.rewrite
 
     def wrote(self, device_id, addr, last_access):
         self._written[device_id] = (addr, last_access)
@@ -236,8 +285,12 @@ class LiveWrites:
         self._written.clear()
 
     def expiry(self):
-        """Seconds a live entry lives unless rewritten: the period, and some slack."""
-        return int(self.period + max(30, self.period / 10))
+        """
+        Seconds a live entry lives unless rewritten: as long as another node
+        may hold it live (the period and L{rewrite_interval}), and some
+        slack.
+        """
+        return int(self.period + self.rewrite + max(30, self.period / 10))
 
 
 def newer(a, b):

@@ -23,6 +23,7 @@ import base64
 import functools
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
@@ -303,6 +304,11 @@ def _check_mac_key(mac_key):
         raise RegistryError(f"a MAC key is {wire.KEY_LEN} bytes")
 
 
+def _check_access_mode(mode):
+    if mode not in ACCESS_MODES:
+        raise RegistryError(f"access mode must be one of {', '.join(ACCESS_MODES)}, got {mode!r}")
+
+
 def _check_fingerprint(fp):
     if (not isinstance(fp, str) or len(fp) != 64
             or any(c not in "0123456789abcdef" for c in fp.lower())):
@@ -504,9 +510,7 @@ class Registry:
             check_new_device_id(device_id)
         _check_mac_key(mac_key)
         cert_fingerprint = _check_fingerprint(cert_fingerprint)
-        if access_mode not in ACCESS_MODES:
-            raise RegistryError(f"access mode must be one of {', '.join(ACCESS_MODES)},"
-                                f" got {access_mode!r}")
+        _check_access_mode(access_mode)
         if access_mode == "relay" and credential is None:
             raise RegistryError("access mode 'relay' needs an access credential")
         if access_mode == "device" and credential is not None:
@@ -535,6 +539,58 @@ class Registry:
         @return: True if it was active; False if unknown or already revoked.
         """
         return self._revoke("devices", device_id, when)
+
+    def import_device(self, record):
+        """
+        Keep a device record made in another node's registry, as the
+        shared registry of a cluster holds it (L{DeviceRecord}: key,
+        fingerprint, access policy, ``created`` and ``revoked`` as they
+        are).  For a device provisioned on another node and revoked on
+        this one: this node has no row to mark, and must still refuse the
+        device after a restart while the shared registry is away.
+
+        The record replaces a row of the same ID only if it is newer, by
+        the cluster's rule (L{p2pnat.cluster.state.newer}): a later
+        ``created`` (provisioned again), or a revocation at the same
+        ``created``; so an import never brings a revoked device back nor
+        undoes a later provisioning.  Last access and address are kept at
+        the same ``created``, else forgotten.
+
+        @return: whether the row was added or replaced.
+        @raise RegistryError: an invalid ID, key, fingerprint, mode or time.
+        """
+        check_id("device", record.id)
+        _check_mac_key(record.mac_key)
+        fingerprint = _check_fingerprint(record.cert_fingerprint)
+        _check_access_mode(record.access_mode)
+        try:
+            created = float(record.created)
+            revoked = None if record.revoked is None else float(record.revoked)
+        except (TypeError, ValueError):
+            created = revoked = math.nan
+        if not math.isfinite(created) or not (revoked is None or math.isfinite(revoked)):
+            raise RegistryError("created and revoked are POSIX times")
+        cred = record.access_credential_hash
+        if cred is not None and not isinstance(cred, str):
+            raise RegistryError("a credential hash is text")
+        with self._transaction() as db:
+            cur = db.execute(
+                "INSERT INTO devices (id, mac_key, cert_fingerprint, access_mode,"
+                " access_credential_hash, created, revoked) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET mac_key = excluded.mac_key,"
+                " cert_fingerprint = excluded.cert_fingerprint,"
+                " access_mode = excluded.access_mode,"
+                " access_credential_hash = excluded.access_credential_hash,"
+                " revoked = excluded.revoked,"
+                " last_access = CASE WHEN created = excluded.created THEN last_access END,"
+                " addr_host = CASE WHEN created = excluded.created THEN addr_host END,"
+                " addr_port = CASE WHEN created = excluded.created THEN addr_port END,"
+                " created = excluded.created"
+                " WHERE excluded.created > created OR (excluded.created = created"
+                " AND excluded.revoked IS NOT NULL AND revoked IS NULL)",
+                (record.id, record.mac_key, fingerprint, record.access_mode, cred, created,
+                 revoked))
+            return cur.rowcount == 1
 
     def record_access(self, device_id, when, host, port):
         """

@@ -10,10 +10,15 @@ its MAC and replay checks.  Times come from the clock given.
 In a cluster of lobby nodes (L{p2pnat.cluster.lobby}) a request for a
 client logged into another node is forwarded to that node, which sends
 the Invite from the socket the client's presence uses and returns its
-Answer; each node relays its own client's leg of a relayed session, and
-the two nodes pass the session's datagrams to each other (L{Session.remote}).
+Answer.  A relayed session runs on one node: the asking client's, which
+made the session.  The other node's client binds its role there, to the
+node's relay address its Invite names, with a proof made from a bind
+secret of its role (L{Session.secrets}): that node never observed the
+client's fresh mapping, and the asking client, who holds the session key,
+must not be able to bind the other's role.
 """
 
+import hmac
 import os
 from collections import OrderedDict
 
@@ -76,7 +81,7 @@ class Pending:
 
     __slots__ = ("a", "b", "request_id", "a_addr", "a_socket", "a_local", "a_nat", "session_id",
                  "session_key", "created", "answer", "a_candidates", "a_reads", "a_node",
-                 "b_node", "peer_relay")
+                 "b_node", "relay", "bind_secret")
 
     def __init__(self, a, b, request_id, a_addr, a_socket, a_local, a_nat, session_id,
                  session_key, created, a_candidates=(), a_reads=False):
@@ -88,8 +93,11 @@ class Pending:
         #: (accepted, b_addr, b_local, b_nat, b_candidates, b_reads) once B answered.
         self.answer = None
         #: In a cluster: the node A or B is logged into when not this one
-        #: (None: here), and that node's relay address (L{Session.remote}).
-        self.a_node = self.b_node = self.peer_relay = None
+        #: (None: here).  A's node relays the session: it makes B's bind
+        #: secret; B's node learns it and that node's relay address, for
+        #: B's Invite.
+        self.a_node = self.b_node = None
+        self.relay = self.bind_secret = None
 
 
 class Session:
@@ -100,21 +108,21 @@ class Session:
     """
 
     __slots__ = ("id", "key", "peers", "observed", "binds", "created", "used", "budget",
-                 "remote")
+                 "secrets")
 
-    def __init__(self, id, key, a, b, created, budget, observed, remote=None):
+    def __init__(self, id, key, a, b, created, budget, observed, secrets=None):
         self.id = id
         self.key = key
         self.peers = {"a": a, "b": b}
-        self.observed = observed  # role -> (host, port)
+        self.observed = observed  # role -> (host, port), or None for a role with a secret
         self.binds = {}  # role -> (addr, socket)
         self.created = created
         self.used = created
         self.budget = budget
-        #: In a cluster, the role logged into another node: that node relays
-        #: its client's leg, and this one stands for that role with the
-        #: other node's relay address (its observed address here).
-        self.remote = remote
+        #: In a cluster, role -> bind secret for the role logged into
+        #: another node: this node never saw that client's fresh mapping,
+        #: so its bind proves the role (L{M.bind_proof}) instead.
+        self.secrets = secrets or {}
 
 
 class Lobby:
@@ -155,9 +163,8 @@ class Lobby:
         #: In a cluster: requests from another node's clients for ours, by (a, request ID).
         self.remote = {}
         self.locating = set()  # (a, request ID) being looked up in the cluster
-        #: The socket this node sends to other nodes from, and its address as
-        #: they see it (the tap sets both once the sockets are bound).
-        self.relay_socket = None
+        #: This node's address as clients of other nodes reach it, to bind
+        #: the sessions it relays (the tap sets it once the sockets are bound).
         self.relay_address = None
         self._throttle = Throttle(clock)
 
@@ -297,6 +304,9 @@ class Lobby:
                     self._random(16), self._random(32), now,
                     self._valid_candidates(m, addr, proto), bool(frame.flags & M.FLAG_CANDIDATES))
         p.b_node = b_node
+        if b_node is not None:
+            # This node relays the session: B binds here with a proof.
+            p.bind_secret = self._random(M.BIND_SECRET_LEN)
         self.pending[(p.a, p.request_id)] = p
         self.metrics.sessions.labels("requested").inc()
         self.log.info("{a} asks for {b}{where}: A's fresh mapping {addr}", a=p.a, b=p.b,
@@ -305,11 +315,19 @@ class Lobby:
         return p
 
     def _invite(self, p, b):
-        """Send B (logged in here, as C{b}) the Invite, from the socket its presence uses."""
+        """
+        Send B (logged in here, as C{b}) the Invite, from the socket its
+        presence uses; for A of another node, with the relay's address and
+        B's bind secret.
+        """
         key = self.client_key(p.b)
+        relay = {}
+        if p.a_node is not None:
+            relay = {"relay": p.relay, "sealed_secret": M.seal_bind_secret(
+                key, p.session_id, p.bind_secret)}
         invite = M.Invite(p.request_id, p.a, p.a_addr, p.a_local, p.a_nat, p.session_id,
                           M.seal_session_key(key, p.session_id, p.session_key),
-                          candidates=p.a_candidates if b.candidates_ok else ())
+                          candidates=p.a_candidates if b.candidates_ok else (), **relay)
         # The flag tells B whether A gets B's candidates.
         self._send(b.socket, invite, p.b, key, b.addr, M.FLAG_CANDIDATES if p.a_reads else 0)
 
@@ -334,17 +352,18 @@ class Lobby:
         if p.answer is None:
             p.answer = (m.accepted, addr, m.local, m.nat, self._valid_candidates(m, addr, proto),
                         bool(frame.flags & M.FLAG_CANDIDATES))
-            self._answered(p, addr, now)
+            if p.a_node is None:
+                self._answered(p, now)  # else A's node has the session
             self.log.info("{b} {verb} {a}: B's fresh mapping {addr}", b=b, a=p.a, addr=wire.format_addr(addr),
                           verb="accepts" if m.accepted else "refuses")
         self._introduce(p)
         return M.AnswerAck(m.request_id, addr)
 
-    def _answered(self, p, b_observed, now):
+    def _answered(self, p, now):
         """
         B answered A's request C{p}: an accepted one becomes a session,
-        relayed from A's and B's fresh mappings (or, for a client on
-        another node, from that node's relay address).
+        relayed from A's and B's fresh mappings, or, for B on another
+        node, from where B binds with the proof of its bind secret.
         """
         if not p.answer[0]:
             self.metrics.sessions.labels("refused").inc()
@@ -357,24 +376,24 @@ class Lobby:
             # outlives any number of idle ones made after it.
             self.sessions.popitem(last=False)
             self.metrics.sessions.labels("evicted").inc()
-        observed = {"a": p.peer_relay if p.a_node is not None else p.a_addr, "b": b_observed}
-        remote = "a" if p.a_node is not None else "b" if p.b_node is not None else None
+        remote = p.b_node is not None
+        observed = {"a": p.a_addr, "b": None if remote else p.answer[1]}
         self.sessions[p.session_id] = Session(
             p.session_id, p.session_key, p.a, p.b, now, ByteBudget(self.clock, self.relay_rate),
-            observed, remote)
+            observed, {"b": p.bind_secret} if remote else None)
         self.metrics.sessions.labels("introduced").inc()
         self.metrics.active_sessions.set(len(self.sessions))
 
     def _introduce(self, p):
         accepted, b_addr, b_local, b_nat, b_candidates, b_reads = p.answer
         if p.a_node is not None:
-            # A is on another node: it introduces; the session key stays
-            # with the two nodes (A's made it).
+            # A is on another node: it introduces, and relays; the session
+            # key stays with the two nodes (A's made it).
             d = self.cluster.send(p.a_node, {
                 "t": "answer", "a": p.a, "rid": p.request_id, "accepted": accepted,
                 "b_addr": addr_out(b_addr), "b_local": addr_out(b_local),
                 "b_nat": nat_out(b_nat), "cands": [addr_out(c) for c in b_candidates],
-                "reads": b_reads, "relay": addr_out(self.relay_address)})
+                "reads": b_reads})
             d.addErrback(lambda f: self._warn(
                 "answer", "cannot pass {b}'s answer to node {node}: {error}", b=p.b,
                 node=p.a_node, error=f.getErrorMessage()))
@@ -445,6 +464,7 @@ class Lobby:
                   "a_addr": addr_out(p.a_addr), "a_local": addr_out(p.a_local),
                   "a_nat": nat_out(p.a_nat), "sid": p.session_id.hex(),
                   "key": self.cluster.seal_key(p.session_key, p.session_id, p.a, p.b),
+                  "bind": self.cluster.seal_key(p.bind_secret, p.session_id, p.a, p.b, "bind"),
                   "cands": [addr_out(c) for c in p.a_candidates], "reads": p.a_reads,
                   "relay": addr_out(self.relay_address)}
 
@@ -505,7 +525,8 @@ class Lobby:
                         nat_in(fields["a_nat"]), sid,
                         self.cluster.open_key(fields["key"], sid, a, b), self.clock.seconds(),
                         candidates_in(fields["cands"]), bool(fields["reads"]))
-            p.a_node, p.peer_relay = node, addr_in(fields["relay"])
+            p.a_node, p.relay = node, addr_in(fields["relay"])
+            p.bind_secret = self.cluster.open_key(fields["bind"], sid, a, b, "bind")
             self.remote[(a, rid)] = p
             self.by_request[(b, rid)] = p
             self.log.info("{a} (on node {node}) asks for {b}", a=a, b=b, node=node)
@@ -526,8 +547,7 @@ class Lobby:
             p.answer = (accepted, addr_in(fields["b_addr"]), addr_in(fields["b_local"]),
                         nat_in(fields["b_nat"]), candidates_in(fields["cands"]),
                         bool(fields["reads"]))
-            p.peer_relay = addr_in(fields["relay"])
-            self._answered(p, p.peer_relay, self.clock.seconds())
+            self._answered(p, self.clock.seconds())
         self._introduce(p)
 
     def _failed(self, failure, doing):
@@ -553,48 +573,32 @@ class Lobby:
         s, role = self._session(frame)
         if s is None:
             return None
-        if addr != s.observed[role]:
+        secret = s.secrets.get(role)
+        if secret is not None:
+            # A client of another node: its bind comes from a mapping this
+            # node never observed, and proves the role with its secret.
+            if not m.proof or not hmac.compare_digest(
+                    m.proof, M.bind_proof(secret, frame.key_id, frame.timestamp)):
+                proto.drop("relay-bind-unproven", addr, f"{role} of session {s.id.hex()[:8]}")
+                return None
+        elif addr != s.observed[role]:
             # Both peers hold the session key: without this, either could
             # bind the other's role, or its own to any (spoofed) address,
             # and have the lobby send the other's datagrams there.
             proto.drop("relay-bind-elsewhere", addr, f"{role} of session {s.id.hex()[:8]}")
-            return None
-        if role == s.remote:
-            # The other node passes its client's bind on: that role is
-            # reached through it.  No answer: its client has had one.
-            self._bind_remote(s, role)
-            self._touch(s, now)
             return None
         if s.binds.get(role, (None,))[0] != addr:
             self.log.info("relaying session {sid} for {client} at {addr}", sid=s.id.hex()[:8],
                           client=s.peers[role], addr=wire.format_addr(addr))
         s.binds[role] = (addr, proto)
         self._touch(s, now)
-        if s.remote is not None:
-            # The other node learns that this role is bound (each of the
-            # client's retransmissions, until it is told both are).
-            self.relay_socket.send(frame.signed + frame.mac, s.observed[s.remote],
-                                   "RelayBind-forwarded")
         return M.RelayBound(len(s.binds) == 2)
-
-    def _bind_remote(self, s, role):
-        """The remote C{role} of C{s} is bound: its datagrams go to the other node."""
-        if role not in s.binds:
-            self.log.info("relaying session {sid} for {client} through node at {addr}",
-                          sid=s.id.hex()[:8], client=s.peers[role],
-                          addr=wire.format_addr(s.observed[role]))
-        s.binds[role] = (s.observed[role], self.relay_socket)
 
     def _forward(self, frame, addr, now, raw_size):
         s, role = self._session(frame)
         if s is None:
             return "no-session"
         mine = s.binds.get(role)
-        if mine is None and role == s.remote and addr == s.observed[role]:
-            # The other node's forwarded bind was lost, not its client's
-            # datagram: it binds the role as the bind would have.
-            self._bind_remote(s, role)
-            mine = s.binds[role]
         if mine is None or mine[0] != addr:
             return "relay-unbound"  # only from the bound address: no reflection
         other = s.binds.get("b" if role == "a" else "a")
@@ -616,8 +620,7 @@ class Lobby:
         if isinstance(target, str):
             return target
         taddr, tproto = target
-        tproto.send(data, taddr, "relayed")
-        self.metrics.packets_out.labels("relayed").inc()
+        tproto.send(data, taddr, "relayed")  # counted there, once
         return None
 
     def _on_Data(self, frame, m, addr, proto, now):

@@ -59,8 +59,9 @@ SCHEMA = [
               "this node's name, unique among the lobby nodes (\"\": the machine's host name)",
               check_node_setting),
     C.Setting("cluster.addresses", list, [],
-              "this node's UDP address (host:port) as other lobby nodes reach it: the first"
-              " udp.listen socket's, to and from which nodes pass relayed datagrams;"
+              "this node's UDP address (host:port) as clients of other lobby nodes reach it:"
+              " the first udp.listen socket's, where they bind the relayed sessions this node"
+              " introduces (so it must be reachable from where clients are);"
               " []: that socket's bound address", _addresses, item=str),
     C.Setting("cluster.secret_file", str, "",
               "file holding the secret every lobby node shares (at least 32 bytes)"
@@ -168,10 +169,10 @@ class LobbyService(service.MultiService):
         # from the socket with the other port or IP.
         link_siblings([udp.protocol for udp in self.udp])
         if self.cluster is not None:
-            # Other nodes send this node's share of relayed sessions to the
-            # first socket, and take datagrams from there only.
+            # A relayed session this node introduces runs here alone: the
+            # other node's client binds its role at the first socket's
+            # address, which the Invite names.
             first = self.udp[0]
-            self.lobby.relay_socket = first.protocol
             listed = self.config["cluster.addresses"]
             self.lobby.relay_address = (C.parse_hostport(listed[0]) if listed
                                         else tuple(first.address[:2]))

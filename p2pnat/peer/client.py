@@ -13,6 +13,7 @@ upgraded when a later punch succeeds).
     path.send(b"hello")
 """
 
+import math
 import os
 import struct
 import weakref
@@ -24,13 +25,14 @@ from twisted.python.failure import Failure
 from p2pnat.daemon.logs import Logger
 from p2pnat.daemon.metrics import Metrics
 from p2pnat.net.sources import is_loopback
+from p2pnat.peer.health import FLOOR, MappingWatch
 from p2pnat.peer.path import Path
 from p2pnat.peer.punch import Punch, PunchFailed, new_socket
 from p2pnat.peer.rtt import RttEstimator
 from p2pnat.peer.sockets import SharedSocket
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
-from p2pnat.protocol.strategy import actions_for, with_candidates
+from p2pnat.protocol.strategy import actions_for, relay_first, with_candidates
 
 
 class Refused(Exception):
@@ -89,6 +91,12 @@ class LobbyClient:
         keepalives' exchanges; login and connect requests are retransmitted
         after a few of its RTOs, and punch rounds last a few, the old
         fixed times being the caps (and the times before a sample).
+    @ivar on_event: called as C{on_event(name, fields)} on the client's own
+        events: ``"keepalive"`` when the lobby saw us at a new address
+        between two keepalives (the NAT dropped the mapping within the
+        interval) and the intervals were halved; C{fields} carries
+        ``interval`` (the presence keepalive now), ``path`` (the paths'
+        keepalive now), ``was`` and ``why``.
     """
 
     #: The first login retry's wait (seconds) before the RTT is known,
@@ -142,6 +150,11 @@ class LobbyClient:
         self.replay = wire.ReplayGuard(self.stamper)
         self.public = None  # our address as the lobby sees it
         self.keepalive = 20
+        #: The presence keepalive, as the lobby asks and as learnt from the NAT.
+        self.watch = MappingWatch(self.keepalive)
+        #: The paths' keepalive interval learnt from the NAT (None: not yet).
+        self.path_keepalive = None
+        self.on_event = lambda name, fields: None
         self.paths = {}  # peer -> Path
         self._logged_in = defer.Deferred()
         self._pings = {}  # clock probe stamp -> local send time
@@ -469,8 +482,11 @@ class LobbyClient:
         self.rtt.since(sent)
         self.lobby_candidates = bool(flags & M.FLAG_CANDIDATES)
         self.stamper.sync(sent, self.clock.seconds(), m.server_time)
-        if self.public is not None and self.public != m.observed and self.discovery is not None:
-            self.discovery.refresh("the lobby sees us at another address")
+        if self.public is not None and self.public[0] != m.observed[0] and \
+                self.discovery is not None:
+            # Another public IP: another network or NAT, perhaps of another
+            # kind.  (A new port alone is a dropped mapping: L{_mapping_dropped}.)
+            self.discovery.refresh("the lobby sees us at another IP address")
         if self.public != m.observed:
             self.log.info("logged in to the lobby as {id}; public address {addr}", id=self.id,
                           addr=m.observed)
@@ -479,8 +495,12 @@ class LobbyClient:
             self._login_call.cancel()
         self._login_call = None
         self._login_retry = 0.5
-        if m.keepalive != self.keepalive or self._keepalive_loop is None:
-            self.keepalive = max(1, m.keepalive)
+        self.watch.ask(m.keepalive)
+        shorter = self.watch.answer(m.observed)
+        if shorter is not None:
+            self._mapping_dropped(shorter)
+        if self.watch.interval != self.keepalive or self._keepalive_loop is None:
+            self.keepalive = self.watch.interval
             if self._keepalive_loop is not None and self._keepalive_loop.running:
                 self._keepalive_loop.stop()
             self._keepalive_loop = LoopingCall(self._keepalive)
@@ -488,6 +508,26 @@ class LobbyClient:
             self._keepalive_loop.start(self.keepalive, now=False)
         if not self._logged_in.called:
             self._logged_in.callback(self)
+
+    def _mapping_dropped(self, interval):
+        """
+        The lobby saw us at a new address: our NAT dropped the mapping
+        within the presence keepalive (and the lobby could not reach us
+        until the next one).  The presence keepalive is now C{interval};
+        halve the paths' too, which run through the same NAT.  The lobby
+        already follows the new address (every keepalive refreshes it).
+        """
+        was = self.keepalive
+        self.path_keepalive = max(FLOOR, (self.path_keepalive or Path.KEEPALIVE) / 2)
+        for path in list(self.paths.values()):
+            if path.mode != "closed":
+                path.shorten_keepalive()
+        why = (f"the lobby saw us at a new address ({wire.format_addr(self.watch.last)}):"
+               f" the NAT dropped the mapping within {was:g}s")
+        self.log.info("keepalive now {interval:g}s, paths' {path:g}s: {why}", interval=interval,
+                      path=self.path_keepalive, why=why)
+        self.on_event("keepalive", {"interval": interval, "path": self.path_keepalive,
+                                    "was": was, "why": why})
 
     # -- connecting (we are A) ---------------------------------------------------------
 
@@ -536,6 +576,7 @@ class LobbyClient:
         if path is None or path.mode == "closed":
             path = Path(self, peer)
             path.health.mapping_lifetime(self.mapping_lifetime)
+            path.health.at_most(self.path_keepalive)
             self.paths[peer] = path
         return path
 
@@ -562,6 +603,11 @@ class LobbyClient:
         if route[2].role != "a" and path.health.silence() < 2 * path.health.dead_after:
             self.log.info("path to {peer} silent; waiting for the peer to reconnect",
                           peer=path.peer)
+            # Our NAT may have dropped its mappings (the path's and the
+            # lobby's alike): a presence keepalive now tells the lobby where
+            # we are, so the peer's recovery finds us without waiting for
+            # the next one (up to a keepalive interval).
+            self._keepalive()
             return
         self._recovering.add(path)
         if self.discovery is not None:
@@ -585,6 +631,11 @@ class _Side:
 
     log = Logger(namespace="p2pnat.client")
 
+    #: Where the session is relayed when not by our own lobby: the relay
+    #: lobby node's address and our role's bind secret, from the
+    #: introduction (L{_relay_of}).
+    relay_at = None
+
     def _punch(self, role, intro, offered, flags):
         """
         Run this side's punch against the peer of the introduction
@@ -602,6 +653,8 @@ class _Side:
         actions, deadline = with_candidates(actions, deadline, mine, theirs)
         self.strategy = plan.strategy
         deadline = c.punch_deadline or deadline
+        self.plan, self.round_seconds = plan, deadline
+        self.translated = tuple(intro.observed) != tuple(intro.local)
         self.log.info("punching {peer} ({role}): {strategy}: {reason}; candidates: ours {mine},"
                       " theirs {theirs}", peer=self.session.peer, role=role,
                       strategy=plan.strategy, reason=plan.reason,
@@ -630,13 +683,122 @@ class _Side:
             self.fresh.transport.stopListening()  # the path does not use it
         return path
 
+    #: Seconds a relay that became ready waits for the punch under way
+    #: before this side uses it (see L{_Attempt.RELAY_GRACE}); none for
+    #: the answering side, whose path carries the asker's first bytes.
+    RELAY_GRACE = 0.0
+
+    def _relay_first(self):
+        """Why this side relays while it punches (L{relay_first}), or None."""
+        if self.punch is None:
+            return None  # nothing to punch: the plain relay fallback
+        return relay_first(self.plan, translated=self.translated)
+
+    def _alongside(self, punched, reason):
+        """
+        Bind the relay now, from the fresh socket the punch runs on, and
+        let the punch go on: the lobby's frames on that socket (its
+        RelayBound, the peer's relayed traffic) go to the relay, all
+        others to the punch (L{_Split}).
+
+        @param punched: the punch's Deferred (L{Punch.done}).
+        @return: a Deferred that fires with the path as soon as one route
+            is up: direct if the punch won, else relayed once the relay is
+            ready and the punch had L{RELAY_GRACE}, upgraded in place to direct
+            if the punch succeeds later.  It fails only when both failed.
+        """
+        c = self.client
+        self.log.info("relaying to {peer} while punching ({strategy}): {why}",
+                      peer=self.session.peer, strategy=self.strategy, why=reason)
+        fresh = self.fresh
+        bind = _RelayBind(c, self.session, fresh, f"relay first ({self.strategy})",
+                          self.relay_at)
+        split = _Split(bind.relay, bind, self.punch)
+        out = defer.Deferred()
+        started = c.clock.seconds()
+        state = {"punch": None, "relayed": None, "grace": None, "unbound": None}
+
+        def give(result):
+            if state["grace"] is not None and state["grace"].active():
+                state["grace"].cancel()
+            if out.called:
+                return
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+
+        def direct(result):
+            state["punch"] = "won"
+            bind.cancel()
+            path = self._direct(result)
+            relay = path.relayed[0] if path.relayed is not None else None
+            if relay is fresh and path.direct[0] is not fresh:
+                fresh.handler = split.relay  # the relayed route's own handler now
+            give(path)
+
+        def missed(failure):
+            if not failure.check(PunchFailed):
+                return failure
+            state["punch"] = "missed"
+            path = state["relayed"]
+            if path is not None:
+                fresh.handler = split.relay
+                give(path)  # no need to wait out the grace
+            elif not bind.done.called:
+                fresh.handler = bind  # the lobby's RelayBound still to come
+            else:
+                give(state["unbound"])  # the relay failed first: its reason
+            return None
+
+        def relayed(path):
+            if state["punch"] is not None:
+                return give(path) if state["punch"] == "missed" else None
+            # The punch goes on: its traffic still reaches it.
+            state["relayed"] = path
+            split.relay = fresh.handler
+            fresh.handler = split
+            wait = self.RELAY_GRACE - (c.clock.seconds() - started)
+            if wait > 0:
+                state["grace"] = c.clock.callLater(wait, give, path)
+            else:
+                give(path)
+
+        def unbound(failure):
+            state["unbound"] = failure
+            if state["punch"] == "missed":
+                give(failure)
+            return None  # otherwise the punch decides
+
+        bind.start().addCallbacks(relayed, unbound)
+        fresh.handler = split
+        def broken(failure):
+            self.log.failure("relaying while punching failed", failure)
+            give(failure)
+
+        punched.addCallbacks(direct, missed)
+        punched.addErrback(broken)
+        return out
+
     def _relay(self, failure):
         failure.trap(PunchFailed)
         if not self.strategy.startswith("relay"):
             self.strategy = f"relay (after {self.strategy})"
         self.log.info("no direct path to {peer} ({why}); relaying through the lobby",
                       peer=self.session.peer, why=failure.getErrorMessage())
-        return _RelayBind(self.client, self.session, self.fresh, self.strategy).start()
+        return _RelayBind(self.client, self.session, self.fresh, self.strategy,
+                          self.relay_at).start()
+
+
+def _relay_of(client, intro):
+    """
+    C{(address, bind secret)} of the lobby node that relays the session of
+    the Invite or Introduce C{intro}, when it names one (a lobby cluster:
+    not our own node); else None.
+    """
+    if intro.relay is None:
+        return None
+    return intro.relay, M.open_bind_secret(client.key, intro.session_id, intro.sealed_secret)
 
 
 class _Attempt(_Side):
@@ -660,6 +822,15 @@ class _Attempt(_Side):
 
     #: Seconds from a silent path's recovery over the relay to its punch.
     RECOVERY_UPGRADE = 0.5
+
+    #: The asker's relay, ready first, is used only once the punch had this
+    #: long: a LAN's local probes answer within it, also from a busy host,
+    #: and that path is direct from its first byte.  It delays no byte:
+    #: the answering side, bound first, learns that the relay is ready only
+    #: at its next bind (L{_RelayBind}, every 0.25 s), and keeps what was
+    #: relayed to it until then; bound second, the asker learns it at its
+    #: own next bind, after the grace.
+    RELAY_GRACE = 0.2
 
     def __init__(self, client, peer, timeout, path=None, relay_first=None):
         self.client = client
@@ -724,6 +895,7 @@ class _Attempt(_Side):
         c = self.client
         key = M.open_session_key(c.key, m.session_id, m.sealed_key)
         self.session = Session(c, m.session_id, key, "a", self.peer)
+        self.relay_at = _relay_of(c, m)
         if self.relay_first is not None:
             # The path went silent: the relay now, the punch right after
             # (an upgrade), so that traffic flows meanwhile.
@@ -731,9 +903,29 @@ class _Attempt(_Side):
             d = self._relay(Failure(PunchFailed("the path went silent")))
         else:
             d = self._punch("a", m, self.offered, flags)
-            d.addCallback(self._direct)
-            d.addErrback(self._punch_failed)
+            reason = self._relay_first()
+            if reason is not None:
+                d = self._alongside(d, reason)
+            else:
+                d.addCallback(self._direct)
+                d.addErrback(self._punch_failed)
         d.addBoth(self._finish)
+
+    def _relay_first(self):
+        """
+        As L{_Side._relay_first}, counting the rounds that still fit: never
+        for an upgrade (the path is relayed already).
+        """
+        if self.upgrade_of is not None or self.punch is None:
+            return None
+        left = self.timeout - (self.client.clock.seconds() - self.started)
+        rounds_left = 0
+        if not self.only_candidates and self.round_seconds > 0:
+            # Rounds after this one start while more than the reserve is left
+            # (as L{_punch_failed} decides).
+            rounds_left = max(0, math.ceil(
+                (left - self.RELAY_RESERVE - 0.5) / self.round_seconds) - 1)
+        return relay_first(self.plan, rounds_left, translated=self.translated)
 
     def _punch_failed(self, failure):
         failure.trap(PunchFailed)
@@ -830,6 +1022,7 @@ class _Answer(_Side):
         m = self.invite
         key = M.open_session_key(c.key, m.session_id, m.sealed_key)
         self.session = Session(c, m.session_id, key, "b", m.peer)
+        self.relay_at = _relay_of(c, m)
         current = c.paths.get(m.peer)
         if current is not None and current.mode != "closed" and current.health.suspect():
             # Our path to this peer missed its keepalives, and the peer
@@ -840,7 +1033,11 @@ class _Answer(_Side):
         else:
             # The seed: B sends its probe right after answering.
             d = self._punch("b", m, self.offered, self.flags)
-            d.addCallback(self._direct)
+            reason = self._relay_first()
+            if reason is not None:
+                d = self._alongside(d, reason)  # the relay too, at once
+            else:
+                d.addCallback(self._direct)
         # Always offer the relay, even with a path to this peer already up:
         # that path may be stale (the peer crashed, or its PathClose was
         # lost) and the peer is connecting afresh.  When the peer is only
@@ -901,14 +1098,50 @@ class _Answer(_Side):
             self.punch.cancel()
 
 
-class _RelayBind:
-    """Ask the lobby to relay the session; fire with the relayed L{Path}."""
+class _Split:
+    """
+    The handler of a fresh socket that punches while it is bound to the
+    lobby's relay (L{_Side._alongside}): what the session gets from the
+    relaying lobby node C{relay_addr} goes to C{relay} (the L{_RelayBind},
+    then the relayed path's handler), the rest to the punch.
+    """
 
-    def __init__(self, client, session, proto, strategy="relay"):
+    def __init__(self, relay_addr, relay, punch):
+        self.relay_addr = relay_addr
+        self.relay = relay
+        self.punch = punch
+        s = punch.session
+        self._session_keys = (s.my_key_id, s.peer_key_id)
+
+    def key_for(self, key_id, mtype):
+        return self.relay.key_for(key_id, mtype) or self.punch.key_for(key_id, mtype)
+
+    def handle(self, frame, message, addr, proto):
+        # The lobby's own messages (a retransmitted Introduce, the AnswerAck
+        # that stops an answer's retransmissions) go where the punch sends
+        # them: to the client.
+        relayed = addr == self.relay_addr and frame.key_id in self._session_keys
+        target = self.relay if relayed else self.punch
+        return target.handle(frame, message, addr, proto)
+
+
+class _RelayBind:
+    """
+    Ask the lobby to relay the session; fire with the relayed L{Path}.
+
+    @param relay_at: None (our own lobby relays), or C{(address, secret)}:
+        the lobby node that relays the session, and our role's bind secret,
+        whose proof (L{M.bind_proof}) each bind carries.  Binds go to that
+        address, and L{M.RelayBound} and relayed datagrams are taken from
+        there only.
+    """
+
+    def __init__(self, client, session, proto, strategy="relay", relay_at=None):
         self.client = client
         self.session = session
         self.proto = proto
         self.strategy = strategy
+        self.relay, self.secret = relay_at or (client.lobby, None)
         self.done = defer.Deferred()
         self._tries = 0
         self._call = None
@@ -937,8 +1170,11 @@ class _RelayBind:
             return self.done.errback(Refused("the lobby does not relay this session"))
         self._tries += 1
         s = self.session
-        data = wire.seal(M.RelayBind(), s.my_key_id, s.key, s.stamper())
-        self.proto.send(data, self.client.lobby, "RelayBind")
+        stamp = s.stamper()
+        bind = M.RelayBind()
+        if self.secret is not None:
+            bind = M.RelayBind(padding=0, proof=M.bind_proof(self.secret, s.my_key_id, stamp))
+        self.proto.send(wire.seal(bind, s.my_key_id, s.key, stamp), self.relay, "RelayBind")
         self._call = self.client.clock.callLater(0.25, self._bind)
 
     def key_for(self, key_id, mtype):
@@ -949,12 +1185,14 @@ class _RelayBind:
         return self.client.lobby_key_for(key_id, mtype)
 
     def handle(self, frame, message, addr, proto):
-        if isinstance(message, M.RelayBound) and addr == self.client.lobby:
+        if addr != self.relay:
+            return None  # the relay's traffic comes from the relay only
+        if isinstance(message, M.RelayBound):
             if message.ready and not self.done.called:
                 if self._call is not None and self._call.active():
                     self._call.cancel()
                 path = self.client._path_for(self.session.peer)
-                path.use_relay(proto, self.client.lobby, self.session)
+                path.use_relay(proto, self.relay, self.session)
                 path.strategy = self.strategy
                 for payload in self.session.early:
                     path.deliver(payload)

@@ -102,6 +102,23 @@ class PathHealth:
         self.interval = max(self.floor, self.interval / 2)
         return True
 
+    def shorten(self):
+        """
+        The NAT dropped a mapping within the interval (seen elsewhere: the
+        lobby's keepalive answers, L{MappingWatch}): halve the interval,
+        not below the floor.
+
+        @return: True if the interval changed.
+        """
+        shorter = max(self.floor, self.interval / 2)
+        changed, self.interval = shorter != self.interval, shorter
+        return changed
+
+    def at_most(self, seconds):
+        """Keep the interval at C{seconds} or below (not below the floor); None: no bound."""
+        if seconds is not None and seconds > 0:
+            self.interval = max(self.floor, min(self.interval, float(seconds)))
+
     def mapping_lifetime(self, seconds):
         """
         The NAT's mapping lifetime was measured as C{seconds}: keep the
@@ -110,3 +127,49 @@ class PathHealth:
         if seconds is None or seconds <= 0:
             return
         self.interval = max(self.floor, min(self.interval, seconds * LIFETIME_MARGIN))
+
+
+class MappingWatch:
+    """
+    The NAT's mapping lifetime, learnt cheaply from the lobby's answers to
+    our presence keepalives: each tells the address the lobby saw.  A new
+    address between two answers means that the NAT dropped our mapping
+    within the interval (the keepalive that followed made a new one, and
+    until then the lobby could not reach us): the interval is halved,
+    down to the floor; it is never longer than the lobby asks for.
+
+    Pure logic: L{answer} is fed each keepalive answer.
+
+    @ivar interval: the presence keepalive interval to use now (seconds).
+    @ivar learnt: the bound learnt from the NAT (None: none yet).
+    """
+
+    def __init__(self, asked=20, floor=FLOOR):
+        self.floor = floor
+        self.asked = asked
+        self.learnt = None
+        self.last = None
+
+    @property
+    def interval(self):
+        if self.learnt is None:
+            return self.asked
+        return max(min(self.floor, self.asked), min(self.asked, self.learnt))
+
+    def ask(self, seconds):
+        """The lobby asks for keepalives every C{seconds} (its Welcome says so)."""
+        self.asked = max(1, seconds)
+
+    def answer(self, observed):
+        """
+        An answer (to a keepalive or a login: both leave from the same
+        socket) said the lobby saw us at C{observed}.
+
+        @return: the new interval if this answer shortened it, else None.
+        """
+        last, self.last = self.last, tuple(observed)
+        if last is None or last == self.last:
+            return None
+        before = self.interval
+        self.learnt = max(self.floor, before / 2)
+        return self.interval if self.interval != before else None

@@ -31,11 +31,20 @@ class Path:
         ``mode``, ``keepalive`` (the interval now) and ``silence``.
     @ivar health: the L{PathHealth} of the route in use: liveness and the
         keepalive interval learnt.
+    @ivar channel: what carries the application's datagrams when not None
+        (L{p2pnat.peer.streams}: QUIC DATAGRAM frames, end to end
+        encrypted): L{send} hands them to its C{send_datagram}, and the
+        peer's L{M.Data} payloads go to its C{clear_received}.  None: they
+        travel in the path's own frames, MAC'd with the session key the
+        lobby made (so the lobby could read or forge them).
     """
 
     log = Logger(namespace="p2pnat.path")
 
-    def __init__(self, client, peer, keepalive=15.0, dead_after=None):
+    #: The starting keepalive interval (seconds), until one is learnt.
+    KEEPALIVE = 15.0
+
+    def __init__(self, client, peer, keepalive=KEEPALIVE, dead_after=None):
         self.client = client
         self.clock = client.clock
         self.peer = peer
@@ -47,6 +56,7 @@ class Path:
         self._backlog = []
         self.on_mode = lambda mode: None
         self.route_changed = lambda: None
+        self._channel = None
         self.direct = None  # (proto, addr, session)
         #: Sockets of the other address family that the peer may send on
         #: (see L{use_direct}).
@@ -78,15 +88,30 @@ class Path:
     def on_datagram(self, callback):
         self._on_datagram = callback
         backlog, self._backlog = self._backlog, []
-        for payload in backlog:
+        for payload, _ in backlog:
             callback(payload)
+
+    @property
+    def channel(self):
+        return self._channel
+
+    @channel.setter
+    def channel(self, channel):
+        old, self._channel = self._channel, channel
+        if channel is not None and old is None:
+            # What came in the path's own frames before the channel (the
+            # peer's first QUIC fragments, say) is the channel's to read.
+            early = [payload for payload, clear in self._backlog if clear]
+            self._backlog = [entry for entry in self._backlog if not entry[1]]
+            for payload in early:
+                channel.clear_received(payload)
 
     def deliver(self, payload):
         """Hand a received payload to the application (or keep it until there is one)."""
         if self._on_datagram is not None:
             self._on_datagram(payload)
         elif len(self._backlog) < self.BACKLOG:
-            self._backlog.append(payload)
+            self._backlog.append((payload, self._channel is None))
 
     # -- set up by the client -----------------------------------------------------
 
@@ -137,11 +162,31 @@ class Path:
     # -- for applications -----------------------------------------------------------
 
     def send(self, payload):
-        """Send one datagram (at most L{M.MAX_PAYLOAD} bytes) to the peer."""
-        if len(payload) > M.MAX_PAYLOAD:
-            raise ValueError(f"payload larger than {M.MAX_PAYLOAD} bytes")
-        self._send(M.Data(payload))
+        """
+        Send one datagram to the peer: on the L{channel} if there is one,
+        else in the clear (L{send_clear}).
+
+        @raise ValueError: too large for the way it goes (the message says
+            the limit).
+        @raise ConnectionError: the path is closed.
+        """
+        if self.mode == "closed":
+            raise ConnectionError("path closed")
+        if self.channel is not None:
+            self.channel.send_datagram(payload)
+        else:
+            self.send_clear(payload)
         self.sent += 1
+
+    def send_clear(self, payload):
+        """
+        Send one datagram (at most L{M.MAX_PAYLOAD} bytes) in the path's own
+        frames: authenticated with the lobby's session key, not encrypted.
+        """
+        if len(payload) > M.MAX_PAYLOAD:
+            raise ValueError(f"datagram of {len(payload)} bytes: the path's own frames carry"
+                             f" at most {M.MAX_PAYLOAD}")
+        self._send(M.Data(payload))
 
     def _send(self, message):
         route = self.direct or self.relayed
@@ -218,12 +263,28 @@ class Path:
                       " keepalive now {keepalive:g}s", peer=self.peer, mode=self.mode,
                       silence=self.health.silence(), keepalive=self.health.interval)
         self._event("path-silent", self.health.silence())
+        self._restart_keepalive()
+        self.client.path_silent(self)
+
+    def _restart_keepalive(self):
+        """A shorter interval counts from now."""
         if self._keepalive is not None and self._keepalive.active():
-            # The shorter interval counts from now.
             self._keepalive.cancel()
             self._keepalive = None
             self._schedule_keepalive()
-        self.client.path_silent(self)
+
+    def shorten_keepalive(self):
+        """
+        The NAT dropped a mapping of ours within the keepalive interval
+        (the client saw it on its lobby socket, see
+        L{p2pnat.peer.health.MappingWatch}): halve this path's interval, not
+        below the floor, counting from now.
+
+        @return: the interval now (seconds).
+        """
+        if self.health.shorten():
+            self._restart_keepalive()
+        return self.health.interval
 
     def _event(self, name, silence):
         self.on_event(name, {"mode": self.mode, "keepalive": self.health.interval,
@@ -270,7 +331,15 @@ class Path:
             self.direct = (proto, addr, self.direct[2])
         if isinstance(message, M.Data):
             self.received += 1
-            self.deliver(message.payload)
+            if self.mode == "closed":
+                # Read from a socket not yet released after the close (the
+                # reactor lets go of it an iteration later): the application
+                # was told the path closed, and its channel is gone.
+                pass
+            elif self.channel is not None:
+                self.channel.clear_received(message.payload)
+            else:
+                self.deliver(message.payload)
         elif isinstance(message, M.PathClose):
             self.log.info("path to {peer} closed by the peer", peer=self.peer)
             self._closed()

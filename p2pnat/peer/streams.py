@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_peer_streams,tests.process.test_peer_streams -*-
+# -*- test-case-name: tests.unit.test_peer_streams,tests.unit.test_peer_streams_datagrams -*-
 """
 End-to-end encrypted streams between two peers, over the P2P path the
 lobby set up: QUIC (L{p2pnat.quic}) on the path's own sockets, and TCP
@@ -30,10 +30,25 @@ How the packets travel (L{PathStreams}):
   datagrams that begin with L{FRAGMENT} belong to QUIC; the application's
   other datagrams still reach C{on_datagram}.
 
+The path's datagrams (L{p2pnat.peer.path.Path.send}, C{on_datagram}) move
+onto the connection too: a L{PathStreams} is the path's C{channel}, and
+each datagram goes in a QUIC DATAGRAM frame (RFC 9221), by either route.
+Until the handshake is over they wait (L{DatagramQueue}); a path on
+which QUIC cannot run (a side has no certificate: L{ClearDatagrams} says
+so to the peer with L{CLEAR_HELLO}; or the handshake failed or never
+came) falls back to the path's own frames, which the lobby could read,
+and says so (C{on_settled}).  Once the connection is up, datagrams that
+come in the clear are dropped: the lobby, which holds the path's session
+key, could have forged them.
+
 QUIC itself sees one fixed peer address: the path picks the route of each
-packet (direct when it is, else relayed) and follows the peer's NAT
-rebinding and a later upgrade from relayed to direct, so the connection
-carries on across those without QUIC's own migration.
+packet (direct when it is, else relayed) and follows a later upgrade from
+relayed to direct, so the connection carries on across it without QUIC's
+own migration.  The peer's NAT rebinding is followed as soon as QUIC
+authenticates a packet from the new address (L{PathStreams.packet_from});
+a direct route that falls silent for QUIC (a new port that our NAT
+filters) starts the path's recovery over the relay at once
+(L{PathStreams._quic_silent}), long before QUIC's idle timeout.
 
 The TCP side: L{TcpForwardFactory} (each accepted TCP connection becomes a
 stream to one service of the peer) and L{TcpServiceFactory} (each
@@ -46,12 +61,17 @@ import struct
 import weakref
 
 from twisted.internet import defer, endpoints, error, interfaces, protocol
+from twisted.python import failure
 from zope.interface import implementer
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.peer.sockets import SessionPort
 from p2pnat.protocol import p2p as M
+from p2pnat.net.udp import DropLog
+from p2pnat.protocol import wire
 from p2pnat.quic import HandshakeFailed, PeerIdentity, QuicSocket, is_quic
+from p2pnat.quic.connection import MAX_DATAGRAM_PAYLOAD
+from p2pnat.quic.endpoint import HANDSHAKE_TIMEOUT
 
 #: First byte of a path datagram that carries a fragment of a QUIC packet
 #: (a relayed path).  0xFF begins no UTF-8 text and no WireGuard message.
@@ -64,6 +84,40 @@ MAX_PACKET = 15 * FRAGMENT_DATA
 #: QUIC connections one path's socket holds (a reconnect may overlap the
 #: connection it replaces until that one times out).
 MAX_CONNECTIONS = 4
+#: QUIC's keepalive and silence timeout on a path (seconds): a direct
+#: route that falls silent this long (a NAT rebound to a port the peer's
+#: NAT filters) is recovered over the relay well before QUIC's idle
+#: timeout would end the connection.
+KEEPALIVE_INTERVAL = 2.0
+SILENCE_TIMEOUT = 6.0
+#: QUIC's idle timeout on a path (seconds): longer than the path's own
+#: recovery can take (its silence bound, 33 s by default, and a connect
+#: attempt, 12 s), so that the connection outlives any recovery that
+#: succeeds.  A path that closes closes its connections at once anyway.
+IDLE_TIMEOUT = 60.0
+
+
+#: The largest datagram the encrypted channel carries: what one QUIC
+#: DATAGRAM frame holds in a 1200-byte packet.
+MAX_DATAGRAM = MAX_DATAGRAM_PAYLOAD
+#: Datagrams the application sends before the channel is settled (the
+#: handshake is not over) wait, at most this many: the oldest is dropped.
+QUEUE = 32
+#: A path datagram that says "I run no QUIC on this path" (a side without
+#: a certificate sends it): index 0 of 0 fragments, which no packet has.
+CLEAR_HELLO = bytes([FRAGMENT, 0, 0, 0])
+#: The side that accepts QUIC waits this long for the peer's connection
+#: before its datagrams fall back to the clear (the connecting side gives
+#: up after HANDSHAKE_TIMEOUT).
+SETTLE_TIMEOUT = HANDSHAKE_TIMEOUT + 2.0
+#: The side that connected opens a new connection this long after its
+#: connection ended with the path still up (the path's datagrams wait for
+#: it), doubling while attempts fail, up to L{REDIAL_MAX} seconds.
+REDIAL_DELAY = 1.0
+REDIAL_MAX = 30.0
+#: A side without QUIC answers the peer's QUIC fragments with
+#: L{CLEAR_HELLO} at most this often (seconds).
+HELLO_INTERVAL = 1.0
 
 
 class StreamsUnavailable(Exception):
@@ -122,6 +176,77 @@ class Reassembly:
         return b"".join(entry[1][i] for i in range(count))
 
 
+class DatagramQueue:
+    """
+    The datagrams that wait for a channel, oldest first: at most C{limit};
+    one more drops the oldest, counted in C{dropped}.
+    """
+
+    def __init__(self, limit=QUEUE):
+        self.limit = limit
+        self.items = collections.deque()
+        self.dropped = 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def push(self, payload):
+        """Keep C{payload}; True if the oldest had to go for it."""
+        self.items.append(payload)
+        if len(self.items) > self.limit:
+            self.items.popleft()
+            self.dropped += 1
+            return True
+        return False
+
+    def drain(self):
+        """Everything waiting, oldest first; the queue is empty after."""
+        items = list(self.items)
+        self.items.clear()
+        return items
+
+
+class ClearDatagrams:
+    """
+    The datagram channel of a path on which this side runs no QUIC (its
+    bundle has no certificate): datagrams go in the path's own frames,
+    which the lobby could read.  It tells the peer with L{CLEAR_HELLO} (at
+    once, and again when the peer's QUIC fragments come), so that a peer
+    waiting for a QUIC connection falls back without waiting for a
+    timeout, and drops those fragments, which it cannot read.
+    """
+
+    encrypted = False
+
+    def __init__(self, path):
+        self.path = path
+        self.fragments_dropped = 0
+        self._hello_at = None
+        path.channel = self
+        self._hello()
+
+    def send_datagram(self, payload):
+        self.path.send_clear(payload)
+
+    def clear_received(self, payload):
+        if payload[:1] == bytes([FRAGMENT]):
+            if payload != CLEAR_HELLO:
+                self.fragments_dropped += 1
+                self._hello()
+            return
+        self.path.deliver(payload)
+
+    def _hello(self):
+        now = self.path.clock.seconds()
+        if self._hello_at is not None and now - self._hello_at < HELLO_INTERVAL:
+            return
+        self._hello_at = now
+        try:
+            self.path.send_clear(CLEAR_HELLO)
+        except (ConnectionError, OSError):
+            pass  # closed: nothing to tell
+
+
 class _Tap:
     """
     The QUIC datagrams that arrive on one of a path's sockets.
@@ -133,9 +258,10 @@ class _Tap:
     L{PathStreams} of the path they came for and everything else, as
     before, to the C{ControlProtocol}.  A socket shared by many sessions
     (L{p2pnat.peer.sockets.SharedSocket}) may carry many paths: a QUIC
-    datagram goes to the path whose peer sends from its address, or, with
-    one path only, to that path (its peer's NAT may have rebound; QUIC
-    authenticates every packet anyway).
+    datagram goes to the path whose peer sends from its address, else to
+    the path whose QUIC connection its connection ID names (its peer's
+    NAT may have rebound: QUIC authenticates every packet, and the path
+    then follows the peer there, L{PathStreams.packet_from}).
     """
 
     @classmethod
@@ -173,8 +299,9 @@ class _Tap:
             for streams in self.streams:
                 if streams.peer_address() == addr:
                     return streams.packet_received(data)
-            if len(self.streams) == 1:
-                return self.streams[0].packet_received(data)
+            for streams in self.streams:
+                if streams.socket.owns(data):
+                    return streams.packet_from(data, self.proto, addr)
         return self.passed(data, addr)
 
 
@@ -207,14 +334,24 @@ class _PathTransport:
 class PathStreams:
     """
     QUIC over one L{p2pnat.peer.path.Path} (see the module): made by
-    L{connect_streams} or L{accept_streams}.
+    L{connect_streams} or L{accept_streams}, which make it the path's
+    C{channel} once the socket connects or listens (what came before in the
+    path's frames is then read: see L{p2pnat.peer.path.Path.channel}).
 
     @ivar socket: the L{QuicSocket} of the path.
     @ivar endpoint: the L{p2pnat.quic.QuicEndpoint} of the connection once
         it is up (on the accepting side, the latest one the peer opened).
-    @ivar on_datagram: the application's handler of the path's datagrams
-        that are not QUIC (the path's own C{on_datagram} before).
+    @ivar on_datagram: the path's C{on_datagram}: the application's
+        handler of the path's datagrams.
     @ivar on_connection: called with each QUIC endpoint that comes up.
+    @ivar encrypted: how the path's datagrams travel: None until settled
+        (they wait in C{queue}), True once they ride the QUIC connection,
+        False if they fell back to the clear (C{clear_reason} says why).
+    @ivar on_settled: called as C{on_settled(encrypted, reason)} when
+        C{encrypted} changes from None, or from False to True (the peer's
+        connection came after all).
+    @ivar clear_dropped: the clear datagrams dropped because the channel
+        is encrypted (only the lobby or an old peer sends those).
     """
 
     log = Logger(namespace="p2pnat.streams")
@@ -228,20 +365,44 @@ class PathStreams:
         self.peer = PeerIdentity("client", path.peer)
         self.endpoint = None
         self.on_connection = lambda endpoint: None
-        self.on_datagram = path.on_datagram or (lambda payload: None)
+        self.on_settled = lambda encrypted, reason: None
+        self.encrypted = None
+        self.clear_reason = None
+        self.queue = DatagramQueue()
+        self.clear_dropped = 0
+        self.closed = False
+        self._settle_call = None
+        self._redial = None  # the connecting side: [services, delay, call]
         self.reassembly = Reassembly()
         self.packets_sent = {"direct": 0, "relayed": 0}
+        #: Times the direct route followed the peer to a new address.
+        self.follows = 0
+        self._recover_call = None
+        self._route = None  # (mode, socket, address) QUIC's packets take now
+        #: Times QUIC's silence started the path's recovery.
+        self.recoveries = 0
         self._number = 0
         self._taps = []
         route = path.direct or path.relayed
         #: What QUIC takes for the peer's address, always: the path routes.
         self.address = route[1]
         options.setdefault("max_connections", MAX_CONNECTIONS)
+        options.setdefault("keepalive_interval", KEEPALIVE_INTERVAL)
+        options.setdefault("silence_timeout", SILENCE_TIMEOUT)
+        options.setdefault("idle_timeout", IDLE_TIMEOUT)
         self.socket = QuicSocket(path.clock, credentials, **options)
         self.socket.makeConnection(_PathTransport(self))
-        path.on_datagram = self._path_datagram
+        self.drop_log = DropLog(self.log, path.clock)
         path.route_changed = self._route_changed
         self._route_changed()
+
+    @property
+    def on_datagram(self):
+        return self.path.on_datagram
+
+    @on_datagram.setter
+    def on_datagram(self, callback):
+        self.path.on_datagram = callback
 
     # -- for applications ----------------------------------------------------------
 
@@ -258,11 +419,16 @@ class PathStreams:
 
     def close(self, reason="closed"):
         """Close the QUIC connections and let go of the path's sockets; the path stays."""
+        self.closed = True
         self.socket.close_all(reason)
+        for call in (self._settle_call, self._redial and self._redial[2]):
+            if call is not None and call.active():
+                call.cancel()
+        self._quic_alive()  # no more recoveries
         if self.path.route_changed == self._route_changed:
             self.path.route_changed = lambda: None
-        if self.path.on_datagram == self._path_datagram:
-            self.path.on_datagram = self.on_datagram
+        if self.path.channel is self:
+            self.path.channel = None
         for tap in self._taps:
             tap.remove(self)
         self._taps = []
@@ -285,25 +451,139 @@ class PathStreams:
         elif path.relayed is not None:
             self._number += 1
             for part in fragments(data, self._number):
-                path.send(part)
+                path.send_clear(part)
             self.packets_sent["relayed"] += 1
         else:
             raise ConnectionError("path not up")
 
     def packet_received(self, data):
         """A QUIC packet from the peer, by either route."""
-        self.socket.datagramReceived(data, self.address)
+        self.socket.receive(data, self.address)
 
-    def _path_datagram(self, payload):
+    def packet_from(self, data, proto, addr):
+        """
+        A QUIC packet for our connection that came direct, on the socket of
+        C{proto} (the raw C{ControlProtocol}), from C{addr}, which is not
+        where the path has the peer.
+
+        If QUIC authenticates it as the newest packet of the connection,
+        the path's direct route moves to C{addr}: the peer's NAT rebound,
+        and the answers must follow at once rather than at the peer's next
+        path keepalive.  A forged, replayed or late packet moves nothing.
+        """
+        if self.socket.receive(data, self.address):
+            self._follow(proto, addr)
+
+    def _follow(self, proto, addr):
+        path = self.path
+        if path.mode == "closed" or path.direct is None:
+            return
+        route_proto, old, session = path.direct
+        if addr == old or _raw(route_proto) is not proto:
+            return
+        self.log.info("path to {peer}: the peer now sends from {addr} (was {old}):"
+                      " following it", peer=path.peer, addr=wire.format_addr(addr),
+                      old=wire.format_addr(old))
+        # What Path does itself on an authenticated keepalive from a new
+        # address: same socket, same session, the peer's new address.
+        path.direct = (route_proto, addr, session)
+        self.follows += 1
+        self._probe_route()
+
+    def _probe_route(self):
+        """QUIC's packets take a new route: have it probe there now (see L{_route_changed})."""
+        route = self.path.direct or self.path.relayed
+        key = (self.path.mode, id(route[0]), route[1]) if route is not None else None
+        if key != self._route:
+            self._route = key
+            for endpoint in self.socket.endpoints:
+                endpoint.route_changed()
+
+    # -- the path's datagrams (its channel) -----------------------------------------------
+
+    def send_datagram(self, payload):
+        """
+        Send one of the application's datagrams (L{p2pnat.peer.path.Path.send}):
+        in a QUIC DATAGRAM frame once the connection is up, queued until
+        the channel is settled (or while a connection is replaced), in the
+        path's own frames if it fell back to the clear.
+
+        @raise ValueError: larger than L{MAX_DATAGRAM} bytes (or, in the
+            clear, than the path's frames carry).
+        """
+        if self.encrypted is False:
+            return self.path.send_clear(payload)
+        if len(payload) > MAX_DATAGRAM:
+            raise ValueError(f"datagram of {len(payload)} bytes: a QUIC datagram frame holds"
+                             f" at most {MAX_DATAGRAM}")
+        if self.encrypted and self.endpoint is not None:
+            try:
+                return self.endpoint.send_datagram(payload)
+            except ConnectionError:
+                pass  # the connection just ended: wait for the next one
+        if self.queue.push(bytes(payload)):
+            self.drop_log("queue-full", self.address, f"{self.queue.limit} waiting")
+
+    def clear_received(self, payload):
+        """One of the path's own datagrams (an L{M.Data} payload) from the peer."""
         if payload[:1] == bytes([FRAGMENT]):
+            if payload == CLEAR_HELLO:
+                if self.encrypted is None:
+                    self.fall_back("the peer has no certificate for QUIC")
+                return
             malformed = self.reassembly.malformed
             packet = self.reassembly.add(payload)
             if packet is not None:
                 self.packet_received(packet)
             elif self.reassembly.malformed > malformed:
                 self.socket.drop_log("malformed-fragment", self.address, f"{len(payload)} bytes")
-        else:
-            self.on_datagram(payload)
+            return
+        if self.encrypted:
+            # Only the lobby (it holds the session key) or a peer that runs
+            # no QUIC sends these; the peer runs QUIC.
+            self.clear_dropped += 1
+            self.drop_log("clear-datagram", self.address, "the channel is encrypted")
+            return
+        if self.encrypted is None:
+            self.fall_back("the peer sends its datagrams in the clear")
+        self.path.deliver(payload)
+
+    def fall_back(self, reason):
+        """
+        No QUIC connection for the path's datagrams (C{reason} says why):
+        they go in the path's own frames from now on, those that waited
+        first.  A connection that comes up later takes them back.
+        """
+        if self.encrypted is None:
+            self._settle(False, reason)
+
+    def _quic_datagram(self, payload):
+        self.path.deliver(payload)
+
+    def _settle(self, encrypted, reason):
+        if self._settle_call is not None and self._settle_call.active():
+            self._settle_call.cancel()
+        self._settle_call = None
+        changed = encrypted != self.encrypted
+        self.encrypted, self.clear_reason = encrypted, reason
+        if changed:
+            if encrypted:
+                self.log.info("datagrams with {peer} end-to-end encrypted", peer=self.path.peer)
+            else:
+                self.log.warn("datagrams with {peer} in the clear: {reason}",
+                              peer=self.path.peer, reason=reason)
+            self.on_settled(encrypted, reason)
+        for payload in self.queue.drain():
+            try:
+                self.send_datagram(payload)
+            except ValueError:
+                self.queue.dropped += 1  # fits QUIC's datagrams, not the clear ones
+            except (ConnectionError, OSError):
+                break
+
+    def _no_connection(self):
+        self._settle_call = None
+        self.fall_back(f"no QUIC connection from the peer within {SETTLE_TIMEOUT:g}s")
 
     def _route_changed(self):
         path = self.path
@@ -324,20 +604,111 @@ class PathStreams:
         for tap in wanted:
             tap.add(self)
         self._taps = wanted
+        # After a dead route, QUIC's probe timeout has backed off for
+        # seconds: without a probe now the first packets on the new route
+        # (relayed, or direct again) would wait that long.
+        self._probe_route()
 
     def _accepted(self, endpoint):
         self.endpoint = endpoint
+        endpoint.on_datagram = self._quic_datagram
+        endpoint.on_silent = lambda: self._quic_silent(endpoint)
+        endpoint.on_alive = self._quic_alive
+        self._settle(True, None)
         self.on_connection(endpoint)
 
+    def _quic_silent(self, endpoint):
+        """
+        QUIC heard nothing authenticated for its C{silence_timeout}, far
+        sooner than the path's own keepalives notice (and long before
+        QUIC's idle timeout ends the connection): on a direct path, start
+        the path's recovery now (relay first, then a new punch; the
+        connection follows the route the path takes), and again every
+        C{silence_timeout} while QUIC stays silent on a direct route (an
+        attempt fails when the peer's lobby presence is stale: its own
+        NAT forgot it too).
+        """
+        self._recover_call = None
+        path = self.path
+        if endpoint is not self.endpoint or not endpoint.silent or path.mode != "direct":
+            return
+        silent = getattr(path.client, "path_silent", None)
+        if silent is None:
+            return
+        self.log.info("QUIC to {peer} silent on the direct path: recovering the path",
+                      peer=path.peer)
+        self.recoveries += 1
+        silent(path)
+        self._recover_call = path.clock.callLater(endpoint.silence_timeout,
+                                                  self._quic_silent, endpoint)
 
-def connect_streams(path, credentials, *, services=None, **options):
+    def _quic_alive(self):
+        if self._recover_call is not None and self._recover_call.active():
+            self._recover_call.cancel()
+        self._recover_call = None
+
+    # -- the connecting side -------------------------------------------------------------
+
+    def _dial(self, services):
+        """Open a connection to the peer: L{QuicSocket.connect}'s Deferred."""
+        before = self.socket.endpoints
+        d = self.socket.connect(self.address, self.peer, services=services)
+        for endpoint in self.socket.endpoints - before:
+            # The peer may send a datagram as soon as its side is up, in the
+            # packet that confirms the handshake to us.
+            endpoint.on_datagram = self._quic_datagram
+        return d
+
+    def _up(self, endpoint):
+        """A connection we opened is up: the channel's, until it ends."""
+        self._accepted(endpoint)
+        endpoint.closed.addCallback(lambda closed: self._ended(endpoint, closed))
+        if self._redial is not None:
+            self._redial[1] = REDIAL_DELAY
+
+    def _ended(self, endpoint, closed):
+        _forget(self, endpoint)
+        if self._redial is None or self.closed or self.path.mode == "closed" \
+                or self.endpoint is not None:
+            return
+        self.log.info("QUIC connection to {peer} ended ({reason}): a new one in {delay:g}s",
+                      peer=self.peer, reason=closed.reason, delay=self._redial[1])
+        self._redial[2] = self.path.clock.callLater(self._redial[1], self._redial_now)
+
+    def _redial_now(self):
+        self._redial[2] = None
+        if self.closed or self.path.mode == "closed":
+            return
+
+        def failed(reason):
+            reason.trap(HandshakeFailed)
+            delay = self._redial[1] = min(2 * self._redial[1], REDIAL_MAX)
+            if not (self.closed or self.path.mode == "closed"):
+                self.log.info("QUIC connection to {peer} failed again ({why}): next in"
+                              " {delay:g}s", peer=self.peer, why=reason.getErrorMessage(),
+                              delay=delay)
+                self._redial[2] = self.path.clock.callLater(delay, self._redial_now)
+
+        try:
+            d = self._dial(self._redial[0])
+        except ConnectionError as e:  # the socket holds too many connections
+            return failed(failure.Failure(HandshakeFailed(str(e))))
+        d.addCallbacks(self._up, failed)
+
+
+def connect_streams(path, credentials, *, services=None, on_settled=None, **options):
     """
     Open the QUIC connection over C{path} to the peer it leads to
-    (``client:PEER``), as the side that asked for the path.
+    (``client:PEER``), as the side that asked for the path.  The path's
+    datagrams ride it (see the module); if it cannot be made, they fall
+    back to the clear.  If it ends later with the path still up (the
+    peer's side restarted, a long outage timed it out), a new one is
+    opened (L{REDIAL_DELAY}, L{REDIAL_MAX}); the datagrams wait for it.
 
     @param credentials: our L{p2pnat.quic.Credentials} (``p2pnat client
         add`` writes them into the client's bundle).
     @param services: service name -> factory, for streams the peer opens.
+    @param on_settled: the L{PathStreams}'s C{on_settled}.
     @return: a Deferred firing with the L{PathStreams} once both sides are
         authenticated, or failing with L{HandshakeFailed} (the peer
         refused us, or its certificate names someone else) or
@@ -347,15 +718,21 @@ def connect_streams(path, credentials, *, services=None, **options):
         streams = PathStreams(path, credentials, **options)
     except StreamsUnavailable:
         return defer.fail()
-    d = streams.socket.connect(streams.address, streams.peer, services=services)
+    if on_settled is not None:
+        streams.on_settled = on_settled
+    d = streams._dial(services)
+    path.channel = streams
 
     def up(endpoint):
-        streams._accepted(endpoint)
-        endpoint.closed.addCallback(lambda closed: _forget(streams, endpoint))
+        streams._redial = [services, REDIAL_DELAY, None]
+        streams._up(endpoint)
         return streams
 
     def failed(reason):
+        streams.fall_back(f"the QUIC handshake failed: {reason.getErrorMessage()}")
         streams.close("handshake failed")
+        if path.mode != "closed":
+            ClearDatagrams(path)
         return reason
 
     return d.addCallbacks(up, failed)
@@ -366,28 +743,36 @@ def _forget(streams, endpoint):
         streams.endpoint = None
 
 
-def accept_streams(path, credentials, services, *, on_connection=None, **options):
+def accept_streams(path, credentials, services, *, on_connection=None, on_settled=None,
+                   **options):
     """
     Accept the QUIC connection of the peer C{path} leads to, as the side
     that was connected to: only a certificate naming ``client:PEER`` (the
-    peer the lobby introduced) is accepted.
+    peer the lobby introduced) is accepted.  The path's datagrams ride it
+    (see the module); without one within L{SETTLE_TIMEOUT}, they fall back
+    to the clear until one comes.
 
     @param services: service name -> factory for the peer's streams; a
         stream for any other name is refused.
     @param on_connection: called with each L{p2pnat.quic.QuicEndpoint}
         once it is up.
+    @param on_settled: the L{PathStreams}'s C{on_settled}.
     @return: the L{PathStreams}.
     @raise StreamsUnavailable: the path is closed.
     """
     streams = PathStreams(path, credentials, **options)
     if on_connection is not None:
         streams.on_connection = on_connection
+    if on_settled is not None:
+        streams.on_settled = on_settled
+    streams._settle_call = path.clock.callLater(SETTLE_TIMEOUT, streams._no_connection)
 
     def accepted(endpoint):
         streams._accepted(endpoint)
         endpoint.closed.addCallback(lambda closed: _forget(streams, endpoint))
 
     streams.socket.listen([streams.peer], accepted, services=services)
+    path.channel = streams
     return streams
 
 
@@ -601,6 +986,6 @@ class _Once(protocol.Factory):
         return self.proto
 
 
-__all__ = ["FRAGMENT", "HandshakeFailed", "PathStreams", "Reassembly", "StreamsUnavailable",
-           "TcpForwardFactory", "TcpServiceFactory", "accept_streams", "connect_streams",
-           "fragments"]
+__all__ = ["CLEAR_HELLO", "ClearDatagrams", "DatagramQueue", "FRAGMENT", "HandshakeFailed",
+           "MAX_DATAGRAM", "PathStreams", "Reassembly", "StreamsUnavailable", "TcpForwardFactory",
+           "TcpServiceFactory", "accept_streams", "connect_streams", "fragments"]

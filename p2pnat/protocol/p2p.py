@@ -45,6 +45,33 @@ def seal_session_key(client_key, session_id, session_key):
 
 open_session_key = seal_session_key  # XOR with the same pad
 
+#: Length of a role's bind secret (L{bind_proof}).
+BIND_SECRET_LEN = 16
+
+
+def seal_bind_secret(client_key, session_id, secret):
+    """
+    Encrypt a role's bind secret for the client owning C{client_key}, as
+    L{seal_session_key} does the session key, with a pad of its own.
+    """
+    pad = hmac.new(client_key, b"p2pnat bind secret\0" + session_id, hashlib.sha256).digest()
+    return bytes(a ^ b for a, b in zip(secret, pad[:BIND_SECRET_LEN]))
+
+
+open_bind_secret = seal_bind_secret  # XOR with the same pad
+
+
+def bind_proof(secret, key_id, timestamp):
+    """
+    The proof a L{RelayBind} carries to a relay on another node than the
+    sender's: a MAC under the role's bind secret over the bind's key ID
+    (session and role) and frame timestamp, which the relay's replay guard
+    admits once.  The peer, who holds the session key but not this
+    secret, cannot make one.
+    """
+    data = b"p2pnat relay bind\0" + key_id.encode("ascii") + struct.pack("!Q", timestamp)
+    return hmac.new(secret, data, hashlib.sha256).digest()[:BIND_SECRET_LEN]
+
 
 def session_key_id(session_id, role):
     """The key ID of path traffic sent by C{role} ('a' or 'b')."""
@@ -164,14 +191,17 @@ def _pack_candidates(candidates):
     return bytes([len(candidates)]) + b"".join(pack_addr(*c) for c in candidates)
 
 
-def _candidates(body, offset):
+def _candidates(body, offset, zero_count=False):
     """
     Decode a candidate block at C{offset} if one is there: ``(candidates,
     end)``.  A zero byte (or the end of the body) means none: it is the
-    first byte of the padding older releases send.
+    first byte of the padding older releases send; with C{zero_count} (a
+    body without padding) a zero byte is a count of none, and is read.
     """
-    if len(body) <= offset or body[offset] == 0:
+    if len(body) <= offset:
         return (), offset
+    if body[offset] == 0:
+        return (), offset + 1 if zero_count else offset
     n = body[offset]
     if n > MAX_CANDIDATES:
         raise WireError("bad-body", f"{n} candidates")
@@ -295,6 +325,14 @@ class _Introduction(Message):
     address and NAT, the session (ID and encrypted key), and the other
     side's candidates (only to a client that set L{FLAG_CANDIDATES}: the
     block at the end of the body is new).
+
+    In a lobby cluster, when the session is relayed by another node than
+    the receiver's: C{relay}, that node's address (the peer binds its role
+    there, and takes relayed datagrams from there only), and
+    C{sealed_secret}, the receiver's bind secret (L{seal_bind_secret};
+    its L{RelayBind} proves the role with L{bind_proof}).  They follow the
+    candidate block, which then always has its count (0: none), so that a
+    body without them is byte for byte the body of a single lobby.
     """
 
     TYPE = None
@@ -307,13 +345,21 @@ class _Introduction(Message):
     sealed_key: bytes = bytes(32)
     accepted: bool = True
     candidates: tuple = ()
+    relay: tuple = None
+    sealed_secret: bytes = bytes(BIND_SECRET_LEN)
 
     _SESSION = struct.Struct(f"!{SESSION_ID_LEN}s32s")
 
     def encode_body(self):
-        return (struct.pack("!QB", self.request_id, int(self.accepted)) + _pack_id(self.peer)
+        body = (struct.pack("!QB", self.request_id, int(self.accepted)) + _pack_id(self.peer)
                 + pack_addr(*self.observed) + pack_addr(*self.local) + self.nat.encode()
-                + self.session_id + self.sealed_key + _pack_candidates(self.candidates))
+                + self.session_id + self.sealed_key)
+        if self.relay is None:
+            return body + _pack_candidates(self.candidates)
+        if len(self.sealed_secret) != BIND_SECRET_LEN:
+            raise WireError("bad-body", "bind secret of the wrong length")
+        return (body + (_pack_candidates(self.candidates) or b"\0") + pack_addr(*self.relay)
+                + self.sealed_secret)
 
     @classmethod
     def decode_body(cls, body):
@@ -326,9 +372,20 @@ class _Introduction(Message):
             raise WireError("bad-body", "introduction truncated")
         sid, key = cls._SESSION.unpack_from(body, end)
         end += cls._SESSION.size
-        candidates, end = _candidates(body, end)
+        start = end
+        candidates, end = _candidates(body, end, zero_count=True)
+        relay, secret = None, bytes(BIND_SECRET_LEN)
+        if end < len(body) or (end > start and not candidates):
+            # A relay block follows the candidates (a count of none is
+            # there only for it: a stray zero byte is refused).
+            relay, end = unpack_addr(body, end)
+            secret = body[end:end + BIND_SECRET_LEN]
+            if len(secret) != BIND_SECRET_LEN:
+                raise WireError("bad-body", "bind secret truncated")
+            end += BIND_SECRET_LEN
         wire.expect_end(body, end, "introduction")
-        return cls(rid, peer, observed, local, nat, sid, key, bool(accepted), candidates)
+        return cls(rid, peer, observed, local, nat, sid, key, bool(accepted), candidates,
+                   relay, bytes(secret))
 
 
 @register
@@ -421,19 +478,47 @@ class Refusal(Message):
         return cls(*unpack_tail("!QB", body, 0, "refusal"))
 
 
+#: First body byte of a L{RelayBind} that carries a proof (a plain one is
+#: all zero padding).
+_PROVEN = 0x01
+
+
 @register
 @dataclass
-class RelayBind(wire.Padded):
+class RelayBind(Message):
     """
     A peer to the lobby, key ID ``SESSION.ROLE``: relay this session's
     datagrams to me at this (observed) address.  Sent from the socket of
     the peer's L{ConnectRequest} or L{Answer}: the lobby binds a role only
     to the fresh mapping it observed for that role.  Answered by
     L{RelayBound}.
+
+    To a relay on another lobby node than the peer's own (an
+    introduction's C{relay}), which never observed the peer's fresh
+    mapping, the bind carries C{proof} instead (L{bind_proof}): the body is
+    then L{_PROVEN}, the 16-byte proof, and the padding; without a proof
+    it is the zero padding it always was.
     """
 
     TYPE = 0x2A
     padding: int = 8
+    proof: bytes = b""
+
+    def encode_body(self):
+        if not self.proof:
+            return bytes(self.padding)
+        if len(self.proof) != BIND_SECRET_LEN:
+            raise WireError("bad-body", "bind proof of the wrong length")
+        return bytes([_PROVEN]) + self.proof + bytes(self.padding)
+
+    @classmethod
+    def decode_body(cls, body):
+        if not body or body[0] == 0:
+            return cls(padding=zero_padding(body, 0, "relay bind"))
+        if body[0] != _PROVEN or len(body) < 1 + BIND_SECRET_LEN:
+            raise WireError("bad-body", "relay bind proof")
+        end = 1 + BIND_SECRET_LEN
+        return cls(zero_padding(body, end, "relay bind"), bytes(body[1:end]))
 
 
 @register

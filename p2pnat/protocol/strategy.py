@@ -161,3 +161,65 @@ def actions_for(role, mine, peer, peer_observed, peer_local, my_public, low_ttl=
         return (Actions(from_fresh=[peer_observed], spray_ip=peer_observed[0],
                         spray_rate=b.rate, spray_ports=b.ports), plan, b.duration + 1.0)
     return Actions(), plan, 0
+
+
+#: Rounds of a punch that repeats (the seed's window, the birthday punch),
+#: counted back from the last one before the relay's reserve, that run
+#: with the relay already carrying the traffic.
+LAST_ROUNDS = 1
+
+#: A birthday punch planned with less chance than this of a hit in its
+#: round is uncertain from its first round.  The default plan aims at
+#: 99.9 %: relaying first would only delay the direct path it nearly
+#: always finds in its first round.
+CERTAIN = 0.99
+
+
+def relay_first(plan, rounds_left=None, hairpin=None, translated=True):
+    """
+    Whether this punch is uncertain enough that the pair should talk
+    through the relay while it runs (the path is relayed at once and
+    upgraded to direct if the punch succeeds), and why.
+
+    Uncertain are:
+
+    - the same public IP on both sides (``direct`` to the local addresses):
+      one LAN, or two homes behind one carrier NAT, which only
+      hairpinning (unknown unless C{hairpin} says so) lets meet;
+    - a ``birthday`` punch whose plan gives it less than L{CERTAIN} chance
+      of a hit in the round;
+    - the last L{LAST_ROUNDS} rounds of a punch that repeats (the seed's
+      window, ``predict``, or ``birthday``) before the relay's reserve.
+
+    Both sides compute the same plan, mirrored, and so the same answer
+    for the first two.  Only the asker (A) counts its rounds; the
+    answering side cannot, and binds at once in every round of a
+    repeating punch: the lobby relays only once both sides are bound, so
+    the asker decides, and a round the punch wins cancels the bind.
+
+    @param plan: the L{p2pnat.protocol.nat.Plan} of this round.
+    @param rounds_left: rounds after this one that fit before the relay's
+        reserve; None on the answering side, which does not count them.
+    @param hairpin: whether the shared NAT is known to hairpin.
+    @param translated: whether the peer's address as the lobby saw it
+        differs from its own: False means no NAT in between (the lobby
+        on the peers' own network, or on their host), where the same
+        IP reaches the peer for certain.
+    @return: the reason (text), or None when the punch goes first.
+    """
+    s = plan.strategy
+    if s == "direct" and isinstance(plan.params, N.Direct) and plan.params.local:
+        if hairpin or not translated:
+            return None
+        return ("same public IP: only one LAN or a hairpinning NAT lets the punch through"
+                + (", and this NAT does not hairpin" if hairpin is False else ""))
+    if s not in ("predict", "birthday"):
+        return None
+    if s == "birthday" and plan.params.hit_probability < CERTAIN:
+        return (f"birthday punch with a {plan.params.hit_probability:.1%} chance of a hit"
+                " in its round")
+    if rounds_left is None:
+        return f"{s}: the asker relays in its last round"
+    if rounds_left < LAST_ROUNDS:
+        return f"the last round of the {s} punch"
+    return None

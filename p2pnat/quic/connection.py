@@ -4,7 +4,7 @@ aioquic's sans-IO QUIC connection, made to authenticate both peers and to
 apply real flow control.
 
 L{PeerConnection} is an C{aioquic.quic.connection.QuicConnection} with
-four changes, all through aioquic internals that L{check_internals}
+five changes, all through aioquic internals that L{check_internals}
 verifies (the package refuses to start on an aioquic whose internals
 moved, with one clear message, rather than run without them):
 
@@ -27,6 +27,17 @@ moved, with one clear message, rather than run without them):
 - Bounds: at most C{max_streams} streams the peer may have open at once,
   no unidirectional streams, at most L{MAX_PENDING_DATAGRAMS} datagrams
   waiting to be sent.
+- The side that connected follows the other to a new address
+  (L{PeerConnection.receive_datagram}).  RFC 9000 lets only clients
+  migrate, and aioquic's client drops every packet from a server address
+  it never sent to; but here the "server" is a peer behind a NAT that may
+  rebind as well.  A packet from a new address that decrypts with the
+  connection's keys, is not a duplicate and is the newest received moves
+  the connection there, and that path is then validated (PATH_CHALLENGE)
+  exactly as aioquic's server does for a client that moved: a path that
+  does not answer in time is abandoned for the last validated one.
+  Anything else from an unknown address changes nothing.  Counted:
+  L{PeerConnection.unauthenticated} datagrams in which no packet passed.
 """
 
 import functools
@@ -96,9 +107,18 @@ class _CertificateRequired(tls.Alert):
 _TLS_INTERNALS = ("_check_certificate_verify_signature", "_server_expect_finished",
                   "_request_client_certificate", "_peer_certificate",
                   "_peer_certificate_chain")
-_CONNECTION_INTERNALS = ("_initialize", "_handshake_confirmed", "_loss", "_max_datagram_size", "_write_stream_limits", "_datagrams_pending",
+_CONNECTION_INTERNALS = ("_initialize", "_handshake_confirmed", "_loss", "_max_datagram_size",
+                         "_write_stream_limits", "_datagrams_pending",
                          "_streams", "_local_max_streams_bidi", "_local_max_streams_uni",
-                         "_on_max_stream_data_delivery")
+                         "_on_max_stream_data_delivery",
+                         # following the peer to a new address:
+                         "_payload_received", "_network_paths", "_add_network_path",
+                         "_use_reserved_peer_cid", "_spaces", "_is_client",
+                         # probing a new route at once:
+                         "_send_probe")
+#: QuicNetworkPath attributes the same relies on.
+_PATH_INTERNALS = ("addr", "is_validated", "peer_cid", "local_challenge_sent",
+                   "validation_deadline")
 
 
 @functools.cache
@@ -120,6 +140,11 @@ def check_internals():
     if not all(hasattr(pacer, name) for name in ("packet_time", "bucket_max",
                                                   "_max_datagram_size")):
         missing.append("QuicPacketRecovery._pacer (packet_time, bucket_max)")
+    if not hasattr(getattr(conn, "_loss", None), "_pto_count"):
+        missing.append("QuicPacketRecovery._pto_count")
+    network_path = _connection.QuicNetworkPath(("192.0.2.1", 1))
+    missing += [f"QuicNetworkPath.{name}" for name in _PATH_INTERNALS
+                if not hasattr(network_path, name)]
     if not hasattr(QuicStreamSender(0, True), "_buffer_stop"):
         missing.append("QuicStreamSender._buffer_stop")
     if missing:
@@ -156,6 +181,13 @@ class PeerConnection(_connection.QuicConnection):
     @ivar peer_identity: the L{identity.PeerIdentity} the peer's verified
         certificate names, once the handshake got that far (else None).
     @ivar refusal: why we refused the peer's certificate, if we did.
+    @ivar unauthenticated: datagrams received in which no packet passed
+        authentication (forged, corrupted, replayed, or for keys already
+        discarded): they changed nothing.
+    @ivar peer_moves: how many times the connecting side followed the
+        peer to a new address (see L{receive_datagram}).
+    @ivar fresh: whether the last datagram received brought the newest
+        authenticated 1-RTT packet so far.
     """
 
     def __init__(self, *, configuration, credentials, expected, clock,
@@ -174,6 +206,10 @@ class PeerConnection(_connection.QuicConnection):
         self._p2p_clock = clock
         self.peer_identity = None
         self.refusal = None
+        self.unauthenticated = 0
+        self.peer_moves = 0
+        self.fresh = False
+        self._passed = []  # (network path, is_probing) of each packet that passed
         self.stream_window = stream_window
         # Bytes of each stream the application has taken: the window is
         # announced from there (see _write_stream_limits).
@@ -224,6 +260,79 @@ class PeerConnection(_connection.QuicConnection):
         client, the server accepted our certificate and said so.
         """
         return self._handshake_confirmed
+
+    # -- the peer's address --------------------------------------------------------
+
+    def receive_datagram(self, data, addr, now):
+        """
+        aioquic's C{receive_datagram}, which also counts datagrams that
+        changed nothing and, on the connecting side, follows the peer to a
+        new address (see the module).
+
+        @return: True if at least one packet in it passed authentication;
+            C{fresh} then says whether it brought the newest 1-RTT packet
+            received so far (what proves that the peer sends from C{addr}
+            now, where a delayed or replayed packet proves nothing).
+        """
+        passed = self._passed = []
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        largest = space.largest_received_packet if space is not None else None
+        path = None
+        if (self._is_client and self._handshake_confirmed and self._network_paths
+                and self._network_paths[0].addr != addr):
+            path = next((p for p in self._network_paths if p.addr == addr), None)
+            if path is None:
+                # aioquic's client would drop it at once: let it through on
+                # a path of its own, which stays only if a packet passes.
+                path = _connection.QuicNetworkPath(addr)
+                self._add_network_path(path)
+        super().receive_datagram(data, addr, now)
+        if not passed:
+            self.unauthenticated += 1
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        self.fresh = bool(passed) and space is not None and (
+            largest is None or space.largest_received_packet > largest)
+        if path is None or path not in self._network_paths:
+            return bool(passed)
+        mine = [probing for p, probing in passed if p is path]
+        if not mine:
+            if not (path.is_validated or path.local_challenge_sent or path.peer_cid):
+                self._network_paths.remove(path)  # nothing came from there
+        elif self.fresh and not all(mine):
+            self._follow(path)
+        return bool(passed)
+
+    def _follow(self, network_path):
+        # What aioquic's server does when a client's newest packet comes
+        # from a new address (RFC 9000 section 9.3): send there from now on,
+        # and validate the path; if the validation fails, the last validated
+        # path is restored.
+        self._network_paths.remove(network_path)
+        self._network_paths.insert(0, network_path)
+        if network_path.peer_cid is not None:
+            self._use_reserved_peer_cid(network_path)
+        if not network_path.is_validated:
+            network_path.local_challenge_sent = False
+            network_path.validation_deadline = None
+        self.peer_moves += 1
+
+    def probe_now(self):
+        """
+        Send a probe (an ack-eliciting PING) at the next transmission, and
+        forget the probe timeout's backoff: the route under the connection
+        changed (a layer below QUIC moved it), and the backoff that grew
+        while the old route was dead would otherwise hold back the first
+        packets on the new one for seconds.  The probe's acknowledgement
+        then lets loss recovery resend what was lost at once.
+        """
+        self._loss._pto_count = 0
+        self._send_probe()
+
+    def _payload_received(self, context, *args, **kwargs):
+        # Called for each packet that decrypted and is not a duplicate.
+        result = super()._payload_received(context, *args, **kwargs)
+        self._passed.append((context.network_path, result[1]))
+        return result
 
     # -- flow control -------------------------------------------------------------
 

@@ -34,9 +34,12 @@ its timer on the injected clock, and turns its events into:
 
 A packet that fails authentication (forged, corrupted, from an old
 connection) or repeats one already received is dropped by aioquic
-without effect; one that comes from a new address with valid protection
-moves the connection there after path validation (RFC 9000 section 9),
-which is how a peer whose NAT rebinds keeps its connection.
+without effect (a datagram with no packet that passed is counted in
+C{QuicSocket.dropped["unauthenticated"]}); one that comes from a new
+address with valid protection, and is the newest, moves the connection
+there after path validation (RFC 9000 section 9), which is how a peer
+whose NAT rebinds keeps its connection, on either side
+(L{p2pnat.quic.connection.PeerConnection.receive_datagram}).
 """
 
 import itertools
@@ -229,16 +232,41 @@ class QuicEndpoint:
         self.connection.send_ping(next(self._ping_ids))
         self.schedule_transmit()
 
+    def route_changed(self):
+        """
+        The route to the peer changed below QUIC (the peer's address stays
+        what QUIC knows, a lower layer moved its packets): probe the new
+        route now (L{p2pnat.quic.connection.PeerConnection.probe_now}).
+        """
+        if not self._up or self._ended:
+            return
+        self.connection.probe_now()
+        self.schedule_transmit()
+
     # -- driving aioquic ---------------------------------------------------------------
 
     def datagram_received(self, data, addr):
-        """A QUIC datagram for this connection arrived (from the socket)."""
+        """
+        A QUIC datagram for this connection arrived (from the socket).
+
+        @return: True if it brought the newest authenticated packet of the
+            connection so far: the peer sends from C{addr} now.
+        """
         if self._ended:
-            return
-        self.connection.receive_datagram(data, addr, now=self.clock.seconds())
+            return False
+        conn = self.connection
+        moves = conn.peer_moves
+        if not conn.receive_datagram(data, addr, now=self.clock.seconds()):
+            # Forged, corrupted, replayed, or for discarded keys: aioquic
+            # changed nothing.
+            self.socket.count_drop("unauthenticated", addr, f"{len(data)} bytes")
+        if conn.peer_moves != moves:
+            self.log.info("QUIC peer {peer} now sends from {addr}: following it",
+                          peer=str(self.peer), addr=wire.format_addr(addr))
         self._process_events()
         self._check_up()
         self.schedule_transmit()
+        return conn.fresh
 
     def schedule_transmit(self):
         """Send what aioquic has, soon (coalescing many writes into one pass)."""
@@ -623,51 +651,81 @@ class QuicSocket(DatagramProtocol):
         """The connections on this socket now."""
         return frozenset(self._endpoints)
 
-    def _drop(self, reason, addr, detail=""):
+    def count_drop(self, reason, addr, detail=""):
+        """A QUIC datagram was dropped: count it in C{dropped}, log (rate-limited)."""
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         self.drop_log(reason, addr, detail)
+
 
     def datagramReceived(self, data, addr):
         addr = addr[:2]
         if not is_quic(data):
             if self.other is not None:
                 return self.other(data, addr)
-            return self._drop("not-quic", addr)
+            return self.count_drop("not-quic", addr)
+        self.receive(data, addr)
+
+    def receive(self, data, addr):
+        """
+        Handle one QUIC datagram from C{addr}.
+
+        @return: True if it brought the newest authenticated packet of its
+            connection so far (see L{QuicEndpoint.datagram_received}): a
+            layer below QUIC may take that as proof that the peer sends
+            from C{addr} now.
+        """
         try:
-            self._quic_received(data, addr)
+            return bool(self._quic_received(data, addr))
         except Exception:
             self.dropped["internal-error"] = self.dropped.get("internal-error", 0) + 1
             self.log.failure("error handling a QUIC datagram from {addr}",
                              addr=wire.format_addr(addr))
+            return False
+
+    def owns(self, data):
+        """Whether QUIC datagram C{data} is for one of this socket's connections (by its ID)."""
+        try:
+            head = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+        except ValueError:
+            return False
+        return head.destination_cid in self._routes
 
     def _quic_received(self, data, addr):
+        if not data[0] & 0x80:
+            # A short header (every packet after the handshake): the
+            # destination CID is the next CID_LENGTH bytes, our own length.
+            # Parsing the whole header here cost a tenth of a receiving
+            # peer's CPU in bench/nebula_bulk.py, and aioquic parses it anyway.
+            endpoint = self._routes.get(data[1:1 + CID_LENGTH])
+            if endpoint is not None:
+                return endpoint.datagram_received(data, addr)
         try:
             head = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError as e:
-            return self._drop("bad-quic-header", addr, str(e))
+            return self.count_drop("bad-quic-header", addr, str(e))
         endpoint = self._routes.get(head.destination_cid)
         if endpoint is not None:
             return endpoint.datagram_received(data, addr)
         if head.packet_type != QuicPacketType.INITIAL or self._accept is None:
-            return self._drop("unknown-connection", addr)
+            return self.count_drop("unknown-connection", addr)
         if len(data) < MIN_INITIAL:
-            return self._drop("short-initial", addr, f"{len(data)} bytes")
+            return self.count_drop("short-initial", addr, f"{len(data)} bytes")
         if head.version not in (1, 0x6B3343CF):  # QUIC v1, v2
-            return self._drop("quic-version", addr, f"{head.version:#x}")
+            return self.count_drop("quic-version", addr, f"{head.version:#x}")
         peers, on_connection, services, options = self._accept
         conn = self._connection(is_client=False, expected=peers,
                                 original_destination_connection_id=head.destination_cid)
         try:
             endpoint = self._endpoint(conn, addr, services, options)
         except ConnectionError as e:
-            return self._drop("too-many-connections", addr, str(e))
+            return self.count_drop("too-many-connections", addr, str(e))
         for cid in (head.destination_cid, conn.host_cid):
             self.register(cid, endpoint)
             endpoint._cids.add(cid)
         if on_connection is not None:
             endpoint.connected.addCallback(self._accepted, on_connection)
         endpoint.connected.addErrback(lambda f: None)  # the endpoint logged it
-        endpoint.datagram_received(data, addr)
+        return endpoint.datagram_received(data, addr)
 
     def _accepted(self, endpoint, on_connection):
         try:

@@ -565,6 +565,10 @@ class RelayService(service.MultiService):
             d = self.table.get(device_id)
             if d is not None and d.record is not None and not d.revoked:
                 record = dataclasses.replace(d.record, revoked=self.reactor.seconds())
+                # Kept in this node's SQLite too (as the shared registry has
+                # it, revoked): refused after a restart with Redis away, and
+                # merged again into a Redis that came back empty.
+                self.registry.import_device(record)
                 self._revoked_here[device_id] = record
                 self.apply_records({device_id: record})
                 self.cluster.publish_registry({device_id: record})

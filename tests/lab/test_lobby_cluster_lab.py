@@ -9,10 +9,11 @@ and A ``p2pnat peer connect B --send ping`` (``--no-portmap``).
 
 - two hosts behind symmetric NATs with sequential ports get a direct path
   (the port prediction, as with one lobby), and an echo;
-- two hosts behind symmetric NATs with random ports get a relayed path
-  (each node relays its own client's leg; the nodes pass the datagrams to
-  each other), and an echo, as the single-node matrix says
-  (L{tests.support.lab.p2p.expect_direct});
+- two hosts behind symmetric NATs with random ports get a relayed path,
+  and an echo, as the single-node matrix says
+  (L{tests.support.lab.p2p.expect_direct}); node 1 (A's) relays it alone:
+  B binds there through his NAT's mapping towards node 1, node 1's metrics
+  count the relayed datagrams and node 2's none;
 - the introductions crossed nodes (both nodes' logs say so).
 
 It needs root, ``ip``, ``nft``, ``conntrack`` and ``redis-server``; it
@@ -21,6 +22,7 @@ set.
 """
 
 import os
+import re
 import shutil
 
 from tests.support import procs
@@ -33,6 +35,8 @@ PAIRS = (("symmetric-sequential", "symmetric-sequential"),
          ("symmetric-random", "symmetric-random"))
 #: Connects per pair (each must give the expected path and an echo).
 TRIALS = int(os.environ.get("P2PLAB_TRIALS", "2"))
+#: Each node serves its metrics on its own namespace's loopback.
+METRICS_PORT = 9100
 
 
 class LobbyClusterLab(P.P2PLab):
@@ -90,11 +94,22 @@ class LobbyClusterLab(P.P2PLab):
             n["proc"] = n["server"].popen(
                 procs.twistd("lobby", "--lobby-state-dir", n["state"], "--udp-listen",
                              ",".join(listen), "--lobby-sync-interval", "0.2",
-                             "--cluster-redis", url, "--cluster-node", name),
+                             "--cluster-redis", url, "--cluster-node", name,
+                             "--metrics-listen", f"tcp:{METRICS_PORT}:interface=127.0.0.1"),
                 cwd=procs.REPO, env=procs.env())
         for name, n in self.nodes.items():
             wait_output(n["proc"], lambda out: "connected to redis" in out,
                         f"lobby node {name} connected to redis", timeout)
+
+    def relayed(self, name):
+        """Datagrams lobby node C{name} relayed, from its metrics (read inside its namespace)."""
+        url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+        done = self.nodes[name]["server"].run(self.nodes[name]["server"].python(
+            "-c", f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"))
+        if done.returncode != 0:
+            raise AssertionError(f"cannot read node {name}'s metrics: {done.stderr[-2000:]}")
+        m = re.search(r'^p2pnat_udp_sent_total\{kind="relayed"\} (\S+)$', done.stdout, re.M)
+        return float(m.group(1)) if m else 0.0
 
 
 class LobbyClusterLabTests(LabTestCase):
@@ -146,7 +161,16 @@ class LobbyClusterLabTests(LabTestCase):
         self.trials("symmetric-sequential", "symmetric-sequential")
 
     def test_random_pair_relayed(self):
-        """Two symmetric NATs with random ports, clients on two nodes: relayed across the nodes."""
+        """
+        Two symmetric NATs with random ports, clients on two nodes: relayed,
+        by node 1 alone (B binds there directly: no hop between the nodes).
+        """
         self.trials("symmetric-random", "symmetric-random")
         out1 = self.cl.nodes["n1"]["proc"].stdout()
-        self.assertRegex(out1, r"relaying session \w+ for b-rand through node at ")
+        out2 = self.cl.nodes["n2"]["proc"].stdout()
+        b_public = self.cl.clients["b-rand"].host.public_ip
+        self.assertRegex(out1, r"relaying session \w+ for b-rand at " + re.escape(b_public))
+        self.assertNotIn("relaying session", out2)
+        # The ping and its echo of each trial at least, relayed by node 1.
+        self.assertGreaterEqual(self.cl.relayed("n1"), 2 * TRIALS)
+        self.assertEqual(self.cl.relayed("n2"), 0)

@@ -20,10 +20,9 @@ otherwise, and fail instead when the environment variable ``CI`` is set.
 import subprocess
 import time
 
-from tests.support import procs
 from tests.support.lab import p2p as P
 from tests.support.lab.cases import LabTestCase, measured
-from tests.support.lab.running import events, wait_event, wait_output
+from tests.support.lab.running import events, wait_event
 
 #: The routers' conntrack UDP timeout (seconds).
 UDP_TIMEOUT = 10
@@ -41,14 +40,7 @@ PAIRS = [("symmetric-sequential", "symmetric-sequential"),
 class LivenessLab(P.P2PLab):
     def start_lobby(self, timeout=20):
         """The lobby, asking for presence keepalives below the NATs' timeout."""
-        listen = self.lobby_listen()
-        self.lobby = self.server.popen(
-            procs.twistd("lobby", "--lobby-state-dir", self.state, "--udp-listen",
-                         ",".join(listen), "--lobby-keepalive", "5"),
-            cwd=procs.REPO, env=procs.env())
-        wait_output(self.lobby, lambda out: out.count("ControlProtocol starting on") >= len(listen),
-                    f"the lobby listening on {len(listen)} sockets", timeout)
-        return self.lobby
+        return super().start_lobby("--lobby-keepalive", "5", timeout=timeout)
 
 
 class IdleSymmetricPairsTests(LabTestCase):

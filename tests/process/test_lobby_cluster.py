@@ -10,20 +10,29 @@ logged into different nodes.
   in nowhere as offline;
 - Redis killed: Alice's request for Bob gets a clear refusal at once, her
   request for Dave (on her own node) still connects; Redis back: Bob is
-  reached again, with nothing done by hand.
+  reached again, with nothing done by hand;
+- a relayed session across nodes (both clients say their ports are
+  random behind symmetric NATs, from different loopback addresses: no
+  punch is tried) runs on node 1 alone: the echo comes back, node 1's
+  metrics count the relayed datagrams and node 2's count none.
 """
 
 import os
+import re
 import subprocess
 import time
+import urllib.request
 
 from tests.process.test_daemons import ETC, LOOPBACK, DaemonTestCase
 from tests.support import procs
 from tests.support.lab.running import events, first
 from tests.support.procs import provision
-from tests.support.redis import RedisServer, require_redis
+from tests.support.redis import RedisServer, free_port, require_redis
 
 PEER_FLAGS = ("--json", "-v", "--no-portmap", "--no-ipv6")
+#: What a client behind a symmetric NAT with random ports says of it: no
+#: punch can work between two of them, the lobby relays.
+RANDOM = ("--nat", "address-and-port-dependent/random")
 
 
 class LobbyClusterTests(DaemonTestCase):
@@ -35,42 +44,57 @@ class LobbyClusterTests(DaemonTestCase):
         self.nodes = {}
 
     def node(self, name):
-        """Start lobby node C{name}; its state directory and UDP address."""
+        """Start lobby node C{name}; its state directory, UDP address and metrics port."""
         state = os.path.join(self.tmpdir(), name)
         os.makedirs(state)
         with open(os.path.join(state, "cluster.secret"), "w") as f:
             f.write(self.secret)
+        metrics = free_port()
         lobby = self.start(
             "lobby", "--config", os.path.join(ETC, "lobby.toml"), "--lobby-state-dir", state,
             "--udp-listen", f"{LOOPBACK}:0", "--lobby-sync-interval", "0.2",
-            "--lobby-keepalive", "1", "--cluster-redis", self.redis.url, "--cluster-node", name)
+            "--lobby-keepalive", "1", "--cluster-redis", self.redis.url, "--cluster-node", name,
+            "--metrics-listen", f"tcp:{metrics}:interface={LOOPBACK}")
         m = lobby.wait_for(r"other nodes reach it at 127\.0\.0\.1:(\d+)")
         lobby.wait_for("connected to redis")
-        node = {"daemon": lobby, "state": state, "addr": f"{LOOPBACK}:{m.group(1)}"}
+        node = {"daemon": lobby, "state": state, "addr": f"{LOOPBACK}:{m.group(1)}",
+                "metrics": metrics}
         self.nodes[name] = node
         return node
 
-    def client(self, cid, node):
-        """Provision C{cid} on C{node} (its lobby); its client.toml."""
+    def client(self, cid, node, interface=None):
+        """Provision C{cid} on C{node} (its lobby), bound to C{interface} if given; its client.toml."""
         out = os.path.join(self.tmpdir(), cid)
         provision("client", "add", cid, "--state-dir", node["state"], "--lobby", node["addr"],
                   "--out", out)
-        return os.path.join(out, "client.toml")
+        config = os.path.join(out, "client.toml")
+        if interface:
+            with open(config, "a") as f:
+                f.write(f'interface = "{interface}"\n')
+        return config
 
-    def wait(self, config, name):
+    def wait(self, config, name, *flags):
         """``p2pnat peer wait --echo`` as a daemon; returns once it logged in."""
         waiter = self.start(name, argv=procs.p2pnat("peer", "wait", "--config", config,
-                                                     "--echo", *PEER_FLAGS))
+                                                     "--echo", *PEER_FLAGS, *flags))
         waiter.wait_for('"event": "login"', timeout=30)
         return waiter
 
-    def connect(self, config, peer, timeout=30):
+    def connect(self, config, peer, *flags, timeout=30):
         """``p2pnat peer connect PEER --send ping``: (exit status, events, stderr)."""
         done = subprocess.run(  # noqa: PLW1510 (the status is part of the result)
             procs.p2pnat("peer", "connect", peer, "--config", config, "--send", "ping",
-                         "--no-stdin", "--wait", "2", "--timeout", "8", *PEER_FLAGS),
+                         "--no-stdin", "--wait", "2", "--timeout", "8", *PEER_FLAGS, *flags),
             cwd=procs.REPO, env=procs.env(), capture_output=True, text=True, timeout=timeout)
         return done.returncode, events(done.stdout), done.stderr
+
+    def relayed(self, node):
+        """Datagrams lobby node C{node} relayed, from its Prometheus metrics."""
+        url = f"http://{LOOPBACK}:{node['metrics']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as page:  # noqa: S310 (our own daemon)
+            text = page.read().decode()
+        m = re.search(r'^p2pnat_udp_sent_total\{kind="relayed"\} (\S+)$', text, re.M)
+        return float(m.group(1)) if m else 0.0
 
     def assert_path(self, result, mode="direct"):
         status, evs, stderr = result
@@ -80,9 +104,10 @@ class LobbyClusterTests(DaemonTestCase):
         self.assertTrue(any(e.get("event") == "data" for e in evs), f"no echo: {evs}")
         self.assertEqual(status, 0, stderr[-3000:])
 
-    def cluster(self):
+    def cluster(self, interfaces=(None, None)):
         n1, n2 = self.node("n1"), self.node("n2")
-        alice, bob = self.client("alice", n1), self.client("bob", n2)
+        alice = self.client("alice", n1, interfaces[0])
+        bob = self.client("bob", n2, interfaces[1])
         # Each node has written its client list (sync interval 0.2 s).
         n2["daemon"].wait_for("connected to redis")
         time.sleep(0.5)
@@ -133,3 +158,18 @@ class LobbyClusterTests(DaemonTestCase):
                 break
             time.sleep(0.5)
         self.assert_path(result)
+
+    def test_relayed_by_one_node(self):
+        """
+        Alice (node 1) and Bob (node 2) end relayed: node 1 relays both
+        ways, node 2 relays nothing (Bob binds at node 1, proving his role).
+        """
+        n1, n2, alice, bob = self.cluster(interfaces=("127.0.0.2", "127.0.0.3"))
+        self.wait(bob, "bob-wait", *RANDOM)
+        self.assert_path(self.connect(alice, "bob", *RANDOM), mode="relayed")
+        n1["daemon"].wait_for(r"relaying session \w+ for alice at 127\.0\.0\.2:")
+        n1["daemon"].wait_for(r"relaying session \w+ for bob at 127\.0\.0\.3:")
+        # The ping and its echo at least, each relayed once, by node 1.
+        self.assertGreaterEqual(self.relayed(n1), 2)
+        self.assertEqual(self.relayed(n2), 0)
+        self.assertNotIn("relaying session", n2["daemon"].output())

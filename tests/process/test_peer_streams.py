@@ -128,11 +128,7 @@ class PeerStreamsProcessTests(DaemonTestCase):
     def test_bundle_without_certificate(self):
         """A bundle from before client certificates: a clear message for --forward-tcp."""
         config = os.path.join(self.bundles["alice"], "client.toml")
-        with open(config) as f:
-            lines = [line for line in f if not line.startswith(("cert_file", "key_file",
-                                                                  "ca_file"))]
-        with open(config, "w") as f:
-            f.writelines(lines)
+        procs.without_certificate(config)
         done = subprocess.run(procs.p2pnat("peer", "connect", "bob", "--config", config,
                                            "--forward-tcp", f"{LOOPBACK}:0=echo", *QUIET),
                               cwd=procs.REPO, env=procs.env(), stdin=subprocess.DEVNULL,

@@ -53,3 +53,14 @@ def provision(*argv):
     if status != 0:
         raise AssertionError(f"p2pnat {' '.join(argv)}: status {status}: {err.getvalue()}")
     return out.getvalue()
+
+
+def without_certificate(config):
+    """
+    Make ``client.toml`` a bundle from before client certificates: drop its
+    ``cert_file``, ``key_file`` and ``ca_file`` lines.
+    """
+    with open(config) as f:
+        lines = [line for line in f if not line.startswith(("cert_file", "key_file", "ca_file"))]
+    with open(config, "w") as f:
+        f.writelines(lines)

@@ -11,9 +11,11 @@ lists, one channel per node; messages go through JSON as over Redis).
   gone, the invitee gone from its node, the cluster down (same-node
   introductions still work), each at once;
 - retransmissions on both sides, and expiry;
-- the relayed session across nodes: each node relays its own client's leg,
-  datagrams pass between the nodes' relay sockets, both ways, and only
-  from the addresses the nodes observed;
+- the relayed session across nodes runs on the asking client's node
+  alone: the invitee binds there with the proof of its bind secret (which
+  the asker, holding the session key, cannot make), datagrams flow both
+  ways through that node, and the invitee's node relays nothing;
+- the wire format of the relay's address and the bind proof;
 - the pure rules: when presence is written, the session key's seal, and
   the signed messages (forged ones do nothing).
 """
@@ -41,10 +43,12 @@ from p2pnat.cluster.state import ClusterUnavailable, Signer, cluster_keys
 from p2pnat.daemon.metrics import Metrics
 from p2pnat.lobby.server import Lobby
 from p2pnat.net.udp import ControlProtocol
+from p2pnat.peer.client import LobbyClient
+from p2pnat.peer.path import Path
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
-from tests.support.udp import FakeNetwork
-from tests.unit import test_lobby_server
+from tests.support.udp import FakeNetwork, SimNat, SimNet
+from tests.unit import test_lobby_server, test_peer_client
 from tests.unit.test_taps import TapTestCase, UDPMemoryReactor
 
 NODE1, NODE2 = ("198.18.1.1", 3478), ("198.18.2.1", 3478)
@@ -117,11 +121,11 @@ class BusCluster:
             return fail(ClusterUnavailable("redis 127.0.0.1:6379 not connected"))
         return succeed(self.bus.deliver(node, json.dumps({**fields, "from": self.node})))
 
-    def seal_key(self, session_key, session_id, a, b):
-        return self.keys.seal(session_key, session_id, a, b, bytes(12))
+    def seal_key(self, secret, session_id, a, b, purpose="session"):
+        return self.keys.seal(secret, session_id, a, b, bytes(12), purpose)
 
-    def open_key(self, text, session_id, a, b):
-        return self.keys.open(text, session_id, a, b)
+    def open_key(self, text, session_id, a, b, purpose="session"):
+        return self.keys.open(text, session_id, a, b, purpose)
 
 
 class Cluster:
@@ -140,10 +144,10 @@ class Cluster:
             keys = {c: KEYS[c] for c in REGISTRY[name]}
             lobby = Lobby(keys.get, self.clock, metrics, keepalive=20,
                           cluster=BusCluster(self.bus, name, self.clock), **options)
-            proto = self.net.attach(
+            self.net.attach(
                 ControlProtocol(lobby, self.clock, metrics, wire.ReplayGuard(self.clock),
                                 stamper=wire.Stamper(self.clock)), *addr)
-            lobby.relay_socket, lobby.relay_address = proto, addr
+            lobby.relay_address = addr
             self.bus.nodes[name] = lobby
             self.bus.clients[name] = set(keys)
             self.lobbies[name], self.metrics[name] = lobby, metrics
@@ -155,6 +159,10 @@ class Cluster:
 
     def dropped(self, node, reason):
         return self.metrics[node].value("p2pnat_udp_dropped_total", reason=reason)
+
+    def relayed(self, node):
+        """Datagrams node C{node} relayed."""
+        return self.metrics[node].value("p2pnat_udp_sent_total", kind="relayed")
 
 
 class _TwoNodes:
@@ -209,8 +217,9 @@ class IntroductionTests(_TwoNodes, SynchronousTestCase):
         self.assertEqual(intro.session_id, invite.session_id)
         # The key crossed the bus sealed only.
         self.assertFalse(any(ka.hex() in text for text in self.c.bus.messages))
-        self.assertEqual([n.sessions[intro.session_id].key for n in self.c.lobbies.values()],
-                         [ka, ka])
+        # The session is node 1's alone: it relays it if need be.
+        self.assertEqual(self.c.lobbies["n1"].sessions[intro.session_id].key, ka)
+        self.assertEqual(self.c.lobbies["n2"].sessions, {})
 
     def test_same_node_untouched_by_the_cluster(self):
         dave = self.c.login("dave", ("192.0.2.4", 7000), NODE1)
@@ -232,13 +241,16 @@ class IntroductionTests(_TwoNodes, SynchronousTestCase):
         invites = self.received(self.b, M.Invite)
         self.assertEqual(len(invites), 2)
         self.assertEqual(invites[0][0].session_id, invites[1][0].session_id)
+        # The relay and Bob's bind secret, made once by node 1.
+        self.assertEqual({(m.relay, m.sealed_secret) for m, _ in invites},
+                         {(NODE1, invites[0][0].sealed_secret)})
         self.answer()
         self.answer()  # B's answer again: acknowledged and passed on again
         self.assertEqual(len(self.received(self.b2, M.AnswerAck)), 2)
         self.assertEqual(len(self.received(self.a2, M.Introduce)), 2)
         self.request()  # A missed the Introduce: node 1 sends it again by itself
         self.assertEqual(len(self.received(self.a2, M.Introduce)), 3)
-        self.assertEqual([len(n.sessions) for n in self.c.lobbies.values()], [1, 1])
+        self.assertEqual([len(n.sessions) for n in self.c.lobbies.values()], [1, 0])
 
     def test_answer_missed_by_the_asking_node(self):
         """Node 2 passes B's answer on again when A's request comes again."""
@@ -327,6 +339,12 @@ class RefusalTests(_TwoNodes, SynchronousTestCase):
 
 
 class RelayTests(_TwoNodes, SynchronousTestCase):
+    """
+    Alice (node 1) asked for Bob (node 2): node 1 relays.  Bob binds from
+    a fresh mapping node 1 never saw (through a symmetric NAT, his socket's
+    mapping towards node 1 is another than towards node 2).
+    """
+
     options = {"relay_rate": 10_000}
 
     def setUp(self):
@@ -334,66 +352,305 @@ class RelayTests(_TwoNodes, SynchronousTestCase):
         self.request()
         self.answer()
         [(intro, _)] = self.received(self.a2, M.Introduce)
+        [(self.invite, _)] = self.received(self.b, M.Invite)
+        self.intro = intro
         self.sid = intro.session_id
         self.key = M.open_session_key(KEYS["alice"], self.sid, intro.sealed_key)
+        self.secret = M.open_bind_secret(KEYS["bob"], self.sid, self.invite.sealed_secret)
+        self.ka, self.kb = M.session_key_id(self.sid, "a"), M.session_key_id(self.sid, "b")
+        self.c.session_keys = {self.ka: self.key, self.kb: self.key}
+        # Bob's fresh socket as node 1 sees it.
+        self.b3 = Peer(self.c, "bob", ("198.51.100.2", 6107))
+
+    def bind(self, peer, kid, to=NODE1, secret=None, proof=None):
+        """
+        C{peer} binds C{kid} at C{to}, with a proof under C{secret} (or
+        C{proof}): the L{M.RelayBound} it got back, or None.
+        """
+        stamp = peer.stamper()
+        if secret is not None:
+            proof = M.bind_proof(secret, kid, stamp)
+        data = wire.seal(M.RelayBind(proof=proof or b""), kid, self.key, stamp)
+        before = len(peer.got)
+        self.c.net.send(data, peer.addr, to)
+        new = [m for f, m, a in peer.got[before:] if isinstance(m, M.RelayBound)]
+        return new[-1] if new else None
+
+    def test_invite_names_the_relay(self):
+        """Bob's Invite names node 1's relay address and his secret; Alice's Introduce neither."""
+        self.assertEqual(self.invite.relay, NODE1)
+        self.assertIsNone(self.intro.relay)
+        self.assertEqual(len(self.secret), 16)
+        # The secret crossed the bus sealed only; node 2 holds no session.
+        self.assertFalse(any(self.secret.hex() in text for text in self.c.bus.messages))
+        self.assertIn(self.sid, self.c.lobbies["n1"].sessions)
+        self.assertEqual(self.c.lobbies["n2"].sessions, {})
+        self.assertEqual(self.c.lobbies["n1"].sessions[self.sid].secrets, {"b": self.secret})
+
+    def test_relay_on_one_node(self):
+        """Both bind at node 1; datagrams go both ways through it, none through node 2."""
+        self.assertEqual(self.bind(self.a2, self.ka), M.RelayBound(False))
+        self.assertEqual(self.bind(self.b3, self.kb, secret=self.secret), M.RelayBound(True))
+        self.c.clock.advance(0.25)
+        self.assertEqual(self.bind(self.a2, self.ka), M.RelayBound(True))
+        sent = self.a2.send(M.Data(b"hello"), key_id=self.ka, key=self.key, to=NODE1)
+        frame, msg, addr = self.b3.got[-1]
+        self.assertEqual((msg, addr), (M.Data(b"hello"), NODE1))
+        self.assertEqual(frame.signed + frame.mac, sent)  # as it was sent
+        self.b3.send(M.Data(b"back"), key_id=self.kb, key=self.key, to=NODE1)
+        self.assertEqual(self.received(self.a2, M.Data), [(M.Data(b"back"), NODE1)])
+        self.assertEqual((self.c.relayed("n1"), self.c.relayed("n2")), (2, 0))
+        # Nothing went between the nodes' sockets.
+        self.assertEqual(self.c.dropped("n2", "unknown-key"), 0)
+
+    def test_asker_cannot_bind_the_invitees_role(self):
+        """
+        Alice holds the session key, not Bob's secret: her binds of Bob's
+        role are dropped (no proof, a proof under another secret, Bob's
+        proof replayed under a new timestamp), counted and logged.
+        """
+        self.bind(self.a2, self.ka)
+        self.assertIsNone(self.bind(self.a2, self.kb))
+        self.c.clock.advance(0.001)
+        self.assertIsNone(self.bind(self.a2, self.kb, secret=self.key[:16]))
+        self.c.clock.advance(0.001)
+        self.bind(self.b3, self.kb, secret=self.secret)
+        [bobs] = [wire.parse(d) for d, src, dst in self.sent_binds(self.b3)]
+        stolen = M.RelayBind.decode_body(bobs.body).proof
+        self.c.clock.advance(0.001)
+        self.assertIsNone(self.bind(self.a2, self.kb, proof=stolen))
+        self.assertEqual(self.c.dropped("n1", "relay-bind-unproven"), 3)
+        # Bob's role is still bound to Bob: Alice's datagram goes to him.
+        self.a2.send(M.Data(b"x"), key_id=self.ka, key=self.key, to=NODE1)
+        self.assertEqual(self.b3.last(M.Data), M.Data(b"x"))
+        self.assertEqual(self.received(self.a2, M.Data), [])
+
+    def sent_binds(self, peer):
+        return [(d, src, dst) for d, src, dst in self.c.net.log
+                if src == peer.addr and wire.parse(d).type == M.RelayBind.TYPE]
+
+    def test_invitees_node_relays_nothing(self):
+        """A bind at node 2, as clients did before: node 2 has no session to bind."""
+        self.assertIsNone(self.bind(self.b2, self.kb, to=NODE2, secret=self.secret))
+        self.assertEqual(self.c.dropped("n2", "unknown-key"), 1)
+
+    def test_rate_limit(self):
+        self.bind(self.a2, self.ka)
+        self.bind(self.b3, self.kb, secret=self.secret)
+        for _ in range(40):
+            self.a2.send(M.Data(bytes(500)), key_id=self.ka, key=self.key, to=NODE1)
+        passed = len(self.received(self.b3, M.Data))
+        self.assertTrue(10 <= passed <= 20, passed)
+        self.assertGreater(self.c.dropped("n1", "relay-rate-limited"), 0)
+
+
+class ClientsTests(SynchronousTestCase):
+    """
+    L{p2pnat.peer.client.LobbyClient}s on a simulated internet, each behind
+    a symmetric NAT with random ports (a mapping per destination), Alice
+    logged into node 1 and Bob into node 2: no punch can work, and the
+    session is relayed by node 1 alone.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.net = SimNet(self.clock, 0.005)
+        self.bus = Bus()
+        self.metrics = {}
+        for name, addr in (("n1", NODE1), ("n2", NODE2)):
+            self.metrics[name] = metrics = Metrics("lobby")
+            keys = {c: KEYS[c] for c in REGISTRY[name]}
+            lobby = Lobby(keys.get, self.clock, metrics, keepalive=20,
+                          cluster=BusCluster(self.bus, name, self.clock))
+            lobby.relay_address = addr
+            self.net.listen(addr[0], ControlProtocol(
+                lobby, self.clock, metrics, wire.ReplayGuard(self.clock), name=name,
+                stamper=wire.Stamper(self.clock)), addr[1])
+            self.bus.nodes[name] = lobby
+            self.bus.clients[name] = set(keys)
+        self.clients, self.incoming = {}, {}
+        for i, (name, node) in enumerate((("alice", NODE1), ("bob", NODE2))):
+            host, public = test_peer_client.HOSTS[name]
+            self.net.nats[host] = SimNat(public, base=20000 + 1000 * i, seed=i,
+                                         **test_peer_client.SIM[test_peer_client.RANDOM])
+            self.incoming[name] = []
+            c = LobbyClient(name, KEYS[name], node, self.net, interface=host,
+                            nat=test_peer_client.RANDOM, on_path=self.incoming[name].append,
+                            upgrade_interval=600)
+            self.clients[name] = c
+            d = c.start()
+            self.advance(0.05)
+            self.successResultOf(d)
+        self.addCleanup(self.stop)
+
+    def stop(self):
+        for c in self.clients.values():
+            c.stop()
+        self.advance(0.05)
+
+    def advance(self, seconds, step=0.005):
+        for _ in range(round(seconds / step)):
+            self.clock.advance(step)
+
+    def relayed(self, node):
+        return self.metrics[node].value("p2pnat_udp_sent_total", kind="relayed")
+
+    def test_relayed_by_one_node(self):
+        results = []
+        self.clients["alice"].connect("bob").addBoth(results.append)
+        self.advance(15)
+        [path] = results
+        self.assertIsInstance(path, Path, path)
+        [incoming] = self.incoming["bob"]
+        self.assertEqual((path.mode, incoming.mode), ("relayed", "relayed"))
+        # Both routes lead to node 1.
+        self.assertEqual((path.relayed[1], incoming.relayed[1]), (NODE1, NODE1))
+        got_a, got_b = [], []
+        path.on_datagram, incoming.on_datagram = got_a.append, got_b.append
+        before, relayed = len(self.net.sent), self.relayed("n1")
+        path.send(b"ping")
+        self.advance(0.05)
+        incoming.send(b"pong")
+        self.advance(0.05)
+        self.assertEqual((got_a, got_b), ([b"pong"], [b"ping"]))
+        data = [x for x in self.net.sent[before:] if test_peer_client.kind(x.data) == "Data"]
+        # Each datagram: its sender to node 1, node 1 to its receiver; no hop
+        # between the nodes, nothing through node 2.
+        self.assertEqual(len(data), 4)
+        self.assertTrue(all(NODE1 in (x.src, x.dst) for x in data), data)
+        # (node 1 may relay a path keepalive meanwhile)
+        self.assertGreaterEqual(self.relayed("n1") - relayed, 2)
+        self.assertEqual(self.relayed("n2"), 0)
+        # Bob bound with his proof from a mapping node 2 never saw.
+        binds = [x for x in self.net.sent if test_peer_client.kind(x.data) == "RelayBind"
+                 and x.src[0] == test_peer_client.HOSTS["bob"][1]]
+        self.assertTrue(binds)
+        self.assertEqual({x.dst for x in binds}, {NODE1})
+        self.assertTrue(all(M.RelayBind.decode_body(wire.parse(x.data).body).proof
+                            for x in binds))
+
+    def test_relay_traffic_from_the_relay_only(self):
+        """
+        Bob takes RelayBound from node 1 only: one from his own node (which
+        his fresh socket's NAT lets in: he answered from it) is ignored.
+        """
+        bob_ip = test_peer_client.HOSTS["bob"][1]
+        self.net.lose = lambda src, dst, data: (
+            src == NODE1 and dst[0] == bob_ip and test_peer_client.kind(data) == "RelayBound")
+        self.clients["alice"].connect("bob").addBoth(lambda r: None)
+        lobby2 = self.bus.nodes["n2"]
+        self.advance(0.3)
+        [p] = lobby2.remote.values()
+        kid = M.session_key_id(p.session_id, "b")
+        genuine = wire.seal(M.RelayBound(True), kid, p.session_key, wire.Stamper(self.clock)())
+        self.net.send(NODE2, p.answer[1], genuine)  # to Bob's fresh socket
+        self.advance(0.1)
+        self.assertEqual(self.net.errors, [])
+        self.assertEqual(self.incoming["bob"], [])
+        self.net.lose = lambda src, dst, data: False  # node 1's next answer arrives
+        self.advance(1)
+        self.assertEqual(len(self.incoming["bob"]), 1)
+
+
+class SingleNodeBindTests(_TwoNodes, SynchronousTestCase):
+    """Alice and Dave, both on node 1: the role binds only from its observed mapping."""
+
+    def setUp(self):
+        _TwoNodes.setUp(self)
+        self.dave = self.c.login("dave", ("192.0.2.4", 7000), NODE1)
+        self.d2 = Peer(self.c, "dave", ("192.0.2.4", 7001))
+        self.request(peer="dave")
+        [(invite, _)] = self.received(self.dave, M.Invite)
+        self.assertIsNone(invite.relay)
+        self.d2.send(M.Answer(7, True, ("10.9.0.4", 50001), M.NatInfo()), to=NODE1)
+        self.sid = invite.session_id
+        self.key = M.open_session_key(KEYS["dave"], self.sid, invite.sealed_key)
         self.ka, self.kb = M.session_key_id(self.sid, "a"), M.session_key_id(self.sid, "b")
         self.c.session_keys = {self.ka: self.key, self.kb: self.key}
 
-    def bind(self, peer, kid, to):
-        peer.send(M.RelayBind(), key_id=kid, key=self.key, to=to)
-        return peer.last(M.RelayBound)
+    def test_observed_mapping_only(self):
+        self.assertEqual(self.c.lobbies["n1"].sessions[self.sid].secrets, {})
+        self.a2.send(M.RelayBind(), key_id=self.ka, key=self.key, to=NODE1)
+        # Alice binding Dave's role, even with a proof (there is no secret
+        # to check it with): dropped, as ever.
+        stamp = self.a2.stamper()
+        self.c.net.send(wire.seal(M.RelayBind(proof=bytes(16)), self.kb, self.key, stamp),
+                        self.a2.addr, NODE1)
+        self.assertEqual(self.c.dropped("n1", "relay-bind-elsewhere"), 1)
+        self.c.clock.advance(0.001)  # another stamper, on the same key ID
+        self.d2.send(M.RelayBind(), key_id=self.kb, key=self.key, to=NODE1)
+        self.assertEqual(self.d2.last(M.RelayBound), M.RelayBound(True))
+        self.a2.send(M.Data(b"hi"), key_id=self.ka, key=self.key, to=NODE1)
+        self.assertEqual(self.d2.last(M.Data), M.Data(b"hi"))
+        # Each relayed datagram counted once.
+        self.assertEqual(self.c.relayed("n1"), 1)
+        self.assertEqual(self.c.bus.messages, [])
 
-    def test_relay_across_nodes(self):
-        """Each client binds at its own node; datagrams cross between the nodes."""
-        self.assertEqual(self.bind(self.a2, self.ka, NODE1), M.RelayBound(False))
-        self.assertEqual(self.bind(self.b2, self.kb, NODE2), M.RelayBound(True))
-        self.c.clock.advance(0.25)
-        self.assertEqual(self.bind(self.a2, self.ka, NODE1), M.RelayBound(True))
-        sent = self.a2.send(M.Data(b"hello"), key_id=self.ka, key=self.key, to=NODE1)
-        frame, msg, addr = self.b2.got[-1]
-        self.assertEqual((msg, addr), (M.Data(b"hello"), NODE2))
-        self.assertEqual(frame.signed + frame.mac, sent)  # as it was sent
-        self.b2.send(M.Data(b"back"), key_id=self.kb, key=self.key, to=NODE2)
-        self.assertEqual(self.received(self.a2, M.Data), [(M.Data(b"back"), NODE1)])
-        # Neither node answered the other's forwarded binds.
-        self.assertEqual([self.c.dropped(n, "unknown-key") for n in ("n1", "n2")], [0, 0])
 
-    def test_forwarded_bind_lost(self):
-        """A datagram from the other node binds its role as the lost bind would have."""
-        self.c.net.drop = lambda data, src, dst: src == NODE1 and dst == NODE2
-        self.bind(self.a2, self.ka, NODE1)
-        self.c.net.drop = lambda data, src, dst: False
-        self.assertEqual(self.bind(self.b2, self.kb, NODE2), M.RelayBound(False))
-        self.c.clock.advance(0.25)
-        self.assertEqual(self.bind(self.a2, self.ka, NODE1), M.RelayBound(True))
-        self.c.net.drop = lambda data, src, dst: src == NODE1 and dst == NODE2 and (
-            wire.parse(data).type == M.RelayBind.TYPE)
-        self.a2.send(M.Data(b"hello"), key_id=self.ka, key=self.key, to=NODE1)
-        self.assertEqual(self.b2.last(M.Data), M.Data(b"hello"))
+class WireTests(SynchronousTestCase):
+    """The relay's address in introductions, and the bind proof."""
 
-    def test_only_from_the_observed_addresses(self):
-        """Bob binding Alice's role at his node, or a stranger posing as node 1, does nothing."""
-        self.bind(self.a2, self.ka, NODE1)
-        self.bind(self.b2, self.kb, NODE2)
-        stranger = Peer(self.c, "x", ("192.0.2.66", 9))
-        self.c.clock.advance(0.001)
-        before = len(self.received(self.b2, M.RelayBound))
-        self.bind(self.b2, self.ka, NODE2)
-        self.assertEqual(len(self.received(self.b2, M.RelayBound)), before)
-        self.c.clock.advance(0.001)
-        stranger.send(M.Data(b"x"), key_id=self.ka, key=self.key, to=NODE2)
-        self.assertEqual(self.received(self.b2, M.Data), [])
-        self.assertEqual(self.c.dropped("n2", "relay-bind-elsewhere"), 1)
-        self.assertEqual(self.c.dropped("n2", "relay-unbound"), 1)
+    ARGS = (1, "alice", ("1.1.1.1", 2), ("10.0.0.1", 3), M.NatInfo(), b"S" * 16, b"K" * 32)
+    CANDS = (("198.51.100.7", 4000), ("2001:db8::7", 4001))
 
-    def test_rate_limit_per_node(self):
-        self.bind(self.a2, self.ka, NODE1)
-        self.bind(self.b2, self.kb, NODE2)
-        for _ in range(40):
-            self.a2.send(M.Data(bytes(500)), key_id=self.ka, key=self.key, to=NODE1)
-        passed = len(self.received(self.b2, M.Data))
-        self.assertTrue(10 <= passed <= 20, passed)
-        self.assertGreater(self.c.dropped("n1", "relay-rate-limited"), 0)
+    def test_introductions_round_trip(self):
+        for cls in (M.Invite, M.Introduce):
+            for cands in ((), self.CANDS):
+                for relay in (("198.18.1.1", 3478), ("2001:db8::1", 3478)):
+                    m = cls(*self.ARGS, candidates=cands, relay=relay,
+                            sealed_secret=bytes(range(16)))
+                    self.assertEqual(cls.decode_body(m.encode_body()), m)
+                plain = cls(*self.ARGS, candidates=cands)
+                self.assertEqual(cls.decode_body(plain.encode_body()), plain)
+
+    def test_without_relay_unchanged(self):
+        """An introduction without a relay is the body of a single lobby, byte for byte."""
+        with_relay = M.Invite(*self.ARGS, relay=("198.18.1.1", 3478)).encode_body()
+        plain = M.Invite(*self.ARGS).encode_body()
+        self.assertEqual(with_relay[:len(plain)], plain)
+        # The count of no candidates, the relay's address, the secret.
+        self.assertEqual(with_relay[len(plain):],
+                         b"\0" + wire.pack_addr("198.18.1.1", 3478) + bytes(16))
+
+    def test_introductions_malformed(self):
+        plain = M.Introduce(*self.ARGS).encode_body()
+        relayed = M.Introduce(*self.ARGS, relay=("198.18.1.1", 3478)).encode_body()
+        for bad in (plain + b"\0",  # a stray zero: no relay block follows
+                    relayed[:-1],  # the secret cut short
+                    relayed + b"\0",  # anything after it
+                    plain + b"\0" + wire.pack_addr("198.18.1.1", 3478)):  # no secret
+            self.assertRaises(wire.WireError, M.Introduce.decode_body, bad)
+        self.assertRaises(wire.WireError, M.Introduce(*self.ARGS, relay=("198.18.1.1", 1),
+                                                      sealed_secret=b"short").encode_body)
+
+    def test_relay_bind(self):
+        self.assertEqual(M.RelayBind().encode_body(), bytes(8))  # as ever
+        self.assertEqual(M.RelayBind.decode_body(bytes(8)), M.RelayBind())
+        proven = M.RelayBind(padding=0, proof=bytes(range(1, 17)))
+        self.assertEqual(proven.encode_body(), b"\x01" + bytes(range(1, 17)))
+        self.assertEqual(M.RelayBind.decode_body(proven.encode_body()), proven)
+        self.assertEqual(M.RelayBind.decode_body(M.RelayBind(4, b"p" * 16).encode_body()),
+                         M.RelayBind(4, b"p" * 16))
+        for bad in (b"\x01" + bytes(15),  # a proof cut short
+                    b"\x02" + bytes(16),  # not the proof marker
+                    b"\x01" + bytes(16) + b"\x01"):  # non-zero padding
+            self.assertRaises(wire.WireError, M.RelayBind.decode_body, bad)
+        self.assertRaises(wire.WireError, M.RelayBind(proof=b"short").encode_body)
+
+    def test_bind_secret_and_proof(self):
+        key, sid, secret = bytes(range(32)), bytes(16), b"s" * 16
+        sealed = M.seal_bind_secret(key, sid, secret)
+        self.assertNotEqual(sealed, secret)
+        self.assertEqual(M.open_bind_secret(key, sid, sealed), secret)
+        # Not the session key's pad: one sealed value does not give the other.
+        self.assertNotEqual(sealed, M.seal_session_key(key, sid, secret + bytes(16))[:16])
+        kid = M.session_key_id(sid, "b")
+        proof = M.bind_proof(secret, kid, 1000)
+        self.assertEqual(len(proof), 16)
+        for other in (M.bind_proof(secret, kid, 1001), M.bind_proof(b"t" * 16, kid, 1000),
+                      M.bind_proof(secret, M.session_key_id(sid, "a"), 1000)):
+            self.assertNotEqual(other, proof)
 
 
 class PresenceWritesTests(SynchronousTestCase):
@@ -411,6 +668,16 @@ class PresenceWritesTests(SynchronousTestCase):
 
 
 class KeySealTests(SynchronousTestCase):
+    def test_sealed_for_one_purpose(self):
+        """A sealed bind secret does not open as a session key, nor the other way."""
+        seal = KeySeal(cluster_keys(SECRET)[1])
+        sid = bytes(16)
+        secret = seal.seal(b"b" * 16, sid, "alice", "bob", bytes(12), "bind")
+        self.assertEqual(seal.open(secret, sid, "alice", "bob", "bind"), b"b" * 16)
+        self.assertRaises(ValueError, seal.open, secret, sid, "alice", "bob")
+        key = seal.seal(bytes(32), sid, "alice", "bob", bytes(12))
+        self.assertRaises(ValueError, seal.open, key, sid, "alice", "bob", "bind")
+
     def test_sealed_for_one_session(self):
         seal = KeySeal(cluster_keys(SECRET)[1])
         key, sid = bytes(range(32)), bytes(16)

@@ -508,7 +508,7 @@ class RttTimerTests(SynchronousTestCase):
         With a NAT cache (two lobby addresses answering STUN), start()
         learns the NAT during the login, shares its RTT, does not wait for
         a port mapping behind a cone NAT, and has the cache refresh when the
-        lobby sees us at another address; stop() ends the refreshes.
+        lobby sees us at another IP address; stop() ends the refreshes.
         """
         from p2pnat.net.udp import link_siblings
         from p2pnat.peer.discovery import NatCache
@@ -536,7 +536,10 @@ class RttTimerTests(SynchronousTestCase):
         self.assertEqual(alice.nat.filtering, APD)  # the run's end told the rest
         self.assertEqual(cache.runs, 1)
         nat = w.net.nats[host]
-        nat.allocation = "sequential"  # the NAT reboots, and maps us to a new public port
+        nat.forget()  # the NAT reboots: a new mapping, the same behaviour
+        w.advance(21)
+        self.assertEqual(cache.runs, 1)  # a new port alone is no reason to measure again
+        nat.ip = "203.0.113.7"  # another network: another public IP
         nat.forget()
         w.advance(21)
         self.assertEqual(cache.runs, 2)

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pnat.cli import CommandError
 from p2pnat.cli import peer as P
 from p2pnat.deployment import provision
+from tests.support import procs
 
 
 class ParseTests(SynchronousTestCase):
@@ -68,16 +69,23 @@ class CredentialTests(SynchronousTestCase):
         """A bundle made before client certificates: the datagram path works, QUIC says why not."""
         out = self.bundle()
         path = os.path.join(out, "client.toml")
-        with open(path) as f:
-            lines = [line for line in f if not line.startswith(("cert_file", "key_file",
-                                                                  "ca_file"))]
-        with open(path, "w") as f:
-            f.writelines(lines)
+        procs.without_certificate(path)
         config, key = P.load_client(path)
         self.assertEqual(len(key), 32)
         e = self.assertRaises(CommandError, P.load_credentials, config)
         self.assertIn("no client.cert_file, client.key_file, client.ca_file", str(e))
         self.assertIn("`p2pnat client add ID --replace`", str(e))
+        # Chat and UDP forwards go on, in the clear (and say so).
+        self.assertIsNone(P.optional_credentials(config))
+
+    def test_optional_credentials(self):
+        """A bundle with its certificate: datagrams go on QUIC, so they are loaded."""
+        out = self.bundle()
+        config, _ = P.load_client(os.path.join(out, "client.toml"))
+        self.assertEqual(str(P.optional_credentials(config).identity), "client:alice")
+        # A certificate named but unusable is an error, not a silent fall to the clear.
+        os.chmod(os.path.join(out, "client.key"), 0o644)
+        self.assertRaises(CommandError, P.optional_credentials, config)
 
     def test_certificate_of_another_client(self):
         out = self.bundle()

@@ -149,13 +149,19 @@ class P2PLab(LabSetup):
         self.server = self.lab.add_server("lobby", addresses=self.addresses)
         self.lobby_addr = f"{self.server.ips[0]}:{LOBBY_PORTS[0]}"
 
-    def add_client(self, cid, host):
-        """Provision client ``cid`` (as ``p2pnat client add``) for ``host``."""
+    def add_client(self, cid, host, certificate=True):
+        """
+        Provision client ``cid`` (as ``p2pnat client add``) for ``host``;
+        with ``certificate=False`` its bundle is one from before client
+        certificates, so its paths carry MAC'd clear datagrams.
+        """
         from p2pnat.deployment import provision
 
         out = os.path.join(self.workdir, f"client-{cid}")
         provision.add_client(self.state, cid, out, lobby=self.lobby_addr)
         config = os.path.join(out, "client.toml")
+        if not certificate:
+            procs.without_certificate(config)
         discovery = ", ".join(f'"{ip}:{port}"' for ip in self.server.ips for port in LOBBY_PORTS)
         with open(config, "a") as f:
             f.write(f"discovery = [{discovery}]\n")
@@ -167,12 +173,15 @@ class P2PLab(LabSetup):
         """The lobby's listen addresses: every IPv4 address of its server, both ports."""
         return [f"{ip}:{port}" for ip in self.server.ips for port in LOBBY_PORTS]
 
-    def start_lobby(self, timeout=20):
-        """Start ``twistd lobby`` on every address and port; wait until it listens."""
+    def start_lobby(self, *options, timeout=20):
+        """
+        Start ``twistd lobby`` on every address and port, with ``options``
+        (more of its command-line options); wait until it listens.
+        """
         listen = self.lobby_listen()
         self.lobby = self.server.popen(
             procs.twistd("lobby", "--lobby-state-dir", self.state, "--udp-listen",
-                         ",".join(listen)), cwd=procs.REPO, env=procs.env())
+                         ",".join(listen), *options), cwd=procs.REPO, env=procs.env())
         wait_output(self.lobby, lambda out: out.count("ControlProtocol starting on") >= len(listen),
                     f"the lobby listening on {len(listen)} sockets", timeout)
         return self.lobby
