@@ -522,9 +522,9 @@ class NatCache:
       fast one that found sequential ports at once, in the background:
       the prediction window is sized from the rate.
     - :meth:`start` refreshes every ``refresh`` seconds with a full run;
-      :meth:`refresh` does
-      one now (a path died, the lobby saw us at another address), at most
-      once every :data:`MIN_GAP` seconds; :meth:`stop` ends the refreshes.
+      :meth:`refresh` does one now (a path died, the lobby saw us at
+      another IP), at most once every :data:`MIN_GAP` seconds;
+      :meth:`stop` ends the refreshes.
     - :meth:`subscribe`: C{callback(NatInfo)} on every change.
     - :attr:`rtt`: the round trip to the lobby that the runs measured
       (an :class:`~p2pnat.peer.rtt.RttEstimator` a client may share).
