@@ -28,6 +28,7 @@ from p2pnat.net.sources import is_loopback
 from p2pnat.peer.health import FLOOR, MappingWatch
 from p2pnat.peer.path import Path
 from p2pnat.peer.punch import Punch, PunchFailed, new_socket
+from p2pnat.peer.rtt import RttEstimator
 from p2pnat.peer.sockets import SharedSocket
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
@@ -78,7 +79,18 @@ class LobbyClient:
         or C{portmap(reactor, internal_port) -> mapper} with that API (a
         service with C{map()}, C{current}, C{subscribe}).  A granted
         mapping is offered to peers as a candidate.
-
+    @param discovery: the L{p2pnat.peer.discovery.NatCache} that keeps
+        this host's NAT: L{start} asks it (at once if it knows, else a
+        fast run alongside the login) and has it refresh in the
+        background, and C{nat} follows it.  None: the process's cache for
+        this lobby and interface if NAT discovery ran from one
+        (L{p2pnat.peer.discovery.nat_cache}) and C{nat} is what it found
+        (or not given); else C{nat} stays as given.
+    @ivar rtt: the round trip to the lobby (L{p2pnat.peer.rtt.RttEstimator},
+        the cache's when there is one), measured on the login's and the
+        keepalives' exchanges; login and connect requests are retransmitted
+        after a few of its RTOs, and punch rounds last a few, the old
+        fixed times being the caps (and the times before a sample).
     @ivar on_event: called as C{on_event(name, fields)} on the client's own
         events: ``"keepalive"`` when the lobby saw us at a new address
         between two keepalives (the NAT dropped the mapping within the
@@ -86,6 +98,13 @@ class LobbyClient:
         ``interval`` (the presence keepalive now), ``path`` (the paths'
         keepalive now), ``was`` and ``why``.
     """
+
+    #: The first login retry's wait (seconds) before the RTT is known,
+    #: doubled at each retry up to 10 s; once known, two RTOs (a Ping and
+    #: its Pong, the Login and its Welcome; at least LOGIN_FLOOR) doubled
+    #: alike, the old figure being the cap.
+    LOGIN_RETRY = 0.5
+    LOGIN_FLOOR = 0.1
 
     log = Logger(namespace="p2pnat.client")
 
@@ -99,7 +118,7 @@ class LobbyClient:
     def __init__(self, client_id, key, lobby, reactor, *, interface=None, nat=None,
                  accept=None, on_path=None, punch_deadline=None, connect_timeout=12.0,
                  upgrade_interval=20.0, low_ttl=0, ipv6=None, portmap=None,
-                 mapping_lifetime=None):
+                 mapping_lifetime=None, discovery=None):
         self.id = client_id
         self.key = key
         self.lobby = lobby
@@ -111,6 +130,14 @@ class LobbyClient:
         self.interface = interface
         self.low_ttl = low_ttl
         self.nat = nat or M.NatInfo()
+        if discovery is None:
+            from p2pnat.peer.discovery import cached_for
+
+            discovery = cached_for(reactor, lobby, interface)
+            if discovery is not None and nat is not None and nat != discovery.current:
+                discovery = None  # the NAT was given, not measured there: keep it
+        self.discovery = discovery
+        self.rtt = discovery.rtt if discovery is not None else RttEstimator(reactor)
         self.accept = accept or (lambda peer: True)
         self.on_path = on_path or (lambda path: None)
         self.punch_deadline = punch_deadline
@@ -133,7 +160,7 @@ class LobbyClient:
         self._pings = {}  # clock probe stamp -> local send time
         self._login_sent = {}  # Login or Keepalive stamp -> local send time
         self._login_call = None
-        self._login_retry = 0.5
+        self._login_retry = self._login_tried = self.LOGIN_RETRY
         self._welcomed = None  # when the lobby last welcomed us
         self._keepalive_loop = None
         self._requests = {}  # request id -> handler of lobby answers
@@ -182,16 +209,61 @@ class LobbyClient:
 
     def start(self):
         """
-        Log in, and open the candidate sockets; the Deferred fires once the
-        lobby welcomed us and the port mapping attempt ended (granted or
-        not, within the mapper's budget): both go on at once.
+        Log in, learn this host's NAT (from L{discovery}), and open the
+        candidate sockets, all at once; the Deferred fires once the lobby
+        welcomed us, the NAT is known, and, for a NAT behind which only a
+        port mapping makes a direct path likely (a new unpredictable port
+        per destination, or unknown: L{_needs_mapping}), the port mapping
+        attempt ended (granted or not, within the mapper's budget).  For
+        other NATs the attempt goes on in the background, and a mapping
+        granted later is offered from then on.
         """
         self.proto = self._listen(self)
+        ready = [self._logged_in]
+        if self.discovery is not None:
+            self.discovery.subscribe(self._nat_found)
+            ready.append(self.discovery.get().addCallback(self._nat_found))
+            self.discovery.start()
         self._login()
         self._open_ipv6()
-        mapping = self._open_mapped()
-        return defer.gatherResults([self._logged_in, mapping], consumeErrors=True).addCallback(
+        if self.discovery is not None and self.discovery.current is not None and \
+                not self._needs_mapping():
+            # Not worth a wait: ask for the mapping once logged in, so that
+            # the port mapping machinery (its import, its sockets) does not
+            # hold up the login's round trips.
+            mapping = defer.Deferred()
+
+            def logged_in(result):
+                self._open_mapped().chainDeferred(mapping)
+                return result
+
+            self._logged_in.addCallback(logged_in)
+        else:
+            mapping = self._open_mapped()
+
+        def mapped(_):
+            return mapping if self._needs_mapping() else None
+
+        return defer.gatherResults(ready, consumeErrors=True).addCallback(mapped).addCallback(
             lambda _: self)
+
+    def _nat_found(self, nat):
+        if nat is not None and nat != self.nat:
+            self.log.info("NAT: {mapping} mapping, {filtering} filtering, {allocation} ports",
+                          mapping=nat.mapping, filtering=nat.filtering,
+                          allocation=nat.allocation)
+            self.nat = nat
+
+    def _needs_mapping(self):
+        """
+        Whether only a port mapping makes a direct path likely: a new port
+        per destination that cannot be predicted (random allocation), or a
+        NAT not known.  Mirrors the planner's "hard" side.
+        """
+        n = self.nat
+        if n.mapping in ("none", "endpoint-independent"):
+            return False
+        return not (n.allocation == "preserving" or (n.allocation == "sequential" and n.step))
 
     def _open_ipv6(self):
         if not self.ipv6:
@@ -286,8 +358,17 @@ class LobbyClient:
         self._remember(self._pings, stamp)
         if not self._send_lobby(self.proto, wire.Ping(), stamp):
             self.stamper.probe_unsent()
-        self._login_call = self.clock.callLater(self._login_retry, self._login)
+        self._login_tried = self._login_retry
+        self._login_call = self.clock.callLater(self._login_wait(), self._login)
         self._login_retry = min(self._login_retry * 2, 10.0)
+
+    def _login_wait(self):
+        """
+        This login attempt's wait for a Welcome: two RTOs (Ping and Pong,
+        Login and Welcome), doubled as the attempts' fixed waits are.
+        """
+        return min(self._login_tried, self._login_tried / self.LOGIN_RETRY * self.rtt.scaled(
+            2, self.LOGIN_FLOOR, self.LOGIN_RETRY))
 
     def _remember(self, sent, stamp):
         """Note when the request stamped C{stamp} left: its answer must echo it."""
@@ -300,12 +381,17 @@ class LobbyClient:
         if sent is None:
             return  # not the answer to a probe of ours still outstanding
         self._pings.clear()
+        self.rtt.since(sent)  # each Ping has its own stamp: no ambiguity (Karn)
         self.stamper.sync(sent, self.clock.seconds(), m.server_time)
         if self._login_call is None:
             return  # logged in already: a late answer
         stamp = self.stamper()
         self._remember(self._login_sent, stamp)
         self._send_lobby(self.proto, M.Login(self._local(self.proto), self.nat), stamp)
+        if self._login_call.active():
+            # The attempt's timer was set before this round trip measured the RTT.
+            left = self._login_call.getTime() - self.clock.seconds()
+            self._login_call.reset(min(left, self._login_wait()))
 
     def stop(self):
         """
@@ -332,6 +418,9 @@ class LobbyClient:
         self._upgrades.clear()
         for shared in self.shared.values():
             shared.close()
+        if self.discovery is not None:
+            self.discovery.unsubscribe(self._nat_found)
+            self.discovery.stop()
         mapper, self.mapper = self.mapper, None
         if mapper is not None:
             return defer.maybeDeferred(mapper.stopService)
@@ -390,8 +479,14 @@ class LobbyClient:
         if sent is None:
             return  # not the answer to a request of ours still outstanding
         self._welcomed = self.clock.seconds()
+        self.rtt.since(sent)
         self.lobby_candidates = bool(flags & M.FLAG_CANDIDATES)
         self.stamper.sync(sent, self.clock.seconds(), m.server_time)
+        if self.public is not None and self.public[0] != m.observed[0] and \
+                self.discovery is not None:
+            # Another public IP: another network or NAT, perhaps of another
+            # kind.  (A new port alone is a dropped mapping: L{_mapping_dropped}.)
+            self.discovery.refresh("the lobby sees us at another IP address")
         if self.public != m.observed:
             self.log.info("logged in to the lobby as {id}; public address {addr}", id=self.id,
                           addr=m.observed)
@@ -515,6 +610,8 @@ class LobbyClient:
             self._keepalive()
             return
         self._recovering.add(path)
+        if self.discovery is not None:
+            self.discovery.refresh("a path went silent")  # the NAT may have changed
         attempt = _Attempt(self, path.peer, self.connect_timeout, relay_first=path)
 
         def done(result):
@@ -715,6 +812,14 @@ class _Attempt(_Side):
     #: Seconds kept at the end for the relay fallback.
     RELAY_RESERVE = 3.0
 
+    #: A connect request unanswered after this many RTOs to the lobby (at
+    #: least REQUEST_FLOOR seconds), times the tries so far, is sent again:
+    #: its answer takes two round trips through the lobby (to the peer
+    #: and back) and the peer's own work.  The old fixed wait
+    #: (``min(0.5 * tries, 2.0)``) is the cap.
+    REQUEST_RTOS = 3.0
+    REQUEST_FLOOR = 0.15
+
     #: Seconds from a silent path's recovery over the relay to its punch.
     RECOVERY_UPGRADE = 0.5
 
@@ -773,7 +878,8 @@ class _Attempt(_Side):
         c._send_lobby(self.fresh, M.ConnectRequest(self.request_id, self.peer,
                                                    c._local(self.fresh), c.nat,
                                                    candidates=self.offered))
-        self._call = c.clock.callLater(min(0.5 * self._tries, 2.0), self._request)
+        self._call = c.clock.callLater(min(0.5 * self._tries, 2.0, self._tries * c.rtt.scaled(
+            self.REQUEST_RTOS, self.REQUEST_FLOOR, 0.5)), self._request)
 
     def lobby_answer(self, m, proto, flags=0):
         if self.session is not None or self.result.called or proto is not self.fresh:

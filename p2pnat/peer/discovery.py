@@ -36,18 +36,21 @@ import argparse
 import ipaddress
 import json
 import socket
+import weakref
 from dataclasses import dataclass
 
 from twisted.internet import defer, task
 from twisted.internet.protocol import DatagramProtocol
 
 from p2pnat.daemon.logs import Logger
+from p2pnat.peer.rtt import RttEstimator
 from p2pnat.protocol import stun
-from p2pnat.protocol.nat import NatBehaviour, Observations, Probe, classify
+from p2pnat.protocol.nat import UNKNOWN, NatBehaviour, Observations, Probe, classify
 from p2pnat.protocol.p2p import ALLOCATIONS, MAPPINGS, NatInfo
 
-__all__ = ["StunSocket", "Discovery", "DiscoveryResult", "discover", "discover_nat",
-           "parse_nat", "source_address", "to_nat_info", "main"]
+__all__ = ["StunSocket", "Discovery", "DiscoveryResult", "NatCache", "discover", "discover_nat",
+           "nat_cache", "cached_for", "parse_nat", "source_address", "timers", "to_nat_info",
+           "main"]
 
 #: Seconds after the first send at which a request is sent (again).
 SCHEDULE = (0.0, 0.1, 0.3)
@@ -75,7 +78,11 @@ class StunSocket(DatagramProtocol):
         self.schedule = schedule
         self.give_up = give_up
         self.sent = 0
+        #: Called with C{(probe, rtt)} for each answer to a request sent
+        #: once (Karn's rule: a retransmitted one's RTT is ambiguous).
+        self.on_rtt = None
         self._pending = {}  # transaction id -> (deferred, probe fields, delayed calls)
+        self._requests = {}  # transaction id -> (data, server, copies sent)
 
     def local(self):
         """The socket's local ``(host, port)``."""
@@ -94,30 +101,66 @@ class StunSocket(DatagramProtocol):
         d = defer.Deferred()
         fields = dict(socket=self.index, local=self.local(), server=tuple(server),
                       sent=self.clock.seconds(), change=change)
-        calls = [self.clock.callLater(t, self._send, data, server) for t in self.schedule[1:]]
-        calls.append(self.clock.callLater(self.give_up, self._finish, tid, {}))
-        self._pending[tid] = (d, fields, calls)
-        self._send(data, server)
+        self._pending[tid] = (d, fields, [])
+        self._requests[tid] = [data, tuple(server), 0]
+        self._timers(tid, self.schedule, self.give_up)
+        self._resend(tid)
         return d
 
+    def _timers(self, tid, schedule, give_up):
+        """(Re)arm the retransmissions and the give-up of C{tid}, timed from its first send."""
+        _, fields, calls = self._pending[tid]
+        for call in calls:
+            if call.active():
+                call.cancel()
+        calls.clear()
+        elapsed = self.clock.seconds() - fields["sent"]
+        calls.extend(self.clock.callLater(t - elapsed, self._resend, tid)
+                     for t in schedule[1:] if t > elapsed)
+        calls.append(self.clock.callLater(max(0.0, give_up - elapsed), self._finish, tid, {}))
+
+    def retime(self, schedule, give_up):
+        """
+        Follow a new C{schedule} and C{give_up} (a measured RTT's) from
+        now on: every pending request's retransmissions and give-up are
+        timed anew from its first send; times already past are skipped
+        (a give-up already past ends the request now).
+        """
+        self.schedule, self.give_up = schedule, give_up
+        for tid in list(self._pending):
+            self._timers(tid, schedule, give_up)
+
+    def _resend(self, tid):
+        """Send the request C{tid} (again), counting its copies for Karn's rule."""
+        request = self._requests.get(tid)
+        if request is not None and self._send(*request[:2]):
+            request[2] += 1
+
     def _send(self, data, server):
+        """Send C{data} to C{server}; whether it left (subclasses send their own probes)."""
         if self.transport is None:
-            return
+            return False
         try:
             self.transport.write(data, tuple(server))
             self.sent += 1
+            return True
         except OSError as e:  # no route, say: the same as lost
             self.log.debug("discovery: cannot send to {server}: {e}", server=server, e=e)
+            return False
 
     def _finish(self, tid, result):
         entry = self._pending.pop(tid, None)
+        request = self._requests.pop(tid, None)
         if entry is None:
             return
         d, fields, calls = entry
         for call in calls:
             if call.active():
                 call.cancel()
-        d.callback(Probe(**fields, **result))
+        probe = Probe(**fields, **result)
+        if result and request is not None and request[2] == 1 and self.on_rtt is not None:
+            self.on_rtt(probe, self.clock.seconds() - fields["sent"])
+        d.callback(probe)
 
     def datagramReceived(self, data, addr):
         if len(data) < stun.HEADER_SIZE or not stun.is_stun(data[0]):
@@ -165,15 +208,32 @@ class Discovery:
     the primary).  ``listen(protocol)`` opens a new UDP socket for
     ``protocol`` and returns its listening port (``stopListening()``).
 
+    The first answer to a request sent once measures the round trip to
+    the lobby (into ``rtt``, an :class:`~p2pnat.peer.rtt.RttEstimator`,
+    which a client may share); from then on every request's
+    retransmissions and give-up follow it (:func:`timers`), the fixed
+    ``schedule`` and ``give_up`` being the caps.
+
     @param sockets: fresh sockets per allocation burst.
     @param pause: seconds between the starts of the two bursts.
     @param deadline: no request is started after this many seconds.
+    @param fast: send every request at once (the main socket to every
+        address, one burst, the filtering socket's four) instead of one
+        step after another, and only one burst (no rate, no pause):
+        about one round trip, for a client about to connect.
+    @ivar decided: a Deferred firing with a :class:`DiscoveryResult` as
+        soon as the classification is decided: every plain request
+        answered or given up, and the filtering decided (an answer from
+        the other IP and port) or, if still waiting on change requests
+        that may never be answered, left unknown (a planner takes unknown
+        filtering as the most restrictive, as it would a silent one).
+        The run itself goes on until its last request ends.
     """
 
     log = Logger(namespace="p2pnat.discovery")
 
     def __init__(self, servers, clock, listen, *, sockets=4, pause=0.5, schedule=SCHEDULE,
-                 give_up=GIVE_UP, deadline=2.0):
+                 give_up=GIVE_UP, deadline=2.0, fast=False, rtt=None):
         if not servers:
             raise ValueError("discovery needs at least one lobby address")
         self.servers = [tuple(s) for s in servers]
@@ -184,9 +244,14 @@ class Discovery:
         self.schedule = schedule
         self.give_up = give_up
         self.deadline = deadline
+        self.fast = fast
+        self.rtt = rtt if rtt is not None else RttEstimator(clock)
+        self.decided = defer.Deferred()
         self.probes = []
+        self._seq = 0
         self._opened = []  # (protocol, port)
         self._start = None
+        self._retimed = False
 
     def run(self):
         """Start the run; a Deferred firing with a :class:`DiscoveryResult`."""
@@ -194,16 +259,29 @@ class Discovery:
 
     def _open(self):
         proto = StunSocket(self.clock, len(self._opened), self.schedule, self.give_up)
+        proto.on_rtt = self._measured
         port = self.listen(proto)
         self._opened.append((proto, port))
         return proto
+
+    def _measured(self, probe, rtt):
+        self.rtt.sample(rtt)
+        schedule, give_up = timers(self.rtt, self.schedule, self.give_up)
+        self.schedule, self.give_up = schedule, give_up
+        if not self._retimed:
+            self._retimed = True
+            self.log.debug("discovery: RTT {rtt:.4f}s; retransmissions at {schedule}, give-up"
+                           " {give_up:.3f}s", rtt=rtt, schedule=schedule, give_up=give_up)
+        for proto, _ in self._opened:
+            proto.retime(schedule, give_up)
 
     def _late(self):
         return self.clock.seconds() - self._start > self.deadline - self.give_up
 
     async def _ask(self, sock, server, change=""):
+        seq, self._seq = self._seq, self._seq + 1
         probe = await sock.query(server, change)
-        self.probes.append(probe)
+        self.probes.append((seq, probe))
         return probe
 
     async def _burst(self):
@@ -214,36 +292,95 @@ class Discovery:
 
     async def _run(self):
         self._start = self.clock.seconds()
-        changes = []
         try:
-            main = self._open()
-            first = await self._ask(main, self.servers[0])
-            if first.mapped is not None or first.refused:
-                for server in self.servers[1:]:
-                    if not self._late():
-                        await self._ask(main, server)
-                burst = self.clock.seconds()
-                await self._burst()
-                if not self._late():
-                    filt = self._open()
-                    probe = await self._ask(filt, self.servers[0])
-                    if probe.mapped is not None:
-                        changes = [defer.Deferred.fromCoroutine(self._ask(filt, self.servers[0], c))
-                                   for c in ("ip+port", "port", "ip")]
-                wait = burst + self.pause - self.clock.seconds()
-                if wait > 0 and not self._late():
-                    await task.deferLater(self.clock, wait, lambda: None)
-                await self._burst()
-                for d in changes:
-                    await d
+            if self.fast:
+                await self._run_fast()
             else:
-                self.log.info("discovery: no answer from {server}", server=self.servers[0])
+                await self._run_steps()
         finally:
             sent = sum(proto.sent for proto, _ in self._opened)
             await self._close()
-        probes = tuple(sorted(self.probes, key=lambda p: p.sent))
+        result = self._result(sent)
+        if not self.decided.called:
+            self.decided.callback(result)
+        return result
+
+    def _result(self, sent, filtering=True):
+        """
+        The classification of the probes so far; without the change
+        requests' (filtering unknown) if not C{filtering}.
+        """
+        probes = tuple(p for _, p in sorted(self.probes, key=lambda sp: (sp[1].sent, sp[0]))
+                       if filtering or not p.change)
         obs = Observations(tuple(self.servers), probes)
         return DiscoveryResult(classify(obs), obs, self.clock.seconds() - self._start, sent)
+
+    async def _run_steps(self):
+        changes = []
+        main = self._open()
+        first = await self._ask(main, self.servers[0])
+        if first.mapped is not None or first.refused:
+            for server in self.servers[1:]:
+                if not self._late():
+                    await self._ask(main, server)
+            burst = self.clock.seconds()
+            await self._burst()
+            if not self._late():
+                filt = self._open()
+                probe = await self._ask(filt, self.servers[0])
+                if probe.mapped is not None:
+                    changes = [defer.Deferred.fromCoroutine(self._ask(filt, self.servers[0], c))
+                               for c in ("ip+port", "port", "ip")]
+            wait = burst + self.pause - self.clock.seconds()
+            if wait > 0 and not self._late():
+                await task.deferLater(self.clock, wait, lambda: None)
+            await self._burst()
+            for d in changes:
+                await d
+        else:
+            self.log.info("discovery: no answer from {server}", server=self.servers[0])
+
+    async def _run_fast(self):
+        primary = self.servers[0]
+
+        def ask(sock, server, change=""):
+            return defer.Deferred.fromCoroutine(self._ask(sock, server, change))
+
+        # In the order of the step by step run, all at once: the NAT
+        # allocates in the order the requests leave.
+        main = self._open()
+        plain = [ask(main, server) for server in self.servers]
+        plain += [ask(self._open(), primary) for _ in range(self.sockets)]
+        filt = self._open()
+        plain.append(ask(filt, primary))
+        changes = {c: ask(filt, primary, c) for c in ("ip+port", "port", "ip")}
+        both = changes["ip+port"]
+        await defer.gatherResults(plain)
+
+        def undecided():
+            return not all(d.called for d in changes.values()) and not (
+                both.called and both.result.mapped is not None)
+
+        if not any(p.mapped is not None or p.refused for _, p in self.probes):
+            self.log.info("discovery: no answer from {server}", server=primary)
+        elif undecided():
+            # The change requests left with the plain ones: answers that
+            # come at all come about now.  A moment's grace, then the
+            # classification is decided without the filtering (the rest
+            # may stay silent until given up).
+            grace = min(max(FILTER_GRACE[0], 0.25 * (self.rtt.srtt or 0.0)), FILTER_GRACE[1])
+            pending = defer.DeferredList(list(changes.values()))
+            waited = task.deferLater(self.clock, grace, lambda: None)
+            waited.addErrback(lambda f: f.trap(defer.CancelledError))
+            await defer.DeferredList([pending, waited], fireOnOneCallback=True)
+            waited.cancel()  # (a no-op when it fired)
+            if undecided():
+                self.decided.callback(self._result(self._sent(), filtering=False))
+        for d in changes.values():
+            await d
+
+    def _sent(self):
+        return sum(proto.sent for proto, _ in self._opened)
 
     async def _close(self):
         stops = []
@@ -254,6 +391,35 @@ class Discovery:
                 stops.append(stopped)
         if stops:
             await defer.gatherResults(stops, consumeErrors=True)
+
+
+#: Retransmissions and give-up in multiples of the RTO once the RTT is
+#: measured, the RTO being at least RETRANSMIT_FLOOR and the give-up at
+#: least GIVE_UP_FLOOR (seconds): an answer delayed by a busy host must
+#: not read as a filtered one.
+RETRANSMIT_RTOS = (0.0, 1.0, 3.0)
+GIVE_UP_RTOS = 5.0
+RETRANSMIT_FLOOR = 0.03
+GIVE_UP_FLOOR = 0.15
+#: Seconds (least, most) a fast run waits for change requests' answers
+#: after the plain ones before it decides without the filtering: a
+#: quarter of the RTT within these bounds (the answers left the lobby
+#: together; only scheduling spreads them).
+FILTER_GRACE = (0.003, 0.02)
+
+
+def timers(rtt, schedule=SCHEDULE, give_up=GIVE_UP):
+    """
+    The C{(schedule, give_up)} of discovery requests for the RTT measured
+    in C{rtt} (an L{RttEstimator}): multiples of its RTO, with the fixed
+    C{schedule} and C{give_up} as caps (and what it is before a sample).
+    """
+    if not rtt.known:
+        return tuple(schedule), give_up
+    rto = rtt.rto(RETRANSMIT_FLOOR, give_up)
+    timed = tuple(min(cap, m * rto) for m, cap in zip(RETRANSMIT_RTOS, schedule))
+    timed += tuple(schedule[len(timed):])
+    return timed, max(GIVE_UP_FLOOR, min(give_up, GIVE_UP_RTOS * rto))
 
 
 def source_address(server):
@@ -318,6 +484,13 @@ def global_ipv6(target=IPV6_PROBE_TARGET, if_inet6="/proc/net/if_inet6"):
     return None
 
 
+def _listener(reactor, interface):
+    def listen(proto):
+        return reactor.listenUDP(0, proto, interface=interface)
+
+    return listen
+
+
 def discover(reactor, servers, *, interface=None, **options):
     """
     Run discovery against the lobby addresses ``servers`` (``(ip, port)``
@@ -328,11 +501,167 @@ def discover(reactor, servers, *, interface=None, **options):
     servers = [tuple(s) for s in servers]
     if interface is None:
         interface = source_address(servers[0])
+    return Discovery(servers, reactor, _listener(reactor, interface), **options).run()
 
-    def listen(proto):
-        return reactor.listenUDP(0, proto, interface=interface)
 
-    return Discovery(servers, reactor, listen, **options).run()
+class NatCache:
+    """
+    This host's NAT towards one lobby from one local interface, measured
+    once and then kept fresh in the background, so that connecting never
+    waits for discovery once it has answered.
+
+    - :meth:`get`: the NAT now (a Deferred firing with a
+      :class:`~p2pnat.protocol.p2p.NatInfo`): at once when known; else a
+      fast run (:class:`Discovery` with ``fast``) is started, or the one
+      under way joined, and its answer comes as soon as the classification
+      is decided (about one round trip), not after its give-up timers.
+    - :attr:`current` / :attr:`result`: the latest answer (a run that got
+      no answer at all does not replace a known one: the lobby may be
+      down for a moment, the NAT has not changed for that).
+    - A full run (both bursts: the port consumption rate too) follows a
+      fast one that found sequential ports at once, in the background:
+      the prediction window is sized from the rate.
+    - :meth:`start` refreshes every ``refresh`` seconds with a full run;
+      :meth:`refresh` does one now (a path died, the lobby saw us at
+      another IP), at most once every :data:`MIN_GAP` seconds;
+      :meth:`stop` ends the refreshes.
+    - :meth:`subscribe`: C{callback(NatInfo)} on every change.
+    - :attr:`rtt`: the round trip to the lobby that the runs measured
+      (an :class:`~p2pnat.peer.rtt.RttEstimator` a client may share).
+
+    :func:`nat_cache` keeps one per reactor, interface and lobby: NAT
+    discovery once per process.
+    """
+
+    log = Logger(namespace="p2pnat.discovery")
+
+    #: Seconds between background refreshes.
+    REFRESH = 300.0
+    #: Seconds a refresh asked for waits at least after the last run's start.
+    MIN_GAP = 5.0
+
+    def __init__(self, reactor, servers, interface=None, *, refresh=REFRESH, listen=None,
+                 rtt=None, **options):
+        if not servers:
+            raise ValueError("discovery needs at least one lobby address")
+        self.reactor = reactor
+        self.servers = [tuple(s) for s in servers]
+        self.interface = interface if interface is not None else source_address(self.servers[0])
+        self.listen = listen or _listener(reactor, self.interface)
+        self.interval = refresh
+        self.options = options
+        self.rtt = rtt if rtt is not None else RttEstimator(reactor)
+        self.current = None
+        self.result = None
+        self.runs = 0
+        self._subscribers = []
+        self._waiters = []
+        self._running = None  # the Discovery under way
+        self._last = None
+        self._loop = None
+
+    def get(self):
+        """The NAT: a Deferred firing with a :class:`NatInfo`; it never fails."""
+        if self.current is not None and self.current.mapping != UNKNOWN:
+            return defer.succeed(self.current)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        if self._running is None:
+            self._run(fast=True, why="first")
+        return d
+
+    def refresh(self, why="asked"):
+        """Measure again now, in the background (unless a run is under way or just was)."""
+        if self._running is not None or (
+                self._last is not None and self.reactor.seconds() - self._last < self.MIN_GAP):
+            return False
+        self._run(fast=False, why=why)
+        return True
+
+    def start(self):
+        """Refresh every ``refresh`` seconds from now on (idempotent)."""
+        if self._loop is None:
+            self._loop = task.LoopingCall(self.refresh, "periodic")
+            self._loop.clock = self.reactor
+            self._loop.start(self.interval, now=False)
+
+    def stop(self):
+        """No more refreshes (a run under way ends on its own, within its deadline)."""
+        if self._loop is not None:
+            if self._loop.running:
+                self._loop.stop()
+            self._loop = None
+
+    def subscribe(self, callback):
+        self._subscribers.append(callback)
+
+    def unsubscribe(self, callback):
+        if callback in self._subscribers:
+            self._subscribers.remove(callback)
+
+    def _run(self, fast, why):
+        run = Discovery(self.servers, self.reactor, self.listen, fast=fast, rtt=self.rtt,
+                        **self.options)
+        self._running = run
+        self._last = self.reactor.seconds()
+        self.runs += 1
+        self.log.debug("discovery: {kind} run ({why})", kind="fast" if fast else "full", why=why)
+        run.decided.addCallback(self._found)
+        d = run.run()
+        d.addCallback(self._found)
+        d.addErrback(lambda f: self.log.failure("discovery run failed", f))
+        d.addBoth(self._ended, run)
+
+    def _found(self, result):
+        answered = result.behaviour.public is not None
+        if answered or self.current is None:
+            info = to_nat_info(result)
+            self.result = result
+            if info != self.current:
+                self.current = info
+                for callback in list(self._subscribers):
+                    try:
+                        callback(info)
+                    except Exception:
+                        self.log.failure("NAT subscriber failed")
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(self.current)
+        return result
+
+    def _ended(self, _, run):
+        if self._running is run:
+            self._running = None
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:  # a run that ended without deciding (it failed)
+            d.callback(self.current or NatInfo())
+        if run.fast and self.result is not None and \
+                self.result.behaviour.allocation == "sequential":
+            # A fast run has one burst, so no rate; a sequential NAT's
+            # prediction window needs it: a full run now, in the background.
+            self._run(fast=False, why="the rate of a sequential NAT")
+
+
+_CACHES = weakref.WeakKeyDictionary()  # reactor -> {(interface, servers): NatCache}
+
+
+def nat_cache(reactor, servers, interface=None):
+    """
+    This process's :class:`NatCache` for ``reactor``, the lobby addresses
+    ``servers`` and ``interface`` (default: :func:`source_address` of the
+    primary), made on first use.
+    """
+    servers = tuple(tuple(s) for s in servers)
+    if interface is None:
+        interface = source_address(servers[0])
+    try:
+        caches = _CACHES.setdefault(reactor, {})
+    except TypeError:  # a reactor that cannot be weakly referenced: no sharing
+        return NatCache(reactor, servers, interface)
+    cache = caches.get((interface, servers))
+    if cache is None:
+        cache = caches[(interface, servers)] = NatCache(reactor, servers, interface)
+    return cache
 
 
 def parse_nat(text):
@@ -359,18 +688,39 @@ def parse_nat(text):
     return NatInfo(parts[0], "unknown", parts[1], step, rate)
 
 
+def cached_for(reactor, lobby, interface=None):
+    """
+    The process's :class:`NatCache` (see :func:`nat_cache`) whose primary
+    lobby address is ``lobby`` (and interface ``interface`` if given), or
+    None when discovery never ran from one.
+    """
+    lobby = tuple(lobby)
+    try:
+        caches = _CACHES.get(reactor, {})
+    except TypeError:
+        return None
+    for (iface, servers), cache in caches.items():
+        if servers[0] == lobby and (interface is None or iface == interface):
+            return cache
+    return None
+
+
 def discover_nat(reactor, servers, *, interface=None, given=None, **options):
     """
     This host's NAT as the lobby and the peer are told of it: C{given}
     (``MAPPING/ALLOCATION[/STEP[/RATE]]``, see :func:`parse_nat`) unless it
-    is None, which sends nothing, else measured by :func:`discover` against
-    the lobby addresses C{servers}.  A Deferred firing with a
+    is None, which sends nothing, else as this process's :class:`NatCache`
+    for the lobby addresses C{servers} knows it (:func:`nat_cache`; a fresh
+    one with C{options} for :class:`Discovery`): at once once measured,
+    else after a fast run's first round trip.  A Deferred firing with a
     :class:`p2pnat.protocol.p2p.NatInfo`; it fails with ValueError for a
     malformed C{given}.
     """
     if given is not None:
         return defer.maybeDeferred(parse_nat, given)
-    return discover(reactor, servers, interface=interface, **options).addCallback(to_nat_info)
+    if options:
+        return NatCache(reactor, servers, interface, **options).get()
+    return nat_cache(reactor, servers, interface).get()
 
 
 def to_nat_info(found):

@@ -37,6 +37,34 @@ class PunchFailed(Exception):
     """No path within the deadline."""
 
 
+#: A round of the plain strategies (direct, simultaneous open, the seed's
+#: prediction, candidates) lasts this many RTOs to the lobby, at least
+#: ROUND_FLOOR seconds and at most the plan's own round: what fails in
+#: one round fails within a few round trips, and a new round (new
+#: observations) then does better than waiting.
+ROUND_RTOS = 10.0
+ROUND_FLOOR = 1.0
+#: A socket's first repetitions come after this many seconds (doubling
+#: up to the plan's interval): one RTO to the lobby (about one to the
+#: peer) within these bounds.
+REPEAT_FIRST = (0.02, 0.05)
+#: More new sockets than this in one round is a birthday punch, whose
+#: length is what its hit probability needs: never shortened.
+MAX_WINDOW_SOCKETS = 64
+
+
+def round_deadline(actions, deadline, rtt):
+    """
+    How long this round runs: C{deadline} (the plan's) for a birthday
+    punch or before the RTT to the lobby is known, else L{ROUND_RTOS}
+    RTOs of C{rtt} (an L{p2pnat.peer.rtt.RttEstimator}) within
+    [L{ROUND_FLOOR}, C{deadline}].
+    """
+    if rtt is None or actions.spray_ip or actions.new_sockets > MAX_WINDOW_SOCKETS:
+        return deadline
+    return rtt.scaled(ROUND_RTOS, min(ROUND_FLOOR, deadline), deadline)
+
+
 class Punch:
     """
     One side of one punch round.
@@ -83,9 +111,13 @@ class Punch:
         self._v4_first = None  # an IPv4 success waiting out the IPv6 grace
         self._v6 = False  # IPv6 candidates are being probed
         self._round = session.next_round()
+        self._repeat_first = REPEAT_FIRST[1]  # until start() knows the RTT
 
     def start(self):
         a = self.actions
+        rtt = getattr(self.session.client, "rtt", None)
+        self.deadline = round_deadline(a, self.deadline, rtt)
+        self._repeat_first = rtt.rto(*REPEAT_FIRST) if rtt is not None else REPEAT_FIRST[1]
         self.fresh.handler = self
         if a.from_fresh:
             self.sockets.append((self.fresh, list(a.from_fresh)))
@@ -132,7 +164,7 @@ class Punch:
         # session a moment after our first probe), then every interval.
         repeat = self._repeats.get(index, 0)
         self._repeats[index] = repeat + 1
-        delay = min(self.actions.interval, 0.05 * 2 ** repeat)
+        delay = min(self.actions.interval, self._repeat_first * 2 ** repeat)
         self._calls.append(self.clock.callLater(delay, self._probe, index, proto, dests))
 
     def _spray(self):

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from p2pnat.daemon.metrics import Metrics
 from p2pnat.net.udp import ControlProtocol, link_siblings
 from p2pnat.peer import discovery
+from p2pnat.peer.rtt import RttEstimator
 from p2pnat.protocol import stun, wire
 from p2pnat.protocol.nat import AD, APD, EI, NONE, UNKNOWN
 from p2pnat.protocol.p2p import NatInfo
@@ -124,17 +125,21 @@ class KindsTests(SynchronousTestCase):
 
     def test_timing(self):
         """
-        A run lasts the pause plus a few round trips, or until the last
-        filtered change request gives up; it sends about 25 requests.
+        A run lasts the pause plus a few round trips: the filtered change
+        requests give up a few RTOs of the measured RTT after they were
+        sent (at least GIVE_UP_FLOOR), no longer the fixed GIVE_UP; it
+        sends about 25 requests.
         """
-        for nat, low, high in ((None, 0.5, 0.56), (SimNat(WAN), 0.6, 0.65)):
+        for nat in (None, SimNat(WAN)):
             h = Harness(self, nat)
             result = h.run()
-            self.assertTrue(low <= result.elapsed <= high, result.elapsed)
+            self.assertTrue(0.5 <= result.elapsed <= 0.56, result.elapsed)
             self.assertLessEqual(result.sent, 40)
         h = Harness(self, SimNat(WAN))
-        result = h.run(pause=0.2, sockets=2)
-        self.assertTrue(0.6 <= result.elapsed <= 0.65, result.elapsed)
+        result = h.run(pause=0.05, sockets=2)
+        # The change requests left after about 5 round trips of 4 ms.
+        self.assertTrue(discovery.GIVE_UP_FLOOR + 0.015 <= result.elapsed
+                        <= discovery.GIVE_UP_FLOOR + 0.03, result.elapsed)
         self.assertEqual(len([p for p in result.observations.probes if p.socket > 0
                               and not p.change]), 5)
 
@@ -215,9 +220,27 @@ class DiscoverNatTests(SynchronousTestCase):
     """What the P2P client logs in with: the NAT measured, or given with ``--nat``."""
 
     def test_measured(self):
+        """
+        Measured once per reactor, interface and lobby: the first answer
+        comes after a round trip, with the filtering still unknown (its
+        change requests may be silent until given up); the run goes on and
+        the cache learns it (and, the ports being sequential, the rate from
+        a full run right after); a second call answers at once, sending
+        nothing.
+        """
         h = Harness(self, SimNat(WAN, APD, APD, "sequential", step=2))
         info = h.wait(discovery.discover_nat(h.net, FOUR_ORDER, interface=HOST))
-        self.assertEqual(info, NatInfo(APD, APD, "sequential", 2, 0.0))
+        self.assertEqual(info, NatInfo(APD, UNKNOWN, "sequential", 2, 0.0))
+        self.assertLess(h.clock.seconds() - 1000, 0.02)
+        cache = discovery.nat_cache(h.net, FOUR_ORDER, HOST)
+        step(h, 1.0)
+        self.assertEqual(cache.current, NatInfo(APD, APD, "sequential", 2, 0.0))
+        self.assertEqual(cache.runs, 2)
+        again = discovery.discover_nat(h.net, FOUR_ORDER, interface=HOST)
+        self.assertEqual(self.successResultOf(again), cache.current)
+        self.assertEqual(cache.runs, 2)
+        self.assertEqual([a for a in h.net.ports if a[0] == HOST], [])
+        self.assertIsNot(discovery.nat_cache(h.net, FOUR_ORDER, "10.0.1.3"), cache)
 
     def test_given(self):
         # Nothing is measured: no reactor is needed.
@@ -370,3 +393,272 @@ class LoopbackTests(TestCase):
             env=procs.env(), path=procs.REPO)
         self.assertEqual(code, 2)
         self.assertIn("expected HOST:PORT", err.decode())
+
+
+class FastTests(SynchronousTestCase):
+    """
+    A fast run (C{fast=True}): every request at once, the answer as soon
+    as the classification is decided (L{Discovery.decided}), the run
+    itself until its last change request ends.
+    """
+
+    def fast(self, h, servers=FOUR_ORDER, **options):
+        run = discovery.Discovery(servers, h.clock, lambda proto: h.net.listen(h.host, proto),
+                                  fast=True, **options)
+        full = run.run()
+        return run, h.wait(run.decided), full
+
+    def test_kinds(self):
+        """
+        Every kind as a step-by-step run finds it, after one round trip (4
+        ms here; a moment's grace where change requests are still out);
+        filtering unknown when it waits on silence, found by the run's end.
+        """
+        for name, make, want, _ in KindsTests.CASES:
+            h = Harness(self, make())
+            _, early, full = self.fast(h)
+            b = early.behaviour
+            self.assertEqual((b.mapping, b.allocation, b.step), (want[0], want[2], want[3]), name)
+            self.assertIn(b.filtering, (want[1], UNKNOWN), name)
+            if want[1] in (NONE, EI):
+                # Decided by the answers themselves: nothing to wait for.
+                self.assertEqual(b.filtering, want[1], name)
+                self.assertLessEqual(early.elapsed, 0.0045, name)
+            else:
+                self.assertLessEqual(early.elapsed, 0.0055 + discovery.FILTER_GRACE[0], name)
+            self.assertIsNone(b.rate, name)  # one burst: no rate
+            result = h.wait(full)
+            self.assertEqual(summary(result.behaviour), want, name)
+            self.assertLessEqual(result.elapsed, discovery.GIVE_UP_FLOOR + 0.01, name)
+            self.assertLessEqual(result.sent, 30, name)
+
+    def test_allocation_in_send_order(self):
+        """
+        The requests leave together and their answers come in any order:
+        the allocation is read in the order they were sent.
+        """
+        h = Harness(self, SimNat(WAN, APD, APD, "sequential", step=2))
+        delays = iter([0.004, 0.001, 0.003, 0.0005] * 10)
+
+        def reorder(src, dst, data):
+            if src[0] in (A1, A2):  # an answer: delivered after a varied delay instead
+                h.clock.callLater(next(delays), h.net._deliver, src, dst, data)
+                return True
+            return False
+
+        h.net.lose = reorder
+        _, early, full = self.fast(h)
+        self.assertEqual(summary(early.behaviour)[2:], ("sequential", 2))
+        h.wait(full)
+
+    def test_loss(self):
+        """The first copy of every request lost: the retransmissions carry the run."""
+        h = Harness(self, SimNat(WAN))
+        seen = set()
+
+        def lose(src, dst, data):
+            if data[:2] != b"\x00\x01":  # answers pass
+                return False
+            first = data not in seen
+            seen.add(data)
+            return first
+
+        h.net.lose = lose
+        _, early, full = self.fast(h)
+        self.assertEqual(summary(early.behaviour), (EI, UNKNOWN, "preserving", 0))
+        self.assertTrue(0.1 <= early.elapsed <= 0.11, early.elapsed)
+        self.assertEqual(summary(h.wait(full).behaviour), (EI, APD, "preserving", 0))
+
+    def test_lobby_unreachable(self):
+        """No answer: unknown, decided when the requests give up (GIVE_UP: no RTT known)."""
+        h = Harness(self, SimNat(WAN))
+        h.net.lose = lambda src, dst, data: True
+        run, early, full = self.fast(h)
+        self.assertEqual(early.behaviour.notes, ("no answer from the lobby",))
+        self.assertAlmostEqual(early.elapsed, discovery.GIVE_UP, places=2)
+        self.assertIs(h.wait(full), early)
+        self.assertFalse(run.rtt.known)
+
+
+class TimersTests(SynchronousTestCase):
+    """Discovery's retransmissions and give-up from the measured RTT (L{discovery.timers})."""
+
+    def test_before_a_sample(self):
+        rtt = RttEstimator(Clock())
+        self.assertEqual(discovery.timers(rtt), (discovery.SCHEDULE, discovery.GIVE_UP))
+
+    def test_floors(self):
+        rtt = RttEstimator(Clock())
+        rtt.sample(0.0001)
+        schedule, give_up = discovery.timers(rtt)
+        f = discovery.RETRANSMIT_FLOOR
+        self.assertEqual(schedule, (0.0, f, 3 * f))
+        self.assertEqual(give_up, discovery.GIVE_UP_FLOOR)
+
+    def test_between(self):
+        rtt = RttEstimator(Clock())
+        rtt.sample(0.02)  # rto 0.06
+        schedule, give_up = discovery.timers(rtt)
+        self.assertEqual([round(t, 3) for t in schedule], [0.0, 0.06, 0.18])
+        self.assertAlmostEqual(give_up, 0.3)
+
+    def test_caps(self):
+        rtt = RttEstimator(Clock())
+        rtt.sample(0.5)
+        self.assertEqual(discovery.timers(rtt), (discovery.SCHEDULE, discovery.GIVE_UP))
+
+    def test_socket_retimed(self):
+        """A pending request follows new timers from its first send; past times are skipped."""
+        clock = Clock()
+        net = SimNet(clock)
+        sock = discovery.StunSocket(clock)
+        net.listen(HOST, sock, 5000)
+        d = sock.query((A1, 3478), "ip+port")
+        clock.advance(0.04)
+        sock.retime((0.0, 0.03, 0.09), 0.15)
+        clock.advance(0.04)
+        self.assertEqual(sock.sent, 1)  # the retransmission at 0.03 was past: skipped
+        clock.advance(0.02)
+        self.assertEqual(sock.sent, 2)  # at 0.09, not the old 0.1
+        self.assertNoResult(d)
+        clock.advance(0.06)
+        self.assertEqual(sock.sent, 2)
+        self.assertIsNone(self.successResultOf(d).mapped)  # given up at 0.15, not 0.6
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_rtt_measured_on_a_request_sent_once(self):
+        """Karn's rule: an answer to a retransmitted request is no sample."""
+        h = Harness(self, SimNat(WAN))
+        seen = set()
+
+        def lose(src, dst, data):
+            first = data[:2] == b"\x00\x01" and data not in seen
+            seen.add(data)
+            return first
+
+        h.net.lose = lose
+        rtt = RttEstimator(h.clock)
+        h.run(rtt=rtt)
+        self.assertFalse(rtt.known)
+        h = Harness(self, SimNat(WAN))
+        h.run(rtt=rtt)
+        self.assertAlmostEqual(rtt.srtt, 0.004, places=4)
+
+
+def step(h, seconds):
+    """Advance C{h}'s clock by C{seconds} in 1 ms steps (packets travel in between)."""
+    for _ in range(round(seconds / 0.001)):
+        h.clock.advance(0.001)
+
+
+class NatCacheTests(SynchronousTestCase):
+    """Discovery once, kept, refreshed in the background (L{discovery.NatCache})."""
+
+    def cache(self, h, **options):
+        return discovery.NatCache(h.clock, FOUR_ORDER, HOST,
+                                  listen=lambda proto: h.net.listen(h.host, proto), **options)
+
+    def test_once_then_cached(self):
+        h = Harness(self, SimNat(WAN))
+        cache = self.cache(h)
+        seen = []
+        cache.subscribe(seen.append)
+        first, second = cache.get(), cache.get()  # the second joins the run under way
+        found = h.wait(first)
+        self.assertEqual(found, NatInfo(EI, UNKNOWN, "preserving", 0, 0.0))
+        self.assertEqual(self.successResultOf(second), found)
+        step(h, 0.2)  # the run's end: the filtering too
+        self.assertEqual(cache.current, NatInfo(EI, APD, "preserving", 0, 0.0))
+        self.assertEqual([n.filtering for n in seen], [UNKNOWN, APD])
+        self.assertEqual(self.successResultOf(cache.get()), cache.current)
+        self.assertEqual(cache.runs, 1)
+        self.assertTrue(cache.rtt.known)
+
+    def test_refresh(self):
+        """
+        refresh(): a full run (both bursts) at once, not while one is under
+        way nor within MIN_GAP of the last; start() every REFRESH seconds.
+        """
+        h = Harness(self, SimNat(WAN))
+        cache = self.cache(h, refresh=60.0)
+        h.wait(cache.get())
+        self.assertFalse(cache.refresh("under way"))
+        step(h, 0.3)  # the fast run's end
+        self.assertFalse(cache.refresh("too soon"))
+        h.clock.advance(discovery.NatCache.MIN_GAP)
+        self.assertTrue(cache.refresh("a path went silent"))
+        self.assertFalse(cache.refresh("again"))
+        step(h, 1.0)
+        self.assertEqual(cache.runs, 2)
+        sockets = {p.socket for p in cache.result.observations.probes}
+        self.assertEqual(len(sockets), 10)  # main, filtering, two bursts of 4
+        cache.start()
+        cache.start()
+        h.clock.advance(59.9)
+        step(h, 0.2)
+        self.assertEqual(cache.runs, 3)
+        step(h, 1.0)
+        cache.stop()
+        h.clock.advance(61)
+        self.assertEqual(cache.runs, 3)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_sequential_rate_measured_next(self):
+        """
+        A fast run has no rate; behind a sequential NAT a full run follows
+        at once and measures it (other traffic taking 20 ports a second).
+        """
+        nat = SimNat(WAN, APD, APD, "sequential")
+        h = Harness(self, nat)
+        background = LoopingCall(nat.take)
+        background.clock = h.clock
+        background.start(1.0 / 20, now=False)
+        cache = self.cache(h)
+        seen = []
+        cache.subscribe(seen.append)
+        self.assertEqual(h.wait(cache.get()).rate, 0.0)
+        step(h, 1.0)
+        background.stop()
+        self.assertEqual(cache.runs, 2)
+        self.assertTrue(16 <= cache.current.rate <= 24, cache.current)
+        self.assertEqual(seen[-1], cache.current)
+        step(h, 0.5)
+        self.assertEqual(cache.runs, 2)  # and no more
+
+    def test_unanswered_keeps_the_known(self):
+        """A run with no answer (the lobby down a moment) does not forget the NAT."""
+        h = Harness(self, SimNat(WAN))
+        cache = self.cache(h)
+        h.wait(cache.get())
+        step(h, 0.3)
+        h.clock.advance(discovery.NatCache.MIN_GAP)
+        known = cache.current
+        seen = []
+        cache.subscribe(seen.append)
+        h.net.lose = lambda src, dst, data: True
+        cache.refresh()
+        step(h, 2.5)
+        self.assertEqual((cache.current, seen, cache.runs), (known, [], 2))
+
+    def test_first_unanswered_retried(self):
+        """Unknown is not cached: the next get() measures again."""
+        h = Harness(self, SimNat(WAN))
+        h.net.lose = lambda src, dst, data: True
+        cache = self.cache(h)
+        self.assertEqual(h.wait(cache.get()).mapping, UNKNOWN)
+        step(h, 1)
+        h.net.lose = lambda src, dst, data: False
+        self.assertEqual(h.wait(cache.get()).mapping, EI)
+        step(h, 1)
+        self.assertEqual(cache.runs, 2)
+
+    def test_process_cache(self):
+        """nat_cache: one per reactor, interface and lobby; cached_for finds it by its primary."""
+        clock = Clock()
+        cache = discovery.nat_cache(clock, FOUR_ORDER, HOST)
+        self.assertIs(discovery.nat_cache(clock, FOUR_ORDER, HOST), cache)
+        self.assertIsNot(discovery.nat_cache(Clock(), FOUR_ORDER, HOST), cache)
+        self.assertIs(discovery.cached_for(clock, FOUR_ORDER[0]), cache)
+        self.assertIs(discovery.cached_for(clock, FOUR_ORDER[0], HOST), cache)
+        self.assertIsNone(discovery.cached_for(clock, FOUR_ORDER[0], "10.0.1.3"))
+        self.assertIsNone(discovery.cached_for(clock, FOUR_ORDER[1]))

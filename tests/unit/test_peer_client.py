@@ -140,21 +140,55 @@ class LoginTests(SynchronousTestCase):
         # No Login after the first.
         self.assertEqual(len([s for s in w.net.sent if kind(s.data) == "Login"]), 1)
 
-    def test_login_retransmitted_with_backoff(self):
+    def lost(self, w, name, times):
+        """Lose the first three C{name} messages; note when each one was sent."""
+        t0 = w.clock.seconds()
+
+        def lose(src, dst, data):
+            if kind(data) != name:
+                return False
+            times.append(round(w.clock.seconds() - t0, 2))
+            return len(times) <= 3
+
+        w.net.lose = lose
+
+    def login_losing(self, name, before, after):
+        """
+        Log in losing the first three C{name} messages: not logged in
+        C{before} seconds after the start, logged in C{after} more; the
+        client and when each C{name} was sent.
+        """
         w = World(self)
-        lost = []
-        w.net.lose = lambda src, dst, data: (kind(data) == "Login" and len(lost) < 3
-                                             and not lost.append(data))
+        times = []
+        self.lost(w, name, times)
         alice = w.client("alice", login=False)
         d = alice.start()
-        w.advance(3.4)
+        w.advance(before)
         self.assertNoResult(d)
-        w.advance(0.2)
+        w.advance(after)
         self.successResultOf(d)
-        logins = [round(w.clock.seconds(), 2) for s in w.net.sent if kind(s.data) == "Login"]
-        self.assertEqual(len(logins), 4)  # at 0, 0.5, 1.5, 3.5 s
-        self.assertEqual([c for c in w.clock.getDelayedCalls()
-                          if "_login" in repr(c)], [])
+        self.assertEqual([c for c in w.clock.getDelayedCalls() if "_login" in repr(c)], [])
+        return alice, times
+
+    def test_login_retransmitted_with_backoff(self):
+        """
+        Before the RTT to the lobby is known (every Ping lost), login is
+        retried after 0.5 s, doubling: the old fixed times.
+        """
+        alice, pings = self.login_losing("Ping", 3.4, 0.2)
+        self.assertEqual(pings, [0, 0.5, 1.5, 3.5])
+        self.assertEqual(alice.rtt.samples, 2)  # the last Ping's Pong, the Welcome
+
+    def test_login_retried_after_the_measured_rtt(self):
+        """
+        Once a Pong measured the RTT (10 ms here), a lost Login is retried
+        after two RTOs (at least LOGIN_FLOOR, 0.1 s), doubling, instead of
+        after 0.5, 1 and 2 s.
+        """
+        alice, logins = self.login_losing("Login", 0.7, 0.05)
+        # Each retry's timer is set again once its Pong measured the RTT.
+        self.assertEqual(logins, [0.01, 0.12, 0.32, 0.72])
+        self.assertAlmostEqual(alice.rtt.srtt, 0.01, places=3)
 
     def test_login_again_after_the_lobby_forgot(self):
         w = World(self)
@@ -442,3 +476,90 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(f.getErrorMessage(), "the lobby did not answer in time")
         self.assertAlmostEqual(w.clock.seconds() - start, 5.0, places=1)
         self.assertEqual(alice._requests, {})
+
+
+class RttTimerTests(SynchronousTestCase):
+    """Timers that follow the RTT to the lobby (L{LobbyClient.rtt})."""
+
+    def test_connect_request_retransmitted_after_the_rtt(self):
+        """
+        A lost ConnectRequest goes again after REQUEST_RTOS RTOs (10 ms
+        RTT: at the floor, 0.15 s), then twice that, instead of 0.5 s, 1 s.
+        """
+        w = World(self)
+        alice = w.client("alice")
+        w.client("bob")
+        self.assertEqual(alice.rtt.samples, 2)  # the Pong, the Welcome
+        sent = []
+
+        def lose(src, dst, data):
+            if kind(data) == "ConnectRequest":
+                sent.append(w.clock.seconds())
+                return len(sent) <= 2
+            return False
+
+        w.net.lose = lose
+        path = w.connect("alice", "bob")
+        self.assertEqual(path.mode, "direct")
+        self.assertEqual([round(t - sent[0], 3) for t in sent], [0, 0.15, 0.45])
+
+    def test_discovery_alongside_the_login(self):
+        """
+        With a NAT cache (two lobby addresses answering STUN), start()
+        learns the NAT during the login, shares its RTT, does not wait for
+        a port mapping behind a cone NAT, and has the cache refresh when the
+        lobby sees us at another IP address; stop() ends the refreshes.
+        """
+        from p2pnat.net.udp import link_siblings
+        from p2pnat.peer.discovery import NatCache
+        from tests.unit.test_discovery import NoHandler
+
+        w = World(self)
+        other = (LOBBY[0], LOBBY[1] + 1)
+        sibling = ControlProtocol(NoHandler(), w.clock, w.metrics, wire.ReplayGuard(w.clock),
+                                  name="lobby")
+        w.net.listen(other[0], sibling, other[1])
+        link_siblings([w.lobby_proto, sibling])
+        host = HOSTS["alice"][0]
+        cache = NatCache(w.clock, [LOBBY, other], host,
+                         listen=lambda proto: w.net.listen(host, proto))
+        asked = []
+        alice = w.client("alice", nat=CONE, login=False, discovery=cache,
+                         portmap=lambda reactor, port: asked.append(port) or _NoMapping())
+        self.assertIs(alice.rtt, cache.rtt)
+        d = alice.start()
+        w.advance(0.03)
+        self.assertIs(self.successResultOf(d), alice)
+        self.assertEqual((alice.nat.mapping, alice.nat.allocation), (EI, "preserving"))
+        self.assertEqual(len(asked), 1)  # asked once logged in, not waited for
+        w.advance(0.3)
+        self.assertEqual(alice.nat.filtering, APD)  # the run's end told the rest
+        self.assertEqual(cache.runs, 1)
+        nat = w.net.nats[host]
+        nat.forget()  # the NAT reboots: a new mapping, the same behaviour
+        w.advance(21)
+        self.assertEqual(cache.runs, 1)  # a new port alone is no reason to measure again
+        nat.ip = "203.0.113.7"  # another network: another public IP
+        nat.forget()
+        w.advance(21)
+        self.assertEqual(cache.runs, 2)
+        alice.stop()
+        w.advance(3)
+        self.assertEqual([c for c in w.clock.getDelayedCalls() if "NatCache" in repr(c)], [])
+
+
+class _NoMapping:
+    """A port mapper whose gateway grants nothing, at once."""
+
+    current = None
+
+    def startService(self):
+        pass
+
+    def stopService(self):
+        pass
+
+    def map(self):
+        from twisted.internet import defer
+
+        return defer.succeed(None)

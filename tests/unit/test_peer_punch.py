@@ -12,7 +12,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat.peer.client import LobbyClient, Session
-from p2pnat.peer.punch import Punch, PunchFailed
+from p2pnat.peer.punch import ROUND_FLOOR, Punch, PunchFailed, round_deadline
+from p2pnat.peer.rtt import RttEstimator
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
 from p2pnat.protocol.strategy import Actions
@@ -305,6 +306,54 @@ class DeadlineTests(SynchronousTestCase):
         self.assertEqual(len(a.result), 1)
         w.advance(0.01)  # what was in flight arrives
         self.assertEqual(w.clock.getDelayedCalls(), [])
+
+
+class RttTests(SynchronousTestCase):
+    """Rounds and repetitions that follow the client's RTT to the lobby."""
+
+    def test_round_deadline(self):
+        """
+        Plain rounds last ROUND_RTOS RTOs within [ROUND_FLOOR, the plan's];
+        before a sample, and for a birthday punch, the plan's round.
+        """
+        plain = Actions(from_fresh=[("198.51.100.1", 9)])
+        window = Actions(new_sockets=64, new_to=[("198.51.100.1", 9)])
+        birthday = Actions(new_sockets=256, new_to=[("198.51.100.1", 9)], interval=0.5)
+        spray = Actions(from_fresh=[("198.51.100.1", 9)], spray_ip="198.51.100.1",
+                        spray_rate=1000)
+        rtt = RttEstimator(Clock())
+        self.assertEqual(round_deadline(plain, 2.0, rtt), 2.0)
+        self.assertEqual(round_deadline(plain, 2.0, None), 2.0)
+        rtt.sample(0.001)  # a LAN: the floor
+        self.assertEqual(round_deadline(plain, 2.0, rtt), ROUND_FLOOR)
+        self.assertEqual(round_deadline(window, 1.5, rtt), ROUND_FLOOR)
+        self.assertEqual(round_deadline(plain, 0.5, rtt), 0.5)  # never longer than the plan's
+        for actions in (birthday, spray):
+            self.assertEqual(round_deadline(actions, 4.0, rtt), 4.0)
+        rtt = RttEstimator(Clock())
+        rtt.sample(0.05)  # rto 0.15: 10 of them
+        self.assertAlmostEqual(round_deadline(plain, 2.0, rtt), 1.5)
+
+    def test_round_ends_after_the_rtt(self):
+        """
+        A client that measured a LAN's RTT gives up a plain round after
+        ROUND_FLOOR, and repeats its first probes after one RTO (at least
+        20 ms), doubling, instead of after 50 ms.
+        """
+        w = World(self)
+        a = w.side("alice", "a", "203.0.113.1")
+        a.client.rtt.sample(0.001)
+        sent = []
+        w.net.lose = lambda src, dst, data: sent.append(round(w.clock.seconds() - 1_700_000_000,
+                                                              3)) and False
+        a.start(Actions(from_fresh=[("198.51.100.1", 9)]), deadline=2.0)
+        w.advance(ROUND_FLOOR - 0.002)
+        self.assertEqual(a.result, [])
+        w.advance(0.004)
+        a.result[0].trap(PunchFailed)
+        gaps = [b - a for a, b in zip(sent, sent[1:4])]
+        for got, expected in zip(gaps, [0.02, 0.04, 0.08]):
+            self.assertLessEqual(abs(got - expected), 0.0015, sent)  # the 1 ms steps
 
 
 class FrameTests(SynchronousTestCase):
