@@ -261,7 +261,7 @@ def _run(args, connect):
 
     from p2pnat.peer import streams as S
     from p2pnat.peer.client import LobbyClient
-    from p2pnat.peer.discovery import discover_nat
+    from p2pnat.peer.discovery import discover_nat, nat_cache
     from p2pnat.protocol import wire
 
     config, key = load_client(args.config)
@@ -412,11 +412,13 @@ def _run(args, connect):
         servers = [C.parse_hostport(a) for a in config["client.discovery"]] or [
             lobby, (lobby[0], lobby[1] + 1)]
         interface = config["client.interface"] or None
-        nat = yield discover_nat(reactor, servers, interface=interface, given=args.nat)
-        out.event("nat", f"NAT: {nat.mapping} mapping, {nat.allocation} ports"
-                         f" (step {nat.step}, {nat.rate:g}/s)", mapping=nat.mapping,
-                  filtering=nat.filtering, allocation=nat.allocation, step=nat.step,
-                  rate=nat.rate)
+        if args.nat:
+            nat = yield discover_nat(reactor, servers, interface=interface, given=args.nat)
+            cache = None
+        else:
+            # Measured alongside the login (LobbyClient.start), once per
+            # process, and refreshed in the background.
+            nat, cache = None, nat_cache(reactor, servers, interface)
         accept = (lambda peer: peer in args.accept) if getattr(args, "accept", None) else None
 
         def on_path(path):
@@ -437,7 +439,8 @@ def _run(args, connect):
                              interface=interface, nat=nat,
                              accept=accept, on_path=on_path, connect_timeout=args.timeout,
                              upgrade_interval=args.upgrade_interval,
-                             low_ttl=config["client.low_ttl"], **candidate_options(config, args))
+                             low_ttl=config["client.low_ttl"], discovery=cache,
+                             **candidate_options(config, args))
         client.on_event = lambda name, fields: out.event(
             name, f"[keepalive now {fields['interval']:g}s, paths' {fields['path']:g}s:"
                   f" {fields['why']}]", **fields)
@@ -449,6 +452,11 @@ def _run(args, connect):
         yield login
         if timer.active():
             timer.cancel()
+        nat = client.nat
+        out.event("nat", f"NAT: {nat.mapping} mapping, {nat.allocation} ports"
+                         f" (step {nat.step}, {nat.rate:g}/s)", mapping=nat.mapping,
+                  filtering=nat.filtering, allocation=nat.allocation, step=nat.step,
+                  rate=nat.rate)
         out.event("login", f"logged in as {client.id}, public address"
                            f" {client.public[0]}:{client.public[1]}", id=client.id,
                   public=list(client.public))
