@@ -49,6 +49,10 @@ SCHEMA = [
     C.Setting("agent.dead_after", float, 30.0,
               "seconds without an answer (checks retransmitted) after which the relay counts"
               " as dead and the agent moves to the next one", _dead_after),
+    C.Setting("agent.direct", bool, True,
+              "take direct sessions: a terminal the relay authorized (p2pnat forward) reaches"
+              " the device's services over QUIC from the notify socket, end to end encrypted,"
+              " when the NATs allow (false: always through the relay's TLS tunnel)"),
     C.Setting("agent.relay_hostname", str, "",
               "name checked in the relay's TLS certificate (default: the host of agent.relay)"),
     C.Setting("agent.mac_key_file", str, "mac.key", "file holding the device's MAC key (hex)"),
@@ -195,7 +199,7 @@ class AgentService(service.MultiService):
         that address (by default L{has_route}).
     @param direct: take direct sessions (L{p2pnat.agent.direct}): terminals
         that ask the relay for one reach the services over QUIC from the
-        notify socket (see L{stop_direct}).
+        notify socket (see L{stop_direct}); None: as C{agent.direct} says.
     """
 
     log = Logger(namespace="p2pnat.agent")
@@ -204,7 +208,7 @@ class AgentService(service.MultiService):
     RETRY = 5.0
 
     def __init__(self, config, mac_key, reactor, services=None, tls=None, resolve=None,
-                 routable=has_route, direct=True):
+                 routable=has_route, direct=None):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -228,6 +232,8 @@ class AgentService(service.MultiService):
         self.routable = routable
         self._unroutable = set()  # addresses logged as having no route, until we report
         self._waiting = False  # no address to report to was logged
+        if direct is None:
+            direct = config["agent.direct"]
         self.direct = self._direct_server(config) if direct else None
         self.notifier = Notifier(self.device_id, mac_key, None, reactor,
                                  config["agent.notify_b_interval"], self.connect_requested,

@@ -173,6 +173,20 @@ class ForwardDirectTests(TestCase):
             self.assertEqual((path["path"], path.get("why")), ("relayed", "no direct offer"))
         return defer.Deferred.fromCoroutine(run())
 
+    def test_relayed_when_the_config_says_no(self):
+        """C{agent.direct = false}: no direct server, no flag, relayed."""
+        async def run():
+            agent = await start_agent(
+                self, self.relay, "cam", os.path.join(self.dir, "cam"), self.echo_port,
+                **{"agent.extra_services": f"echo=127.0.0.1:{self.echo_port}",
+                   "agent.direct": False})
+            self.assertIsNone(agent.direct)
+            fwd, port = await self.forward("cam:echo")
+            path = await self.one_transfer(fwd, port)
+            self.assertEqual((path["path"], path.get("why")), ("relayed", "no direct offer"))
+            self.assertNotIn("cam", self.relay.relay.direct_capable)
+        return defer.Deferred.fromCoroutine(run())
+
     def test_relayed_after_the_budget(self):
         """
         The relay offers a direct session the device no longer takes (it
