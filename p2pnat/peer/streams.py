@@ -67,6 +67,7 @@ from zope.interface import implementer
 from p2pnat.daemon.logs import Logger
 from p2pnat.peer.sockets import SessionPort
 from p2pnat.protocol import p2p as M
+from p2pnat.net.streams import Gate, OneShotFactory
 from p2pnat.net.udp import DropLog
 from p2pnat.protocol import wire
 from p2pnat.quic import HandshakeFailed, PeerIdentity, QuicSocket, is_quic
@@ -838,10 +839,12 @@ class _Half(protocol.Protocol):
 
 class _Splice:
     """
-    A TCP connection and a QUIC stream, joined (L{join}): each transport is
-    the producer of the other, so a slow reader on one side slows the
-    writer on the other instead of filling memory; half-close is passed
-    on; an error on one side aborts the other.  Reports its end once.
+    A TCP connection and a QUIC stream, joined (L{join}): each side pauses
+    and resumes the other's reading (a L{Gate}), so a slow reader on one
+    side slows the writer on the other instead of filling memory; the end
+    of one side's input ends the other's output after what it queued
+    (whichever side closes first, nothing already read is lost); an error
+    on one side aborts the other.  Reports its end once.
     """
 
     def __init__(self, events, peer, service, direction):
@@ -868,8 +871,12 @@ class _Splice:
         """Both transports are connected: start passing bytes."""
         tcp, stream = self.tcp, self.stream
         tcp.other, stream.other = stream, tcp
-        stream.transport.registerProducer(tcp.transport, True)
-        tcp.transport.registerProducer(stream.transport, True)
+        # Gates: pause and resume only.  A transport that ends stops its
+        # producer (Twisted's TCP connectionLost, the stream's end); the raw
+        # other transport would be aborted under the bytes still queued for
+        # it, where it must end after them (pass_end, half_lost).
+        stream.transport.registerProducer(Gate(tcp.transport), True)
+        tcp.transport.registerProducer(Gate(stream.transport), True)
         for half in (tcp, stream):
             early, half.early = half.early, []
             for data in early:
@@ -980,7 +987,7 @@ class TcpServiceFactory(protocol.Factory):
         splice.stream.transport.pauseProducing()
         splice.opened()
         endpoint = endpoints.HostnameEndpoint(self.reactor, *self.target)
-        d = endpoint.connect(_Once(splice.tcp))
+        d = endpoint.connect(OneShotFactory(splice.tcp))
 
         def connected(_):
             if splice.stream.closed:
@@ -994,16 +1001,6 @@ class TcpServiceFactory(protocol.Factory):
                         f" {reason.getErrorMessage()}")
 
         d.addCallbacks(connected, failed)
-
-
-class _Once(protocol.Factory):
-    """A client factory for one protocol made beforehand."""
-
-    def __init__(self, proto):
-        self.proto = proto
-
-    def buildProtocol(self, addr):
-        return self.proto
 
 
 __all__ = ["CLEAR_HELLO", "ClearDatagrams", "DatagramQueue", "FRAGMENT", "HandshakeFailed",

@@ -51,6 +51,28 @@ class Echo(socketserver.ThreadingTCPServer):
         self.received = []
 
 
+class DownloadHandler(socketserver.BaseRequestHandler):
+    """Reads a request line, then sends the server's C{data} and closes at once (HTTP/1.0)."""
+
+    def handle(self):
+        request = b""
+        while not request.endswith(b"\n"):
+            chunk = self.request.recv(1024)
+            if not chunk:
+                return
+            request += chunk
+        self.request.sendall(self.server.data)
+        self.request.close()
+
+
+class Download(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+
+    def __init__(self, data):
+        super().__init__((LOOPBACK, 0), DownloadHandler)
+        self.data = data
+
+
 class PeerStreamsProcessTests(DaemonTestCase):
     def setUp(self):
         super().setUp()
@@ -122,6 +144,39 @@ class PeerStreamsProcessTests(DaemonTestCase):
                           closed_b["peer"]), (len(data), len(data), "in", "client:alice"))
         self.assertEqual(self.wait_event(bob, "quic")["peer"], "client:alice")
         for daemon in (alice, bob):
+            daemon.stop()
+            self.assertNotIn("Traceback", daemon.output())
+
+    def test_service_closes_first(self):
+        """
+        A service that sends 2 MB and closes at once, read slowly through
+        the forward: all of it arrives, then the end of stream.
+        """
+        data = os.urandom(2_000_000)
+        download = Download(data)
+        threading.Thread(target=download.serve_forever, daemon=True).start()
+        self.addCleanup(download.server_close)
+        self.addCleanup(download.shutdown)
+        bob = self.peer("bob", "wait", "--service",
+                        f"file={LOOPBACK}:{download.server_address[1]}")
+        self.wait_event(bob, "login")
+        alice = self.peer("alice", "connect", "bob", "--forward-tcp", f"{LOOPBACK}:0=file")
+        forward = self.wait_event(alice, "forward-tcp")
+        got = hashlib.sha256()
+        count = 0
+        with socket.create_connection((LOOPBACK, forward["port"]), timeout=30) as sock:
+            sock.sendall(b"GET /file HTTP/1.0\r\n")
+            time.sleep(0.5)  # a slow reader: the service has long closed when it starts
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                got.update(chunk)
+                count += len(chunk)
+        self.assertEqual((count, got.hexdigest()), (len(data), hashlib.sha256(data).hexdigest()))
+        for daemon in (alice, bob):
+            closed = self.wait_event(daemon, "stream-closed")
+            self.assertNotIn("error", closed)
             daemon.stop()
             self.assertNotIn("Traceback", daemon.output())
 

@@ -22,6 +22,11 @@ from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
 from tests.support.quic import Deployment, payload
 
+#: Enough to fill both TCP buffers and several QUIC windows.
+BIG = 2_000_000
+#: How long a slow reader keeps its transport paused.
+SLOW = 0.5
+
 KEYS = {"alice": bytes([1]) * 32, "bob": bytes([2]) * 32}
 PUBLIC = M.NatInfo("endpoint-independent", "endpoint-independent", "preserving")
 
@@ -68,6 +73,75 @@ class Client(protocol.Protocol):
         self.done.callback(reason.value)
 
 
+class Sender(protocol.Protocol):
+    """A service that writes C{factory.data} and closes at once (a download, HTTP/1.0)."""
+
+    def connectionMade(self):
+        self.transport.write(self.factory.data)
+        self.transport.loseConnection()
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class Sink(protocol.Protocol):
+    """
+    A slow service: reads nothing for L{SLOW} seconds (back-pressure all
+    the way to the client), then hashes its input; ends when the input ends.
+    """
+
+    def connectionMade(self):
+        self.hash = hashlib.sha256()
+        self.count = 0
+        self.ended = defer.Deferred()
+        self.factory.made.append(self)
+        self.transport.pauseProducing()
+        reactor.callLater(SLOW, self.transport.resumeProducing)
+
+    def dataReceived(self, data):
+        self.hash.update(data)
+        self.count += len(data)
+
+    def readConnectionLost(self):
+        self.ended.callback(None)
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
+class SlowReader(protocol.Protocol):
+    """
+    A client that writes C{data} (none by default), reads nothing for
+    L{SLOW} seconds, then hashes what comes until the end.
+    """
+
+    def __init__(self, data=b""):
+        self.data = data
+        self.hash = hashlib.sha256()
+        self.count = 0
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        if self.data:
+            self.transport.write(self.data)
+        self.transport.pauseProducing()
+        reactor.callLater(SLOW, self.transport.resumeProducing)
+
+    def dataReceived(self, data):
+        self.hash.update(data)
+        self.count += len(data)
+
+    def connectionLost(self, reason):
+        self.done.callback(reason.value)
+
+
+class Closer(Client):
+    """Writes C{data} and closes the whole connection at once (not a half-close)."""
+
+    def connectionMade(self):
+        self.transport.write(self.data)
+        self.transport.loseConnection()
+
+
 class ForwardTests(TestCase):
     timeout = 60
 
@@ -86,6 +160,17 @@ class ForwardTests(TestCase):
         self.echo = echo
         port = reactor.listenTCP(0, echo, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
+        self.big = payload(BIG, seed=5)
+        sender = protocol.Factory.forProtocol(Sender)
+        sender.data = self.big
+        sink = protocol.Factory.forProtocol(Sink)
+        sink.made = []
+        self.sink = sink
+        more = {}
+        for name, factory in (("send", sender), ("sink", sink)):
+            listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+            self.addCleanup(listening.stopListening)
+            more[name] = listening.getHost().port
         self.events = {"alice": [], "bob": []}
         self.bob_streams = []
 
@@ -94,7 +179,10 @@ class ForwardTests(TestCase):
                 "echo": S.TcpServiceFactory(reactor, "echo", "127.0.0.1", port.getHost().port,
                                             self.recorder("bob")),
                 "closed": S.TcpServiceFactory(reactor, "closed", "127.0.0.1", 1,
-                                              self.recorder("bob"))}))
+                                              self.recorder("bob")),
+                **{name: S.TcpServiceFactory(reactor, name, "127.0.0.1", number,
+                                             self.recorder("bob"))
+                   for name, number in more.items()}}))
 
         self.alice = LobbyClient("alice", KEYS["alice"], lobby, reactor, interface="127.0.0.1",
                                  nat=PUBLIC)
@@ -126,9 +214,9 @@ class ForwardTests(TestCase):
         return port.getHost().port
 
     @defer.inlineCallbacks
-    def through(self, service, data):
-        """A TCP client sending C{data} through a forward to C{service}, once it ended."""
-        client = Client(data)
+    def through(self, service, data, kind=Client):
+        """A TCP client (a C{kind}) sending C{data} through a forward to C{service}, once it ended."""
+        client = kind(data)
         yield protocol.ClientCreator(reactor, lambda: client).connectTCP(
             "127.0.0.1", self.forward(service))
         yield client.done
@@ -183,3 +271,54 @@ class ForwardTests(TestCase):
         failed = [f for e, f in self.events["bob"] if e == "stream-failed"]
         self.assertIn("cannot connect to 127.0.0.1:1", failed[0]["error"])
         self.assertIn("error", self.events["alice"][-1][1])
+
+    def assertAll(self, count, digest):
+        """C{count} bytes hashed to C{digest} are the whole of C{self.big}."""
+        self.assertEqual((count, digest), (BIG, hashlib.sha256(self.big).hexdigest()))
+
+    @defer.inlineCallbacks
+    def assertClosedCleanly(self):
+        """Both sides report the stream closed, without an error."""
+        yield self.settle("bob", "stream-closed")
+        yield self.settle("alice", "stream-closed")
+        for name in ("alice", "bob"):
+            closed = [f for e, f in self.events[name] if e == "stream-closed"]
+            self.assertEqual(len(closed), 1, name)
+            self.assertNotIn("error", closed[0], name)
+
+    @defer.inlineCallbacks
+    def test_service_closes_first(self):
+        """
+        A service that writes 2 MB and closes at once, to a client that
+        reads slowly: the client gets all of it, then the end of stream
+        (the service's close must not abort the stream under the bytes
+        still queued).
+        """
+        client = yield self.through("send", b"", kind=SlowReader)
+        self.assertAll(client.count, client.hash.hexdigest())
+        yield self.assertClosedCleanly()
+
+    @defer.inlineCallbacks
+    def test_client_half_closes_first(self):
+        """A client that writes 2 MB and half-closes, to a slow service: all of it arrives."""
+        yield self.through("sink", self.big)
+        [sink] = self.sink.made
+        yield sink.ended
+        self.assertAll(sink.count, sink.hash.hexdigest())
+        yield self.assertClosedCleanly()
+
+    @defer.inlineCallbacks
+    def test_client_closes_first(self):
+        """
+        A client that writes 2 MB and closes the whole connection at once,
+        to a slow service: all of it arrives, then the end of stream.
+        """
+        yield self.through("sink", self.big, kind=Closer)
+        for _ in range(200):
+            if self.sink.made:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        [sink] = self.sink.made
+        yield sink.ended
+        self.assertAll(sink.count, sink.hash.hexdigest())
+        yield self.assertClosedCleanly()
