@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
 from p2pnat.cluster.embedded import EmbeddedState
-from p2pnat.cluster.state import ClusterUnavailable
+from p2pnat.cluster.state import ClusterUnavailable, IClusterDirect
 from p2pnat.daemon.logs import Logger, Throttle, redact
 from p2pnat.deployment.registry import device_id_problem, verify_stored
 from p2pnat.protocol import wire
@@ -288,6 +288,9 @@ class Relay:
         self._direct_devices = TokenBucket(clock, direct_limits.per_device,
                                            max(1.0, 2 * direct_limits.per_device))
         self._direct_calls = set()  # second copies not sent yet
+        if IClusterDirect.providedBy(self.cluster):
+            # The owner's half of direct sessions for other nodes' terminals.
+            self.cluster.serve_direct(self.serve_direct)
 
     # -- what the terminal side asks -------------------------------------------
 
@@ -510,45 +513,134 @@ class Relay:
         else:
             self.direct_capable.discard(device_id)
 
-    def direct_offer(self, device_id, service, terminal_addr, source):
+    def direct_offer(self, device_id, service, terminal_addr, source, on_later=None):
         """
         Send C{device_id} a L{wire.DirectConnectRequest} for a terminal at
         C{terminal_addr} (checked by the caller: an IP literal, a port) and
         C{service}, with a fresh secret, and return the L{DirectOffer} for
         the terminal; None (nothing sent) when the device does not take
-        direct requests, is not live on this node (a cluster's other node
-        owns its mapping), has no address of the terminal's family, or the
+        direct requests, has no address of the terminal's family, or the
         terminal's C{source} or the device is over its rate.
+
+        A device live on another node of a cluster: with C{on_later}, that
+        node (its owner, which holds the device's mapping) is asked to send
+        the request, and C{on_later(offer)} is called with the L{DirectOffer}
+        once it answers that it did; this call returns None.  Without
+        C{on_later}, or when the shared state is away, such a device gets
+        no offer (its connections are relayed).
+        """
+        d = self.devices.reachable(device_id, self.clock.seconds())
+        if isinstance(d, Refusal) or d.socket is None or d.addr is None:
+            if on_later is not None and IClusterDirect.providedBy(self.cluster):
+                self._direct_remote(device_id, service, terminal_addr, source, on_later)
+            return None
+        if device_id not in self.direct_capable:
+            return None
+        device_addr = _plain(d.addr)
+        if _family(device_addr[0]) != _family(terminal_addr[0]):
+            return None
+        if not self._direct_allowed(device_id, source):
+            return None
+        direct_id, secret = os.urandom(16), os.urandom(wire.SECRET_LEN)
+        self.count("direct-offer")
+        self._direct_request(d, service, terminal_addr, direct_id, secret)
+        return DirectOffer(device_addr, secret)
+
+    def _direct_allowed(self, device_id, source):
+        """Whether the terminal C{source} and the device are within their direct rates."""
+        if not self._direct_sources.allow(source):
+            self._direct_refused("source", device_id, source)
+            return False
+        if not self._direct_devices.allow(device_id):
+            self._direct_refused("device", device_id, source)
+            return False
+        return True
+
+    def _direct_request(self, d, service, terminal_addr, direct_id, secret):
+        """Send device C{d} (live here) the direct request, and its second copy later."""
+        # The device's socket may be dual-stack: send to the terminal's
+        # address as the device's family knows it (plain IPv4).
+        message = wire.DirectConnectRequest(direct_id, wire.mask_secret(d.mac_key, direct_id,
+                                                                        secret),
+                                            service, terminal_addr)
+        message.encode_body()  # a service the wire cannot carry fails here, not in a timer
+        self.log.debug("direct request for {device_id} from terminal {terminal}, offer {oid}",
+                       device_id=d.id, terminal=wire.format_addr(terminal_addr),
+                       oid=redact(direct_id))
+        self._send_direct(d.id, message)
+        # One more copy a moment later: a lost request costs the direct path.
+        call = self.clock.callLater(self.direct_limits.resend_after, self._resend_direct,
+                                    d.id, message)
+        self._direct_calls.add(call)
+
+    def _direct_remote(self, device_id, service, terminal_addr, source, on_later):
+        """
+        The cluster half of L{direct_offer}: this node's rates first (the
+        owner's per-device rate bounds what it sends as well), then the
+        device's live entry, then its owner sends the request with a secret
+        made here.  Every failure means no offer, never an error.
+        """
+        if not self.cluster.available():
+            return
+        if not self._direct_allowed(device_id, source):
+            return
+        direct_id, secret = os.urandom(16), os.urandom(wire.SECRET_LEN)
+
+        def located(entry):
+            if entry is None or entry.node == self.cluster.node \
+                    or entry.stale(self.clock.seconds(), self.devices.period):
+                return None
+            if _family(entry.host) != _family(terminal_addr[0]):
+                return None
+            self.count("direct-forwarded")
+            return self.cluster.ask_direct(entry, device_id, service, terminal_addr,
+                                           direct_id, secret)
+
+        def answered(addr):
+            if addr is None:
+                return
+            self.count("direct-offer")
+            on_later(DirectOffer(_plain(addr), secret))
+
+        d = self.cluster.locate(device_id).addCallback(located).addCallback(answered)
+        d.addErrback(self._direct_remote_failed, device_id)
+
+    def _direct_remote_failed(self, failure, device_id):
+        if not failure.check(ClusterUnavailable):
+            self.log.failure("direct offer for {device_id} through its owner failed", failure,
+                             device_id=device_id)
+
+    def serve_direct(self, device_id, service, terminal_addr, direct_id, secret):
+        """
+        Another node's terminal at C{terminal_addr} asks for a direct session
+        to C{device_id}, live here (L{p2pnat.cluster.state.IClusterState.
+        ask_direct}): send the device the direct request if it takes them
+        (its latest notify here said so), has an address of the terminal's
+        family and is within its direct rate on this node too (so other
+        nodes cannot make this one send without bound).
+
+        @return: the device's address as its notifies reach this node, or
+            None if nothing was sent.
         """
         d = self.devices.reachable(device_id, self.clock.seconds())
         if isinstance(d, Refusal) or d.socket is None or d.addr is None \
                 or device_id not in self.direct_capable:
             return None
         device_addr = _plain(d.addr)
-        if _family(device_addr[0]) != _family(terminal_addr[0]):
-            return None
-        if not self._direct_sources.allow(source):
-            self._direct_refused("source", device_id, source)
+        if _family(device_addr[0]) != _family(terminal_addr[0]) \
+                or not 0 < terminal_addr[1] < 65536:
             return None
         if not self._direct_devices.allow(device_id):
-            self._direct_refused("device", device_id, source)
+            self._direct_refused("device", device_id, "another node")
             return None
-        direct_id, secret = os.urandom(16), os.urandom(wire.SECRET_LEN)
-        # The device's socket may be dual-stack: send to the terminal's
-        # address as the device's family knows it (plain IPv4).
-        message = wire.DirectConnectRequest(direct_id, wire.mask_secret(d.mac_key, direct_id,
-                                                                        secret),
-                                            service, terminal_addr)
-        self.count("direct-offer")
-        self.log.debug("direct request for {device_id} from terminal {terminal}, offer {oid}",
-                       device_id=device_id, terminal=wire.format_addr(terminal_addr),
-                       oid=redact(direct_id))
-        self._send_direct(device_id, message)
-        # One more copy a moment later: a lost request costs the direct path.
-        call = self.clock.callLater(self.direct_limits.resend_after, self._resend_direct,
-                                    device_id, message)
-        self._direct_calls.add(call)
-        return DirectOffer(device_addr, secret)
+        try:
+            self._direct_request(d, service, terminal_addr, direct_id, secret)
+        except (wire.WireError, UnicodeError, ValueError) as e:
+            self.log.warn("direct request for {device_id} from another node not sent: {error}",
+                          device_id=device_id, error=e)
+            return None
+        self.count("direct-served")
+        return device_addr
 
     def _resend_direct(self, device_id, message):
         self._direct_calls = {c for c in self._direct_calls if c.active()}
