@@ -101,6 +101,11 @@ class DirectLimits:
     resend_after: float = 0.25
 
 
+#: Seconds at most that an idle tunnel waits for the owner node's answer to a
+#: direct ask (a Redis round trip, a millisecond or so) before it serves.
+DIRECT_HOLD = 0.5
+
+
 def _plain(addr):
     """C{addr} with an IPv4-mapped IPv6 host written as IPv4 (what the device's NAT shows)."""
     host = addr[0]
@@ -288,6 +293,7 @@ class Relay:
         self._direct_devices = TokenBucket(clock, direct_limits.per_device,
                                            max(1.0, 2 * direct_limits.per_device))
         self._direct_calls = set()  # second copies not sent yet
+        self._direct_waits = {}  # device ID -> Deferreds of asks its owner has not answered
         if IClusterDirect.providedBy(self.cluster):
             # The owner's half of direct sessions for other nodes' terminals.
             self.cluster.serve_direct(self.serve_direct)
@@ -373,8 +379,19 @@ class Relay:
         """
         A tunnel to C{device_id}: an idle one at once (``reused``), else a
         new session whose connect request is sent (and retransmitted) now.
+
+        An idle tunnel of a device whose direct offer is being asked of its
+        owner node (L{direct_offer}'s cluster half) is handed over once that
+        answer came (a Redis round trip), at most L{DIRECT_HOLD} seconds
+        later: the terminal's 200 goes out with the tunnel, and the offer
+        belongs in it.
         """
+        return self._request_tunnel(device_id, reuse, hold=True)
+
+    def _request_tunnel(self, device_id, reuse, hold):
         idle = self.idle.get(device_id) if reuse else None
+        if idle and hold and self._direct_waits.get(device_id):
+            return self._after_direct_answers(device_id, reuse)
         if idle:
             t = idle.pop()
             if not idle:
@@ -390,6 +407,43 @@ class Relay:
             return self._request_remote(device_id, heard_before=local is not None
                                         and not isinstance(local, Refusal))
         return self._start_session(device_id, self._send_connect)
+
+    def _after_direct_answers(self, device_id, reuse):
+        """
+        L{request_tunnel}, without holding again, once the device's direct
+        asks under way now are answered, or L{DIRECT_HOLD} seconds on.
+        """
+        ready = Deferred()
+        inner = []
+
+        def go(_=None):
+            if inner:
+                return
+            if call.active():
+                call.cancel()
+            inner.append(self._request_tunnel(device_id, reuse, hold=False))
+            inner[0].ready.chainDeferred(ready)
+
+        def cancel():
+            if call.active():
+                call.cancel()
+            if inner:
+                inner[0].cancel()
+            else:
+                inner.append(TunnelRequest(Deferred()))  # go does nothing now
+
+        call = self.clock.callLater(DIRECT_HOLD, go)
+        waits = list(self._direct_waits[device_id])
+        left = [len(waits)]
+
+        def one(_):
+            left[0] -= 1
+            if left[0] == 0:
+                go()
+
+        for w in waits:
+            w.addBoth(one)
+        return TunnelRequest(ready, cancel)
 
     def _start_session(self, device_id, send):
         """A new session whose connect request C{send(session)} sends (and resends)."""
@@ -604,6 +658,19 @@ class Relay:
 
         d = self.cluster.locate(device_id).addCallback(located).addCallback(answered)
         d.addErrback(self._direct_remote_failed, device_id)
+        # Until the owner answers, an idle tunnel waits for the offer
+        # (request_tunnel); an answer that came already removes it at once.
+        waiting = Deferred()
+        waits = self._direct_waits.setdefault(device_id, set())
+        waits.add(waiting)
+
+        def answered_or_not(_):
+            waits.discard(waiting)
+            if not waits and self._direct_waits.get(device_id) is waits:
+                del self._direct_waits[device_id]
+            waiting.callback(None)
+
+        d.addBoth(answered_or_not)
 
     def _direct_remote_failed(self, failure, device_id):
         if not failure.check(ClusterUnavailable):

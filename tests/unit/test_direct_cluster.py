@@ -212,3 +212,49 @@ class OwnerSendsTests(SynchronousTestCase):
         answer = {"t": "direct-answer", "from": "y", "id": DID.hex(), "addr": list(DEVICE)}
         self.x.state._message(R.node_channel("x"), self.x.state.signer.seal(answer, now))
         self.assertEqual(self.offers, [])
+
+
+class IdleTunnelTests(SynchronousTestCase):
+    """An idle tunnel on X waits (briefly) for the owner's answer: the offer goes in the 200."""
+
+    def setUp(self):
+        OwnerSendsTests.setUp(self)
+        self.redis.deaf.add("y")  # answers come when the test says
+        self.tunnel = object()
+        self.x.relay.idle["cam"] = [self.tunnel]
+        self.got = []
+
+    def request(self):
+        OwnerSendsTests.ask(self)
+        r = self.x.relay.request_tunnel("cam")
+        r.ready.addCallback(lambda result: self.got.append((result, list(self.offers))))
+        return r
+
+    def test_handed_over_after_the_answer_with_the_offer(self):
+        self.request()
+        self.assertEqual(self.got, [])
+        (direct_id,) = self.x.state._direct_asks
+        self.x.state._direct_answered(direct_id, DEVICE)
+        (((tunnel, reused), offers),) = self.got
+        self.assertEqual((tunnel, reused, len(offers)), (self.tunnel, True, 1),
+                         "the offer came first")
+
+    def test_silent_owner_holds_it_briefly(self):
+        from p2pnat.relay.core import DIRECT_HOLD
+
+        self.request()
+        self.x.w.clock.advance(DIRECT_HOLD)
+        self.assertEqual(self.got, [((self.tunnel, True), [])])
+        self.x.w.clock.advance(DIRECT_ANSWER_TIMEOUT)
+        self.assertEqual(self.x.relay._direct_waits, {})
+
+    def test_cancelled_while_held(self):
+        r = self.request()
+        r.cancel()
+        self.x.w.clock.advance(DIRECT_ANSWER_TIMEOUT)
+        self.assertEqual(self.got, [])
+        self.assertEqual(self.x.relay.idle["cam"], [self.tunnel], "still idle for the next")
+
+    def test_no_ask_no_wait(self):
+        r = self.x.relay.request_tunnel("cam")
+        self.assertEqual(self.successResultOf(r.ready), (self.tunnel, True))
