@@ -428,13 +428,13 @@ class RedisState:
     # -- direct requests for another node's terminals ---------------------------------
 
     def ask_direct(self, entry, device_id, service, terminal_addr, direct_id, secret):
+        key = direct_id.hex()
         if not self.link.available or len(self._direct_asks) >= MAX_DIRECT_ASKS \
-                or direct_id in self._direct_asks:
+                or key in self._direct_asks:
             return succeed(None)
         answer = Deferred()
-        call = self.clock.callLater(DIRECT_ANSWER_TIMEOUT, self._direct_answered,
-                                    direct_id.hex(), None)
-        self._direct_asks[direct_id.hex()] = (answer, call)
+        call = self.clock.callLater(DIRECT_ANSWER_TIMEOUT, self._direct_answered, key, None)
+        self._direct_asks[key] = (answer, call)
         self._publish(node_channel(entry.node), {
             "t": "direct", "from": self.node, "device": device_id, "service": service,
             "terminal": [terminal_addr[0], int(terminal_addr[1])], "id": direct_id.hex(),

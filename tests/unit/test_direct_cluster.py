@@ -207,6 +207,21 @@ class OwnerSendsTests(SynchronousTestCase):
         (m, _), = self.y.directs()
         self.assertEqual(wire.mask_secret(KEY, m.direct_id, m.secret), SECRET)
 
+    def test_asks_waiting_are_bounded(self):
+        """A node waits for at most MAX_DIRECT_ASKS answers; beyond, and a repeated ID: None."""
+        self.redis.deaf.add("y")
+        entry = LiveEntry("cam", "y", *DEVICE, 0.0)
+        state = self.x.state
+        answers = [state.ask_direct(entry, "cam", "ssh", TERMINAL, i.to_bytes(16, "big"), SECRET)
+                   for i in range(R.MAX_DIRECT_ASKS + 1)]
+        self.assertEqual([a.called for a in answers[:-1]], [False] * R.MAX_DIRECT_ASKS)
+        self.assertIsNone(self.successResultOf(answers[-1]))
+        self.x.w.clock.advance(DIRECT_ANSWER_TIMEOUT)
+        again = state.ask_direct(entry, "cam", "ssh", TERMINAL, DID, SECRET)
+        self.assertIsNone(self.successResultOf(
+            state.ask_direct(entry, "cam", "ssh", TERMINAL, DID, SECRET)), "the same offer ID")
+        self.assertFalse(again.called)
+
     def test_unasked_answers_ignored(self):
         now = self.x.w.clock.seconds()
         answer = {"t": "direct-answer", "from": "y", "id": DID.hex(), "addr": list(DEVICE)}
