@@ -579,7 +579,8 @@ class Relay:
         A device live on another node of a cluster: with C{on_later}, that
         node (its owner, which holds the device's mapping) is asked to send
         the request, and C{on_later(offer)} is called with the L{DirectOffer}
-        once it answers that it did; this call returns None.  Without
+        once it answers that it did (never before this call returned); this
+        call returns None.  Without
         C{on_later}, or when the shared state is away, such a device gets
         no offer (its connections are relayed).
         """
@@ -654,8 +655,15 @@ class Relay:
             if addr is None:
                 return
             self.count("direct-offer")
-            on_later(DirectOffer(_plain(addr), secret))
+            offer = DirectOffer(_plain(addr), secret)
+            if calling:
+                # Answered before direct_offer returned (a state that
+                # answers at once): on_later is for later, as promised.
+                self.clock.callLater(0, on_later, offer)
+            else:
+                on_later(offer)
 
+        calling = True
         d = self.cluster.locate(device_id).addCallback(located).addCallback(answered)
         d.addErrback(self._direct_remote_failed, device_id)
         # Until the owner answers, an idle tunnel waits for the offer
@@ -671,6 +679,7 @@ class Relay:
             waiting.callback(None)
 
         d.addBoth(answered_or_not)
+        calling = False
 
     def _direct_remote_failed(self, failure, device_id):
         if not failure.check(ClusterUnavailable):

@@ -8,9 +8,12 @@ crosses Redis sealed (L{DirectSeal}).  The process test,
 L{tests.process.test_direct_cluster}, runs it on a real Redis.
 """
 
+import inspect
+from types import SimpleNamespace
+
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from p2pnat.cluster import redis as R
 from p2pnat.cluster.state import (
@@ -22,8 +25,9 @@ from p2pnat.cluster.state import (
     cluster_keys,
 )
 from p2pnat.protocol import wire
+from p2pnat.relay import terminal_machine
 from p2pnat.relay.core import DirectLimits, DirectOffer
-from tests.unit.test_relay_terminal import KEY, World
+from tests.unit.test_relay_terminal import KEY, World, status
 
 SECRET = bytes(range(100, 116))
 DID = bytes(range(16))
@@ -68,8 +72,10 @@ class Node:
     """One relay node: its L{World} (relay, device table, notify socket) and cluster state."""
 
     def __init__(self, testcase, redis, name, secret=b"s" * 32, **relay_options):
+        # What the node's service does for the cluster: connect requests go to its relay.
+        node = SimpleNamespace(send_connect=lambda *args: self.relay.send_connect(*args))
         self.state = R.RedisState(Clock(), "redis://127.0.0.1:1/0", name, (), secret, 300,
-                                  lambda: ("192.0.2.1", 7443), None)
+                                  lambda: ("192.0.2.1", 7443), node)
         self.state.link = redis.link()
         redis.states[name] = self.state
         self.w = World(testcase, cluster=self.state, **relay_options)
@@ -114,8 +120,12 @@ class OwnerSendsTests(SynchronousTestCase):
 
     def ask(self, source="198.51.100.9", terminal=TERMINAL, node=None):
         node = node or self.x
-        return node.relay.direct_offer("cam", "ssh", terminal, source,
-                                       on_later=self.offers.append)
+        before = len(self.offers)
+        offer = node.relay.direct_offer("cam", "ssh", terminal, source,
+                                        on_later=self.offers.append)
+        self.assertEqual(len(self.offers), before, "never before direct_offer returned")
+        node.w.clock.advance(0)  # the fake Redis answered at once
+        return offer
 
     def test_backend_provides_it(self):
         self.assertTrue(IClusterDirect.providedBy(self.x.state))
@@ -273,3 +283,31 @@ class IdleTunnelTests(SynchronousTestCase):
     def test_no_ask_no_wait(self):
         r = self.x.relay.request_tunnel("cam")
         self.assertEqual(self.successResultOf(r.ready), (self.tunnel, True))
+
+
+class TerminalTests(SynchronousTestCase):
+    """A terminal's CONNECT on X: the owner's offer in the 103 and the 200."""
+
+    def setUp(self):
+        if "on_later" not in inspect.getsource(terminal_machine.TerminalCore.offer_direct):
+            raise SkipTest("the terminal machine does not take offers that come later")
+        OwnerSendsTests.setUp(self)
+
+    def test_offer_from_the_owner(self):
+        x = self.x.w
+        t = x.terminal(b"CONNECT cam:ssh HTTP/1.1\r\nHost: cam\r\n"
+                       b"P2P-Direct: 198.51.100.9:40001\r\n\r\n")
+        x.clock.advance(0)  # the fake Redis answered at once
+        (m, _), = self.y.directs()
+        secret = wire.mask_secret(KEY, m.direct_id, m.secret)
+        hint = b"P2P-Direct: 203.0.113.5:40000; secret=" + secret.hex().encode()
+        self.assertEqual(t.transport.value(), b"HTTP/1.1 103 Early Hints\r\n" + hint
+                         + b"\r\n\r\n")
+        t.transport.clear()
+        # The connect request went out from Y too; the tunnel lands on X.
+        (data, _, _), = [s for s in self.y.w.socket.sent if s[2] == "ConnectRequest"]
+        _, c = wire.unseal(data, lambda k, t: KEY)
+        tun = x.tunnel("cam", session=SimpleNamespace(id=c.session_id, nonce=c.nonce))
+        tun.dataReceived(b"")
+        self.assertEqual(status(t.transport), 200)
+        self.assertIn(hint, t.transport.value())
