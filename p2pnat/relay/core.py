@@ -178,12 +178,13 @@ class IRelay(Interface):
     def request_tunnel(device_id, reuse=True):
         """A L{TunnelRequest} for a tunnel to the device."""
 
-    def direct_offer(device_id, service, terminal_addr, source):
+    def direct_offer(device_id, service, terminal_addr, source, on_later=None):
         """
         A terminal at C{terminal_addr} (its UDP mapping) asks for a direct
         session to C{device_id}'s C{service}: a L{DirectOffer} once the
         device was sent a direct request, else None (the relayed path
-        serves alone).
+        serves alone).  For a device live on another cluster node,
+        C{on_later(offer)} may be called afterwards, once that node sent it.
         """
 
     def claim(session_id, device_id, nonce):
