@@ -20,8 +20,10 @@ Channels (pub/sub), every message signed (L{Signer}):
   the device's tunnels on every node at once);
 - ``p2pnat:ch:node:NAME``: what other nodes ask of node NAME: send a
   device a connect request naming the asking node's tunnel address
-  (``connect``); the device's notifies now reach another node
-  (``released``).
+  (``connect``); send a device a direct connect request for a terminal of
+  the asking node, the secret sealed (``direct``), and the answer to that
+  (``direct-answer``, on the asking node's channel); the device's
+  notifies now reach another node (``released``).
 
 Two connections, each kept up by a L{ClientService} with backoff: one for
 commands, one subscribed.  While either is down the state is unavailable:
@@ -41,7 +43,10 @@ from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
 from p2pnat.cluster.state import (
+    DIRECT_ANSWER_TIMEOUT,
     ClusterUnavailable,
+    DirectSeal,
+    IClusterDirect,
     IClusterState,
     LiveEntry,
     LiveWrites,
@@ -71,6 +76,8 @@ PUSH_BATCH = 200
 MESSAGE_IDS = 100
 #: Records read (and decoded) per page when a node reads the whole registry.
 RELOAD_PAGE = 500
+#: Direct requests a node waits for answers to at once (more get no offer).
+MAX_DIRECT_ASKS = 256
 
 
 def live_key(device_id):
@@ -318,7 +325,7 @@ class RedisLink:
                 other.transport.loseConnection()
 
 
-@implementer(IClusterState)
+@implementer(IClusterState, IClusterDirect)
 class RedisState:
     """
     L{IClusterState} on Redis, for one relay node.
@@ -350,6 +357,9 @@ class RedisState:
         message_key, seal_key = cluster_keys(secret)
         self.signer = Signer(message_key)
         self.codec = RecordCodec(seal_key)
+        self.direct_seal = DirectSeal(seal_key)
+        self._direct_handler = None  # serve_direct's, if this node takes direct asks
+        self._direct_asks = {}  # offer ID -> (Deferred, timeout call), answers awaited
         self.writes = LiveWrites(period)
         self.link = RedisLink(reactor, url, [CH_REGISTRY, node_channel(node)],
                               self._message, self._availability)
@@ -368,6 +378,8 @@ class RedisState:
         self.link.start()
 
     def stop(self):
+        for direct_id in list(self._direct_asks):
+            self._direct_answered(direct_id, None)
         d = succeed(None)
         if self.link.available:
             d = self.link.command("HDEL", NODES, self.node)
@@ -412,6 +424,49 @@ class RedisState:
         return self._publish(node_channel(entry.node), {
             "t": "connect", "from": self.node, "device": device_id, "sid": session_id.hex(),
             "nonce": nonce.hex(), "host": host, "port": port})
+
+    # -- direct requests for another node's terminals ---------------------------------
+
+    def ask_direct(self, entry, device_id, service, terminal_addr, direct_id, secret):
+        key = direct_id.hex()
+        if not self.link.available or len(self._direct_asks) >= MAX_DIRECT_ASKS \
+                or key in self._direct_asks:
+            return succeed(None)
+        answer = Deferred()
+        call = self.clock.callLater(DIRECT_ANSWER_TIMEOUT, self._direct_answered, key, None)
+        self._direct_asks[key] = (answer, call)
+        self._publish(node_channel(entry.node), {
+            "t": "direct", "from": self.node, "device": device_id, "service": service,
+            "terminal": [terminal_addr[0], int(terminal_addr[1])], "id": direct_id.hex(),
+            "secret": self.direct_seal.seal(secret, direct_id, device_id, self.node)})
+        return answer
+
+    def serve_direct(self, handler):
+        self._direct_handler = handler
+
+    def _direct_asked(self, fields):
+        asker, device_id = str(fields["from"]), str(fields["device"])
+        direct_id = bytes.fromhex(fields["id"])
+        if asker == self.node or self._direct_handler is None or len(direct_id) != 16:
+            return
+        secret = self.direct_seal.open(str(fields["secret"]), direct_id, device_id, asker)
+        host, port = fields["terminal"]
+        terminal = (str(host), int(port))
+        addr = self._direct_handler(device_id, str(fields["service"]), terminal, direct_id,
+                                    secret)
+        self._publish(node_channel(asker), {
+            "t": "direct-answer", "from": self.node, "id": direct_id.hex(),
+            "addr": None if addr is None else [addr[0], int(addr[1])]})
+
+    def _direct_answered(self, direct_id, addr):
+        """The owner's answer (or, with C{addr} None, its timeout) to one of this node's asks."""
+        pending = self._direct_asks.pop(direct_id, None)
+        if pending is None:
+            return  # answered already, timed out, or never asked
+        answer, call = pending
+        if call.active():
+            call.cancel()
+        answer.callback(addr)
 
     def live_entries(self):
         return Deferred.fromCoroutine(self._live_entries())
@@ -590,6 +645,14 @@ class RedisState:
                 self.relay.send_connect(str(fields["device"]), bytes.fromhex(fields["sid"]),
                                         bytes.fromhex(fields["nonce"]), str(fields["host"]),
                                         int(fields["port"]))
+            elif channel == node_channel(self.node) and kind == "direct":
+                self._direct_asked(fields)
+            elif channel == node_channel(self.node) and kind == "direct-answer":
+                addr = fields["addr"]
+                if addr is not None:
+                    host, port = addr
+                    addr = (str(host), int(port))
+                self._direct_answered(str(fields["id"]), addr)
             elif channel == node_channel(self.node) and kind == "released":
                 self.relay.device_left(str(fields["device"]))
         except (KeyError, TypeError, ValueError) as e:

@@ -37,7 +37,7 @@ from zope.interface import Attribute, Interface
 
 __all__ = ["IClusterState", "ClusterUnavailable", "LiveEntry", "NodeInfo", "LiveWrites",
            "Signer", "RecordCodec", "newer", "cluster_keys", "check_node_name",
-           "rewrite_interval"]
+           "rewrite_interval", "IClusterDirect", "DirectSeal", "DIRECT_ANSWER_TIMEOUT"]
 
 
 class ClusterUnavailable(Exception):
@@ -210,6 +210,34 @@ class IClusterState(Interface):
     def stop():
         """Disconnect; a Deferred firing when done."""
 
+class IClusterDirect(Interface):
+    """
+    What a shared cluster state adds for direct sessions to devices owned by
+    another node (``docs/direct.rst``): the terminal's node asks, the owner
+    sends the device the request.  A backend without it (one node, or a
+    shared state that does not carry it) gives such devices no direct offer.
+    """
+
+    def ask_direct(entry, device_id, service, terminal_addr, direct_id, secret):
+        """
+        Ask C{entry.node} to send the device a direct connect request (from
+        the socket its notifies reach) for a terminal at C{terminal_addr}
+        wanting C{service}, with the direct C{secret} (which travels sealed,
+        L{DirectSeal}) under the offer ID C{direct_id}.
+
+        @return: a Deferred firing with the device's address as the owner
+            sees its notifies once the owner sent the request, or with None
+            (not sent, no answer within L{DIRECT_ANSWER_TIMEOUT}, or the
+            shared state unreachable); it never fails.
+        """
+
+    def serve_direct(handler):
+        """
+        Take other nodes' L{ask_direct}s: C{handler(device_id, service,
+        terminal_addr, direct_id, secret)} sends the request if this node
+        may, and returns the device's address, or None if it sent nothing.
+        """
+
 
 def check_redis_setting(value):
     """The C{cluster.redis} setting's check: empty (a single node) or a URL L{parse_url} takes."""
@@ -354,6 +382,52 @@ class Signer:
         if not isinstance(fields, dict) or abs(now - ts) > self.max_age:
             return None
         return fields
+
+
+#: Seconds a node waits for the owner's answer to L{IClusterState.ask_direct}:
+#: the offer is useful only before the terminal's 200, which for a device of
+#: another node comes after a connect request through the same owner.
+DIRECT_ANSWER_TIMEOUT = 2.0
+
+
+class DirectSeal:
+    """
+    A direct session's secret as it travels from the terminal's node to the
+    device's owner over pub/sub: AES-256-GCM under the cluster's seal key,
+    bound (associated data) to the offer's ID, the device and the asking
+    node, so that whoever reads Redis never sees it, and a sealed secret
+    cannot be replayed for another offer, device or node.
+    """
+
+    SECRET_LEN = 16
+    _AD = b"p2pnat direct secret\0"
+
+    def __init__(self, seal_key):
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead = AESGCM(seal_key)
+
+    def _ad(self, direct_id, device_id, asker):
+        return self._AD + direct_id + f"\0{device_id}\0{asker}".encode()
+
+    def seal(self, secret, direct_id, device_id, asker):
+        nonce = os.urandom(12)
+        return (nonce + self._aead.encrypt(nonce, secret,
+                                           self._ad(direct_id, device_id, asker))).hex()
+
+    def open(self, text, direct_id, device_id, asker):
+        """The secret; raises ValueError if it was not sealed for this offer, device and node."""
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            sealed = bytes.fromhex(text)
+            secret = self._aead.decrypt(sealed[:12], sealed[12:],
+                                        self._ad(direct_id, device_id, asker))
+        except (InvalidTag, ValueError, TypeError):
+            raise ValueError("direct secret not sealed for this offer")
+        if len(secret) != self.SECRET_LEN:
+            raise ValueError("direct secret of the wrong length")
+        return secret
 
 
 class RecordCodec:

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
 from p2pnat.cluster.embedded import EmbeddedState
-from p2pnat.cluster.state import ClusterUnavailable
+from p2pnat.cluster.state import ClusterUnavailable, IClusterDirect
 from p2pnat.daemon.logs import Logger, Throttle, redact
 from p2pnat.deployment.registry import device_id_problem, verify_stored
 from p2pnat.protocol import wire
@@ -101,6 +101,11 @@ class DirectLimits:
     resend_after: float = 0.25
 
 
+#: Seconds at most that an idle tunnel waits for the owner node's answer to a
+#: direct ask (a Redis round trip, a millisecond or so) before it serves.
+DIRECT_HOLD = 0.5
+
+
 def _plain(addr):
     """C{addr} with an IPv4-mapped IPv6 host written as IPv4 (what the device's NAT shows)."""
     host = addr[0]
@@ -173,12 +178,13 @@ class IRelay(Interface):
     def request_tunnel(device_id, reuse=True):
         """A L{TunnelRequest} for a tunnel to the device."""
 
-    def direct_offer(device_id, service, terminal_addr, source):
+    def direct_offer(device_id, service, terminal_addr, source, on_later=None):
         """
         A terminal at C{terminal_addr} (its UDP mapping) asks for a direct
         session to C{device_id}'s C{service}: a L{DirectOffer} once the
         device was sent a direct request, else None (the relayed path
-        serves alone).
+        serves alone).  For a device live on another cluster node,
+        C{on_later(offer)} may be called afterwards, once that node sent it.
         """
 
     def claim(session_id, device_id, nonce):
@@ -288,6 +294,10 @@ class Relay:
         self._direct_devices = TokenBucket(clock, direct_limits.per_device,
                                            max(1.0, 2 * direct_limits.per_device))
         self._direct_calls = set()  # second copies not sent yet
+        self._direct_waits = {}  # device ID -> Deferreds of asks its owner has not answered
+        if IClusterDirect.providedBy(self.cluster):
+            # The owner's half of direct sessions for other nodes' terminals.
+            self.cluster.serve_direct(self.serve_direct)
 
     # -- what the terminal side asks -------------------------------------------
 
@@ -370,8 +380,19 @@ class Relay:
         """
         A tunnel to C{device_id}: an idle one at once (``reused``), else a
         new session whose connect request is sent (and retransmitted) now.
+
+        An idle tunnel of a device whose direct offer is being asked of its
+        owner node (L{direct_offer}'s cluster half) is handed over once that
+        answer came (a Redis round trip), at most L{DIRECT_HOLD} seconds
+        later: the terminal's 200 goes out with the tunnel, and the offer
+        belongs in it.
         """
+        return self._request_tunnel(device_id, reuse, hold=True)
+
+    def _request_tunnel(self, device_id, reuse, hold):
         idle = self.idle.get(device_id) if reuse else None
+        if idle and hold and self._direct_waits.get(device_id):
+            return self._after_direct_answers(device_id, reuse)
         if idle:
             t = idle.pop()
             if not idle:
@@ -387,6 +408,43 @@ class Relay:
             return self._request_remote(device_id, heard_before=local is not None
                                         and not isinstance(local, Refusal))
         return self._start_session(device_id, self._send_connect)
+
+    def _after_direct_answers(self, device_id, reuse):
+        """
+        L{request_tunnel}, without holding again, once the device's direct
+        asks under way now are answered, or L{DIRECT_HOLD} seconds on.
+        """
+        ready = Deferred()
+        inner = []
+
+        def go(_=None):
+            if inner:
+                return
+            if call.active():
+                call.cancel()
+            inner.append(self._request_tunnel(device_id, reuse, hold=False))
+            inner[0].ready.chainDeferred(ready)
+
+        def cancel():
+            if call.active():
+                call.cancel()
+            if inner:
+                inner[0].cancel()
+            else:
+                inner.append(TunnelRequest(Deferred()))  # go does nothing now
+
+        call = self.clock.callLater(DIRECT_HOLD, go)
+        waits = list(self._direct_waits[device_id])
+        left = [len(waits)]
+
+        def one(_):
+            left[0] -= 1
+            if left[0] == 0:
+                go()
+
+        for w in waits:
+            w.addBoth(one)
+        return TunnelRequest(ready, cancel)
 
     def _start_session(self, device_id, send):
         """A new session whose connect request C{send(session)} sends (and resends)."""
@@ -510,45 +568,156 @@ class Relay:
         else:
             self.direct_capable.discard(device_id)
 
-    def direct_offer(self, device_id, service, terminal_addr, source):
+    def direct_offer(self, device_id, service, terminal_addr, source, on_later=None):
         """
         Send C{device_id} a L{wire.DirectConnectRequest} for a terminal at
         C{terminal_addr} (checked by the caller: an IP literal, a port) and
         C{service}, with a fresh secret, and return the L{DirectOffer} for
         the terminal; None (nothing sent) when the device does not take
-        direct requests, is not live on this node (a cluster's other node
-        owns its mapping), has no address of the terminal's family, or the
+        direct requests, has no address of the terminal's family, or the
         terminal's C{source} or the device is over its rate.
+
+        A device live on another node of a cluster: with C{on_later}, that
+        node (its owner, which holds the device's mapping) is asked to send
+        the request, and C{on_later(offer)} is called with the L{DirectOffer}
+        once it answers that it did (never before this call returned); this
+        call returns None.  Without
+        C{on_later}, or when the shared state is away, such a device gets
+        no offer (its connections are relayed).
+        """
+        d = self.devices.reachable(device_id, self.clock.seconds())
+        if isinstance(d, Refusal) or d.socket is None or d.addr is None:
+            if on_later is not None and IClusterDirect.providedBy(self.cluster):
+                self._direct_remote(device_id, service, terminal_addr, source, on_later)
+            return None
+        if device_id not in self.direct_capable:
+            return None
+        device_addr = _plain(d.addr)
+        if _family(device_addr[0]) != _family(terminal_addr[0]):
+            return None
+        if not self._direct_allowed(device_id, source):
+            return None
+        direct_id, secret = os.urandom(16), os.urandom(wire.SECRET_LEN)
+        self.count("direct-offer")
+        self._direct_request(d, service, terminal_addr, direct_id, secret)
+        return DirectOffer(device_addr, secret)
+
+    def _direct_allowed(self, device_id, source):
+        """Whether the terminal C{source} and the device are within their direct rates."""
+        if not self._direct_sources.allow(source):
+            self._direct_refused("source", device_id, source)
+            return False
+        if not self._direct_devices.allow(device_id):
+            self._direct_refused("device", device_id, source)
+            return False
+        return True
+
+    def _direct_request(self, d, service, terminal_addr, direct_id, secret):
+        """Send device C{d} (live here) the direct request, and its second copy later."""
+        # The device's socket may be dual-stack: send to the terminal's
+        # address as the device's family knows it (plain IPv4).
+        message = wire.DirectConnectRequest(direct_id, wire.mask_secret(d.mac_key, direct_id,
+                                                                        secret),
+                                            service, terminal_addr)
+        message.encode_body()  # a service the wire cannot carry fails here, not in a timer
+        self.log.debug("direct request for {device_id} from terminal {terminal}, offer {oid}",
+                       device_id=d.id, terminal=wire.format_addr(terminal_addr),
+                       oid=redact(direct_id))
+        self._send_direct(d.id, message)
+        # One more copy a moment later: a lost request costs the direct path.
+        call = self.clock.callLater(self.direct_limits.resend_after, self._resend_direct,
+                                    d.id, message)
+        self._direct_calls.add(call)
+
+    def _direct_remote(self, device_id, service, terminal_addr, source, on_later):
+        """
+        The cluster half of L{direct_offer}: this node's rates first (the
+        owner's per-device rate bounds what it sends as well), then the
+        device's live entry, then its owner sends the request with a secret
+        made here.  Every failure means no offer, never an error.
+        """
+        if not self.cluster.available():
+            return
+        if not self._direct_allowed(device_id, source):
+            return
+        direct_id, secret = os.urandom(16), os.urandom(wire.SECRET_LEN)
+
+        def located(entry):
+            if entry is None or entry.node == self.cluster.node \
+                    or entry.stale(self.clock.seconds(), self.devices.period):
+                return None
+            if _family(entry.host) != _family(terminal_addr[0]):
+                return None
+            self.count("direct-forwarded")
+            return self.cluster.ask_direct(entry, device_id, service, terminal_addr,
+                                           direct_id, secret)
+
+        def answered(addr):
+            if addr is None:
+                return
+            self.count("direct-offer")
+            offer = DirectOffer(_plain(addr), secret)
+            if calling:
+                # Answered before direct_offer returned (a state that
+                # answers at once): on_later is for later, as promised.
+                self.clock.callLater(0, on_later, offer)
+            else:
+                on_later(offer)
+
+        calling = True
+        d = self.cluster.locate(device_id).addCallback(located).addCallback(answered)
+        d.addErrback(self._direct_remote_failed, device_id)
+        # Until the owner answers, an idle tunnel waits for the offer
+        # (request_tunnel); an answer that came already removes it at once.
+        waiting = Deferred()
+        waits = self._direct_waits.setdefault(device_id, set())
+        waits.add(waiting)
+
+        def answered_or_not(_):
+            waits.discard(waiting)
+            if not waits and self._direct_waits.get(device_id) is waits:
+                del self._direct_waits[device_id]
+            waiting.callback(None)
+
+        d.addBoth(answered_or_not)
+        calling = False
+
+    def _direct_remote_failed(self, failure, device_id):
+        if not failure.check(ClusterUnavailable):
+            self.log.failure("direct offer for {device_id} through its owner failed", failure,
+                             device_id=device_id)
+
+    def serve_direct(self, device_id, service, terminal_addr, direct_id, secret):
+        """
+        Another node's terminal at C{terminal_addr} asks for a direct session
+        to C{device_id}, live here (L{p2pnat.cluster.state.IClusterState.
+        ask_direct}): send the device the direct request if it takes them
+        (its latest notify here said so), has an address of the terminal's
+        family and is within its direct rate on this node too (so other
+        nodes cannot make this one send without bound).
+
+        @return: the device's address as its notifies reach this node, or
+            None if nothing was sent.
         """
         d = self.devices.reachable(device_id, self.clock.seconds())
         if isinstance(d, Refusal) or d.socket is None or d.addr is None \
                 or device_id not in self.direct_capable:
             return None
         device_addr = _plain(d.addr)
-        if _family(device_addr[0]) != _family(terminal_addr[0]):
-            return None
-        if not self._direct_sources.allow(source):
-            self._direct_refused("source", device_id, source)
+        if _family(device_addr[0]) != _family(terminal_addr[0]) \
+                or not 0 < terminal_addr[1] < 65536:
             return None
         if not self._direct_devices.allow(device_id):
-            self._direct_refused("device", device_id, source)
+            self._direct_refused("device", device_id, "another node")
             return None
-        direct_id, secret = os.urandom(16), os.urandom(wire.SECRET_LEN)
-        # The device's socket may be dual-stack: send to the terminal's
-        # address as the device's family knows it (plain IPv4).
-        message = wire.DirectConnectRequest(direct_id, wire.mask_secret(d.mac_key, direct_id,
-                                                                        secret),
-                                            service, terminal_addr)
-        self.count("direct-offer")
-        self.log.debug("direct request for {device_id} from terminal {terminal}, offer {oid}",
-                       device_id=device_id, terminal=wire.format_addr(terminal_addr),
-                       oid=redact(direct_id))
-        self._send_direct(device_id, message)
-        # One more copy a moment later: a lost request costs the direct path.
-        call = self.clock.callLater(self.direct_limits.resend_after, self._resend_direct,
-                                    device_id, message)
-        self._direct_calls.add(call)
-        return DirectOffer(device_addr, secret)
+        try:
+            self._direct_request(d, service, terminal_addr, direct_id, secret)
+        except (wire.WireError, UnicodeError, ValueError) as e:
+            self.log.warn("direct request for {device_id} from another node not sent: {error}",
+                          device_id=device_id, error=e)
+            return None
+        self.count("direct-served")
+        return device_addr
 
     def _resend_direct(self, device_id, message):
         self._direct_calls = {c for c in self._direct_calls if c.active()}

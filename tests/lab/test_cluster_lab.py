@@ -19,7 +19,9 @@ What :class:`ClusterLabTests` shows:
   empty: no device lost, every device reachable through every node again
   within one notify-B interval of Redis's return, measured;
 - ``p2pnat device remove`` on node 1 cuts a download from a device owned
-  by node 2 through node 3 within a second, measured.
+  by node 2 through node 3 within a second, measured;
+- ``p2pnat forward`` on node 2 to the cone device, owned by node 1, goes
+  direct: node 1 sends the device the direct request for node 2's terminal.
 
 The nodes run with ``relay.sync_interval`` 0.2 s (how soon a node sees a
 change of its SQLite registry; 1 s by default), agents with notify B every
@@ -29,9 +31,13 @@ request, sent by the device's owning node.  The tests need root, ``ip``,
 otherwise, and fail instead when the environment variable ``CI`` is set.
 """
 
+import inspect
+import json
 import os
 import time
 
+from p2pnat.relay import terminal_machine
+from tests.support import procs
 from tests.support.lab import cluster as C
 from tests.support.procs import provision
 from tests.support.lab import relay as F
@@ -163,6 +169,33 @@ class ClusterLabTests(LabTestCase):
         return last
 
     # -- the tests ----------------------------------------------------------------
+
+    def test_cone_direct_through_another_node(self):
+        """
+        ``p2pnat forward`` on the public terminal, through n2, to the device
+        behind the cone NAT, whose notifies reach n1: n1 sends the direct
+        request, n2 offers it, and the page comes over the direct path.
+        """
+        if "on_later" not in inspect.getsource(terminal_machine.TerminalCore.offer_direct):
+            self.skipTest("the terminal machine does not take offers that come later")
+        self.assertEqual(self.cl.owner("cone"), "n1")
+        n2 = self.cl.nodes["n2"].ip
+        fwd = self.terminal.popen(procs.p2pnat(
+            "forward", "cone", "--relay", f"{n2}:{F.HTTPS_PORT}", "--relay-hostname",
+            F.RELAY_HOSTNAME, "--ca", self.cl.ca, "--listen", "127.0.0.1:2400", "--json"),
+            cwd=procs.REPO, env=procs.env())
+        self.addCleanup(fwd.stop)
+        wait_for_log(fwd, '"event": "forwarding"', timeout=20)
+        out = os.path.join(self.cl.workdir, "direct-cone.html")
+        done = self.terminal.run(["curl", "-sS", "--max-time", "15", "-o", out,
+                                  "http://127.0.0.1:2400/"], timeout=30)
+        self.assertEqual(done.returncode, 0, f"{done.stderr} {fwd.stderr()[-2000:]}")
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(), F.INDEX)
+        os.unlink(out)
+        paths = [json.loads(line)["path"] for line in fwd.stdout().splitlines()
+                 if '"event": "path"' in line]
+        self.assertEqual(paths, ["direct"], fwd.stderr()[-2000:])
 
     def test_every_node_reaches_every_device(self):
         """
