@@ -313,7 +313,18 @@ class TerminalCore:
         if self.direct_to is None or self.direct is not None:
             return
         self.direct = self.relay.direct_offer(self.device_id, self.service, self.direct_to,
-                                              self.io.source)
+                                              self.io.source, on_later=self._offered_later)
+
+    def _offered_later(self, offer):
+        """
+        The node that owns a device live elsewhere in the cluster sent it the
+        direct request: offer it as for a device of this node (a 103 now,
+        repeated by the 200), while the terminal waits for its tunnel.
+        """
+        if self.answered or self.direct is not None or self.pending is None:
+            return  # the 200 is out, or the connection is gone
+        self.direct = offer
+        self.io.write(b"HTTP/1.1 103 Early Hints\r\n" + direct_answer_header(offer) + b"\r\n")
 
     def _valid_id(self, m, device_id):
         """Whether C{device_id} can name a device at all; if not, answer 404."""

@@ -8,15 +8,13 @@ request; X offers the session; 1 MB goes through the forward and back,
 checked by SHA-256, on the direct path.
 """
 
-import inspect
 import os
 import shutil
 
 from twisted.internet import defer, protocol, reactor
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from p2pnat.daemon import config as C
-from p2pnat.relay import terminal_machine
 from p2pnat.relay.tap import SCHEMA as RELAY_SCHEMA
 from p2pnat.relay.tap import RelayService
 from tests.process import test_forward_direct as F
@@ -32,9 +30,6 @@ class DirectClusterTests(TestCase):
 
     def setUp(self):
         require_redis()
-        if "on_later" not in inspect.getsource(terminal_machine.TerminalCore.offer_direct):
-            raise SkipTest("the terminal machine does not take offers that come later"
-                           " (TerminalCore.offer_direct's on_later)")
         self.redis = RedisServer(self)
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)

@@ -8,12 +8,11 @@ crosses Redis sealed (L{DirectSeal}).  The process test,
 L{tests.process.test_direct_cluster}, runs it on a real Redis.
 """
 
-import inspect
 from types import SimpleNamespace
 
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat.cluster import redis as R
 from p2pnat.cluster.state import (
@@ -25,7 +24,6 @@ from p2pnat.cluster.state import (
     cluster_keys,
 )
 from p2pnat.protocol import wire
-from p2pnat.relay import terminal_machine
 from p2pnat.relay.core import DirectLimits, DirectOffer
 from tests.unit.test_relay_terminal import KEY, World, status
 
@@ -289,8 +287,6 @@ class TerminalTests(SynchronousTestCase):
     """A terminal's CONNECT on X: the owner's offer in the 103 and the 200."""
 
     def setUp(self):
-        if "on_later" not in inspect.getsource(terminal_machine.TerminalCore.offer_direct):
-            raise SkipTest("the terminal machine does not take offers that come later")
         OwnerSendsTests.setUp(self)
 
     def test_offer_from_the_owner(self):
