@@ -1,8 +1,8 @@
 """
 Raw IPv4/UDP packets, for the attacks the lab tests play: build one from any
 source address (spoofing), mend the checksums of a captured one, send one as
-it is, capture them on an interface, and read the header of the p2pnat frame
-one carries.  Pure standard library; sending and capturing need root in the
+it is, capture them on an interface, read the header of the p2pnat frame
+one carries, and forge QUIC packets from a captured one.  Pure standard library; sending and capturing need root in the
 namespace they run in.
 """
 
@@ -121,3 +121,56 @@ def frame_info(payload):
         return payload[2], payload[13:13 + klen].decode("ascii")
     except UnicodeDecodeError:
         return None
+
+
+def udp_payload(packet):
+    """The UDP payload of IPv4/UDP ``packet``."""
+    return packet[(packet[0] & 0x0F) * 4 + 8:]
+
+
+def is_quic(payload):
+    """
+    Whether a UDP payload on a path's ports is a QUIC packet: its first byte
+    has the fixed bit 0x40 (RFC 9000 section 17), which p2pnat frames
+    (first byte ``wire.MARKER``, 0x0C) and STUN (0..3) do not.
+    """
+    from p2pnat.protocol import wire
+
+    return bool(payload) and payload[0] & 0x40 and payload[0] != wire.MARKER
+
+
+#: The connection IDs p2pnat issues are this long (``p2pnat.quic.endpoint.CID_LENGTH``).
+QUIC_CID_LENGTH = 8
+#: Kinds of :func:`quic_forgery`.
+QUIC_FORGERIES = ("flip", "random", "cid")
+
+
+def quic_forgery(payload, kind, cid_length=QUIC_CID_LENGTH):
+    """
+    A forgery made from ``payload``, a genuine short-header QUIC packet
+    (first byte, destination connection ID of ``cid_length`` bytes, then
+    the protected packet number and payload), of the same length:
+
+    - ``flip``: one byte of the protected payload flipped (the AEAD tag
+      must then fail);
+    - ``random``: random bytes under the same connection ID, with the
+      fixed bit 0x40 set and the long-header bit clear (it reaches the
+      connection and must fail authentication there);
+    - ``cid``: the packet as it is under a random connection ID (no
+      connection has it).
+    """
+    head = 1 + cid_length
+    if len(payload) < head + 24 or payload[0] & 0xC0 != 0x40:
+        raise ValueError(f"not a short-header QUIC packet: {payload[:16].hex()}")
+    if kind == "flip":
+        out = bytearray(payload)
+        # Past the packet number (at most 4 bytes) and the header
+        # protection sample that follows it: ciphertext.
+        out[(head + 4 + len(payload)) // 2] ^= 0xFF
+        return bytes(out)
+    if kind == "random":
+        return bytes([0x40 | os.urandom(1)[0] & 0x3F]) + payload[1:head] + os.urandom(
+            len(payload) - head)
+    if kind == "cid":
+        return payload[:1] + os.urandom(cid_length) + payload[head:]
+    raise ValueError(f"unknown forgery {kind!r}: one of {', '.join(QUIC_FORGERIES)}")
