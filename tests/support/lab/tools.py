@@ -32,6 +32,11 @@ def _emit(obj):
     print(json.dumps(obj), flush=True)
 
 
+def _addr_is(want, addr):
+    """Whether ``"ip:port"`` ``addr`` is ``want`` (``ip:port``, ``ip``, or None: any)."""
+    return not want or addr == want or (":" not in want and addr.rsplit(":", 1)[0] == want)
+
+
 class _Stopped(Exception):
     """SIGTERM came: stop capturing."""
 
@@ -46,7 +51,8 @@ def _tool_sniff(args):
     until ``--timeout`` or SIGTERM if 0) that carry a p2pnat frame of type
     ``--type`` under the key ID ``--key-id`` (or one ending in ``.ROLE``,
     ``--role``), or with ``--quic`` a QUIC packet (:func:`packets.is_quic`),
-    from ``--src`` and to ``--dst`` if given, and whose UDP payload's
+    from ``--src`` and to ``--dst`` if given (``IP:PORT``, or ``IP`` for
+    any port), and whose UDP payload's
     sha256 is one of ``--payload-sha256`` if any are: each as JSON with the
     packet in hex, then ``{"captured": N, "bytes": B}`` (UDP payload
     bytes); exit 1 after ``--timeout`` if fewer than ``--count`` were seen.
@@ -62,7 +68,7 @@ def _tool_sniff(args):
     seen = size = 0
     try:
         for packet, src, dst, payload in capture.udp(args.timeout):
-            if (args.src and src != args.src) or (args.dst and dst != args.dst):
+            if not (_addr_is(args.src, src) and _addr_is(args.dst, dst)):
                 continue
             if args.quic:
                 if not packets.is_quic(payload):
