@@ -9,7 +9,11 @@ namespace they run in.
 import os
 import socket
 import struct
+import sys
 import time
+
+_SOL_PACKET, _PACKET_STATISTICS, _SO_RCVBUFFORCE = 263, 6, 33
+_ETH_P_ALL, _ETH_P_IP = 0x0003, 0x0800
 
 
 def _checksum(data):
@@ -77,10 +81,19 @@ class Capture:
     the moment this is made: traffic sent after that is seen.
     """
 
+    #: Receive buffer (bytes): a capture read by Python, on a CPU shared with
+    #: the peers it watches, falls behind a stream of several MB/s; the
+    #: kernel drops what does not fit (see :meth:`kernel_dropped`).
+    BUFFER = 64 << 20
+
     def __init__(self, iface):
         self.iface = iface
-        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+        # ETH_P_ALL, not ETH_P_IP: a socket bound to one protocol sees only
+        # the packets coming in.
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM,
+                                   socket.htons(_ETH_P_ALL))
         try:
+            self._sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self.BUFFER)
             self._sock.bind((iface, 0))
         except BaseException:
             self._sock.close()
@@ -96,15 +109,20 @@ class Capture:
         while time.monotonic() < deadline:
             self._sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
-                packet = self._sock.recv(65535)
+                packet, (_, proto, *_) = self._sock.recvfrom(65535)
             except socket.timeout:
                 return
-            if len(packet) < 28 or packet[9] != socket.IPPROTO_UDP:
+            if proto != _ETH_P_IP or len(packet) < 28 or packet[9] != socket.IPPROTO_UDP:
                 continue
             ihl = (packet[0] & 0x0F) * 4
             sport, dport = struct.unpack_from("!HH", packet, ihl)
             yield (packet, f"{socket.inet_ntoa(packet[12:16])}:{sport}",
                    f"{socket.inet_ntoa(packet[16:20])}:{dport}", packet[ihl + 8:])
+
+    def kernel_dropped(self):
+        """Packets the kernel dropped for want of buffer since this was made."""
+        raw = self._sock.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8)
+        return int.from_bytes(raw[4:], sys.byteorder)
 
     def close(self):
         self._sock.close()

@@ -54,8 +54,8 @@ def _tool_sniff(args):
     from ``--src`` and to ``--dst`` if given (``IP:PORT``, or ``IP`` for
     any port), and whose UDP payload's
     sha256 is one of ``--payload-sha256`` if any are: each as JSON with the
-    packet in hex, then ``{"captured": N, "bytes": B}`` (UDP payload
-    bytes); exit 1 after ``--timeout`` if fewer than ``--count`` were seen.
+    packet in hex, then ``{"captured": N, "bytes": B, "kernel_dropped":
+    D}`` (UDP payload bytes; packets the kernel dropped unread); exit 1 after ``--timeout`` if fewer than ``--count`` were seen.
     """
     import hashlib
     import signal
@@ -93,8 +93,9 @@ def _tool_sniff(args):
     except _Stopped:
         pass
     finally:
+        dropped = capture.kernel_dropped()
         capture.close()
-    _emit({"captured": seen, "bytes": size})
+    _emit({"captured": seen, "bytes": size, "kernel_dropped": dropped})
     return 0 if seen >= args.count else 1
 
 
