@@ -140,8 +140,7 @@ class ForgedQuicTests(LabTestCase):
         payload = packets.udp_payload(bytes.fromhex(genuine["packet"]))
         self.assertGreater(len(payload), 1000, genuine)  # one carrying stream data
         a_map, b_map = genuine["src"], genuine["dst"]
-        self.assertEqual(finish_python(outgoing, timeout=30)["captured"], 1,
-                         outgoing.describe(3000))
+        self.assertIn("packet", finish_python(outgoing, timeout=30), outgoing.describe(3000))
         new = self.lobby_mapping(b_map)
 
         spoofed = [payload] * 3 + [packets.quic_forgery(payload, "flip"),

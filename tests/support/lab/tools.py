@@ -7,7 +7,8 @@ Each prints JSON lines; the last one is its result.
 - ``sniff``: capture p2pnat frames of a type on an interface (under a key
   ID, or a session key ID of a role: ``SESSION.a``), or QUIC packets
   (``--quic``), from a source and to a destination if given, and print
-  each packet in hex, then how many it saw and their UDP payload bytes;
+  each packet in hex (and, capturing until a deadline, how many it saw
+  and their UDP payload bytes);
 - ``forge``: send connect requests, probes or data sealed with a random
   key (a forger who does not know the key) from a spoofed source address;
 - ``inject``: send captured (or forged) packets, as they are (a replay);
@@ -54,8 +55,9 @@ def _tool_sniff(args):
     from ``--src`` and to ``--dst`` if given (``IP:PORT``, or ``IP`` for
     any port), and whose UDP payload's
     sha256 is one of ``--payload-sha256`` if any are: each as JSON with the
-    packet in hex, then ``{"captured": N, "bytes": B, "kernel_dropped":
-    D}`` (UDP payload bytes; packets the kernel dropped unread); exit 1 after ``--timeout`` if fewer than ``--count`` were seen.
+    packet in hex, and with ``--count 0`` then ``{"captured": N, "bytes":
+    B, "kernel_dropped": D}`` (UDP payload bytes; packets the kernel
+    dropped unread: the lines above may miss that many); exit 1 after ``--timeout`` if fewer than ``--count`` were seen.
     """
     import hashlib
     import signal
@@ -95,7 +97,8 @@ def _tool_sniff(args):
     finally:
         dropped = capture.kernel_dropped()
         capture.close()
-    _emit({"captured": seen, "bytes": size, "kernel_dropped": dropped})
+    if not args.count:
+        _emit({"captured": seen, "bytes": size, "kernel_dropped": dropped})
     return 0 if seen >= args.count else 1
 
 
