@@ -1,9 +1,10 @@
 """
 Raw IPv4/UDP packets, for the attacks the lab tests play: build one from any
 source address (spoofing), mend the checksums of a captured one, send one as
-it is, capture them on an interface, read the header of the p2pnat frame
-one carries, and forge QUIC packets from a captured one.  Pure standard library; sending and capturing need root in the
-namespace they run in.
+it is, capture them on an interface (both ways), read the header of the
+p2pnat frame one carries, and forge QUIC packets from a captured one.  Pure
+standard library; sending and capturing need root in the namespace they
+run in.
 """
 
 import os

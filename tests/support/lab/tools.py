@@ -53,22 +53,23 @@ def _tool_sniff(args):
     ``--type`` under the key ID ``--key-id`` (or one ending in ``.ROLE``,
     ``--role``), or with ``--quic`` a QUIC packet (:func:`packets.is_quic`),
     from ``--src`` and to ``--dst`` if given (``IP:PORT``, or ``IP`` for
-    any port), and whose UDP payload's
-    sha256 is one of ``--payload-sha256`` if any are: each as JSON with the
-    packet in hex, and with ``--count 0`` then ``{"captured": N, "bytes":
-    B, "kernel_dropped": D}`` (UDP payload bytes; packets the kernel
-    dropped unread: the lines above may miss that many); exit 1 after ``--timeout`` if fewer than ``--count`` were seen.
+    any port), and whose UDP payload's sha256 is one of
+    ``--payload-sha256`` if any are: each as JSON with the packet in hex.
+    With ``--count 0`` a last line follows, ``{"captured": N, "bytes": B,
+    "kernel_dropped": D}``: UDP payload bytes, and packets the kernel
+    dropped unread (the lines above may miss that many).  Exit 1 after
+    ``--timeout`` if fewer than ``--count`` were seen.
     """
     import hashlib
     import signal
 
     digests = set(args.payload_sha256 or ())
     capture = packets.Capture(args.iface)
-    # SIGTERM ends the capture (and the wait in recv) with the summary.
-    signal.signal(signal.SIGTERM, _raise_stopped)
-    _emit({"listening": args.iface})
     seen = size = 0
     try:
+        # SIGTERM ends the capture (and the wait in recv) with the summary.
+        signal.signal(signal.SIGTERM, _raise_stopped)
+        _emit({"listening": args.iface})
         for packet, src, dst, payload in capture.udp(args.timeout):
             if not (_addr_is(args.src, src) and _addr_is(args.dst, dst)):
                 continue
