@@ -5,11 +5,13 @@ namespace, and raw sockets belong to the namespace they are opened in).
 Each prints JSON lines; the last one is its result.
 
 - ``sniff``: capture p2pnat frames of a type on an interface (under a key
-  ID, or a session key ID of a role: ``SESSION.a``; from a source if
-  given) and print each packet in hex;
+  ID, or a session key ID of a role: ``SESSION.a``), or QUIC packets
+  (``--quic``), from a source and to a destination if given, and print
+  each packet in hex (and, capturing until a deadline, how many it saw
+  and their UDP payload bytes);
 - ``forge``: send connect requests, probes or data sealed with a random
   key (a forger who does not know the key) from a spoofed source address;
-- ``inject``: send a captured packet again, as it is (a replay);
+- ``inject``: send captured (or forged) packets, as they are (a replay);
 - ``tls-probe``: present a client certificate to the relay's tunnel port,
   send a hello and report what the relay answered;
 - ``echo``: a UDP echo server; ``ping``: send numbered datagrams to a UDP
@@ -31,31 +33,73 @@ def _emit(obj):
     print(json.dumps(obj), flush=True)
 
 
+def _addr_is(want, addr):
+    """Whether ``"ip:port"`` ``addr`` is ``want`` (``ip:port``, ``ip``, or None: any)."""
+    return not want or addr == want or (":" not in want and addr.rsplit(":", 1)[0] == want)
+
+
+class _Stopped(Exception):
+    """SIGTERM came: stop capturing."""
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped()
+
+
 def _tool_sniff(args):
     """
-    Print the first ``--count`` IPv4/UDP packets on ``--iface`` carrying a
-    p2pnat frame of type ``--type`` under the key ID ``--key-id`` (or one
-    ending in ``.ROLE``, ``--role``), from ``--src`` if given, as JSON with
-    the packet in hex; exit 1 after ``--timeout`` if fewer were seen.
+    Print the first ``--count`` IPv4/UDP packets on ``--iface`` (every one
+    until ``--timeout`` or SIGTERM if 0) that carry a p2pnat frame of type
+    ``--type`` under the key ID ``--key-id`` (or one ending in ``.ROLE``,
+    ``--role``), or with ``--quic`` a QUIC packet (:func:`packets.is_quic`),
+    from ``--src`` and to ``--dst`` if given (``IP:PORT``, or ``IP`` for
+    any port), and whose UDP payload's sha256 is one of
+    ``--payload-sha256`` if any are: each as JSON with the packet in hex.
+    With ``--count 0`` a last line follows, ``{"captured": N, "bytes": B,
+    "kernel_dropped": D}``: UDP payload bytes, and packets the kernel
+    dropped unread (the lines above may miss that many).  Exit 1 after
+    ``--timeout`` if fewer than ``--count`` were seen.
     """
+    import hashlib
+    import signal
+
+    digests = set(args.payload_sha256 or ())
     capture = packets.Capture(args.iface)
-    _emit({"listening": args.iface})
-    seen = 0
+    seen = size = 0
     try:
+        # SIGTERM ends the capture (and the wait in recv) with the summary.
+        signal.signal(signal.SIGTERM, _raise_stopped)
+        _emit({"listening": args.iface})
         for packet, src, dst, payload in capture.udp(args.timeout):
-            info = packets.frame_info(payload)
-            if info is None or info[0] != args.type or (args.src and src != args.src):
+            if not (_addr_is(args.src, src) and _addr_is(args.dst, dst)):
                 continue
-            if args.key_id is not None and info[1] != args.key_id:
-                continue
-            if args.role is not None and not info[1].endswith("." + args.role):
+            if args.quic:
+                if not packets.is_quic(payload):
+                    continue
+                record = {}
+            else:
+                info = packets.frame_info(payload)
+                if info is None or info[0] != args.type:
+                    continue
+                if args.key_id is not None and info[1] != args.key_id:
+                    continue
+                if args.role is not None and not info[1].endswith("." + args.role):
+                    continue
+                record = {"key_id": info[1]}
+            if digests and hashlib.sha256(payload).hexdigest() not in digests:
                 continue
             seen += 1
-            _emit({"packet": packet.hex(), "key_id": info[1], "src": src, "dst": dst})
-            if seen >= args.count:
+            size += len(payload)
+            _emit({"packet": packet.hex(), **record, "src": src, "dst": dst})
+            if seen >= args.count > 0:
                 break
+    except _Stopped:
+        pass
     finally:
+        dropped = capture.kernel_dropped()
         capture.close()
+    if not args.count:
+        _emit({"captured": seen, "bytes": size, "kernel_dropped": dropped})
     return 0 if seen >= args.count else 1
 
 
@@ -93,8 +137,10 @@ def _tool_forge(args):
 
 
 def _tool_inject(args):
-    packets.send_raw(packets.fix_checksums(bytes.fromhex(args.hex)), args.count)
-    _emit({"sent": args.count})
+    """Send each ``--hex`` packet (IPv4, checksums mended) ``--count`` times, in turn."""
+    for text in args.hex:
+        packets.send_raw(packets.fix_checksums(bytes.fromhex(text)), args.count)
+    _emit({"sent": args.count * len(args.hex)})
     return 0
 
 
@@ -192,11 +238,15 @@ def parser():
     tools = p.add_subparsers(dest="tool", required=True)
     t = tools.add_parser("sniff")
     t.add_argument("--iface", required=True)
-    t.add_argument("--type", type=lambda text: int(text, 0), required=True)
-    who = t.add_mutually_exclusive_group(required=True)
+    what = t.add_mutually_exclusive_group(required=True)
+    what.add_argument("--type", type=lambda text: int(text, 0))
+    what.add_argument("--quic", action="store_true")
+    who = t.add_mutually_exclusive_group()
     who.add_argument("--key-id")
     who.add_argument("--role", choices=("a", "b"))
     t.add_argument("--src")
+    t.add_argument("--dst")
+    t.add_argument("--payload-sha256", action="append")
     t.add_argument("--count", type=int, default=1)
     t.add_argument("--timeout", type=float, default=20.0)
     t.set_defaults(func=_tool_sniff)
@@ -211,7 +261,7 @@ def parser():
     t.add_argument("--ahead", type=float, default=0.0)
     t.set_defaults(func=_tool_forge)
     t = tools.add_parser("inject")
-    t.add_argument("--hex", required=True)
+    t.add_argument("--hex", action="append", required=True)
     t.add_argument("--count", type=int, default=1)
     t.set_defaults(func=_tool_inject)
     t = tools.add_parser("tls-probe")
@@ -236,6 +286,9 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.tool == "sniff" and args.type is not None and not (args.key_id or args.role):
+        p.error("sniff --type needs --key-id or --role")
     return args.func(args) or 0
 
