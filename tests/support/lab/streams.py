@@ -154,54 +154,41 @@ def _tool_source(args):
     return 0
 
 
-_SOL_PACKET, _PACKET_STATISTICS, _SO_RCVBUFFORCE = 263, 6, 33
-_ETH_P_ALL, _ETH_P_IP = 0x0003, 0x0800
-
-
 def _tool_sniff(args):
     """
-    Capture every IPv4/UDP packet on ``--iface``, in and out, until SIGTERM
-    or ``--duration``: count packets and UDP payload bytes, the packets
-    that carry the marker anywhere, and the ones that are p2pnat frames
-    (the lobby's clear-text framing); print the totals, with the packets
-    the kernel dropped before we read them.
+    Capture every IPv4/UDP packet on ``--iface``, in and out
+    (:class:`tests.support.lab.packets.Capture`), until SIGTERM or
+    ``--duration``: count packets and UDP payload bytes, the packets that
+    carry the marker anywhere, and the ones that are p2pnat frames (the
+    lobby's clear-text framing); print the totals, with the packets the
+    kernel dropped before we read them.
     """
     from p2pnat.protocol import wire
+    from tests.support.lab.packets import Capture
 
     marker = bytes.fromhex(args.marker)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    # ETH_P_ALL, not ETH_P_IP: a socket bound to one protocol sees only the
-    # packets coming in; the lobby's relayed copies are going out.
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(_ETH_P_ALL))
-    s.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 64 << 20)
-    s.bind((args.iface, 0))
-    s.settimeout(0.2)
+    capture = Capture(args.iface)
     totals = {"packets": 0, "udp_bytes": 0, "marker_packets": 0, "frames": 0}
     first_hit = None
     _emit({"listening": args.iface})
     deadline = time.monotonic() + args.duration
-    while not stop and time.monotonic() < deadline:
-        try:
-            packet, (_, proto, *_) = s.recvfrom(65535)
-        except socket.timeout:
-            continue
-        if proto != _ETH_P_IP or len(packet) < 28 or packet[9] != socket.IPPROTO_UDP:
-            continue
-        payload = packet[(packet[0] & 0x0F) * 4 + 8:]
-        totals["packets"] += 1
-        totals["udp_bytes"] += len(payload)
-        if payload[:1] == bytes([wire.MARKER]):
-            totals["frames"] += 1
-        if marker in packet:
-            totals["marker_packets"] += 1
-            if first_hit is None:
-                first_hit = packet[:120].hex()
-    # struct tpacket_stats: packets seen, packets dropped (since the socket opened).
-    raw = s.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8)
-    seen, dropped = int.from_bytes(raw[:4], sys.byteorder), int.from_bytes(raw[4:], sys.byteorder)
-    s.close()
-    _emit(dict(totals, kernel_seen=seen, kernel_dropped=dropped, first_hit=first_hit))
+    try:
+        while not stop and time.monotonic() < deadline:
+            for packet, _, _, payload in capture.udp(0.2):
+                totals["packets"] += 1
+                totals["udp_bytes"] += len(payload)
+                if payload[:1] == bytes([wire.MARKER]):
+                    totals["frames"] += 1
+                if marker in packet:
+                    totals["marker_packets"] += 1
+                    if first_hit is None:
+                        first_hit = packet[:120].hex()
+        dropped = capture.kernel_dropped()
+    finally:
+        capture.close()
+    _emit(dict(totals, kernel_dropped=dropped, first_hit=first_hit))
     return 0
 
 
