@@ -58,6 +58,8 @@ STUN_TIMEOUT = 1.0
 STUN_RESENDS = (0.25, 0.5)
 #: QUIC connections the terminal's socket holds at once.
 MAX_CONNECTIONS = 64
+#: Bytes of the application's a connect holds before the path is chosen (L{EarlyBytes}).
+EARLY_LIMIT = 65536
 SERVICE = wire.DIRECT_SERVICE
 ACCEPTED = wire.DIRECT_ACCEPTED
 
@@ -112,6 +114,28 @@ def _hostport(text):
     if not 0 < port < 65536:
         raise ValueError("port")
     return host, port
+
+
+class EarlyBytes:
+    """
+    What the application wrote before the path was chosen, so that the
+    direct stream can carry it in its first flight (after the secret) and
+    the relayed connection can replay it if the direct path is not taken.
+    At most about L{EARLY_LIMIT} bytes: L{write} says when the writer must
+    pause (its kernel then holds the rest, as before).
+    """
+
+    def __init__(self, limit=EARLY_LIMIT):
+        self.limit = limit
+        self.data = b""
+        self.listener = None  # also sends each write on (the direct stream, optimistically)
+
+    def write(self, data):
+        """Hold C{data}; False once the writer should stop reading until the choice."""
+        self.data += data
+        if self.listener is not None:
+            self.listener(data)
+        return len(self.data) < self.limit
 
 
 def gather(deferreds):
@@ -341,20 +365,39 @@ def _is_ip(host):
 @implementer(interfaces.IHalfCloseableProtocol)
 class _Probe(Protocol):
     """
-    The direct stream: sends the secret, waits for the device's
-    acceptance byte, then passes everything to the application's protocol
-    (L{bind}) as its transport's protocol would.
+    The direct stream: sends the secret and, in the same flight, what the
+    application wrote so far (C{sent}, an L{EarlyBytes}: optimistic, the
+    device hands it to the service only once it accepted the stream),
+    waits for the device's acceptance byte, then passes everything to the
+    application's protocol (L{bind}) as its transport's protocol would.
     """
 
-    def __init__(self, attempt, secret):
+    def __init__(self, attempt, secret, sent=None):
         self.attempt = attempt
         self.secret = secret
+        self.sent = sent
+        self.optimistic = False  # application bytes went on this stream
         self.accepted = False
         self.app = None
         self.early = b""
 
     def connectionMade(self):
-        self.transport.write(self.secret)
+        first = self.secret
+        if self.sent is not None:
+            first += self.sent.data
+            self.sent.listener = self._more
+        self.optimistic = len(first) > len(self.secret)
+        self.transport.write(first)
+
+    def _more(self, data):
+        if self.transport is not None and not self.accepted:
+            self.optimistic = True
+            self.transport.write(data)
+
+    def detach(self):
+        """The path is chosen: the application's later bytes go to its transport."""
+        if self.sent is not None and self.sent.listener == self._more:
+            self.sent.listener = None
 
     def dataReceived(self, data):
         if self.app is not None:
@@ -390,6 +433,7 @@ class _Probe(Protocol):
             self.app.writeConnectionLost()
 
     def connectionLost(self, reason):
+        self.detach()
         endpoint = self.transport.endpoint if self.transport is not None else None
         if self.app is not None:
             self.app.connectionLost(reason)
@@ -470,6 +514,12 @@ class _Handshake(E._RelayHandshake):
         if self.app is None:
             self.transport.loseConnection()
             return self.result.errback(error.ConnectingCancelledError(self.transport.getPeer()))
+        sent = self.attempt.sent
+        if sent is not None and sent.data:
+            # What the application wrote while we chose; the direct stream
+            # that may have carried it too was refused or reset unaccepted.
+            self.transport.write(sent.data)
+            sent.data = b""
         self.app.makeConnection(self.transport)
         self.transport.resumeProducing()
         self.result.callback(self.app)
@@ -490,8 +540,10 @@ class _Attempt:
 
     log = Logger(namespace="p2pnat.direct")
 
-    def __init__(self, endpoint, factory, result):
+    def __init__(self, endpoint, factory, result, sent=None):
         self.ep = endpoint
+        #: The application's bytes written before the choice (L{EarlyBytes}), or None.
+        self.sent = sent
         self.clock = endpoint.clock
         self.factory = factory
         self.result = result
@@ -606,8 +658,23 @@ class _Attempt:
             return self._choose("relayed", self.failed)
         handshake.transport.pauseProducing()  # the device's bytes wait until we choose
         wait = budget(self.rtt)
-        self.timer = self.clock.callLater(wait, self._choose, "relayed",
-                                          f"no direct stream within {wait:.2f}s")
+        self.timer = self.clock.callLater(wait, self._expired, wait, 1)
+
+    def _expired(self, wait, extra):
+        """
+        The budget is over.  If the application's bytes went on the direct
+        stream and its QUIC connection is up, the device may be handing
+        them to the service right now: wait once more for its verdict
+        (accepted, refused or reset), so that they never reach the service
+        on both paths; otherwise the relayed path serves.
+        """
+        self.timer = None
+        pending = (self.probe is not None and self.probe.optimistic
+                   and self.probe.transport is not None and self.chosen is None)
+        if pending and extra:
+            self.timer = self.clock.callLater(wait, self._expired, wait, 0)
+            return
+        self._choose("relayed", f"no direct stream within {wait * (2 - extra):.2f}s")
 
     def relay_refused(self):
         """The relay's final answer is a refusal: the direct attempt goes with it."""
@@ -619,7 +686,7 @@ class _Attempt:
             endpoint.close("not needed")
             return
         self.quic = endpoint
-        self.probe = _Probe(self, self.offer[1])
+        self.probe = _Probe(self, self.offer[1], self.sent)
         try:
             endpoint.open_stream(SERVICE, self.probe)
         except ConnectionError as e:
@@ -666,6 +733,8 @@ class _Attempt:
             return
         self.chosen = path
         self._cancel_timer()
+        if self.probe is not None:
+            self.probe.detach()
         if self.result.called:  # given up meanwhile (timeout, cancel)
             self._drop_direct()
             return
@@ -725,7 +794,14 @@ class DirectFirstEndpoint(E.DeviceEndpoint):
     def __repr__(self):
         return f"<DirectFirstEndpoint {self.target}>"
 
-    def connect(self, factory):
+    def connect(self, factory, sent=None):
+        """
+        L{IStreamClientEndpoint.connect}; C{sent}, an L{EarlyBytes} the
+        caller fills with what its application writes before the connect
+        fires, goes on the direct stream's first flight and is replayed on
+        the relayed connection if that serves (the caller keeps reading
+        meanwhile, pausing when L{EarlyBytes.write} says so).
+        """
         attempt = None
 
         def cancel(result):
@@ -736,7 +812,7 @@ class DirectFirstEndpoint(E.DeviceEndpoint):
             attempt._drop_direct()
 
         result = defer.Deferred(cancel)
-        attempt = _Attempt(self, factory, result)
+        attempt = _Attempt(self, factory, result, sent)
         connecting = attempt.start()
 
         def cannot(failure):
@@ -781,5 +857,6 @@ def shared_socket(reactor, ca_file):
     return found
 
 
-__all__ = ["DEFAULT_UDP_PORT", "Direct", "DirectFirstEndpoint", "DirectSocket", "budget",
+__all__ = ["DEFAULT_UDP_PORT", "Direct", "DirectFirstEndpoint", "DirectSocket", "EarlyBytes",
+           "budget",
            "parse_offer", "request_header", "shared_socket"]
