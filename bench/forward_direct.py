@@ -143,6 +143,9 @@ def run(args):
                       if '"event": "path"' in line]
             paths[name] = {p: sum(e["path"] == p for e in events) for p in ("direct", "relayed")}
         report(args, results, paths, rtt_relay, rtt_device)
+        for line in procs["direct"].stderr().splitlines()[-200:]:
+            if "direct after" in line:
+                print(line.split("] ", 1)[-1])
         print(f"fallback's first connection (direct attempted, the budget waited out): first"
               f" byte {first_fallback['first']:.1f} ms; later ones skip the attempt")
     finally:

@@ -58,6 +58,9 @@ STUN_TIMEOUT = 1.0
 STUN_RESENDS = (0.25, 0.5)
 #: QUIC connections the terminal's socket holds at once.
 MAX_CONNECTIONS = 64
+#: Seconds a QUIC connection to a device stays open after its stream ended,
+#: for the next connection to the same device (L{DirectSocket.park}).
+REUSE_IDLE = 10.0
 #: Bytes of the application's a connect holds before the path is chosen (L{EarlyBytes}).
 EARLY_LIMIT = 65536
 SERVICE = wire.DIRECT_SERVICE
@@ -230,6 +233,7 @@ class DirectSocket:
         #: UDP addresses that did not answer STUN (L{History}).
         self.history = History(reactor)
         self.users = 0
+        self._parked = {}  # (device ID, address) -> (QuicEndpoint, its closing call)
 
     def start(self):
         if self.port is None:
@@ -262,6 +266,10 @@ class DirectSocket:
         once their draining periods are over and the socket is closed.
         """
         closing = [e.closed for e in self.quic.endpoints]
+        for _, call in self._parked.values():
+            if call.active():
+                call.cancel()
+        self._parked.clear()
         self.quic.close_all("terminal stopping")
         for d, _ in list(self._bindings.values()):
             if not d.called:
@@ -325,13 +333,51 @@ class DirectSocket:
             d.callback((result.mapped, self.reactor.seconds() - sent[0]))
 
     def connect(self, addr, device_id, timeout):
-        """QUIC to the device C{device_id} at C{addr}: a Deferred of the L{QuicEndpoint}."""
+        """
+        QUIC to the device C{device_id} at C{addr}: a Deferred of the
+        L{QuicEndpoint}, the one L{park}ed for them if there is one (no
+        handshake then: the stream's secret goes at once).
+        """
         self.start()
+        parked = self._parked.pop((device_id, tuple(addr)), None)
+        if parked is not None:
+            endpoint, call = parked
+            if call.active():
+                call.cancel()
+            if not endpoint.closed.called and not endpoint.silent:
+                return defer.succeed(endpoint)
+            endpoint.close("not reused")
         before = self.quic.endpoints
         d = self.quic.connect(addr, f"device:{device_id}", handshake_timeout=timeout)
         for endpoint in self.quic.endpoints - before:
             endpoint.closed.addBoth(lambda _: self._maybe_close())
         return d
+
+
+    def park(self, endpoint, device_id, addr):
+        """
+        The direct stream on C{endpoint} (to C{device_id} at C{addr}) ended
+        well: keep the connection L{REUSE_IDLE} seconds for the next
+        connection to that device (its device certificate was checked;
+        each stream still presents its own single-use secret), then close
+        it.  At most one is kept per device and address.
+        """
+        key = (device_id, tuple(addr))
+        if key in self._parked or endpoint.closed.called or self.port is None:
+            endpoint.close("stream done")
+            return
+        call = self.reactor.callLater(REUSE_IDLE, self._unpark, key, endpoint)
+        self._parked[key] = (endpoint, call)
+        endpoint.closed.addBoth(lambda _: self._unpark(key, endpoint, close=False))
+
+    def _unpark(self, key, endpoint, close=True):
+        entry = self._parked.get(key)
+        if entry is not None and entry[0] is endpoint:
+            del self._parked[key]
+            if entry[1].active():
+                entry[1].cancel()
+        if close:
+            endpoint.close("idle")
 
 
 class Direct:
@@ -437,10 +483,15 @@ class _Probe(Protocol):
         endpoint = self.transport.endpoint if self.transport is not None else None
         if self.app is not None:
             self.app.connectionLost(reason)
-        else:
-            self.attempt.direct_failed(reason.getErrorMessage())
+            if endpoint is not None:
+                # Kept a while for the next connection to the device: it
+                # then needs no handshake.
+                self.attempt.direct.socket.park(endpoint, self.attempt.ep.device,
+                                                self.attempt.offer[0])
+            return
+        self.attempt.direct_failed(reason.getErrorMessage())
         if endpoint is not None:
-            endpoint.close("stream done")  # one connection per stream
+            endpoint.close("stream done")
 
 
 @implementer(interfaces.IHalfCloseableProtocol)
@@ -567,6 +618,10 @@ class _Attempt:
         self.chosen = None
         self.final = False  # the relay's final answer (200) came
         self.failed = None  # why the direct attempt failed before it
+        self.marks = []  # (phase, seconds since the start): where the time went
+
+    def mark(self, phase):
+        self.marks.append((phase, self.clock.seconds() - self.started))
 
     def start(self):
         if self.direct is not None:
@@ -617,6 +672,7 @@ class _Attempt:
         self._maybe_request()
 
     def relay_connected(self, handshake):
+        self.mark("relay")
         self.relay = handshake
         if not self.mapping_done:
             # The STUN answer normally comes well before the TLS handshake is
@@ -629,6 +685,7 @@ class _Attempt:
         if self.relay is None or not self.mapping_done or self.result.called:
             return
         self._stop_stun()
+        self.mark("connect")
         extra = [request_header(self.mapped)] if self.mapped is not None else []
         self.relay.send_request(E.connect_request(self.ep.device, self.ep.service,
                                                   self.ep.credential, extra))
@@ -639,6 +696,7 @@ class _Attempt:
             self._start_direct(offer)
 
     def _start_direct(self, offer):
+        self.mark("offer")
         self.offer = offer
         wait = budget(self.rtt)
         d = self.direct.socket.connect(offer[0], self.ep.device, max(wait, 1.0) * 4)
@@ -648,6 +706,7 @@ class _Attempt:
     def answered(self, handshake, offer):
         """The relay said 200, with C{offer} (the device's mapping and the secret) or None."""
         self.final = True
+        self.mark("200")
         if self.offer is None and offer is not None and self.mapped is not None:
             self._start_direct(offer)
         if self.offer is None:
@@ -685,6 +744,7 @@ class _Attempt:
         if self.chosen is not None:
             endpoint.close("not needed")
             return
+        self.mark("quic")
         self.quic = endpoint
         self.probe = _Probe(self, self.offer[1], self.sent)
         try:
@@ -732,6 +792,9 @@ class _Attempt:
         if self.chosen is not None:
             return
         self.chosen = path
+        self.mark(path)
+        self.log.debug("{target}: {path} after {marks}", target=self.target, path=path,
+                       marks=", ".join(f"{k} {t * 1000:.0f} ms" for k, t in self.marks))
         self._cancel_timer()
         if self.probe is not None:
             self.probe.detach()
