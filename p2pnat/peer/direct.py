@@ -16,19 +16,25 @@ Each connect (L{DirectFirstEndpoint.connect}):
    device's mapping and a single-use secret, opens a QUIC connection to
    the device from the same socket (its Initial also opens our NAT),
    checks the device's certificate (the deployment's CA, ``device:ID``),
-   and opens one stream that starts with the secret.  The device answers
-   one byte once the stream reaches its service;
+   and opens one stream that starts with the secret, followed in the same
+   flight by what the caller's application wrote so far (an
+   L{EarlyBytes}, optional).  The device answers one byte once the stream
+   reaches its service, then the service's bytes;
 4. if that byte comes within the budget, L{budget} (max(0.5 s, 4 × the
    RTT), counted from the 200), the application's protocol is connected
    to the QUIC stream and the relayed connection is closed; otherwise the
    relayed connection, held meanwhile (read paused: the device's bytes
-   wait in the kernel), serves as it always did, and the QUIC attempt is
-   dropped.
+   wait in the kernel), serves as it always did, the application's early
+   bytes sent on it first, and the QUIC attempt is dropped;
+5. the QUIC connection outlives a stream that ended well by
+   L{REUSE_IDLE} seconds (L{DirectSocket.park}): the next connection to
+   the device opens its stream on it without a handshake.
 
 The application sees no difference but speed: its protocol is connected
-once, to one transport or the other, and nothing it writes is sent before
-the choice (the connect has not fired yet).  C{on_path} tells which path
-each connection took.  Without a direct answer (a relay that predates
+once, to one transport or the other, and its early bytes reach the
+service once (the device hands them on only after accepting, and the
+terminal then takes the direct path).  C{on_path} tells which path each
+connection took.  Without a direct answer (a relay that predates
 it, a device that does not take direct sessions, no STUN answer) the
 relayed connection serves at once, as before.
 """
