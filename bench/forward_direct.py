@@ -132,7 +132,8 @@ def run(args):
         # Warm-up: imports, the agents' first TLS sessions.  The fallback's
         # first connection waits out the budget; later ones skip the direct
         # attempt for a while (p2pnat.peer.direct.History).
-        first_fallback = [once(name) for name in FORWARDS][-1]
+        warm = {name: once(name) for name in FORWARDS}
+        first_fallback = warm["fallback"]
         results = {name: [] for name in FORWARDS}
         for _ in range(args.rounds):
             for name in FORWARDS:
@@ -143,6 +144,13 @@ def run(args):
                       if '"event": "path"' in line]
             paths[name] = {p: sum(e["path"] == p for e in events) for p in ("direct", "relayed")}
         report(args, results, paths, rtt_relay, rtt_device)
+        # Where each direct connection's time went (the forward's debug lines).
+        marks = [line.split("] ", 1)[-1] for line in procs["direct"].stderr().splitlines()
+                 if "direct after" in line]
+        print(f"direct's first connection (a new QUIC connection, its handshake included):"
+              f" first byte {warm['direct']['first']:.1f} ms; {marks[0] if marks else ''}")
+        for line in marks[-3:]:
+            print(f"a later one (the parked QUIC connection reused): {line}")
         print(f"fallback's first connection (direct attempted, the budget waited out): first"
               f" byte {first_fallback['first']:.1f} ms; later ones skip the attempt")
     finally:

@@ -246,7 +246,7 @@ class _Stream(Protocol):
 
     def _end_local(self):
         transport = self.local.transport
-        if transport is not None:
+        if transport is not None and not transport.disconnected:
             # A TCP transport with a paused producer would wait for it
             # rather than send its FIN; nothing comes from the stream now.
             transport.unregisterProducer()

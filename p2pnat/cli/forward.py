@@ -32,7 +32,13 @@ from p2pnat.net.streams import (
     close_after_writes,
     nodelay,
 )
-from p2pnat.peer.direct import DEFAULT_UDP_PORT, Direct, DirectFirstEndpoint, shared_socket
+from p2pnat.peer.direct import (
+    DEFAULT_UDP_PORT,
+    Direct,
+    DirectFirstEndpoint,
+    EarlyBytes,
+    shared_socket,
+)
 from p2pnat.peer.endpoint import relay_tls
 
 #: Seconds a local connection waits for the device (the relay's session
@@ -70,10 +76,12 @@ class _Local(Protocol):
     def connectionMade(self):
         nodelay(self.transport)
         self.gate = Gate(self.transport)
-        # Nothing is read until the path is chosen: the kernel holds the
-        # application's bytes meanwhile (bounded, with back-pressure).
-        self.transport.pauseProducing()
-        d = self.fwd.endpoint.connect(OneShotFactory(_Remote(self)))
+        # Until the path is chosen the application's first bytes are held
+        # (at most EarlyBytes' limit; beyond, the kernel holds them, with
+        # back-pressure): the direct stream sends them with its secret, and
+        # the relayed connection replays them if it serves.
+        self.early = EarlyBytes()
+        d = self.fwd.endpoint.connect(OneShotFactory(_Remote(self)), self.early)
         d.addErrback(self._cannot)
 
     def _cannot(self, failure):
@@ -82,6 +90,11 @@ class _Local(Protocol):
 
     def remote_ready(self, remote):
         self.remote = remote
+        if self.transport.disconnected:
+            # The application wrote (its bytes went first) and closed while
+            # we chose: the device's end closes after them.
+            close_after_writes(remote.transport)
+            return
         remote.transport.registerProducer(self.gate, True)
         self.transport.registerProducer(remote.gate, True)
         self.transport.resumeProducing()
@@ -89,6 +102,8 @@ class _Local(Protocol):
     def dataReceived(self, data):
         if self.remote is not None:
             self.remote.transport.write(data)
+        elif not self.early.write(data):
+            self.transport.pauseProducing()
 
     def remote_lost(self):
         close_after_writes(self.transport)

@@ -16,19 +16,25 @@ Each connect (L{DirectFirstEndpoint.connect}):
    device's mapping and a single-use secret, opens a QUIC connection to
    the device from the same socket (its Initial also opens our NAT),
    checks the device's certificate (the deployment's CA, ``device:ID``),
-   and opens one stream that starts with the secret.  The device answers
-   one byte once the stream reaches its service;
+   and opens one stream that starts with the secret, followed in the same
+   flight by what the caller's application wrote so far (an
+   L{EarlyBytes}, optional).  The device answers one byte once the stream
+   reaches its service, then the service's bytes;
 4. if that byte comes within the budget, L{budget} (max(0.5 s, 4 × the
    RTT), counted from the 200), the application's protocol is connected
    to the QUIC stream and the relayed connection is closed; otherwise the
    relayed connection, held meanwhile (read paused: the device's bytes
-   wait in the kernel), serves as it always did, and the QUIC attempt is
-   dropped.
+   wait in the kernel), serves as it always did, the application's early
+   bytes sent on it first, and the QUIC attempt is dropped;
+5. the QUIC connection outlives a stream that ended well by
+   L{REUSE_IDLE} seconds (L{DirectSocket.park}): the next connection to
+   the device opens its stream on it without a handshake.
 
 The application sees no difference but speed: its protocol is connected
-once, to one transport or the other, and nothing it writes is sent before
-the choice (the connect has not fired yet).  C{on_path} tells which path
-each connection took.  Without a direct answer (a relay that predates
+once, to one transport or the other, and its early bytes reach the
+service once (the device hands them on only after accepting, and the
+terminal then takes the direct path).  C{on_path} tells which path each
+connection took.  Without a direct answer (a relay that predates
 it, a device that does not take direct sessions, no STUN answer) the
 relayed connection serves at once, as before.
 """
@@ -58,6 +64,11 @@ STUN_TIMEOUT = 1.0
 STUN_RESENDS = (0.25, 0.5)
 #: QUIC connections the terminal's socket holds at once.
 MAX_CONNECTIONS = 64
+#: Seconds a QUIC connection to a device stays open after its stream ended,
+#: for the next connection to the same device (L{DirectSocket.park}).
+REUSE_IDLE = 10.0
+#: Bytes of the application's a connect holds before the path is chosen (L{EarlyBytes}).
+EARLY_LIMIT = 65536
 SERVICE = wire.DIRECT_SERVICE
 ACCEPTED = wire.DIRECT_ACCEPTED
 
@@ -112,6 +123,28 @@ def _hostport(text):
     if not 0 < port < 65536:
         raise ValueError("port")
     return host, port
+
+
+class EarlyBytes:
+    """
+    What the application wrote before the path was chosen, so that the
+    direct stream can carry it in its first flight (after the secret) and
+    the relayed connection can replay it if the direct path is not taken.
+    At most about L{EARLY_LIMIT} bytes: L{write} says when the writer must
+    pause (its kernel then holds the rest, as before).
+    """
+
+    def __init__(self, limit=EARLY_LIMIT):
+        self.limit = limit
+        self.data = b""
+        self.listener = None  # also sends each write on (the direct stream, optimistically)
+
+    def write(self, data):
+        """Hold C{data}; False once the writer should stop reading until the choice."""
+        self.data += data
+        if self.listener is not None:
+            self.listener(data)
+        return len(self.data) < self.limit
 
 
 def gather(deferreds):
@@ -206,6 +239,7 @@ class DirectSocket:
         #: UDP addresses that did not answer STUN (L{History}).
         self.history = History(reactor)
         self.users = 0
+        self._parked = {}  # (device ID, address) -> (QuicEndpoint, its closing call)
 
     def start(self):
         if self.port is None:
@@ -238,6 +272,10 @@ class DirectSocket:
         once their draining periods are over and the socket is closed.
         """
         closing = [e.closed for e in self.quic.endpoints]
+        for _, call in self._parked.values():
+            if call.active():
+                call.cancel()
+        self._parked.clear()
         self.quic.close_all("terminal stopping")
         for d, _ in list(self._bindings.values()):
             if not d.called:
@@ -301,13 +339,51 @@ class DirectSocket:
             d.callback((result.mapped, self.reactor.seconds() - sent[0]))
 
     def connect(self, addr, device_id, timeout):
-        """QUIC to the device C{device_id} at C{addr}: a Deferred of the L{QuicEndpoint}."""
+        """
+        QUIC to the device C{device_id} at C{addr}: a Deferred of the
+        L{QuicEndpoint}, the one L{park}ed for them if there is one (no
+        handshake then: the stream's secret goes at once).
+        """
         self.start()
+        parked = self._parked.pop((device_id, tuple(addr)), None)
+        if parked is not None:
+            endpoint, call = parked
+            if call.active():
+                call.cancel()
+            if not endpoint.closed.called and not endpoint.silent:
+                return defer.succeed(endpoint)
+            endpoint.close("not reused")
         before = self.quic.endpoints
         d = self.quic.connect(addr, f"device:{device_id}", handshake_timeout=timeout)
         for endpoint in self.quic.endpoints - before:
             endpoint.closed.addBoth(lambda _: self._maybe_close())
         return d
+
+
+    def park(self, endpoint, device_id, addr):
+        """
+        The direct stream on C{endpoint} (to C{device_id} at C{addr}) ended
+        well: keep the connection L{REUSE_IDLE} seconds for the next
+        connection to that device (its device certificate was checked;
+        each stream still presents its own single-use secret), then close
+        it.  At most one is kept per device and address.
+        """
+        key = (device_id, tuple(addr))
+        if key in self._parked or endpoint.closed.called or self.port is None:
+            endpoint.close("stream done")
+            return
+        call = self.reactor.callLater(REUSE_IDLE, self._unpark, key, endpoint)
+        self._parked[key] = (endpoint, call)
+        endpoint.closed.addBoth(lambda _: self._unpark(key, endpoint, close=False))
+
+    def _unpark(self, key, endpoint, close=True):
+        entry = self._parked.get(key)
+        if entry is not None and entry[0] is endpoint:
+            del self._parked[key]
+            if entry[1].active():
+                entry[1].cancel()
+        if close:
+            endpoint.close("idle")
 
 
 class Direct:
@@ -341,20 +417,39 @@ def _is_ip(host):
 @implementer(interfaces.IHalfCloseableProtocol)
 class _Probe(Protocol):
     """
-    The direct stream: sends the secret, waits for the device's
-    acceptance byte, then passes everything to the application's protocol
-    (L{bind}) as its transport's protocol would.
+    The direct stream: sends the secret and, in the same flight, what the
+    application wrote so far (C{sent}, an L{EarlyBytes}: optimistic, the
+    device hands it to the service only once it accepted the stream),
+    waits for the device's acceptance byte, then passes everything to the
+    application's protocol (L{bind}) as its transport's protocol would.
     """
 
-    def __init__(self, attempt, secret):
+    def __init__(self, attempt, secret, sent=None):
         self.attempt = attempt
         self.secret = secret
+        self.sent = sent
+        self.optimistic = False  # application bytes went on this stream
         self.accepted = False
         self.app = None
         self.early = b""
 
     def connectionMade(self):
-        self.transport.write(self.secret)
+        first = self.secret
+        if self.sent is not None:
+            first += self.sent.data
+            self.sent.listener = self._more
+        self.optimistic = len(first) > len(self.secret)
+        self.transport.write(first)
+
+    def _more(self, data):
+        if self.transport is not None and not self.accepted:
+            self.optimistic = True
+            self.transport.write(data)
+
+    def detach(self):
+        """The path is chosen: the application's later bytes go to its transport."""
+        if self.sent is not None and self.sent.listener == self._more:
+            self.sent.listener = None
 
     def dataReceived(self, data):
         if self.app is not None:
@@ -390,13 +485,19 @@ class _Probe(Protocol):
             self.app.writeConnectionLost()
 
     def connectionLost(self, reason):
+        self.detach()
         endpoint = self.transport.endpoint if self.transport is not None else None
         if self.app is not None:
             self.app.connectionLost(reason)
-        else:
-            self.attempt.direct_failed(reason.getErrorMessage())
+            if endpoint is not None:
+                # Kept a while for the next connection to the device: it
+                # then needs no handshake.
+                self.attempt.direct.socket.park(endpoint, self.attempt.ep.device,
+                                                self.attempt.offer[0])
+            return
+        self.attempt.direct_failed(reason.getErrorMessage())
         if endpoint is not None:
-            endpoint.close("stream done")  # one connection per stream
+            endpoint.close("stream done")
 
 
 @implementer(interfaces.IHalfCloseableProtocol)
@@ -470,6 +571,12 @@ class _Handshake(E._RelayHandshake):
         if self.app is None:
             self.transport.loseConnection()
             return self.result.errback(error.ConnectingCancelledError(self.transport.getPeer()))
+        sent = self.attempt.sent
+        if sent is not None and sent.data:
+            # What the application wrote while we chose; the direct stream
+            # that may have carried it too was refused or reset unaccepted.
+            self.transport.write(sent.data)
+            sent.data = b""
         self.app.makeConnection(self.transport)
         self.transport.resumeProducing()
         self.result.callback(self.app)
@@ -490,8 +597,10 @@ class _Attempt:
 
     log = Logger(namespace="p2pnat.direct")
 
-    def __init__(self, endpoint, factory, result):
+    def __init__(self, endpoint, factory, result, sent=None):
         self.ep = endpoint
+        #: The application's bytes written before the choice (L{EarlyBytes}), or None.
+        self.sent = sent
         self.clock = endpoint.clock
         self.factory = factory
         self.result = result
@@ -515,6 +624,10 @@ class _Attempt:
         self.chosen = None
         self.final = False  # the relay's final answer (200) came
         self.failed = None  # why the direct attempt failed before it
+        self.marks = []  # (phase, seconds since the start): where the time went
+
+    def mark(self, phase):
+        self.marks.append((phase, self.clock.seconds() - self.started))
 
     def start(self):
         if self.direct is not None:
@@ -565,6 +678,7 @@ class _Attempt:
         self._maybe_request()
 
     def relay_connected(self, handshake):
+        self.mark("relay")
         self.relay = handshake
         if not self.mapping_done:
             # The STUN answer normally comes well before the TLS handshake is
@@ -577,6 +691,7 @@ class _Attempt:
         if self.relay is None or not self.mapping_done or self.result.called:
             return
         self._stop_stun()
+        self.mark("connect")
         extra = [request_header(self.mapped)] if self.mapped is not None else []
         self.relay.send_request(E.connect_request(self.ep.device, self.ep.service,
                                                   self.ep.credential, extra))
@@ -587,6 +702,7 @@ class _Attempt:
             self._start_direct(offer)
 
     def _start_direct(self, offer):
+        self.mark("offer")
         self.offer = offer
         wait = budget(self.rtt)
         d = self.direct.socket.connect(offer[0], self.ep.device, max(wait, 1.0) * 4)
@@ -596,6 +712,7 @@ class _Attempt:
     def answered(self, handshake, offer):
         """The relay said 200, with C{offer} (the device's mapping and the secret) or None."""
         self.final = True
+        self.mark("200")
         if self.offer is None and offer is not None and self.mapped is not None:
             self._start_direct(offer)
         if self.offer is None:
@@ -606,8 +723,23 @@ class _Attempt:
             return self._choose("relayed", self.failed)
         handshake.transport.pauseProducing()  # the device's bytes wait until we choose
         wait = budget(self.rtt)
-        self.timer = self.clock.callLater(wait, self._choose, "relayed",
-                                          f"no direct stream within {wait:.2f}s")
+        self.timer = self.clock.callLater(wait, self._expired, wait, 1)
+
+    def _expired(self, wait, extra):
+        """
+        The budget is over.  If the application's bytes went on the direct
+        stream and its QUIC connection is up, the device may be handing
+        them to the service right now: wait once more for its verdict
+        (accepted, refused or reset), so that they never reach the service
+        on both paths; otherwise the relayed path serves.
+        """
+        self.timer = None
+        pending = (self.probe is not None and self.probe.optimistic
+                   and self.probe.transport is not None and self.chosen is None)
+        if pending and extra:
+            self.timer = self.clock.callLater(wait, self._expired, wait, 0)
+            return
+        self._choose("relayed", f"no direct stream within {wait * (2 - extra):.2f}s")
 
     def relay_refused(self):
         """The relay's final answer is a refusal: the direct attempt goes with it."""
@@ -618,8 +750,9 @@ class _Attempt:
         if self.chosen is not None:
             endpoint.close("not needed")
             return
+        self.mark("quic")
         self.quic = endpoint
-        self.probe = _Probe(self, self.offer[1])
+        self.probe = _Probe(self, self.offer[1], self.sent)
         try:
             endpoint.open_stream(SERVICE, self.probe)
         except ConnectionError as e:
@@ -665,7 +798,12 @@ class _Attempt:
         if self.chosen is not None:
             return
         self.chosen = path
+        self.mark(path)
+        self.log.debug("{target}: {path} after {marks}", target=self.target, path=path,
+                       marks=", ".join(f"{k} {t * 1000:.0f} ms" for k, t in self.marks))
         self._cancel_timer()
+        if self.probe is not None:
+            self.probe.detach()
         if self.result.called:  # given up meanwhile (timeout, cancel)
             self._drop_direct()
             return
@@ -725,7 +863,14 @@ class DirectFirstEndpoint(E.DeviceEndpoint):
     def __repr__(self):
         return f"<DirectFirstEndpoint {self.target}>"
 
-    def connect(self, factory):
+    def connect(self, factory, sent=None):
+        """
+        L{IStreamClientEndpoint.connect}; C{sent}, an L{EarlyBytes} the
+        caller fills with what its application writes before the connect
+        fires, goes on the direct stream's first flight and is replayed on
+        the relayed connection if that serves (the caller keeps reading
+        meanwhile, pausing when L{EarlyBytes.write} says so).
+        """
         attempt = None
 
         def cancel(result):
@@ -736,7 +881,7 @@ class DirectFirstEndpoint(E.DeviceEndpoint):
             attempt._drop_direct()
 
         result = defer.Deferred(cancel)
-        attempt = _Attempt(self, factory, result)
+        attempt = _Attempt(self, factory, result, sent)
         connecting = attempt.start()
 
         def cannot(failure):
@@ -781,5 +926,6 @@ def shared_socket(reactor, ca_file):
     return found
 
 
-__all__ = ["DEFAULT_UDP_PORT", "Direct", "DirectFirstEndpoint", "DirectSocket", "budget",
+__all__ = ["DEFAULT_UDP_PORT", "Direct", "DirectFirstEndpoint", "DirectSocket", "EarlyBytes",
+           "budget",
            "parse_offer", "request_header", "shared_socket"]

@@ -11,6 +11,9 @@ which path the connection took:
   notifies no longer say it takes them): ``relayed``, as before;
 - the relay offers a session the agent no longer takes: ``relayed`` after
   the budget;
+- the agent refuses the stream that carried the application's first
+  bytes with its secret: ``relayed``, those bytes replayed there, and the
+  service sees them once;
 - a service that sends 1 MB and closes first: all of it arrives;
 - ``p2pnat:`` endpoint's device form in this process: direct too.
 """
@@ -29,6 +32,14 @@ from tests.support.relay import start_agent, start_relay
 
 LOOPBACK = "127.0.0.1"
 SIZE = 1_000_000
+
+
+class CountingEcho(Echo):
+    """An echo that counts, in its factory's C{received}, every byte any connection got."""
+
+    def dataReceived(self, data):
+        self.factory.received += len(data)
+        Echo.dataReceived(self, data)
 
 
 class Source(protocol.Protocol):
@@ -74,7 +85,9 @@ class ForwardDirectTests(TestCase):
     def setUp(self):
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        echo = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface=LOOPBACK)
+        self.echo = protocol.Factory.forProtocol(CountingEcho)
+        self.echo.received = 0
+        echo = reactor.listenTCP(0, self.echo, interface=LOOPBACK)
         self.addCleanup(echo.stopListening)
         self.echo_port = echo.getHost().port
         source = reactor.listenTCP(0, protocol.Factory.forProtocol(Source), interface=LOOPBACK)
@@ -142,6 +155,8 @@ class ForwardDirectTests(TestCase):
             fwd, port = await self.forward("cam:echo")
             path = await self.one_transfer(fwd, port)
             self.assertEqual(path["path"], "direct", path)
+            # The first bytes went optimistically and reached the service once.
+            self.assertEqual(self.echo.received, SIZE)
             # Nothing was left at the relay: its stream ended with ours.
             await wait_for(lambda: not self.relay.relay.streamed, "relay streams closed")
             # A second connection goes direct too (a new offer, a new secret).
@@ -201,6 +216,24 @@ class ForwardDirectTests(TestCase):
             path = await self.one_transfer(fwd, port)
             self.assertEqual((path["path"], path.get("why")),
                              ("relayed", "no direct stream within 0.50s"))
+            self.assertEqual(self.echo.received, SIZE)
+        return defer.Deferred.fromCoroutine(run())
+
+    def test_refused_stream_replayed_on_the_relay(self):
+        """
+        The device refuses the direct stream (its secret is not taken),
+        which carried the application's first bytes: the relayed
+        connection serves, with those bytes replayed, and the service
+        sees each byte once.
+        """
+        async def run():
+            agent = await self.start_device("cam")
+            agent.direct.sessions.take = lambda secret: None
+            fwd, port = await self.forward("cam:echo")
+            path = await self.one_transfer(fwd, port)
+            self.assertEqual(path["path"], "relayed", path)
+            self.assertNotIn("within", path.get("why", ""), path)
+            self.assertEqual(self.echo.received, SIZE)
         return defer.Deferred.fromCoroutine(run())
 
     def test_endpoint_direct(self):

@@ -318,3 +318,62 @@ class TerminalTests(SynchronousTestCase):
         h.failed("cam")
         h.worked("cam")
         self.assertFalse(h.skip("cam"))
+
+
+class _Endpoint:
+    """A QUIC endpoint stand-in: C{closed}, C{silent}, and what L{close} was told."""
+
+    def __init__(self):
+        from twisted.internet import defer
+
+        self.closed = defer.Deferred()
+        self.silent = False
+        self.closes = []
+
+    def close(self, reason="closed"):
+        self.closes.append(reason)
+        if not self.closed.called:
+            self.closed.callback(None)
+
+
+class _Quic:
+    endpoints = frozenset()
+
+
+class EarlyAndReuseTests(SynchronousTestCase):
+    def test_early_bytes_bounded_and_passed_on(self):
+        early = D.EarlyBytes(limit=4)
+        seen = []
+        self.assertTrue(early.write(b"ab"))
+        early.listener = seen.append
+        self.assertFalse(early.write(b"cd"))  # at the limit: the writer pauses
+        self.assertEqual((early.data, seen), (b"abcd", [b"cd"]))
+
+    def socket(self):
+        clock = Clock()
+        sock = D.DirectSocket.__new__(D.DirectSocket)
+        sock.reactor, sock.port, sock.users, sock._parked = clock, object(), 1, {}
+        sock.quic = _Quic()
+        return clock, sock
+
+    def test_parked_connection_reused_once_then_closed(self):
+        clock, sock = self.socket()
+        ep = _Endpoint()
+        sock.park(ep, "cam", ("198.51.100.9", 4))
+        got = []
+        sock.connect(("198.51.100.9", 4), "cam", 1.0).addCallback(got.append)
+        self.assertEqual(got, [ep])  # no handshake: the parked one
+        self.assertEqual(sock._parked, {})
+        sock.park(ep, "cam", ("198.51.100.9", 4))
+        clock.advance(D.REUSE_IDLE)
+        self.assertEqual((ep.closes, sock._parked), (["idle"], {}))
+
+    def test_one_parked_per_device_and_address(self):
+        clock, sock = self.socket()
+        first, second = _Endpoint(), _Endpoint()
+        sock.park(first, "cam", ("198.51.100.9", 4))
+        sock.park(second, "cam", ("198.51.100.9", 4))
+        self.assertEqual((first.closes, second.closes), ([], ["stream done"]))
+        first.close("by the device")  # closed meanwhile: forgotten
+        self.assertEqual(sock._parked, {})
+        self.assertEqual(clock.getDelayedCalls(), [])
