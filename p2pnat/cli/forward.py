@@ -181,7 +181,8 @@ def direct_of(reactor, args, relay_host):
 
 def run(args):
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
+                                globalLogBeginner, textFileLogObserver)
 
     try:
         relay_host, relay_port = C.parse_hostport(args.relay)
@@ -209,7 +210,11 @@ def run(args):
             print(json.dumps(event), flush=True)
     fwd = Forwarder(reactor, relay_host, relay_port, device, service, credential, tls,
                     direct=direct, on_path=on_path)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    # Info and above; --verbose adds each connection's timing (debug).
+    level = LogLevel.debug if args.verbose else LogLevel.info
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(
+        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(level)])],
+        redirectStandardIO=False)
     try:
         port = reactor.listenTCP(listen_port, fwd, interface=listen_host)
     except Exception as e:
@@ -256,4 +261,6 @@ def add_parser(subparsers):
     p.add_argument("--json", action="store_true",
                    help="print JSON lines: the listening address, then which path each"
                         " connection took")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also log each connection's timing (relay, offer, QUIC, choice)")
     p.set_defaults(func=run)
