@@ -217,35 +217,49 @@ class LobbyClient:
         attempt ended (granted or not, within the mapper's budget).  For
         other NATs the attempt goes on in the background, and a mapping
         granted later is offered from then on.
+
+        With L{discovery}, the attempt waits for the NAT: one that needs it
+        starts it as soon as discovery answers (about one round trip);
+        otherwise it starts once logged in, after whatever the login's
+        callbacks do (a connect request goes first).  Either way the port
+        mapping machinery (its import, its sockets) does not hold up the
+        login's round trips.
         """
         self.proto = self._listen(self)
         ready = [self._logged_in]
+        found = None
         if self.discovery is not None:
             self.discovery.subscribe(self._nat_found)
-            ready.append(self.discovery.get().addCallback(self._nat_found))
+            found = self.discovery.get().addCallback(self._nat_found)
+            ready.append(found)
             self.discovery.start()
         self._login()
         self._open_ipv6()
-        if self.discovery is not None and self.discovery.current is not None and \
-                not self._needs_mapping():
-            # Not worth a wait: ask for the mapping once logged in, so that
-            # the port mapping machinery (its import, its sockets) does not
-            # hold up the login's round trips.
-            mapping = defer.Deferred()
-
-            def logged_in(result):
-                self._open_mapped().chainDeferred(mapping)
-                return result
-
-            self._logged_in.addCallback(logged_in)
-        else:
-            mapping = self._open_mapped()
+        mapping = defer.Deferred()
 
         def mapped(_):
             return mapping if self._needs_mapping() else None
 
-        return defer.gatherResults(ready, consumeErrors=True).addCallback(mapped).addCallback(
+        done = defer.gatherResults(ready, consumeErrors=True).addCallback(mapped).addCallback(
             lambda _: self)
+        if found is None:
+            self._open_mapped().chainDeferred(mapping)  # a NAT given: no reason to wait
+        else:
+            def ask(result=None):
+                self._open_mapped().chainDeferred(mapping)
+                return result
+
+            def decide(result):
+                # Registered after the gathering above: the login's own
+                # callbacks (the caller's connect request) run first.
+                if self._needs_mapping():
+                    ask()
+                else:
+                    self._logged_in.addCallback(ask)
+                return result
+
+            found.addCallback(decide)
+        return done
 
     def _nat_found(self, nat):
         if nat is not None and nat != self.nat:
