@@ -503,12 +503,11 @@ class RttTimerTests(SynchronousTestCase):
         self.assertEqual(path.mode, "direct")
         self.assertEqual([round(t - sent[0], 3) for t in sent], [0, 0.15, 0.45])
 
-    def test_discovery_alongside_the_login(self):
+    def _cached_client(self, nat, asked):
         """
-        With a NAT cache (two lobby addresses answering STUN), start()
-        learns the NAT during the login, shares its RTT, does not wait for
-        a port mapping behind a cone NAT, and has the cache refresh when the
-        lobby sees us at another IP address; stop() ends the refreshes.
+        A world whose lobby answers STUN on two addresses, and alice with a
+        NAT cache, not started; her port-mapping attempts go in C{asked}
+        (their times).
         """
         from p2pnat.net.udp import link_siblings
         from p2pnat.peer.discovery import NatCache
@@ -523,9 +522,40 @@ class RttTimerTests(SynchronousTestCase):
         host = HOSTS["alice"][0]
         cache = NatCache(w.clock, [LOBBY, other], host,
                          listen=lambda proto: w.net.listen(host, proto))
+        alice = w.client("alice", nat=nat, login=False, discovery=cache,
+                         portmap=lambda reactor, port: asked.append(w.clock.seconds())
+                         or _NoMapping())
+        return w, cache, alice
+
+    def test_port_mapping_waits_for_discovery(self):
+        """
+        In a fresh process (the cache has no NAT yet), start() asks for no
+        port mapping before discovery answers: its import and requests
+        would delay the lobby's Pong and so the login.  Behind a cone NAT
+        it is asked once logged in; behind a NAT with random ports (which
+        needs it) as soon as discovery says so, and the login waits for it.
+        """
+        for nat in (CONE, RANDOM):
+            asked = []
+            w, _, alice = self._cached_client(nat, asked)
+            d = alice.start()
+            self.assertEqual(asked, [], nat)
+            w.advance(0.03)
+            self.assertEqual(len(asked), 1, nat)
+            self.assertGreater(asked[0], w.clock.seconds() - 0.03, nat)
+            self.successResultOf(d)
+            alice.stop()
+            w.advance(3)
+
+    def test_discovery_alongside_the_login(self):
+        """
+        With a NAT cache (two lobby addresses answering STUN), start()
+        learns the NAT during the login, shares its RTT, does not wait for
+        a port mapping behind a cone NAT, and has the cache refresh when the
+        lobby sees us at another IP address; stop() ends the refreshes.
+        """
         asked = []
-        alice = w.client("alice", nat=CONE, login=False, discovery=cache,
-                         portmap=lambda reactor, port: asked.append(port) or _NoMapping())
+        w, cache, alice = self._cached_client(CONE, asked)
         self.assertIs(alice.rtt, cache.rtt)
         d = alice.start()
         w.advance(0.03)
@@ -535,7 +565,7 @@ class RttTimerTests(SynchronousTestCase):
         w.advance(0.3)
         self.assertEqual(alice.nat.filtering, APD)  # the run's end told the rest
         self.assertEqual(cache.runs, 1)
-        nat = w.net.nats[host]
+        nat = w.net.nats[HOSTS["alice"][0]]
         nat.forget()  # the NAT reboots: a new mapping, the same behaviour
         w.advance(21)
         self.assertEqual(cache.runs, 1)  # a new port alone is no reason to measure again
