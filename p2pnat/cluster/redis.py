@@ -70,6 +70,9 @@ COMMAND_TIMEOUT = 2.0
 #: Live-entry writes a node has in flight at most; beyond it they wait, one
 #: per device, the newest winning (L{WriteQueue}).
 LIVE_IN_FLIGHT = 64
+#: The longest a command may wait (times COMMAND_TIMEOUT) while its connection
+#: still answers or the node is held up, before the connection is dropped.
+LONGEST_WAIT = 5
 #: Records merged per script call (each is one script's worth of work in Redis).
 PUSH_BATCH = 200
 #: Devices named in one registry message.
@@ -193,12 +196,17 @@ class _Subscriber(_Watched, txredisapi.SubscriberProtocol):
 
 
 class _Wait:
-    """A command waiting for its reply: its connection, Deferred, when sent, its timer."""
+    """
+    A command waiting for its reply: its connection and Deferred, when it
+    was sent, when the node last got going after being held up, its timer
+    and when that is due.
+    """
 
-    __slots__ = ("conn", "d", "sent", "call")
+    __slots__ = ("conn", "d", "sent", "resumed", "call", "due")
 
     def __init__(self, conn, d, sent):
-        self.conn, self.d, self.sent, self.call = conn, d, sent, None
+        self.conn, self.d, self.sent, self.resumed = conn, d, sent, sent
+        self.call = self.due = None
 
 
 class RedisLink:
@@ -254,17 +262,20 @@ class RedisLink:
         """
         Deferred firing with the reply to one command; failing at once with
         L{ClusterUnavailable} when Redis is not connected, and when the
-        connection read nothing for C{timeout} seconds while the command
-        waited (then the connection is dropped: its replies would no longer
+        connection read nothing for C{timeout} seconds of the node's own
+        running while the command waited, or after C{LONGEST_WAIT} timeouts
+        in all (then the connection is dropped: its replies would no longer
         match its commands).
 
         A node that falls behind is not taken for one whose Redis died: the
         timeout is judged only after the reactor has read the connection
-        once more, and against the last time it read anything (replies come
-        in order, so a connection still delivering replies will deliver this
-        one).  Judged at the timer alone, a node held up past the timeout
-        dropped a connection whose replies were waiting in its socket, and
-        the reconnection's rewrites held it up again (bench/cluster_notify.py).
+        once more, against the last time it read anything (replies come in
+        order, so a connection still delivering replies will deliver this
+        one), and counted again from when the node got going if its timer
+        ran late.  Judged at the timer alone, a node held up past the
+        timeout dropped a connection whose replies were waiting in its
+        socket, and the reconnection's rewrites held it up again
+        (bench/cluster_notify.py).
         """
         conn = self.commands
         if not self.available:
@@ -274,7 +285,7 @@ class RedisLink:
         except txredisapi.ConnectionError as e:
             return fail(ClusterUnavailable(str(e)))
         wait = _Wait(conn, d, self.clock.seconds())
-        wait.call = self.clock.callLater(self.timeout, self._expired, wait)
+        self._arm(wait, self.timeout)
 
         def done(result):
             if wait.call.active():
@@ -289,7 +300,16 @@ class RedisLink:
 
         return d.addBoth(done).addErrback(failed)
 
+    def _arm(self, wait, delay):
+        wait.due = self.clock.seconds() + delay
+        wait.call = self.clock.callLater(delay, self._expired, wait)
+
     def _expired(self, wait):
+        if self.clock.seconds() - wait.due > self.timeout / 4:
+            # The timer ran late: the node was held up (a busy machine), so
+            # the command may not even have been written yet.  The timeout
+            # counts from when the node got going again.
+            wait.resumed = self.clock.seconds()
         # Timers run before the reactor polls its sockets: a reply that came
         # while the node was held up is still unread.  Judge after one more
         # pass of the reactor (a call for "now" made by a timer runs after
@@ -299,11 +319,13 @@ class RedisLink:
     def _judge(self, wait):
         if wait.d.called:
             return
-        heard = max(wait.sent, getattr(wait.conn, "last_read", None) or wait.sent)
-        left = heard + self.timeout - self.clock.seconds()
+        now = self.clock.seconds()
+        heard = max(wait.sent, wait.resumed, getattr(wait.conn, "last_read", None) or 0)
+        left = min(heard + self.timeout, wait.sent + self.timeout * LONGEST_WAIT) - now
         if left > 0 and wait.conn is not self._abandoned:
-            # The connection still delivers replies, in order: this one comes.
-            wait.call = self.clock.callLater(left, self._expired, wait)
+            # The connection still delivers replies, in order, or the node
+            # has not given it a fair hearing yet: this reply may come.
+            self._arm(wait, left)
             return
         self._timed_out(wait.conn, wait.d)
 
@@ -583,6 +605,7 @@ class RedisState:
                    error=failure.getErrorMessage())
 
     async def _merge(self, records):
+        """Merge C{records} (a dict, emptied as its batches are merged) into the registry."""
         items = list(records.values())
         for i in range(0, max(1, len(items)), PUSH_BATCH):  # once at least: sets the version
             args = []
@@ -592,6 +615,7 @@ class RedisState:
             reply = await self.link.command("EVAL", _MERGE, 2, REGISTRY, VERSION, *args)
             for r in items[i:i + PUSH_BATCH]:
                 self._pushed[r.id] = r
+                del records[r.id]  # merged: a failure later on does not redo it
             changed = [str(x) for x in reply[1:]]
             for j in range(0, len(changed), MESSAGE_IDS):
                 self._publish(CH_REGISTRY, {"t": "registry", "ids": changed[j:j + MESSAGE_IDS],
