@@ -183,9 +183,10 @@ class _Commands(_Watched, txredisapi.RedisProtocol):
     #: When this connection last read anything from Redis (the link's clock).
     last_read = None
 
-    def dataReceived(self, data):
+    def dataReceived(self, data, *args, **kwargs):
+        # txredisapi calls it again itself (unpause=True) with what it held back.
         self.last_read = self.factory.link.clock.seconds()
-        return super().dataReceived(data)
+        return super().dataReceived(data, *args, **kwargs)
 
 
 class _Subscriber(_Watched, txredisapi.SubscriberProtocol):
