@@ -65,7 +65,8 @@ CH_REGISTRY = PREFIX + "ch:registry"
 #: Seconds between a node's "I am alive" writes, and after which a silent node is gone.
 HEARTBEAT = 5.0
 NODE_TTL = 20.0
-#: Seconds a command may take before the connection is taken for dead.
+#: Seconds of the node's own running in which a connection with a command
+#: waiting must read something from Redis, else it is taken for dead.
 COMMAND_TIMEOUT = 2.0
 #: Live-entry writes a node has in flight at most; beyond it they wait, one
 #: per device, the newest winning (L{WriteQueue}).
