@@ -110,6 +110,7 @@ def measure(args, nodes, sims, redis=None):
         "calls": {k: (b["calls"].get(k, 0) - a["calls"].get(k, 0)) / secs
                   for k in b["calls"] if b["calls"].get(k, 0) - a["calls"].get(k, 0)},
         "busy": S.machine_split(a["machine"], b["machine"])["busy"],
+        "load": os.getloadavg(),  # the machine's, other work included
     }
 
 
@@ -200,6 +201,10 @@ def _run(args, work, P):
     _report(args, n, alone, cluster, rss0_single, rss0_cluster, memory, live)
 
 
+def _load(figures):
+    return ", ".join(f"{x:.1f}" for x in figures["load"])
+
+
 def _report(args, n, alone, cluster, rss0_single, rss0_cluster, memory, live):
     print()
     print(f"N = {n} devices per node; notify B every {args.interval:g}s, notify A every"
@@ -221,7 +226,8 @@ def _report(args, n, alone, cluster, rss0_single, rss0_cluster, memory, live):
     print(f"simulators: {alone['sim_cpu']:.0f}% and {cluster['sim_cpu']:.0f}% CPU, worst lag"
           f" {alone['sim_lag']:.0f} / {cluster['sim_lag']:.0f} ms; sent {alone['sent']:.0f} /"
           f" {cluster['sent']:.0f} per s; machine busy {alone['busy']:.2f} /"
-          f" {cluster['busy']:.2f} of {os.cpu_count()} cores")
+          f" {cluster['busy']:.2f} of {os.cpu_count()} cores; load average (1, 5, 15 min) at"
+          f" the end of each window {_load(alone)} / {_load(cluster)}")
 
     # What docs/cluster.rst predicts, per second, for 3N devices and 3 nodes:
     # live entries; each node's round (relay.sync_interval) checks the epoch
@@ -246,9 +252,9 @@ def _report(args, n, alone, cluster, rss0_single, rss0_cluster, memory, live):
               f" starting more than {args.period / 6:g}s into phase B, when every device"
               " rewrites its entry exactly once in it")
     # Each connection a node makes selects its database once: connections
-    # made in the window are nodes that lost Redis (a command unanswered
-    # for 2 s) and reconnected, then rewrote entries and read the registry
-    # again; the figures above are then not a steady state.
+    # made in the window are nodes that lost Redis (nothing read from it for
+    # the command timeout of the node's own running) and reconnected; the
+    # figures above are then not a steady state.
     reconnects = round(cluster["calls"].get("select", 0.0) * cluster["secs"])
     merges = round(cluster["calls"].get("eval", 0.0) * cluster["secs"])
     if reconnects or merges:

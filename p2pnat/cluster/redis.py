@@ -29,7 +29,8 @@ Two connections, each kept up by a L{ClientService} with backoff: one for
 commands, one subscribed.  While either is down the state is unavailable:
 reads fail at once with L{ClusterUnavailable}, writes are dropped and
 redone from later notifies (L{LiveWrites.forget_all}); registry changes
-made meanwhile are pushed when Redis is back.
+made meanwhile are pushed when Redis is back, and when Redis lost its
+data (a new epoch) the registry and every live entry are written again.
 """
 
 import os
@@ -53,6 +54,7 @@ from p2pnat.cluster.state import (
     NodeInfo,
     RecordCodec,
     Signer,
+    WriteQueue,
     cluster_keys,
 )
 from p2pnat.daemon.logs import Logger, Throttle
@@ -68,8 +70,15 @@ CH_REGISTRY = PREFIX + "ch:registry"
 #: Seconds between a node's "I am alive" writes, and after which a silent node is gone.
 HEARTBEAT = 5.0
 NODE_TTL = 20.0
-#: Seconds a command may take before the connection is taken for dead.
+#: Seconds of the node's own running in which a connection with a command
+#: waiting must read something from Redis, else it is taken for dead.
 COMMAND_TIMEOUT = 2.0
+#: Live-entry writes a node has in flight at most; beyond it they wait, one
+#: per device, the newest winning (L{WriteQueue}).
+LIVE_IN_FLIGHT = 64
+#: The longest a command may wait (times COMMAND_TIMEOUT) while its connection
+#: still answers or the node is held up, before the connection is dropped.
+LONGEST_WAIT = 5
 #: Records merged per script call (each is one script's worth of work in Redis).
 PUSH_BATCH = 200
 #: Devices named in one registry message.
@@ -179,12 +188,34 @@ class _Watched:
 class _Commands(_Watched, txredisapi.RedisProtocol):
     kind = "commands"
 
+    #: When this connection last read anything from Redis (the link's clock).
+    last_read = None
+
+    def dataReceived(self, data, *args, **kwargs):
+        # txredisapi calls it again itself (unpause=True) with what it held back.
+        self.last_read = self.factory.link.clock.seconds()
+        return super().dataReceived(data, *args, **kwargs)
+
 
 class _Subscriber(_Watched, txredisapi.SubscriberProtocol):
     kind = "subscriber"
 
     def messageReceived(self, pattern, channel, message):
         self.factory.link.on_message(channel, message)
+
+
+class _Wait:
+    """
+    A command waiting for its reply: its connection and Deferred, when it
+    was sent, when the node last got going after being held up, its timer
+    and when that is due.
+    """
+
+    __slots__ = ("conn", "d", "sent", "resumed", "call", "due")
+
+    def __init__(self, conn, d, sent):
+        self.conn, self.d, self.sent, self.resumed = conn, d, sent, sent
+        self.call = self.due = None
 
 
 class RedisLink:
@@ -239,9 +270,21 @@ class RedisLink:
     def command(self, *args):
         """
         Deferred firing with the reply to one command; failing at once with
-        L{ClusterUnavailable} when Redis is not connected, and after
-        C{timeout} seconds without a reply (then the connection is dropped:
-        its replies would no longer match its commands).
+        L{ClusterUnavailable} when Redis is not connected, and when the
+        connection read nothing for C{timeout} seconds of the node's own
+        running while the command waited, or after C{LONGEST_WAIT} timeouts
+        in all (then the connection is dropped: its replies would no longer
+        match its commands).
+
+        A node that falls behind is not taken for one whose Redis died: the
+        timeout is judged only after the reactor has read the connection
+        once more, against the last time it read anything (replies come in
+        order, so a connection still delivering replies will deliver this
+        one), and counted again from when the node got going if its timer
+        ran late.  Judged at the timer alone, a node held up past the
+        timeout dropped a connection whose replies were waiting in its
+        socket, and the reconnection's rewrites held it up again
+        (bench/cluster_notify.py).
         """
         conn = self.commands
         if not self.available:
@@ -250,11 +293,12 @@ class RedisLink:
             d = conn.execute_command(*args)
         except txredisapi.ConnectionError as e:
             return fail(ClusterUnavailable(str(e)))
-        call = self.clock.callLater(self.timeout, self._timed_out, conn, d)
+        wait = _Wait(conn, d, self.clock.seconds())
+        self._arm(wait, self.timeout)
 
         def done(result):
-            if call.active():
-                call.cancel()
+            if wait.call.active():
+                wait.call.cancel()
             return result
 
         def failed(failure):
@@ -264,6 +308,35 @@ class RedisLink:
             raise ClusterUnavailable(f"redis {self.where}: {failure.getErrorMessage()}")
 
         return d.addBoth(done).addErrback(failed)
+
+    def _arm(self, wait, delay):
+        wait.due = self.clock.seconds() + delay
+        wait.call = self.clock.callLater(delay, self._expired, wait)
+
+    def _expired(self, wait):
+        if self.clock.seconds() - wait.due > self.timeout / 4:
+            # The timer ran late: the node was held up (a busy machine), so
+            # the command may not even have been written yet.  The timeout
+            # counts from when the node got going again.
+            wait.resumed = self.clock.seconds()
+        # Timers run before the reactor polls its sockets: a reply that came
+        # while the node was held up is still unread.  Judge after one more
+        # pass of the reactor (a call for "now" made by a timer runs after
+        # the next poll).
+        wait.call = self.clock.callLater(0, self._judge, wait)
+
+    def _judge(self, wait):
+        if wait.d.called:
+            return
+        now = self.clock.seconds()
+        heard = max(wait.sent, wait.resumed, getattr(wait.conn, "last_read", None) or 0)
+        left = min(heard + self.timeout, wait.sent + self.timeout * LONGEST_WAIT) - now
+        if left > 0 and wait.conn is not self._abandoned:
+            # The connection still delivers replies, in order, or the node
+            # has not given it a fair hearing yet: this reply may come.
+            self._arm(wait, left)
+            return
+        self._timed_out(wait.conn, wait.d)
 
     def _timed_out(self, conn, d):
         if not d.called:
@@ -361,6 +434,8 @@ class RedisState:
         self._direct_handler = None  # serve_direct's, if this node takes direct asks
         self._direct_asks = {}  # offer ID -> (Deferred, timeout call), answers awaited
         self.writes = LiveWrites(period)
+        self.queue = WriteQueue(LIVE_IN_FLIGHT)
+        self._pumping = False
         self.link = RedisLink(reactor, url, [CH_REGISTRY, node_channel(node)],
                               self._message, self._availability)
         self._throttle = Throttle(reactor)
@@ -396,12 +471,32 @@ class RedisState:
         self.writes.wrote(device_id, addr, last_access)
         # With the period: other nodes judge the entry by how often it is
         # rewritten (LiveEntry.stale), not as if it were this node's table.
-        entry = LiveEntry(device_id, self.node, addr[0], addr[1], last_access,
-                          self.writes.period)
-        d = self.link.command("SET", live_key(device_id), entry.to_json(),
-                              "EX", self.writes.expiry(), "GET")
-        d.addCallbacks(self._live_written, self._live_failed,
-                       callbackArgs=(device_id,), errbackArgs=(device_id,))
+        self.queue.offer(device_id, LiveEntry(device_id, self.node, addr[0], addr[1],
+                                              last_access, self.writes.period))
+        self._pump()
+
+    def _pump(self):
+        """Send the waiting live-entry writes the cap lets through."""
+        if self._pumping:
+            return  # a write that failed at once: the loop below goes on
+        self._pumping = True
+        try:
+            while (item := self.queue.next()) is not None:
+                device_id, entry = item
+                d = self.link.command("SET", live_key(device_id), entry.to_json(),
+                                      "EX", self.writes.expiry(), "GET")
+                d.addCallbacks(self._live_written, self._live_failed,
+                               callbackArgs=(device_id,), errbackArgs=(device_id,))
+                d.addBoth(self._live_finished)
+        finally:
+            self._pumping = False
+
+    def _live_finished(self, _):
+        self.queue.finished()
+        if not self.link.available:
+            for device_id in self.queue.drop():
+                self.writes.forget(device_id)  # the next notify tries again
+        self._pump()
 
     def _live_written(self, old, device_id):
         before = LiveEntry.from_json(device_id, old) if old else None
@@ -531,13 +626,22 @@ class RedisState:
 
     async def _do_round(self):
         now = self.clock.seconds()
-        epoch = await self.link.command("SET", EPOCH, os.urandom(8).hex(), "NX", "GET")
-        if epoch is None or epoch != self._epoch:
+        mine = os.urandom(8).hex()
+        epoch = await self.link.command("SET", EPOCH, mine, "NX", "GET")
+        epoch = mine if epoch is None else epoch  # None: there was none, and this is it now
+        if epoch != self._epoch:
             # A new Redis, or one restarted without its data (a new epoch):
-            # the registry is rebuilt from every node's own.
+            # the registry is rebuilt from every node's own, read again, and
+            # every device's live entry written again from its next notify.
             self.log.info("merging this node's {n} devices into the registry in redis",
                           n=len(self.relay.local_records()))
             self._unpushed.update({r.id: r for r in self.relay.local_records().values()})
+            self.writes.forget_all()
+            self._seen_version = None
+            # Recorded now: a merge that fails keeps what it did not merge
+            # (in _unpushed), so the next round goes on from there instead
+            # of merging the whole registry again.
+            self._epoch = epoch
         version = await self.link.command("GET", VERSION)
         if self._unpushed or version is None:
             batch, self._unpushed = self._unpushed, {}
@@ -548,7 +652,6 @@ class RedisState:
                     self._unpushed.setdefault(r.id, r)
                 raise
             version = await self.link.command("GET", VERSION)
-        self._epoch = epoch if epoch is not None else await self.link.command("GET", EPOCH)
         if version is not None and version != self._seen_version:
             await self._reload(version)
         if self._last_heartbeat is None or now - self._last_heartbeat >= HEARTBEAT:
@@ -559,6 +662,7 @@ class RedisState:
                    error=failure.getErrorMessage())
 
     async def _merge(self, records):
+        """Merge C{records} (a dict, emptied as its batches are merged) into the registry."""
         items = list(records.values())
         for i in range(0, max(1, len(items)), PUSH_BATCH):  # once at least: sets the version
             args = []
@@ -568,6 +672,7 @@ class RedisState:
             reply = await self.link.command("EVAL", _MERGE, 2, REGISTRY, VERSION, *args)
             for r in items[i:i + PUSH_BATCH]:
                 self._pushed[r.id] = r
+                del records[r.id]  # merged: a failure later on does not redo it
             changed = [str(x) for x in reply[1:]]
             for j in range(0, len(changed), MESSAGE_IDS):
                 self._publish(CH_REGISTRY, {"t": "registry", "ids": changed[j:j + MESSAGE_IDS],
@@ -661,13 +766,15 @@ class RedisState:
 
     def _availability(self, available):
         if available:
-            # Redis may have restarted without its data: every device's
-            # entry is written again from its next notify, and the round
-            # checks the registry at once.
-            self.writes.forget_all()
-            self._seen_version = None
+            # The round checks at once whether Redis lost its data (a new
+            # epoch): only then is every device's entry written again and
+            # the whole registry read again.  Done at every reconnection, a
+            # node that fell behind added that load and fell behind again.
             self._last_heartbeat = None
             self.round()
+        else:
+            for device_id in self.queue.drop():
+                self.writes.forget(device_id)  # the next notify tries again
 
     def _warn(self, kind, text, **fields):
         held = self._throttle(("cluster", kind))

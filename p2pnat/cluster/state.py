@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from zope.interface import Attribute, Interface
 
 __all__ = ["IClusterState", "ClusterUnavailable", "LiveEntry", "NodeInfo", "LiveWrites",
-           "Signer", "RecordCodec", "newer", "cluster_keys", "check_node_name",
+           "Signer", "RecordCodec", "WriteQueue", "newer", "cluster_keys", "check_node_name",
            "rewrite_interval", "IClusterDirect", "DirectSeal", "DIRECT_ANSWER_TIMEOUT"]
 
 
@@ -268,9 +268,9 @@ class LiveWrites:
     seed's notify rules, cluster-wide):
 
     - a notify B writes only when the device's address changed, or when
-      the node has not written the entry since it (re)connected to the
-      store (so a restarted Redis is refilled within one notify-B
-      interval);
+      the node has not written the entry since the store lost its data or
+      the write failed (L{forget_all}, L{forget}: so a Redis restarted
+      without its data is refilled within one notify-B interval);
     - a notify A writes when the address changed or the last written
       access time is L{rewrite_interval} old: once per access-check period
       for an agent's notify A every third of a period.
@@ -319,6 +319,53 @@ class LiveWrites:
         slack.
         """
         return int(self.period + self.rewrite + max(30, self.period / 10))
+
+
+class WriteQueue:
+    """
+    The live-entry writes a node has in flight, at most C{cap}; beyond it
+    they wait, one per device, the newest replacing the one waiting (a live
+    entry is a whole value: nothing is lost, only merged).  A device keeps
+    its place in the line when its write is replaced, so one that notifies
+    often is not pushed back behind the others.
+
+    Without the bound, a node that reconnected to Redis sent a write for
+    every device whose notify came in, thousands of commands at once, which
+    held the node up past the command timeout again (bench/cluster_notify.py).
+
+    Pure: the caller says what it L{offer}s, takes what to send from
+    L{next}, and says when a write is L{finished}.
+    """
+
+    def __init__(self, cap):
+        if cap < 1:
+            raise ValueError("the cap on writes in flight must be at least 1")
+        self.cap = cap
+        self.in_flight = 0
+        self._waiting = {}  # device ID -> newest value waiting, oldest device first
+
+    def __len__(self):
+        return len(self._waiting)
+
+    def offer(self, device_id, value):
+        self._waiting[device_id] = value
+
+    def next(self):
+        """The next C{(device_id, value)} to send now (counted in flight), or None."""
+        if self.in_flight >= self.cap or not self._waiting:
+            return None
+        device_id = next(iter(self._waiting))
+        self.in_flight += 1
+        return device_id, self._waiting.pop(device_id)
+
+    def finished(self):
+        """A write sent from L{next} was answered or failed."""
+        self.in_flight = max(0, self.in_flight - 1)
+
+    def drop(self):
+        """Drop every waiting write (the store is gone): the devices whose writes were dropped."""
+        dropped, self._waiting = list(self._waiting), {}
+        return dropped
 
 
 def newer(a, b):

@@ -5,7 +5,7 @@ L{tests.process.test_cluster}, run real nodes on a real Redis):
 
 - when a node writes a device's live entry (notify B only when the address
   changed, notify A once per access-check period) and forgets what it wrote when
-  Redis comes back;
+  Redis comes back without its data (a new epoch);
 - a terminal on one node for a device live on another: the owner is asked
   for the connect request, the tunnel lands where the terminal waits;
   unknown and revoked devices are refused at once without asking; no live
@@ -514,6 +514,9 @@ class LiveEntryWriteTests(SynchronousTestCase):
         self.assertEqual((fields["t"], fields["device"]), ("released", "cam"))
 
     def test_reconnecting_rewrites_from_notifies(self):
+        # FakeLink's SET ... NX GET of the epoch answers None: a Redis with
+        # no epoch, that is, one that lost its data.  (The same Redis is
+        # tests.unit.test_cluster_slow_node.)
         s = self.state
         addr = ("203.0.113.5", 4)
         s.notified("cam", "B", addr, None, 1.0)
