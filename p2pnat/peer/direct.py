@@ -44,9 +44,10 @@ import os
 
 from twisted.internet import defer, error, interfaces
 from twisted.internet.protocol import Protocol
-from zope.interface import implementer, providedBy
+from zope.interface import implementer
 
 from p2pnat.daemon.logs import Logger
+from p2pnat.net.streams import OneShotFactory
 from p2pnat.peer import endpoint as E
 from p2pnat.protocol import stun, wire
 from p2pnat.quic import Credentials, QuicSocket
@@ -415,7 +416,7 @@ def _is_ip(host):
 
 
 @implementer(interfaces.IHalfCloseableProtocol)
-class _Probe(Protocol):
+class _Probe(E.PassesHalfClose, Protocol):
     """
     The direct stream: sends the secret and, in the same flight, what the
     application wrote so far (C{sent}, an L{EarlyBytes}: optimistic, the
@@ -473,16 +474,6 @@ class _Probe(Protocol):
         early, self.early = self.early, b""
         if early:
             app.dataReceived(early)
-
-    def readConnectionLost(self):
-        if self.app is not None and interfaces.IHalfCloseableProtocol in providedBy(self.app):
-            self.app.readConnectionLost()
-        elif self.app is not None:
-            self.transport.loseConnection()
-
-    def writeConnectionLost(self):
-        if self.app is not None and interfaces.IHalfCloseableProtocol in providedBy(self.app):
-            self.app.writeConnectionLost()
 
     def connectionLost(self, reason):
         self.detach()
@@ -636,7 +627,7 @@ class _Attempt:
             self.result.addBoth(self._done, socket)
             d = self.mapping = self.direct.mapping(self.clock)
             d.addCallbacks(self._mapped, self._unmapped)
-        return self.ep.relay.connect(E._Once(_Handshake(self)))
+        return self.ep.relay.connect(OneShotFactory(_Handshake(self)))
 
     def _done(self, result, socket):
         """The connect fired (or failed): no timer of ours outlives it."""

@@ -38,6 +38,7 @@ from zope.interface import implementer, providedBy
 
 from p2pnat.daemon import config as C
 from p2pnat.daemon.logs import Logger
+from p2pnat.net.streams import OneShotFactory
 
 #: Seconds a connect may take by default (login, NAT discovery, path, QUIC).
 DEFAULT_TIMEOUT = 30.0
@@ -282,8 +283,29 @@ def connect_answer(buffer):
     return line.decode("latin-1"), len(status) >= 2 and status[1] == b"200", buffer[end + 4:]
 
 
+class PassesHalfClose:
+    """
+    For a protocol that hands its transport on to the application's
+    protocol C{app}: the half-closes go on to C{app} if it takes them
+    (IHalfCloseableProtocol); to one that does not, the end of the
+    peer's bytes closes the connection, as Twisted does.
+    """
+
+    app = None
+
+    def readConnectionLost(self):
+        if self.app is not None and interfaces.IHalfCloseableProtocol in providedBy(self.app):
+            self.app.readConnectionLost()
+        elif self.app is not None:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        if self.app is not None and interfaces.IHalfCloseableProtocol in providedBy(self.app):
+            self.app.writeConnectionLost()
+
+
 @implementer(interfaces.IHalfCloseableProtocol)
-class _RelayHandshake(Protocol):
+class _RelayHandshake(PassesHalfClose, Protocol):
     """
     The connection to the relay for one L{DeviceEndpoint.connect}: sends
     the CONNECT request, then, once the relay says 200, connects the
@@ -334,16 +356,6 @@ class _RelayHandshake(Protocol):
         if not self.result.called:
             self.result.errback(EndpointConnectError(f"{self.target}: {why}"))
 
-    def readConnectionLost(self):
-        if self.app is not None and interfaces.IHalfCloseableProtocol in providedBy(self.app):
-            self.app.readConnectionLost()
-        elif self.app is not None:
-            self.transport.loseConnection()
-
-    def writeConnectionLost(self):
-        if self.app is not None and interfaces.IHalfCloseableProtocol in providedBy(self.app):
-            self.app.writeConnectionLost()
-
     def connectionLost(self, reason):
         if self.app is not None:
             return self.app.connectionLost(reason)
@@ -351,22 +363,6 @@ class _RelayHandshake(Protocol):
             self.result.errback(EndpointConnectError(
                 f"{self.target}: the relay closed the connection before answering:"
                 f" {reason.getErrorMessage()}"))
-
-
-class _Once:
-    """A client factory for one protocol made beforehand."""
-
-    def __init__(self, proto):
-        self.proto = proto
-
-    def doStart(self):
-        pass
-
-    def doStop(self):
-        pass
-
-    def buildProtocol(self, addr):
-        return self.proto
 
 
 @implementer(interfaces.IStreamClientEndpoint)
@@ -406,7 +402,7 @@ class DeviceEndpoint:
 
         result = defer.Deferred(cancel)
         handshake = _RelayHandshake(factory, self.request, result, f"device {target}")
-        attempt = self.relay.connect(_Once(handshake))
+        attempt = self.relay.connect(OneShotFactory(handshake))
 
         def cannot(failure):
             # A cancelled attempt is our own canceller's: result says why.
