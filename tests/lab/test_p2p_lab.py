@@ -111,6 +111,9 @@ class _Matrix(P2PLabTestCase):
     #: Pings per trial, and how many echoes must come back.
     pings = 1
     min_echoes = 1
+    #: Whether the clients' bundles carry certificates (their datagrams
+    #: then ride QUIC, end to end encrypted).
+    certificates = True
     same_nat = ("cone", "symmetric-sequential", "symmetric-random", "double")
     title = "P2P matrix (LANs on 192.168.1.0/24)"
     # Its failures carry the trials' and B's output; the whole lab's would bury them.
@@ -144,13 +147,16 @@ class _Matrix(P2PLabTestCase):
             s = P.SHORT[kind]
             if kind in needed_a:
                 a_routers[kind] = cls.router(pl, f"ra{s}", kind)
-                pl.add_client(f"a-{s}", pl.lab.add_host(f"a{s}", behind=a_routers[kind]))
+                pl.add_client(f"a-{s}", pl.lab.add_host(f"a{s}", behind=a_routers[kind]),
+                              certificate=cls.certificates)
             if kind in needed_b:
                 r = cls.router(pl, f"rb{s}", kind)
-                pl.add_client(f"b-{s}", pl.lab.add_host(f"b{s}", behind=r))
+                pl.add_client(f"b-{s}", pl.lab.add_host(f"b{s}", behind=r),
+                              certificate=cls.certificates)
         for kind in cls.same_nat:
             s = P.SHORT[kind]
-            pl.add_client(f"s-{s}", pl.lab.add_host(f"s{s}", behind=a_routers[kind]))
+            pl.add_client(f"s-{s}", pl.lab.add_host(f"s{s}", behind=a_routers[kind]),
+                          certificate=cls.certificates)
         pl.start_lobby()
         # One at a time: a burst of starting processes could starve a
         # discovery run (its answers then come "too late").  A B whose
@@ -335,6 +341,13 @@ class LossMatrixTests(_Matrix):
     loss_pct = 2
     pings = 3
     min_echoes = 1
+    # The punch under loss, with the datagrams in the path's own frames (one
+    # packet each). On the encrypted channel the three pings leave in one
+    # QUIC packet, and so do the echoes: with 2 % loss on each WAN link,
+    # about a third of the trials lost all three (seen in CI), far more
+    # than those links lose; that is open (docs/quic.rst). Streams under
+    # the same loss: tests/lab/test_streams_lab.py.
+    certificates = False
     same_nat = ()
     title = "P2P matrix with 2 % loss each way on both WAN links"
 
