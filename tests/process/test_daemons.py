@@ -212,6 +212,15 @@ class DaemonTestCase(SynchronousTestCase):
         os.makedirs(path)
         return path
 
+    def start_lobby_on_loopback(self, state):
+        """
+        ``twistd lobby`` with etc/lobby.toml and state directory C{state},
+        on a free loopback UDP port: C{(daemon, port)} once it listens.
+        """
+        lobby = self.start("lobby", "--config", os.path.join(ETC, "lobby.toml"),
+                           "--lobby-state-dir", state, "--udp-listen", f"{LOOPBACK}:0")
+        return lobby, int(lobby.wait_for(r"ControlProtocol starting on (\d+)").group(1))
+
     def provision_device(self, relay="127.0.0.1:7478"):
         """
         A relay state directory with device dev-1 registered, its bundle
@@ -376,10 +385,8 @@ class LobbyProcessTests(DaemonTestCase):
         bundle = os.path.join(self.tmpdir(), "cl-1")
         provision("client", "add", "cl-1", "--state-dir", state, "--lobby", "127.0.0.1:3478",
                   "--out", bundle)
-        lobby = self.start("lobby", "--config", os.path.join(ETC, "lobby.toml"),
-                           "--lobby-state-dir", state, "--udp-listen", f"{LOOPBACK}:0")
-        m = lobby.wait_for(r"ControlProtocol starting on (\d+)")
-        return lobby, (LOOPBACK, int(m.group(1))), read_key(os.path.join(bundle, "mac.key"))
+        lobby, port = self.start_lobby_on_loopback(state)
+        return lobby, (LOOPBACK, port), read_key(os.path.join(bundle, "mac.key"))
 
     def test_bad_datagrams_dropped_and_logged(self):
         """

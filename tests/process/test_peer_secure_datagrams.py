@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 
-from tests.process.test_daemons import ETC, LOOPBACK, Daemon, DaemonTestCase
+from tests.process.test_daemons import LOOPBACK, Daemon, DaemonTestCase
 from tests.support import procs
 from tests.support.lab.running import events
 from tests.support.procs import provision
@@ -152,9 +152,7 @@ class SecureDatagramTests(DaemonTestCase):
     def setUp(self):
         super().setUp()
         self.state = os.path.join(self.tmpdir(), "lobby")
-        self.lobby = self.start("lobby", "--config", os.path.join(ETC, "lobby.toml"),
-                                "--lobby-state-dir", self.state, "--udp-listen", f"{LOOPBACK}:0")
-        port = int(self.lobby.wait_for(r"ControlProtocol starting on (\d+)").group(1))
+        self.lobby, port = self.start_lobby_on_loopback(self.state)
         #: Each peer's address, and its public address (L{Nat}).
         hosts = {"alice": ("127.0.0.11", "127.0.0.21"), "bob": ("127.0.0.12", "127.0.0.22")}
         self.nat = Nat((LOOPBACK, port), dict(hosts.values()))

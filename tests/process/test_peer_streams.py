@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 
-from tests.process.test_daemons import ETC, LOOPBACK, Daemon, DaemonTestCase
+from tests.process.test_daemons import LOOPBACK, Daemon, DaemonTestCase
 from tests.support import procs
 from tests.support.lab.running import events
 from tests.support.procs import provision
@@ -77,9 +77,7 @@ class PeerStreamsProcessTests(DaemonTestCase):
     def setUp(self):
         super().setUp()
         self.state = os.path.join(self.tmpdir(), "lobby")
-        self.lobby = self.start("lobby", "--config", os.path.join(ETC, "lobby.toml"),
-                                "--lobby-state-dir", self.state, "--udp-listen", f"{LOOPBACK}:0")
-        port = int(self.lobby.wait_for(r"ControlProtocol starting on (\d+)").group(1))
+        self.lobby, port = self.start_lobby_on_loopback(self.state)
         self.bundles = {}
         for name in ("alice", "bob"):
             self.bundles[name] = os.path.join(self.tmpdir(), name)
