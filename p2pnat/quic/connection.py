@@ -4,7 +4,7 @@ aioquic's sans-IO QUIC connection, made to authenticate both peers and to
 apply real flow control.
 
 L{PeerConnection} is an C{aioquic.quic.connection.QuicConnection} with
-five changes, all through aioquic internals that L{check_internals}
+six changes, all through aioquic internals that L{check_internals}
 verifies (the package refuses to start on an aioquic whose internals
 moved, with one clear message, rather than run without them):
 
@@ -27,6 +27,12 @@ moved, with one clear message, rather than run without them):
 - Bounds: at most C{max_streams} streams the peer may have open at once,
   no unidirectional streams, at most L{MAX_PENDING_DATAGRAMS} datagrams
   waiting to be sent.
+- One DATAGRAM frame per packet: aioquic fills a packet with as many
+  waiting datagrams as fit, so datagrams sent together (three chat lines,
+  a burst of forwarded UDP) were lost together when that one packet was;
+  here each leaves in a packet (and a UDP datagram) of its own, beside
+  whatever else that packet carries, so each is lost with the link's own
+  probability, independently, as it would be over plain UDP.
 - The side that connected follows the other to a new address
   (L{PeerConnection.receive_datagram}).  RFC 9000 lets only clients
   migrate, and aioquic's client drops every packet from a server address
@@ -48,6 +54,7 @@ from aioquic import tls
 from aioquic.quic import connection as _connection
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet_builder import QuicPacketBuilderStop
 from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.stream import QuicStreamSender
 
@@ -110,7 +117,7 @@ _TLS_INTERNALS = ("_check_certificate_verify_signature", "_server_expect_finishe
 _CONNECTION_INTERNALS = ("_initialize", "_handshake_confirmed", "_loss", "_max_datagram_size",
                          "_write_stream_limits", "_datagrams_pending",
                          "_streams", "_local_max_streams_bidi", "_local_max_streams_uni",
-                         "_on_max_stream_data_delivery",
+                         "_on_max_stream_data_delivery", "_write_datagram_frame",
                          # following the peer to a new address:
                          "_payload_received", "_network_paths", "_add_network_path",
                          "_use_reserved_peer_cid", "_spaces", "_is_client",
@@ -145,6 +152,8 @@ def check_internals():
     network_path = _connection.QuicNetworkPath(("192.0.2.1", 1))
     missing += [f"QuicNetworkPath.{name}" for name in _PATH_INTERNALS
                 if not hasattr(network_path, name)]
+    if not hasattr(_connection.QuicPacketBuilder, "packet_number"):
+        missing.append("QuicPacketBuilder.packet_number")
     if not hasattr(QuicStreamSender(0, True), "_buffer_stop"):
         missing.append("QuicStreamSender._buffer_stop")
     if missing:
@@ -210,6 +219,7 @@ class PeerConnection(_connection.QuicConnection):
         self.peer_moves = 0
         self.fresh = False
         self._passed = []  # (network path, is_probing) of each packet that passed
+        self._datagram_packet = None  # number of the last packet given a DATAGRAM frame
         self.stream_window = stream_window
         # Bytes of each stream the application has taken: the window is
         # announced from there (see _write_stream_limits).
@@ -394,3 +404,17 @@ class PeerConnection(_connection.QuicConnection):
             return False
         super().send_datagram_frame(data)
         return True
+
+    def _write_datagram_frame(self, builder, data, frame_type):
+        # aioquic writes waiting datagrams into the packet being built until
+        # it is full; stopping after the first makes the builder end this
+        # packet (short-header packets are never coalesced: one UDP datagram
+        # each) and put the next datagram in a new one.  Packet numbers never
+        # repeat within a connection, so the builder's number says which
+        # packet this is.
+        number = builder.packet_number
+        if number == self._datagram_packet:
+            raise QuicPacketBuilderStop
+        written = super()._write_datagram_frame(builder, data, frame_type)
+        self._datagram_packet = number
+        return written

@@ -336,3 +336,72 @@ class ClosingTests(SimTestCase):
         self.assertIn("reset by the peer", str(reason))
         # The connection itself carries on.
         self.assertNoResult(alice.closed)
+
+
+class DatagramLossTests(SimTestCase):
+    """
+    Datagrams sent together leave in a packet each
+    (L{p2pnat.quic.connection.PeerConnection}): a packet lost on the wire
+    loses one of them, as plain UDP would, not all.
+    """
+
+    def lose_first_to(self, addr):
+        """Lose the next datagram sent to C{addr}; the list of what was lost."""
+        lost = []
+
+        def lose(src, dst, data):
+            if dst == addr and not lost:
+                lost.append(data)
+                return True
+            return False
+
+        self.net.lose = lose
+        return lost
+
+    def test_one_packet_lost_loses_one_datagram(self):
+        """
+        Three datagrams sent at once, the first packet to bob lost: the
+        other two arrive (aioquic put all three in that one packet).
+        """
+        pair = self.pair()
+        alice = self.connect(pair)
+        bob = pair.b_endpoints[0]
+        got = []
+        bob.on_datagram = got.append
+        self.run_for(0.5)
+        before = len(self.net.sent)
+        lost = self.lose_first_to(pair.b_addr)
+        for i in range(3):
+            alice.send_datagram(b"ping%d" % i)
+        self.run_for(0.5)
+        self.assertEqual(len(lost), 1)
+        self.assertEqual(got, [b"ping1", b"ping2"])
+        to_bob = [s for s in self.net.sent[before:] if s.dst == pair.b_addr]
+        self.assertGreaterEqual(len(to_bob), 3)
+        self.close(pair)
+
+    def test_burst_all_delivered(self):
+        """
+        A burst of the most datagrams a connection queues, small and
+        large, all arrive in order, each in its own UDP datagram: one per
+        packet holds no datagram back for good.
+        """
+        from p2pnat.quic.connection import MAX_DATAGRAM_PAYLOAD, MAX_PENDING_DATAGRAMS
+
+        pair = self.pair()
+        alice = self.connect(pair)
+        bob = pair.b_endpoints[0]
+        got = []
+        bob.on_datagram = got.append
+        self.run_for(0.5)
+        before = len(self.net.sent)
+        sent = [(b"%d " % i).ljust(MAX_DATAGRAM_PAYLOAD if i % 7 == 0 else 20, b"x")
+                for i in range(MAX_PENDING_DATAGRAMS)]
+        for d in sent:
+            alice.send_datagram(d)
+        self.assertEqual(alice.datagrams_dropped, 0)
+        self.run_for(2)
+        self.assertEqual(got, sent)
+        to_bob = [s for s in self.net.sent[before:] if s.dst == pair.b_addr]
+        self.assertGreaterEqual(len(to_bob), len(sent))
+        self.close(pair)
