@@ -12,8 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat.peer import streams as S
 from p2pnat.protocol import p2p as M
-from p2pnat.quic import HandshakeFailed
-from tests.unit.test_peer_client import CONE, RANDOM
+from p2pnat.quic import HandshakeFailed, is_quic
+from tests.unit.test_peer_client import CONE, HOSTS, LOBBY, RANDOM, kind
 from tests.unit.test_peer_streams import MARKER, Peers
 
 
@@ -140,6 +140,40 @@ class EncryptedTests(SynchronousTestCase):
         self.assertEqual((len(a.queue), a.queue.dropped), (S.QUEUE, 5))
         p.w.advance(2)
         self.assertEqual(got, sent[5:])
+
+    def test_first_packet_lost_at_path_start(self):
+        """
+        Three datagrams sent before the handshake is over wait, and leave
+        once it is, in a QUIC packet each, direct or relayed: losing the
+        first packet alice sends after that (with the first datagram in
+        it) loses that datagram only.  (All three used to share it.)
+        """
+        for nat in (CONE, RANDOM):
+            p = Peers(self, nat, nat)
+            path, incoming = p.connect()
+            got = []
+            incoming.on_datagram = got.append
+            _, _, settled_a, _ = start_quic(p, path, incoming)
+            p.streams.append(path.channel)
+            for i in range(3):
+                path.send(b"ping%d" % i)
+            lost = []
+
+            def lose(src, dst, data):
+                if lost or not settled_a.calls or src[0] != HOSTS["alice"][1]:
+                    return False
+                if (dst == LOBBY and not is_quic(data) and kind(data) == "Data"
+                        or dst != LOBBY and is_quic(data) and not data[0] & 0x80):
+                    lost.append(data)  # the first relayed fragment, or 1-RTT packet
+                    return True
+                return False
+
+            p.w.net.lose = lose
+            p.w.advance(2)
+            self.assertEqual(settled_a.calls, [(True, None)])
+            self.assertEqual(path.mode, "direct" if nat is CONE else "relayed")
+            self.assertEqual(len(lost), 1)
+            self.assertEqual(got, [b"ping1", b"ping2"])
 
     def test_clear_datagram_dropped_once_encrypted(self):
         """
