@@ -36,7 +36,11 @@ its timer on the injected clock, and turns its events into:
   two that together refresh the mappings twice as often), and
   C{on_heard} tells it of every sign of the peer;
 - C{closed}, a Deferred that fires with a L{ConnectionClosed} once the
-  connection is over, for whatever reason.
+  connection is over, for whatever reason;
+- C{counts}: UDP datagrams sent and received, and RFC 9221 datagrams
+  sent and received, for the connection's life; logged when it ends
+  (with the datagrams in which no packet passed authentication), so a
+  run under loss can tell what left from what arrived.
 
 A packet that fails authentication (forged, corrupted, from an old
 connection) or repeats one already received is dropped by aioquic
@@ -118,6 +122,10 @@ class QuicEndpoint:
     @ivar on_silent: called (no arguments) when the path fell silent.
     @ivar on_alive: called when it carries traffic again after that.
     @ivar silent: whether the path is silent now.
+    @ivar counts: C{packets_sent} and C{packets_received} (UDP datagrams
+        of this connection, each one QUIC packet or a few coalesced during
+        the handshake), C{datagrams_sent} (handed to QUIC) and
+        C{datagrams_received} (RFC 9221 datagrams).
     """
 
     log = Logger(namespace="p2pnat.quic")
@@ -141,6 +149,8 @@ class QuicEndpoint:
         self.connected = defer.Deferred()
         self.closed = defer.Deferred()
         self.datagrams_dropped = 0
+        self.counts = dict.fromkeys(("packets_sent", "packets_received", "datagrams_sent",
+                                     "datagrams_received"), 0)
         self._initial_addr = addr
         self._peer_addr = addr
         self._closing_locally = False
@@ -216,6 +226,7 @@ class QuicEndpoint:
         if not self.connection.send_datagram_frame(bytes(payload)):
             self.datagrams_dropped += 1
             return
+        self.counts["datagrams_sent"] += 1
         self.app_sent()
         self.schedule_transmit()
 
@@ -270,6 +281,7 @@ class QuicEndpoint:
         if self._ended:
             return False
         conn = self.connection
+        self.counts["packets_received"] += 1
         moves = conn.peer_moves
         if not conn.receive_datagram(data, addr, now=self.clock.seconds()):
             # Forged, corrupted, replayed, or for discarded keys: aioquic
@@ -293,6 +305,7 @@ class QuicEndpoint:
         if self._ended:
             return
         for data, addr in self.connection.datagrams_to_send(now=self.clock.seconds()):
+            self.counts["packets_sent"] += 1
             self._peer_addr = addr
             self.socket.write(data, addr)
         self._process_events()
@@ -339,6 +352,7 @@ class QuicEndpoint:
             self._alive()
             self._stream_data(event.stream_id, event.data, event.end_stream)
         elif isinstance(event, events.DatagramFrameReceived):
+            self.counts["datagrams_received"] += 1
             self._alive()
             self.on_datagram(event.data)
         elif isinstance(event, events.PingAcknowledged):
@@ -427,8 +441,11 @@ class QuicEndpoint:
             stream.connection_lost(why)
         self._streams.clear()
         if self._up:
-            self.log.info("QUIC connection to {peer} closed: {reason}", peer=str(self.peer),
-                          reason=closed.reason)
+            self.log.info("QUIC connection to {peer} closed: {reason} (packets sent"
+                          " {packets_sent}, received {packets_received}, unauthenticated"
+                          " {unauthenticated}; datagrams sent {datagrams_sent}, received"
+                          " {datagrams_received})", peer=str(self.peer), reason=closed.reason,
+                          unauthenticated=self.connection.unauthenticated, **self.counts)
         else:
             self.log.info("QUIC handshake with {addr} failed: {reason}",
                           addr=wire.format_addr(self._initial_addr), reason=closed.reason)

@@ -378,6 +378,12 @@ class DatagramLossTests(SimTestCase):
         self.assertEqual(got, [b"ping1", b"ping2"])
         to_bob = [s for s in self.net.sent[before:] if s.dst == pair.b_addr]
         self.assertGreaterEqual(len(to_bob), 3)
+        # What each side counts (logged when the connection ends).
+        self.assertEqual((alice.counts["datagrams_sent"], bob.counts["datagrams_received"]),
+                         (3, 2))
+        on_wire = len([s for s in self.net.sent if s.dst == pair.b_addr])
+        self.assertEqual((alice.counts["packets_sent"], bob.counts["packets_received"]),
+                         (on_wire, on_wire - 1))
         self.close(pair)
 
     def test_burst_all_delivered(self):
