@@ -22,7 +22,8 @@ What each class shows:
   per second throughout, so that other traffic takes NAT ports while a
   punch is in progress.
 - :class:`LossMatrixTests`: the same matrix with 2 % packet loss each way
-  on both sides' WAN links (three pings per trial; at least one echo).
+  on both sides' WAN links (three pings per trial, each in a QUIC packet
+  of its own on the encrypted channel; at least one echo).
 - :class:`PathProtocolTests`: forged probes and data (a random key under
   the session's key ID), frames under an unknown session, and a replayed
   genuine datagram, all sent from a third lab host with the peer's spoofed
@@ -111,9 +112,6 @@ class _Matrix(P2PLabTestCase):
     #: Pings per trial, and how many echoes must come back.
     pings = 1
     min_echoes = 1
-    #: Whether the clients' bundles carry certificates (their datagrams
-    #: then ride QUIC, end to end encrypted).
-    certificates = True
     same_nat = ("cone", "symmetric-sequential", "symmetric-random", "double")
     title = "P2P matrix (LANs on 192.168.1.0/24)"
     # Its failures carry the trials' and B's output; the whole lab's would bury them.
@@ -147,16 +145,13 @@ class _Matrix(P2PLabTestCase):
             s = P.SHORT[kind]
             if kind in needed_a:
                 a_routers[kind] = cls.router(pl, f"ra{s}", kind)
-                pl.add_client(f"a-{s}", pl.lab.add_host(f"a{s}", behind=a_routers[kind]),
-                              certificate=cls.certificates)
+                pl.add_client(f"a-{s}", pl.lab.add_host(f"a{s}", behind=a_routers[kind]))
             if kind in needed_b:
                 r = cls.router(pl, f"rb{s}", kind)
-                pl.add_client(f"b-{s}", pl.lab.add_host(f"b{s}", behind=r),
-                              certificate=cls.certificates)
+                pl.add_client(f"b-{s}", pl.lab.add_host(f"b{s}", behind=r))
         for kind in cls.same_nat:
             s = P.SHORT[kind]
-            pl.add_client(f"s-{s}", pl.lab.add_host(f"s{s}", behind=a_routers[kind]),
-                          certificate=cls.certificates)
+            pl.add_client(f"s-{s}", pl.lab.add_host(f"s{s}", behind=a_routers[kind]))
         pl.start_lobby()
         # One at a time: a burst of starting processes could starve a
         # discovery run (its answers then come "too late").  A B whose
@@ -289,6 +284,8 @@ class _Matrix(P2PLabTestCase):
             texts = {e.get("text") for e in t.echoes}
             self.assertGreaterEqual(len(texts & {f"ping{i}" for i in range(self.pings)}),
                                     self.min_echoes, f"no echo: {why(t)}")
+            # Every bundle has its certificate: the pings rode QUIC.
+            self.assertIs(t.path.get("encrypted"), True, f"not encrypted: {why(t)}")
             if must_be_direct and not t.discovery_miss:
                 self.assertEqual(t.mode, "direct", f"not direct: {why(t)}")
         s = P.pair_stats(trials)
@@ -341,13 +338,6 @@ class LossMatrixTests(_Matrix):
     loss_pct = 2
     pings = 3
     min_echoes = 1
-    # The punch under loss, with the datagrams in the path's own frames (one
-    # packet each). On the encrypted channel the three pings leave in one
-    # QUIC packet, and so do the echoes: with 2 % loss on each WAN link,
-    # about a third of the trials lost all three (seen in CI), far more
-    # than those links lose; that is open (docs/quic.rst). Streams under
-    # the same loss: tests/lab/test_streams_lab.py.
-    certificates = False
     same_nat = ()
     title = "P2P matrix with 2 % loss each way on both WAN links"
 
