@@ -27,12 +27,17 @@ moved, with one clear message, rather than run without them):
 - Bounds: at most C{max_streams} streams the peer may have open at once,
   no unidirectional streams, at most L{MAX_PENDING_DATAGRAMS} datagrams
   waiting to be sent.
-- One DATAGRAM frame per packet: aioquic fills a packet with as many
-  waiting datagrams as fit, so datagrams sent together (three chat lines,
-  a burst of forwarded UDP) were lost together when that one packet was;
-  here each leaves in a packet (and a UDP datagram) of its own, beside
+- One DATAGRAM frame per packet while few wait: aioquic fills a packet
+  with as many waiting datagrams as fit, so datagrams sent together
+  (three chat lines, a few forwarded UDP datagrams) were lost together
+  when that one packet was.  Here, while at most L{DATAGRAMS_APART} wait,
+  each leaves in a packet (and a UDP datagram) of its own, beside
   whatever else that packet carries, so each is lost with the link's own
-  probability, independently, as it would be over plain UDP.
+  probability, independently, as over plain UDP.  A longer queue means
+  the application sends faster than the pacer lets packets go (it paces
+  packets, whatever their size): those fill packets as aioquic does, or
+  small datagrams would be held to a few hundred a second at the start
+  of a connection and dropped when the queue is full.
 - The side that connected follows the other to a new address
   (L{PeerConnection.receive_datagram}).  RFC 9000 lets only clients
   migrate, and aioquic's client drops every packet from a server address
@@ -69,6 +74,9 @@ MAX_STREAMS = 32
 #: Datagrams queued for sending beyond this are dropped (they are unreliable
 #: by contract; a queue without bound would only add delay and memory).
 MAX_PENDING_DATAGRAMS = 256
+#: While at most this many datagrams wait to be sent, each goes in a packet
+#: of its own; a longer queue fills packets (see the module).
+DATAGRAMS_APART = 16
 #: The largest DATAGRAM payload that fits a 1200-byte packet with a short
 #: header, an 8-byte connection ID, the AEAD tag and the frame's own header.
 MAX_DATAGRAM_PAYLOAD = 1150
@@ -411,9 +419,10 @@ class PeerConnection(_connection.QuicConnection):
         # packet (short-header packets are never coalesced: one UDP datagram
         # each) and put the next datagram in a new one.  Packet numbers never
         # repeat within a connection, so the builder's number says which
-        # packet this is.
+        # packet this is.  (This datagram is still in the queue.)
         number = builder.packet_number
-        if number == self._datagram_packet:
+        if number == self._datagram_packet \
+                and len(self._datagrams_pending) <= DATAGRAMS_APART:
             raise QuicPacketBuilderStop
         written = super()._write_datagram_frame(builder, data, frame_type)
         self._datagram_packet = number
