@@ -41,10 +41,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench import _support as S  # noqa: E402
-
-SHORT = {"public": "public", "cone": "cone", "symmetric-sequential": "sym-seq",
-         "symmetric-random": "sym-rand", "double": "double"}
-LONG = {v: k for k, v in SHORT.items()}
+from bench.stream_matrix import SHORT, kind_name  # noqa: E402
 #: What B's QUIC endpoint logs when a connection ends (p2pnat.quic.endpoint).
 CLOSED = re.compile(r"QUIC connection to client:a closed: .*\(packets sent (\d+), received"
                     r" (\d+), unauthenticated (\d+); datagrams sent (\d+), received (\d+)\)")
@@ -69,9 +66,9 @@ def parse_args(argv=None):
     ap.add_argument("--logs", help="write both sides' whole logs of each trial without an echo"
                                    " in this directory (trial-N-a.log, trial-N-b.log)")
     args = ap.parse_args(argv)
-    kinds = [LONG.get(k.strip(), k.strip()) for k in args.pair.split(":")]
-    if len(kinds) != 2 or not all(k in SHORT for k in kinds):
-        raise S.BenchError(f"--pair A:B, each one of {', '.join(SHORT.values())}")
+    kinds = [kind_name(k.strip()) for k in args.pair.split(":")]
+    if len(kinds) != 2:
+        raise S.BenchError("--pair takes A:B")
     args.kinds = dict(zip("ab", kinds))
     args.label = f"{SHORT[kinds[0]]} -> {SHORT[kinds[1]]}"
     if not (1 <= args.trials <= 10000 and 0 <= args.loss < 50 and 1 <= args.pings <= 30
@@ -177,8 +174,7 @@ def run(args):
 
 
 def main():
-    args = parse_args()
-    S.main(lambda: run(args))
+    S.main(lambda: run(parse_args()))
 
 
 if __name__ == "__main__":

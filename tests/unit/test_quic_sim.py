@@ -359,17 +359,26 @@ class DatagramLossTests(SimTestCase):
         self.net.lose = lose
         return lost
 
-    def test_one_packet_lost_loses_one_datagram(self):
-        """
-        Three datagrams sent at once, the first packet to bob lost: the
-        other two arrive (aioquic put all three in that one packet).
-        """
+    def quiet_pair(self):
+        """A connection with nothing in flight: (pair, alice, bob, what bob's on_datagram got)."""
         pair = self.pair()
         alice = self.connect(pair)
         bob = pair.b_endpoints[0]
         got = []
         bob.on_datagram = got.append
         self.run_for(0.5)
+        return pair, alice, bob, got
+
+    def to_bob(self, pair, before):
+        """The UDP datagrams sent to bob since C{before} (an index of the net's C{sent})."""
+        return [s for s in self.net.sent[before:] if s.dst == pair.b_addr]
+
+    def test_one_packet_lost_loses_one_datagram(self):
+        """
+        Three datagrams sent at once, the first packet to bob lost: the
+        other two arrive (aioquic put all three in that one packet).
+        """
+        pair, alice, bob, got = self.quiet_pair()
         before = len(self.net.sent)
         lost = self.lose_first_to(pair.b_addr)
         for i in range(3):
@@ -377,12 +386,11 @@ class DatagramLossTests(SimTestCase):
         self.run_for(0.5)
         self.assertEqual(len(lost), 1)
         self.assertEqual(got, [b"ping1", b"ping2"])
-        to_bob = [s for s in self.net.sent[before:] if s.dst == pair.b_addr]
-        self.assertGreaterEqual(len(to_bob), 3)
+        self.assertGreaterEqual(len(self.to_bob(pair, before)), 3)
         # What each side counts (logged when the connection ends).
         self.assertEqual((alice.counts["datagrams_sent"], bob.counts["datagrams_received"]),
                          (3, 2))
-        on_wire = len([s for s in self.net.sent if s.dst == pair.b_addr])
+        on_wire = len(self.to_bob(pair, 0))
         self.assertEqual((alice.counts["packets_sent"], bob.counts["packets_received"]),
                          (on_wire, on_wire - 1))
         self.close(pair)
@@ -392,12 +400,7 @@ class DatagramLossTests(SimTestCase):
         Up to L{DATAGRAMS_APART} datagrams sent at once, small and large,
         arrive in order, each in a UDP datagram of its own.
         """
-        pair = self.pair()
-        alice = self.connect(pair)
-        bob = pair.b_endpoints[0]
-        got = []
-        bob.on_datagram = got.append
-        self.run_for(0.5)
+        pair, alice, bob, got = self.quiet_pair()
         before = len(self.net.sent)
         sent = [(b"%d " % i).ljust(MAX_DATAGRAM_PAYLOAD if i % 7 == 0 else 20, b"x")
                 for i in range(DATAGRAMS_APART)]
@@ -405,8 +408,7 @@ class DatagramLossTests(SimTestCase):
             alice.send_datagram(d)
         self.run_for(0.5)
         self.assertEqual(got, sent)
-        to_bob = [s for s in self.net.sent[before:] if s.dst == pair.b_addr]
-        self.assertGreaterEqual(len(to_bob), len(sent))
+        self.assertGreaterEqual(len(self.to_bob(pair, before)), len(sent))
         self.close(pair)
 
     def test_fast_sender_not_throttled(self):
@@ -431,6 +433,5 @@ class DatagramLossTests(SimTestCase):
         self.run_for(1)
         self.assertEqual((alice.datagrams_dropped, len(got)), (0, len(sent)))
         self.assertEqual(got, sent)
-        to_bob = [s for s in self.net.sent[before:] if s.dst == pair.b_addr]
-        self.assertLess(len(to_bob), len(sent) / 4)
+        self.assertLess(len(self.to_bob(pair, before)), len(sent) / 4)
         self.close(pair)
