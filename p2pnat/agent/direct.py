@@ -11,9 +11,11 @@ tells the terminal the device's mapping and the same secret.  The agent
 then:
 
 - punches: a few one-byte datagrams from its notify socket to the
-  terminal's address over about a second (L{PUNCH_SCHEDULE}), so that
-  its NAT lets the terminal's QUIC Initial in through the very mapping
-  the relay knows;
+  terminal's address over about a second (L{PUNCH_SCHEDULE}, two at
+  once first), so that its NAT lets the terminal's QUIC Initial in
+  through the very mapping the relay knows (the terminal sends its first
+  flight a few times, since it may come just before the punch: exact
+  copies are dropped here quietly, L{Copies});
 - accepts one QUIC connection on that socket (QUIC is told from wire
   frames by bit 0x40 of the first byte, L{AgentSocket}), with its device
   certificate: the terminal checks it against the deployment's CA.  The
@@ -32,6 +34,7 @@ terminal the relay signed for: to anyone else the agent sends nothing, so
 its QUIC server amplifies nothing.
 """
 
+import hashlib
 import hmac
 
 from aioquic.quic.connection import QuicConnection
@@ -51,8 +54,12 @@ from p2pnat.quic.identity import PeerIdentity
 SERVICE = wire.DIRECT_SERVICE
 #: The byte the agent sends once the stream is connected to the service.
 ACCEPTED = wire.DIRECT_ACCEPTED
-#: Seconds after the request at which the agent sends a punch datagram.
-PUNCH_SCHEDULE = (0.0, 0.1, 0.3, 0.6, 1.0)
+#: Seconds after the request at which the agent sends a punch datagram: two
+#: at once (one lost costs the direct path's first attempt), then a few to
+#: keep the way open while the terminal tries.
+PUNCH_SCHEDULE = (0.0, 0.0, 0.1, 0.3, 0.6, 1.0)
+#: Recent QUIC long-header datagrams remembered to drop exact copies (L{Copies}).
+COPIES_KEPT = 64
 #: What a punch datagram carries: one byte no receiver takes for anything.
 PUNCH = bytes([wire.MARKER])
 #: Seconds an offer waits for its terminal's stream.
@@ -128,6 +135,33 @@ class DirectSessions:
 
     def __len__(self):
         return len(self._offers)
+
+
+class Copies:
+    """
+    Which QUIC long-header datagrams (handshake packets) came lately, to
+    drop exact copies: a terminal sends its first flight more than once,
+    as it is, because it cannot know when the punch opened the NAT (see
+    L{p2pnat.peer.direct.first_flight_schedule}).  QUIC would discard a
+    copy anyway, but count and log it as a packet that failed; here it is
+    dropped quietly.  At most C{limit} datagrams are remembered.
+    """
+
+    def __init__(self, limit=COPIES_KEPT):
+        self.limit = limit
+        self._seen = {}  # (address, hash of the datagram) -> None, oldest first
+
+    def repeated(self, data, addr):
+        """Whether C{data} from C{addr} is a handshake datagram that came already."""
+        if not data[0] & 0x80:
+            return False  # a short header: QUIC's own duplicate detection serves
+        key = (addr, hashlib.sha256(data).digest())
+        if key in self._seen:
+            return True
+        if len(self._seen) >= self.limit:
+            del self._seen[next(iter(self._seen))]
+        self._seen[key] = None
+        return False
 
 
 class AgentSocket(ControlProtocol):
@@ -309,6 +343,7 @@ class DirectServer:
         self._calls = set()
         self._throttle = Throttle(self.clock)
         self.streams = set()  # direct streams whose secret was accepted
+        self.copies = Copies()
 
     # -- the relay's request --------------------------------------------------------------
 
@@ -368,6 +403,9 @@ class DirectServer:
         known = any(e.peer_address == addr for e in quic.endpoints)
         if not known and not self.sessions.allows(addr[0]):
             quic.dropped["not-offered"] = quic.dropped.get("not-offered", 0) + 1
+            return
+        if self.copies.repeated(data, addr):
+            quic.dropped["copy"] = quic.dropped.get("copy", 0) + 1
             return
         quic.datagramReceived(data, addr)
 

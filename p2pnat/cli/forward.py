@@ -170,7 +170,9 @@ def direct_of(reactor, args, relay_host):
     if args.no_direct or not ca:
         return None
     try:
-        relay_udp = C.parse_hostport(args.relay_udp or f"{relay_host}:{DEFAULT_UDP_PORT}")
+        # Not "host:7478" parsed: an IPv6 relay's would be ambiguous.
+        relay_udp = (C.parse_hostport(args.relay_udp) if args.relay_udp
+                     else (relay_host, DEFAULT_UDP_PORT))
     except ValueError as e:
         raise CommandError(f"--relay-udp: {e}")
     try:

@@ -6,15 +6,20 @@ Direct-first connections to a device's service: the terminal's side
 Each connect (L{DirectFirstEndpoint.connect}):
 
 1. learns the terminal's UDP mapping from a STUN Binding to the relay's
-   UDP port, from the process's one L{DirectSocket}, while the TLS
-   connection to the relay's terminal port comes up (in parallel, so it
-   costs no round trip); the Binding's round trip is the RTT to the
-   relay;
+   UDP port, from the process's L{DirectSocket} (one UDP socket per
+   address family: a Binding per family of the relay's UDP addresses),
+   while the TLS connection to the relay's terminal port comes up (in
+   parallel, so it costs no round trip); the Binding's round trip is the
+   RTT to the relay;
 2. sends ``CONNECT DEVICE[:SERVICE]`` as ever, with ``P2P-Direct:
-   IP:PORT`` (that mapping) when it has one;
-3. on the relay's 200, whose ``P2P-Direct: IP:PORT; secret=HEX`` gives the
-   device's mapping and a single-use secret, opens a QUIC connection to
-   the device from the same socket (its Initial also opens our NAT),
+   IP:PORT`` (the mapping of the family the TLS connection took) when it
+   has one;
+3. on the relay's 103 or 200, whose ``P2P-Direct: IP:PORT; secret=HEX``
+   gives the device's mapping and a single-use secret, opens a QUIC
+   connection to the device from the same socket (its Initial also opens
+   our NAT; its first flight is sent again a few times within about one
+   RTT, L{first_flight_schedule}, in case it came before the device's
+   punch),
    checks the device's certificate (the deployment's CA, ``device:ID``),
    and opens one stream that starts with the secret, followed in the same
    flight by what the caller's application wrote so far (an
@@ -50,7 +55,7 @@ from p2pnat.daemon.logs import Logger
 from p2pnat.net.streams import OneShotFactory
 from p2pnat.peer import endpoint as E
 from p2pnat.protocol import stun, wire
-from p2pnat.quic import Credentials, QuicSocket
+from p2pnat.quic import Credentials, QuicSocket, is_quic
 from p2pnat.quic import connection as _connection
 
 #: The relay's UDP (notify and STUN) port when none is given.
@@ -70,6 +75,16 @@ MAX_CONNECTIONS = 64
 REUSE_IDLE = 10.0
 #: Bytes of the application's a connect holds before the path is chosen (L{EarlyBytes}).
 EARLY_LIMIT = 65536
+#: When the first flight of a new QUIC connection to a device is sent again,
+#: in RTTs to the relay after it (L{first_flight_schedule}).
+FLIGHT_COPIES = (0.25, 0.5, 1.0)
+#: The shortest gap between two copies of the first flight, seconds.
+FLIGHT_GAP = 0.002
+#: Datagrams of a first flight that are copied at most (a ClientHello takes one).
+FLIGHT_DATAGRAMS = 2
+#: The bounds of a new QUIC connection's initial RTT, seconds (L{initial_rtt}):
+#: aioquic's default is the upper one.
+INITIAL_RTT = (0.025, 0.1)
 SERVICE = wire.DIRECT_SERVICE
 ACCEPTED = wire.DIRECT_ACCEPTED
 
@@ -77,6 +92,36 @@ ACCEPTED = wire.DIRECT_ACCEPTED
 def budget(rtt):
     """How long to wait for the direct stream after the 200: max(0.5 s, 4 × C{rtt})."""
     return max(MIN_BUDGET, BUDGET_RTTS * rtt) if rtt is not None else MIN_BUDGET
+
+
+def first_flight_schedule(rtt):
+    """
+    Seconds after a new QUIC connection's first flight at which it is sent
+    again (L{FLIGHT_COPIES} RTTs to the relay, at least L{FLIGHT_GAP}
+    apart; aioquic's initial RTT when none was measured).
+
+    Why: the terminal's first packet may reach the device's NAT just before
+    the device's punch (which left at about the same time, on the relay's
+    word) opened it, and QUIC would send it again only after its probe
+    timeout, twice the initial RTT.  The punch is late by at most about the
+    relay's one-way delay to the device, which the terminal's RTT to the
+    relay stands for.
+    """
+    rtt = INITIAL_RTT[1] if rtt is None else rtt
+    delays, last = [], 0.0
+    for factor in FLIGHT_COPIES:
+        last = max(factor * rtt, last + FLIGHT_GAP)
+        delays.append(last)
+    return tuple(delays)
+
+
+def initial_rtt(rtt):
+    """
+    A new QUIC connection's initial RTT (its first probe timeout is twice
+    that) from C{rtt}, the RTT measured to the relay: within L{INITIAL_RTT}.
+    """
+    low, high = INITIAL_RTT
+    return high if rtt is None else min(high, max(low, rtt))
 
 
 def request_header(addr):
@@ -203,38 +248,134 @@ class _TerminalConnection(_connection.PeerConnection):
         return complete and self.peer_identity is not None
 
 
+class _FirstFlight:
+    """
+    The first datagrams a new QUIC connection sends to C{addr}, sent again
+    as they are at C{schedule} (seconds after the connect) until the peer
+    answers (L{_TerminalQuicSocket.datagramReceived}): at most
+    L{FLIGHT_DATAGRAMS} datagrams, each copy no bigger than the flight.
+    """
+
+    def __init__(self, sock, addr, schedule):
+        self.sock = sock
+        self.addr = addr
+        self.datagrams = []
+        self.collecting = True
+        self.calls = [sock.clock.callLater(t, self._again) for t in schedule]
+
+    def sent(self, data):
+        if self.collecting and len(self.datagrams) < FLIGHT_DATAGRAMS:
+            self.datagrams.append(data)
+
+    def _again(self):
+        self.collecting = False  # what QUIC sends later is its own to repeat
+        for data in self.datagrams:
+            QuicSocket.write(self.sock, data, self.addr)
+        if not any(call.active() for call in self.calls):
+            self.stop()
+
+    def stop(self):
+        for call in self.calls:
+            if call.active():
+                call.cancel()
+        if self.sock._flights.get(self.addr) is self:
+            del self.sock._flights[self.addr]
+
+
 class _TerminalQuicSocket(QuicSocket):
-    """A L{QuicSocket} whose client connections are L{_TerminalConnection}s."""
+    """
+    A L{QuicSocket} whose client connections are L{_TerminalConnection}s,
+    with an initial RTT and copies of their first flight from the RTT
+    measured to the relay (L{connect}'s C{rtt}).
+    """
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._flights = {}  # peer address -> its connection's _FirstFlight
+        self._rtt = None
+
+    def connect(self, addr, peer, *, rtt=None, **options):
+        """
+        L{QuicSocket.connect}; C{rtt}, the RTT to the relay (seconds, or
+        None), sets the connection's initial RTT (L{initial_rtt}) and when
+        its first flight is sent again (L{first_flight_schedule}).
+        """
+        addr = tuple(addr)
+        self._rtt = rtt
+        try:
+            d = super().connect(addr, peer, **options)
+        finally:
+            self._rtt = None
+        old = self._flights.pop(addr, None)
+        if old is not None:
+            old.stop()
+        self._flights[addr] = _FirstFlight(self, addr, first_flight_schedule(rtt))
+        return d
 
     def _connection(self, *, is_client, expected, **kw):
         config = _connection.make_configuration(
             self.credentials, is_client=is_client, idle_timeout=self.idle_timeout,
             stream_window=self.stream_window)
         config.connection_id_length = 8
+        config.initial_rtt = initial_rtt(self._rtt)
         return _TerminalConnection(
             configuration=config, credentials=self.credentials, expected=expected,
             clock=self.clock, stream_window=self.stream_window, **kw)
 
+    def write(self, data, addr):
+        flight = self._flights.get(tuple(addr))
+        if flight is not None:
+            flight.sent(data)
+        super().write(data, addr)
+
+    def datagramReceived(self, data, addr):
+        flight = self._flights.get(tuple(addr[:2]))
+        if flight is not None and is_quic(data):
+            flight.stop()  # the device answered: QUIC's own recovery from here
+        super().datagramReceived(data, addr)
+
+    def stop_flights(self):
+        """Send no more copies (the socket is closing)."""
+        for flight in list(self._flights.values()):
+            flight.stop()
+
+
+class _Family:
+    """One address family's UDP socket of a L{DirectSocket}: its QUIC socket and port."""
+
+    def __init__(self, quic, interface):
+        self.quic = quic
+        self.interface = interface
+        self.port = None
+
+
+def family(host):
+    """6 for an IPv6 address (not an IPv4-mapped one), else 4."""
+    return 6 if ":" in host and not host.lower().startswith("::ffff:") else 4
+
 
 class DirectSocket:
     """
-    The terminal's UDP socket for direct sessions, one per process: STUN
-    Bindings to the relay (our mapping, the RTT) and the QUIC connections
-    to devices, all from the one port (so the mapping the relay saw is the
-    one the device punches to).  Started on first use; L{stop} closes it.
+    The terminal's UDP sockets for direct sessions, one per address family
+    and process: STUN Bindings to the relay (our mapping, the RTT) and the
+    QUIC connections to devices, all from the one port of the family (so
+    the mapping the relay saw is the one the device punches to).  Each is
+    opened on first use and closed once unused; L{stop} closes them.
 
     @param ca_certs: the deployment's CA certificates: a device's QUIC
         certificate must chain to one of them.
+    @param interface: the IPv4 socket's address; C{interface6} the IPv6 one's.
     """
 
     log = Logger(namespace="p2pnat.direct")
 
-    def __init__(self, reactor, ca_certs, interface="0.0.0.0"):
+    def __init__(self, reactor, ca_certs, interface="0.0.0.0", interface6="::"):
         self.reactor = reactor
-        self.interface = interface
-        self.quic = _TerminalQuicSocket(reactor, Credentials(None, None, tuple(ca_certs)),
-                               other=self._other, max_connections=MAX_CONNECTIONS)
-        self.port = None
+        credentials = Credentials(None, None, tuple(ca_certs))
+        self.families = {
+            fam: _Family(_TerminalQuicSocket(reactor, credentials, other=self._other,
+                                             max_connections=MAX_CONNECTIONS), where)
+            for fam, where in ((4, interface), (6, interface6))}
         self._bindings = {}  # transaction ID -> (Deferred, sent at)
         #: The devices the direct path failed to lately, and the relays'
         #: UDP addresses that did not answer STUN (L{History}).
@@ -242,49 +383,63 @@ class DirectSocket:
         self.users = 0
         self._parked = {}  # (device ID, address) -> (QuicEndpoint, its closing call)
 
-    def start(self):
-        if self.port is None:
-            self.port = self.reactor.listenUDP(0, self.quic, interface=self.interface)
-        return self.port
+    def start(self, fam=4):
+        """
+        The port of address family C{fam} (4 or 6), opened if need be.
+
+        @raise twisted.internet.error.CannotListenError: the host has no
+            such family (an IPv4-only host asked for IPv6, say).
+        """
+        found = self.families[fam]
+        if found.port is None:
+            found.port = self.reactor.listenUDP(0, found.quic, interface=found.interface)
+        return found.port
 
     def acquire(self):
-        """A connect attempt uses the socket (opened if need be) until L{release}."""
+        """A connect attempt uses the sockets until L{release}."""
         self.users += 1
-        self.start()
 
     def release(self):
         """
-        An attempt is done with the socket: closed once no attempt and no
-        QUIC connection uses it (a process that forwards nothing holds no
-        UDP port; the next attempt opens a new one and asks STUN again).
+        An attempt is done with the sockets: each is closed once no attempt
+        and no QUIC connection uses it (a process that forwards nothing
+        holds no UDP port; the next attempt opens a new one and asks STUN
+        again).
         """
         self.users = max(0, self.users - 1)
         self._maybe_close()
 
     def _maybe_close(self):
-        if self.users or self.quic.endpoints or self.port is None:
+        if self.users:
             return
-        port, self.port = self.port, None
-        port.stopListening()
+        for found in self.families.values():
+            if found.port is not None and not found.quic.endpoints:
+                found.quic.stop_flights()
+                port, found.port = found.port, None
+                port.stopListening()
 
     def stop(self):
         """
-        Close every QUIC connection, then the socket: a Deferred that fires
-        once their draining periods are over and the socket is closed.
+        Close every QUIC connection, then the sockets: a Deferred that fires
+        once their draining periods are over and the sockets are closed.
         """
-        closing = [e.closed for e in self.quic.endpoints]
+        closing = [e.closed for f in self.families.values() for e in f.quic.endpoints]
         for _, call in self._parked.values():
             if call.active():
                 call.cancel()
         self._parked.clear()
-        self.quic.close_all("terminal stopping")
+        for found in self.families.values():
+            found.quic.stop_flights()
+            found.quic.close_all("terminal stopping")
         for d, _ in list(self._bindings.values()):
             if not d.called:
                 d.cancel()
 
         def close(_):
-            port, self.port = self.port, None
-            return port.stopListening() if port is not None else None
+            for found in self.families.values():
+                port, found.port = found.port, None
+                if port is not None:
+                    port.stopListening()
 
         return gather(closing).addCallback(close)
 
@@ -295,17 +450,22 @@ class DirectSocket:
         at L{STUN_RESENDS}; it fails with L{defer.TimeoutError} after
         L{STUN_TIMEOUT}.
         """
-        self.start()
+        fam = family(relay_udp[0])
+        try:
+            self.start(fam)
+        except error.CannotListenError as e:
+            return defer.fail(e)
+        found = self.families[fam]
         tid, request = stun.binding_request()
         sent = [self.reactor.seconds()]
         calls = []
 
         def send():
-            if self.port is None:
+            if found.port is None:
                 return
             sent[0] = self.reactor.seconds()  # the RTT of the copy answered, roughly
             try:
-                self.port.write(request, relay_udp)
+                found.port.write(request, relay_udp)
             except (OSError, error.MessageLengthError) as e:
                 self.log.debug("STUN to {addr} not sent: {error}",
                                addr=wire.format_addr(relay_udp), error=e)
@@ -339,13 +499,19 @@ class DirectSocket:
         if not d.called:
             d.callback((result.mapped, self.reactor.seconds() - sent[0]))
 
-    def connect(self, addr, device_id, timeout):
+    def connect(self, addr, device_id, timeout, rtt=None):
         """
         QUIC to the device C{device_id} at C{addr}: a Deferred of the
         L{QuicEndpoint}, the one L{park}ed for them if there is one (no
-        handshake then: the stream's secret goes at once).
+        handshake then: the stream's secret goes at once).  C{rtt}, the RTT
+        measured to the relay, paces a new connection's first attempts
+        (L{_TerminalQuicSocket.connect}).
         """
-        self.start()
+        fam = family(addr[0])
+        try:
+            self.start(fam)
+        except error.CannotListenError as e:
+            return defer.fail(e)
         parked = self._parked.pop((device_id, tuple(addr)), None)
         if parked is not None:
             endpoint, call = parked
@@ -354,9 +520,10 @@ class DirectSocket:
             if not endpoint.closed.called and not endpoint.silent:
                 return defer.succeed(endpoint)
             endpoint.close("not reused")
-        before = self.quic.endpoints
-        d = self.quic.connect(addr, f"device:{device_id}", handshake_timeout=timeout)
-        for endpoint in self.quic.endpoints - before:
+        quic = self.families[fam].quic
+        before = quic.endpoints
+        d = quic.connect(addr, f"device:{device_id}", rtt=rtt, handshake_timeout=timeout)
+        for endpoint in quic.endpoints - before:
             endpoint.closed.addBoth(lambda _: self._maybe_close())
         return d
 
@@ -370,7 +537,8 @@ class DirectSocket:
         it.  At most one is kept per device and address.
         """
         key = (device_id, tuple(addr))
-        if key in self._parked or endpoint.closed.called or self.port is None:
+        if (key in self._parked or endpoint.closed.called
+                or self.families[family(addr[0])].port is None):
             endpoint.close("stream done")
             return
         call = self.reactor.callLater(REUSE_IDLE, self._unpark, key, endpoint)
@@ -398,11 +566,53 @@ class Direct:
         self.socket = socket
         self.relay_udp = relay_udp
 
-    def mapping(self, reactor):
+    def relay_addresses(self, reactor):
+        """
+        A Deferred of the relay's UDP addresses to ask STUN: C{(ip, port)}
+        pairs, at most one per address family, IPv6 first (a host name's
+        addresses as C{reactor}'s name resolver gives them; none when it
+        cannot be resolved).
+        """
         host, port = self.relay_udp
-        d = defer.maybeDeferred(reactor.resolve, host) if not _is_ip(host) \
-            else defer.succeed(host)
-        return d.addCallback(lambda ip: self.socket.mapping((ip, port)))
+        if _is_ip(host):
+            return defer.succeed([(host, port)])
+        resolver = getattr(reactor, "nameResolver", None)
+        if resolver is None:  # a reactor without IReactorPluggableNameResolver: IPv4 only
+            d = defer.maybeDeferred(reactor.resolve, host).addCallback(lambda ip: [ip])
+        else:
+            d = defer.Deferred()
+            found = []
+
+            @implementer(interfaces.IResolutionReceiver)
+            class Receiver:
+                def resolutionBegan(self, resolution):
+                    pass
+
+                def addressResolved(self, address):
+                    found.append(address.host)
+
+                def resolutionComplete(self):
+                    d.callback(found)
+
+            resolver.resolveHostName(Receiver(), host, port)
+        return d.addCallbacks(lambda ips: _one_per_family(ips, port), lambda f: [])
+
+
+def _one_per_family(ips, port):
+    """The first of C{ips} of each family, IPv6 first, as C{(ip, port)}."""
+    first = {}
+    for ip in ips:
+        first.setdefault(family(ip), ip)
+    return [(first[fam], port) for fam in (6, 4) if fam in first]
+
+
+def _peer_family(transport):
+    """The address family (4 or 6) of the relay connection C{transport}'s peer."""
+    try:
+        host = transport.getPeer().host
+    except AttributeError:
+        return 4
+    return family(host) if isinstance(host, str) else 4
 
 
 def _is_ip(host):
@@ -597,17 +807,20 @@ class _Attempt:
         self.result = result
         self.target = f"device {endpoint.target}"
         self.relay = None
-        self.mapped = None
-        self.rtt = None
         self.direct = endpoint.direct
-        if self.direct is not None:
-            history = self.direct.socket.history
-            if history.skip(endpoint.device) or history.skip(("stun", self.direct.relay_udp)):
-                self.direct = None  # it failed lately: the relayed path at once
-        self.mapping_done = self.direct is None
+        if self.direct is not None and self.direct.socket.history.skip(endpoint.device):
+            self.direct = None  # it failed lately: the relayed path at once
+        #: Address family -> the STUN Binding's answer: None while it is
+        #: asked, False when none came (one Binding per family of the relay's
+        #: UDP addresses; the one of the relay connection's family is used).
+        self.bindings = {}
+        self.binding_addrs = {}  # address family -> the relay's UDP address asked
+        self.resolving = self.direct is not None
+        self.requested = False  # the CONNECT went
+        self.family = None  # of the relay connection, once it is up
         self.started = self.clock.seconds()
         self.stun_wait = None
-        self.mapping = None  # the STUN Binding's Deferred
+        self.stun = []  # Deferreds: the name resolution, the Bindings
         self.offer = None
         self.probe = None
         self.quic = None
@@ -625,9 +838,49 @@ class _Attempt:
             socket = self.direct.socket
             socket.acquire()
             self.result.addBoth(self._done, socket)
-            d = self.mapping = self.direct.mapping(self.clock)
-            d.addCallbacks(self._mapped, self._unmapped)
+            d = self.direct.relay_addresses(self.clock)
+            self.stun.append(d)
+            d.addCallback(self._bind)
         return self.ep.relay.connect(OneShotFactory(_Handshake(self)))
+
+    def _bind(self, addrs):
+        """Ask STUN at each of the relay's UDP addresses C{addrs} that answered lately."""
+        if not self.resolving:
+            return  # given up waiting (relay_connected), or over
+        self.resolving = False
+        history = self.direct.socket.history
+        for addr in addrs:
+            if history.skip(("stun", addr)):
+                continue  # no answer lately: each wait costs a round trip
+            fam = family(addr[0])
+            self.bindings[fam] = None
+            self.binding_addrs[fam] = addr
+            d = self.direct.socket.mapping(addr)
+            self.stun.append(d)
+            d.addCallbacks(self._mapped, self._unmapped, callbackArgs=(fam, addr),
+                           errbackArgs=(fam, addr))
+        self._maybe_request()
+
+    @property
+    def mapping_done(self):
+        """Whether the CONNECT may go: no direct path, or the relay family's Binding is over."""
+        if self.direct is None:
+            return True
+        if self.resolving or self.family is None:
+            return False
+        return self.bindings.get(self.family, False) is not None
+
+    @property
+    def mapped(self):
+        """Our UDP mapping of the relay connection's family, or None."""
+        found = self.bindings.get(self.family) if self.direct is not None else None
+        return found[0] if found else None
+
+    @property
+    def rtt(self):
+        """The RTT to the relay its Binding measured, or None."""
+        found = self.bindings.get(self.family) if self.direct is not None else None
+        return found[1] if found else None
 
     def _done(self, result, socket):
         """The connect fired (or failed): no timer of ours outlives it."""
@@ -642,45 +895,59 @@ class _Attempt:
     def _stop_stun(self):
         if self.stun_wait is not None and self.stun_wait.active():
             self.stun_wait.cancel()
-        if self.mapping is not None:
-            # Also once "called": it may wait on the Binding's own Deferred,
-            # which cancel() then reaches.
-            self.mapping.cancel()
+        for d in self.stun:
+            d.cancel()  # a fired one ignores it
 
-    def _mapped(self, found):
-        if self.mapping_done:
+    def _mapped(self, found, fam, addr):
+        if self.bindings.get(fam) is not None:
             return  # given up waiting (relay_connected)
-        self.direct.socket.history.worked(("stun", self.direct.relay_udp))
-        self.mapped, self.rtt = found
-        self.mapping_done = True
+        self.direct.socket.history.worked(("stun", addr))
+        self.bindings[fam] = found
         self._maybe_request()
 
-    def _unmapped(self, failure=None):
-        if self.mapping_done:
+    def _unmapped(self, failure, fam, addr):
+        if self.bindings.get(fam) is not None:
+            return
+        if failure is not None and failure.check(defer.CancelledError):
+            self.bindings[fam] = False  # the attempt is over
             return
         why = "no STUN answer" if failure is None else failure.getErrorMessage()
-        self.log.info("{target}: no UDP mapping from the relay's {udp} ({why}); relayed",
-                      target=self.target, udp=wire.format_addr(self.direct.relay_udp),
+        self.log.info("{target}: no UDP mapping from the relay's {udp} ({why})",
+                      target=self.target, udp=wire.format_addr(addr),
                       why=why or "no STUN answer")
         # Asked again only after a while (History): each wait costs a round trip.
-        self.direct.socket.history.failed(("stun", self.direct.relay_udp))
-        self.mapping_done = True
-        self._stop_stun()
+        self.direct.socket.history.failed(("stun", addr))
+        self.bindings[fam] = False
+        self._maybe_request()
+
+    def _give_up_stun(self):
+        """The relay connection's Binding is late: the CONNECT goes without it."""
+        self.stun_wait = None
+        if self.resolving:
+            self.resolving = False
+            self.log.info("{target}: the relay's UDP address is not resolved yet; relayed",
+                          target=self.target)
+        elif self.family in self.bindings and self.bindings[self.family] is None:
+            return self._unmapped(None, self.family, self.binding_addrs[self.family])
         self._maybe_request()
 
     def relay_connected(self, handshake):
         self.mark("relay")
         self.relay = handshake
+        self.family = _peer_family(handshake.transport)
         if not self.mapping_done:
             # The STUN answer normally comes well before the TLS handshake is
             # over (one round trip against two): wait about one more.
             grace = min(STUN_TIMEOUT, max(0.05, (self.clock.seconds() - self.started) / 2))
-            self.stun_wait = self.clock.callLater(grace, self._unmapped)
+            self.stun_wait = self.clock.callLater(grace, self._give_up_stun)
         self._maybe_request()
 
     def _maybe_request(self):
-        if self.relay is None or not self.mapping_done or self.result.called:
+        if (self.relay is None or not self.mapping_done or self.result.called
+                or self.requested):
             return
+        self.requested = True
+        self.resolving = False
         self._stop_stun()
         self.mark("connect")
         extra = [request_header(self.mapped)] if self.mapped is not None else []
@@ -696,7 +963,7 @@ class _Attempt:
         self.mark("offer")
         self.offer = offer
         wait = budget(self.rtt)
-        d = self.direct.socket.connect(offer[0], self.ep.device, max(wait, 1.0) * 4)
+        d = self.direct.socket.connect(offer[0], self.ep.device, max(wait, 1.0) * 4, self.rtt)
         d.addCallbacks(self._quic_up, lambda f: self.direct_failed(
             f"QUIC: {f.getErrorMessage()}"))
 

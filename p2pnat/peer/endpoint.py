@@ -202,9 +202,10 @@ def _direct(reactor, kw, relay_host):
             raise ValueError("p2pnat: relay_udp= needs ca= (the deployment's CA checks the"
                              " device's certificate on the direct path)")
         return None
-    udp = kw.get("relay_udp") or f"{relay_host}:{D.DEFAULT_UDP_PORT}"
+    udp = kw.get("relay_udp")
     try:
-        relay_udp = C.parse_hostport(udp)
+        # Not "host:7478" parsed: an IPv6 relay's would be ambiguous.
+        relay_udp = C.parse_hostport(udp) if udp else (relay_host, D.DEFAULT_UDP_PORT)
     except ValueError as e:
         raise ValueError(f"p2pnat: relay_udp={udp}: {e}")
     try:

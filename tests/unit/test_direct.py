@@ -7,6 +7,7 @@ answers), and the terminal's reading of the offer.
 """
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pnat.agent import direct as A
@@ -336,10 +337,6 @@ class _Endpoint:
             self.closed.callback(None)
 
 
-class _Quic:
-    endpoints = frozenset()
-
-
 class EarlyAndReuseTests(SynchronousTestCase):
     def test_early_bytes_bounded_and_passed_on(self):
         early = D.EarlyBytes(limit=4)
@@ -351,9 +348,9 @@ class EarlyAndReuseTests(SynchronousTestCase):
 
     def socket(self):
         clock = Clock()
-        sock = D.DirectSocket.__new__(D.DirectSocket)
-        sock.reactor, sock.port, sock.users, sock._parked = clock, object(), 1, {}
-        sock.quic = _Quic()
+        sock = D.DirectSocket(clock, ())
+        sock.families[4].port = object()
+        sock.users = 1
         return clock, sock
 
     def test_parked_connection_reused_once_then_closed(self):
@@ -377,3 +374,231 @@ class EarlyAndReuseTests(SynchronousTestCase):
         first.close("by the device")  # closed meanwhile: forgotten
         self.assertEqual(sock._parked, {})
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class _Port:
+    """A UDP port stand-in: what was written, and when."""
+
+    def __init__(self, reactor, proto, interface):
+        self.reactor = reactor
+        self.interface = interface
+        self.sent = []  # (seconds, data, addr)
+        self.open = True
+        proto.makeConnection(self)
+
+    def write(self, data, addr):
+        self.sent.append((self.reactor.seconds(), data, addr))
+
+    def getHost(self):
+        from twisted.internet.address import IPv4Address
+
+        return IPv4Address("UDP", self.interface, 4000)
+
+    def stopListening(self):
+        self.open = False
+
+
+class _UdpClock(Clock):
+    """A L{Clock} with L{_Port}s for C{listenUDP}, and a name resolver that knows one name."""
+
+    def __init__(self, names=None):
+        super().__init__()
+        self.ports = []
+        self.names = names or {}
+        self.nameResolver = self
+
+    def listenUDP(self, port, proto, interface=""):
+        self.ports.append(_Port(self, proto, interface))
+        return self.ports[-1]
+
+    def resolveHostName(self, receiver, host, port=0):
+        from twisted.internet.address import IPv4Address, IPv6Address
+
+        receiver.resolutionBegan(None)
+        for ip in self.names.get(host, ()):
+            receiver.addressResolved((IPv6Address if ":" in ip else IPv4Address)("UDP", ip, port))
+        receiver.resolutionComplete()
+
+
+def _stun_answer(request, mapped):
+    """The relay's STUN answer to C{request}: we are at C{mapped}."""
+    from p2pnat.protocol import stun
+
+    return stun.answer_binding(request, mapped)
+
+
+class FirstFlightTests(SynchronousTestCase):
+    """
+    A new QUIC connection to a device sends its first flight again, as it
+    is, a few times within about one RTT to the relay, until the device
+    answers; its initial RTT (hence its first probe timeout) comes from
+    that RTT too.
+    """
+
+    def setUp(self):
+        from tests.support.quic import Deployment
+
+        self.clock = _UdpClock()
+        self.sock = D.DirectSocket(self.clock, (Deployment().ca_cert,))
+        self.addCleanup(self.sock.stop)
+
+    def connect(self, addr=("198.51.100.9", 4), rtt=0.02):
+        self.sock.acquire()
+        self.sock.connect(addr, "cam", 5.0, rtt).addErrback(lambda f: None)
+        self.clock.advance(0)
+        return self.clock.ports[-1]
+
+    def test_schedule(self):
+        self.assertEqual(D.first_flight_schedule(0.02), (0.005, 0.01, 0.02))
+        self.assertEqual(D.first_flight_schedule(0.001), (0.002, 0.004, 0.006))
+        self.assertEqual(D.first_flight_schedule(None), (0.025, 0.05, 0.1))
+        self.assertEqual([D.initial_rtt(r) for r in (None, 0.001, 0.05, 1.0)],
+                         [0.1, 0.025, 0.05, 0.1])
+
+    def test_copies_until_the_device_answers(self):
+        port = self.connect()
+        [(t, first, addr)] = port.sent
+        self.assertEqual((t, addr, len(first)), (0, ("198.51.100.9", 4), 1200))
+        self.clock.pump([0.005, 0.005, 0.01])
+        self.assertEqual(port.sent[1:], [(0.005, first, addr), (0.01, first, addr),
+                                         (0.02, first, addr)])
+        # Then QUIC's own probe, at twice the initial RTT (the floor, 25 ms):
+        # a new packet, not a copy.
+        [conn] = [e.connection for e in self.sock.families[4].quic.endpoints]
+        self.assertEqual(conn._configuration.initial_rtt, D.INITIAL_RTT[0])
+        self.clock.advance(0.1)
+        self.assertNotIn(first, [data for _, data, _ in port.sent[4:]])
+
+    def test_an_answer_stops_the_copies(self):
+        port = self.connect(rtt=0.04)
+        self.clock.advance(0.01)
+        self.assertEqual(len(port.sent), 2)
+        # Anything QUIC from the device (this one is no packet it can read).
+        self.sock.families[4].quic.datagramReceived(bytes([0xC0]) + bytes(1199), ("198.51.100.9", 4))
+        self.clock.advance(0.03)
+        self.assertEqual(len(port.sent), 2)
+
+    def test_device_drops_exact_copies_quietly(self):
+        copies = A.Copies(limit=2)
+        initial, short = bytes([0xC0]) + bytes(1199), bytes([0x40]) + bytes(50)
+        self.assertFalse(copies.repeated(initial, ("198.51.100.9", 4)))
+        self.assertTrue(copies.repeated(initial, ("198.51.100.9", 4)))
+        self.assertFalse(copies.repeated(initial, ("198.51.100.9", 5)))  # another sender
+        self.assertFalse(copies.repeated(short, ("198.51.100.9", 4)))  # QUIC's own business
+        self.assertFalse(copies.repeated(short, ("198.51.100.9", 4)))
+        self.assertFalse(copies.repeated(bytes([0xC1]) + bytes(1199), ("198.51.100.9", 4)))
+        self.assertFalse(copies.repeated(initial, ("198.51.100.9", 4)))  # forgotten: limit 2
+
+
+class FamilyTests(SynchronousTestCase):
+    """
+    The terminal's direct sockets are one per address family: STUN and QUIC
+    to an IPv6 address go from an IPv6 socket; the CONNECT asks for a
+    direct session with the mapping of the relay connection's family.
+    """
+
+    def test_a_socket_per_family(self):
+        clock = _UdpClock()
+        sock = D.DirectSocket(clock, ())
+        sock.acquire()
+        sock.mapping(("2001:db8::1", 7478)).addErrback(lambda f: None)
+        sock.mapping(("192.0.2.1", 7478)).addErrback(lambda f: None)
+        six, four = clock.ports
+        self.assertEqual((six.interface, four.interface), ("::", "0.0.0.0"))
+        self.assertEqual([a for _, _, a in six.sent], [("2001:db8::1", 7478)])
+        self.assertEqual([a for _, _, a in four.sent], [("192.0.2.1", 7478)])
+        sock.release()  # unused: both closed
+        self.assertEqual((six.open, four.open), (False, False))
+        clock.advance(D.STUN_TIMEOUT)
+
+    def test_relay_addresses_one_per_family(self):
+        clock = _UdpClock({"relay.test": ["192.0.2.1", "2001:db8::1", "2001:db8::2",
+                                          "192.0.2.2"]})
+        found = []
+        D.Direct(None, ("relay.test", 7478)).relay_addresses(clock).addCallback(found.append)
+        D.Direct(None, ("192.0.2.7", 7478)).relay_addresses(clock).addCallback(found.append)
+        D.Direct(None, ("nowhere.test", 7478)).relay_addresses(clock).addCallback(found.append)
+        self.assertEqual(found, [[("2001:db8::1", 7478), ("192.0.2.1", 7478)],
+                                 [("192.0.2.7", 7478)], []])
+
+    def request_over(self, peer_ip, names):
+        """
+        One direct-first connect over a relay connection from C{peer_ip}, the
+        relay's UDP name resolving to C{names}, every STUN Binding answered:
+        the CONNECT request it sends.
+        """
+        from twisted.internet import protocol
+        from twisted.internet.address import IPv4Address, IPv6Address
+        from twisted.internet.testing import StringTransport
+
+        clock = _UdpClock({"relay.test": names})
+        sock = D.DirectSocket(clock, ())
+        peer = (IPv6Address if ":" in peer_ip else IPv4Address)("TCP", peer_ip, 443)
+        transport = StringTransport(peerAddress=peer)
+
+        class Relay:
+            def connect(self, factory):
+                proto = factory.buildProtocol(peer)
+                proto.makeConnection(transport)
+                return protocol.defer.succeed(proto)
+
+        ep = D.DirectFirstEndpoint(clock, Relay(), "cam", direct=D.Direct(
+            sock, ("relay.test", 7478)))
+        ep.connect(protocol.Factory.forProtocol(protocol.Protocol)).addErrback(lambda f: None)
+        for port in clock.ports:
+            for _, data, addr in port.sent:
+                mapped = ("2001:db8:9::9" if ":" in addr[0] else "203.0.113.9", 40000)
+                quic = sock.families[6 if port.interface == "::" else 4].quic
+                quic.datagramReceived(_stun_answer(data, mapped), addr)
+        clock.advance(1.0)
+        self.addCleanup(clock.advance, 60)
+        return transport.value()
+
+    def test_request_in_the_relay_connections_family(self):
+        both = ["192.0.2.1", "2001:db8::1"]
+        self.assertIn(b"P2P-Direct: [2001:db8:9::9]:40000\r\n",
+                      self.request_over("2001:db8::77", both))
+        self.assertIn(b"P2P-Direct: 203.0.113.9:40000\r\n",
+                      self.request_over("192.0.2.77", both))
+        self.assertIn(b"P2P-Direct: 203.0.113.9:40000\r\n",
+                      self.request_over("::ffff:192.0.2.77", both))
+
+    def test_no_address_of_that_family_relayed_as_before(self):
+        request = self.request_over("2001:db8::77", ["192.0.2.1"])
+        self.assertIn(b"CONNECT cam HTTP/1.1", request)
+        self.assertNotIn(b"P2P-Direct", request)
+
+
+class RelayUdpDefaultTests(SynchronousTestCase):
+    """
+    Without a relay UDP address given, the direct path asks the relay's
+    host on port 7478, an IPv6 one included (whose ``host:7478`` text
+    would be ambiguous).
+    """
+
+    def setUp(self):
+        from p2pnat.deployment import pki
+        from tests.support.quic import Deployment
+
+        self.ca = self.mktemp()
+        with open(self.ca, "wb") as f:
+            f.write(pki.cert_pem(Deployment().ca_cert))
+
+    def test_forward(self):
+        import argparse
+
+        from p2pnat.cli.forward import direct_of
+
+        for host in ("2001:db8::1", "192.0.2.1", "relay.test"):
+            args = argparse.Namespace(device_ca=None, ca=self.ca, no_direct=False,
+                                      relay_udp=None)
+            self.assertEqual(direct_of(MemoryReactorClock(), args, host).relay_udp, (host, 7478))
+        args.relay_udp = "[2001:db8::2]:9"
+        self.assertEqual(direct_of(MemoryReactorClock(), args, "relay.test").relay_udp, ("2001:db8::2", 9))
+
+    def test_endpoint(self):
+        from twisted.internet.endpoints import clientFromString
+
+        ep = clientFromString(MemoryReactorClock(), f"p2pnat:device=cam:relay=[2001\\:db8\\:\\:1]\\:8443"
+                                       f":ca={self.ca}")
+        self.assertEqual(ep.direct.relay_udp, ("2001:db8::1", 7478))
