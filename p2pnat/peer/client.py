@@ -362,12 +362,22 @@ class LobbyClient:
 
     def _login(self):
         """
-        One login attempt (retried with backoff until a L{M.Welcome}): a
-        clock probe first, a L{wire.Ping}; its L{wire.Pong} tells the
-        lobby's clock, and only then goes the L{M.Login}, an ordinary fresh
-        frame that the lobby checks against replays.
+        One login attempt (retried with backoff until a L{M.Welcome}).
+
+        An optimistic L{M.Login} goes first, stamped on our best guess of
+        the lobby's clock (ours, or the offset learnt before), and a clock
+        probe, a L{wire.Ping}, right behind it.  The lobby checks the Login
+        against replays like any ordinary frame: when the guess is within
+        its window, its Welcome (answered before the Pong) logs us in after
+        one round trip.  When the lobby dropped it (stale, or below a mark
+        an earlier stamp of ours left), the Pong tells the lobby's clock
+        and a Login stamped on it follows, as without the first one.  A
+        guessed stamp the lobby may have accepted is never undercut by the
+        later ones (L{wire.Stamper.sync}).
         """
         self._login_call = None
+        if self.proto is not None and self.proto.transport is not None:
+            self._send_login()
         stamp = self.stamper.probe()
         self._remember(self._pings, stamp)
         if not self._send_lobby(self.proto, wire.Ping(), stamp):
@@ -384,6 +394,11 @@ class LobbyClient:
         return min(self._login_tried, self._login_tried / self.LOGIN_RETRY * self.rtt.scaled(
             2, self.LOGIN_FLOOR, self.LOGIN_RETRY))
 
+    def _send_login(self):
+        stamp = self.stamper()
+        self._remember(self._login_sent, stamp)
+        self._send_lobby(self.proto, M.Login(self._local(self.proto), self.nat), stamp)
+
     def _remember(self, sent, stamp):
         """Note when the request stamped C{stamp} left: its answer must echo it."""
         sent[stamp] = self.clock.seconds()
@@ -398,10 +413,8 @@ class LobbyClient:
         self.rtt.since(sent)  # each Ping has its own stamp: no ambiguity (Karn)
         self.stamper.sync(sent, self.clock.seconds(), m.server_time)
         if self._login_call is None:
-            return  # logged in already: a late answer
-        stamp = self.stamper()
-        self._remember(self._login_sent, stamp)
-        self._send_lobby(self.proto, M.Login(self._local(self.proto), self.nat), stamp)
+            return  # logged in already (the optimistic Login's Welcome came first)
+        self._send_login()
         if self._login_call.active():
             # The attempt's timer was set before this round trip measured the RTT.
             left = self._login_call.getTime() - self.clock.seconds()
