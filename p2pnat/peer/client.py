@@ -106,6 +106,11 @@ class LobbyClient:
     LOGIN_RETRY = 0.5
     LOGIN_FLOOR = 0.1
 
+    #: Seconds after the login before the port mapping attempt starts
+    #: behind a NAT that does not need one (L{start}): a connect made at
+    #: once (a few round trips) runs first.
+    MAPPING_DELAY = 1.0
+
     log = Logger(namespace="p2pnat.client")
 
     #: Introductions remembered, to answer the lobby's retransmitted Invite
@@ -160,6 +165,7 @@ class LobbyClient:
         self._pings = {}  # clock probe stamp -> local send time
         self._login_sent = {}  # Login or Keepalive stamp -> local send time
         self._login_call = None
+        self._mapping_call = None
         self._login_retry = self._login_tried = self.LOGIN_RETRY
         self._welcomed = None  # when the lobby last welcomed us
         self._keepalive_loop = None
@@ -220,10 +226,11 @@ class LobbyClient:
 
         With L{discovery}, the attempt waits for the NAT: one that needs it
         starts it as soon as discovery answers (about one round trip);
-        otherwise it starts once logged in, after whatever the login's
-        callbacks do (a connect request goes first).  Either way the port
-        mapping machinery (its import, its sockets) does not hold up the
-        login's round trips.
+        otherwise it starts L{MAPPING_DELAY} seconds after the login (the
+        same for a NAT given that does not need it).  Either way the port
+        mapping machinery (its import: 20 to 50 ms of CPU, its sockets)
+        does not hold up the login's round trips, nor a connect made right
+        after the login (its introduction, punch and QUIC handshake).
         """
         self.proto = self._listen(self)
         ready = [self._logged_in]
@@ -242,22 +249,27 @@ class LobbyClient:
 
         done = defer.gatherResults(ready, consumeErrors=True).addCallback(mapped).addCallback(
             lambda _: self)
-        if found is None:
-            self._open_mapped().chainDeferred(mapping)  # a NAT given: no reason to wait
-        else:
-            def ask(result=None):
+
+        def ask(result=None):
+            self._mapping_call = None
+            if self.proto is not None and self.proto.transport is not None:
                 self._open_mapped().chainDeferred(mapping)
-                return result
+            return result
 
-            def decide(result):
-                # Registered after the gathering above: the login's own
-                # callbacks (the caller's connect request) run first.
-                if self._needs_mapping():
-                    ask()
-                else:
-                    self._logged_in.addCallback(ask)
-                return result
+        def later(result):
+            self._mapping_call = self.clock.callLater(self.MAPPING_DELAY, ask)
+            return result
 
+        def decide(result=None):
+            if self._needs_mapping():
+                ask()
+            else:
+                self._logged_in.addCallback(later)
+            return result
+
+        if found is None:
+            decide()  # a NAT given
+        else:
             found.addCallback(decide)
         return done
 
@@ -430,7 +442,7 @@ class LobbyClient:
         if self.proto is not None and self.proto.transport is not None:
             self._send_lobby(self.proto, M.Logout())
             self.proto.transport.stopListening()
-        for call in (self._login_call,):
+        for call in (self._login_call, self._mapping_call):
             if call is not None and call.active():
                 call.cancel()
         if self._keepalive_loop is not None and self._keepalive_loop.running:

@@ -626,21 +626,39 @@ class RttTimerTests(SynchronousTestCase):
         """
         In a fresh process (the cache has no NAT yet), start() asks for no
         port mapping before discovery answers: its import and requests
-        would delay the lobby's Pong and so the login.  Behind a cone NAT
-        it is asked once logged in; behind a NAT with random ports (which
-        needs it) as soon as discovery says so, and the login waits for it.
+        would delay the lobby's answers and so the login.  Behind a cone NAT
+        it is asked MAPPING_DELAY after the login (a connect made at once
+        goes first); behind a NAT with random ports (which needs it) as
+        soon as discovery says so, and the login waits for it.
         """
         for nat in (CONE, RANDOM):
             asked = []
             w, _, alice = self._cached_client(nat, asked)
+            t0 = w.clock.seconds()
             d = alice.start()
             self.assertEqual(asked, [], nat)
             w.advance(0.03)
-            self.assertEqual(len(asked), 1, nat)
-            self.assertGreater(asked[0], w.clock.seconds() - 0.03, nat)
             self.successResultOf(d)
+            if nat is CONE:
+                self.assertEqual(asked, [])
+                w.advance(alice.MAPPING_DELAY)
+                self.assertEqual(len(asked), 1)
+                self.assertLess(abs(asked[0] - t0 - alice.MAPPING_DELAY - 0.01), 0.01)
+            else:
+                self.assertEqual(len(asked), 1, nat)
+                self.assertGreater(asked[0], w.clock.seconds() - 0.03, nat)
             alice.stop()
             w.advance(3)
+
+    def test_no_port_mapping_after_stop(self):
+        """A client stopped before MAPPING_DELAY asks for no mapping."""
+        asked = []
+        w, _, alice = self._cached_client(CONE, asked)
+        alice.start()
+        w.advance(0.03)
+        alice.stop()
+        w.advance(3)
+        self.assertEqual(asked, [])
 
     def test_discovery_alongside_the_login(self):
         """
@@ -656,7 +674,7 @@ class RttTimerTests(SynchronousTestCase):
         w.advance(0.03)
         self.assertIs(self.successResultOf(d), alice)
         self.assertEqual((alice.nat.mapping, alice.nat.allocation), (EI, "preserving"))
-        self.assertEqual(len(asked), 1)  # asked once logged in, not waited for
+        self.assertEqual(len(asked), 0)  # asked after the login, not waited for
         w.advance(0.3)
         self.assertEqual(alice.nat.filtering, APD)  # the run's end told the rest
         self.assertEqual(cache.runs, 1)
@@ -664,6 +682,7 @@ class RttTimerTests(SynchronousTestCase):
         nat.forget()  # the NAT reboots: a new mapping, the same behaviour
         w.advance(21)
         self.assertEqual(cache.runs, 1)  # a new port alone is no reason to measure again
+        self.assertEqual(len(asked), 1)
         nat.ip = "203.0.113.7"  # another network: another public IP
         nat.forget()
         w.advance(21)
