@@ -35,6 +35,18 @@ from p2pnat.protocol import wire
 from p2pnat.protocol.strategy import actions_for, relay_first, with_candidates
 
 
+def needs_mapping(nat):
+    """
+    Whether only a port mapping makes a direct path likely behind C{nat}
+    (an L{M.NatInfo}): a new port per destination that cannot be predicted
+    (random allocation), or a NAT not known.  Mirrors the planner's "hard"
+    side.
+    """
+    if nat.mapping in ("none", "endpoint-independent"):
+        return False
+    return not (nat.allocation == "preserving" or (nat.allocation == "sequential" and nat.step))
+
+
 class Refused(Exception):
     """The lobby or the peer refused the connection."""
 
@@ -86,6 +98,13 @@ class LobbyClient:
         this lobby and interface if NAT discovery ran from one
         (L{p2pnat.peer.discovery.nat_cache}) and C{nat} is what it found
         (or not given); else C{nat} stays as given.
+    @param nat_hint: the L{M.NatInfo} an earlier process measured (or
+        None): a connect request made before this process's discovery
+        answered carries it instead of waiting for it, and is made again
+        if discovery finds a NAT that plans otherwise (L{connect}).
+    @param lobby_candidates: whether an earlier process learnt that the
+        lobby passes candidates on (what the lobby's Welcome says, once it
+        comes).
     @ivar rtt: the round trip to the lobby (L{p2pnat.peer.rtt.RttEstimator},
         the cache's when there is one), measured on the login's and the
         keepalives' exchanges; login and connect requests are retransmitted
@@ -123,7 +142,7 @@ class LobbyClient:
     def __init__(self, client_id, key, lobby, reactor, *, interface=None, nat=None,
                  accept=None, on_path=None, punch_deadline=None, connect_timeout=12.0,
                  upgrade_interval=20.0, low_ttl=0, ipv6=None, portmap=None,
-                 mapping_lifetime=None, discovery=None):
+                 mapping_lifetime=None, discovery=None, nat_hint=None, lobby_candidates=False):
         self.id = client_id
         self.key = key
         self.lobby = lobby
@@ -181,8 +200,15 @@ class LobbyClient:
         #: (``"ipv6"``, ``"mapped"``), once open.
         self.shared = {}
         self.mapper = None
-        #: The lobby passes candidates on (it said so in its Welcome).
-        self.lobby_candidates = False
+        #: The lobby passes candidates on (it said so in its Welcome; until
+        #: then, what an earlier process learnt, if given).
+        self.lobby_candidates = bool(lobby_candidates)
+        #: The NAT an earlier process measured (L{p2pnat.peer.discovery.NatStore}):
+        #: what a connect request made before discovery answers carries.
+        self.nat_hint = nat_hint if nat_hint is not None and nat_hint.mapping != "unknown" \
+            else None
+        self._attempts = set()  # connect attempts under way
+        self._optimistic = None  # the stamp of the latest optimistic Login
 
     # -- sockets --------------------------------------------------------------------
 
@@ -279,17 +305,24 @@ class LobbyClient:
                           mapping=nat.mapping, filtering=nat.filtering,
                           allocation=nat.allocation)
             self.nat = nat
+            for attempt in list(self._attempts):
+                attempt.nat_known(nat)
+
+    def nat_for_request(self):
+        """
+        The NAT a connect request carries now: the measured one, else the
+        hint an earlier process left (L{nat_hint}), else None while
+        discovery may still tell it (the request waits).
+        """
+        if self.nat.mapping != "unknown":
+            return self.nat
+        if self.nat_hint is not None:
+            return self.nat_hint
+        return None if self.discovery is not None else self.nat
 
     def _needs_mapping(self):
-        """
-        Whether only a port mapping makes a direct path likely: a new port
-        per destination that cannot be predicted (random allocation), or a
-        NAT not known.  Mirrors the planner's "hard" side.
-        """
-        n = self.nat
-        if n.mapping in ("none", "endpoint-independent"):
-            return False
-        return not (n.allocation == "preserving" or (n.allocation == "sequential" and n.step))
+        """Whether our NAT is one behind which only a port mapping makes a direct path likely."""
+        return needs_mapping(self.nat)
 
     def _open_ipv6(self):
         if not self.ipv6:
@@ -389,7 +422,7 @@ class LobbyClient:
         """
         self._login_call = None
         if self.proto is not None and self.proto.transport is not None:
-            self._send_login()
+            self._optimistic = self._send_login()
         stamp = self.stamper.probe()
         self._remember(self._pings, stamp)
         if not self._send_lobby(self.proto, wire.Ping(), stamp):
@@ -410,6 +443,7 @@ class LobbyClient:
         stamp = self.stamper()
         self._remember(self._login_sent, stamp)
         self._send_lobby(self.proto, M.Login(self._local(self.proto), self.nat), stamp)
+        return stamp
 
     def _remember(self, sent, stamp):
         """Note when the request stamped C{stamp} left: its answer must echo it."""
@@ -519,6 +553,7 @@ class LobbyClient:
             return  # not the answer to a request of ours still outstanding
         self._welcomed = self.clock.seconds()
         self.rtt.since(sent)
+        first = not self._logged_in.called
         self.lobby_candidates = bool(flags & M.FLAG_CANDIDATES)
         self.stamper.sync(sent, self.clock.seconds(), m.server_time)
         if self.public is not None and self.public[0] != m.observed[0] and \
@@ -547,6 +582,9 @@ class LobbyClient:
             self._keepalive_loop.start(self.keepalive, now=False)
         if not self._logged_in.called:
             self._logged_in.callback(self)
+        if first:
+            for attempt in list(self._attempts):
+                attempt.logged_in(optimistic=m.echo == self._optimistic)
 
     def _mapping_dropped(self, interval):
         """
@@ -574,6 +612,13 @@ class LobbyClient:
         """
         Open a path to C{peer}.  Fires with a L{Path} (``direct`` or
         ``relayed``); fails with L{Refused}.
+
+        It may be called right after L{start}, before the login is done:
+        the connect request then goes right behind the Login (the lobby
+        takes them in order), as soon as the NAT is known or hinted
+        (L{nat_for_request}).  If the lobby had not taken the Login (lost,
+        overtaken, or dropped as stale), the request is made again once
+        logged in.
         """
         attempt = _Attempt(self, peer, timeout or self.connect_timeout)
         return attempt.start()
@@ -683,7 +728,10 @@ class _Side:
         the lobby's C{flags} say it reads them.
         """
         c = self.client
-        actions, plan, deadline = actions_for(role, c.nat, intro.nat, intro.observed,
+        # The NAT our request or answer told the peer (a hint, when the
+        # request went before discovery answered): both sides plan alike.
+        our_nat = getattr(self, "sent_nat", None) or c.nat
+        actions, plan, deadline = actions_for(role, our_nat, intro.nat, intro.observed,
                                               intro.local, c.public, c.low_ttl)
         theirs = [a for a in intro.candidates if M.valid_candidate(a)][:M.MAX_CANDIDATES]
         mine = offered if flags & M.FLAG_CANDIDATES else ()
@@ -887,9 +935,17 @@ class _Attempt(_Side):
         self.fresh = None
         self.request_id = None
         self.offered = ()
+        #: The NAT the latest request carried (None: not sent yet).
+        self.sent_nat = None
+        self._nat_wait = None
+        self._nat_runs = 0
+        self._fallback_nat = None
+        self._await_login = False  # refused as not logged in: again once we are
+        self._refused_login = False
 
     def start(self):
         c = self.client
+        c._attempts.add(self)
         self.started = c.clock.seconds()
         self._deadline = c.clock.callLater(self.timeout, self._expired)
         self._round()
@@ -904,6 +960,7 @@ class _Attempt(_Side):
         self.request_id = c.new_request_id()
         self.fresh = c._listen(c)
         self._tries = 0
+        self.sent_nat = None
         self.offered = c._offered()
         c._register(self.request_id, self)
         self._request()
@@ -912,13 +969,78 @@ class _Attempt(_Side):
         self._call = None
         if self.fresh.transport is None:
             return
-        self._tries += 1
         c = self.client
+        nat = c.nat_for_request() or self._fallback_nat
+        if nat is None:
+            return self._wait_for_nat()
+        self.sent_nat = nat
+        self._tries += 1
         c._send_lobby(self.fresh, M.ConnectRequest(self.request_id, self.peer,
-                                                   c._local(self.fresh), c.nat,
+                                                   c._local(self.fresh), nat,
                                                    candidates=self.offered))
         self._call = c.clock.callLater(min(0.5 * self._tries, 2.0, self._tries * c.rtt.scaled(
             self.REQUEST_RTOS, self.REQUEST_FLOOR, 0.5)), self._request)
+
+    def _wait_for_nat(self):
+        """
+        Neither measured nor hinted: the request waits for discovery, and
+        for a second run if the first got no answer (the lobby was not up
+        yet, say); then it goes with what is known.
+        """
+        if self._nat_wait is not None:
+            return
+        c = self.client
+        self._nat_runs += 1
+        self._nat_wait = c.discovery.get()
+
+        def known(nat):
+            self._nat_wait = None
+            if self.result.called or self.sent_nat is not None:
+                return
+            if c.nat.mapping == "unknown":
+                if self._nat_runs < 2:
+                    return self._wait_for_nat()
+                self._fallback_nat = c.nat
+            self._request()
+
+        self._nat_wait.addCallback(known)
+
+    def nat_known(self, nat):
+        """
+        Discovery told the NAT: a request made on a hint that plans
+        otherwise (another mapping, allocation, step or filtering) is made
+        again, in a new round from a new fresh socket.
+        """
+        sent = self.sent_nat
+        if sent is None or self.session is not None or self.result.called:
+            return
+        same = (sent.mapping, sent.allocation, sent.step) == (nat.mapping, nat.allocation,
+                                                              nat.step)
+        if same and nat.filtering in ("unknown", sent.filtering):
+            return
+        self.log.info("the NAT hint was wrong ({hint}, measured {nat}): asking for {peer}"
+                      " again", hint=sent, nat=nat, peer=self.peer)
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        if self.fresh.transport is not None:
+            self.fresh.transport.stopListening()
+        self._round()
+
+    def logged_in(self, optimistic):
+        """
+        The lobby welcomed our first Login.  A request sent before it goes
+        again at once when the lobby refused it as not logged in, or when
+        the Login welcomed is not the optimistic one that went before it
+        (the request, on the same guessed clock, was dropped with it).
+        """
+        if self.session is not None or self.result.called or self.sent_nat is None:
+            return
+        if not (self._await_login or not optimistic):
+            return
+        self._await_login = False
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._request()
 
     def lobby_answer(self, m, proto, flags=0):
         if self.session is not None or self.result.called or proto is not self.fresh:
@@ -926,6 +1048,16 @@ class _Attempt(_Side):
         if self._call is not None and self._call.active():
             self._call.cancel()
         if isinstance(m, M.Refusal):
+            c = self.client
+            if m.code == 5 and not self._refused_login:
+                # Not logged in: a request that overtook our Login, or was
+                # made before it was taken.  Once more when we are.
+                self._refused_login = True
+                if c._logged_in.called:
+                    self._request()
+                else:
+                    self._await_login = True
+                return None
             return self._fail(Refused(M.REFUSALS.get(m.code, f"code {m.code}")))
         if not isinstance(m, M.Introduce):
             return
@@ -993,6 +1125,7 @@ class _Attempt(_Side):
     def _finish(self, result):
         if result is _AGAIN or self.result.called:
             return
+        self.client._attempts.discard(self)
         self.client._unregister(self.request_id)
         if self._deadline.active():
             self._deadline.cancel()
@@ -1012,6 +1145,7 @@ class _Attempt(_Side):
             self.result.errback(result)
 
     def _fail(self, exc):
+        self.client._attempts.discard(self)
         self.client._unregister(self.request_id)
         if self._deadline.active():
             self._deadline.cancel()
