@@ -55,7 +55,8 @@ MAX_WINDOW_SOCKETS = 64
 #: introduction, so its first probe dies at A's NAT: A's own first probe
 #: opens that NAT about one lobby RTT after B answered (the Answer to the
 #: lobby, the Introduce to A).  B probes again at these multiples of the
-#: RTT, around that moment, so that one of its probes reaches A just after
+#: RTT (its shortest sample: srtt runs high for a while after samples a
+#: busy host inflated), around that moment, so that one of its probes reaches A just after
 #: A's first probe left, and A has the path then instead of one round trip
 #: later, with B's answer to its probe.
 CATCH_RTTS = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -188,12 +189,12 @@ class Punch:
         first probe opens its NAT (L{CATCH_RTTS}).
         """
         a = self.actions
-        if (self.session.role != "b" or rtt is None or not rtt.known
-                or rtt.srtt < CATCH_MIN_RTT or a.spray_ip
-                or len(self.sockets) > CATCH_MAX_SOCKETS):
+        least = getattr(rtt, "least", None)
+        if (self.session.role != "b" or least is None or least < CATCH_MIN_RTT
+                or a.spray_ip or len(self.sockets) > CATCH_MAX_SOCKETS):
             return
         for k in CATCH_RTTS:
-            self._calls.append(self.clock.callLater(k * rtt.srtt, self._probe_again))
+            self._calls.append(self.clock.callLater(k * least, self._probe_again))
 
     def _probe_again(self):
         """One more probe from every socket to its destinations (no repetition scheduled)."""

@@ -18,7 +18,7 @@ ONE_WAY = 0.010
 
 class CatchTests(SynchronousTestCase):
 
-    def punch(self, rtt_known=True):
+    def punch(self, rtt_known=True, samples=(2 * ONE_WAY,)):
         """
         B (role b) starts its punch at 0 (its first probe dies at A's NAT);
         A starts at one RTT (the Introduce's arrival).  When A had its path
@@ -28,8 +28,8 @@ class CatchTests(SynchronousTestCase):
         a = w.side("alice", "a", "10.0.1.2", SimNat("203.0.113.1", filtering=APD))
         b = w.side("bob", "b", "10.0.2.2", SimNat("198.51.100.1", filtering=APD))
         for side in (a, b):
-            if rtt_known:
-                side.client.rtt.sample(2 * ONE_WAY)
+            for sample in samples if rtt_known else ():
+                side.client.rtt.sample(sample)
         a_pub, b_pub = ("203.0.113.1", a.local[1]), ("198.51.100.1", b.local[1])
         t0 = w.clock.seconds()
         b.start(Actions(from_fresh=[a_pub], interval=0.2))
@@ -53,6 +53,15 @@ class CatchTests(SynchronousTestCase):
         # B's probes: the first, and those of CATCH_RTTS sent before it had
         # the path (A's probe reached it at 30 ms, before its 30 ms one).
         self.assertEqual(len(probes), 1 + len([k for k in CATCH_RTTS if k * 0.02 < 0.030]))
+
+    def test_timed_on_the_shortest_sample(self):
+        """
+        A busy start inflated the first sample (100 ms): the smoothed RTT
+        is still far above the path's, the catching probes follow the
+        shortest sample.
+        """
+        when, _ = self.punch(samples=(0.1, 2 * ONE_WAY))
+        self.assertLessEqual(when, 0.026)
 
     def test_not_without_an_rtt(self):
         """Before the RTT to the lobby is known, B probes as before: A waits for its answer."""
