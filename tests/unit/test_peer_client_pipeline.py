@@ -114,24 +114,32 @@ class PipelineTests(SynchronousTestCase):
         self.assertLess(took, 0.045)  # 10 ms RTT: 2 for the introduction, then the punch
         self.assertEqual(self.to_lobby(w).count("ConnectRequest"), 1)
 
+    def first_login(self, w, instead):
+        """
+        Connect with alice's first Login taken off the wire and handed to
+        C{instead(src, dst, data)}: the path.
+        """
+        w.client("bob")
+        taken = []
+
+        def take(src, dst, data):
+            if kind(data) == "Login" and src[0] == HOSTS["alice"][1] and not taken:
+                taken.append(data)
+                instead(src, dst, data)
+                return True
+            return False
+
+        w.net.lose = take
+        path, _ = self.start_and_connect(w, self.alice(w))
+        return path
+
     def test_login_lost(self):
         """
         The optimistic Login is lost: the lobby refuses the request (not
         logged in); once the Pong's Login is welcomed it goes again.
         """
         w = World(self)
-        w.client("bob")
-        lost = []
-
-        def lose(src, dst, data):
-            if kind(data) == "Login" and not lost:
-                lost.append(data)
-                return True
-            return False
-
-        w.net.lose = lose
-        alice = self.alice(w)
-        path, _ = self.start_and_connect(w, alice)
+        path = self.first_login(w, lambda src, dst, data: None)
         self.assertEqual(path.mode, "direct")
         refusals = [s for s in w.net.sent if s.src == LOBBY and kind(s.data) == "Refusal"]
         self.assertEqual(len(refusals), 1)
@@ -144,19 +152,8 @@ class PipelineTests(SynchronousTestCase):
         Login is welcomed, and the request goes again.
         """
         w = World(self)
-        w.client("bob")
-        late = []
-
-        def hold(src, dst, data):
-            if kind(data) == "Login" and not late:
-                late.append((src, dst, data))
-                w.clock.callLater(0.003, w.net.send, src, dst, data)
-                return True
-            return False
-
-        w.net.lose = hold
-        alice = self.alice(w)
-        path, _ = self.start_and_connect(w, alice)
+        path = self.first_login(w, lambda src, dst, data: w.clock.callLater(
+            0.003, w.net.send, src, dst, data))
         self.assertEqual(path.mode, "direct")
         self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="replay"), 1)
         self.assertEqual(self.to_lobby(w).count("ConnectRequest"), 2)
