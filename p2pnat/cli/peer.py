@@ -146,11 +146,11 @@ def optional_credentials(config):
     return load_credentials(config)
 
 
-#: What a path without an encrypted channel is told, once.
 #: Where ``peer`` keeps the NAT it measured, next to the client's
 #: configuration: the next run's hint (L{p2pnat.peer.discovery.NatStore}).
 NAT_HINT_FILE = "nat-hint.json"
 
+#: What a path without an encrypted channel is told, once.
 CLEAR_WARNING = ("warning: datagrams with {peer} are NOT end-to-end encrypted ({reason}): the"
                  " lobby could read and alter them")
 
