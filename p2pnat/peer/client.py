@@ -941,6 +941,7 @@ class _Attempt(_Side):
         self._nat_runs = 0
         self._fallback_nat = None
         self._await_login = False  # refused as not logged in: again once we are
+        self._sent_at = None  # when the latest request left
         self._refused_login = False
 
     def start(self):
@@ -978,8 +979,13 @@ class _Attempt(_Side):
         c._send_lobby(self.fresh, M.ConnectRequest(self.request_id, self.peer,
                                                    c._local(self.fresh), nat,
                                                    candidates=self.offered))
-        self._call = c.clock.callLater(min(0.5 * self._tries, 2.0, self._tries * c.rtt.scaled(
-            self.REQUEST_RTOS, self.REQUEST_FLOOR, 0.5)), self._request)
+        self._sent_at = c.clock.seconds()
+        self._call = c.clock.callLater(self._request_wait(), self._request)
+
+    def _request_wait(self):
+        """This try's wait for an answer: a few RTOs times the tries, the old fixed wait the cap."""
+        return min(0.5 * self._tries, 2.0, self._tries * self.client.rtt.scaled(
+            self.REQUEST_RTOS, self.REQUEST_FLOOR, 0.5))
 
     def _wait_for_nat(self):
         """
@@ -1036,6 +1042,12 @@ class _Attempt(_Side):
         if self.session is not None or self.result.called or self.sent_nat is None:
             return
         if not (self._await_login or not optimistic):
+            if self._call is not None and self._call.active():
+                # Sent before any round trip was measured: its timer was the
+                # old fixed wait; the login just measured the RTT.
+                self._call.reset(max(0.0, min(self._call.getTime() - self.client.clock.seconds(),
+                                              self._sent_at + self._request_wait()
+                                              - self.client.clock.seconds())))
             return
         self._await_login = False
         if self._call is not None and self._call.active():

@@ -158,6 +158,28 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="replay"), 1)
         self.assertEqual(self.to_lobby(w).count("ConnectRequest"), 2)
 
+    def test_request_lost(self):
+        """
+        The request, sent before any round trip was measured, is lost: it
+        goes again after a few RTOs the login measured (at least 0.15 s),
+        not after the old fixed 0.5 s.
+        """
+        w = World(self)
+        w.client("bob")
+        lost = []
+
+        def lose(src, dst, data):
+            if kind(data) == "ConnectRequest" and not lost:
+                lost.append(data)
+                return True
+            return False
+
+        w.net.lose = lose
+        path, took = self.start_and_connect(w, self.alice(w))
+        self.assertEqual(path.mode, "direct")
+        self.assertEqual(len(lost), 1)
+        self.assertLess(took, 0.25)
+
     def test_clock_two_minutes_off(self):
         """
         Login and request, both on our clock, are stale: no answer to the
