@@ -48,6 +48,7 @@ interval before (``was``) and ``why``; ``quic``,
 
 import ipaddress
 import json
+import os
 import sys
 import time
 
@@ -144,6 +145,10 @@ def optional_credentials(config):
         return None
     return load_credentials(config)
 
+
+#: Where ``peer`` keeps the NAT it measured, next to the client's
+#: configuration: the next run's hint (L{p2pnat.peer.discovery.NatStore}).
+NAT_HINT_FILE = "nat-hint.json"
 
 #: What a path without an encrypted channel is told, once.
 CLEAR_WARNING = ("warning: datagrams with {peer} are NOT end-to-end encrypted ({reason}): the"
@@ -260,8 +265,8 @@ def _run(args, connect):
     from twisted.protocols.basic import LineReceiver
 
     from p2pnat.peer import streams as S
-    from p2pnat.peer.client import LobbyClient
-    from p2pnat.peer.discovery import discover_nat, nat_cache
+    from p2pnat.peer.client import LobbyClient, needs_mapping
+    from p2pnat.peer.discovery import NatStore, discover_nat, nat_cache
     from p2pnat.protocol import wire
 
     config, key = load_client(args.config)
@@ -412,13 +417,19 @@ def _run(args, connect):
         servers = [C.parse_hostport(a) for a in config["client.discovery"]] or [
             lobby, (lobby[0], lobby[1] + 1)]
         interface = config["client.interface"] or None
+        hint, store = (None, False), None
         if args.nat:
             nat = yield discover_nat(reactor, servers, interface=interface, given=args.nat)
             cache = None
         else:
             # Measured alongside the login (LobbyClient.start), once per
-            # process, and refreshed in the background.
+            # process, and refreshed in the background; what it finds is
+            # kept next to the client's configuration as the next
+            # process's hint (a connect request right behind the login).
             nat, cache = None, nat_cache(reactor, servers, interface)
+            store = NatStore(os.path.join(os.path.dirname(os.path.abspath(args.config)),
+                                          NAT_HINT_FILE), reactor)
+            hint = store.load(servers, cache.interface) or hint
         accept = (lambda peer: peer in args.accept) if getattr(args, "accept", None) else None
 
         def on_path(path):
@@ -440,18 +451,31 @@ def _run(args, connect):
                              accept=accept, on_path=on_path, connect_timeout=args.timeout,
                              upgrade_interval=args.upgrade_interval,
                              low_ttl=config["client.low_ttl"], discovery=cache,
+                             nat_hint=hint[0], lobby_candidates=hint[1],
                              **candidate_options(config, args))
         client.on_event = lambda name, fields: out.event(
             name, f"[keepalive now {fields['interval']:g}s, paths' {fields['path']:g}s:"
                   f" {fields['why']}]", **fields)
         reactor.addSystemEventTrigger("before", "shutdown", client.stop)
+        if store is not None:
+            cache.subscribe(lambda found: store.save(servers, cache.interface, found,
+                                                     client.lobby_candidates))
         login = client.start()
+        connecting = None
+        if connect and hint[0] is not None and not needs_mapping(hint[0]):
+            # The NAT an earlier run measured: the connect request goes
+            # right behind the login (LobbyClient.connect).  Not behind a
+            # NAT whose port mapping the request should offer.
+            t1 = time.monotonic()
+            connecting = client.connect(args.peer)
         timer = reactor.callLater(args.timeout, lambda: login.called or login.errback(
             CommandError(f"the lobby at {lobby[0]}:{lobby[1]} did not answer in"
                          f" {args.timeout:g}s")))
         yield login
         if timer.active():
             timer.cancel()
+        if store is not None:
+            store.save(servers, cache.interface, client.nat, client.lobby_candidates)
         nat = client.nat
         out.event("nat", f"NAT: {nat.mapping} mapping, {nat.allocation} ports"
                          f" (step {nat.step}, {nat.rate:g}/s)", mapping=nat.mapping,
@@ -466,7 +490,7 @@ def _run(args, connect):
             candidates=[list(c) for c in offered], ipv6="ipv6" in client.shared,
             mapped=client.mapper is not None and client.mapper.current is not None,
             lobby=client.lobby_candidates)
-        if client.nat.mapping == "unknown" and not args.nat:
+        if client.nat.mapping == "unknown" and not args.nat and connecting is None:
             # Discovery got no answer (the lobby was not up yet, say): it is
             # up now, and planning for an unknown NAT means planning for the
             # worst, so measure again.
@@ -477,8 +501,10 @@ def _run(args, connect):
                       allocation=again.allocation, step=again.step, rate=again.rate)
         if not connect:
             return
-        t1 = time.monotonic()
-        path = yield client.connect(args.peer)
+        if connecting is None:
+            t1 = time.monotonic()
+            connecting = client.connect(args.peer)
+        path = yield connecting
         strategy = path.strategy
         # The punch's figures; the event goes once the datagrams' channel
         # is settled (L{secure}), saying whether they are encrypted.

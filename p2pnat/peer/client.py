@@ -35,6 +35,18 @@ from p2pnat.protocol import wire
 from p2pnat.protocol.strategy import actions_for, relay_first, with_candidates
 
 
+def needs_mapping(nat):
+    """
+    Whether only a port mapping makes a direct path likely behind C{nat}
+    (an L{M.NatInfo}): a new port per destination that cannot be predicted
+    (random allocation), or a NAT not known.  Mirrors the planner's "hard"
+    side.
+    """
+    if nat.mapping in ("none", "endpoint-independent"):
+        return False
+    return not (nat.allocation == "preserving" or (nat.allocation == "sequential" and nat.step))
+
+
 class Refused(Exception):
     """The lobby or the peer refused the connection."""
 
@@ -86,6 +98,13 @@ class LobbyClient:
         this lobby and interface if NAT discovery ran from one
         (L{p2pnat.peer.discovery.nat_cache}) and C{nat} is what it found
         (or not given); else C{nat} stays as given.
+    @param nat_hint: the L{M.NatInfo} an earlier process measured (or
+        None): a connect request made before this process's discovery
+        answered carries it instead of waiting for it, and is made again
+        if discovery finds a NAT that plans otherwise (L{connect}).
+    @param lobby_candidates: whether an earlier process learnt that the
+        lobby passes candidates on (what the lobby's Welcome says, once it
+        comes).
     @ivar rtt: the round trip to the lobby (L{p2pnat.peer.rtt.RttEstimator},
         the cache's when there is one), measured on the login's and the
         keepalives' exchanges; login and connect requests are retransmitted
@@ -106,6 +125,11 @@ class LobbyClient:
     LOGIN_RETRY = 0.5
     LOGIN_FLOOR = 0.1
 
+    #: Seconds after the login before the port mapping attempt starts
+    #: behind a NAT that does not need one (L{start}): a connect made at
+    #: once (a few round trips) runs first.
+    MAPPING_DELAY = 1.0
+
     log = Logger(namespace="p2pnat.client")
 
     #: Introductions remembered, to answer the lobby's retransmitted Invite
@@ -118,7 +142,7 @@ class LobbyClient:
     def __init__(self, client_id, key, lobby, reactor, *, interface=None, nat=None,
                  accept=None, on_path=None, punch_deadline=None, connect_timeout=12.0,
                  upgrade_interval=20.0, low_ttl=0, ipv6=None, portmap=None,
-                 mapping_lifetime=None, discovery=None):
+                 mapping_lifetime=None, discovery=None, nat_hint=None, lobby_candidates=False):
         self.id = client_id
         self.key = key
         self.lobby = lobby
@@ -160,6 +184,7 @@ class LobbyClient:
         self._pings = {}  # clock probe stamp -> local send time
         self._login_sent = {}  # Login or Keepalive stamp -> local send time
         self._login_call = None
+        self._mapping_call = None
         self._login_retry = self._login_tried = self.LOGIN_RETRY
         self._welcomed = None  # when the lobby last welcomed us
         self._keepalive_loop = None
@@ -175,8 +200,15 @@ class LobbyClient:
         #: (``"ipv6"``, ``"mapped"``), once open.
         self.shared = {}
         self.mapper = None
-        #: The lobby passes candidates on (it said so in its Welcome).
-        self.lobby_candidates = False
+        #: The lobby passes candidates on (it said so in its Welcome; until
+        #: then, what an earlier process learnt, if given).
+        self.lobby_candidates = bool(lobby_candidates)
+        #: The NAT an earlier process measured (L{p2pnat.peer.discovery.NatStore}):
+        #: what a connect request made before discovery answers carries.
+        self.nat_hint = nat_hint if nat_hint is not None and nat_hint.mapping != "unknown" \
+            else None
+        self._attempts = set()  # connect attempts under way
+        self._optimistic = None  # the stamp of the latest optimistic Login
 
     # -- sockets --------------------------------------------------------------------
 
@@ -220,10 +252,11 @@ class LobbyClient:
 
         With L{discovery}, the attempt waits for the NAT: one that needs it
         starts it as soon as discovery answers (about one round trip);
-        otherwise it starts once logged in, after whatever the login's
-        callbacks do (a connect request goes first).  Either way the port
-        mapping machinery (its import, its sockets) does not hold up the
-        login's round trips.
+        otherwise it starts L{MAPPING_DELAY} seconds after the login (the
+        same for a NAT given that does not need it).  Either way the port
+        mapping machinery (its import: 20 to 50 ms of CPU, its sockets)
+        does not hold up the login's round trips, nor a connect made right
+        after the login (its introduction, punch and QUIC handshake).
         """
         self.proto = self._listen(self)
         ready = [self._logged_in]
@@ -242,22 +275,27 @@ class LobbyClient:
 
         done = defer.gatherResults(ready, consumeErrors=True).addCallback(mapped).addCallback(
             lambda _: self)
-        if found is None:
-            self._open_mapped().chainDeferred(mapping)  # a NAT given: no reason to wait
-        else:
-            def ask(result=None):
+
+        def ask(result=None):
+            self._mapping_call = None
+            if self.proto is not None and self.proto.transport is not None:
                 self._open_mapped().chainDeferred(mapping)
-                return result
+            return result
 
-            def decide(result):
-                # Registered after the gathering above: the login's own
-                # callbacks (the caller's connect request) run first.
-                if self._needs_mapping():
-                    ask()
-                else:
-                    self._logged_in.addCallback(ask)
-                return result
+        def later(result):
+            self._mapping_call = self.clock.callLater(self.MAPPING_DELAY, ask)
+            return result
 
+        def decide(result=None):
+            if self._needs_mapping():
+                ask()
+            else:
+                self._logged_in.addCallback(later)
+            return result
+
+        if found is None:
+            decide()  # a NAT given
+        else:
             found.addCallback(decide)
         return done
 
@@ -267,17 +305,24 @@ class LobbyClient:
                           mapping=nat.mapping, filtering=nat.filtering,
                           allocation=nat.allocation)
             self.nat = nat
+            for attempt in list(self._attempts):
+                attempt.nat_known(nat)
+
+    def nat_for_request(self):
+        """
+        The NAT a connect request carries now: the measured one, else the
+        hint an earlier process left (L{nat_hint}), else None while
+        discovery may still tell it (the request waits).
+        """
+        if self.nat.mapping != "unknown":
+            return self.nat
+        if self.nat_hint is not None:
+            return self.nat_hint
+        return None if self.discovery is not None else self.nat
 
     def _needs_mapping(self):
-        """
-        Whether only a port mapping makes a direct path likely: a new port
-        per destination that cannot be predicted (random allocation), or a
-        NAT not known.  Mirrors the planner's "hard" side.
-        """
-        n = self.nat
-        if n.mapping in ("none", "endpoint-independent"):
-            return False
-        return not (n.allocation == "preserving" or (n.allocation == "sequential" and n.step))
+        """Whether our NAT is one behind which only a port mapping makes a direct path likely."""
+        return needs_mapping(self.nat)
 
     def _open_ipv6(self):
         if not self.ipv6:
@@ -362,12 +407,22 @@ class LobbyClient:
 
     def _login(self):
         """
-        One login attempt (retried with backoff until a L{M.Welcome}): a
-        clock probe first, a L{wire.Ping}; its L{wire.Pong} tells the
-        lobby's clock, and only then goes the L{M.Login}, an ordinary fresh
-        frame that the lobby checks against replays.
+        One login attempt (retried with backoff until a L{M.Welcome}).
+
+        An optimistic L{M.Login} goes first, stamped on our best guess of
+        the lobby's clock (ours, or the offset learnt before), and a clock
+        probe, a L{wire.Ping}, right behind it.  The lobby checks the Login
+        against replays like any ordinary frame: when the guess is within
+        its window, its Welcome (answered before the Pong) logs us in after
+        one round trip.  When the lobby dropped it (stale, or below a mark
+        an earlier stamp of ours left), the Pong tells the lobby's clock
+        and a Login stamped on it follows, as without the first one.  A
+        guessed stamp the lobby may have accepted is never undercut by the
+        later ones (L{wire.Stamper.sync}).
         """
         self._login_call = None
+        if self.proto is not None and self.proto.transport is not None:
+            self._optimistic = self._send_login()
         stamp = self.stamper.probe()
         self._remember(self._pings, stamp)
         if not self._send_lobby(self.proto, wire.Ping(), stamp):
@@ -384,6 +439,12 @@ class LobbyClient:
         return min(self._login_tried, self._login_tried / self.LOGIN_RETRY * self.rtt.scaled(
             2, self.LOGIN_FLOOR, self.LOGIN_RETRY))
 
+    def _send_login(self):
+        stamp = self.stamper()
+        self._remember(self._login_sent, stamp)
+        self._send_lobby(self.proto, M.Login(self._local(self.proto), self.nat), stamp)
+        return stamp
+
     def _remember(self, sent, stamp):
         """Note when the request stamped C{stamp} left: its answer must echo it."""
         sent[stamp] = self.clock.seconds()
@@ -398,10 +459,8 @@ class LobbyClient:
         self.rtt.since(sent)  # each Ping has its own stamp: no ambiguity (Karn)
         self.stamper.sync(sent, self.clock.seconds(), m.server_time)
         if self._login_call is None:
-            return  # logged in already: a late answer
-        stamp = self.stamper()
-        self._remember(self._login_sent, stamp)
-        self._send_lobby(self.proto, M.Login(self._local(self.proto), self.nat), stamp)
+            return  # logged in already (the optimistic Login's Welcome came first)
+        self._send_login()
         if self._login_call.active():
             # The attempt's timer was set before this round trip measured the RTT.
             left = self._login_call.getTime() - self.clock.seconds()
@@ -417,7 +476,7 @@ class LobbyClient:
         if self.proto is not None and self.proto.transport is not None:
             self._send_lobby(self.proto, M.Logout())
             self.proto.transport.stopListening()
-        for call in (self._login_call,):
+        for call in (self._login_call, self._mapping_call):
             if call is not None and call.active():
                 call.cancel()
         if self._keepalive_loop is not None and self._keepalive_loop.running:
@@ -494,6 +553,7 @@ class LobbyClient:
             return  # not the answer to a request of ours still outstanding
         self._welcomed = self.clock.seconds()
         self.rtt.since(sent)
+        first = not self._logged_in.called
         self.lobby_candidates = bool(flags & M.FLAG_CANDIDATES)
         self.stamper.sync(sent, self.clock.seconds(), m.server_time)
         if self.public is not None and self.public[0] != m.observed[0] and \
@@ -522,6 +582,9 @@ class LobbyClient:
             self._keepalive_loop.start(self.keepalive, now=False)
         if not self._logged_in.called:
             self._logged_in.callback(self)
+        if first:
+            for attempt in list(self._attempts):
+                attempt.logged_in(optimistic=m.echo == self._optimistic)
 
     def _mapping_dropped(self, interval):
         """
@@ -549,6 +612,13 @@ class LobbyClient:
         """
         Open a path to C{peer}.  Fires with a L{Path} (``direct`` or
         ``relayed``); fails with L{Refused}.
+
+        It may be called right after L{start}, before the login is done:
+        the connect request then goes right behind the Login (the lobby
+        takes them in order), as soon as the NAT is known or hinted
+        (L{nat_for_request}).  If the lobby had not taken the Login (lost,
+        overtaken, or dropped as stale), the request is made again once
+        logged in.
         """
         attempt = _Attempt(self, peer, timeout or self.connect_timeout)
         return attempt.start()
@@ -658,7 +728,10 @@ class _Side:
         the lobby's C{flags} say it reads them.
         """
         c = self.client
-        actions, plan, deadline = actions_for(role, c.nat, intro.nat, intro.observed,
+        # The NAT our request or answer told the peer (a hint, when the
+        # request went before discovery answered): both sides plan alike.
+        our_nat = getattr(self, "sent_nat", None) or c.nat
+        actions, plan, deadline = actions_for(role, our_nat, intro.nat, intro.observed,
                                               intro.local, c.public, c.low_ttl)
         theirs = [a for a in intro.candidates if M.valid_candidate(a)][:M.MAX_CANDIDATES]
         mine = offered if flags & M.FLAG_CANDIDATES else ()
@@ -862,9 +935,18 @@ class _Attempt(_Side):
         self.fresh = None
         self.request_id = None
         self.offered = ()
+        #: The NAT the latest request carried (None: not sent yet).
+        self.sent_nat = None
+        self._nat_wait = None
+        self._nat_runs = 0
+        self._fallback_nat = None
+        self._await_login = False  # refused as not logged in: again once we are
+        self._sent_at = None  # when the latest request left
+        self._refused_login = False
 
     def start(self):
         c = self.client
+        c._attempts.add(self)
         self.started = c.clock.seconds()
         self._deadline = c.clock.callLater(self.timeout, self._expired)
         self._round()
@@ -879,6 +961,7 @@ class _Attempt(_Side):
         self.request_id = c.new_request_id()
         self.fresh = c._listen(c)
         self._tries = 0
+        self.sent_nat = None
         self.offered = c._offered()
         c._register(self.request_id, self)
         self._request()
@@ -887,13 +970,89 @@ class _Attempt(_Side):
         self._call = None
         if self.fresh.transport is None:
             return
-        self._tries += 1
         c = self.client
+        nat = c.nat_for_request() or self._fallback_nat
+        if nat is None:
+            return self._wait_for_nat()
+        self.sent_nat = nat
+        self._tries += 1
         c._send_lobby(self.fresh, M.ConnectRequest(self.request_id, self.peer,
-                                                   c._local(self.fresh), c.nat,
+                                                   c._local(self.fresh), nat,
                                                    candidates=self.offered))
-        self._call = c.clock.callLater(min(0.5 * self._tries, 2.0, self._tries * c.rtt.scaled(
-            self.REQUEST_RTOS, self.REQUEST_FLOOR, 0.5)), self._request)
+        self._sent_at = c.clock.seconds()
+        self._call = c.clock.callLater(self._request_wait(), self._request)
+
+    def _request_wait(self):
+        """This try's wait for an answer: a few RTOs times the tries, the old fixed wait the cap."""
+        return min(0.5 * self._tries, 2.0, self._tries * self.client.rtt.scaled(
+            self.REQUEST_RTOS, self.REQUEST_FLOOR, 0.5))
+
+    def _wait_for_nat(self):
+        """
+        Neither measured nor hinted: the request waits for discovery, and
+        for a second run if the first got no answer (the lobby was not up
+        yet, say); then it goes with what is known.
+        """
+        if self._nat_wait is not None:
+            return
+        c = self.client
+        self._nat_runs += 1
+        self._nat_wait = c.discovery.get()
+
+        def known(nat):
+            self._nat_wait = None
+            if self.result.called or self.sent_nat is not None:
+                return
+            if c.nat.mapping == "unknown":
+                if self._nat_runs < 2:
+                    return self._wait_for_nat()
+                self._fallback_nat = c.nat
+            self._request()
+
+        self._nat_wait.addCallback(known)
+
+    def nat_known(self, nat):
+        """
+        Discovery told the NAT: a request made on a hint that plans
+        otherwise (another mapping, allocation, step or filtering) is made
+        again, in a new round from a new fresh socket.
+        """
+        sent = self.sent_nat
+        if sent is None or self.session is not None or self.result.called:
+            return
+        same = (sent.mapping, sent.allocation, sent.step) == (nat.mapping, nat.allocation,
+                                                              nat.step)
+        if same and nat.filtering in ("unknown", sent.filtering):
+            return
+        self.log.info("the NAT hint was wrong ({hint}, measured {nat}): asking for {peer}"
+                      " again", hint=sent, nat=nat, peer=self.peer)
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        if self.fresh.transport is not None:
+            self.fresh.transport.stopListening()
+        self._round()
+
+    def logged_in(self, optimistic):
+        """
+        The lobby welcomed our first Login.  A request sent before it goes
+        again at once when the lobby refused it as not logged in, or when
+        the Login welcomed is not the optimistic one that went before it
+        (the request, on the same guessed clock, was dropped with it).
+        """
+        if self.session is not None or self.result.called or self.sent_nat is None:
+            return
+        if not (self._await_login or not optimistic):
+            if self._call is not None and self._call.active():
+                # Sent before any round trip was measured: its timer was the
+                # old fixed wait; the login just measured the RTT.
+                self._call.reset(max(0.0, min(self._call.getTime() - self.client.clock.seconds(),
+                                              self._sent_at + self._request_wait()
+                                              - self.client.clock.seconds())))
+            return
+        self._await_login = False
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._request()
 
     def lobby_answer(self, m, proto, flags=0):
         if self.session is not None or self.result.called or proto is not self.fresh:
@@ -901,6 +1060,16 @@ class _Attempt(_Side):
         if self._call is not None and self._call.active():
             self._call.cancel()
         if isinstance(m, M.Refusal):
+            c = self.client
+            if m.code == 5 and not self._refused_login:
+                # Not logged in: a request that overtook our Login, or was
+                # made before it was taken.  Once more when we are.
+                self._refused_login = True
+                if c._logged_in.called:
+                    self._request()
+                else:
+                    self._await_login = True
+                return None
             return self._fail(Refused(M.REFUSALS.get(m.code, f"code {m.code}")))
         if not isinstance(m, M.Introduce):
             return
@@ -968,6 +1137,7 @@ class _Attempt(_Side):
     def _finish(self, result):
         if result is _AGAIN or self.result.called:
             return
+        self.client._attempts.discard(self)
         self.client._unregister(self.request_id)
         if self._deadline.active():
             self._deadline.cancel()
@@ -987,6 +1157,7 @@ class _Attempt(_Side):
             self.result.errback(result)
 
     def _fail(self, exc):
+        self.client._attempts.discard(self)
         self.client._unregister(self.request_id)
         if self._deadline.active():
             self._deadline.cancel()

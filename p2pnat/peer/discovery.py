@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import socket
 import weakref
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ from p2pnat.protocol import stun
 from p2pnat.protocol.nat import UNKNOWN, NatBehaviour, Observations, Probe, classify
 from p2pnat.protocol.p2p import ALLOCATIONS, MAPPINGS, NatInfo
 
-__all__ = ["StunSocket", "Discovery", "DiscoveryResult", "NatCache", "discover", "discover_nat",
+__all__ = ["StunSocket", "Discovery", "DiscoveryResult", "NatCache", "NatStore", "discover",
+           "discover_nat",
            "nat_cache", "cached_for", "parse_nat", "source_address", "timers", "to_nat_info",
            "main"]
 
@@ -640,6 +642,86 @@ class NatCache:
             # A fast run has one burst, so no rate; a sequential NAT's
             # prediction window needs it: a full run now, in the background.
             self._run(fast=False, why="the rate of a sequential NAT")
+
+
+class NatStore:
+    """
+    The NAT a previous process measured towards the same lobby from the same
+    interface, kept in a small JSON file (the client's directory): a hint
+    that lets ``p2pnat peer connect`` send its connect request right behind
+    its login, before this process's own discovery answers (about one round
+    trip later; see :class:`p2pnat.peer.client.LobbyClient`).  What
+    discovery then finds is the truth: a request made on a hint it
+    contradicts is made again.
+
+    :meth:`load` gives the hint only when it is at most :data:`MAX_AGE`
+    seconds old (by ``clock``, an ``IReactorTime``) and for the same
+    lobby addresses and interface; a missing, unreadable or malformed file
+    is no hint.  :meth:`save` writes atomically (a temporary file renamed)
+    and never raises: a directory we cannot write to only costs the hint.
+    """
+
+    log = Logger(namespace="p2pnat.discovery")
+
+    #: Seconds a stored NAT is used as a hint.
+    MAX_AGE = 3600.0
+    #: The file is never read beyond this many bytes.
+    MAX_SIZE = 4096
+
+    def __init__(self, path, clock):
+        self.path = path
+        self.clock = clock
+
+    @staticmethod
+    def _key(servers, interface):
+        return [[str(h), int(p)] for h, p in servers], str(interface)
+
+    def load(self, servers, interface):
+        """The stored :class:`NatInfo` and whether the lobby relays candidates, or None."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.loads(f.read(self.MAX_SIZE + 1)[:self.MAX_SIZE])
+            servers_key, interface_key = self._key(servers, interface)
+            if data.get("servers") != servers_key or data.get("interface") != interface_key:
+                return None
+            age = self.clock.seconds() - float(data["measured"])
+            if not 0 <= age <= self.MAX_AGE:
+                return None
+            n = data["nat"]
+            nat = NatInfo(str(n["mapping"]), str(n["filtering"]), str(n["allocation"]),
+                          int(n["step"]), float(n["rate"]))
+            if nat.mapping not in MAPPINGS or nat.filtering not in MAPPINGS or \
+                    nat.allocation not in ALLOCATIONS or nat.mapping == UNKNOWN or \
+                    not 0 <= nat.step <= 65535 or not 0 <= nat.rate <= 6553.5:
+                return None
+            return nat, bool(data.get("lobby_candidates", False))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self.log.info("NAT hint {path} ignored: {error}", path=self.path, error=e)
+            return None
+
+    def save(self, servers, interface, nat, lobby_candidates=False):
+        """Keep C{nat} (a measured :class:`NatInfo`) as the hint for the next process."""
+        if nat is None or nat.mapping == UNKNOWN:
+            return
+        servers_key, interface_key = self._key(servers, interface)
+        data = {"servers": servers_key, "interface": interface_key,
+                "measured": self.clock.seconds(), "lobby_candidates": bool(lobby_candidates),
+                "nat": {"mapping": nat.mapping, "filtering": nat.filtering,
+                        "allocation": nat.allocation, "step": nat.step, "rate": nat.rate}}
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            self.log.info("cannot keep the NAT hint in {path}: {error}", path=self.path,
+                          error=e)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 _CACHES = weakref.WeakKeyDictionary()  # reactor -> {(interface, servers): NatCache}

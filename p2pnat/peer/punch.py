@@ -51,6 +51,21 @@ REPEAT_FIRST = (0.02, 0.05)
 #: More new sockets than this in one round is a birthday punch, whose
 #: length is what its hit probability needs: never shortened.
 MAX_WINDOW_SOCKETS = 64
+#: The answering side (B) probes before the asker (A) even has the
+#: introduction, so its first probe dies at A's NAT: A's own first probe
+#: opens that NAT about one lobby RTT after B answered (the Answer to the
+#: lobby, the Introduce to A).  B probes again at these multiples of the
+#: RTT (its shortest sample: srtt runs high for a while after samples a
+#: busy host inflated), around that moment, so that one of its probes reaches A just after
+#: A's first probe left, and A has the path then instead of one round trip
+#: later, with B's answer to its probe.
+CATCH_RTTS = (0.5, 0.75, 1.0, 1.25, 1.5)
+#: ... when the RTT is at least this long (seconds): below it, the round
+#: trip they would save is shorter than the time between them.
+CATCH_MIN_RTT = 0.008
+#: ... from at most this many of its sockets (the seed's single predicted
+#: probe, simultaneous open: not a window of sockets).
+CATCH_MAX_SOCKETS = 4
 
 
 def round_deadline(actions, deadline, rtt):
@@ -144,6 +159,7 @@ class Punch:
         # The seed's order: open every socket at once, then repeat.
         for index, (proto, dests) in enumerate(self.sockets):
             self._probe(index, proto, dests, first=True)
+        self._catch(rtt)
         if a.spray_ip:
             self._spray_interval = 1.0 / a.spray_rate
             self._spray()
@@ -166,6 +182,27 @@ class Punch:
         self._repeats[index] = repeat + 1
         delay = min(self.actions.interval, self._repeat_first * 2 ** repeat)
         self._calls.append(self.clock.callLater(delay, self._probe, index, proto, dests))
+
+    def _catch(self, rtt):
+        """
+        On the answering side, probe again around the moment the asker's
+        first probe opens its NAT (L{CATCH_RTTS}).
+        """
+        a = self.actions
+        least = getattr(rtt, "least", None)
+        if (self.session.role != "b" or least is None or least < CATCH_MIN_RTT
+                or a.spray_ip or len(self.sockets) > CATCH_MAX_SOCKETS):
+            return
+        for k in CATCH_RTTS:
+            self._calls.append(self.clock.callLater(k * least, self._probe_again))
+
+    def _probe_again(self):
+        """One more probe from every socket to its destinations (no repetition scheduled)."""
+        if self.result is not None:
+            return
+        for index, (proto, dests) in enumerate(self.sockets):
+            for dest in dests:
+                self._send(proto, M.Probe(self._round, index), dest)
 
     def _spray(self):
         if self.result is not None:

@@ -39,6 +39,10 @@ class RttEstimator:
     @ivar srtt: the smoothed RTT in seconds, None before the first sample.
     @ivar rttvar: its mean deviation, None before the first sample.
     @ivar samples: how many samples were taken.
+    @ivar least: the shortest sample so far (None before the first): the
+        path's own round trip, without the queueing and the busy hosts that
+        inflate C{srtt} for a while (a probe timed to meet the peer's uses
+        it: L{p2pnat.peer.punch.CATCH_RTTS}).
     """
 
     def __init__(self, clock, *, alpha=0.125, beta=0.25, k=4):
@@ -49,6 +53,7 @@ class RttEstimator:
         self.srtt = None
         self.rttvar = None
         self.samples = 0
+        self.least = None
 
     # -- samples ----------------------------------------------------------------------
 
@@ -67,6 +72,7 @@ class RttEstimator:
         else:
             self.rttvar = (1 - self.beta) * self.rttvar + self.beta * abs(self.srtt - rtt)
             self.srtt = (1 - self.alpha) * self.srtt + self.alpha * rtt
+        self.least = rtt if self.least is None else min(self.least, rtt)
         self.samples += 1
 
     def since(self, sent):

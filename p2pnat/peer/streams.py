@@ -671,14 +671,46 @@ class PathStreams:
     # -- the connecting side -------------------------------------------------------------
 
     def _dial(self, services):
-        """Open a connection to the peer: L{QuicSocket.connect}'s Deferred."""
+        """
+        Open a connection to the peer: L{QuicSocket.connect}'s Deferred,
+        which fires once the server confirmed the handshake.
+
+        The datagrams that wait leave one round trip before that, as soon
+        as our side of the handshake is done
+        (L{p2pnat.quic.QuicEndpoint.writable}): behind our ``Finished``,
+        which the peer reads first (it never reads them if it refuses our
+        certificate).  If the connection is not confirmed after all, they
+        wait again, first in the queue, for what comes next (the clear
+        fallback, another connection).
+        """
         before = self.socket.endpoints
         d = self.socket.connect(self.address, self.peer, services=services)
+        early = []
+
+        def writable(endpoint):
+            if self.closed or self.encrypted is False or self.endpoint is not None:
+                return
+            for payload in self.queue.drain():
+                try:
+                    endpoint.send_datagram(payload)
+                except ConnectionError:
+                    self.queue.push(payload)
+                    continue
+                early.append(payload)
+
+        def unconfirmed(reason):
+            waiting = early + self.queue.drain()
+            del early[:]
+            for payload in waiting:
+                self.queue.push(payload)
+            return reason
+
         for endpoint in self.socket.endpoints - before:
             # The peer may send a datagram as soon as its side is up, in the
             # packet that confirms the handshake to us.
             endpoint.on_datagram = self._quic_datagram
-        return d
+            endpoint.writable.addCallback(writable)
+        return d.addCallbacks(lambda endpoint: early.clear() or endpoint, unconfirmed)
 
     def _up(self, endpoint):
         """A connection we opened is up: the channel's, until it ends."""

@@ -608,6 +608,12 @@ def unseal(data, key_for):
 
 # -- replay protection ---------------------------------------------------------
 
+#: Seconds an ordinary frame's timestamp may be off the receiver's clock
+#: (L{ReplayGuard}); L{Stamper.sync} keeps stamps the receiver may have
+#: accepted within it.
+REPLAY_WINDOW = 60.0
+
+
 class ReplayGuard:
     """
     Accepts each authenticated frame at most once.
@@ -632,7 +638,7 @@ class ReplayGuard:
     number of keys).
     """
 
-    def __init__(self, clock, window=60.0, max_keys=1_000_000):
+    def __init__(self, clock, window=REPLAY_WINDOW, max_keys=1_000_000):
         self._clock = clock
         self.window_us = int(window * 1_000_000)
         self.max_keys = max_keys
@@ -708,9 +714,12 @@ class Stamper:
     older than one already sent.
     """
 
-    def __init__(self, clock, offset=0.0):
+    def __init__(self, clock, offset=0.0, window=REPLAY_WINDOW):
         self._clock = clock
         self.offset = offset
+        #: The receiver's replay window (L{ReplayGuard}): a stamp within it
+        #: may have been accepted (see L{sync}).
+        self.window = window
         self._last = 0
         self._last_probe = 0
         self._probe_misses = 0
@@ -761,15 +770,22 @@ class Stamper:
     def sync(self, sent_local, received_local, server_time_us):
         """
         Set the offset from one request/response exchange: the server's
-        clock read at mid-flight.
+        clock read at mid-flight (so off by at most half the exchange).
+
+        Stamps made before on a guessed clock (an optimistic login: see
+        L{p2pnat.peer.client.LobbyClient}) may have run ahead of the
+        receiver's.  Later stamps never go back below one the receiver may
+        have accepted, i.e. one within its replay window (L{window}) of its
+        clock: they would be refused as replays until its clock passed it.
+        Only a stamp beyond the window, which no receiver accepted, is left
+        behind.
         """
         self._probe_misses = 0
         mid = (sent_local + received_local) / 2
         self.offset = server_time_us / 1_000_000 - mid
         now = int((self._clock.seconds() + self.offset) * 1_000_000)
-        if self._last > now + 1_000_000:
-            # Stamps made before we knew the offset ran ahead of the
-            # receiver's clock; small steps back stay monotonic instead.
+        error = max(0.0, received_local - sent_local) / 2 + 0.001
+        if self._last > now + int((self.window + error) * 1_000_000):
             self._last = now - 1
 
 

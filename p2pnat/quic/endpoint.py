@@ -20,6 +20,14 @@ its timer on the injected clock, and turns its events into:
 
 - C{connected}, a Deferred that fires with the endpoint once both sides
   are authenticated (or fails with L{HandshakeFailed} saying why);
+- C{writable}, a Deferred that fires with the endpoint as soon as it may
+  carry the application's data: on the server with C{connected}; on the
+  client one round trip earlier, once TLS completed on our side (the
+  server's certificate checked, our own ``Finished`` going out), so that
+  the first stream bytes and datagrams travel behind our ``Finished``,
+  which the server reads first: a server that refuses our certificate
+  never reads them, and C{connected} still fails (see L{_check_up}).
+  It never fires when the handshake fails before (C{connected} says so);
 - streams: L{QuicEndpoint.open_stream} connects a protocol to a new
   stream for a named service; incoming streams go to the factory the
   endpoint's C{services} maps their service name to
@@ -147,6 +155,7 @@ class QuicEndpoint:
         self.on_alive = lambda: None
         self.silent = False
         self.connected = defer.Deferred()
+        self.writable = defer.Deferred()
         self.closed = defer.Deferred()
         self.datagrams_dropped = 0
         self.counts = dict.fromkeys(("packets_sent", "packets_received", "datagrams_sent",
@@ -160,6 +169,7 @@ class QuicEndpoint:
         self._headers = {}  # stream ID -> (bytes so far, timeout call)
         self._ended = False
         self._up = False
+        self._writable = False
         self._transmit_call = None
         self._timer = None
         self._ping_ids = itertools.count(1)
@@ -196,10 +206,11 @@ class QuicEndpoint:
 
         @return: the L{StreamTransport}.
         @raise header.HeaderError: for an invalid service name.
-        @raise ConnectionError: if the connection is not up.
+        @raise ConnectionError: if the connection is not writable yet
+            (L{writable}) or is over.
         """
         first = header.encode(service)
-        if not self._up or self._ended:
+        if not self._writable or self._ended:
             raise ConnectionError("the QUIC connection is not up")
         stream_id = self.connection.get_next_available_stream_id()
         self.connection.track_stream(stream_id)
@@ -217,11 +228,12 @@ class QuicEndpoint:
         C{datagrams_dropped}) if too many wait already.
 
         @raise ValueError: if it is too large.
-        @raise ConnectionError: if the connection is not up.
+        @raise ConnectionError: if the connection is not writable yet
+            (L{writable}) or is over.
         """
         if len(payload) > _connection.MAX_DATAGRAM_PAYLOAD:
             raise ValueError(f"datagram larger than {_connection.MAX_DATAGRAM_PAYLOAD} bytes")
-        if not self._up or self._ended:
+        if not self._writable or self._ended:
             raise ConnectionError("the QUIC connection is not up")
         if not self.connection.send_datagram_frame(bytes(payload)):
             self.datagrams_dropped += 1
@@ -290,6 +302,10 @@ class QuicEndpoint:
         if conn.peer_moves != moves:
             self.log.info("QUIC peer {peer} now sends from {addr}: following it",
                           peer=str(self.peer), addr=wire.format_addr(addr))
+        # The packet that confirms the handshake to a client may carry the
+        # server's first data (an answer to what we sent behind our
+        # Finished): "connected" comes before it.
+        self._check_up()
         self._process_events()
         self._check_up()
         self.schedule_transmit()
@@ -389,8 +405,16 @@ class QuicEndpoint:
         # HANDSHAKE_DONE (the handshake is then confirmed, RFC 9001 section
         # 4.1.2), so that "connected" means both sides accepted each other
         # and a refusal is reported as a failed connect, not a later close.
-        if self._up or self._ended or self.peer is None \
-                or not self.connection.handshake_confirmed:
+        # Writes are taken from TLS completion on ("writable"): 1-RTT keys
+        # are there, and what we write leaves behind our Finished.
+        if self._ended or self.peer is None:
+            return
+        if not self._writable:
+            self._writable = True
+            self.writable.callback(self)
+            if self._ended:
+                return  # the application closed it from its callback
+        if self._up or not self.connection.handshake_confirmed:
             return
         self._up = True
         if self._handshake_call.active():

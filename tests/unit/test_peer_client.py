@@ -140,27 +140,34 @@ class LoginTests(SynchronousTestCase):
         # No Login after the first.
         self.assertEqual(len([s for s in w.net.sent if kind(s.data) == "Login"]), 1)
 
-    def lost(self, w, name, times):
-        """Lose the first three C{name} messages; note when each one was sent."""
+    def lost(self, w, names, times, count=3):
+        """
+        Lose the first C{count} messages of each kind in C{names}; note when
+        each one of the first kind was sent.
+        """
         t0 = w.clock.seconds()
+        seen = {name: 0 for name in names}
 
         def lose(src, dst, data):
-            if kind(data) != name:
+            name = kind(data)
+            if name not in seen:
                 return False
-            times.append(round(w.clock.seconds() - t0, 2))
-            return len(times) <= 3
+            seen[name] += 1
+            if name == names[0]:
+                times.append(round(w.clock.seconds() - t0, 2))
+            return seen[name] <= count
 
         w.net.lose = lose
 
-    def login_losing(self, name, before, after):
+    def login_losing(self, names, before, after, count=3):
         """
-        Log in losing the first three C{name} messages: not logged in
-        C{before} seconds after the start, logged in C{after} more; the
-        client and when each C{name} was sent.
+        Log in losing the first C{count} messages of each kind in C{names}:
+        not logged in C{before} seconds after the start, logged in C{after}
+        more; the client and when each message of the first kind was sent.
         """
         w = World(self)
         times = []
-        self.lost(w, name, times)
+        self.lost(w, names, times, count)
         alice = w.client("alice", login=False)
         d = alice.start()
         w.advance(before)
@@ -172,10 +179,11 @@ class LoginTests(SynchronousTestCase):
 
     def test_login_retransmitted_with_backoff(self):
         """
-        Before the RTT to the lobby is known (every Ping lost), login is
-        retried after 0.5 s, doubling: the old fixed times.
+        Before the RTT to the lobby is known (every Ping lost, and the
+        optimistic Login beside it), login is retried after 0.5 s,
+        doubling: the old fixed times.
         """
-        alice, pings = self.login_losing("Ping", 3.4, 0.2)
+        alice, pings = self.login_losing(("Ping", "Login"), 3.4, 0.2)
         self.assertEqual(pings, [0, 0.5, 1.5, 3.5])
         self.assertEqual(alice.rtt.samples, 2)  # the last Ping's Pong, the Welcome
 
@@ -183,11 +191,12 @@ class LoginTests(SynchronousTestCase):
         """
         Once a Pong measured the RTT (10 ms here), a lost Login is retried
         after two RTOs (at least LOGIN_FLOOR, 0.1 s), doubling, instead of
-        after 0.5, 1 and 2 s.
+        after 0.5, 1 and 2 s.  Each attempt sends an optimistic Login and
+        one once its Pong came.
         """
-        alice, logins = self.login_losing("Login", 0.7, 0.05)
+        alice, logins = self.login_losing(("Login",), 0.3, 0.05, count=5)
         # Each retry's timer is set again once its Pong measured the RTT.
-        self.assertEqual(logins, [0.01, 0.12, 0.32, 0.72])
+        self.assertEqual(logins, [0, 0.01, 0.11, 0.12, 0.31, 0.32])
         self.assertAlmostEqual(alice.rtt.srtt, 0.01, places=3)
 
     def test_login_again_after_the_lobby_forgot(self):
@@ -217,9 +226,10 @@ class LoginTests(SynchronousTestCase):
         alice = w.client("alice")
         skew[0] = 120  # our keepalives are now two minutes behind: stale
         w.advance(61)
-        self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="stale"), 2)
-        self.assertEqual([kind(s.data) for s in w.net.sent if s.dst == LOBBY][-4:],
-                         ["Keepalive", "Keepalive", "Ping", "Login"])
+        # Two keepalives and the optimistic Login (on the old offset) stale.
+        self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="stale"), 3)
+        self.assertEqual([kind(s.data) for s in w.net.sent if s.dst == LOBBY][-5:],
+                         ["Keepalive", "Keepalive", "Login", "Ping", "Login"])
         self.assertLess(abs(alice.stamper.offset - 120), 0.1)
         self.assertLess(w.clock.seconds() + 120 - w.lobby.presence["alice"].seen, 1.1)
 
@@ -313,8 +323,9 @@ class CapturedLobbyFrameTests(SynchronousTestCase):
 
     def test_login_follows_a_clock_probe(self):
         """
-        A client whose clock is an hour off still logs in: its Ping learns
-        the lobby's clock, and its Login is stamped on it.
+        A client whose clock is an hour off still logs in: its optimistic
+        Login is stale, but its Ping learns the lobby's clock, and the next
+        Login is stamped on it.
         """
         w = World(self)
 
@@ -327,8 +338,92 @@ class CapturedLobbyFrameTests(SynchronousTestCase):
         d = alice.start()
         w.advance(0.05)
         self.successResultOf(d)
-        self.assertEqual([kind(s.data) for s in w.net.sent if s.dst == LOBBY], ["Ping", "Login"])
+        self.assertEqual([kind(s.data) for s in w.net.sent if s.dst == LOBBY],
+                         ["Login", "Ping", "Login"])
+        self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="stale"), 1)
         self.assertLess(abs(alice.stamper.offset - 3600), 0.1)
+
+
+class OptimisticLoginTests(SynchronousTestCase):
+    """
+    The Login goes with the clock probe, stamped on our own clock: one
+    round trip when the lobby accepts it, and no loss when it does not.
+    """
+
+    def start(self, skew=0.0, mark=None):
+        """
+        Alice logs in to a lobby whose clock is C{skew} seconds ahead of
+        hers (C{mark}: a stamp of her key the lobby accepted before, in
+        seconds of its clock); the world, alice, and what she sent to the
+        lobby within 10 ms (one round trip) and 20 ms.
+        """
+        w = World(self)
+
+        class LobbyClock:
+            def seconds(self):
+                return w.clock.seconds() + skew
+
+        w.lobby.clock = w.lobby_proto.replay._clock = LobbyClock()
+        if mark is not None:
+            self.assertIsNone(w.lobby_proto.replay.check("alice", int(mark * 1_000_000)))
+        alice = w.client("alice", login=False)
+        d = alice.start()
+        w.advance(0.01)
+        one = (d.called, [kind(s.data) for s in w.net.sent if s.dst == LOBBY])
+        w.advance(0.01)
+        self.assertIs(self.successResultOf(d), alice)
+        return w, alice, one
+
+    def stays(self, w, alice, replays=0):
+        """Her keepalives go on being accepted for two minutes."""
+        w.advance(120)
+        w.lobby.expire()
+        self.assertIn("alice", w.lobby.presence)
+        self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="replay"), replays)
+        keepalives = [s for s in w.net.sent if s.dst == LOBBY and kind(s.data) == "Keepalive"]
+        self.assertEqual(len(keepalives), 6)
+
+    def test_logged_in_after_one_round_trip(self):
+        w, alice, (called, sent) = self.start()
+        self.assertEqual((called, sent), (True, ["Login", "Ping"]))
+        self.assertEqual(len([s for s in w.net.sent if kind(s.data) == "Login"]), 1)
+        self.stays(w, alice)
+
+    def test_clock_30s_ahead(self):
+        """
+        The lobby accepted the guess, 30 s ahead of its clock: the stamps
+        that follow, on its clock, must not fall below it (they would be
+        replays for 30 s).
+        """
+        w, alice, (called, sent) = self.start(skew=-30)
+        self.assertEqual((called, sent), (True, ["Login", "Ping"]))
+        self.assertLess(abs(alice.stamper.offset + 30), 0.01)
+        self.stays(w, alice)
+
+    def test_clock_30s_behind(self):
+        w, alice, (called, sent) = self.start(skew=30)
+        self.assertEqual((called, sent), (True, ["Login", "Ping"]))
+        self.stays(w, alice)
+
+    def test_clock_two_minutes_off(self):
+        """Stale: the Pong's Login logs in, one round trip later, as before."""
+        for skew in (120, -120):
+            w, alice, (called, sent) = self.start(skew=skew)
+            self.assertEqual((called, sent), (False, ["Login", "Ping", "Login"]))
+            self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="stale"), 1)
+            self.stays(w, alice)
+
+    def test_guess_below_an_earlier_stamp(self):
+        """
+        Our clock is 10 s behind and an earlier run of ours logged in on the
+        lobby's clock a second ago: the guess is a replay, the Pong's Login
+        is accepted.
+        """
+        now = 1_700_000_000
+        w, alice, (called, sent) = self.start(skew=10, mark=now + 10 - 1)
+        self.assertEqual((called, sent), (False, ["Login", "Ping", "Login"]))
+        self.assertEqual(w.metrics.value("p2pnat_udp_dropped_total", reason="replay"), 1)
+        self.stays(w, alice, replays=1)
 
 
 class ConnectTests(SynchronousTestCase):
@@ -531,21 +626,39 @@ class RttTimerTests(SynchronousTestCase):
         """
         In a fresh process (the cache has no NAT yet), start() asks for no
         port mapping before discovery answers: its import and requests
-        would delay the lobby's Pong and so the login.  Behind a cone NAT
-        it is asked once logged in; behind a NAT with random ports (which
-        needs it) as soon as discovery says so, and the login waits for it.
+        would delay the lobby's answers and so the login.  Behind a cone NAT
+        it is asked MAPPING_DELAY after the login (a connect made at once
+        goes first); behind a NAT with random ports (which needs it) as
+        soon as discovery says so, and the login waits for it.
         """
         for nat in (CONE, RANDOM):
             asked = []
             w, _, alice = self._cached_client(nat, asked)
+            t0 = w.clock.seconds()
             d = alice.start()
             self.assertEqual(asked, [], nat)
             w.advance(0.03)
-            self.assertEqual(len(asked), 1, nat)
-            self.assertGreater(asked[0], w.clock.seconds() - 0.03, nat)
             self.successResultOf(d)
+            if nat is CONE:
+                self.assertEqual(asked, [])
+                w.advance(alice.MAPPING_DELAY)
+                self.assertEqual(len(asked), 1)
+                self.assertLess(abs(asked[0] - t0 - alice.MAPPING_DELAY - 0.01), 0.01)
+            else:
+                self.assertEqual(len(asked), 1, nat)
+                self.assertGreater(asked[0], w.clock.seconds() - 0.03, nat)
             alice.stop()
             w.advance(3)
+
+    def test_no_port_mapping_after_stop(self):
+        """A client stopped before MAPPING_DELAY asks for no mapping."""
+        asked = []
+        w, _, alice = self._cached_client(CONE, asked)
+        alice.start()
+        w.advance(0.03)
+        alice.stop()
+        w.advance(3)
+        self.assertEqual(asked, [])
 
     def test_discovery_alongside_the_login(self):
         """
@@ -561,7 +674,7 @@ class RttTimerTests(SynchronousTestCase):
         w.advance(0.03)
         self.assertIs(self.successResultOf(d), alice)
         self.assertEqual((alice.nat.mapping, alice.nat.allocation), (EI, "preserving"))
-        self.assertEqual(len(asked), 1)  # asked once logged in, not waited for
+        self.assertEqual(len(asked), 0)  # asked after the login, not waited for
         w.advance(0.3)
         self.assertEqual(alice.nat.filtering, APD)  # the run's end told the rest
         self.assertEqual(cache.runs, 1)
@@ -569,6 +682,7 @@ class RttTimerTests(SynchronousTestCase):
         nat.forget()  # the NAT reboots: a new mapping, the same behaviour
         w.advance(21)
         self.assertEqual(cache.runs, 1)  # a new port alone is no reason to measure again
+        self.assertEqual(len(asked), 1)
         nat.ip = "203.0.113.7"  # another network: another public IP
         nat.forget()
         w.advance(21)

@@ -293,6 +293,80 @@ class StamperTests(SynchronousTestCase):
         self.assertEqual(s(), 10_000_000)
 
 
+class OptimisticStampTests(SynchronousTestCase):
+    """
+    A login stamped on a guessed clock (ours) before the receiver's clock
+    is known: after L{wire.Stamper.sync}, the next stamps are accepted
+    whether or not the receiver accepted the guessed one.
+    """
+
+    def exchange(self, skew):
+        """
+        Our clock is C{skew} seconds ahead of the receiver's: one stamp on
+        our own clock, then a 20 ms exchange that tells the receiver's
+        clock, then keepalives.  The receiver's verdicts on each.
+        """
+        ours, theirs = Clock(), Clock()
+        theirs.advance(1_700_000_000)
+        ours.advance(1_700_000_000 + skew)
+        guard = wire.ReplayGuard(theirs)
+        s = wire.Stamper(ours)
+        verdicts = [guard.check("c", s())]  # the optimistic login
+        sent = ours.seconds()
+        ours.advance(0.01)
+        theirs.advance(0.01)
+        server_time = int(theirs.seconds() * 1_000_000)
+        ours.advance(0.01)
+        theirs.advance(0.01)
+        s.sync(sent, ours.seconds(), server_time)
+        self.assertAlmostEqual(s.offset, -skew, places=3)
+        for _ in range(3):  # the next login or keepalives, a second apart
+            verdicts.append(guard.check("c", s()))
+            ours.advance(1)
+            theirs.advance(1)
+        return verdicts, s
+
+    def test_clock_ahead_within_the_window(self):
+        """
+        30 s ahead: the receiver accepted the guessed stamp, so later stamps
+        stay above it (before, they stepped back and were replays for 30 s).
+        """
+        verdicts, _ = self.exchange(30)
+        self.assertEqual(verdicts, [None, None, None, None])
+
+    def test_clock_behind_within_the_window(self):
+        verdicts, s = self.exchange(-30)
+        self.assertEqual(verdicts, [None, None, None, None])
+
+    def test_clock_two_minutes_ahead(self):
+        """
+        Beyond the window: the guessed stamp was refused, and the next ones
+        step back onto the receiver's clock instead of staying stale.
+        """
+        verdicts, s = self.exchange(120)
+        self.assertEqual(verdicts, ["stale", None, None, None])
+        self.assertLess(abs(s() / 1_000_000 - s.seconds()), 0.01)
+
+    def test_clock_two_minutes_behind(self):
+        verdicts, _ = self.exchange(-120)
+        self.assertEqual(verdicts, ["stale", None, None, None])
+
+    def test_step_back_only_beyond_the_window_and_the_error(self):
+        """
+        A stamp just within the window plus the exchange's uncertainty (half
+        its round trip) may have been accepted: it is kept.
+        """
+        clock = Clock()
+        clock.advance(1000)
+        s = wire.Stamper(clock)
+        s._last = int((1000 + 60.05) * 1_000_000)
+        s.sync(999.9, 1000.0, 1000 * 1_000_000 - 50_000)  # receiver = ours, 0.1 s exchange
+        self.assertGreater(s(), int(1060 * 1_000_000))
+        s._last = int((1000 + 60.1) * 1_000_000)
+        s.sync(999.99, 1000.0, 1000 * 1_000_000 - 5_000)  # a 10 ms exchange
+        self.assertLess(s(), int(1001 * 1_000_000))
+
+
 class AddressTests(SynchronousTestCase):
     def test_pack_unpack(self):
         for addr in [("1.2.3.4", 0), ("::", 65535), ("fe80::1", 80)]:
