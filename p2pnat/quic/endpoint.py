@@ -256,6 +256,7 @@ class QuicEndpoint:
             socket.register(cid, self)
         self.connection.change_connection_id()
         self.connection.send_ping(next(self._ping_ids))
+        self.connection.reset_datagram_size()  # the new route's MTU is unknown
         self.schedule_transmit()
 
     def route_changed(self):
