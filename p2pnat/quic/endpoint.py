@@ -62,7 +62,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python import failure
 
 from p2pnat.daemon.logs import Logger
-from p2pnat.net.udp import DropLog
+from p2pnat.net.udp import DropLog, SendTo
 from p2pnat.protocol import stun, wire
 from p2pnat.quic import connection as _connection
 from p2pnat.quic import header
@@ -651,6 +651,7 @@ class QuicSocket(DatagramProtocol):
         self.drop_log = DropLog(self.log, clock)
         self.dropped = {}
         self.send_errors = 0
+        self._sendto = SendTo()
         self._routes = {}  # connection ID -> QuicEndpoint
         self._endpoints = set()
         self._accept = None
@@ -815,7 +816,7 @@ class QuicSocket(DatagramProtocol):
         if self.transport is None:
             return
         try:
-            self.transport.write(data, addr)
+            self._sendto(self.transport, data, addr)
         except (OSError, error.MessageLengthError) as e:
             # EAGAIN on a full socket buffer, ENETUNREACH while an interface
             # changes: QUIC's loss recovery sends it again.

@@ -10,6 +10,7 @@ import os
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.trial.unittest import TestCase
 
+from p2pnat.net.udp import SendTo
 from p2pnat.quic import Credentials, HandshakeFailed, StreamRefused
 from p2pnat.quic.connection import MAX_DATAGRAM_PAYLOAD
 from tests.support.quic import Deployment, QuicPair, SinkFactory, Source, payload
@@ -327,3 +328,58 @@ class PathChangeTests(TestCase):
         bob = pair.b_endpoints[0]
         self.assertEqual(bob.peer_address[1], new_port.getHost().port)
         self.assertIn(alice, new.endpoints)
+
+
+class _Collect(protocol.DatagramProtocol):
+    def __init__(self):
+        self.received = []
+
+    def datagramReceived(self, data, addr):
+        self.received.append(data)
+
+
+class SendToTests(TestCase):
+    """L{p2pnat.net.udp.SendTo}, the send path of QUIC's sockets, on loopback."""
+
+    def setUp(self):
+        self.sink = _Collect()
+        sink_port = reactor.listenUDP(0, self.sink, interface="127.0.0.1")
+        self.port = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(sink_port.stopListening)
+        self.addCleanup(self.port.stopListening)
+        self.addr = ("127.0.0.1", sink_port.getHost().port)
+
+    @defer.inlineCallbacks
+    def test_sends_as_port_write(self):
+        """
+        Datagrams arrive in order, the first checked by Twisted and the
+        next ones sent directly; what Twisted refuses is refused every time
+        (a host name, an address of the other family), and an oversized
+        datagram to a known address raises MessageLengthError as
+        Port.write does.
+        """
+        sendto = SendTo()
+        for i in range(5):
+            sendto(self.port, b"%d" % i, self.addr)
+        for bad in (("localhost", self.addr[1]), ("::1", self.addr[1])):
+            for _ in range(2):
+                self.assertRaises(error.InvalidAddressError, sendto, self.port, b"x", bad)
+        self.assertRaises(error.MessageLengthError, sendto, self.port, b"x" * 70000, self.addr)
+        for _ in range(50):
+            if len(self.sink.received) == 5:
+                break
+            yield sleep(0.01)
+        self.assertEqual(self.sink.received, [b"0", b"1", b"2", b"3", b"4"])
+
+    def test_other_transports_write(self):
+        """A transport that is not a Twisted UDP port gets write() for every datagram."""
+        written = []
+
+        class Transport:
+            def write(self, data, addr):
+                written.append((data, addr))
+
+        sendto, transport = SendTo(), Transport()
+        for i in range(3):
+            sendto(transport, b"%d" % i, self.addr)
+        self.assertEqual(written, [(b"%d" % i, self.addr) for i in range(3)])
