@@ -28,6 +28,8 @@ a standard RFC 5780 client runs its tests only after seeing them.
 
 import errno
 import ipaddress
+import socket
+import sys
 from collections import OrderedDict
 
 from twisted.internet import error
@@ -91,6 +93,40 @@ class DropLog:
         if count <= self.burst:
             self.log.info("dropped datagram from {addr}: {reason} {detail}", addr=wire.format_addr(addr),
                           reason=reason, detail=detail)
+
+
+# <linux/in.h>, <linux/in6.h>; Python's socket module does not name them.
+_IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE = 10, 23, 3
+
+
+def no_fragmentation(transport):
+    """
+    Have the kernel send the UDP socket under C{transport} with the
+    don't-fragment bit set and never fragment its datagrams, whatever path
+    MTU it has learnt from ICMP (Linux's C{IP_PMTUDISC_PROBE}, for IPv4
+    and IPv6).  QUIC requires it (RFC 9000 section 14): its path MTU
+    probes must find what the path carries whole, not what IP fragments
+    carry (fragments that NATs and firewalls often drop).  Every datagram
+    p2pnat sends otherwise fits the 1200 bytes every path carries.
+
+    @return: whether it was set (False for a transport without a socket, or
+        off Linux: the kernel's default stays).
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is None or not sys.platform.startswith("linux"):
+        return False
+    done = False
+    options = [(socket.IPPROTO_IP, _IP_MTU_DISCOVER)]
+    if sock.family == socket.AF_INET6:
+        # A dual-stack socket's IPv4 traffic follows the IPv4 option.
+        options.append((socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER))
+    for level, option in options:
+        try:
+            sock.setsockopt(level, option, _PMTUDISC_PROBE)
+            done = True
+        except OSError:
+            pass
+    return done
 
 
 class SendTo:
@@ -231,6 +267,10 @@ class ControlProtocol(DatagramProtocol):
         #: L{link_siblings}.
         self.siblings = {}
         self._sendto = SendTo()
+
+    def startProtocol(self):
+        # QUIC runs on these sockets (a punched path's): see no_fragmentation.
+        no_fragmentation(self.transport)
 
     def drop(self, reason, addr, detail=""):
         self.metrics.drop(reason)

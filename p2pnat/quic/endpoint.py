@@ -62,7 +62,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python import failure
 
 from p2pnat.daemon.logs import Logger
-from p2pnat.net.udp import DropLog, SendTo
+from p2pnat.net.udp import DropLog, SendTo, no_fragmentation
 from p2pnat.protocol import stun, wire
 from p2pnat.quic import connection as _connection
 from p2pnat.quic import header
@@ -733,6 +733,10 @@ class QuicSocket(DatagramProtocol):
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         self.drop_log(reason, addr, detail)
 
+
+    def startProtocol(self):
+        # Path MTU probes must find what the path carries unfragmented.
+        no_fragmentation(self.transport)
 
     def datagramReceived(self, data, addr):
         addr = addr[:2]

@@ -6,12 +6,17 @@ replayed packets, and a peer whose address changes mid-transfer.
 
 import hashlib
 import os
+import socket
+import sys
+from unittest import SkipTest
 
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.trial.unittest import TestCase
 
-from p2pnat.net.udp import SendTo
-from p2pnat.quic import Credentials, HandshakeFailed, StreamRefused
+from p2pnat.daemon.metrics import Metrics
+from p2pnat.net.udp import ControlProtocol, SendTo, no_fragmentation
+from p2pnat.protocol import wire
+from p2pnat.quic import Credentials, HandshakeFailed, QuicSocket, StreamRefused
 from p2pnat.quic.connection import MAX_DATAGRAM_PAYLOAD
 from tests.support.quic import Deployment, QuicPair, SinkFactory, Source, payload
 
@@ -383,3 +388,34 @@ class SendToTests(TestCase):
         for i in range(3):
             sendto(transport, b"%d" % i, self.addr)
         self.assertEqual(written, [(b"%d" % i, self.addr) for i in range(3)])
+
+
+class FragmentationTests(TestCase):
+    """QUIC's sockets never let IP fragment their datagrams (RFC 9000 section 14)."""
+
+    def test_quic_socket_sets_probe_mode(self):
+        """
+        A QuicSocket's UDP socket has the don't-fragment bit on and ignores
+        learnt path MTUs (Linux IP_PMTUDISC_PROBE), so that a path MTU probe
+        too large for the path is lost instead of sent in fragments.
+        """
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("Linux socket option")
+        creds = Deployment().client("alice")
+        quic = QuicSocket(reactor, creds)
+        port = reactor.listenUDP(0, quic, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.assertEqual(port.socket.getsockopt(socket.IPPROTO_IP, 10), 3)
+
+    def test_control_socket_sets_probe_mode(self):
+        """The same for a path's socket (a ControlProtocol), which carries direct QUIC."""
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("Linux socket option")
+        proto = ControlProtocol(None, reactor, Metrics("test"), wire.ReplayGuard(reactor))
+        port = reactor.listenUDP(0, proto, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.assertEqual(port.socket.getsockopt(socket.IPPROTO_IP, 10), 3)
+
+    def test_without_socket(self):
+        """A transport without a socket (a path's, a test's) is left alone."""
+        self.assertFalse(no_fragmentation(object()))
