@@ -154,8 +154,7 @@ _TLS_INTERNALS = ("_check_certificate_verify_signature", "_server_expect_finishe
 #: supports), without the three other key pairs aioquic's client would make
 #: and throw away on every handshake (P-384, X25519, X448: ~0.5 ms of CPU).
 KEY_EXCHANGE_GROUP = tls.Group.SECP256R1
-_CONNECTION_INTERNALS = ("_initialize", "_flush_builder", "_packet_number", "_peer_cid",
-                         "host_cid", "_cryptos", "_state", "_version", "_handshake_confirmed", "_loss", "_max_datagram_size",
+_CONNECTION_INTERNALS = ("_initialize", "_handshake_confirmed", "_loss", "_max_datagram_size",
                          "_write_stream_limits", "_datagrams_pending",
                          "_streams", "_local_max_streams_bidi", "_local_max_streams_uni",
                          "_on_max_stream_data_delivery", "_write_datagram_frame",
@@ -163,7 +162,10 @@ _CONNECTION_INTERNALS = ("_initialize", "_flush_builder", "_packet_number", "_pe
                          "_payload_received", "_network_paths", "_add_network_path",
                          "_use_reserved_peer_cid", "_spaces", "_is_client",
                          # probing a new route at once:
-                         "_send_probe")
+                         "_send_probe",
+                         # path MTU discovery:
+                         "_flush_builder", "_packet_number", "_peer_cid", "host_cid",
+                         "_cryptos", "_state", "_version")
 #: QuicNetworkPath attributes the same relies on.
 _PATH_INTERNALS = ("addr", "is_validated", "peer_cid", "local_challenge_sent",
                    "validation_deadline")
