@@ -173,9 +173,11 @@ def py_spy(out_dir, pids):
 
 
 #: How the innermost frame names its owner, for py-spy's summary (first
-#: match wins): Twisted's socket calls (the system call, with the kernel's
-#: path through the lab, is most of their time), then by package.
+#: match wins): the socket calls, Twisted's and p2pnat's own UDP send
+#: (L{p2pnat.net.udp.SendTo}; the system call, with the kernel's path
+#: through the lab, is most of their time), then by package.
 OWNERS = (("Port.write (twisted/internet/udp.py", "socket calls"),
+          ("SendTo.__call__ (p2pnat/net/udp.py", "socket calls"),
           ("Port.doRead (twisted/internet/udp.py", "socket calls"),
           ("Connection.doRead (twisted/internet/tcp.py", "socket calls"),
           ("untilConcludes (twisted/python/util.py", "socket calls"),

@@ -26,9 +26,14 @@ sibling (OTHER-ADDRESS) and where the answer left from (RESPONSE-ORIGIN):
 a standard RFC 5780 client runs its tests only after seeing them.
 """
 
+import errno
 import ipaddress
+import socket
+import sys
 from collections import OrderedDict
 
+from twisted.internet import error
+from twisted.internet import udp as _twisted_udp
 from twisted.internet.protocol import DatagramProtocol
 
 from p2pnat.daemon.logs import Logger
@@ -88,6 +93,80 @@ class DropLog:
         if count <= self.burst:
             self.log.info("dropped datagram from {addr}: {reason} {detail}", addr=wire.format_addr(addr),
                           reason=reason, detail=detail)
+
+
+# <linux/in.h>, <linux/in6.h>; Python's socket module does not name them.
+_IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE = 10, 23, 3
+
+
+def no_fragmentation(transport):
+    """
+    Have the kernel send the UDP socket under C{transport} with the
+    don't-fragment bit set and never fragment its datagrams, whatever path
+    MTU it has learnt from ICMP (Linux's C{IP_PMTUDISC_PROBE}, for IPv4
+    and IPv6).  QUIC requires it (RFC 9000 section 14): its path MTU
+    probes must find what the path carries whole, not what IP fragments
+    carry (fragments that NATs and firewalls often drop).  Every datagram
+    p2pnat sends otherwise fits the 1200 bytes every path carries.
+
+    @return: whether it was set (False for a transport without a socket, or
+        off Linux: the kernel's default stays).
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is None or not sys.platform.startswith("linux"):
+        return False
+    done = False
+    options = [(socket.IPPROTO_IP, _IP_MTU_DISCOVER)]
+    if sock.family == socket.AF_INET6:
+        # A dual-stack socket's IPv4 traffic follows the IPv4 option.
+        options.append((socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER))
+    for level, option in options:
+        try:
+            sock.setsockopt(level, option, _PMTUDISC_PROBE)
+            done = True
+        except OSError:
+            pass
+    return done
+
+
+class SendTo:
+    """
+    Twisted's C{Port.write}, without its address checks for an address it
+    has already taken from this sender.
+
+    Twisted checks, for every datagram, that the address is an IP literal
+    of the port's family (a host name would make C{sendto} resolve it,
+    blocking the reactor); for a stream of packets to one peer that check
+    cost a third of each send's CPU outside the kernel.  Here an address's
+    first datagram goes through C{Port.write} (checked, and refused as
+    there), and the next ones to the same address on the same port go to
+    the socket directly, with the same handling of errors: EINTR retried,
+    EMSGSIZE raised as C{MessageLengthError}, ECONNREFUSED ignored.  Any
+    other transport (a connected port, a test's) gets C{write} every time.
+    """
+
+    def __init__(self):
+        self._port = None
+        self._addr = None
+
+    def __call__(self, transport, data, addr):
+        """Send C{data} to C{addr} on C{transport}."""
+        if transport is self._port and addr == self._addr:
+            while True:
+                try:
+                    transport.socket.sendto(data, addr)
+                    return
+                except OSError as e:
+                    if e.errno == errno.EINTR:
+                        continue
+                    if e.errno == errno.EMSGSIZE:
+                        raise error.MessageLengthError("message too long") from None
+                    if e.errno == errno.ECONNREFUSED:
+                        return
+                    raise
+        transport.write(data, addr)
+        if type(transport) is _twisted_udp.Port and not transport._connectedAddr:
+            self._port, self._addr = transport, addr
 
 
 def stun_bucket(clock, rate):
@@ -187,6 +266,11 @@ class ControlProtocol(DatagramProtocol):
         #: Sibling sockets by local (host, port), this one included; see
         #: L{link_siblings}.
         self.siblings = {}
+        self._sendto = SendTo()
+
+    def startProtocol(self):
+        # QUIC runs on these sockets (a punched path's): see no_fragmentation.
+        no_fragmentation(self.transport)
 
     def drop(self, reason, addr, detail=""):
         self.metrics.drop(reason)
@@ -251,7 +335,7 @@ class ControlProtocol(DatagramProtocol):
     def send(self, data, addr, kind):
         """Send C{data} (already encoded) and count it."""
         self.metrics.sent(kind)
-        self.transport.write(data, addr)
+        self._sendto(self.transport, data, addr)
 
     def _stun(self, data, addr):
         self.metrics.received("stun")

@@ -4,7 +4,7 @@ aioquic's sans-IO QUIC connection, made to authenticate both peers and to
 apply real flow control.
 
 L{PeerConnection} is an C{aioquic.quic.connection.QuicConnection} with
-six changes, all through aioquic internals that L{check_internals}
+seven changes, all through aioquic internals that L{check_internals}
 verifies (the package refuses to start on an aioquic whose internals
 moved, with one clear message, rather than run without them):
 
@@ -49,6 +49,18 @@ moved, with one clear message, rather than run without them):
   does not answer in time is abandoned for the last validated one.
   Anything else from an unknown address changes nothing.  Counted:
   L{PeerConnection.unauthenticated} datagrams in which no packet passed.
+- Bigger packets where the path carries them (DPLPMTUD, RFC 8899 and RFC
+  9000 section 14.3): packets are L{BASE_DATAGRAM_SIZE} bytes (aioquic's
+  size, which every QUIC path must carry) until the handshake is
+  confirmed on a validated path; then one probe, a PING padded to a
+  candidate size of L{PROBE_SIZES}, goes out, and once it is acknowledged
+  every packet may be that large.  A probe is not congestion controlled
+  and its loss is no congestion (section 14.4); L{MAX_PROBES} lost probes
+  of one size make the next smaller candidate the one probed.  Back to the
+  base size: when the route changes (L{PeerConnection.probe_now}, a new
+  peer address, a new local socket: the new route is probed again) and
+  when L{BLACK_HOLE_PTOS} probe timeouts in a row suggest that big packets
+  no longer pass (probed again after L{PROBE_RETRY} seconds).
 """
 
 import functools
@@ -58,8 +70,8 @@ import ssl
 from aioquic import tls
 from aioquic.quic import connection as _connection
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.packet import QuicFrameType
-from aioquic.quic.packet_builder import QuicPacketBuilderStop
+from aioquic.quic.packet import QuicFrameType, QuicPacketType
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilderStop
 from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.stream import QuicStreamSender
 
@@ -80,6 +92,21 @@ DATAGRAMS_APART = 16
 #: The largest DATAGRAM payload that fits a 1200-byte packet with a short
 #: header, an 8-byte connection ID, the AEAD tag and the frame's own header.
 MAX_DATAGRAM_PAYLOAD = 1150
+#: Packets are this large until a larger size is probed (aioquic's default;
+#: RFC 9000 section 14: every QUIC path carries it).
+BASE_DATAGRAM_SIZE = 1200
+#: Sizes probed, largest first: 1452 bytes is a 1500-byte Ethernet MTU less
+#: an IPv6 and a UDP header (an IPv4 header is smaller), 1350 fits a path
+#: with one tunnel's overhead (a VPN, PPPoE).  A relayed path carries them
+#: in fragments (L{p2pnat.peer.streams.fragments}), at most two as for the
+#: base size.
+PROBE_SIZES = (1452, 1350)
+#: Lost probes of one size before the next smaller one is tried.
+MAX_PROBES = 3
+#: Consecutive probe timeouts that send packets back to the base size.
+BLACK_HOLE_PTOS = 2
+#: Seconds after such a fall-back before the larger sizes are probed again.
+PROBE_RETRY = 30.0
 
 
 # aioquic logs through the standard library under "quic" (a refused peer at
@@ -121,7 +148,12 @@ class _CertificateRequired(tls.Alert):
 
 _TLS_INTERNALS = ("_check_certificate_verify_signature", "_server_expect_finished",
                   "_request_client_certificate", "_peer_certificate",
-                  "_peer_certificate_chain")
+                  "_peer_certificate_chain", "_supported_groups")
+#: The one key exchange group the connecting side offers: the one an
+#: accepting aioquic picks today anyway (the first of the client's shares it
+#: supports), without the three other key pairs aioquic's client would make
+#: and throw away on every handshake (P-384, X25519, X448: ~0.5 ms of CPU).
+KEY_EXCHANGE_GROUP = tls.Group.SECP256R1
 _CONNECTION_INTERNALS = ("_initialize", "_handshake_confirmed", "_loss", "_max_datagram_size",
                          "_write_stream_limits", "_datagrams_pending",
                          "_streams", "_local_max_streams_bidi", "_local_max_streams_uni",
@@ -130,7 +162,10 @@ _CONNECTION_INTERNALS = ("_initialize", "_handshake_confirmed", "_loss", "_max_d
                          "_payload_received", "_network_paths", "_add_network_path",
                          "_use_reserved_peer_cid", "_spaces", "_is_client",
                          # probing a new route at once:
-                         "_send_probe")
+                         "_send_probe",
+                         # path MTU discovery:
+                         "_flush_builder", "_packet_number", "_peer_cid", "host_cid",
+                         "_cryptos", "_state", "_version")
 #: QuicNetworkPath attributes the same relies on.
 _PATH_INTERNALS = ("addr", "is_validated", "peer_cid", "local_challenge_sent",
                    "validation_deadline")
@@ -162,6 +197,12 @@ def check_internals():
                 if not hasattr(network_path, name)]
     if not hasattr(_connection.QuicPacketBuilder, "packet_number"):
         missing.append("QuicPacketBuilder.packet_number")
+    builder = _connection.QuicPacketBuilder(host_cid=b"", peer_cid=b"", version=1,
+                                            is_client=True, max_datagram_size=1200)
+    if not hasattr(builder, "_packet"):
+        missing.append("QuicPacketBuilder._packet")
+    if not hasattr(_connection, "END_STATES"):
+        missing.append("connection.END_STATES")
     if not hasattr(QuicStreamSender(0, True), "_buffer_stop"):
         missing.append("QuicStreamSender._buffer_stop")
     if missing:
@@ -233,6 +274,15 @@ class PeerConnection(_connection.QuicConnection):
         # announced from there (see _write_stream_limits).
         self._consumed = {}
         self._loss._pacer = CoarsePacer(max_datagram_size=self._max_datagram_size)
+        # Path MTU discovery (see the module): the sizes still to try, the
+        # probe in flight (size, lost count), when probing may start, and
+        # the network path the current size was found on.
+        self._pmtu_candidates = list(PROBE_SIZES)
+        self._pmtu_probe = None
+        self._pmtu_lost = 0
+        self._pmtu_not_before = None
+        self._pmtu_path = None
+        self.pmtu_probes = {"sent": 0, "acked": 0, "lost": 0, "fallbacks": 0}
         for limit, value in ((self._local_max_streams_bidi, max_streams),
                              (self._local_max_streams_uni, 0)):
             limit.value = limit.sent = value
@@ -244,6 +294,8 @@ class PeerConnection(_connection.QuicConnection):
         context = self.tls
         if not self._is_client:
             context._request_client_certificate = True
+        else:
+            context._supported_groups = [KEY_EXCHANGE_GROUP]
         check_signature = context._check_certificate_verify_signature
         expect_finished = context._server_expect_finished
 
@@ -333,6 +385,7 @@ class PeerConnection(_connection.QuicConnection):
             network_path.local_challenge_sent = False
             network_path.validation_deadline = None
         self.peer_moves += 1
+        self.reset_datagram_size()
 
     def probe_now(self):
         """
@@ -345,12 +398,105 @@ class PeerConnection(_connection.QuicConnection):
         """
         self._loss._pto_count = 0
         self._send_probe()
+        self.reset_datagram_size()
 
     def _payload_received(self, context, *args, **kwargs):
         # Called for each packet that decrypted and is not a duplicate.
         result = super()._payload_received(context, *args, **kwargs)
         self._passed.append((context.network_path, result[1]))
         return result
+
+    # -- packet size --------------------------------------------------------------
+
+    @property
+    def datagram_size(self):
+        """The largest UDP payload this connection sends now, bytes."""
+        return self._max_datagram_size
+
+    def reset_datagram_size(self, not_before=None):
+        """
+        Send base-size packets from now on (the route changed, or big
+        packets seem to be lost), and probe the larger sizes again at the
+        next transmission, or not before C{not_before} (the clock of
+        C{datagrams_to_send}'s C{now}).
+        """
+        self._set_datagram_size(BASE_DATAGRAM_SIZE)
+        self._pmtu_candidates = list(PROBE_SIZES)
+        self._pmtu_probe = None  # one still in flight proves nothing now
+        self._pmtu_lost = 0
+        self._pmtu_not_before = not_before
+        self._pmtu_path = None
+
+    def _set_datagram_size(self, size):
+        # The builder of each transmission and the pacer read it; the
+        # congestion controller keeps counting its window in bytes (its
+        # additive increase stays a base-size packet per RTT).
+        self._max_datagram_size = size
+        self._loss._pacer._max_datagram_size = size
+
+    def datagrams_to_send(self, now):
+        """aioquic's, plus path MTU discovery (see the module)."""
+        paths = self._network_paths
+        if self._pmtu_path is not None and (not paths or paths[0] is not self._pmtu_path):
+            self.reset_datagram_size()  # a new path: its MTU is unknown
+        elif (self._max_datagram_size > BASE_DATAGRAM_SIZE
+              and self._loss._pto_count >= BLACK_HOLE_PTOS):
+            self.pmtu_probes["fallbacks"] += 1
+            self.reset_datagram_size(not_before=now + PROBE_RETRY)
+        datagrams = super().datagrams_to_send(now)
+        if self._pmtu_probe_due(now):
+            datagrams += self._send_pmtu_probe(now)
+        return datagrams
+
+    def _pmtu_probe_due(self, now):
+        return (self._pmtu_probe is None and bool(self._pmtu_candidates)
+                and self._handshake_confirmed and self._state not in _connection.END_STATES
+                and bool(self._network_paths) and self._network_paths[0].is_validated
+                and (self._pmtu_not_before is None or now >= self._pmtu_not_before))
+
+    def _send_pmtu_probe(self, now):
+        size = self._pmtu_candidates[0]
+        network_path = self._network_paths[0]
+        builder = _connection.QuicPacketBuilder(
+            host_cid=self.host_cid, is_client=self._is_client, max_datagram_size=size,
+            packet_number=self._packet_number, peer_cid=self._peer_cid.cid,
+            version=self._version)
+        crypto = self._cryptos[tls.Epoch.ONE_RTT]
+        if not crypto.send.is_valid():
+            return []
+        number = builder.packet_number
+        builder.start_packet(QuicPacketType.ONE_RTT, crypto)
+        buf = builder.start_frame(QuicFrameType.PING, capacity=1,
+                                  handler=self._on_pmtu_probe,
+                                  handler_args=(size, number, network_path))
+        # PADDING frames (zero bytes) up to the size, the AEAD tag included.
+        buf.push_bytes(bytes(builder.remaining_buffer_space))
+        # Not in flight: neither counted against nor taken from the
+        # congestion window when lost (RFC 9000 section 14.4).
+        builder._packet.in_flight = False
+        self._pmtu_probe = number
+        self.pmtu_probes["sent"] += 1
+        return self._flush_builder(builder=builder, network_path=network_path,
+                                   peer_cid=self._peer_cid.cid, now=now)
+
+    def _on_pmtu_probe(self, delivery, size, number, network_path):
+        if self._pmtu_probe != number:
+            return  # sent before a reset: it proves nothing about this route
+        self._pmtu_probe = None
+        if delivery == QuicDeliveryState.ACKED:
+            self.pmtu_probes["acked"] += 1
+            if size > self._max_datagram_size:
+                self._set_datagram_size(size)
+            self._pmtu_path = network_path
+            # The largest fitting candidate is found: nothing left to try.
+            self._pmtu_candidates = []
+            self._pmtu_lost = 0
+            return
+        self.pmtu_probes["lost"] += 1
+        self._pmtu_lost += 1
+        if self._pmtu_lost >= MAX_PROBES:
+            self._pmtu_candidates.pop(0)
+            self._pmtu_lost = 0
 
     # -- flow control -------------------------------------------------------------
 

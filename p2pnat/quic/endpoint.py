@@ -70,7 +70,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python import failure
 
 from p2pnat.daemon.logs import Logger
-from p2pnat.net.udp import DropLog
+from p2pnat.net.udp import DropLog, SendTo, no_fragmentation
 from p2pnat.protocol import stun, wire
 from p2pnat.quic import connection as _connection
 from p2pnat.quic import header
@@ -268,6 +268,7 @@ class QuicEndpoint:
             socket.register(cid, self)
         self.connection.change_connection_id()
         self.connection.send_ping(next(self._ping_ids))
+        self.connection.reset_datagram_size()  # the new route's MTU is unknown
         self.schedule_transmit()
 
     def route_changed(self):
@@ -674,6 +675,7 @@ class QuicSocket(DatagramProtocol):
         self.drop_log = DropLog(self.log, clock)
         self.dropped = {}
         self.send_errors = 0
+        self._sendto = SendTo()
         self._routes = {}  # connection ID -> QuicEndpoint
         self._endpoints = set()
         self._accept = None
@@ -755,6 +757,10 @@ class QuicSocket(DatagramProtocol):
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         self.drop_log(reason, addr, detail)
 
+
+    def startProtocol(self):
+        # Path MTU probes must find what the path carries unfragmented.
+        no_fragmentation(self.transport)
 
     def datagramReceived(self, data, addr):
         addr = addr[:2]
@@ -838,7 +844,7 @@ class QuicSocket(DatagramProtocol):
         if self.transport is None:
             return
         try:
-            self.transport.write(data, addr)
+            self._sendto(self.transport, data, addr)
         except (OSError, error.MessageLengthError) as e:
             # EAGAIN on a full socket buffer, ENETUNREACH while an interface
             # changes: QUIC's loss recovery sends it again.

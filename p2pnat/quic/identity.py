@@ -20,6 +20,7 @@ injected clock).
 """
 
 import datetime
+import functools
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -97,6 +98,17 @@ def identity_of(cert):
     """
     cert = pki.as_cryptography(cert)
     try:
+        return _identity_of(cert)
+    except TypeError:  # unhashable: read it without the cache
+        return _identity_of.__wrapped__(cert)
+
+
+# The same peers present the same certificates again and again: what one
+# names is read once.  A certificate compares and hashes by its DER bytes, so
+# a cached answer is for exactly that certificate.
+@functools.lru_cache(maxsize=256)
+def _identity_of(cert):
+    try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except (x509.ExtensionNotFound, ValueError):
@@ -137,8 +149,8 @@ def check_peer(cert, chain, ca_certs, expected, now):
         C{expected}.
     """
     store = crypto.X509Store()
-    for ca in ca_certs:
-        store.add_cert(crypto.X509.from_cryptography(pki.as_cryptography(ca)))
+    for ca in _anchors(ca_certs):
+        store.add_cert(ca)
     store.set_time(datetime.datetime.fromtimestamp(now, datetime.UTC)
                    .replace(tzinfo=None))
     ctx = crypto.X509StoreContext(store, crypto.X509.from_cryptography(cert),
@@ -161,6 +173,21 @@ def check_peer(cert, chain, ca_certs, expected, now):
         raise PeerCertificateError(
             f"peer certificate names {identity}, expected {wanted}")
     return identity
+
+
+def _anchors(ca_certs):
+    """C{ca_certs} as pyOpenSSL certificates, converted once per set of CAs."""
+    try:
+        return _converted_anchors(tuple(ca_certs))
+    except TypeError:  # unhashable certificates: convert them every time
+        return _converted_anchors.__wrapped__(ca_certs)
+
+
+# Only the conversion is cached: each check builds its own store, so that the
+# time it is checked at belongs to that check alone.
+@functools.lru_cache(maxsize=16)
+def _converted_anchors(ca_certs):
+    return tuple(crypto.X509.from_cryptography(pki.as_cryptography(ca)) for ca in ca_certs)
 
 
 @dataclass(frozen=True)

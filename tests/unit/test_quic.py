@@ -6,11 +6,17 @@ replayed packets, and a peer whose address changes mid-transfer.
 
 import hashlib
 import os
+import socket
+import sys
+from unittest import SkipTest
 
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.trial.unittest import TestCase
 
-from p2pnat.quic import Credentials, HandshakeFailed, StreamRefused
+from p2pnat.daemon.metrics import Metrics
+from p2pnat.net.udp import ControlProtocol, SendTo, no_fragmentation
+from p2pnat.protocol import wire
+from p2pnat.quic import Credentials, HandshakeFailed, QuicSocket, StreamRefused
 from p2pnat.quic.connection import MAX_DATAGRAM_PAYLOAD
 from tests.support.quic import Deployment, QuicPair, SinkFactory, Source, payload
 
@@ -327,3 +333,89 @@ class PathChangeTests(TestCase):
         bob = pair.b_endpoints[0]
         self.assertEqual(bob.peer_address[1], new_port.getHost().port)
         self.assertIn(alice, new.endpoints)
+
+
+class _Collect(protocol.DatagramProtocol):
+    def __init__(self):
+        self.received = []
+
+    def datagramReceived(self, data, addr):
+        self.received.append(data)
+
+
+class SendToTests(TestCase):
+    """L{p2pnat.net.udp.SendTo}, the send path of QUIC's sockets, on loopback."""
+
+    def setUp(self):
+        self.sink = _Collect()
+        sink_port = reactor.listenUDP(0, self.sink, interface="127.0.0.1")
+        self.port = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(sink_port.stopListening)
+        self.addCleanup(self.port.stopListening)
+        self.addr = ("127.0.0.1", sink_port.getHost().port)
+
+    @defer.inlineCallbacks
+    def test_sends_as_port_write(self):
+        """
+        Datagrams arrive in order, the first checked by Twisted and the
+        next ones sent directly; what Twisted refuses is refused every time
+        (a host name, an address of the other family), and an oversized
+        datagram to a known address raises MessageLengthError as
+        Port.write does.
+        """
+        sendto = SendTo()
+        for i in range(5):
+            sendto(self.port, b"%d" % i, self.addr)
+        for bad in (("localhost", self.addr[1]), ("::1", self.addr[1])):
+            for _ in range(2):
+                self.assertRaises(error.InvalidAddressError, sendto, self.port, b"x", bad)
+        self.assertRaises(error.MessageLengthError, sendto, self.port, b"x" * 70000, self.addr)
+        for _ in range(50):
+            if len(self.sink.received) == 5:
+                break
+            yield sleep(0.01)
+        self.assertEqual(self.sink.received, [b"0", b"1", b"2", b"3", b"4"])
+
+    def test_other_transports_write(self):
+        """A transport that is not a Twisted UDP port gets write() for every datagram."""
+        written = []
+
+        class Transport:
+            def write(self, data, addr):
+                written.append((data, addr))
+
+        sendto, transport = SendTo(), Transport()
+        for i in range(3):
+            sendto(transport, b"%d" % i, self.addr)
+        self.assertEqual(written, [(b"%d" % i, self.addr) for i in range(3)])
+
+
+class FragmentationTests(TestCase):
+    """QUIC's sockets never let IP fragment their datagrams (RFC 9000 section 14)."""
+
+    def test_quic_socket_sets_probe_mode(self):
+        """
+        A QuicSocket's UDP socket has the don't-fragment bit on and ignores
+        learnt path MTUs (Linux IP_PMTUDISC_PROBE), so that a path MTU probe
+        too large for the path is lost instead of sent in fragments.
+        """
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("Linux socket option")
+        creds = Deployment().client("alice")
+        quic = QuicSocket(reactor, creds)
+        port = reactor.listenUDP(0, quic, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.assertEqual(port.socket.getsockopt(socket.IPPROTO_IP, 10), 3)
+
+    def test_control_socket_sets_probe_mode(self):
+        """The same for a path's socket (a ControlProtocol), which carries direct QUIC."""
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("Linux socket option")
+        proto = ControlProtocol(None, reactor, Metrics("test"), wire.ReplayGuard(reactor))
+        port = reactor.listenUDP(0, proto, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.assertEqual(port.socket.getsockopt(socket.IPPROTO_IP, 10), 3)
+
+    def test_without_socket(self):
+        """A transport without a socket (a path's, a test's) is left alone."""
+        self.assertFalse(no_fragmentation(object()))

@@ -80,3 +80,22 @@ class ConnectionTests(SynchronousTestCase):
         for _ in range(connection.MAX_PENDING_DATAGRAMS):
             self.assertTrue(conn.send_datagram_frame(b"x"))
         self.assertFalse(conn.send_datagram_frame(b"x"))
+
+    def test_one_key_share(self):
+        """
+        The connecting side offers one key exchange group, P-256 (the one
+        aioquic's accepting side picks among its default offers anyway),
+        and makes no key pair for any other.
+        """
+        clock = task.Clock()
+        clock.advance(T0)
+        creds = Deployment(now=T0).client("alice")
+        conn = connection.PeerConnection(
+            configuration=connection.make_configuration(creds, is_client=True),
+            credentials=creds, expected=None, clock=clock)
+        conn.connect(("192.0.2.1", 4433), now=0.0)
+        context = conn.tls
+        self.assertEqual(context._supported_groups, [connection.KEY_EXCHANGE_GROUP])
+        self.assertEqual([k.curve.name for k in context._ec_private_keys], ["secp256r1"])
+        self.assertIsNone(context._x25519_private_key)
+        self.assertIsNone(context._x448_private_key)

@@ -9,6 +9,7 @@ import hashlib
 from twisted.internet import error, task
 from twisted.trial.unittest import SynchronousTestCase
 
+from p2pnat.quic import connection as quic_connection
 from p2pnat.quic import endpoint as quic_endpoint
 from p2pnat.quic import stream as quic_stream
 from p2pnat.quic.connection import (DATAGRAMS_APART, MAX_DATAGRAM_PAYLOAD,
@@ -435,3 +436,116 @@ class DatagramLossTests(SimTestCase):
         self.assertEqual(got, sent)
         self.assertLess(len(self.to_bob(pair, before)), len(sent) / 4)
         self.close(pair)
+
+
+class PacketSizeTests(SimTestCase):
+    """
+    Path MTU discovery: packets grow to the largest probed size the path
+    carries, and shrink again when the path changes or stops carrying them.
+    """
+
+    def transfer(self, pair, alice, size=300_000, **hooks):
+        """Echo C{size} bytes over a new stream; the sizes of the datagrams sent."""
+        sizes = []
+        lose = self.net.lose
+        self.net.lose = lambda src, dst, data: (sizes.append(len(data)), lose(src, dst, data))[1]
+        data = payload(size)
+        source = Source(data)
+        alice.open_stream("echo", source)
+        self.run_for(5)
+        self.assertIsInstance(self.successResultOf(source.done), error.ConnectionDone)
+        self.assertEqual(source.received.hexdigest(), hashlib.sha256(data).hexdigest())
+        self.net.lose = lose
+        return sizes
+
+    def echo_pair(self):
+        pair = self.pair(services={"echo": SinkFactory(echo=True)})
+        return pair, self.connect(pair)
+
+    def test_largest_size_where_it_fits(self):
+        """
+        On a path that carries anything, both sides send packets of the
+        largest probe size once the handshake is over, one probe each.
+        """
+        pair, alice = self.echo_pair()
+        bob = pair.b_endpoints[0]
+        for conn in (alice.connection, bob.connection):
+            self.assertEqual(conn.datagram_size, quic_connection.PROBE_SIZES[0])
+            self.assertEqual(conn.pmtu_probes, {"sent": 1, "acked": 1, "lost": 0,
+                                                "fallbacks": 0})
+        sizes = self.transfer(pair, alice)
+        self.assertEqual(max(sizes), quic_connection.PROBE_SIZES[0])
+        self.assertGreater(sizes.count(quic_connection.PROBE_SIZES[0]), 300)
+
+    def test_smaller_path(self):
+        """
+        A path that drops datagrams above 1400 bytes: after MAX_PROBES lost
+        probes of the largest size, the next one is used, and nothing
+        larger is sent after that.
+        """
+        self.net.lose = lambda src, dst, data: len(data) > 1400
+        pair, alice = self.echo_pair()
+        self.run_for(3)
+        conn = alice.connection
+        self.assertEqual(conn.datagram_size, quic_connection.PROBE_SIZES[1])
+        self.assertEqual(conn.pmtu_probes["lost"], quic_connection.MAX_PROBES)
+        sizes = self.transfer(pair, alice)
+        self.assertEqual(max(sizes), quic_connection.PROBE_SIZES[1])
+
+    def test_base_size_path(self):
+        """
+        A path that carries nothing above the base size: every probe is
+        lost, packets stay at the base size, and the lost probes take
+        nothing from the congestion window.
+        """
+        self.net.lose = lambda src, dst, data: len(data) > quic_connection.BASE_DATAGRAM_SIZE
+        pair, alice = self.echo_pair()
+        self.run_for(3)
+        conn = alice.connection
+        self.assertEqual(conn.datagram_size, quic_connection.BASE_DATAGRAM_SIZE)
+        self.assertEqual(conn.pmtu_probes["lost"],
+                         quic_connection.MAX_PROBES * len(quic_connection.PROBE_SIZES))
+        self.assertIsNone(conn._loss._cc.ssthresh)  # no congestion event: still slow start
+        self.transfer(pair, alice)
+
+    def test_black_hole(self):
+        """
+        Big packets stop passing mid-transfer: the sender falls back to the
+        base size after BLACK_HOLE_PTOS probe timeouts, the transfer
+        completes, and the large sizes are probed again PROBE_RETRY later.
+        """
+        pair, alice = self.echo_pair()
+        conn = alice.connection
+        self.assertEqual(conn.datagram_size, quic_connection.PROBE_SIZES[0])
+        sizes = []
+
+        def lose(src, dst, data):
+            sizes.append(len(data))
+            return len(data) > quic_connection.BASE_DATAGRAM_SIZE and len(sizes) > 50
+
+        self.net.lose = lose
+        data = payload(1_000_000)
+        source = Source(data)
+        alice.open_stream("echo", source)
+        self.run_for(10)
+        self.assertEqual(source.received.hexdigest(), hashlib.sha256(data).hexdigest())
+        self.assertGreaterEqual(conn.pmtu_probes["fallbacks"], 1)
+        self.assertEqual(conn.datagram_size, quic_connection.BASE_DATAGRAM_SIZE)
+        self.net.lose = lambda src, dst, data: False
+        self.run_for(quic_connection.PROBE_RETRY + 2, step=0.01)
+        alice.ping()
+        self.run_for(1)
+        self.assertEqual(conn.datagram_size, quic_connection.PROBE_SIZES[0])
+
+    def test_route_change_probes_again(self):
+        """
+        When the route below QUIC changes, packets are of the base size
+        until the new route's probe is acknowledged.
+        """
+        pair, alice = self.echo_pair()
+        conn = alice.connection
+        alice.route_changed()
+        self.assertEqual(conn.datagram_size, quic_connection.BASE_DATAGRAM_SIZE)
+        self.run_for(0.1)
+        self.assertEqual(conn.datagram_size, quic_connection.PROBE_SIZES[0])
+        self.assertEqual(conn.pmtu_probes["sent"], 2)
