@@ -24,7 +24,7 @@ How the packets travel (L{PathStreams}):
   ``docs/quic.rst`` says: QUIC has bit 0x40 set, p2pnat frames and STUN do
   not);
 - on a path the lobby relays, inside the path's own datagrams (the lobby
-  relays nothing else): a QUIC packet is up to 1200 bytes and a path
+  relays nothing else): a QUIC packet is up to 1452 bytes and a path
   datagram carries at most L{M.MAX_PAYLOAD}, so each packet goes in
   fragments (L{fragments}, L{Reassembly}).  On such a path, the path's
   datagrams that begin with L{FRAGMENT} belong to QUIC; the application's
@@ -80,7 +80,8 @@ FRAGMENT = 0xFF
 _FRAGMENT_HEAD = struct.Struct("!BHB")  # FRAGMENT, packet number, index << 4 | count
 #: Fragment payload: what fits a path datagram after the fragment header.
 FRAGMENT_DATA = M.MAX_PAYLOAD - _FRAGMENT_HEAD.size
-#: A QUIC packet is at most this long (aioquic's datagrams are 1200 bytes).
+#: A QUIC packet is at most this long (ours are 1200 bytes, 1452 once the
+#: route was probed for it: see p2pnat.quic.connection).
 MAX_PACKET = 15 * FRAGMENT_DATA
 #: QUIC connections one path's socket holds (a reconnect may overlap the
 #: connection it replaces until that one times out).
@@ -101,7 +102,7 @@ IDLE_TIMEOUT = 60.0
 
 
 #: The largest datagram the encrypted channel carries: what one QUIC
-#: DATAGRAM frame holds in a 1200-byte packet.
+#: DATAGRAM frame holds in a 1200-byte packet (the size every route takes).
 MAX_DATAGRAM = MAX_DATAGRAM_PAYLOAD
 #: Datagrams the application sends before the channel is settled (the
 #: handshake is not over) wait, at most this many: the oldest is dropped.

@@ -38,6 +38,10 @@ moved, with one clear message, rather than run without them):
   packets, whatever their size): those fill packets as aioquic does, or
   small datagrams would be held to a few hundred a second at the start
   of a connection and dropped when the queue is full.
+- Datagrams sent before the handshake is confirmed (behind the
+  connecting side's Finished, which the peer must read first) are sent
+  again if QUIC declares them lost, at most L{EARLY_RESENDS} in a
+  connection: a lost Finished would otherwise take every one of them.
 - The side that connected follows the other to a new address
   (L{PeerConnection.receive_datagram}).  RFC 9000 lets only clients
   migrate, and aioquic's client drops every packet from a server address
@@ -71,6 +75,7 @@ from aioquic import tls
 from aioquic.quic import connection as _connection
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicFrameType, QuicPacketType
+from aioquic.buffer import size_uint_var
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilderStop
 from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.stream import QuicStreamSender
@@ -89,6 +94,9 @@ MAX_PENDING_DATAGRAMS = 256
 #: While at most this many datagrams wait to be sent, each goes in a packet
 #: of its own; a longer queue fills packets (see the module).
 DATAGRAMS_APART = 16
+#: Datagrams sent before the handshake is confirmed are sent again if lost,
+#: at most this many times in a connection (see L{PeerConnection}).
+EARLY_RESENDS = 64
 #: The largest DATAGRAM payload that fits a 1200-byte packet with a short
 #: header, an 8-byte connection ID, the AEAD tag and the frame's own header.
 MAX_DATAGRAM_PAYLOAD = 1150
@@ -269,6 +277,7 @@ class PeerConnection(_connection.QuicConnection):
         self.fresh = False
         self._passed = []  # (network path, is_probing) of each packet that passed
         self._datagram_packet = None  # number of the last packet given a DATAGRAM frame
+        self._early_resends = 0  # datagrams sent before confirmation, lost, sent again
         self.stream_window = stream_window
         # Bytes of each stream the application has taken: the window is
         # announced from there (see _write_stream_limits).
@@ -570,6 +579,31 @@ class PeerConnection(_connection.QuicConnection):
         if number == self._datagram_packet \
                 and len(self._datagrams_pending) <= DATAGRAMS_APART:
             raise QuicPacketBuilderStop
-        written = super()._write_datagram_frame(builder, data, frame_type)
+        if self._handshake_confirmed:
+            written = super()._write_datagram_frame(builder, data, frame_type)
+        else:
+            # Sent before the handshake is confirmed (behind our Finished):
+            # if the peer could not read it yet (our Finished was lost, so
+            # its 1-RTT keys were not in use), it is declared lost and goes
+            # once more (L{_on_early_datagram_delivery}).
+            length = len(data)
+            buf = builder.start_frame(frame_type, capacity=1 + size_uint_var(length) + length,
+                                      handler=self._on_early_datagram_delivery,
+                                      handler_args=(data,))
+            buf.push_uint_var(length)
+            buf.push_bytes(data)
+            written = True
         self._datagram_packet = number
         return written
+
+    def _on_early_datagram_delivery(self, delivery, data):
+        """
+        A datagram sent before the handshake was confirmed was acknowledged
+        or lost: a lost one is queued again, at most L{EARLY_RESENDS} in a
+        connection (it may then arrive twice if only its acknowledgement
+        was lost; datagrams promise no more).
+        """
+        if delivery == QuicDeliveryState.LOST and self._early_resends < EARLY_RESENDS \
+                and len(self._datagrams_pending) < MAX_PENDING_DATAGRAMS:
+            self._early_resends += 1
+            self._datagrams_pending.appendleft(data)
