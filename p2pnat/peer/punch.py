@@ -33,6 +33,11 @@ from p2pnat.protocol import wire
 from p2pnat.protocol.strategy import IPV6_GRACE
 
 
+#: Copies of the ProbeAck that answers the Probe that makes the path (see
+#: L{Punch.handle}): each is lost independently of the other.
+ACK_COPIES = 2
+
+
 class PunchFailed(Exception):
     """No path within the deadline."""
 
@@ -242,7 +247,14 @@ class Punch:
         if isinstance(message, M.Probe):
             if self.result is None or self.result == (proto, addr):
                 # Sent under our own key ID, not echoed under the prober's.
-                self._send(proto, M.ProbeAck(message.round, message.index, addr), addr)
+                # The Probe that makes our path gets ACK_COPIES: the peer's
+                # probe may have been the only one its socket sends (the
+                # seed's single predicted packet), so a lost ack would leave
+                # its punch going on, dropping our QUIC packets, until its
+                # deadline.  Later probes are answered once each.
+                copies = ACK_COPIES if self.result is None else 1
+                for _ in range(copies):
+                    self._send(proto, M.ProbeAck(message.round, message.index, addr), addr)
             self._success(proto, addr)
         elif isinstance(message, (M.ProbeAck, M.Data, M.PathKeepalive)):
             if isinstance(message, M.Data) and (self.result is None

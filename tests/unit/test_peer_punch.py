@@ -11,6 +11,7 @@ import random
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from p2pnat.peer import punch as punch_module
 from p2pnat.peer.client import LobbyClient, Session
 from p2pnat.peer.punch import ROUND_FLOOR, Punch, PunchFailed, round_deadline
 from p2pnat.peer.rtt import RttEstimator
@@ -125,7 +126,8 @@ class FreshSocketTests(SynchronousTestCase):
         w.advance(1)
         self.assertEqual(len(w.net.sent), sent)
         self.assertIsNotNone(a.fresh.transport)
-        self.assertEqual(a.punch.sent, len(w.probes(src=a_pub)) + 1)  # its probes and one ack
+        # its probes and the ack (ACK_COPIES of it) of the probe that made its path
+        self.assertEqual(a.punch.sent, len(w.probes(src=a_pub)) + punch_module.ACK_COPIES)
 
     def test_repetitions_quick_then_every_interval(self):
         w = World(self)
@@ -393,10 +395,16 @@ class FrameTests(SynchronousTestCase):
         self.inject(M.Probe(3, 2))
         acks = [(s.src, s.dst, decode(s.data)) for s in self.w.net.sent
                 if isinstance(decode(s.data)[1], M.ProbeAck)]
+        # The probe that makes the path is acknowledged twice (each copy
+        # lost on its own: the peer may not probe again from that socket).
         self.assertEqual(acks, [(self.a.local, self.b_addr,
-                                 (M.session_key_id(SID, "a"), M.ProbeAck(3, 2, self.b_addr)))])
+                                 (M.session_key_id(SID, "a"), M.ProbeAck(3, 2, self.b_addr)))]
+                         * punch_module.ACK_COPIES)
+        self.assertEqual(punch_module.ACK_COPIES, 2)
+        self.assertEqual(len({s.data for s in self.w.net.sent
+                              if isinstance(decode(s.data)[1], M.ProbeAck)}), 2)  # own stamps
         self.assertEqual(self.a.result, [(self.a.fresh, self.b_addr)])
         # A probe from another address after success is not answered (nor followed).
         self.inject(M.Probe(3, 3), src=("198.51.100.1", 5001))
         self.assertEqual(len([1 for s in self.w.net.sent
-                              if isinstance(decode(s.data)[1], M.ProbeAck)]), 1)
+                              if isinstance(decode(s.data)[1], M.ProbeAck)]), 2)
