@@ -5,7 +5,6 @@ own, and the UDP blocks between two of them that force a relayed path.
 - :func:`add_home`: one client of a :class:`~tests.support.lab.p2p.P2PLab`
   behind a new router (of any kind, behind the internet or another router,
   with the router's own options such as ``udp_timeout``);
-- :func:`add_homes`: several at once, from ``(client, kind)`` pairs;
 - :class:`UdpBlock`: drop UDP between two addresses on the internet
   switch (:meth:`UdpBlock.on_internet`, as if the route between two NATs
   broke), or to and from one address in a router's forwarding
@@ -32,14 +31,6 @@ def add_home(pl, cid, kind, *, router=None, host=None, behind=None, **router_opt
     r = lab.add_router(router or f"r{cid}", kind=kind, behind=behind, **router_options)
     pl.add_client(cid, lab.add_host(host or cid, behind=r))
     return r
-
-
-def add_homes(pl, homes, **router_options):
-    """
-    :func:`add_home` for each ``(cid, kind)`` of ``homes`` (with the same
-    ``router_options``); return ``{cid: router}``.
-    """
-    return {cid: add_home(pl, cid, kind, **router_options) for cid, kind in homes}
 
 
 class UdpBlock:
