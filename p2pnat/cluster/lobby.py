@@ -38,6 +38,10 @@ from p2pnat.protocol import p2p as M
 
 PREFIX = "p2pnat:lobby:"
 NODES = PREFIX + "nodes"
+#: A random value the first node to reach a Redis without one sets: a
+#: different value after a reconnection means Redis lost its data (the
+#: relays' cluster keeps its own, L{p2pnat.cluster.redis.EPOCH}).
+EPOCH = PREFIX + "epoch"
 #: Refusal code for a request the node cannot route: the peer is not logged
 #: in here and the cluster's shared state cannot be reached now.
 REFUSAL_CLUSTER_DOWN = 6
@@ -94,7 +98,8 @@ class PresenceWrites:
     When a node writes a client's presence to Redis: at login, when the
     client's address changed, when the entry was written C{2 * keepalive}
     seconds ago or more (every second keepalive), and whenever the node
-    has not written it since it (re)connected.  The entry expires after
+    has not written it since Redis came back without its data (a new
+    epoch, L{RedisLobbyCluster}).  The entry expires after
     C{4 * keepalive} seconds and a node that forgets the client (logout,
     three missed keepalives) deletes it, so other nodes see a client that
     is gone for at most that long; a request routed to it meanwhile gets
@@ -262,6 +267,7 @@ class RedisLobbyCluster:
         self._random = random or os.urandom
         self._throttle = Throttle(reactor)
         self._ids = None  # the client IDs last written to Redis
+        self._epoch = None  # the Redis epoch what this node wrote went into
 
     def available(self):
         return self.link.available
@@ -352,11 +358,37 @@ class RedisLobbyCluster:
 
     def _availability(self, available):
         if available:
-            # Redis may have come back empty: presence is written again at
-            # each client's next keepalive, the client list at once.
-            self.writes.forget_all()
-            self._ids = None
+            self._check_epoch()
+
+    def _check_epoch(self):
+        """
+        After a (re)connection: if Redis lost its data (a new epoch, or
+        the check failed), forget what this node wrote, so that each
+        client's presence is written again at its next keepalive and the
+        client list at once.  A Redis that kept its data still has them:
+        only what changed meanwhile is written (L{present}, L{sync_clients}).
+        """
+        mine = self._random(8).hex()
+        d = self.link.command("SET", EPOCH, mine, "NX", "GET")
+
+        def got(epoch):
+            epoch = mine if epoch is None else str(epoch)  # None: there was none, now mine
+            if epoch != self._epoch:
+                self._rewrite(epoch)
             self.sync_clients()
+
+        def failed(failure):
+            self._warn("epoch", "cannot read the cluster's epoch; writing presence and the"
+                       " client list again: {error}", error=failure.getErrorMessage())
+            self._rewrite(None)
+            self.sync_clients()
+
+        d.addCallbacks(got, failed)
+
+    def _rewrite(self, epoch):
+        self.writes.forget_all()
+        self._ids = None
+        self._epoch = epoch
 
     def _warn(self, kind, text, **fields):
         held = self._throttle(("lobby-cluster", kind))

@@ -644,16 +644,18 @@ class RelayService(service.MultiService):
         old = self.table.get(r.id)
         if old is not None and old.record == r:
             return
-        if old is not None and not old.revoked and (r.revoked or old.mac_key != r.mac_key
+        # r.revoked is a time or None: a revocation at 0.0 is one too.
+        revoked = r.revoked is not None
+        if old is not None and not old.revoked and (revoked or old.mac_key != r.mac_key
                                                     or old.record.cert_fingerprint
                                                     != r.cert_fingerprint):
             self.log.info("device {device_id} revoked or re-provisioned; closing its"
                           " tunnels", device_id=r.id)
             self.relay.device_revoked(r.id)
         addr = (r.addr_host, r.addr_port) if r.addr_host else None
-        self.table.put(DeviceState(r.id, r.mac_key, bool(r.revoked), r.last_access, addr,
+        self.table.put(DeviceState(r.id, r.mac_key, revoked, r.last_access, addr,
                                    r.access_mode, r))
-        if r.revoked:
+        if revoked:
             self.replay.forget(r.id)
 
     def sync(self):

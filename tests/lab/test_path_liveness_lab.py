@@ -22,6 +22,7 @@ import time
 
 from tests.support.lab import p2p as P
 from tests.support.lab.cases import LabTestCase, measured
+from tests.support.lab.homes import add_home
 from tests.support.lab.running import events, wait_event
 
 #: The routers' conntrack UDP timeout (seconds).
@@ -52,8 +53,7 @@ class IdleSymmetricPairsTests(LabTestCase):
     def build(cls, pl):
         for i, (a, b) in enumerate(PAIRS):
             for side, kind in (("a", a), ("b", b)):
-                r = pl.lab.add_router(f"r{side}{i}", kind=kind, udp_timeout=UDP_TIMEOUT)
-                pl.add_client(f"{side}{i}", pl.lab.add_host(f"{side}{i}", behind=r))
+                add_home(pl, f"{side}{i}", kind, udp_timeout=UDP_TIMEOUT)
         pl.start_lobby()
         for i in range(len(PAIRS)):
             pl.start_wait(f"b{i}", "--echo")

@@ -35,6 +35,7 @@ import signal
 from tests.support.lab import packets
 from tests.support.lab import streams as S
 from tests.support.lab.cases import LabTestCase, measured
+from tests.support.lab.homes import add_home
 from tests.support.lab.running import (
     events,
     finish_python,
@@ -63,12 +64,9 @@ class ForgedQuicTests(LabTestCase):
 
     @classmethod
     def build(cls, sl):
-        lab = sl.lab
-        cls.ra = lab.add_router("fqra", kind="cone")
-        cls.rb = lab.add_router("fqrb", kind="cone")
-        sl.add_client("fqa", lab.add_host("fqa", behind=cls.ra))
-        sl.add_client("fqb", lab.add_host("fqb", behind=cls.rb))
-        cls.evil = lab.add_host("fqevil")
+        cls.ra = add_home(sl, "fqa", "cone", router="fqra")
+        cls.rb = add_home(sl, "fqb", "cone", router="fqrb")
+        cls.evil = sl.lab.add_host("fqevil")
         sl.start_lobby()
         sl.serve("fqb")
 

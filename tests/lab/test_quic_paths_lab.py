@@ -40,6 +40,7 @@ import time
 
 from tests.support.lab import p2p as P
 from tests.support.lab.cases import LabTestCase, measured
+from tests.support.lab.homes import UdpBlock, add_home
 from tests.support.lab.running import (
     events,
     finish_python,
@@ -85,8 +86,7 @@ class PathChangeTests(LabTestCase):
         pl.routers = {}
         for name, a_kind, b_kind in cls.PAIRS:
             for side, kind in (("a", a_kind), ("b", b_kind)):
-                r = pl.routers[f"{side}{name}"] = pl.lab.add_router(f"r{side}{name}", kind=kind)
-                pl.add_client(f"{side}{name}", pl.lab.add_host(f"{side}{name}", behind=r))
+                pl.routers[f"{side}{name}"] = add_home(pl, f"{side}{name}", kind)
         pl.start_lobby()
         for name, _, _ in cls.PAIRS:
             bob = pl.clients[f"b{name}"]
@@ -98,10 +98,13 @@ class PathChangeTests(LabTestCase):
 
     # -- helpers ---------------------------------------------------------------------
 
-    def connect(self, name, timeout=40):
-        """alice's forward to bob's ``bulk`` service; (process, path event)."""
+    def connect(self, name, timeout=40, budget=15):
+        """
+        alice's forward to bob's ``bulk`` service, the path within
+        ``budget`` seconds (``--timeout``); (process, path event).
+        """
         a = self.env.start_connect(f"a{name}", f"b{name}", "--forward-tcp",
-                                   f"127.0.0.1:{FORWARD_PORT}=bulk", "--timeout", "15",
+                                   f"127.0.0.1:{FORWARD_PORT}=bulk", "--timeout", str(budget),
                                    "--upgrade-interval", "2", "--exit-after", "120")
         path = wait_event(a, "path", timeout=timeout)
         wait_event(a, "forward-tcp", timeout=20)
@@ -120,16 +123,10 @@ class PathChangeTests(LabTestCase):
                            f"{count} bytes sent", timeout)
 
     def router_block(self, router, peer_ip):
-        """Drop UDP to and from C{peer_ip} in C{router}'s forwarding."""
-        rules = (f"table ip qpblock {{\n  chain forward {{\n"
-                 f"    type filter hook forward priority -10; policy accept;\n"
-                 f"    ip daddr {peer_ip} meta l4proto udp drop\n"
-                 f"    ip saddr {peer_ip} meta l4proto udp drop\n  }}\n}}\n")
-        router.run(["nft", "-f", "-"], input=rules, check=True, timeout=10)
-        self.addCleanup(self.router_unblock, router)
-
-    def router_unblock(self, router):
-        router.run(["nft", "delete", "table", "ip", "qpblock"], timeout=10)
+        """Drop UDP to and from C{peer_ip} in C{router}'s forwarding; lift it with C{.lift()}."""
+        block = UdpBlock.in_router(router, peer_ip, "qpblock")
+        self.addCleanup(block.lift)
+        return block
 
     def check_transfer(self, a, source, line):
         """The source's result, the forward's events: intact, no error, one connection."""
@@ -156,13 +153,15 @@ class PathChangeTests(LabTestCase):
         intact, on one QUIC connection, with no error.
         """
         pl = self.env
-        self.router_block(pl.routers["aup"], pl.routers["bup"].public_ip)
+        block = self.router_block(pl.routers["aup"], pl.routers["bup"].public_ip)
         t0 = time.monotonic()
-        a, path = self.connect("up")
+        # The punch goes on until the relay's reserve (3 s) and half a
+        # second are left: with 7 s it gives up after 3.5 s instead of 11.5.
+        a, path = self.connect("up", budget=7)
         self.assertEqual(path["mode"], "relayed", a.describe())
         source = self.source("up")
         self.wait_sent(source, 2 * STEP, timeout=30)
-        self.router_unblock(pl.routers["aup"])
+        block.lift()
         wait_event(a, "mode", timeout=30, where=lambda e: e.get("mode") == "direct")
         at_direct = self.sent(source)
         line = (f"cone -> symmetric-random: relayed first, direct with {at_direct / STEP:.0f}"

@@ -20,12 +20,12 @@ they skip otherwise, and fail instead when ``CI`` is set.
 import argparse
 import json
 import signal
-import subprocess
 import sys
 import time
 
 from tests.support.lab import p2p as P
 from tests.support.lab.cases import LabTestCase, measured
+from tests.support.lab.homes import UdpBlock, add_home
 from tests.support.lab.running import events, first, start_python, wait_for_log
 
 MARKER = "LAB-SECRET-MARKER-5d2c"
@@ -41,12 +41,9 @@ class SecureDatagramsLabTests(LabTestCase):
 
     @classmethod
     def build(cls, pl):
-        lab = pl.lab
-        cls.ra = lab.add_router("ra", kind="cone")
-        cls.rb = lab.add_router("rb", kind="cone")
-        cls.rr = lab.add_router("rr", kind="symmetric-random")
-        for cid, router in (("sa", cls.ra), ("sb", cls.rb), ("sr", cls.rr)):
-            pl.add_client(cid, lab.add_host(f"h{cid}", behind=router))
+        cls.ra, cls.rb, cls.rr = (
+            add_home(pl, cid, kind, router=router, host=f"h{cid}") for cid, kind, router in (
+                ("sa", "cone", "ra"), ("sb", "cone", "rb"), ("sr", "symmetric-random", "rr")))
         pl.start_lobby()
 
     def setUp(self):
@@ -71,16 +68,7 @@ class SecureDatagramsLabTests(LabTestCase):
 
     def block_direct(self, x, y):
         """Drop UDP between the WAN addresses C{x} and C{y} on the internet switch."""
-        inet = self.lab._internet()
-        ruleset = ("table bridge securedirect {\n  chain forward {\n"
-                   "    type filter hook forward priority -10; policy accept;\n"
-                   f"    ip saddr {x} ip daddr {y} drop\n    ip saddr {y} ip daddr {x} drop\n"
-                   "  }\n}\n")
-        subprocess.run(["ip", "netns", "exec", inet, "nft", "-f", "-"], input=ruleset,
-                       text=True, check=True, capture_output=True, timeout=10)
-        self.addCleanup(subprocess.run, ["ip", "netns", "exec", inet, "nft", "delete", "table",
-                                         "bridge", "securedirect"], capture_output=True,
-                        timeout=10)
+        self.addCleanup(UdpBlock.on_internet(self.lab, x, y, "securedirect").lift)
 
     def echo_through(self, a, b, b_router, mode):
         """A sends the marker to B's echo; the capture on B's router never sees it."""

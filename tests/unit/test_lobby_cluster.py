@@ -31,13 +31,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from p2pnat.cluster.lobby import (
+    EPOCH,
     REFUSAL_CLUSTER_DOWN,
     ILobbyCluster,
     KeySeal,
     PresenceWrites,
     RedisLobbyCluster,
+    clients_key,
     lobby_secret,
     node_channel,
+    presence_key,
 )
 from p2pnat.cluster.state import ClusterUnavailable, Signer, cluster_keys
 from p2pnat.daemon.metrics import Metrics
@@ -742,6 +745,99 @@ class RedisMessageTests(SynchronousTestCase):
         self.cluster.present("alice", ("203.0.113.1", 1), 0)  # dropped, never raises
         self.cluster.gone("alice")
         self.successResultOf(self.cluster.sync_clients())
+
+
+class MemoryRedis:
+    """
+    The Redis commands a lobby node's presence and client list use, in a
+    dict: ``SET key value EX n``, ``SET key value NX GET`` (the epoch) and
+    ``EVAL`` of the client-list script.  Every command is kept in
+    C{commands}; L{restart} loses the data as a Redis without its
+    append-only file does.
+    """
+
+    available = True
+
+    def __init__(self):
+        self.data = {}
+        self.commands = []
+
+    def restart(self):
+        self.data.clear()
+
+    def command(self, *args):
+        self.commands.append(args)
+        if args[0] == "SET" and args[3:] == ("NX", "GET"):
+            old = self.data.get(args[1])
+            self.data.setdefault(args[1], args[2])
+            return succeed(old)
+        if args[0] == "SET" and args[3] == "EX":
+            self.data[args[1]] = args[2]
+            return succeed("OK")
+        if args[0] == "EVAL":  # the client list: script, 2, the set, the node set, node, IDs
+            self.data[args[3]] = set(args[6:])
+            return succeed(len(args) - 6)
+        raise AssertionError(f"not a command presence and the client list use: {args}")
+
+    def writes(self):
+        """The presence and client-list writes, oldest first (the epoch checks left out)."""
+        return [c for c in self.commands if c[:2] != ("SET", EPOCH)]
+
+
+class RedisReconnectionTests(SynchronousTestCase):
+    """
+    What a node writes again when its connection to Redis comes back:
+    nothing if Redis kept its data, every presence (at each client's next
+    keepalive) and the client list (at once) if it lost it.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+
+        class Node:
+            def client_ids(node):
+                return ["alice", "bob"]
+
+        self.cluster = RedisLobbyCluster(self.clock, "redis://127.0.0.1:1/0", "n1", SECRET, 20,
+                                         Node())
+        self.redis = self.cluster.link = MemoryRedis()
+        self.addr = ("203.0.113.1", 5000)
+        self.cluster._availability(True)  # the first connection
+        self.cluster.present("alice", self.addr, 100)
+
+    def test_first_connection_writes_everything(self):
+        self.assertEqual(self.redis.data[clients_key("n1")], {"alice", "bob"})
+        self.assertEqual(self.redis.data[presence_key("alice")], "n1")
+        self.assertEqual(len(self.redis.writes()), 2)
+
+    def test_redis_kept_its_data(self):
+        """A reconnection to the same Redis rewrites neither presence nor the client list."""
+        before = len(self.redis.writes())
+        self.cluster._availability(False)
+        self.cluster._availability(True)
+        self.cluster.present("alice", self.addr, 120)  # the next keepalive
+        self.assertEqual(self.redis.writes()[before:], [])
+        self.cluster.present("alice", self.addr, 140)  # the second: due as ever
+        self.assertEqual([c[1] for c in self.redis.writes()[before:]], [presence_key("alice")])
+
+    def test_redis_lost_its_data(self):
+        """A new epoch: the client list at once, presence at each client's next keepalive."""
+        self.cluster._availability(False)
+        self.redis.restart()
+        self.cluster._availability(True)
+        self.assertEqual(self.redis.data[clients_key("n1")], {"alice", "bob"})
+        self.assertNotIn(presence_key("alice"), self.redis.data)
+        self.cluster.present("alice", self.addr, 120)
+        self.assertEqual(self.redis.data[presence_key("alice")], "n1")
+
+    def test_epoch_unreadable(self):
+        """A failed epoch check counts as a new epoch: everything is written again."""
+        self.cluster._availability(False)
+        self.redis.restart()
+        self.patch(self.redis, "command", lambda *args: fail(ClusterUnavailable("down")))
+        self.cluster._availability(True)
+        self.assertTrue(self.cluster.writes.due("alice", self.addr, 120))
+        self.assertIsNone(self.cluster._ids)
 
 
 class SecretTests(SynchronousTestCase):

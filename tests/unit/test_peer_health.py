@@ -160,8 +160,8 @@ class SilentDeathTests(SynchronousTestCase):
 
         # Meanwhile traffic flows over the relay (both sides bound at once).
         self.assertLess(w.clock.seconds() - when - start, 0.5)
-        self.assertIs(w.clients["alice"].paths["bob"], path)
-        self.assertIs(w.clients["bob"].paths["alice"], incoming)
+        self.assertIs(alice.paths["bob"], path)
+        self.assertIs(bob.paths["alice"], incoming)
         self.assertEqual(len(w.incoming["bob"]), 1)  # the same Path, not announced again
         exchange(self, w, path, incoming, via_lobby=True)
 

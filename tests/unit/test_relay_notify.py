@@ -642,6 +642,7 @@ class MappedAddressTests(SynchronousTestCase):
         self.assertIsNone(d.mapped)
         self.core.request_tunnel("dev-1")
         self.assertEqual([to for _, to in self.connect_requests()], [DEVICE_PUBLIC])
+        self.assertEqual(len(h.connects), 1)  # and the agent acted on it
 
     def test_forged_or_replayed_never_recorded(self):
         """

@@ -17,7 +17,10 @@ piece once:
 - :mod:`~tests.support.lab.relay`: :class:`~tests.support.lab.relay.RelayLab`,
   the relay path's lab (relay, devices, curl terminals);
 - :mod:`~tests.support.lab.p2p`: :class:`~tests.support.lab.p2p.P2PLab`,
-  the P2P path's lab (lobby, clients, trials, the matrix's summaries).
+  the P2P path's lab (lobby, clients, trials, the matrix's summaries);
+- :mod:`~tests.support.lab.homes`: a P2P lab's client behind a router of
+  its own (:func:`~tests.support.lab.homes.add_home`), and UDP blocked
+  between routers (:class:`~tests.support.lab.homes.UdpBlock`).
 
 This file imports nothing, so that ``python -m tests.support.lab`` starts
 fast inside a namespace (a sniffer must be listening before the traffic it
