@@ -172,7 +172,8 @@ def _write_relay_cert(state_dir, cert, key, replace):
 
 def _refuse_existing(record, kind, key_id, replace, what_replace_does):
     if record is not None and not replace:
-        state_text = f"revoked {format_time(record.revoked)}" if record.revoked else "active"
+        state_text = (f"revoked {format_time(record.revoked)}" if record.revoked is not None
+                      else "active")
         raise ProvisionError(f"{kind} {key_id} already exists ({state_text});"
                              f" --replace {what_replace_does}")
 

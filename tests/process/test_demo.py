@@ -56,6 +56,11 @@ def with_demo_output(test):
     return wrapper
 
 
+
+def _default_sigint():
+    """In the child before exec: SIGINT back to its default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 class DemoProcess:
     """
     ``p2pnat demo`` as a child process of a test, run from the source
@@ -72,9 +77,14 @@ class DemoProcess:
         self.out, self.err = [], []
         self._changed = threading.Condition()
         self.started = time.monotonic()
+        # SIGINT at its default action, whatever ours is: a suite started in
+        # the background by a shell without job control (``scripts/test &``)
+        # runs with SIGINT ignored, the demo would inherit that, and the
+        # Ctrl-C tests would wait for an exit that never comes.
         self.proc = subprocess.Popen(argv, cwd=procs.REPO, env=procs.env(),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=_default_sigint)
         self._readers = [threading.Thread(target=self._read, args=(f, lines), daemon=True)
                          for f, lines in ((self.proc.stdout, self.out),
                                           (self.proc.stderr, self.err))]

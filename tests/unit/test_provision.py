@@ -630,3 +630,19 @@ class LibraryTests(SynchronousTestCase):
         self.assertLess(lifetime.days, 3 * 365)
         with open(self.path("alice", "ca.crt"), "rb") as f:
             self.assertEqual(f.read(), pki.cert_pem(relay.ca_cert))
+
+
+class ProvisionRefusalTests(SynchronousTestCase):
+    def test_revoked_at_zero_named_revoked(self):
+        """
+        Provisioning over an existing record names its state: one revoked
+        at time 0.0 is "revoked", not "active" (the time's truth was tested).
+        """
+        from types import SimpleNamespace
+
+        from p2pnat.deployment import provision
+        for revoked, state in ((0.0, "revoked"), (None, "active")):
+            with self.assertRaises(provision.ProvisionError) as caught:
+                provision._refuse_existing(SimpleNamespace(revoked=revoked), "device", "cam",
+                                           False, "replaces it")
+            self.assertIn(f"({state}", str(caught.exception))
