@@ -10,9 +10,6 @@ import stat
 from prometheus_client import Counter
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IResolutionReceiver
-from zope.interface import implementer
 
 from p2pnat.agent import portmap, relays
 from p2pnat.agent.direct import AgentSocket, DirectServer
@@ -23,6 +20,7 @@ from p2pnat.daemon.logs import Logger
 from p2pnat.daemon.metrics import Metrics
 from p2pnat.daemon.services import UDPService, common_services, make_options, startup_errors
 from p2pnat.net import fastio
+from p2pnat.net.resolve import resolve_all
 from p2pnat.net.streams import OneShotFactory, client_endpoint
 from p2pnat.protocol import wire
 from p2pnat.protocol.tunnel import alpn_for as tunnel_alpn
@@ -137,32 +135,6 @@ def client_tls_options(config):
                             " certificate and key")
     hostname = config["agent.relay_hostname"] or relays.parse_relays(config["agent.relay"])[0][0]
     return optionsForClientTLS(hostname, trustRoot=ca, clientCertificate=mine)
-
-
-def resolve_all(reactor, name):
-    """
-    Every address, IPv4 and IPv6, that host C{name} resolves to (the
-    system's resolver, as Twisted's C{nameResolver} gives it).
-
-    @return: a Deferred list of IP literals, empty when it resolves to
-        nothing or not at all.
-    """
-    found = []
-    done = defer.Deferred()
-
-    @implementer(IResolutionReceiver)
-    class Receiver:
-        def resolutionBegan(self, resolution):
-            pass
-
-        def addressResolved(self, address):
-            found.append(address.host)
-
-        def resolutionComplete(self):
-            done.callback(found)
-
-    reactor.nameResolver.resolveHostName(Receiver(), name, 0, (IPv4Address, IPv6Address), "UDP")
-    return done
 
 
 def has_route(addr):

@@ -52,6 +52,7 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from p2pnat.daemon.logs import Logger
+from p2pnat.net.resolve import resolve_all
 from p2pnat.net.streams import OneShotFactory
 from p2pnat.peer import endpoint as E
 from p2pnat.protocol import stun, wire
@@ -580,21 +581,7 @@ class Direct:
         if resolver is None:  # a reactor without IReactorPluggableNameResolver: IPv4 only
             d = defer.maybeDeferred(reactor.resolve, host).addCallback(lambda ip: [ip])
         else:
-            d = defer.Deferred()
-            found = []
-
-            @implementer(interfaces.IResolutionReceiver)
-            class Receiver:
-                def resolutionBegan(self, resolution):
-                    pass
-
-                def addressResolved(self, address):
-                    found.append(address.host)
-
-                def resolutionComplete(self):
-                    d.callback(found)
-
-            resolver.resolveHostName(Receiver(), host, port)
+            d = resolve_all(reactor, host, port)
         return d.addCallbacks(lambda ips: _one_per_family(ips, port), lambda f: [])
 
 

@@ -411,7 +411,7 @@ class _UdpClock(Clock):
         self.ports.append(_Port(self, proto, interface))
         return self.ports[-1]
 
-    def resolveHostName(self, receiver, host, port=0):
+    def resolveHostName(self, receiver, host, port=0, addressTypes=None, transportSemantics="TCP"):
         from twisted.internet.address import IPv4Address, IPv6Address
 
         receiver.resolutionBegan(None)

@@ -13,7 +13,7 @@ from p2pnat.quic import connection as quic_connection
 from p2pnat.quic import endpoint as quic_endpoint
 from p2pnat.quic import stream as quic_stream
 from p2pnat.quic.connection import (DATAGRAMS_APART, MAX_DATAGRAM_PAYLOAD,
-                                    MAX_PENDING_DATAGRAMS, STREAM_WINDOW)
+                                    STREAM_WINDOW)
 from tests.support.quic import T0, Deployment, QuicPair, SinkFactory, Source, payload
 from tests.support.udp import SimNat, SimNet
 
