@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_agent_failover,tests.unit.test_direct -*-
 """
 Host names to addresses through the reactor's name resolver, every
 address family at once.
