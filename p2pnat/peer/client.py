@@ -580,9 +580,8 @@ class LobbyClient:
             self._keepalive_loop = LoopingCall(self._keepalive)
             self._keepalive_loop.clock = self.clock
             self._keepalive_loop.start(self.keepalive, now=False)
-        if not self._logged_in.called:
-            self._logged_in.callback(self)
         if first:
+            self._logged_in.callback(self)
             for attempt in list(self._attempts):
                 attempt.logged_in(optimistic=m.echo == self._optimistic)
 
@@ -1041,7 +1040,7 @@ class _Attempt(_Side):
         """
         if self.session is not None or self.result.called or self.sent_nat is None:
             return
-        if not (self._await_login or not optimistic):
+        if optimistic and not self._await_login:
             if self._call is not None and self._call.active():
                 # Sent before any round trip was measured: its timer was the
                 # old fixed wait; the login just measured the RTT.

@@ -27,6 +27,17 @@ NAT = "endpoint-independent/preserving"
 QUIET = ("--nat", NAT, "--no-portmap", "--no-ipv6", "--json")
 
 
+def read_to_end(sock):
+    """Read C{sock} to its end of stream: C{(bytes read, their sha256 in hex)}."""
+    digest, count = hashlib.sha256(), 0
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return count, digest.hexdigest()
+        digest.update(chunk)
+        count += len(chunk)
+
+
 class EchoHandler(socketserver.BaseRequestHandler):
     """Echoes until the client's end of stream, then closes; records a sha256 of the input."""
 
@@ -114,8 +125,6 @@ class PeerStreamsProcessTests(DaemonTestCase):
         self.assertEqual((forward["service"], forward["peer"]), ("echo", "bob"))
 
         data = os.urandom(2_000_000)
-        back = hashlib.sha256()
-        count = 0
         with socket.create_connection((LOOPBACK, forward["port"]), timeout=30) as sock:
             def send():
                 sock.sendall(data)
@@ -123,16 +132,11 @@ class PeerStreamsProcessTests(DaemonTestCase):
 
             sender = threading.Thread(target=send, daemon=True)
             sender.start()
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                back.update(chunk)
-                count += len(chunk)
+            back = read_to_end(sock)
             sender.join(30)
         expected = hashlib.sha256(data).hexdigest()
         self.assertEqual(echo.received, [(len(data), expected)])
-        self.assertEqual((count, back.hexdigest()), (len(data), expected))
+        self.assertEqual(back, (len(data), expected))
 
         closed_a = self.wait_event(alice, "stream-closed")
         closed_b = self.wait_event(bob, "stream-closed")
@@ -160,18 +164,11 @@ class PeerStreamsProcessTests(DaemonTestCase):
         self.wait_event(bob, "login")
         alice = self.peer("alice", "connect", "bob", "--forward-tcp", f"{LOOPBACK}:0=file")
         forward = self.wait_event(alice, "forward-tcp")
-        got = hashlib.sha256()
-        count = 0
         with socket.create_connection((LOOPBACK, forward["port"]), timeout=30) as sock:
             sock.sendall(b"GET /file HTTP/1.0\r\n")
             time.sleep(0.5)  # a slow reader: the service has long closed when it starts
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                got.update(chunk)
-                count += len(chunk)
-        self.assertEqual((count, got.hexdigest()), (len(data), hashlib.sha256(data).hexdigest()))
+            got = read_to_end(sock)
+        self.assertEqual(got, (len(data), hashlib.sha256(data).hexdigest()))
         for daemon in (alice, bob):
             closed = self.wait_event(daemon, "stream-closed")
             self.assertNotIn("error", closed)
