@@ -222,7 +222,7 @@ class Lobby:
     def _on_Keepalive(self, frame, m, addr, proto, now):
         p = self.presence.get(frame.key_id)
         if p is None:
-            return M.Refusal(0, 5)
+            return M.Refusal(0, M.NOT_LOGGED_IN)
         if p.addr != addr:
             self.log.info("client {client} now at {addr}", client=p.id, addr=wire.format_addr(addr))
         p.addr, p.socket, p.seen = addr, proto, now
@@ -264,7 +264,7 @@ class Lobby:
     def _on_ConnectRequest(self, frame, m, addr, proto, now):
         a = frame.key_id
         if a not in self.presence:
-            return M.Refusal(m.request_id, 5)
+            return M.Refusal(m.request_id, M.NOT_LOGGED_IN)
         p = self.pending.get((a, m.request_id))
         if p is None:
             if (a, m.request_id) in self.locating:

@@ -1060,7 +1060,7 @@ class _Attempt(_Side):
             self._call.cancel()
         if isinstance(m, M.Refusal):
             c = self.client
-            if m.code == 5 and not self._refused_login:
+            if m.code == M.NOT_LOGGED_IN and not self._refused_login:
                 # Not logged in: a request that overtook our Login, or was
                 # made before it was taken.  Once more when we are.
                 self._refused_login = True

@@ -456,6 +456,8 @@ class AnswerAck(Message):
         return cls(rid, observed)
 
 
+#: A L{Refusal}'s code when the sender is not logged in (L{REFUSALS}).
+NOT_LOGGED_IN = 5
 #: Reasons of a L{Refusal}.
 REFUSALS = {1: "no such client", 2: "peer offline", 3: "refused by the peer",
             4: "too many requests", 5: "not logged in", 6: "lobby cluster unavailable"}
