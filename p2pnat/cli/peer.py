@@ -452,6 +452,7 @@ def _run(args, connect):
                              upgrade_interval=args.upgrade_interval,
                              low_ttl=config["client.low_ttl"], discovery=cache,
                              nat_hint=hint[0], lobby_candidates=hint[1],
+                             credentials=creds if connect else None,
                              **candidate_options(config, args))
         client.on_event = lambda name, fields: out.event(
             name, f"[keepalive now {fields['interval']:g}s, paths' {fields['path']:g}s:"

@@ -237,7 +237,12 @@ class ControlProtocol(DatagramProtocol):
         to seal under the same key and key ID), and optionally
         ``replayed(frame, message, addr, proto)``, told of each genuine
         frame refused as a replay (it may answer it, at most once and no
-        larger).
+        larger), and ``quic_datagram(data, addr, proto) -> bool``, offered
+        the QUIC datagrams (see L{stun.demux}) that reach the socket before
+        a QUIC layer taps it (a punch keeps the peer's first ones: see
+        L{p2pnat.peer.punch.Punch.quic_datagram}); those it does not take
+        (False), and all of them without it, are dropped as of an unknown
+        protocol (or as oversized).
     @param replay: the L{wire.ReplayGuard}, shared by all sockets of a daemon.
     @param stun_rate: STUN answers per second per source IP (0 turns STUN off).
     @param stun_limit: the L{TokenBucket} of STUN answers per source IP,
@@ -287,6 +292,11 @@ class ControlProtocol(DatagramProtocol):
             self.log.failure("error handling datagram from {addr}", addr=wire.format_addr(addr))
 
     def _received(self, data, addr):
+        if data and data[0] & 0x40:  # QUIC's fixed bit: no frame or STUN message has it
+            early = getattr(self.handler, "quic_datagram", None)
+            if early is not None and stun.demux(data) is stun.Kind.QUIC and early(
+                    data, addr, self):
+                return
         if len(data) > wire.MAX_DATAGRAM:
             self.metrics.received("invalid")
             return self.drop("oversized", addr, f"{len(data)} bytes")

@@ -105,6 +105,11 @@ class LobbyClient:
     @param lobby_candidates: whether an earlier process learnt that the
         lobby passes candidates on (what the lobby's Welcome says, once it
         comes).
+    @param credentials: our L{p2pnat.quic.Credentials}, when the paths we
+        ask for will carry QUIC (L{p2pnat.peer.streams.connect_streams}
+        with the same credentials): the handshake then begins with the
+        punch (L{p2pnat.peer.streams.EarlyDial}).  None: it begins once
+        the path is up.
     @ivar rtt: the round trip to the lobby (L{p2pnat.peer.rtt.RttEstimator},
         the cache's when there is one), measured on the login's and the
         keepalives' exchanges; login and connect requests are retransmitted
@@ -142,7 +147,8 @@ class LobbyClient:
     def __init__(self, client_id, key, lobby, reactor, *, interface=None, nat=None,
                  accept=None, on_path=None, punch_deadline=None, connect_timeout=12.0,
                  upgrade_interval=20.0, low_ttl=0, ipv6=None, portmap=None,
-                 mapping_lifetime=None, discovery=None, nat_hint=None, lobby_candidates=False):
+                 mapping_lifetime=None, discovery=None, nat_hint=None, lobby_candidates=False,
+                 credentials=None):
         self.id = client_id
         self.key = key
         self.lobby = lobby
@@ -209,6 +215,7 @@ class LobbyClient:
             else None
         self._attempts = set()  # connect attempts under way
         self._optimistic = None  # the stamp of the latest optimistic Login
+        self.credentials = credentials
 
     # -- sockets --------------------------------------------------------------------
 
@@ -718,6 +725,8 @@ class _Side:
     #: lobby node's address and our role's bind secret, from the
     #: introduction (L{_relay_of}).
     relay_at = None
+    #: The QUIC connection the punch under way began (L{_early_dial}).
+    dial = None
 
     def _punch(self, role, intro, offered, flags):
         """
@@ -748,9 +757,33 @@ class _Side:
                       theirs=[wire.format_addr(a) for a in theirs])
         if actions.idle:
             return defer.fail(PunchFailed(f"{plan.strategy}: {plan.reason}"))
+        self.dial = self._early_dial(role, intro)
         self.punch = Punch(self.session, actions, self.fresh, c._listen, c.clock, deadline,
-                           shared=c.shared)
-        return self.punch.start()
+                           shared=c.shared, companion=self.dial)
+        punched = self.punch.start()
+        punched.addErrback(self._undial)
+        return punched
+
+    def _early_dial(self, role, intro):
+        """
+        The QUIC connection to begin with the punch (L{EarlyDial}): on the
+        asking side of a new path, with credentials; else None.
+        """
+        c = self.client
+        if role != "a" or c.credentials is None or getattr(self, "upgrade_of", None) is not None \
+                or getattr(c.credentials, "identity", None) is None:
+            return None
+        from p2pnat.peer.streams import EarlyDial
+
+        return EarlyDial(c.clock, c.credentials, self.session.peer, intro.observed,
+                         rtt=c.rtt.least)
+
+    def _undial(self, failure):
+        """The punch failed: the connection it began goes with it."""
+        if self.dial is not None:
+            self.dial.discard("no direct path")
+            self.dial = None
+        return failure
 
     def _direct(self, result):
         proto, addr = result
@@ -763,6 +796,22 @@ class _Side:
         for payload in self.session.early:
             path.deliver(payload)
         self.session.early = []
+        if self.punch is not None and self.punch.caught:
+            # The peer's first QUIC datagrams, kept while the punch ran:
+            # read once the path's QUIC layer is there (now, if it is).
+            path.early_quic.extend(self.punch.caught)
+            replay = getattr(path.channel, "replay_early", None)
+            if replay is not None:
+                replay()
+        if self.dial is not None:
+            dial, self.dial = self.dial, None
+            if path.early_dial is not None:
+                path.early_dial.discard("replaced")
+                path.early_dial = None
+            if path.channel is None:
+                path.early_dial = dial  # for connect_streams
+            else:
+                dial.discard("the path has its channel")  # a path upgraded or reused
         if self.fresh is not proto and self.fresh.transport is not None and (
                 path.relayed is None or path.relayed[0] is not self.fresh) and not any(
                 self.fresh is p for p in standby):
@@ -1299,6 +1348,9 @@ class _Split:
 
     def key_for(self, key_id, mtype):
         return self.relay.key_for(key_id, mtype) or self.punch.key_for(key_id, mtype)
+
+    def quic_datagram(self, data, addr, proto):
+        return self.punch.quic_datagram(data, addr, proto)  # the peer's, direct
 
     def handle(self, frame, message, addr, proto):
         # The lobby's own messages (a retransmitted Introduce, the AnswerAck

@@ -516,7 +516,8 @@ class _SharedClient:
         nat = await discover_nat(self.reactor, servers, interface=interface, given=s.nat)
         client = LobbyClient(config["client.id"], s.key, lobby, self.reactor,
                              interface=interface, nat=nat, accept=lambda peer: False,
-                             low_ttl=config["client.low_ttl"], **s.candidates)
+                             low_ttl=config["client.low_ttl"], credentials=s.credentials,
+                             **s.candidates)
         if self._trigger is None:
             self._trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self.stop)
         self.client = client

@@ -7,6 +7,7 @@ from relayed to direct when a later punch succeeds.
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.peer.health import PathHealth
+from p2pnat.peer.punch import EarlyQuic
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
 
@@ -37,6 +38,11 @@ class Path:
         peer's L{M.Data} payloads go to its C{clear_received}.  None: they
         travel in the path's own frames, MAC'd with the session key the
         lobby made (so the lobby could read or forge them).
+    @ivar early_dial: the QUIC connection the punch that made the path
+        began (L{p2pnat.peer.streams.EarlyDial}), for
+        L{p2pnat.peer.streams.connect_streams} to carry on with; None.
+    @ivar early_quic: the QUIC datagrams C{(socket, data, addr)} the punch
+        kept for the path's QUIC layer (L{p2pnat.peer.punch.Punch.caught}).
     """
 
     log = Logger(namespace="p2pnat.path")
@@ -57,6 +63,9 @@ class Path:
         self.on_mode = lambda mode: None
         self.route_changed = lambda: None
         self._channel = None
+        self.early_dial = None
+        self.early_quic = []
+        self._early_held = None  # the bounds of what early_quic keeps itself
         self.direct = None  # (proto, addr, session)
         #: Sockets of the other address family that the peer may send on
         #: (see L{use_direct}).
@@ -383,3 +392,21 @@ class _PathHandler:
         if isinstance(message, M.RelayBound):
             return None
         return self.path._received(message, proto, addr)
+
+    def quic_datagram(self, data, addr, proto):
+        """
+        The peer's QUIC datagrams before the path has its QUIC layer (the
+        application opens it a moment after the path came up): kept for
+        it, within bounds (L{p2pnat.peer.punch.EarlyQuic}).
+        """
+        path = self.path
+        direct = path.direct
+        if path.channel is not None or direct is None or direct[0] is not proto \
+                or tuple(direct[1]) != tuple(addr):
+            return False
+        if path._early_held is None:
+            path._early_held = EarlyQuic()
+        if not path._early_held.keep(proto, data, addr):
+            return False
+        path.early_quic.append((proto, data, addr))
+        return True

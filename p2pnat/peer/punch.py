@@ -19,6 +19,15 @@ L{actions_for}); the executor knows nothing of NAT kinds:
 Every probe is a MAC'd L{M.Probe}; a probe that arrives is answered with
 a L{M.ProbeAck} from the socket it reached.  The first Probe or ProbeAck
 received fixes the path: (that socket, that source address).
+
+The QUIC handshake rides with the punch: the asking side hands the punch
+a C{companion} (L{p2pnat.peer.streams.EarlyDial}), whose first packet
+(the client's Initial) leaves right behind the first probes, to the
+first few destinations (L{COMPANION_TARGETS}); and both sides keep the
+QUIC datagrams that reach a punch socket before the path exists
+(L{Punch.quic_datagram}), which the path's QUIC layer then reads
+(L{Punch.caught}).  The peer's answer to the Initial then comes one
+round trip after the first probe, not after the punch's own round trip.
 """
 
 import random as _random
@@ -71,6 +80,18 @@ CATCH_MIN_RTT = 0.008
 #: ... from at most this many of its sockets (the seed's single predicted
 #: probe, simultaneous open: not a window of sockets).
 CATCH_MAX_SOCKETS = 4
+#: The companion's packets (the QUIC Initial) go to at most this many
+#: (socket, destination) pairs: the first destination of each socket in
+#: the plan's order, then the next ones.  A window of predicted ports
+#: gets its likeliest ones; the handshake's own retransmission, on the
+#: path once it is found, covers the rest.
+COMPANION_TARGETS = 4
+#: QUIC datagrams a punch keeps per source address before the path
+#: exists (a client's Initial, a server's first flight: 1 to 3 packets),
+#: from at most L{CAUGHT_ADDRESSES} addresses; larger ones are dropped.
+CAUGHT_PER_ADDRESS = 4
+CAUGHT_ADDRESSES = 8
+CAUGHT_MAX_BYTES = 1500
 
 
 def round_deadline(actions, deadline, rtt):
@@ -94,13 +115,22 @@ class Punch:
         lobby observed.
     @param listen: C{listen(handler) -> ControlProtocol}, opening a new
         UDP socket on the same interface.
+    @param companion: called once as C{companion(send, targets)} right
+        after the first probes (those at the normal TTL), where
+        C{send(data)} sends C{data} to the C{(socket, destination)} pairs
+        C{targets} (L{COMPANION_TARGETS}) until the punch ends; None:
+        nothing rides with the probes.
     @ivar done: fires with ``(proto, addr)`` or fails with L{PunchFailed}.
+    @ivar caught: once the punch succeeded, the QUIC datagrams
+        C{(proto, data, addr)} that came from the peer's address on the
+        winning socket before that (L{quic_datagram}), for the path's QUIC
+        layer to read.
     """
 
     log = Logger(namespace="p2pnat.punch")
 
     def __init__(self, session, actions, fresh, listen, clock, deadline, rnd=None,
-                 shared=None):
+                 shared=None, companion=None):
         self.session = session
         self.actions = actions
         self.fresh = fresh
@@ -132,6 +162,9 @@ class Punch:
         self._v6 = False  # IPv6 candidates are being probed
         self._round = session.next_round()
         self._repeat_first = REPEAT_FIRST[1]  # until start() knows the RTT
+        self.companion = companion
+        self.caught = []
+        self._caught = EarlyQuic()
 
     def start(self):
         a = self.actions
@@ -164,6 +197,13 @@ class Punch:
         # The seed's order: open every socket at once, then repeat.
         for index, (proto, dests) in enumerate(self.sockets):
             self._probe(index, proto, dests, first=True)
+        if self.companion is not None:
+            # Behind the first probes that reach the peer: with a low first
+            # TTL (which must not reach the peer's NAT), behind the second.
+            if a.first_ttl:
+                self._calls.append(self.clock.callLater(self._repeat_first, self._accompany))
+            else:
+                self._accompany()
         self._catch(rtt)
         if a.spray_ip:
             self._spray_interval = 1.0 / a.spray_rate
@@ -220,6 +260,22 @@ class Punch:
         self._calls.append(self.clock.callLater(max(0.01, self._spray_interval * max(
             1, int(self.actions.spray_rate / 100))), self._spray))
 
+    def _accompany(self):
+        if self.result is not None:
+            return
+        targets = companion_targets(self.sockets, COMPANION_TARGETS)
+
+        def send(data):
+            if self.result is not None:
+                return  # the path carries what follows
+            for proto, dest in targets:
+                if proto.transport is not None:
+                    try:
+                        proto.send(data, dest, "quic")
+                    except OSError:
+                        pass  # as a probe: the handshake sends again
+        self.companion(send, targets)
+
     def _send(self, proto, message, dest):
         s = self.session
         data = wire.seal(message, s.my_key_id, s.key, s.stamper())
@@ -263,6 +319,15 @@ class Punch:
             self._success(proto, addr)
         return None
 
+    def quic_datagram(self, data, addr, proto):
+        """
+        A QUIC datagram on one of our sockets before the path exists (the
+        peer's handshake rides with its probes): kept (True), within
+        L{EarlyQuic}'s bounds, for the path's QUIC layer (L{caught}),
+        which authenticates it.
+        """
+        return self.result is None and self._caught.keep(proto, data, addr)
+
     def _success(self, proto, addr):
         if self.result is not None:
             return
@@ -281,6 +346,7 @@ class Punch:
         self.result = result or self._v4_first
         proto, addr = self.result
         self.won = self._kind(proto, addr)
+        self.caught = self._caught.take(proto, addr)
         if self._v6:
             if ":" in addr[0]:
                 # The IPv4 socket that worked, or else the fresh one the plan probed from.
@@ -306,11 +372,13 @@ class Punch:
         if self.result is None and self._v4_first is not None:
             return self._settle()
         if self.result is None:
+            self._caught.clear()
             self._stop(keep=None)
             self.done.errback(PunchFailed(f"no path after {self.sent} probes"))
 
     def cancel(self):
         if self.result is None and not self.done.called:
+            self._caught.clear()
             self._stop(keep=None)
             self.done.errback(PunchFailed("cancelled"))
 
@@ -326,6 +394,59 @@ class Punch:
             if (proto is not self.fresh and proto.transport is not None
                     and not any(proto is k for k in keep)):
                 proto.transport.stopListening()
+
+
+class EarlyQuic:
+    """
+    QUIC datagrams that reached a socket before a QUIC layer read it (the
+    peer's handshake, riding with its punch), kept for that layer: at
+    most L{CAUGHT_PER_ADDRESS} per (socket, source address), from at most
+    L{CAUGHT_ADDRESSES} of them, none over L{CAUGHT_MAX_BYTES}.
+    """
+
+    def __init__(self):
+        self._held = {}  # (socket, source address) -> [datagram, ...]
+
+    def __len__(self):
+        return len(self._held)
+
+    def keep(self, proto, data, addr):
+        """Keep C{data} if the bounds allow: whether it was kept."""
+        key = (proto, tuple(addr))
+        held = self._held.get(key)
+        if len(data) > CAUGHT_MAX_BYTES or (
+                held is None and len(self._held) >= CAUGHT_ADDRESSES) or (
+                held is not None and len(held) >= CAUGHT_PER_ADDRESS):
+            return False
+        self._held.setdefault(key, []).append(data)
+        return True
+
+    def take(self, proto, addr):
+        """Those from C{addr} on C{proto}, as C{[(proto, data, addr)]}; the rest are forgotten."""
+        out = [(proto, data, addr) for data in self._held.get((proto, tuple(addr)), ())]
+        self._held = {}
+        return out
+
+    def clear(self):
+        self._held = {}
+
+
+def companion_targets(sockets, limit):
+    """
+    Where a punch's companion packets go: up to C{limit} C{(socket,
+    destination)} pairs of C{sockets} (``[(socket, [destination, ...])]``,
+    the punch's), the first destination of every socket first, then the
+    second of every socket, and so on; a socket listed twice (the fresh
+    one, probing candidates too) counts once per destination.
+    """
+    out = []
+    depth = 0
+    while len(out) < limit and any(len(dests) > depth for _, dests in sockets):
+        for proto, dests in sockets:
+            if len(dests) > depth and len(out) < limit and (proto, dests[depth]) not in out:
+                out.append((proto, dests[depth]))
+        depth += 1
+    return out
 
 
 def _set_ttl(proto, ttl):

@@ -335,6 +335,119 @@ class _PathTransport:
         return route[0].transport.getHost()
 
 
+def path_socket(clock, credentials, options):
+    """The L{QuicSocket} of a path: C{options} over the path's defaults (see the module)."""
+    options = dict(options)
+    options.setdefault("max_connections", MAX_CONNECTIONS)
+    options.setdefault("keepalive_interval", KEEPALIVE_INTERVAL)
+    options.setdefault("silence_timeout", SILENCE_TIMEOUT)
+    options.setdefault("idle_timeout", IDLE_TIMEOUT)
+    # PINGs only while the application sends; idle, the path's own
+    # keepalive goes as a QUIC PING (keepalive()), at the interval the
+    # path learns from its NATs.
+    options.setdefault("pings_when_idle", False)
+    return QuicSocket(clock, credentials, **options)
+
+
+class _EarlyTransport:
+    """The transport of an L{EarlyDial}'s socket: the punch's C{send}, while it runs."""
+
+    def __init__(self, dial):
+        self.dial = dial
+
+    def write(self, data, addr):
+        if self.dial.send is not None:
+            self.dial.send(data)
+
+    def getHost(self):
+        return None
+
+
+class EarlyDial:
+    """
+    The QUIC connection the asking side begins while it punches: a
+    punch's C{companion} (L{p2pnat.peer.punch.Punch}).  Its first packet,
+    the client's Initial, leaves right behind the first probes, so that
+    the peer's answer comes one round trip after them instead of one
+    after the punch's own round trip; the peer's punch keeps it until its
+    path's QUIC layer reads it.  Once the punch found the path,
+    L{connect_streams} carries on with this connection (the path's
+    C{early_dial}); a path that is not direct, or options of its own,
+    L{discard} it, and a new connection is made as usual.
+
+    @param address: what QUIC takes for the peer's address, for good (the
+        path routes its packets): the peer's observed address.
+    @param rtt: the round trip to the lobby (seconds): how long the
+        handshake's first copy is given to bring an answer before it is
+        sent again on the path (L{adopted}).
+    """
+
+    log = Logger(namespace="p2pnat.streams")
+
+    def __init__(self, clock, credentials, peer, address, rtt=None):
+        self.clock = clock
+        self.credentials = credentials
+        self.peer = PeerIdentity("client", peer)
+        self.address = tuple(address)
+        self.rtt = rtt
+        self.socket = path_socket(clock, credentials, {})
+        self.send = None
+        self.endpoint = None
+        self.connected = None
+        #: The C{(socket, destination)} pairs the first copy went to.
+        self.targets = ()
+        self._resend = None
+
+    def __call__(self, send, targets=()):
+        """The punch's companion: connect, the Initial through C{send} now."""
+        self.send = send
+        self.targets = tuple(targets)
+        self.socket.makeConnection(_EarlyTransport(self))
+        self.connected = self.socket.connect(self.address, self.peer)
+        (self.endpoint,) = self.socket.endpoints
+        self.endpoint.flush()
+
+    def usable(self, path, credentials, options):
+        """Whether L{connect_streams} over C{path} may carry on with this connection."""
+        ours = self.credentials
+        return (self.endpoint is not None and not self.connected.called and not options
+                and (credentials is ours or (credentials.cert == ours.cert
+                                             and credentials.ca_certs == ours.ca_certs))
+                and path.mode == "direct" and path.direct is not None)
+
+    def adopted(self, route):
+        """
+        The path took the connection over, on C{route} (its direct
+        C{(socket, address, session)}): the punch no longer sends for it.
+        If the first copy did not go that way, the handshake goes again
+        now; else it is given half a round trip more to bring the peer's
+        answer (its ProbeAck came first) before it goes again.
+        """
+        self.send = None
+        proto, addr, _ = route
+        went = any(p is proto and tuple(d) == tuple(addr) for p, d in self.targets)
+        wait = 0.0 if not went else 0.01 + 0.5 * (self.rtt or 0.0)
+        self._resend = self.clock.callLater(wait, self._resend_now)
+        self.connected.addBoth(self._settled)
+
+    def _resend_now(self):
+        self._resend = None
+        self.endpoint.resend_handshake()
+
+    def _settled(self, result):
+        if self._resend is not None and self._resend.active():
+            self._resend.cancel()
+        self._resend = None
+        return result
+
+    def discard(self, why):
+        """Drop the connection without a word to the peer (the path went another way)."""
+        self.send = None
+        if self.endpoint is not None:
+            self.connected.addErrback(lambda failure: None)
+            self.endpoint.close(why)
+
+
 class PathStreams:
     """
     QUIC over one L{p2pnat.peer.path.Path} (see the module): made by
@@ -360,7 +473,7 @@ class PathStreams:
 
     log = Logger(namespace="p2pnat.streams")
 
-    def __init__(self, path, credentials, **options):
+    def __init__(self, path, credentials, early=None, **options):
         if path.mode == "closed" or (path.direct is None and path.relayed is None):
             raise StreamsUnavailable(f"the path to {path.peer} is not up")
         if credentials.identity is None:
@@ -387,19 +500,18 @@ class PathStreams:
         self.recoveries = 0
         self._number = 0
         self._taps = []
-        route = path.direct or path.relayed
-        #: What QUIC takes for the peer's address, always: the path routes.
-        self.address = route[1]
-        options.setdefault("max_connections", MAX_CONNECTIONS)
-        options.setdefault("keepalive_interval", KEEPALIVE_INTERVAL)
-        options.setdefault("silence_timeout", SILENCE_TIMEOUT)
-        options.setdefault("idle_timeout", IDLE_TIMEOUT)
-        # PINGs only while the application sends; idle, the path's own
-        # keepalive goes as a QUIC PING (keepalive()), at the interval the
-        # path learns from its NATs.
-        options.setdefault("pings_when_idle", False)
-        self.socket = QuicSocket(path.clock, credentials, **options)
-        self.socket.makeConnection(_PathTransport(self))
+        if early is not None:
+            # The connection the punch began (L{EarlyDial}): its socket
+            # sends by the path's route from now on.
+            self.socket = early.socket
+            self.socket.transport = _PathTransport(self)
+            self.address = early.address
+        else:
+            route = path.direct or path.relayed
+            #: What QUIC takes for the peer's address, always: the path routes.
+            self.address = route[1]
+            self.socket = path_socket(path.clock, credentials, options)
+            self.socket.makeConnection(_PathTransport(self))
         self.drop_log = DropLog(self.log, path.clock)
         path.route_changed = self._route_changed
         self._route_changed()
@@ -481,6 +593,18 @@ class PathStreams:
         """
         if self.socket.receive(data, self.address):
             self._follow(proto, addr)
+
+    def replay_early(self):
+        """
+        Read the QUIC datagrams that reached the path's direct socket
+        before this layer tapped it (the punch kept them: the peer's
+        handshake rides with its probes), as if they came now.
+        """
+        early, self.path.early_quic = self.path.early_quic, []
+        for proto, data, addr in early:
+            tap = _TAPS.get(_raw(proto))
+            if tap is not None and self in tap.streams:
+                tap.datagramReceived(data, addr)
 
     def _follow(self, proto, addr):
         path = self.path
@@ -671,9 +795,10 @@ class PathStreams:
 
     # -- the connecting side -------------------------------------------------------------
 
-    def _dial(self, services):
+    def _dial(self, services, dial=None):
         """
-        Open a connection to the peer: L{QuicSocket.connect}'s Deferred,
+        Open a connection to the peer (or carry on with the one the punch
+        began, L{EarlyDial} C{dial}): L{QuicSocket.connect}'s Deferred,
         which fires once the server confirmed the handshake.
 
         The datagrams that wait leave one round trip before that, as soon
@@ -684,8 +809,14 @@ class PathStreams:
         wait again, first in the queue, for what comes next (the clear
         fallback, another connection).
         """
-        before = self.socket.endpoints
-        d = self.socket.connect(self.address, self.peer, services=services)
+        if dial is None:
+            before = self.socket.endpoints
+            d = self.socket.connect(self.address, self.peer, services=services)
+            new = self.socket.endpoints - before
+        else:
+            d, new = dial.connected, {dial.endpoint}
+            dial.endpoint.services = dict(services or {})
+            dial.adopted(self.path.direct)
         early = []
 
         def writable(endpoint):
@@ -706,7 +837,7 @@ class PathStreams:
                 self.queue.push(payload)
             return reason
 
-        for endpoint in self.socket.endpoints - before:
+        for endpoint in new:
             # The peer may send a datagram as soon as its side is up, in the
             # packet that confirms the handshake to us.
             endpoint.on_datagram = self._quic_datagram
@@ -768,14 +899,19 @@ def connect_streams(path, credentials, *, services=None, on_settled=None, **opti
         refused us, or its certificate names someone else) or
         L{StreamsUnavailable}.
     """
+    dial, path.early_dial = path.early_dial, None
+    if dial is not None and not dial.usable(path, credentials, options):
+        dial.discard("the path went another way")
+        dial = None
     try:
-        streams = PathStreams(path, credentials, **options)
+        streams = PathStreams(path, credentials, early=dial, **options)
     except StreamsUnavailable:
         return defer.fail()
     if on_settled is not None:
         streams.on_settled = on_settled
-    d = streams._dial(services)
+    d = streams._dial(services, dial)
     path.channel = streams
+    streams.replay_early()
 
     def up(endpoint):
         streams._redial = [services, REDIAL_DELAY, None]
@@ -827,6 +963,7 @@ def accept_streams(path, credentials, services, *, on_connection=None, on_settle
 
     streams.socket.listen([streams.peer], accepted, services=services)
     path.channel = streams
+    streams.replay_early()
     return streams
 
 

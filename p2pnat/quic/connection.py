@@ -200,6 +200,8 @@ def check_internals():
         missing.append("QuicPacketRecovery._pacer (packet_time, bucket_max)")
     if not hasattr(getattr(conn, "_loss", None), "_pto_count"):
         missing.append("QuicPacketRecovery._pto_count")
+    if not hasattr(getattr(conn, "_loss", None), "reschedule_data"):
+        missing.append("QuicPacketRecovery.reschedule_data")
     network_path = _connection.QuicNetworkPath(("192.0.2.1", 1))
     missing += [f"QuicNetworkPath.{name}" for name in _PATH_INTERNALS
                 if not hasattr(network_path, name)]
@@ -408,6 +410,15 @@ class PeerConnection(_connection.QuicConnection):
         self._loss._pto_count = 0
         self._send_probe()
         self.reset_datagram_size()
+
+    def resend_handshake(self, now):
+        """
+        Send our handshake's CRYPTO data again at the next transmission,
+        without waiting for the probe timeout: its first copy went out
+        before the route to the peer was known (L{p2pnat.peer.streams.EarlyDial})
+        and may never have reached it.
+        """
+        self._loss.reschedule_data(now=now)
 
     def _payload_received(self, context, *args, **kwargs):
         # Called for each packet that decrypted and is not a duplicate.

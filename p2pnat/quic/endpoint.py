@@ -312,6 +312,22 @@ class QuicEndpoint:
         self.schedule_transmit()
         return conn.fresh
 
+    def flush(self):
+        """Send what aioquic has now, not at the next reactor turn."""
+        if self._transmit_call is not None and self._transmit_call.active():
+            self._transmit_call.cancel()
+        self._transmit()
+
+    def resend_handshake(self):
+        """
+        Send our part of the handshake again now, if nothing came from the
+        peer yet (L{p2pnat.quic.connection.PeerConnection.resend_handshake}).
+        """
+        if self._ended or self.counts["packets_received"]:
+            return
+        self.connection.resend_handshake(self.clock.seconds())
+        self.schedule_transmit()
+
     def schedule_transmit(self):
         """Send what aioquic has, soon (coalescing many writes into one pass)."""
         if self._transmit_call is None and not self._ended:

@@ -50,9 +50,9 @@ class Side:
     def local(self):
         return self.fresh.transport.addr
 
-    def start(self, actions, deadline=2.0, rnd=None):
+    def start(self, actions, deadline=2.0, rnd=None, companion=None):
         self.punch = Punch(self.session, actions, self.fresh, self.client._listen,
-                           self.client.clock, deadline, rnd)
+                           self.client.clock, deadline, rnd, companion=companion)
         self.result = []
         self.punch.start().addBoth(self.result.append)
         return self.punch
