@@ -103,6 +103,14 @@ def main():
                         break
                     if len(pkt) < 20 or pkt[0] >> 4 != 4:
                         continue  # IPv4 only
+                    if pkt[16] >= 224:
+                        # Multicast and broadcast (an SSDP search): sent
+                        # again from the raw socket, the kernel hands them
+                        # back to dly0, and they would circle for as long
+                        # as the line runs.  No lab service behind a delay
+                        # line listens to them: dropped, counted.
+                        dropped += 1
+                        continue
                     if len(queue) >= MAX_QUEUE:
                         dropped += 1
                         continue
