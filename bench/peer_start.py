@@ -8,7 +8,9 @@ this tree ("after") and, with ``--baseline REF``, with the code of git
 revision REF ("before", e.g. ``main``) in the same run and the same lab.
 
 A trial is one new ``p2pnat peer connect B --send ping --json`` process
-in A's namespace.  Its JSON events carry ``t``, seconds since the command
+in A's namespace, with the NAT hint the trials before it left (the first
+trial of a pair has none); ``--no-hint`` removes it before every trial, as
+on A's first run on its machine.  Its JSON events carry ``t``, seconds since the command
 began (after Python's imports, before NAT discovery); the figures are:
 
 - ``echo``: ``t`` of the first ``data`` event (the echo came back): the
@@ -43,6 +45,7 @@ import _support as S
 import p2p_matrix as PM
 
 from p2pnat.lab import LabError  # (_support put this tree on the path)
+from p2pnat.cli.peer import NAT_HINT_FILE
 
 KINDS = ["public", "cone", "symmetric-sequential"]
 
@@ -80,6 +83,11 @@ class StartLab(PM.MatrixLab):
 
     def trial(self, pair, tree):
         """One ``peer connect`` with the code of C{tree}: its figures as a dict."""
+        if self.args.no_hint:
+            # A's first run on its machine: no NAT an earlier run measured.
+            hint = os.path.join(os.path.dirname(os.path.abspath(pair.a.config)), NAT_HINT_FILE)
+            if os.path.exists(hint):
+                os.remove(hint)
         argv = [sys.executable, "-m", "p2pnat.cli", "peer", "connect", pair.b.name,
                 "--config", pair.a.config, "--json", "--send", "ping", "--wait", "2",
                 "--timeout", str(self.args.timeout)]
@@ -148,6 +156,9 @@ def parse_args():
     ap.add_argument("--baseline", help="git revision whose code runs as 'before' (e.g. main)")
     ap.add_argument("--timeout", type=float, default=12.0, help="peer connect --timeout (12)")
     ap.add_argument("--json", help="write every trial's figures to this file")
+    ap.add_argument("--no-hint", action="store_true",
+                    help="every trial without the NAT hint an earlier run leaves (A's first"
+                         " run on its machine: the connect request waits for discovery)")
     args = ap.parse_args()
     if args.pairs:
         args.pairs = [tuple(PM.kind_name(k) for k in item.strip().split(":"))

@@ -382,8 +382,6 @@ class EarlyDial:
         sent again on the path (L{adopted}).
     """
 
-    log = Logger(namespace="p2pnat.streams")
-
     def __init__(self, clock, credentials, peer, address, rtt=None):
         self.clock = clock
         self.credentials = credentials
