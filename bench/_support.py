@@ -72,6 +72,21 @@ def need_root(why):
         raise BenchError(f"needs root ({why}): run it with sudo")
 
 
+def need_lab(*tools):
+    """
+    What a NAT-lab benchmark needs before it starts: root, ``ip`` and
+    ``nft`` and C{tools} (see L{need}), and a kernel the lab runs on
+    (L{p2pnat.lab.unavailable_reason}); else a L{BenchError} saying which.
+    """
+    need_root("network namespaces for the NAT lab")
+    need("ip", "nft", *tools)
+    from p2pnat.lab import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        raise BenchError(f"the NAT lab is unavailable: {reason}")
+
+
 def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1"):
     """A port free right now on C{host} (TCP, or UDP with SOCK_DGRAM)."""
     with socket.socket(socket.AF_INET, kind) as s:

@@ -204,13 +204,7 @@ def main():
     delays = [float(d) for d in args.delay_ms.split(",") if d.strip()]
     if not 1 <= args.rounds <= 500 or any(not 0 <= d <= 200 for d in delays):
         raise S.BenchError("--rounds 1-500 and delays 0-200 ms, please")
-    S.need_root("network namespaces for the NAT lab")
-    S.need("ip", "nft", "curl", "ping", "nginx")
-    from p2pnat.lab import unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        raise S.BenchError(f"the NAT lab is unavailable: {reason}")
+    S.need_lab("curl", "ping", "nginx")
     for fast_path in {"on": [True], "off": [False], "both": [True, False]}[args.fast_path]:
         _run_lab(args, delays, fast_path)
 

@@ -93,14 +93,9 @@ def b_counts(waiter, start, timeout=3.0):
 
 
 def run(args):
-    S.need_root("network namespaces for the NAT lab")
-    S.need("ip", "nft", "conntrack")
-    from p2pnat.lab import unavailable_reason
+    S.need_lab("conntrack")
     from tests.support.lab import p2p as P
 
-    reason = unavailable_reason()
-    if reason:
-        raise S.BenchError(f"the NAT lab is unavailable: {reason}")
     work = S.workdir("datagram-loss")
     pl = P.P2PLab(work)
     trials = []

@@ -281,13 +281,7 @@ def main():
     if not 1 <= args.rounds <= 200 or not 1 <= args.firsts <= 100 \
             or not 0 <= args.delay_ms <= 200:
         raise S.BenchError("--rounds 1-200, --firsts 1-100 and --delay-ms 0-200, please")
-    S.need_root("network namespaces for the NAT lab")
-    S.need("ip", "nft", "ping")
-    from p2pnat.lab import unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        raise S.BenchError(f"the NAT lab is unavailable: {reason}")
+    S.need_lab("ping")
     run(args)
 
 

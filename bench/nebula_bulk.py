@@ -217,17 +217,10 @@ def where_time_goes(path, top=12):
 
 
 def run(args):
-    S.need_root("network namespaces for the NAT lab")
-    S.need("ip", "nft", "conntrack", "ping")
-    if not args.skip_nebula:
-        S.need("nebula", "nebula-cert")
-    from p2pnat.lab import unavailable_reason
+    S.need_lab("conntrack", "ping", *([] if args.skip_nebula else ["nebula", "nebula-cert"]))
     from tests.support.lab import p2p as P
     from tests.support.lab import streams as ST
 
-    reason = unavailable_reason()
-    if reason:
-        raise S.BenchError(f"the NAT lab is unavailable: {reason}")
     size = int(args.size_mb * 1_000_000)
     mb = size / 1e6
     work = S.workdir("nebula-bulk")

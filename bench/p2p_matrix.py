@@ -689,15 +689,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    S.need_root("network namespaces for the NAT lab")
-    S.need("ip", "nft", "ping", "ss")
-    if args.with_nebula:
-        S.need("nebula", "nebula-cert")
-    from p2pnat.lab import unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        raise S.BenchError(f"the NAT lab is unavailable: {reason}")
+    S.need_lab("ping", "ss", *(["nebula", "nebula-cert"] if args.with_nebula else []))
     work = S.workdir("p2p-matrix")
     ml = None
     t0 = time.monotonic()

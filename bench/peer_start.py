@@ -180,13 +180,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    S.need_root("network namespaces for the NAT lab")
-    S.need("ip", "nft", "ping", "ss", *(["git"] if args.baseline else []))
-    from p2pnat.lab import unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        raise S.BenchError(f"the NAT lab is unavailable: {reason}")
+    S.need_lab("ping", "ss", *(["git"] if args.baseline else []))
     work = S.workdir("peer-start")
     t0 = time.monotonic()
     results = []  # (rtt extra, measured rtt ms, code, pair label, [trials])

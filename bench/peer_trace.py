@@ -118,8 +118,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    S.need_root("network namespaces for the NAT lab")
-    S.need("ip", "nft", "ping", "ss", "tcpdump")
+    S.need_lab("ping", "ss", "tcpdump")
     work = S.workdir("peer-trace")
     captures = []
     try:

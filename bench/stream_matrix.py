@@ -123,15 +123,10 @@ def build(work, args):
 
 
 def run(args):
-    S.need_root("network namespaces for the NAT lab")
-    S.need("ip", "nft", "conntrack")
-    from p2pnat.lab import unavailable_reason
+    S.need_lab("conntrack")
     from tests.support.lab import p2p as P
     from tests.support.lab import streams as ST
 
-    reason = unavailable_reason()
-    if reason:
-        raise S.BenchError(f"the NAT lab is unavailable: {reason}")
     size = int(args.size_mb * 1_000_000)
     work = S.workdir("stream-matrix")
     t0 = time.monotonic()
