@@ -113,6 +113,7 @@ def parse_args():
     args.pairs, args.kinds = [kinds], sorted(set(kinds), key=PS.KINDS.index)
     args.same_nat, args.loss, args.background, args.with_nebula = [], 0, 0, False
     args.max_duration = 600
+    args.no_hint = False  # the warm-up trials leave A its NAT hint (StartLab.trial)
     return args
 
 
