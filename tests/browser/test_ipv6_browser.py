@@ -41,9 +41,7 @@ class IPv6BrowserTests(LabTestCase):
 
     @classmethod
     def make_env(cls, workdir):
-        docroot = os.path.join(workdir, "www")
-        F.make_docroot(docroot)
-        return DualStackRelayLab(workdir, docroot)
+        return DualStackRelayLab.with_docroot(workdir)
 
     @classmethod
     def build(cls, rl):

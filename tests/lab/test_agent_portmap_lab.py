@@ -21,7 +21,6 @@ Needs root, ``ip``, ``nft``, ``conntrack``, ``curl`` and ``miniupnpd``
 instead when the environment variable ``CI`` is set.
 """
 
-import os
 import re
 import time
 
@@ -42,9 +41,7 @@ class AgentPortmapTests(LabTestCase):
 
     @classmethod
     def make_env(cls, workdir):
-        docroot = os.path.join(workdir, "www")
-        F.make_docroot(docroot)
-        return F.RelayLab(workdir, docroot)
+        return F.RelayLab.with_docroot(workdir)
 
     @classmethod
     def build(cls, rl):

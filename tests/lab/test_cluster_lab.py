@@ -81,9 +81,9 @@ class ClusterLabTests(LabTestCase):
 
     @classmethod
     def make_env(cls, workdir):
-        docroot = os.path.join(workdir, "www")
-        cls.big_sha256 = F.make_docroot(docroot)
-        return C.ClusterLab(workdir, docroot, ("--relay-sync-interval", str(SYNC_INTERVAL)))
+        env = C.ClusterLab.with_docroot(workdir, ("--relay-sync-interval", str(SYNC_INTERVAL)))
+        cls.big_sha256 = env.big_sha256
+        return env
 
     @classmethod
     def build(cls, cl):

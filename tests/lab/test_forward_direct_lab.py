@@ -57,13 +57,12 @@ class ForwardDirectLabTests(LabTestCase):
 
     @classmethod
     def make_env(cls, workdir):
-        docroot = os.path.join(workdir, "www")
-        F.make_docroot(docroot)
+        env = F.RelayLab.with_docroot(workdir)
         data = os.urandom(SIZE)
-        with open(os.path.join(docroot, "mb.bin"), "wb") as f:
+        with open(os.path.join(env.docroot, "mb.bin"), "wb") as f:
             f.write(data)
         cls.sha256 = hashlib.sha256(data).hexdigest()
-        return F.RelayLab(workdir, docroot)
+        return env
 
     @classmethod
     def build(cls, rl):
@@ -127,9 +126,7 @@ class ForwardDirectIPv6LabTests(LabTestCase):
 
     @classmethod
     def make_env(cls, workdir):
-        docroot = os.path.join(workdir, "www")
-        F.make_docroot(docroot)
-        return DualStackRelayLab(workdir, docroot)
+        return DualStackRelayLab.with_docroot(workdir)
 
     @classmethod
     def build(cls, rl):

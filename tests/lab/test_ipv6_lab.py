@@ -23,7 +23,6 @@ is set.
 """
 
 import ipaddress
-import os
 import re
 
 from p2pnat.lab.topology import LAB6, hostport
@@ -173,9 +172,7 @@ class RelayOverIPv6Tests(LabTestCase):
 
     @classmethod
     def make_env(cls, workdir):
-        docroot = os.path.join(workdir, "www")
-        F.make_docroot(docroot)
-        return DualStackRelayLab(workdir, docroot, ("--log-level", "debug"))
+        return DualStackRelayLab.with_docroot(workdir, ("--log-level", "debug"))
 
     @classmethod
     def build(cls, rl):

@@ -61,9 +61,9 @@ class RelayLabTestCase(LabTestCase):
 
     @classmethod
     def make_env(cls, workdir):
-        docroot = os.path.join(workdir, "www")
-        cls.big_sha256 = F.make_docroot(docroot)
-        return F.RelayLab(workdir, docroot, cls.relay_args)
+        env = F.RelayLab.with_docroot(workdir, cls.relay_args)
+        cls.big_sha256 = env.big_sha256
+        return env
 
     def setUp(self):
         super().setUp()

@@ -104,6 +104,18 @@ class RelayLab(LabSetup):
     options.  The caller closes it (:meth:`close`).
     """
 
+    @classmethod
+    def with_docroot(cls, workdir, relay_args=()):
+        """
+        One whose devices serve ``workdir/www``, made here
+        (:func:`make_docroot`); its ``big_sha256`` is the big file's SHA-256.
+        """
+        docroot = os.path.join(workdir, "www")
+        big_sha256 = make_docroot(docroot)
+        env = cls(workdir, docroot, relay_args)
+        env.big_sha256 = big_sha256
+        return env
+
     def __init__(self, workdir, docroot, relay_args=()):
         self.docroot = docroot
         self.state = os.path.join(workdir, "state")
