@@ -7,7 +7,7 @@ from relayed to direct when a later punch succeeds.
 
 from p2pnat.daemon.logs import Logger
 from p2pnat.peer.health import PathHealth
-from p2pnat.peer.punch import EarlyQuic
+from p2pnat.peer.punch import CAUGHT_MAX_BYTES, CAUGHT_PER_ADDRESS
 from p2pnat.protocol import p2p as M
 from p2pnat.protocol import wire
 
@@ -65,7 +65,6 @@ class Path:
         self._channel = None
         self.early_dial = None
         self.early_quic = []
-        self._early_held = None  # the bounds of what early_quic keeps itself
         self.direct = None  # (proto, addr, session)
         #: Sockets of the other address family that the peer may send on
         #: (see L{use_direct}).
@@ -397,16 +396,14 @@ class _PathHandler:
         """
         The peer's QUIC datagrams before the path has its QUIC layer (the
         application opens it a moment after the path came up): kept for
-        it, within bounds (L{p2pnat.peer.punch.EarlyQuic}).
+        it, within the punch's bounds for one address (those it kept
+        count: see L{p2pnat.peer.punch.EarlyQuic}).
         """
         path = self.path
         direct = path.direct
         if path.channel is not None or direct is None or direct[0] is not proto \
-                or tuple(direct[1]) != tuple(addr):
-            return False
-        if path._early_held is None:
-            path._early_held = EarlyQuic()
-        if not path._early_held.keep(proto, data, addr):
+                or tuple(direct[1]) != tuple(addr) or len(data) > CAUGHT_MAX_BYTES \
+                or len(path.early_quic) >= CAUGHT_PER_ADDRESS:
             return False
         path.early_quic.append((proto, data, addr))
         return True
