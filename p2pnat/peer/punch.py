@@ -372,18 +372,20 @@ class Punch:
         if self.result is None and self._v4_first is not None:
             return self._settle()
         if self.result is None:
-            self._caught.clear()
             self._stop(keep=None)
             self.done.errback(PunchFailed(f"no path after {self.sent} probes"))
 
     def cancel(self):
         if self.result is None and not self.done.called:
-            self._caught.clear()
             self._stop(keep=None)
             self.done.errback(PunchFailed("cancelled"))
 
     def _stop(self, keep):
-        """Stop every timer, and close the sockets but the fresh one and those in C{keep}."""
+        """
+        Stop every timer, forget the QUIC datagrams kept (L{caught} has the
+        path's), and close the sockets but the fresh one and those in C{keep}.
+        """
+        self._caught.clear()
         keep = keep or []
         for call in self._calls:
             if call.active():
@@ -422,10 +424,8 @@ class EarlyQuic:
         return True
 
     def take(self, proto, addr):
-        """Those from C{addr} on C{proto}, as C{[(proto, data, addr)]}; the rest are forgotten."""
-        out = [(proto, data, addr) for data in self._held.get((proto, tuple(addr)), ())]
-        self._held = {}
-        return out
+        """Those from C{addr} on C{proto}, as C{[(proto, data, addr)]}."""
+        return [(proto, data, addr) for data in self._held.get((proto, tuple(addr)), ())]
 
     def clear(self):
         self._held = {}
